@@ -1,0 +1,24 @@
+//! keygate: an API-key gateway.
+//!
+//! A reverse proxy that sits in front of existing HTTP APIs. For every request
+//! it finds the route, reads and verifies the API key, checks the key's scopes
+//! against the route, applies the key's rate limit and quota, forwards the
+//! request upstream and counts the usage.
+//!
+//! Components, in the order a request meets them:
+//! - [`server`]: listeners and connections (HTTP/1.1 + HTTP/2), graceful shutdown.
+//! - [`handler`]: the request path, top to bottom; the table of contents.
+//! - [`route`]: path normalisation and longest-prefix route matching.
+//! - [`key`]: the key string format, parsing, generation and hashing.
+//! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
+//! - [`store`]: where key records live (Redis, the `keys/` file store).
+//! - [`proxy`]: the upstream client pools and header rewriting.
+//! - [`echo`]: the built-in echo upstream.
+//! - [`error`]: the one place mapping errors to responses.
+//! - [`config`]: `gateway.toml`, parsed and validated into typed values.
+//! - [`cli`]: the `keygate` command.
+#![forbid(unsafe_code)]
+
+pub mod key;
+pub mod meta;
+pub mod store;

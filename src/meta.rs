@@ -1,0 +1,442 @@
+//! A key's scope metadata: what the key may reach and how much.
+//!
+//! Lives with the key in the store and is never trusted from the client.
+//! Operators write it with explicit CLI flags or with the seed notes' query
+//! syntax (`--meta "scope=read-write&rate_limit=1000"`); both end up as a
+//! [`MetaChanges`] applied to a [`KeyMeta`].
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Everything a store keeps about a key besides its identity and hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyMeta {
+    /// Scopes granted: `read`, `write`, `read-write`, or named ones like `orders:write`.
+    pub scopes: Vec<String>,
+    /// Sustained request rate, e.g. `100/s`; `None` means unlimited.
+    pub rate: Option<Rate>,
+    /// Requests allowed at once above the sustained rate; defaults to the rate's count.
+    pub burst: Option<NonZeroU32>,
+    /// Total requests per window, e.g. `10000/day`; `None` means no quota.
+    pub quota: Option<Quota>,
+    /// After this instant the key is refused.
+    pub expires_at: Option<Timestamp>,
+    /// Free text for operators ("mobile app prod").
+    pub label: Option<String>,
+    pub status: KeyStatus,
+    pub created_at: Timestamp,
+    /// When this key was last rotated (it is then the old key, living out its grace).
+    pub rotated_at: Option<Timestamp>,
+}
+
+impl KeyMeta {
+    /// Fresh metadata for a key issued now: scope `read-write`, no limits.
+    pub fn new(now: Timestamp) -> Self {
+        Self {
+            scopes: vec!["read-write".to_owned()],
+            rate: None,
+            burst: None,
+            quota: None,
+            expires_at: None,
+            label: None,
+            status: KeyStatus::Active,
+            created_at: now,
+            rotated_at: None,
+        }
+    }
+
+    /// Whether the key may be used at `now` (active and not expired).
+    pub fn is_usable_at(&self, now: Timestamp) -> bool {
+        self.status == KeyStatus::Active && self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+impl FromStr for KeyStatus {
+    type Err = MetaError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Self::Active),
+            "revoked" => Ok(Self::Revoked),
+            _ => Err(MetaError::new("status", s, "expected `active` or `revoked`")),
+        }
+    }
+}
+
+// === Rate ===
+
+/// A sustained rate: `count` requests per `period`. Written `100/s`, `1000/min`,
+/// `5000/h`, `20000/day`, or `10/30s`; a bare number means per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub period: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, period_to_str(self.period))
+    }
+}
+
+impl FromStr for Rate {
+    type Err = MetaError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| MetaError::new("rate", s, why);
+        let (count, period) = match s.split_once('/') {
+            Some((count, period)) => (
+                count,
+                parse_period(period).ok_or_else(|| bad("unknown period; use s, min, h, day or e.g. 30s"))?,
+            ),
+            None => (s, Duration::from_secs(1)),
+        };
+        let count: u32 = count.trim().parse().map_err(|_| bad("count must be a whole number"))?;
+        let count = NonZeroU32::new(count).ok_or_else(|| bad("count must be at least 1"))?;
+        Ok(Self { count, period })
+    }
+}
+
+// === Quota ===
+
+/// A budget of requests per window, counted in the store, e.g. `10000/day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub count: u64,
+    pub window: QuotaWindow,
+}
+
+/// How a quota's window resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaWindow {
+    /// Calendar day, UTC; resets at midnight.
+    Day,
+    /// Calendar month, UTC; resets on the 1st.
+    Month,
+    /// A fixed-length window of this duration, aligned to the Unix epoch.
+    Every(Duration),
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.window {
+            QuotaWindow::Day => write!(f, "{}/day", self.count),
+            QuotaWindow::Month => write!(f, "{}/month", self.count),
+            QuotaWindow::Every(d) => write!(f, "{}/{}", self.count, period_to_str(d)),
+        }
+    }
+}
+
+impl FromStr for Quota {
+    type Err = MetaError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| MetaError::new("quota", s, why);
+        let (count, window) =
+            s.split_once('/').ok_or_else(|| bad("expected COUNT/WINDOW, e.g. 10000/day or 100000/month"))?;
+        let count: u64 = count.trim().parse().map_err(|_| bad("count must be a whole number"))?;
+        if count == 0 {
+            return Err(bad("count must be at least 1"));
+        }
+        let window = match window.trim() {
+            "day" | "d" => QuotaWindow::Day,
+            "month" | "mo" => QuotaWindow::Month,
+            other => QuotaWindow::Every(
+                parse_period(other).ok_or_else(|| bad("window must be day, month or a duration like 1h"))?,
+            ),
+        };
+        Ok(Self { count, window })
+    }
+}
+
+fn parse_period(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = if digits.is_empty() { 1 } else { digits.parse().ok()? };
+    let unit_secs = match unit {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        "d" | "day" => 86_400,
+        _ => return None,
+    };
+    let secs = n.checked_mul(unit_secs)?;
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn period_to_str(d: Duration) -> String {
+    match d.as_secs() {
+        1 => "s".into(),
+        60 => "min".into(),
+        3600 => "h".into(),
+        86_400 => "day".into(),
+        n if n % 86_400 == 0 => format!("{}d", n / 86_400),
+        n if n % 3600 == 0 => format!("{}h", n / 3600),
+        n if n % 60 == 0 => format!("{}min", n / 60),
+        n => format!("{n}s"),
+    }
+}
+
+// Rate and Quota travel as their text form in JSON, TOML and Redis hashes.
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_text!(Rate);
+serde_as_text!(Quota);
+
+// === Changes ===
+
+/// A set of changes to a key's metadata, from CLI flags, `--meta` or the admin API.
+/// `Some(None)` clears an optional field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaChanges {
+    pub scopes: Option<Vec<String>>,
+    pub rate: Option<Option<Rate>>,
+    pub burst: Option<Option<NonZeroU32>>,
+    pub quota: Option<Option<Quota>>,
+    pub expires_at: Option<Option<Timestamp>>,
+    pub label: Option<Option<String>>,
+}
+
+impl MetaChanges {
+    /// Parses the seed notes' syntax, `scope=read-write&rate_limit=1000&quota=10000/day`.
+    ///
+    /// Accepted names: `scope`/`scopes` (comma-separated), `rate_limit`/`rate`,
+    /// `burst`, `quota`, `expires`/`expires_at` (RFC 3339 or a duration from
+    /// `now` like `30d`), `label`. An empty value clears an optional field.
+    pub fn from_query(query: &str, now: Timestamp) -> Result<Self, MetaError> {
+        let mut changes = Self::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(&raw.replace('+', " "))
+                .decode_utf8()
+                .map_err(|_| MetaError::new(name, raw, "not valid UTF-8 after percent-decoding"))?
+                .into_owned();
+            let value = value.trim();
+            match name {
+                "scope" | "scopes" => changes.scopes = Some(parse_scopes(value)?),
+                "rate_limit" | "rate" => changes.rate = Some(optional(value, str::parse)?),
+                "burst" => changes.burst = Some(optional(value, parse_burst)?),
+                "quota" => changes.quota = Some(optional(value, str::parse)?),
+                "expires" | "expires_at" => {
+                    changes.expires_at = Some(optional(value, |v| parse_expiry(v, now))?)
+                }
+                "label" => changes.label = Some((!value.is_empty()).then(|| value.to_owned())),
+                other => {
+                    return Err(MetaError::new(
+                        other,
+                        value,
+                        "unknown field; known: scope, rate_limit, burst, quota, expires, label",
+                    ));
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Layers `other` on top of `self` (later flags win over `--meta`).
+    pub fn merge(mut self, other: MetaChanges) -> Self {
+        self.scopes = other.scopes.or(self.scopes);
+        self.rate = other.rate.or(self.rate);
+        self.burst = other.burst.or(self.burst);
+        self.quota = other.quota.or(self.quota);
+        self.expires_at = other.expires_at.or(self.expires_at);
+        self.label = other.label.or(self.label);
+        self
+    }
+
+    pub fn apply(self, meta: &mut KeyMeta) {
+        if let Some(v) = self.scopes {
+            meta.scopes = v;
+        }
+        if let Some(v) = self.rate {
+            meta.rate = v;
+        }
+        if let Some(v) = self.burst {
+            meta.burst = v;
+        }
+        if let Some(v) = self.quota {
+            meta.quota = v;
+        }
+        if let Some(v) = self.expires_at {
+            meta.expires_at = v;
+        }
+        if let Some(v) = self.label {
+            meta.label = v;
+        }
+    }
+}
+
+fn optional<T>(
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, MetaError>,
+) -> Result<Option<T>, MetaError> {
+    if value.is_empty() { Ok(None) } else { parse(value).map(Some) }
+}
+
+/// Scopes: comma-separated names of `[A-Za-z0-9:._-]`, at least one.
+pub fn parse_scopes(value: &str) -> Result<Vec<String>, MetaError> {
+    let scopes: Vec<String> =
+        value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    if scopes.is_empty() {
+        return Err(MetaError::new("scopes", value, "at least one scope is needed"));
+    }
+    if let Some(bad) = scopes.iter().find(|s| {
+        s.len() > 128 || !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '.' | '_' | '-'))
+    }) {
+        return Err(MetaError::new("scopes", bad, "a scope is letters, digits and : . _ - (at most 128)"));
+    }
+    Ok(scopes)
+}
+
+pub fn parse_burst(value: &str) -> Result<NonZeroU32, MetaError> {
+    value
+        .parse::<NonZeroU32>()
+        .map_err(|_| MetaError::new("burst", value, "must be a whole number of at least 1"))
+}
+
+/// An expiry: an RFC 3339 instant, or a duration from `now` such as `30d` or `12h`.
+pub fn parse_expiry(value: &str, now: Timestamp) -> Result<Timestamp, MetaError> {
+    if let Ok(at) = value.parse::<Timestamp>() {
+        return Ok(at);
+    }
+    let span = humantime::parse_duration(value).map_err(|_| {
+        MetaError::new("expires", value, "expected RFC 3339 (2026-12-31T00:00:00Z) or a duration like 30d")
+    })?;
+    let span = jiff::SignedDuration::try_from(span)
+        .map_err(|_| MetaError::new("expires", value, "duration too large"))?;
+    now.checked_add(span).map_err(|_| MetaError::new("expires", value, "duration too large"))
+}
+
+/// A metadata value that did not parse; names the field and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} `{value}`: {why}")]
+pub struct MetaError {
+    pub field: String,
+    pub value: String,
+    pub why: String,
+}
+
+impl MetaError {
+    pub fn new(field: &str, value: &str, why: &str) -> Self {
+        Self { field: field.to_owned(), value: value.to_owned(), why: why.to_owned() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        "2026-11-24T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn rates_parse_and_print_round_trip() {
+        for (text, count, secs, printed) in [
+            ("100/s", 100, 1, "100/s"),
+            ("1000/min", 1000, 60, "1000/min"),
+            ("5/h", 5, 3600, "5/h"),
+            ("7/day", 7, 86_400, "7/day"),
+            ("10/30s", 10, 30, "10/30s"),
+            ("1000", 1000, 1, "1000/s"),
+        ] {
+            let rate: Rate = text.parse().unwrap();
+            assert_eq!((rate.count.get(), rate.period.as_secs()), (count, secs), "{text}");
+            assert_eq!(rate.to_string(), printed);
+            assert_eq!(printed.parse::<Rate>().unwrap(), rate);
+        }
+    }
+
+    #[test]
+    fn bad_rates_name_the_problem() {
+        for text in ["0/s", "x/s", "10/fortnight", "-1/s", "10/0s", ""] {
+            let err = text.parse::<Rate>().unwrap_err();
+            assert_eq!(err.field, "rate", "{text}");
+        }
+    }
+
+    #[test]
+    fn quotas_parse_calendar_and_fixed_windows() {
+        assert_eq!("10000/day".parse::<Quota>().unwrap(), Quota { count: 10000, window: QuotaWindow::Day });
+        assert_eq!("5/month".parse::<Quota>().unwrap(), Quota { count: 5, window: QuotaWindow::Month });
+        let hourly: Quota = "50/h".parse().unwrap();
+        assert_eq!(hourly.window, QuotaWindow::Every(Duration::from_secs(3600)));
+        assert_eq!(hourly.to_string(), "50/h");
+        assert!("0/day".parse::<Quota>().is_err());
+        assert!("100".parse::<Quota>().is_err());
+    }
+
+    #[test]
+    fn seed_notes_query_syntax_sets_fields() {
+        let changes = MetaChanges::from_query(
+            "scope=read-write&rate_limit=1000&quota=10000/day&label=mobile+app&expires=30d",
+            now(),
+        )
+        .unwrap();
+        let mut meta = KeyMeta::new(now());
+        changes.apply(&mut meta);
+        assert_eq!(meta.scopes, ["read-write"]);
+        assert_eq!(meta.rate.unwrap().to_string(), "1000/s");
+        assert_eq!(meta.quota.unwrap().to_string(), "10000/day");
+        assert_eq!(meta.label.as_deref(), Some("mobile app"));
+        assert_eq!(meta.expires_at.unwrap(), "2026-12-24T00:00:00Z".parse::<Timestamp>().unwrap());
+    }
+
+    #[test]
+    fn query_rejects_unknown_fields_and_bad_values() {
+        assert_eq!(MetaChanges::from_query("colour=blue", now()).unwrap_err().field, "colour");
+        assert_eq!(MetaChanges::from_query("rate_limit=fast", now()).unwrap_err().field, "rate");
+        assert_eq!(MetaChanges::from_query("scope=a b", now()).unwrap_err().field, "scopes");
+    }
+
+    #[test]
+    fn empty_value_clears_and_later_changes_win() {
+        let first = MetaChanges::from_query("rate_limit=10&label=x", now()).unwrap();
+        let second = MetaChanges::from_query("label=", now()).unwrap();
+        let merged = first.merge(second);
+        assert_eq!(merged.label, Some(None));
+        assert_eq!(merged.rate.unwrap().unwrap().to_string(), "10/s");
+    }
+
+    #[test]
+    fn expired_and_revoked_keys_are_not_usable() {
+        let mut meta = KeyMeta::new(now());
+        assert!(meta.is_usable_at(now()));
+        meta.expires_at = Some(now());
+        assert!(!meta.is_usable_at(now()), "expiry instant itself is past");
+        meta.expires_at = None;
+        meta.status = KeyStatus::Revoked;
+        assert!(!meta.is_usable_at(now()));
+    }
+}

@@ -1,0 +1,1 @@
+//! The embedded file store (to be written).

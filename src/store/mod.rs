@@ -1,0 +1,105 @@
+//! Key stores: where key records live.
+//!
+//! The gateway and the CLI talk to a store only through [`KeyStore`], so the
+//! production store (Redis, later Redis Cluster) and the embedded file store in
+//! `keys/` are interchangeable. A store keeps only the hash of a key's secret;
+//! verification looks a record up by that hash.
+//!
+//! Stores also announce changes: every write publishes an [`Invalidation`], and
+//! [`KeyStore::subscribe`] hands the verification cache a receiver so that a
+//! revoked key stops working on every running gateway at once.
+
+pub mod file;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::key::{KeyId, SecretHash};
+use crate::meta::KeyMeta;
+
+/// A key as the store holds it: identity, the hash of its secret, and its
+/// scope metadata. Never holds the clear secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Public identifier, `<client>.<kid>`; safe to log and to show.
+    pub id: KeyId,
+    /// SHA-256 of the secret part of the key string.
+    pub secret_hash: SecretHash,
+    /// Scopes, limits, expiry, label, status, timestamps.
+    pub meta: KeyMeta,
+}
+
+impl KeyRecord {
+    /// The client this key belongs to.
+    pub fn client(&self) -> &str {
+        self.id.client()
+    }
+}
+
+/// What changed in a store, as announced to every running gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The record with this secret hash changed or was revoked: drop it from caches.
+    Key(SecretHash),
+    /// Anything may have changed (e.g. a missed pub/sub window after a reconnect,
+    /// or the file store's folder changed): drop every cached record.
+    All,
+}
+
+/// Why a store call failed. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or answered with an error (Redis down,
+    /// folder unreadable). The gateway answers 503 for keys it cannot vouch for.
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    /// A record in the store could not be decoded (hand-edited file, schema drift).
+    #[error("corrupt key record {what}: {why}")]
+    Corrupt { what: String, why: String },
+    /// `insert` of an ID that already exists.
+    #[error("key {0} already exists")]
+    AlreadyExists(KeyId),
+    /// `update` of an ID that does not exist.
+    #[error("no key with id {0}")]
+    NotFound(KeyId),
+}
+
+/// The store interface shared by the gateway (verification) and the operators'
+/// CLI / admin API (issue, list, update, revoke, rotate).
+///
+/// Implementations must be cheap to share (`Arc<dyn KeyStore>`) and safe to
+/// call from many tasks at once.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Verification lookup: the record of `client` whose secret hashes to `hash`.
+    /// Called only on a verification-cache miss. The caller checks that the
+    /// record's client matches the key string's client.
+    async fn find_by_hash(&self, client: &str, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// The record with this public ID.
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// All records, or those of one client, sorted by ID.
+    async fn list(&self, client: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Stores a new record. Fails with [`StoreError::AlreadyExists`] if the ID is taken.
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Replaces an existing record (same ID and hash) and announces
+    /// [`Invalidation::Key`] to every subscriber, including other processes.
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// A receiver of invalidations. Redis: fed by pub/sub (and `All` after a
+    /// reconnect); file store: fed by a watch on the folder.
+    fn subscribe(&self) -> broadcast::Receiver<Invalidation>;
+
+    /// Cheap liveness probe for `/readyz` and for recovery after an outage.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A store shared by the gateway's tasks.
+pub type SharedStore = Arc<dyn KeyStore>;
