@@ -19,6 +19,16 @@
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod config;
+pub mod echo;
+pub mod error;
+pub mod gateway;
+pub mod handler;
 pub mod key;
 pub mod meta;
+pub mod proxy;
+pub mod route;
+pub mod server;
 pub mod store;
+pub mod telemetry;

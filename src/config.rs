@@ -1,0 +1,690 @@
+//! `gateway.toml`: parsed with serde, then validated into typed values.
+//!
+//! Two layers, as in linkerd2-proxy and rust-rpxy: [`RawConfig`] mirrors the
+//! file (`deny_unknown_fields`, strings as written) and [`RawConfig::validate`]
+//! turns it into [`Config`] (socket addresses, durations, URIs, header names)
+//! or a list of [`ConfigProblem`]s, each naming the field and its line.
+//! Nothing binds a port before a config has validated, and a reload builds the
+//! new `Config` completely before it is swapped in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use serde::Deserialize;
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub keys: KeysConfig,
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// How long in-flight requests may run after SIGTERM before the process exits anyway.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded store: TOML files in a folder, relative paths resolved
+    /// against the config file's folder.
+    File { dir: PathBuf },
+    /// Redis (single node): `url` like `redis://127.0.0.1:6379/0`, every Redis
+    /// key under `prefix`.
+    Redis { url: String, prefix: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    /// Prefix of every key string, e.g. `kg_`.
+    pub prefix: String,
+    /// Header carrying the key besides `Authorization: Bearer`.
+    pub header: HeaderName,
+    /// Query parameter carrying the key, on routes that allow it.
+    pub query_param: String,
+    /// Identity headers sent upstream in place of the key.
+    pub client_header: HeaderName,
+    pub key_id_header: HeaderName,
+    pub scopes_header: HeaderName,
+    /// Verified records kept in process.
+    pub cache_capacity: u64,
+    /// How long a cached record is trusted without asking the store again
+    /// (bounds staleness if an invalidation message is lost).
+    pub cache_ttl: Duration,
+    /// How long an unknown key hash is remembered as unknown.
+    pub negative_ttl: Duration,
+    /// While the store is unreachable, cached records keep working this long
+    /// past their `cache_ttl`; keys the gateway cannot vouch for get 503.
+    pub stale_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix, normalised, without a trailing slash (except `/`).
+    pub path: String,
+    /// Lowercase host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub target: RouteTarget,
+    pub strip_prefix: bool,
+    /// No key required (health checks, docs).
+    pub public: bool,
+    /// Scopes a key needs here (any method); empty means the default
+    /// read/write rule by method.
+    pub scopes: Vec<String>,
+    /// Scopes needed per method (`GET = ["orders:read"]`), on top of `scopes`.
+    pub method_scopes: BTreeMap<String, Vec<String>>,
+    /// Whether the key may come in the query string (`?api_key=`).
+    pub allow_query_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// A named `[upstream.NAME]`.
+    Upstream(String),
+    /// Answered inside the gateway with what the upstream would have received.
+    Echo,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `scheme://host:port` bases, used round robin.
+    pub targets: Vec<Uri>,
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers arrive.
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable wins when set.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// === The file as written ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+    #[serde(default, rename = "upstream")]
+    upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    url: Option<String>,
+    dir: Option<String>,
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    prefix: Option<String>,
+    header: Option<String>,
+    query_param: Option<String>,
+    client_header: Option<String>,
+    key_id_header: Option<String>,
+    scopes_header: Option<String>,
+    cache_capacity: Option<u64>,
+    cache_ttl: Option<String>,
+    negative_ttl: Option<String>,
+    stale_window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    upstream: String,
+    host: Option<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    public: bool,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    method_scopes: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    allow_query_key: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    targets: Vec<String>,
+    connect_timeout: Option<String>,
+    timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<String>,
+    format: Option<LogFormat>,
+}
+
+// === Errors ===
+
+/// One thing wrong with a config file: the field's dotted path, its line
+/// (when the file has it), and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub field: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: `{}`: {}", self.field, self.message),
+            None => write!(f, "`{}`: {}", self.field, self.message),
+        }
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: invalid configuration:\n{}", list(.problems))]
+    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+}
+
+// === Loading ===
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths in it (the
+    /// file store's `dir`) are resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base).map_err(|e| e.at(path))
+    }
+
+    /// Parses and validates config text; `base` resolves relative paths.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, TextError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| TextError::Syntax(e.to_string()))?;
+        raw.validate(base).map_err(|mut problems| {
+            locate_lines(text, &mut problems);
+            TextError::Invalid(problems)
+        })
+    }
+}
+
+/// A config error before it is tied to a file path.
+#[derive(Debug)]
+pub enum TextError {
+    Syntax(String),
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl TextError {
+    fn at(self, path: &Path) -> ConfigError {
+        match self {
+            TextError::Syntax(message) => ConfigError::Syntax { path: path.into(), message },
+            TextError::Invalid(problems) => ConfigError::Invalid { path: path.into(), problems },
+        }
+    }
+}
+
+/// Fills in each problem's line by finding its field in the document.
+fn locate_lines(text: &str, problems: &mut [ConfigProblem]) {
+    let Ok(doc) = toml_edit::Document::parse(text) else { return };
+    for problem in problems {
+        problem.line = span_of(&doc, &problem.field).map(|offset| 1 + text[..offset].matches('\n').count());
+    }
+}
+
+/// Byte offset of a dotted field path like `route[2].upstream` or
+/// `upstream.api.targets[0]`, or of the deepest enclosing part found.
+fn span_of(doc: &toml_edit::Document<&str>, field: &str) -> Option<usize> {
+    use toml_edit::{Item, Value};
+
+    /// Where the walk stands: a table-ish item, or a value inside an array.
+    enum Node<'a> {
+        Item(&'a Item),
+        Table(&'a toml_edit::Table),
+        Value(&'a Value),
+    }
+
+    let mut node = Node::Item(doc.as_item());
+    let mut best = None;
+    for step in field.split('.').flat_map(|part| part.split('[')) {
+        node = match step.strip_suffix(']').and_then(|i| i.parse::<usize>().ok()) {
+            Some(index) => match node {
+                Node::Item(Item::ArrayOfTables(tables)) => Node::Table(tables.get(index)?),
+                Node::Item(Item::Value(Value::Array(values))) | Node::Value(Value::Array(values)) => {
+                    Node::Value(values.get(index)?)
+                }
+                _ => return best,
+            },
+            None => {
+                let table = match node {
+                    Node::Item(item) => item.as_table_like(),
+                    Node::Table(table) => Some(table as &dyn toml_edit::TableLike),
+                    Node::Value(value) => value.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
+                };
+                let Some((key, child)) = table.and_then(|t| t.get_key_value(step)) else { return best };
+                best = key.span().map(|s| s.start).or(best);
+                Node::Item(child)
+            }
+        };
+        let span = match &node {
+            Node::Table(table) => table.span(),
+            Node::Value(value) => value.span(),
+            Node::Item(_) => None,
+        };
+        best = span.map(|s| s.start).or(best);
+    }
+    best
+}
+
+// === Validation ===
+
+/// Collects problems instead of stopping at the first, so one `keygate check`
+/// shows everything that needs fixing.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem { field: field.into(), line: None, message: message.into() });
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(text) => humantime::parse_duration(text).unwrap_or_else(|e| {
+                self.push(
+                    field,
+                    format!("`{text}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\""),
+                );
+                default
+            }),
+        }
+    }
+
+    fn header(&mut self, field: &str, value: Option<&str>, default: &'static str) -> HeaderName {
+        match value {
+            None => HeaderName::from_static(default),
+            Some(text) => HeaderName::from_bytes(text.as_bytes()).unwrap_or_else(|_| {
+                self.push(field, format!("`{text}` is not a valid header name"));
+                HeaderName::from_static(default)
+            }),
+        }
+    }
+}
+
+pub const ECHO_TARGET: &str = "builtin:echo";
+
+impl RawConfig {
+    pub fn validate(self, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+        let mut p = Problems::default();
+
+        let listen_text = self.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen = listen_text.parse().unwrap_or_else(|_| {
+            p.push("server.listen", format!("`{listen_text}` is not an address like \"127.0.0.1:8080\""));
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        });
+        let server = ServerConfig {
+            listen,
+            drain_timeout: p.duration(
+                "server.drain_timeout",
+                self.server.drain_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+        };
+
+        let store = validate_store(&mut p, self.store, base);
+        let keys = validate_keys(&mut p, self.keys);
+
+        let mut upstreams = BTreeMap::new();
+        for (name, raw) in self.upstreams {
+            let at = format!("upstream.{name}");
+            if name.starts_with("builtin:") || name.is_empty() {
+                p.push(&at, "upstream names may not be empty or start with `builtin:`");
+            }
+            upstreams.insert(name, validate_upstream(&mut p, &at, raw));
+        }
+
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        if self.routes.is_empty() {
+            p.push("route", "at least one [[route]] is needed");
+        }
+        for (i, raw) in self.routes.into_iter().enumerate() {
+            let at = format!("route[{i}]");
+            let route = validate_route(&mut p, &at, raw, &upstreams);
+            if routes.iter().any(|r| r.path == route.path && r.host == route.host) {
+                p.push(
+                    format!("{at}.path"),
+                    format!("another route already has path `{}` for this host", route.path),
+                );
+            }
+            routes.push(route);
+        }
+
+        let log = LogConfig {
+            filter: self.log.filter.unwrap_or_else(|| "info".to_owned()),
+            format: self.log.format.unwrap_or(LogFormat::Text),
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.filter) {
+            p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
+        }
+
+        if p.0.is_empty() { Ok(Config { server, store, keys, routes, upstreams, log }) } else { Err(p.0) }
+    }
+}
+
+fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
+    match raw.kind.as_deref().unwrap_or("file") {
+        "file" => {
+            if raw.url.is_some() {
+                p.push("store.url", "`url` belongs to kind = \"redis\"; the file store uses `dir`");
+            }
+            let dir = PathBuf::from(raw.dir.unwrap_or_else(|| "keys".to_owned()));
+            StoreConfig::File { dir: if dir.is_absolute() { dir } else { base.join(dir) } }
+        }
+        "redis" => {
+            if raw.dir.is_some() {
+                p.push("store.dir", "`dir` belongs to kind = \"file\"; the Redis store uses `url`");
+            }
+            let url = raw.url.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                p.push(
+                    "store.url",
+                    format!("`{}` must start with redis://, rediss:// or unix://", redact_url(&url)),
+                );
+            }
+            let prefix = raw.prefix.unwrap_or_else(|| "kg:".to_owned());
+            if prefix.contains(['{', '}', ' ']) {
+                p.push("store.prefix", "may not contain braces (reserved for cluster hash tags) or spaces");
+            }
+            StoreConfig::Redis { url, prefix }
+        }
+        other => {
+            p.push("store.kind", format!("`{other}` is not a store kind; use \"file\" or \"redis\""));
+            StoreConfig::File { dir: base.join("keys") }
+        }
+    }
+}
+
+fn validate_keys(p: &mut Problems, raw: RawKeys) -> KeysConfig {
+    let prefix = raw.prefix.unwrap_or_else(|| "kg_".to_owned());
+    if prefix.is_empty()
+        || prefix.len() > 16
+        || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        p.push("keys.prefix", format!("`{prefix}` must be 1-16 letters, digits or underscores"));
+    }
+    let query_param = raw.query_param.unwrap_or_else(|| "api_key".to_owned());
+    if query_param.is_empty()
+        || !query_param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        p.push("keys.query_param", format!("`{query_param}` must be letters, digits, `_` or `-`"));
+    }
+    let cache_capacity = raw.cache_capacity.unwrap_or(100_000);
+    if cache_capacity == 0 {
+        p.push("keys.cache_capacity", "must be at least 1");
+    }
+    KeysConfig {
+        prefix,
+        header: p.header("keys.header", raw.header.as_deref(), "x-api-key"),
+        query_param,
+        client_header: p.header("keys.client_header", raw.client_header.as_deref(), "x-keygate-client"),
+        key_id_header: p.header("keys.key_id_header", raw.key_id_header.as_deref(), "x-keygate-key-id"),
+        scopes_header: p.header("keys.scopes_header", raw.scopes_header.as_deref(), "x-keygate-scopes"),
+        cache_capacity,
+        cache_ttl: p.duration("keys.cache_ttl", raw.cache_ttl.as_deref(), Duration::from_secs(60)),
+        negative_ttl: p.duration("keys.negative_ttl", raw.negative_ttl.as_deref(), Duration::from_secs(5)),
+        stale_window: p.duration("keys.stale_window", raw.stale_window.as_deref(), Duration::from_secs(300)),
+    }
+}
+
+fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream) -> UpstreamConfig {
+    if raw.targets.is_empty() {
+        p.push(format!("{at}.targets"), "at least one target is needed");
+    }
+    let mut targets = Vec::new();
+    for (i, text) in raw.targets.iter().enumerate() {
+        match text.parse::<Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+                if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+                    p.push(format!("{at}.targets[{i}]"), format!("`{text}`: give only scheme://host:port; use a route's `strip_prefix` to change paths"));
+                }
+                targets.push(uri);
+            }
+            Ok(uri) if uri.scheme_str() == Some("https") => {
+                p.push(
+                    format!("{at}.targets[{i}]"),
+                    format!("`{text}`: https upstreams are not supported yet"),
+                );
+            }
+            _ => p.push(
+                format!("{at}.targets[{i}]"),
+                format!("`{text}` is not a URL like \"http://127.0.0.1:9001\""),
+            ),
+        }
+    }
+    UpstreamConfig {
+        targets,
+        connect_timeout: p.duration(
+            &format!("{at}.connect_timeout"),
+            raw.connect_timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+        timeout: p.duration(&format!("{at}.timeout"), raw.timeout.as_deref(), Duration::from_secs(30)),
+        pool_idle_timeout: p.duration(
+            &format!("{at}.pool_idle_timeout"),
+            raw.pool_idle_timeout.as_deref(),
+            Duration::from_secs(90),
+        ),
+        pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+    }
+}
+
+fn validate_route(
+    p: &mut Problems,
+    at: &str,
+    raw: RawRoute,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+) -> RouteConfig {
+    let path = match crate::route::normalize_path(&raw.path) {
+        Ok(path) if raw.path.starts_with('/') => {
+            let trimmed = path.trim_end_matches('/');
+            if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
+        }
+        _ => {
+            p.push(format!("{at}.path"), format!("`{}` must be a plain path starting with `/`", raw.path));
+            raw.path.clone()
+        }
+    };
+    let target = if raw.upstream == ECHO_TARGET {
+        RouteTarget::Echo
+    } else {
+        if raw.upstream.starts_with("builtin:") {
+            p.push(
+                format!("{at}.upstream"),
+                format!("`{}` is not a built-in; the only one is `{ECHO_TARGET}`", raw.upstream),
+            );
+        } else if !upstreams.contains_key(&raw.upstream) {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            p.push(
+                format!("{at}.upstream"),
+                format!(
+                    "no [upstream.{}] is defined (known: {}; or `{ECHO_TARGET}`)",
+                    raw.upstream,
+                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                ),
+            );
+        }
+        RouteTarget::Upstream(raw.upstream)
+    };
+    let host = raw.host.map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &host
+        && (h.is_empty() || h.contains(['/', ' ', ':']))
+    {
+        p.push(format!("{at}.host"), format!("`{h}` must be a bare host name without port"));
+    }
+    let mut method_scopes = BTreeMap::new();
+    for (method, scopes) in raw.method_scopes {
+        let upper = method.to_ascii_uppercase();
+        if http::Method::from_bytes(upper.as_bytes()).is_err() {
+            p.push(format!("{at}.method_scopes"), format!("`{method}` is not an HTTP method"));
+        }
+        check_scopes(p, &format!("{at}.method_scopes"), &scopes);
+        method_scopes.insert(upper, scopes);
+    }
+    check_scopes(p, &format!("{at}.scopes"), &raw.scopes);
+    if raw.public && (!raw.scopes.is_empty() || !method_scopes.is_empty()) {
+        p.push(format!("{at}.public"), "a public route takes no key, so it cannot require scopes");
+    }
+    RouteConfig {
+        path,
+        host,
+        target,
+        strip_prefix: raw.strip_prefix,
+        public: raw.public,
+        scopes: raw.scopes,
+        method_scopes,
+        allow_query_key: raw.allow_query_key,
+    }
+}
+
+fn check_scopes(p: &mut Problems, at: &str, scopes: &[String]) {
+    if let Err(e) = crate::meta::parse_scopes(&scopes.join(","))
+        .or_else(|e| if scopes.is_empty() { Ok(vec![]) } else { Err(e) })
+    {
+        p.push(at, e.to_string());
+    }
+}
+
+/// A Redis URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match Config::from_toml(text, Path::new("/etc/keygate")) {
+            Err(TextError::Invalid(problems)) => problems,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    const MINIMAL: &str = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = Config::from_toml(MINIMAL, Path::new("/etc/keygate")).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.store, StoreConfig::File { dir: "/etc/keygate/keys".into() });
+        assert_eq!(config.keys.header, "x-api-key");
+        assert_eq!(config.routes[0].target, RouteTarget::Echo);
+    }
+
+    #[test]
+    fn unknown_field_is_a_syntax_error_naming_it_and_its_line() {
+        let err =
+            Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", Path::new(".")).unwrap_err();
+        let TextError::Syntax(message) = err else { panic!("{err:?}") };
+        assert!(message.contains("lisen"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn route_to_undefined_upstream_names_field_and_line() {
+        let text = "[[route]]\npath = \"/a\"\nupstream = \"builtin:echo\"\n\n[[route]]\npath = \"/b\"\nupstream = \"nope\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "route[1].upstream");
+        assert_eq!(found[0].line, Some(7));
+        assert!(found[0].message.contains("no [upstream.nope]"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[server]\nlisten = \"nowhere\"\ndrain_timeout = \"soon\"\n\n[upstream.api]\ntargets = [\"ftp://x\"]\n\n[[route]]\npath = \"api\"\nupstream = \"api\"\n";
+        let found = problems(text);
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["server.listen", "server.drain_timeout", "upstream.api.targets[0]", "route[0].path"]
+        );
+        assert_eq!(found[0].line, Some(2));
+        assert_eq!(found[2].line, Some(6));
+    }
+
+    #[test]
+    fn duplicate_routes_and_public_routes_with_scopes_are_refused() {
+        let text = "[[route]]\npath = \"/a/\"\nupstream = \"builtin:echo\"\n[[route]]\npath = \"/a\"\nupstream = \"builtin:echo\"\npublic = true\nscopes = [\"x\"]\n";
+        let fields: Vec<String> = problems(text).into_iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["route[1].public", "route[1].path"]);
+    }
+
+    #[test]
+    fn redis_password_never_appears_in_messages() {
+        assert_eq!(redact_url("redis://user:hunter2@host:6379/0"), "redis://***@host:6379/0");
+        let text = "[store]\nkind = \"redis\"\nurl = \"http://user:hunter2@host\"\n".to_owned() + MINIMAL;
+        let found = problems(&text);
+        assert!(!found[0].message.contains("hunter2"), "{}", found[0].message);
+    }
+}

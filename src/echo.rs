@@ -1,0 +1,56 @@
+//! The built-in echo upstream (`upstream = "builtin:echo"`).
+//!
+//! Answers inside the gateway with JSON describing the request exactly as an
+//! upstream would have received it (method, path, headers after rewriting,
+//! body), so a newcomer sees a request pass with no other service running and
+//! tests can see what the gateway forwards.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::error::{GatewayError, json_response};
+
+/// Bodies larger than this are counted but not echoed back.
+const ECHOED_BODY_LIMIT: usize = 64 * 1024;
+
+pub async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<serde_json::Value> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned().into())
+            .collect();
+        let value = if values.len() == 1 { values[0].clone() } else { values.into() };
+        headers.insert(name.as_str().to_owned(), value);
+    }
+
+    // Read the body in full only up to the echo limit; beyond it, just count.
+    let mut length = 0usize;
+    let mut kept = Vec::new();
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::Internal(format!("reading request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            length += data.len();
+            if kept.len() < ECHOED_BODY_LIMIT {
+                kept.extend_from_slice(&data[..data.len().min(ECHOED_BODY_LIMIT - kept.len())]);
+            }
+        }
+    }
+    let echoed_body = (length <= ECHOED_BODY_LIMIT).then(|| String::from_utf8_lossy(&kept).into_owned());
+
+    let body = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body_bytes": length,
+        "body": echoed_body,
+    });
+    Ok(json_response(StatusCode::OK, body.to_string()))
+}

@@ -1,0 +1,245 @@
+//! The one place that maps errors to responses.
+//!
+//! Every answer the gateway gives itself is JSON `{"error": CODE, "message": TEXT}`.
+//! The match in [`GatewayError::status_and_code`] is exhaustive on purpose: a
+//! new variant does not compile until someone decides its status. Client
+//! errors are not logged as errors; each 5xx is logged once with its cause,
+//! and the cause never reaches the client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::route::PathError;
+
+/// Why a request was not (fully) served.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route for this path")]
+    NoRoute,
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("no API key in the request")]
+    MissingKey,
+    /// The key is malformed, unknown, expired or revoked. The reason is for the
+    /// log only: all of them answer the same, so nobody can learn which keys exist.
+    #[error("API key rejected: {0}")]
+    KeyRejected(&'static str),
+    #[error("key lacks scope {0}")]
+    MissingScope(String),
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Duration },
+    #[error("quota exceeded")]
+    QuotaExceeded { retry_after: Duration },
+    /// The store could not be asked about a key the gateway had not cached.
+    #[error("key store unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("upstream {upstream} unreachable: {cause}")]
+    UpstreamUnreachable { upstream: String, cause: String },
+    #[error("upstream {upstream} did not answer within {after:?}")]
+    UpstreamTimeout { upstream: String, after: Duration },
+    /// A bug or an impossible state; details go to the log, never to the client.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What the client sees for an error: status, a stable code for scripts,
+/// and a message that never carries internals.
+pub struct ErrorAnswer {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl GatewayError {
+    pub fn answer(&self) -> ErrorAnswer {
+        let (status, code) = self.status_and_code();
+        let message = match self {
+            Self::NoRoute => "no route matches this request".to_owned(),
+            Self::BadPath(e) => format!("bad request path: {e}"),
+            Self::MissingKey => "an API key is required".to_owned(),
+            Self::KeyRejected(_) => "the API key is not valid".to_owned(),
+            Self::MissingScope(scope) => format!("this API key lacks the scope `{scope}`"),
+            Self::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
+            Self::QuotaExceeded { .. } => "quota exhausted for the current window".to_owned(),
+            Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
+            Self::UpstreamUnreachable { .. } => "the upstream service is unreachable".to_owned(),
+            Self::UpstreamTimeout { .. } => "the upstream service did not answer in time".to_owned(),
+            Self::Internal(_) => "internal gateway error".to_owned(),
+        };
+        ErrorAnswer { status, code, message }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            Self::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
+            Self::MissingKey => (StatusCode::UNAUTHORIZED, "missing_key"),
+            Self::KeyRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_key"),
+            Self::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Builds the JSON response, with the headers the status calls for.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let answer = self.answer();
+        if answer.status.is_server_error() {
+            tracing::error!(status = answer.status.as_u16(), cause = %self, "request failed");
+        } else {
+            tracing::debug!(status = answer.status.as_u16(), reason = %self, "request refused");
+        }
+        let body = serde_json::json!({ "error": answer.code, "message": answer.message }).to_string();
+        let mut response = json_response(answer.status, body);
+        let headers = response.headers_mut();
+        match &self {
+            Self::MissingKey | Self::KeyRejected(_) => {
+                headers
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
+            }
+            Self::MissingScope(scope) => {
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{scope}\""
+                )) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Self::RateLimited { retry_after } | Self::QuotaExceeded { retry_after } => {
+                // Round up: retrying after a truncated value would be refused again.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A JSON response with the given status and body.
+pub fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn answer(error: GatewayError) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        let response = error.into_response();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn no_route_is_404() {
+        let (status, _, body) = answer(GatewayError::NoRoute).await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"], "no_route");
+    }
+
+    #[tokio::test]
+    async fn bad_path_is_400() {
+        let (status, _, body) = answer(GatewayError::BadPath(PathError::AboveRoot)).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "bad_path");
+    }
+
+    #[tokio::test]
+    async fn missing_key_is_401_with_challenge() {
+        let (status, headers, body) = answer(GatewayError::MissingKey).await;
+        assert_eq!(status, 401);
+        assert_eq!(body["error"], "missing_key");
+        assert!(headers[header::WWW_AUTHENTICATE].to_str().unwrap().starts_with("Bearer"));
+    }
+
+    #[tokio::test]
+    async fn every_key_rejection_reason_answers_identically() {
+        let mut seen = Vec::new();
+        for reason in ["malformed", "unknown", "expired", "revoked", "client mismatch"] {
+            let (status, headers, body) = answer(GatewayError::KeyRejected(reason)).await;
+            assert_eq!(status, 401);
+            assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+            seen.push(body.to_string());
+        }
+        seen.dedup();
+        assert_eq!(seen.len(), 1, "bodies must not reveal the reason: {seen:?}");
+        assert!(!seen[0].contains("revoked"));
+    }
+
+    #[tokio::test]
+    async fn missing_scope_is_403_naming_the_scope() {
+        let (status, headers, body) = answer(GatewayError::MissingScope("orders:write".into())).await;
+        assert_eq!(status, 403);
+        assert_eq!(body["error"], "insufficient_scope");
+        assert!(body["message"].as_str().unwrap().contains("orders:write"));
+        assert!(headers[header::WWW_AUTHENTICATE].to_str().unwrap().contains("scope=\"orders:write\""));
+    }
+
+    #[tokio::test]
+    async fn rate_limited_is_429_with_rounded_up_retry_after() {
+        let (status, headers, body) =
+            answer(GatewayError::RateLimited { retry_after: Duration::from_millis(1500) }).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+    }
+
+    #[tokio::test]
+    async fn quota_exceeded_is_429_with_its_own_code() {
+        let (status, headers, body) =
+            answer(GatewayError::QuotaExceeded { retry_after: Duration::from_secs(3600) }).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"], "quota_exceeded");
+        assert_eq!(headers[header::RETRY_AFTER], "3600");
+    }
+
+    #[tokio::test]
+    async fn store_unavailable_is_503_without_internals() {
+        let (status, _, body) =
+            answer(GatewayError::StoreUnavailable("redis://10.0.0.5 refused".into())).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "store_unavailable");
+        assert!(!body.to_string().contains("10.0.0.5"));
+    }
+
+    #[tokio::test]
+    async fn upstream_unreachable_is_502_without_internals() {
+        let error = GatewayError::UpstreamUnreachable {
+            upstream: "api".into(),
+            cause: "connection refused 10.1.1.1".into(),
+        };
+        let (status, _, body) = answer(error).await;
+        assert_eq!(status, 502);
+        assert_eq!(body["error"], "upstream_unreachable");
+        assert!(!body.to_string().contains("10.1.1.1"));
+    }
+
+    #[tokio::test]
+    async fn upstream_timeout_is_504() {
+        let error = GatewayError::UpstreamTimeout { upstream: "api".into(), after: Duration::from_secs(1) };
+        let (status, _, body) = answer(error).await;
+        assert_eq!(status, 504);
+        assert_eq!(body["error"], "upstream_timeout");
+    }
+
+    #[tokio::test]
+    async fn internal_is_500_without_details() {
+        let (status, _, body) =
+            answer(GatewayError::Internal("index out of range at foo.rs:12".into())).await;
+        assert_eq!(status, 500);
+        assert_eq!(body["error"], "internal");
+        assert!(!body.to_string().contains("foo.rs"));
+    }
+}

@@ -1,0 +1,134 @@
+//! The request path, top to bottom: the gateway's table of contents.
+//!
+//!     route -> key -> verify -> scope -> limit -> proxy -> usage
+//!
+//! [`handle`] turns every outcome into a response (errors through
+//! [`GatewayError::into_response`], the one mapping) and writes one access-log
+//! line. [`serve`] holds the steps; each step lives in its own module.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{Request, Response, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::config::RouteTarget;
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::{echo, proxy, route};
+
+/// What the gateway answers with: the upstream's streaming body, or a body
+/// the gateway made itself (errors, echo).
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Facts about a request gathered along the way, for the access log.
+#[derive(Default)]
+struct Trail {
+    path: Option<String>,
+    upstream: Option<String>,
+    client: Option<String>,
+}
+
+/// Serves one request and never fails: every error, and even a panic inside
+/// a step, becomes a response.
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let mut trail = Trail::default();
+
+    let outcome = AssertUnwindSafe(serve(&gateway, request, peer, &mut trail)).catch_unwind().await;
+    let response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => error.into_response().map(Either::Right),
+        Err(_panic) => {
+            GatewayError::Internal("request handler panicked".into()).into_response().map(Either::Right)
+        }
+    };
+
+    tracing::info!(
+        target: "keygate::access",
+        %method,
+        path = trail.path.as_deref().unwrap_or("-"),
+        status = response.status().as_u16(),
+        upstream = trail.upstream.as_deref().unwrap_or("-"),
+        client = trail.client.as_deref().unwrap_or("-"),
+        duration_us = started.elapsed().as_micros() as u64,
+        peer = %peer.ip(),
+    );
+    response
+}
+
+async fn serve(
+    gateway: &Gateway,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    trail: &mut Trail,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let live = gateway.live.load_full();
+
+    // 1. Route: normalise the path once; decide and forward on that form.
+    let path = route::normalize_path(request.uri().path())?;
+    trail.path = Some(path.clone());
+    let host = request_host(&request);
+    let matched = live.routes.find(host.as_deref().map(strip_port), &path).ok_or(GatewayError::NoRoute)?;
+    let route = &matched.route;
+
+    // 2-5. Key, verification, scope and limits are added by the key issue.
+
+    // 6. Proxy: rewrite headers, then forward (or answer from the echo).
+    let query = request.uri().query().map(str::to_owned);
+    let path_and_query = match query {
+        Some(q) => format!("{}?{q}", matched.upstream_path),
+        None => matched.upstream_path.clone(),
+    };
+    *request.uri_mut() = path_and_query
+        .parse()
+        .map_err(|e| GatewayError::Internal(format!("rebuilding path {path_and_query:?}: {e}")))?;
+    let headers = request.headers_mut();
+    proxy::remove_hop_by_hop(headers);
+    proxy::set_forwarded(headers, peer.ip(), "http", host.as_deref());
+    headers.remove(header::HOST);
+
+    match &route.target {
+        RouteTarget::Echo => {
+            trail.upstream = Some("builtin:echo".into());
+            Ok(echo::answer(request).await?.map(Either::Right))
+        }
+        RouteTarget::Upstream(name) => {
+            trail.upstream = Some(name.clone());
+            let pool = live
+                .upstreams
+                .get(name)
+                .ok_or_else(|| GatewayError::Internal(format!("route names unknown upstream {name}")))?;
+            Ok(pool.forward(request).await?.map(Either::Left))
+        }
+    }
+}
+
+/// The host the client asked for: the `Host` header (HTTP/1.1) or the URI
+/// authority (HTTP/2).
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .map(str::to_owned)
+}
+
+/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
+fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    }
+}

@@ -1,0 +1,233 @@
+//! Path normalisation and route matching.
+//!
+//! The gateway decides on one canonical form of the path and forwards that
+//! same form, so a scope check cannot be bypassed with `/api/../admin`,
+//! `//admin`, `%2e%2e` or an encoded slash: the backend sees exactly the path
+//! the gateway judged.
+
+use std::sync::Arc;
+
+use crate::config::{RouteConfig, RouteTarget};
+
+/// Why a request path was refused before routing (answered with 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with `/`")]
+    NotAbsolute,
+    #[error("encoded `/`, `\\` or NUL in path")]
+    EncodedSeparator,
+    #[error("malformed percent-encoding in path")]
+    BadEncoding,
+    #[error("`..` climbs above the root")]
+    AboveRoot,
+}
+
+/// Canonical form of a request path:
+/// - percent-encoded unreserved characters (`A-Za-z0-9-._~`) are decoded, so
+///   `%2e%2e` is seen as `..`; other escapes are kept, with uppercase hex;
+/// - encoded `/`, `\` and NUL are refused (backends disagree on them);
+/// - a literal `\` is refused for the same reason;
+/// - empty segments (`//`) and `.` segments are removed, `..` resolved;
+///   climbing above the root is refused.
+///
+/// A trailing slash is kept (`/a/` and `/a` are different resources to many APIs).
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode_unreserved(raw)?;
+    let mut segments: Vec<&str> = Vec::new();
+    let mut parts = decoded.split('/').skip(1).peekable();
+    let mut trailing_slash = false;
+    while let Some(segment) = parts.next() {
+        let last = parts.peek().is_none();
+        match segment {
+            "" | "." => trailing_slash = last,
+            ".." => {
+                segments.pop().ok_or(PathError::AboveRoot)?;
+                trailing_slash = last;
+            }
+            s => {
+                segments.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+fn decode_unreserved(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEncoding)?;
+                let value = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(PathError::BadEncoding)?;
+                match value {
+                    b'/' | b'\\' | 0 => return Err(PathError::EncodedSeparator),
+                    b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                        out.push(b as char)
+                    }
+                    b => {
+                        out.push('%');
+                        out.push_str(&format!("{b:02X}"));
+                    }
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::EncodedSeparator),
+            b => {
+                // hyper only hands us valid URI bytes, which are ASCII.
+                out.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The routes of one config, ready for matching.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<RouteConfig>>,
+}
+
+/// A matched route and the path to send upstream (after `strip_prefix`).
+#[derive(Debug)]
+pub struct RouteMatch {
+    pub route: Arc<RouteConfig>,
+    pub upstream_path: String,
+}
+
+impl RouteTable {
+    pub fn new(routes: &[RouteConfig]) -> Self {
+        let mut routes: Vec<Arc<RouteConfig>> = routes.iter().cloned().map(Arc::new).collect();
+        // Longest prefix first; at equal length a host-specific route wins.
+        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(b.host.is_some().cmp(&a.host.is_some())));
+        Self { routes }
+    }
+
+    /// The route for a normalised path on `host` (lowercase, no port), if any.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<RouteMatch> {
+        let route = self.routes.iter().find(|r| {
+            r.host.as_deref().is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
+                && prefix_matches(&r.path, path)
+        })?;
+        let upstream_path = if route.strip_prefix && route.path != "/" {
+            let rest = &path[route.path.len()..];
+            if rest.is_empty() { "/".to_owned() } else { rest.to_owned() }
+        } else {
+            path.to_owned()
+        };
+        Some(RouteMatch { route: Arc::clone(route), upstream_path })
+    }
+
+    pub fn targets(&self) -> impl Iterator<Item = &RouteTarget> {
+        self.routes.iter().map(|r| &r.target)
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn normalisation_closes_traversal_tricks() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/api/users", "/api/users"),
+            ("/api/users/", "/api/users/"),
+            ("//admin", "/admin"),
+            ("/api/../admin", "/admin"),
+            ("/api/%2e%2e/admin", "/admin"),
+            ("/api/%2E%2E/admin", "/admin"),
+            ("/api/./x", "/api/x"),
+            ("/api/x/..", "/api/"),
+            ("/a%7Eb", "/a~b"),
+            ("/a%20b", "/a%20b"),
+            ("/a%c3%a9", "/a%C3%A9"),
+            ("/api//x", "/api/x"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn normalisation_refuses_what_backends_read_differently() {
+        assert_eq!(normalize_path("/api%2fadmin"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize_path("/api%5Cadmin"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize_path("/api\\admin"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize_path("/a%00"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize_path("/a%2"), Err(PathError::BadEncoding));
+        assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEncoding));
+        assert_eq!(normalize_path("/.."), Err(PathError::AboveRoot));
+        assert_eq!(normalize_path("/a/../../b"), Err(PathError::AboveRoot));
+        assert_eq!(normalize_path("a"), Err(PathError::NotAbsolute));
+    }
+
+    fn route(path: &str, host: Option<&str>, strip: bool, name: &str) -> RouteConfig {
+        RouteConfig {
+            path: path.into(),
+            host: host.map(Into::into),
+            target: RouteTarget::Upstream(name.into()),
+            strip_prefix: strip,
+            public: false,
+            scopes: vec![],
+            method_scopes: BTreeMap::new(),
+            allow_query_key: false,
+        }
+    }
+
+    fn target(table: &RouteTable, host: Option<&str>, path: &str) -> Option<(String, String)> {
+        table.find(host, path).map(|m| match &m.route.target {
+            RouteTarget::Upstream(name) => (name.clone(), m.upstream_path),
+            RouteTarget::Echo => ("echo".into(), m.upstream_path),
+        })
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let table = RouteTable::new(&[
+            route("/", None, false, "root"),
+            route("/api", None, false, "api"),
+            route("/api/v2", None, true, "v2"),
+        ]);
+        assert_eq!(target(&table, None, "/api/x"), Some(("api".into(), "/api/x".into())));
+        assert_eq!(target(&table, None, "/apix"), Some(("root".into(), "/apix".into())));
+        assert_eq!(target(&table, None, "/api/v2/users"), Some(("v2".into(), "/users".into())));
+        assert_eq!(target(&table, None, "/api/v2"), Some(("v2".into(), "/".into())));
+    }
+
+    #[test]
+    fn host_specific_routes_win_and_others_do_not_leak() {
+        let table = RouteTable::new(&[
+            route("/api", Some("a.example"), false, "a"),
+            route("/api", None, false, "any"),
+        ]);
+        assert_eq!(target(&table, Some("A.example"), "/api").unwrap().0, "a");
+        assert_eq!(target(&table, Some("b.example"), "/api").unwrap().0, "any");
+        let only_host = RouteTable::new(&[route("/", Some("a.example"), false, "a")]);
+        assert_eq!(target(&only_host, Some("b.example"), "/x"), None);
+        assert_eq!(target(&only_host, None, "/x"), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! The real gateway, in process on `127.0.0.1:0`, and clients to talk to it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keygate::config::Config;
+use keygate::gateway::Gateway;
+use keygate::server::{self, Drained};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A gateway serving on an ephemeral port until `shutdown` or drop.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Drained>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from config text; relative paths resolve against `base`.
+    pub async fn start_in(toml: &str, base: &Path) -> TestGateway {
+        let config = match Config::from_toml(toml, base) {
+            Ok(config) => config,
+            Err(e) => panic!("test config is invalid: {e:?}\n{toml}"),
+        };
+        Self::start_with(config).await
+    }
+
+    pub async fn start(toml: &str) -> TestGateway {
+        Self::start_in(toml, Path::new(".")).await
+    }
+
+    pub async fn start_with(config: Config) -> TestGateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = config.server.drain_timeout;
+        let gateway = Gateway::new(config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&gateway),
+            async move {
+                let _ = stopped.await;
+            },
+            drain,
+        ));
+        TestGateway { addr, gateway, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts the graceful shutdown and returns a handle that completes when
+    /// the drain is over.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<Drained> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("shutdown started twice")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// What a test usually wants from a response.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 client with keep-alive.
+pub fn http1_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 client with prior knowledge (cleartext h2).
+pub fn http2_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub async fn send(client: &TestClient, request: Request<Full<Bytes>>) -> Answer {
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .expect("gateway answered within 30 s")
+        .expect("request reached the gateway");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("response body read").to_bytes();
+    Answer { status: parts.status, headers: parts.headers, body }
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(&http1_client(), Request::get(url).body(Full::default()).unwrap()).await
+}
