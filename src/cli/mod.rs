@@ -91,7 +91,9 @@ fn serve(args: ConfigArg) -> ExitCode {
             }
         };
         let gateway = Gateway::new(config);
-        tracing::info!(address = %listen, "keygate listening");
+        // The bound address, not the configured one: port 0 picks a free port.
+        let address = listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
+        tracing::info!(%address, "keygate listening");
         server::serve(listener, gateway, server::shutdown_signal(), drain_timeout).await;
         tracing::info!("keygate stopped");
         ExitCode::SUCCESS

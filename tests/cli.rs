@@ -1,0 +1,124 @@
+//! The `keygate` binary itself: config checking, serving the shipped config,
+//! and exiting cleanly on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use keygate::config::Config;
+
+fn keygate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn shipped_gateway_toml_is_valid() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let config = Config::load(&shipped).unwrap_or_else(|e| panic!("shipped gateway.toml: {e}"));
+    assert!(config.routes.iter().any(|r| r.target == keygate::config::RouteTarget::Echo));
+    let out = keygate().args(["check", "-c"]).arg(&shipped).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_names_the_field_and_line_of_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/api\"\nupstream = \"missing\"\n",
+    );
+    let out = keygate().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 6"), "{stderr}");
+    assert!(stderr.contains("route[0].upstream"), "{stderr}");
+    assert!(stderr.contains("no [upstream.missing]"), "{stderr}");
+}
+
+#[test]
+fn check_reports_syntax_errors_and_unknown_fields_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[server]\nlisten = \"127.0.0.1:0\"\ncolour = \"blue\"\n");
+    let out = keygate().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("colour") && stderr.contains("line 3"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_config_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port we hold: if serve tried to bind before validating, the error would differ.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!("[server]\nlisten = \"{}\"\ndrain_timeout = \"never\"\n", held.local_addr().unwrap());
+    let path = write_config(dir.path(), &text);
+    let out = keygate().args(["serve", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.drain_timeout"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = keygate().args(["check", "-c", "/nonexistent/gateway.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/gateway.toml"));
+}
+
+/// Starts `keygate serve` on an ephemeral port and returns the child and the
+/// address it logged.
+fn spawn_serving(config: &Path) -> (std::process::Child, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = keygate()
+        .args(["serve", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("address=").nth(1) {
+                let _ = addr_tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("gateway logged its address");
+    (child, addr, reader)
+}
+
+#[tokio::test]
+async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml")).unwrap();
+    let path = write_config(dir.path(), &shipped.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\""));
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let (child, addr, reader) = spawn_serving(&path);
+
+    let answer = common::gateway::get(&format!("http://{addr}/health")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["path"], "/health");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let log = reader.join().unwrap().join("\n");
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("status=200"), "access log line: {log}");
+}
