@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::Verifier;
 use crate::config::Config;
+use crate::store::SharedStore;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
 
@@ -35,11 +37,19 @@ impl Live {
 pub struct Gateway {
     /// Read with one atomic load per request; replaced whole on reload.
     pub live: ArcSwap<Live>,
+    /// Verifies keys through the in-process cache; outlives reloads so the
+    /// cache stays warm.
+    pub verifier: Arc<Verifier>,
+    pub store: SharedStore,
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Arc<Self> {
-        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)) })
+    /// Builds the gateway on an open store and starts following the store's
+    /// invalidations. Must run inside a tokio runtime.
+    pub fn new(config: Config, store: SharedStore) -> Arc<Self> {
+        let verifier = Verifier::new(Arc::clone(&store), &config.keys);
+        verifier.spawn_invalidation_listener();
+        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, store })
     }
 
     /// Installs a new, already validated config. In-flight requests keep the

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::config::RouteTarget;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::{echo, proxy, route};
+use crate::{credential, echo, proxy, route, scope};
 
 /// What the gateway answers with: the upstream's streaming body, or a body
 /// the gateway made itself (errors, echo).
@@ -82,14 +82,34 @@ async fn serve(
     let matched = live.routes.find(host.as_deref().map(strip_port), &path).ok_or(GatewayError::NoRoute)?;
     let route = &matched.route;
 
-    // 2-5. Key, verification, scope and limits are added by the key issue.
-
-    // 6. Proxy: rewrite headers, then forward (or answer from the echo).
-    let query = request.uri().query().map(str::to_owned);
-    let path_and_query = match query {
+    let keys = &live.config.keys;
+    let mut path_and_query = match request.uri().query() {
         Some(q) => format!("{}?{q}", matched.upstream_path),
         None => matched.upstream_path.clone(),
     };
+
+    // 2. Key: bearer token, key header, or (where the route allows) query.
+    let mut caller = None;
+    if !route.public {
+        let (presented, source) =
+            credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key)
+                .ok_or(GatewayError::MissingKey)?;
+
+        // 3. Verify: cache, then store; malformed keys never reach the store.
+        let record = gateway.verifier.verify(&presented).await?;
+        trail.client = Some(record.id.to_string());
+
+        // 4. Scope: the key must cover this route and method.
+        scope::check(&record.meta.scopes, route, request.method())
+            .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
+
+        // 5. Limits: rate limit and quota (the limits issue).
+
+        credential::strip(request.headers_mut(), &mut path_and_query, source, keys);
+        caller = Some(record);
+    }
+
+    // 6. Proxy: rewrite headers, then forward (or answer from the echo).
     *request.uri_mut() = path_and_query
         .parse()
         .map_err(|e| GatewayError::Internal(format!("rebuilding path {path_and_query:?}: {e}")))?;
@@ -97,6 +117,7 @@ async fn serve(
     proxy::remove_hop_by_hop(headers);
     proxy::set_forwarded(headers, peer.ip(), "http", host.as_deref());
     headers.remove(header::HOST);
+    proxy::set_identity(headers, keys, caller.as_deref());
 
     match &route.target {
         RouteTarget::Echo => {

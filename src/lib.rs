@@ -19,7 +19,10 @@
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
+pub mod credential;
+pub mod scope;
 pub mod config;
 pub mod echo;
 pub mod error;

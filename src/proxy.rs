@@ -19,7 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::UpstreamConfig;
+use crate::config::{KeysConfig, UpstreamConfig};
+use crate::store::KeyRecord;
 use crate::error::GatewayError;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
@@ -71,6 +72,25 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str,
         Some(value) => headers.insert(X_FORWARDED_HOST, value),
         None => headers.remove(X_FORWARDED_HOST),
     };
+}
+
+/// Replaces any identity headers the client sent (they would be spoofs) with
+/// the verified caller's: client ID, key ID and scopes. Public routes send none.
+pub fn set_identity(headers: &mut HeaderMap, keys: &KeysConfig, caller: Option<&KeyRecord>) {
+    headers.remove(&keys.client_header);
+    headers.remove(&keys.key_id_header);
+    headers.remove(&keys.scopes_header);
+    let Some(record) = caller else { return };
+    // IDs and scopes are validated ASCII, so these conversions succeed.
+    if let Ok(v) = HeaderValue::from_str(record.client()) {
+        headers.insert(keys.client_header.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(record.id.as_str()) {
+        headers.insert(keys.key_id_header.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&record.meta.scopes.join(" ")) {
+        headers.insert(keys.scopes_header.clone(), v);
+    }
 }
 
 /// One upstream: its targets and the pooled client that reaches them.

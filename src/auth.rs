@@ -1,0 +1,193 @@
+//! Key verification: the in-process cache in front of the key store.
+//!
+//! A known key costs no store round trip: verified records are cached by the
+//! hash of their secret. The store's invalidations (Redis pub/sub, the file
+//! store's folder watch) drop entries at once on every running gateway, and
+//! `cache_ttl` bounds staleness if a message is ever lost. Unknown hashes are
+//! remembered briefly (`negative_ttl`) so a flood of random well-formed keys
+//! cannot hammer the store; malformed keys never reach it at all.
+//!
+//! When the store is unreachable, cached records keep working for
+//! `stale_window` past their `cache_ttl`; a key the gateway cannot vouch for
+//! gets 503, never a silent allow.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use moka::sync::Cache;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::config::KeysConfig;
+use crate::error::GatewayError;
+use crate::key::{self, SecretHash};
+use crate::store::{Invalidation, KeyRecord, SharedStore, StoreError};
+
+/// A record as the cache holds it, with when the store last vouched for it.
+#[derive(Debug)]
+struct Cached {
+    record: Arc<KeyRecord>,
+    fetched_at: Instant,
+}
+
+/// Verifies presented keys against the store, through the cache.
+pub struct Verifier {
+    store: SharedStore,
+    prefix: String,
+    /// Verified records by secret hash. moka shards internally, so lookups
+    /// from many cores do not contend on one lock.
+    known: Cache<SecretHash, Arc<Cached>>,
+    /// Hashes the store said it does not have.
+    unknown: Cache<SecretHash, ()>,
+    cache_ttl: Duration,
+    stale_window: Duration,
+}
+
+/// Why verification refused a key, for the log only: the client sees one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed(key::KeyFormatError),
+    Unknown,
+    ClientMismatch,
+    Expired,
+    Revoked,
+}
+
+impl Rejection {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::Unknown => "unknown",
+            Self::ClientMismatch => "client mismatch",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+impl From<Rejection> for GatewayError {
+    fn from(rejection: Rejection) -> Self {
+        GatewayError::KeyRejected(rejection.reason())
+    }
+}
+
+impl Verifier {
+    pub fn new(store: SharedStore, keys: &KeysConfig) -> Arc<Self> {
+        let known = Cache::builder()
+            .max_capacity(keys.cache_capacity)
+            // Past this nobody may use the entry, fresh or stale: let it go.
+            .time_to_live(keys.cache_ttl + keys.stale_window)
+            .build();
+        let unknown = Cache::builder().max_capacity(keys.cache_capacity).time_to_live(keys.negative_ttl).build();
+        Arc::new(Self {
+            store,
+            prefix: keys.prefix.clone(),
+            known,
+            unknown,
+            cache_ttl: keys.cache_ttl,
+            stale_window: keys.stale_window,
+        })
+    }
+
+    /// Verifies a presented key string: format and checksum, then the cache,
+    /// then the store. Returns the record of a usable key.
+    pub async fn verify(&self, presented: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+        let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
+        let hash = parsed.secret_hash();
+        let record = self.lookup(parsed.client, &hash).await?;
+        if record.client() != parsed.client {
+            return Err(Rejection::ClientMismatch.into());
+        }
+        check_usable(&record, Timestamp::now())?;
+        Ok(record)
+    }
+
+    async fn lookup(&self, client: &str, hash: &SecretHash) -> Result<Arc<KeyRecord>, GatewayError> {
+        let cached = self.known.get(hash);
+        if let Some(cached) = &cached
+            && cached.fetched_at.elapsed() < self.cache_ttl
+        {
+            return Ok(Arc::clone(&cached.record));
+        }
+        if cached.is_none() && self.unknown.contains_key(hash) {
+            return Err(Rejection::Unknown.into());
+        }
+        match self.store.find_by_hash(client, hash).await {
+            Ok(Some(record)) => {
+                let record = Arc::new(record);
+                self.known.insert(*hash, Arc::new(Cached { record: Arc::clone(&record), fetched_at: Instant::now() }));
+                Ok(record)
+            }
+            Ok(None) => {
+                self.known.invalidate(hash);
+                self.unknown.insert(*hash, ());
+                Err(Rejection::Unknown.into())
+            }
+            Err(error) => match cached {
+                // The store is down, but it vouched for this key recently enough.
+                Some(cached) if cached.fetched_at.elapsed() < self.cache_ttl + self.stale_window => {
+                    tracing::warn!(%error, key_id = %cached.record.id, "key store unavailable; serving cached key");
+                    Ok(Arc::clone(&cached.record))
+                }
+                _ => Err(store_unavailable(error)),
+            },
+        }
+    }
+
+    /// Applies one invalidation from the store.
+    pub fn invalidate(&self, invalidation: &Invalidation) {
+        match invalidation {
+            Invalidation::Key(hash) => {
+                self.known.invalidate(hash);
+                self.unknown.invalidate(hash);
+            }
+            Invalidation::All => {
+                self.known.invalidate_all();
+                self.unknown.invalidate_all();
+            }
+        }
+    }
+
+    /// Follows the store's invalidations until the store goes away. Spawned
+    /// once per gateway; a lagging receiver flushes everything, since it
+    /// cannot know which messages it missed.
+    pub fn spawn_invalidation_listener(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let mut invalidations = self.store.subscribe();
+        let verifier = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let message = invalidations.recv().await;
+                let Some(verifier) = verifier.upgrade() else { return };
+                match message {
+                    Ok(invalidation) => verifier.invalidate(&invalidation),
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "invalidation receiver lagged; flushing the key cache");
+                        verifier.invalidate(&Invalidation::All);
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Number of cached verified records (for metrics and tests).
+    pub fn cached_len(&self) -> u64 {
+        self.known.run_pending_tasks();
+        self.known.entry_count()
+    }
+}
+
+fn check_usable(record: &KeyRecord, now: Timestamp) -> Result<(), Rejection> {
+    use crate::meta::KeyStatus;
+    if record.meta.status == KeyStatus::Revoked {
+        return Err(Rejection::Revoked);
+    }
+    if record.meta.expires_at.is_some_and(|at| now >= at) {
+        return Err(Rejection::Expired);
+    }
+    Ok(())
+}
+
+fn store_unavailable(error: StoreError) -> GatewayError {
+    GatewayError::StoreUnavailable(error.to_string())
+}

@@ -1,0 +1,131 @@
+//! Finding the API key in a request, and removing it before forwarding.
+//!
+//! A key may come as `Authorization: Bearer <key>`, in the configured header
+//! (default `x-api-key`), or, on routes that allow it, in a query parameter.
+//! Whatever carried it is stripped so the upstream never sees the key; the
+//! identity headers set later tell the upstream who called.
+
+use http::header::{self, HeaderMap};
+use http::uri::PathAndQuery;
+
+use crate::config::KeysConfig;
+
+/// Where the key was found: what to strip before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Bearer,
+    Header,
+    Query,
+}
+
+/// Looks for a key, in order: bearer token, configured header, query (when
+/// allowed). Returns the key text and where it came from.
+pub fn find<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    keys: &KeysConfig,
+    allow_query: bool,
+) -> Option<(std::borrow::Cow<'a, str>, KeySource)> {
+    if let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token) {
+        return Some((token.into(), KeySource::Bearer));
+    }
+    if let Some(value) = headers.get(&keys.header).and_then(|v| v.to_str().ok()) {
+        return Some((value.trim().into(), KeySource::Header));
+    }
+    if allow_query {
+        let query = query?;
+        let value = form_pairs(query).find(|(name, _)| name == &keys.query_param).map(|(_, value)| value)?;
+        return Some((value, KeySource::Query));
+    }
+    None
+}
+
+/// The token of `Bearer <token>` (scheme case-insensitive), if that is what it is.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// `a=1&b=x%20y` as decoded pairs.
+fn form_pairs(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &'_ str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        (decode(name).into(), decode(value).into())
+    })
+}
+
+/// Removes the credential from where it was found: the header, or the query
+/// parameter (the rest of the query kept as it was).
+pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, source: KeySource, keys: &KeysConfig) {
+    match source {
+        KeySource::Bearer => {
+            headers.remove(header::AUTHORIZATION);
+        }
+        KeySource::Header => {
+            headers.remove(&keys.header);
+        }
+        KeySource::Query => {
+            let Some((path, query)) = path_and_query.split_once('?') else { return };
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| {
+                    let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+                    percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
+                })
+                .collect();
+            *path_and_query = if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
+        }
+    }
+}
+
+/// Whether the path-and-query parses as a URI part (after stripping).
+pub fn valid_path_and_query(text: &str) -> bool {
+    text.parse::<PathAndQuery>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn keys() -> KeysConfig {
+        let text = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
+        crate::config::Config::from_toml(text, std::path::Path::new(".")).unwrap().keys
+    }
+
+    #[test]
+    fn bearer_wins_then_header_then_query_when_allowed() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("from-header"));
+        assert_eq!(find(&headers, Some("api_key=q"), &keys, true).unwrap(), ("from-header".into(), KeySource::Header));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  from-bearer "));
+        assert_eq!(find(&headers, None, &keys, false).unwrap(), ("from-bearer".into(), KeySource::Bearer));
+        let empty = HeaderMap::new();
+        assert_eq!(find(&empty, Some("a=1&api_key=k%2Bq"), &keys, true).unwrap(), ("k+q".into(), KeySource::Query));
+        assert_eq!(find(&empty, Some("api_key=q"), &keys, false), None);
+    }
+
+    #[test]
+    fn basic_authorization_is_not_a_key_and_is_left_for_the_upstream() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9vOmJhcg=="));
+        assert_eq!(find(&headers, None, &keys(), false), None);
+    }
+
+    #[test]
+    fn stripping_the_query_key_keeps_the_other_parameters() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        let mut pq = "/a?x=1&api_key=secret&y=2".to_owned();
+        strip(&mut headers, &mut pq, KeySource::Query, &keys);
+        assert_eq!(pq, "/a?x=1&y=2");
+        let mut only = "/a?api_key=secret".to_owned();
+        strip(&mut headers, &mut only, KeySource::Query, &keys);
+        assert_eq!(only, "/a");
+        let mut encoded_name = "/a?api%5Fkey=secret&z".to_owned();
+        strip(&mut headers, &mut encoded_name, KeySource::Query, &keys);
+        assert_eq!(encoded_name, "/a?z");
+    }
+}
