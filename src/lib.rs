@@ -21,4 +21,5 @@
 
 pub mod key;
 pub mod meta;
+pub mod ops;
 pub mod store;
