@@ -19,6 +19,7 @@
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod key;
 pub mod meta;
 pub mod ops;
