@@ -16,22 +16,27 @@
 //! - [`echo`]: the built-in echo upstream.
 //! - [`error`]: the one place mapping errors to responses.
 //! - [`config`]: `gateway.toml`, parsed and validated into typed values.
+//! - [`credential`]: finding the key in a request and stripping it.
+//! - [`auth`]: verification through the in-process cache, invalidations.
+//! - [`scope`]: does the key's scope cover the route and method.
+//! - [`ops`]: key operations shared by the CLI and the admin API.
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cli;
-pub mod credential;
-pub mod scope;
 pub mod config;
+pub mod credential;
 pub mod echo;
 pub mod error;
 pub mod gateway;
 pub mod handler;
 pub mod key;
 pub mod meta;
+pub mod ops;
 pub mod proxy;
 pub mod route;
+pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -3,6 +3,8 @@
 //! Everything a script may capture goes to stdout; messages go to stderr.
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 
+pub mod keys;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
