@@ -161,6 +161,18 @@ async fn a_missing_folder_is_unavailable() {
     assert!(matches!(err, StoreError::Unavailable(ref m) if m.contains("nope")), "{err}");
 }
 
+#[tokio::test]
+async fn dropping_the_store_stops_watching() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).await.unwrap();
+    let mut invalidations = store.subscribe();
+    drop(store);
+    within(5, "the channel to close", async {
+        while !matches!(invalidations.recv().await, Err(broadcast::error::RecvError::Closed)) {}
+    })
+    .await;
+}
+
 /// Routes this thread's `tracing` output into a buffer. Tokio's
 /// current-thread test runtime runs the store's tasks on this thread too.
 fn capture_logs() -> (Arc<Mutex<String>>, tracing::subscriber::DefaultGuard) {
