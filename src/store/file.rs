@@ -1,1 +1,528 @@
-//! The embedded file store (to be written).
+//! The file store: key records as TOML files in a folder (`keys/`), the
+//! embedded default that needs no external service.
+//!
+//! One file per key, named `<client>.<kid>.toml` (the key's ID), e.g.
+//!
+//! ```toml
+//! id = "acme.k1"
+//! secret_hash = "2f38fa28…"   # SHA-256 of the secret; the secret is never stored
+//! scopes = ["read", "orders:write"]
+//! rate = "100/s"
+//! quota = "10000/day"
+//! status = "active"
+//! created_at = "2026-11-24T00:00:00Z"
+//! ```
+//!
+//! The whole folder is loaded into memory at [`FileStore::open`]; verification
+//! is a `HashMap` lookup on a snapshot read without locks. Writes go to a
+//! temporary file in the same folder and are renamed into place, so a reader
+//! (this process, another gateway, an editor) never sees half a record.
+//!
+//! The folder is watched: any change (the CLI in another process, an operator
+//! editing or deleting a file) triggers a reload after a short debounce, and if
+//! the records changed, [`Invalidation::All`]. A file that does not parse is
+//! skipped with a warning naming it; the rest keep being served. Files that do
+//! not end in `.toml`, hidden files (including our temporaries) and `README*`
+//! are ignored.
+//!
+//! Files are flat (metadata fields at top level, not under a `[meta]` table)
+//! and unknown fields are refused: in a hand-edited file, `rate_limit = ...`
+//! for `rate = ...` must not silently make a key unlimited.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use jiff::Timestamp;
+use notify::Watcher;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, broadcast, mpsc};
+
+use super::{Invalidation, KeyRecord, KeyStore, StoreError};
+use crate::key::{KeyId, SecretHash};
+use crate::meta::{KeyMeta, KeyStatus, Quota, Rate};
+
+/// Quiet time after the last change event before reloading: an editor's save
+/// or a `cp` of many files arrives as a burst of events.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// See the Redis store: a receiver this far behind sees `Lagged`.
+const INVALIDATION_BUFFER: usize = 1024;
+
+/// Key records in a folder of TOML files, served from memory.
+///
+/// Dropping the store stops watching the folder.
+pub struct FileStore {
+    shared: Arc<Shared>,
+    /// The folder watch; dropping it ends the reload task (its event channel
+    /// closes). `None` if the platform refused a watch (see [`FileStore::open`]).
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore").field("dir", &self.shared.dir).finish()
+    }
+}
+
+/// State shared between the store's callers and its reload task.
+struct Shared {
+    dir: PathBuf,
+    /// The records, swapped whole on every change so the verification path
+    /// reads a consistent snapshot without taking a lock.
+    index: ArcSwap<Index>,
+    /// Serialises writers (insert, update, reload). Without it a reload that
+    /// listed the folder just before a write could swap in a snapshot missing
+    /// that write. Async because writers hold it across file I/O.
+    write_lock: Mutex<()>,
+    invalidations: broadcast::Sender<Invalidation>,
+}
+
+/// All records, by hash (verification) and by ID (administration).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Index {
+    by_hash: HashMap<SecretHash, KeyRecord>,
+    by_id: BTreeMap<KeyId, SecretHash>,
+}
+
+impl Index {
+    fn add(&mut self, record: KeyRecord) {
+        self.by_id.insert(record.id.clone(), record.secret_hash);
+        self.by_hash.insert(record.secret_hash, record);
+    }
+}
+
+/// A file in the folder that was not loaded, and why. The reason names no
+/// secret (files hold none) and quotes no file content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedFile {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+// === impl FileStore ===
+
+impl FileStore {
+    /// Loads every key file in `dir` and starts watching it. Malformed files
+    /// are skipped with a warning. Fails with [`StoreError::Unavailable`] if
+    /// the folder cannot be read. If the OS refuses a watch (e.g. inotify
+    /// limits), the store still works but logs that changes need a restart.
+    ///
+    /// Must be called within a Tokio runtime (it spawns the reload task).
+    pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
+        let dir = dir.into();
+        let (index, skipped) = load_dir_blocking(&dir).await?;
+        warn_skipped(&skipped);
+        tracing::debug!(dir = %dir.display(), keys = index.by_hash.len(), "file key store loaded");
+
+        let (invalidations, _) = broadcast::channel(INVALIDATION_BUFFER);
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            index: ArcSwap::from_pointee(index),
+            write_lock: Mutex::new(()),
+            invalidations,
+        });
+
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let watcher = match watch(&dir, events_tx) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "cannot watch key folder; changes need a restart: {e}");
+                None
+            }
+        };
+        tokio::spawn(reload_on_change(Arc::clone(&shared), events_rx));
+        Ok(FileStore { shared, _watcher: watcher })
+    }
+
+    /// The folder this store reads.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Reads the folder again now (what a change event triggers), sending
+    /// [`Invalidation::All`] if the records changed. Returns the files skipped.
+    pub async fn reload(&self) -> Result<Vec<SkippedFile>, StoreError> {
+        self.shared.reload().await
+    }
+
+    /// Writes `record`'s file and swaps the new index in; the caller has
+    /// checked the write is allowed and holds the write lock.
+    async fn write_locked(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let text = to_toml(record)?;
+        let dir = self.shared.dir.clone();
+        let name = file_name(&record.id);
+        let written = tokio::task::spawn_blocking(move || write_atomically(&dir, &name, text.as_bytes()))
+            .await
+            .map_err(|e| self.unavailable(format!("writing {}: {e}", record.id)))?;
+        written.map_err(|e| self.unavailable(format!("writing {}: {e}", file_name(&record.id))))?;
+
+        let mut index = Index::clone(&self.shared.index.load());
+        index.add(record.clone());
+        self.shared.index.store(Arc::new(index));
+        let _ = self.shared.invalidations.send(Invalidation::Key(record.secret_hash));
+        Ok(())
+    }
+
+    fn unavailable(&self, why: String) -> StoreError {
+        StoreError::Unavailable(format!("key folder {}: {why}", self.shared.dir.display()))
+    }
+}
+
+#[async_trait]
+impl KeyStore for FileStore {
+    async fn find_by_hash(&self, client: &str, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+        // Same answer as the Redis store, where the client is part of the key name.
+        Ok(self.shared.index.load().by_hash.get(hash).filter(|r| r.client() == client).cloned())
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let index = self.shared.index.load();
+        Ok(index.by_id.get(id).and_then(|hash| index.by_hash.get(hash)).cloned())
+    }
+
+    async fn list(&self, client: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let index = self.shared.index.load();
+        Ok(index
+            .by_id
+            .iter()
+            .filter(|(id, _)| client.is_none_or(|c| id.client() == c))
+            .filter_map(|(_, hash)| index.by_hash.get(hash).cloned())
+            .collect())
+    }
+
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        check_id_is_a_file_name(&record.id)?;
+        let _writer = self.shared.write_lock.lock().await;
+        let index = self.shared.index.load();
+        let path = self.shared.dir.join(file_name(&record.id));
+        // A file can exist without being loaded (malformed, or not reloaded yet).
+        let file_exists = tokio::fs::try_exists(&path)
+            .await
+            .map_err(|e| self.unavailable(format!("checking {}: {e}", path.display())))?;
+        if index.by_id.contains_key(&record.id)
+            || index.by_hash.contains_key(&record.secret_hash)
+            || file_exists
+        {
+            return Err(StoreError::AlreadyExists(record.id.clone()));
+        }
+        self.write_locked(record).await
+    }
+
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        check_id_is_a_file_name(&record.id)?;
+        let _writer = self.shared.write_lock.lock().await;
+        if self.shared.index.load().by_id.get(&record.id) != Some(&record.secret_hash) {
+            return Err(StoreError::NotFound(record.id.clone()));
+        }
+        self.write_locked(record).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
+        self.shared.invalidations.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match tokio::fs::metadata(&self.shared.dir).await {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(self.unavailable("not a folder".to_owned())),
+            Err(e) => Err(self.unavailable(e.to_string())),
+        }
+    }
+}
+
+// === Reloading ===
+
+impl Shared {
+    async fn reload(&self) -> Result<Vec<SkippedFile>, StoreError> {
+        let _writer = self.write_lock.lock().await;
+        let (index, skipped) = load_dir_blocking(&self.dir).await?;
+        warn_skipped(&skipped);
+        if **self.index.load() != index {
+            tracing::info!(dir = %self.dir.display(), keys = index.by_hash.len(), "key folder changed; reloaded");
+            self.index.store(Arc::new(index));
+            let _ = self.invalidations.send(Invalidation::All);
+        }
+        Ok(skipped)
+    }
+}
+
+/// Watches `dir` (not recursively); every relevant event becomes a `()` on `events`.
+fn watch(dir: &Path, events: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            // Reads change nothing; events only about hidden files are our
+            // own temporaries (or an editor's swap files).
+            Ok(event) => {
+                !matches!(event.kind, notify::EventKind::Access(_))
+                    && !event.paths.iter().all(|p| is_hidden(p))
+            }
+            // A lost event (queue overflow) may hide any change: reload.
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = events.send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// The reload task: after each burst of events has been quiet for
+/// [`DEBOUNCE`], reloads. Ends when the watcher (and its sender) is dropped.
+async fn reload_on_change(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<()>) {
+    while events.recv().await.is_some() {
+        loop {
+            match tokio::time::timeout(DEBOUNCE, events.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return,
+                Err(_quiet) => break,
+            }
+        }
+        if let Err(e) = shared.reload().await {
+            // Keep serving what was loaded: a folder briefly unreadable (being
+            // replaced by a deploy) must not empty the store.
+            tracing::warn!("key folder reload failed; serving the previous keys: {e}");
+        }
+    }
+}
+
+fn warn_skipped(skipped: &[SkippedFile]) {
+    for file in skipped {
+        tracing::warn!(file = %file.path.display(), "skipping key file: {}", file.why);
+    }
+}
+
+// === Files ===
+
+/// A key file's content: a [`KeyRecord`] flattened, strict about field names.
+/// The struct literal in the conversions below lists every [`KeyMeta`] field,
+/// so a field added there fails to compile here until it is handled.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    id: KeyId,
+    secret_hash: SecretHash,
+    scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate: Option<Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<NonZeroU32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quota: Option<Quota>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    status: KeyStatus,
+    created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotated_at: Option<Timestamp>,
+}
+
+impl From<&KeyRecord> for KeyFile {
+    fn from(r: &KeyRecord) -> Self {
+        let KeyMeta { scopes, rate, burst, quota, expires_at, label, status, created_at, rotated_at } =
+            r.meta.clone();
+        Self {
+            id: r.id.clone(),
+            secret_hash: r.secret_hash,
+            scopes,
+            rate,
+            burst,
+            quota,
+            expires_at,
+            label,
+            status,
+            created_at,
+            rotated_at,
+        }
+    }
+}
+
+impl From<KeyFile> for KeyRecord {
+    fn from(f: KeyFile) -> Self {
+        let meta = KeyMeta {
+            scopes: f.scopes,
+            rate: f.rate,
+            burst: f.burst,
+            quota: f.quota,
+            expires_at: f.expires_at,
+            label: f.label,
+            status: f.status,
+            created_at: f.created_at,
+            rotated_at: f.rotated_at,
+        };
+        Self { id: f.id, secret_hash: f.secret_hash, meta }
+    }
+}
+
+fn to_toml(record: &KeyRecord) -> Result<String, StoreError> {
+    let body = toml::to_string(&KeyFile::from(record))
+        .map_err(|e| StoreError::Corrupt { what: format!("key {}", record.id), why: e.to_string() })?;
+    Ok(format!(
+        "# keygate key {id}. Written by `keygate keys`; may be edited by hand (the gateway\n\
+         # reloads this folder). `secret_hash` is the SHA-256 of the key's secret: the\n\
+         # secret itself is never stored.\n{body}",
+        id = record.id
+    ))
+}
+
+/// Parses one file's text; `expected` is the ID its name promises.
+fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
+    let file: KeyFile = toml::from_str(text).map_err(|e| {
+        // The message and line only: the error's default rendering quotes the
+        // offending line, which could hold a secret pasted by mistake.
+        match e.span() {
+            Some(span) => format!("line {}: {}", text[..span.start].lines().count().max(1), e.message()),
+            None => e.message().to_owned(),
+        }
+    })?;
+    if file.id != *expected {
+        return Err(format!("`id = \"{}\"` does not match the file name", file.id));
+    }
+    Ok(file.into())
+}
+
+fn file_name(id: &KeyId) -> String {
+    format!("{id}.toml")
+}
+
+/// Refuses IDs built with [`KeyId::new`] from unchecked parts, which could
+/// name a path outside the folder.
+fn check_id_is_a_file_name(id: &KeyId) -> Result<(), StoreError> {
+    match id.as_str().parse::<KeyId>() {
+        Ok(_) => Ok(()),
+        Err(why) => Err(StoreError::Corrupt { what: format!("key id {id:?}"), why }),
+    }
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+}
+
+/// Which entries of the folder are key files: `Some(id)` for `<id>.toml`,
+/// `Err` for a `.toml` whose name is not a key ID, `None` for everything to
+/// ignore silently (other extensions, hidden files, `README*`).
+fn key_file_id(path: &Path) -> Option<Result<KeyId, String>> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".toml")?;
+    if name.starts_with('.') || stem.to_ascii_uppercase().starts_with("README") {
+        return None;
+    }
+    Some(stem.parse::<KeyId>().map_err(|_| "file name is not <client>.<kid>.toml".to_owned()))
+}
+
+async fn load_dir_blocking(dir: &Path) -> Result<(Index, Vec<SkippedFile>), StoreError> {
+    let owned = dir.to_owned();
+    let unavailable = |why: String| StoreError::Unavailable(format!("key folder {}: {why}", dir.display()));
+    tokio::task::spawn_blocking(move || load_dir(&owned))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| unavailable(e.to_string()))
+}
+
+/// Reads every key file. Fails only if the folder itself cannot be listed.
+fn load_dir(dir: &Path) -> std::io::Result<(Index, Vec<SkippedFile>)> {
+    let mut index = Index::default();
+    let mut skipped = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    // Sorted so that which of two clashing files wins does not depend on the
+    // file system's listing order.
+    paths.sort();
+    for path in paths {
+        let Some(id) = key_file_id(&path) else { continue };
+        let loaded = id.and_then(|id| {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read: {e}"))?;
+            from_toml(&text, &id)
+        });
+        match loaded {
+            Ok(record) if index.by_hash.contains_key(&record.secret_hash) => {
+                skipped
+                    .push(SkippedFile { path, why: "another key file has the same secret_hash".to_owned() });
+            }
+            Ok(record) => index.add(record),
+            Err(why) => skipped.push(SkippedFile { path, why }),
+        }
+    }
+    Ok((index, skipped))
+}
+
+/// Writes `dir/name` so that readers see the old file or the new one, never
+/// a mix: a temporary in the same folder (same file system), flushed to disk,
+/// renamed over the target, then the folder flushed so the rename survives a
+/// crash.
+fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    // Hidden, so loads and the watcher ignore it; the pid keeps two processes
+    // (a gateway and the CLI) from sharing one.
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    // Not every platform can open a folder to flush it; the rename is done either way.
+    if let Ok(folder) = std::fs::File::open(dir) {
+        let _ = folder.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> KeyRecord {
+        let mut meta = KeyMeta::new("2026-11-24T00:00:00.5Z".parse().unwrap());
+        meta.rate = Some("100/s".parse().unwrap());
+        meta.quota = Some("10000/day".parse().unwrap());
+        meta.label = Some("mobile \"app\"".into());
+        KeyRecord { id: "acme.k1".parse().unwrap(), secret_hash: SecretHash([7; 32]), meta }
+    }
+
+    #[test]
+    fn files_are_flat_readable_toml_that_round_trips() {
+        let record = record();
+        let text = to_toml(&record).unwrap();
+        assert!(text.contains("rate = \"100/s\"\n"), "{text}");
+        assert!(text.contains("quota = \"10000/day\"\n"), "{text}");
+        assert!(!text.contains("[meta]") && !text.contains("burst"), "{text}");
+        assert_eq!(from_toml(&text, &record.id).unwrap(), record);
+    }
+
+    #[test]
+    fn unknown_fields_and_mismatched_ids_are_refused() {
+        let text = to_toml(&record()).unwrap().replace("rate =", "rate_limit =");
+        let why = from_toml(&text, &record().id).unwrap_err();
+        assert!(why.contains("rate_limit") && why.starts_with("line "), "{why}");
+        let why = from_toml(&to_toml(&record()).unwrap(), &"acme.k2".parse().unwrap()).unwrap_err();
+        assert!(why.contains("file name"), "{why}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_file() {
+        let why = from_toml("id = \"acme.k1\"\nsecret = kg_acme_TOTALLYSECRET\n", &record().id).unwrap_err();
+        assert!(!why.contains("TOTALLYSECRET"), "{why}");
+    }
+
+    #[test]
+    fn only_key_files_are_considered() {
+        assert!(matches!(key_file_id(Path::new("keys/acme.k1.toml")), Some(Ok(_))));
+        assert!(matches!(key_file_id(Path::new("keys/notes.toml")), Some(Err(_))));
+        for ignored in
+            ["keys/README.md", "keys/README.toml", "keys/acme.k1.toml.bak", "keys/.acme.k1.toml.9.tmp"]
+        {
+            assert!(key_file_id(Path::new(ignored)).is_none(), "{ignored}");
+        }
+    }
+}

@@ -1,1 +1,816 @@
-//! The Redis store (to be written).
+//! The Redis store: key records in plain Redis hashes, the production store.
+//!
+//! Layout (documented for operators and dashboards in `docs/redis-schema.md`;
+//! keep the two in step). With the default prefix `kg:`:
+//!
+//! | key                              | type   | holds                                   |
+//! |----------------------------------|--------|-----------------------------------------|
+//! | `kg:{<client>}:key:<sha256hex>`  | hash   | one key record (fields below)           |
+//! | `kg:{<client>}:id:<kid>`         | string | the record's `<sha256hex>`              |
+//! | `kg:{<client>}:keys`             | set    | the client's kids                       |
+//! | `kg:clients`                     | set    | every client that ever had a key        |
+//! | `kg:invalidate`                  | channel| hash hex of each written record, or `*` |
+//!
+//! Why this shape:
+//! - Verification knows the client (it is readable in the key string) and the
+//!   secret's hash, so it names the record's key directly: one `HGETALL`, one
+//!   round trip, no index lookup.
+//! - Every key of one client carries the hash tag `{<client>}`, so in Redis
+//!   Cluster they share a slot and a client's writes can be one atomic script.
+//!   `kg:clients` lives in another slot and is written separately, first, so a
+//!   record never exists without its client being listed.
+//! - Writes are Lua scripts rather than `MULTI`/`EXEC`: `insert` must fail if
+//!   the ID exists and `update` if it does not, and a check-then-write is only
+//!   atomic inside a script (`WATCH` needs a dedicated connection, and
+//!   [`ConnectionManager`] multiplexes one). The script publishes the
+//!   invalidation itself, so a write and its announcement cannot come apart.
+//! - Fields are plain strings (`rate` = `100/s`, timestamps = Unix seconds) so
+//!   `redis-cli` and any dashboard read them without keygate's help.
+//!
+//! Invalidations reach other gateways through pub/sub. A background task holds
+//! a dedicated pub/sub connection, reconnects with backoff when it drops, and
+//! after every (re)subscription sends [`Invalidation::All`]: whatever was
+//! published while it was away is lost, so every cached record is suspect.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{broadcast, oneshot};
+
+use super::{Invalidation, KeyRecord, KeyStore, StoreError};
+use crate::key::{KeyId, SecretHash};
+use crate::meta::{KeyMeta, KeyStatus};
+
+/// How many invalidations a slow subscriber may fall behind before it sees
+/// `RecvError::Lagged` (which it must treat like [`Invalidation::All`]).
+const INVALIDATION_BUFFER: usize = 1024;
+
+/// The prefix used when the configuration does not name one.
+pub const DEFAULT_PREFIX: &str = "kg:";
+
+/// Timeouts and backoff of a [`RedisStore`]. The defaults suit a Redis on the
+/// same network: a dead Redis costs a request at most `call_timeout`.
+#[derive(Debug, Clone)]
+pub struct RedisStoreOptions {
+    /// Limit on establishing one TCP (and TLS/AUTH) connection.
+    pub connect_timeout: Duration,
+    /// Limit on one command's answer on an established connection.
+    pub response_timeout: Duration,
+    /// Limit on a whole store call, including waiting for a reconnect in
+    /// progress. This is what bounds the gateway's latency when Redis is down.
+    pub call_timeout: Duration,
+    /// Connection attempts the connection manager makes per reconnect before
+    /// failing the calls waiting on it (the next call starts a new reconnect).
+    pub reconnect_retries: usize,
+    /// First and longest pause between the pub/sub task's reconnect attempts.
+    pub resubscribe_min_delay: Duration,
+    pub resubscribe_max_delay: Duration,
+    /// How often the pub/sub task pings its connection, to notice a connection
+    /// that died without a TCP reset (a silent network partition).
+    pub pubsub_ping_interval: Duration,
+}
+
+impl Default for RedisStoreOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(2),
+            reconnect_retries: 2,
+            resubscribe_min_delay: Duration::from_millis(50),
+            resubscribe_max_delay: Duration::from_secs(5),
+            pubsub_ping_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Key records in Redis. Cheap to share behind an `Arc`; every call clones the
+/// multiplexed connection handle, so calls from many tasks run concurrently.
+///
+/// Dropping the store stops its pub/sub task.
+pub struct RedisStore {
+    /// Auto-reconnecting multiplexed connection for every command.
+    conn: ConnectionManager,
+    names: KeyNames,
+    options: RedisStoreOptions,
+    /// `host:port` (or socket path): what error messages name. Never the URL,
+    /// which may hold a password.
+    addr: String,
+    redactor: Redactor,
+    /// Kept to hand out receivers; the pub/sub task holds a clone to send.
+    invalidations: broadcast::Sender<Invalidation>,
+    /// Dropped with the store; the pub/sub task sees the channel close and ends.
+    _stop_subscriber: oneshot::Sender<()>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore").field("addr", &self.addr).field("prefix", &self.names.prefix).finish()
+    }
+}
+
+// === impl RedisStore ===
+
+impl RedisStore {
+    /// Connects with the default [`RedisStoreOptions`]. `prefix` starts every
+    /// Redis key ([`DEFAULT_PREFIX`] unless configured otherwise).
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        Self::connect_with(url, prefix, RedisStoreOptions::default()).await
+    }
+
+    /// Connects, failing with [`StoreError::Unavailable`] if Redis does not
+    /// answer within the options' timeouts, and starts the pub/sub task.
+    /// Returns once the task has subscribed (or failed to within the timeouts;
+    /// it then keeps retrying in the background).
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        options: RedisStoreOptions,
+    ) -> Result<RedisStore, StoreError> {
+        let redactor = Redactor::from_url(url);
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::Unavailable(redactor.scrub(format!("invalid Redis URL {}: {e}", redactor.url(url))))
+        })?;
+        let addr = client.get_connection_info().addr().to_string();
+
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(options.reconnect_retries)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(options.connect_timeout);
+        let unavailable =
+            |why: String| StoreError::Unavailable(redactor.scrub(format!("redis at {addr}: {why}")));
+        let conn = match tokio::time::timeout(
+            options.call_timeout,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unavailable(format!("cannot connect: {e}"))),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "cannot connect: no answer within {:?}",
+                    options.call_timeout
+                )));
+            }
+        };
+
+        let names = KeyNames { prefix: prefix.to_owned() };
+        let (invalidations, _) = broadcast::channel(INVALIDATION_BUFFER);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let subscriber = Subscriber {
+            client,
+            channel: names.channel(),
+            tx: invalidations.clone(),
+            options: options.clone(),
+            addr: addr.clone(),
+            redactor: redactor.clone(),
+        };
+        tokio::spawn(subscriber.run(stop_rx, ready_tx));
+        // Waiting makes "connected" mean "hears invalidations", so a caller
+        // that subscribes right after connect misses nothing published later.
+        let ready_within = options.connect_timeout + options.response_timeout;
+        if tokio::time::timeout(ready_within, ready_rx).await.is_err() {
+            tracing::warn!(redis = %addr, "pub/sub not subscribed yet; invalidations may be late");
+        }
+
+        Ok(RedisStore { conn, names, options, addr, redactor, invalidations, _stop_subscriber: stop_tx })
+    }
+
+    /// The key prefix this store writes under.
+    pub fn prefix(&self) -> &str {
+        &self.names.prefix
+    }
+
+    /// Runs one Redis call under `call_timeout`, mapping its failure.
+    /// `redis_key` names the key concerned, for [`StoreError::Corrupt`].
+    async fn run<T>(
+        &self,
+        what: &str,
+        redis_key: &str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.options.call_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => Err(StoreError::Corrupt {
+                what: format!("redis key `{redis_key}`"),
+                why: "holds a value of the wrong Redis type".to_owned(),
+            }),
+            Ok(Err(e)) => Err(self.unavailable(what, e)),
+            Err(_) => {
+                Err(self.unavailable(what, format!("no answer within {:?}", self.options.call_timeout)))
+            }
+        }
+    }
+
+    fn unavailable(&self, what: &str, why: impl fmt::Display) -> StoreError {
+        StoreError::Unavailable(self.redactor.scrub(format!("redis at {}: {what}: {why}", self.addr)))
+    }
+
+    /// `HGETALL` of one record key, decoded; `None` if the key does not exist.
+    async fn load(&self, record_key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: HashMap<Vec<u8>, Vec<u8>> = self
+            .run("HGETALL", record_key, redis::cmd("HGETALL").arg(record_key).query_async(&mut conn))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode(record_key, &fields).map(Some)
+    }
+
+    /// Records of one client, sorted by ID: `SMEMBERS`, then one pipeline of
+    /// `GET`s of the id index, then one of `HGETALL`s.
+    async fn list_client(&self, client: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let set_key = self.names.client_keys(client);
+        let mut kids: Vec<String> = self
+            .run("SMEMBERS", &set_key, redis::cmd("SMEMBERS").arg(&set_key).query_async(&mut conn))
+            .await?;
+        if kids.is_empty() {
+            return Ok(Vec::new());
+        }
+        kids.sort();
+
+        let id_keys: Vec<String> = kids.iter().map(|kid| self.names.id(client, kid)).collect();
+        let mut pipe = redis::pipe();
+        for id_key in &id_keys {
+            pipe.cmd("GET").arg(id_key);
+        }
+        let hashes: Vec<Option<String>> = self.run("GET", &set_key, pipe.query_async(&mut conn)).await?;
+
+        let mut record_keys = Vec::with_capacity(kids.len());
+        for (id_key, hash) in id_keys.iter().zip(hashes) {
+            let hash = hash.ok_or_else(|| StoreError::Corrupt {
+                what: format!("redis key `{id_key}`"),
+                why: format!("missing, but its kid is listed in `{set_key}`"),
+            })?;
+            record_keys.push(self.names.record_hex(client, &hash));
+        }
+        let mut pipe = redis::pipe();
+        for record_key in &record_keys {
+            pipe.cmd("HGETALL").arg(record_key);
+        }
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
+            self.run("HGETALL", &set_key, pipe.query_async(&mut conn)).await?;
+
+        let mut records = Vec::with_capacity(kids.len());
+        for (record_key, fields) in record_keys.iter().zip(&all_fields) {
+            if fields.is_empty() {
+                return Err(StoreError::Corrupt {
+                    what: format!("redis key `{record_key}`"),
+                    why: "missing, but the id index points to it".to_owned(),
+                });
+            }
+            records.push(decode(record_key, fields)?);
+        }
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
+    }
+
+    /// Runs the insert or update script for `record`; returns its status code.
+    async fn write(&self, script: &redis::Script, what: &str, record: &KeyRecord) -> Result<i64, StoreError> {
+        let client = record.client();
+        let hex = record.secret_hash.to_hex();
+        let record_key = self.names.record_hex(client, &hex);
+        let mut conn = self.conn.clone();
+
+        // Outside the script: `clients` lives in another Cluster slot. Written
+        // first, so a listed record always has its client listed.
+        let clients_key = self.names.clients();
+        let _: i64 = self
+            .run(
+                "SADD",
+                &clients_key,
+                redis::cmd("SADD").arg(&clients_key).arg(client).query_async(&mut conn),
+            )
+            .await?;
+
+        let mut invocation = script.key(&record_key);
+        invocation
+            .key(self.names.id(client, record.id.kid()))
+            .key(self.names.client_keys(client))
+            .arg(&hex)
+            .arg(record.id.kid())
+            .arg(self.names.channel());
+        for (field, value) in encode(record) {
+            invocation.arg(field).arg(value);
+        }
+        self.run(what, &record_key, invocation.invoke_async(&mut conn)).await
+    }
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn find_by_hash(&self, client: &str, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+        // A client ID that cannot exist costs no Redis traffic (and cannot
+        // smuggle braces into the hash tag).
+        if !valid_client(client) {
+            return Ok(None);
+        }
+        let record_key = self.names.record_hex(client, &hash.to_hex());
+        let Some(record) = self.load(&record_key).await? else {
+            return Ok(None);
+        };
+        // The key name already says client and hash; a record saying otherwise
+        // was hand-edited or copied, and must not be trusted.
+        if record.client() != client || record.secret_hash != *hash {
+            return Err(StoreError::Corrupt {
+                what: format!("redis key `{record_key}`"),
+                why: "field `id` or `secret_hash` disagrees with the key's name".to_owned(),
+            });
+        }
+        Ok(Some(record))
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let id_key = self.names.id(id.client(), id.kid());
+        let mut conn = self.conn.clone();
+        let hash: Option<String> =
+            self.run("GET", &id_key, redis::cmd("GET").arg(&id_key).query_async(&mut conn)).await?;
+        let Some(hash) = hash else {
+            return Ok(None);
+        };
+        let record_key = self.names.record_hex(id.client(), &hash);
+        match self.load(&record_key).await? {
+            Some(record) if record.id == *id => Ok(Some(record)),
+            Some(_) => Err(StoreError::Corrupt {
+                what: format!("redis key `{record_key}`"),
+                why: format!("field `id` is not {id}, which `{id_key}` points here"),
+            }),
+            None => Err(StoreError::Corrupt {
+                what: format!("redis key `{id_key}`"),
+                why: "points to a record that does not exist".to_owned(),
+            }),
+        }
+    }
+
+    async fn list(&self, client: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let clients = match client {
+            Some(client) => vec![client.to_owned()],
+            None => {
+                let clients_key = self.names.clients();
+                let mut conn = self.conn.clone();
+                self.run(
+                    "SMEMBERS",
+                    &clients_key,
+                    redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn),
+                )
+                .await?
+            }
+        };
+        let mut records = Vec::new();
+        for client in clients.iter().filter(|c| valid_client(c)) {
+            records.extend(self.list_client(client).await?);
+        }
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
+    }
+
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        match self.write(&scripts::INSERT, "insert script", record).await? {
+            1 => Ok(()),
+            // 0: the ID is taken. -1: another ID has this secret hash, which
+            // only a reused secret can cause; refusing keeps lookups unambiguous.
+            _ => Err(StoreError::AlreadyExists(record.id.clone())),
+        }
+    }
+
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        match self.write(&scripts::UPDATE, "update script", record).await? {
+            1 => Ok(()),
+            // 0: no such ID. -1: the ID holds a different secret hash; updates
+            // never change a hash, so there is no record to replace.
+            _ => Err(StoreError::NotFound(record.id.clone())),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
+        self.invalidations.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = self.run("PING", "", redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+/// Client IDs as the key format allows them: `[A-Za-z0-9-]{1,64}`.
+fn valid_client(client: &str) -> bool {
+    !client.is_empty() && client.len() <= 64 && client.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+// === Key names ===
+
+/// Builds every Redis key name, so the layout lives in one place.
+#[derive(Debug, Clone)]
+struct KeyNames {
+    prefix: String,
+}
+
+impl KeyNames {
+    fn record_hex(&self, client: &str, hash_hex: &str) -> String {
+        format!("{}{{{client}}}:key:{hash_hex}", self.prefix)
+    }
+
+    fn id(&self, client: &str, kid: &str) -> String {
+        format!("{}{{{client}}}:id:{kid}", self.prefix)
+    }
+
+    fn client_keys(&self, client: &str) -> String {
+        format!("{}{{{client}}}:keys", self.prefix)
+    }
+
+    fn clients(&self) -> String {
+        format!("{}clients", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}invalidate", self.prefix)
+    }
+}
+
+// === Scripts ===
+
+/// The write scripts. KEYS: record hash, id index, client's key set (one slot).
+/// ARGV: hash hex, kid, invalidation channel, then field/value pairs.
+mod scripts {
+    use std::sync::LazyLock;
+
+    /// 1 = inserted, 0 = ID taken, -1 = hash taken by another ID.
+    pub(super) static INSERT: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+            if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+            if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+            redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+            redis.call('SET', KEYS[2], ARGV[1])
+            redis.call('SADD', KEYS[3], ARGV[2])
+            redis.call('PUBLISH', ARGV[3], ARGV[1])
+            return 1
+            ",
+        )
+    });
+
+    /// 1 = replaced, 0 = no such ID, -1 = the ID has another hash.
+    /// `DEL` first so fields that became empty (e.g. a cleared label) vanish.
+    pub(super) static UPDATE: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+            local current = redis.call('GET', KEYS[2])
+            if not current then return 0 end
+            if current ~= ARGV[1] then return -1 end
+            redis.call('DEL', KEYS[1])
+            redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+            redis.call('SADD', KEYS[3], ARGV[2])
+            redis.call('PUBLISH', ARGV[3], ARGV[1])
+            return 1
+            ",
+        )
+    });
+}
+
+// === Record encoding ===
+
+/// A record as hash fields. `None` fields are left out.
+fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
+    let meta = &record.meta;
+    let mut fields = vec![
+        ("id", record.id.to_string()),
+        ("client", record.client().to_owned()),
+        ("secret_hash", record.secret_hash.to_hex()),
+        ("scopes", meta.scopes.join(",")),
+        ("status", meta.status.as_str().to_owned()),
+        ("created_at", meta.created_at.as_second().to_string()),
+    ];
+    let optional = [
+        ("rate", meta.rate.map(|r| r.to_string())),
+        ("burst", meta.burst.map(|b| b.to_string())),
+        ("quota", meta.quota.map(|q| q.to_string())),
+        ("expires_at", meta.expires_at.map(|t| t.as_second().to_string())),
+        ("label", meta.label.clone()),
+        ("rotated_at", meta.rotated_at.map(|t| t.as_second().to_string())),
+    ];
+    fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
+    fields
+}
+
+/// A record from its hash fields. Unknown fields are ignored (room for later
+/// additions); a missing or unreadable field is [`StoreError::Corrupt`] naming
+/// the Redis key and the field.
+fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord, StoreError> {
+    let fields = Fields { redis_key, raw };
+    let id: KeyId = fields.parse("id", |s| s.parse::<KeyId>())?;
+    if fields.required("client")? != id.client() {
+        return Err(fields.corrupt("client", "differs from the client in `id`"));
+    }
+    let secret_hash =
+        fields.parse("secret_hash", |s| SecretHash::from_hex(s).ok_or("not 64 hex characters"))?;
+    let meta = KeyMeta {
+        scopes: fields
+            .optional("scopes")?
+            .map(|s| s.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        rate: fields.parse_optional("rate", str::parse)?,
+        burst: fields.parse_optional("burst", str::parse::<std::num::NonZeroU32>)?,
+        quota: fields.parse_optional("quota", str::parse)?,
+        expires_at: fields.parse_optional("expires_at", unix_seconds)?,
+        label: fields.optional("label")?.map(str::to_owned),
+        status: fields.parse("status", str::parse::<KeyStatus>)?,
+        created_at: fields.parse("created_at", unix_seconds)?,
+        rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
+    };
+    Ok(KeyRecord { id, secret_hash, meta })
+}
+
+fn unix_seconds(s: &str) -> Result<Timestamp, String> {
+    let secs: i64 = s.parse().map_err(|_| "expected Unix seconds".to_owned())?;
+    Timestamp::from_second(secs).map_err(|e| e.to_string())
+}
+
+/// One record's raw fields, with the Redis key for error messages.
+struct Fields<'a> {
+    redis_key: &'a str,
+    raw: &'a HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Fields<'_> {
+    fn corrupt(&self, field: &str, why: impl fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            what: format!("redis key `{}`", self.redis_key),
+            why: format!("field `{field}`: {why}"),
+        }
+    }
+
+    /// The field's text; empty counts as absent.
+    fn optional(&self, field: &str) -> Result<Option<&str>, StoreError> {
+        match self.raw.get(field.as_bytes()) {
+            None => Ok(None),
+            Some(bytes) => match std::str::from_utf8(bytes) {
+                Ok("") => Ok(None),
+                Ok(text) => Ok(Some(text)),
+                Err(_) => Err(self.corrupt(field, "not UTF-8")),
+            },
+        }
+    }
+
+    fn required(&self, field: &str) -> Result<&str, StoreError> {
+        self.optional(field)?.ok_or_else(|| self.corrupt(field, "missing"))
+    }
+
+    fn parse<T, E: fmt::Display>(
+        &self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        parse(self.required(field)?).map_err(|e| self.corrupt(field, e))
+    }
+
+    fn parse_optional<T, E: fmt::Display>(
+        &self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<Option<T>, StoreError> {
+        self.optional(field)?.map(parse).transpose().map_err(|e| self.corrupt(field, e))
+    }
+}
+
+// === Pub/sub ===
+
+/// The background task feeding [`RedisStore::subscribe`]'s receivers.
+struct Subscriber {
+    client: redis::Client,
+    channel: String,
+    tx: broadcast::Sender<Invalidation>,
+    options: RedisStoreOptions,
+    addr: String,
+    redactor: Redactor,
+}
+
+impl Subscriber {
+    /// Subscribes, forwards messages, and on any failure waits (doubling up to
+    /// the maximum) and starts over, until `stop`'s sender is dropped.
+    async fn run(self, mut stop: oneshot::Receiver<()>, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        let mut delay = self.options.resubscribe_min_delay;
+        loop {
+            let (subscribed, why) = tokio::select! {
+                _ = &mut stop => return,
+                ended = self.session(&mut ready) => ended,
+            };
+            if subscribed {
+                delay = self.options.resubscribe_min_delay;
+            }
+            tracing::warn!(
+                redis = %self.addr,
+                retry_in = ?delay,
+                "invalidation subscription lost: {}",
+                self.redactor.scrub(why)
+            );
+            tokio::select! {
+                _ = &mut stop => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(self.options.resubscribe_max_delay);
+        }
+    }
+
+    /// One connection's life. Returns whether it got as far as subscribing,
+    /// and why it ended.
+    async fn session(&self, ready: &mut Option<oneshot::Sender<()>>) -> (bool, String) {
+        let connect = tokio::time::timeout(self.options.connect_timeout, self.client.get_async_pubsub());
+        let pubsub = match connect.await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => return (false, format!("cannot connect: {e}")),
+            Err(_) => return (false, "cannot connect: timed out".to_owned()),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        match tokio::time::timeout(self.options.response_timeout, sink.subscribe(&self.channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (false, format!("SUBSCRIBE failed: {e}")),
+            Err(_) => return (false, "SUBSCRIBE timed out".to_owned()),
+        }
+        tracing::debug!(redis = %self.addr, channel = %self.channel, "subscribed to invalidations");
+        // Whatever was published before this point (while disconnected, or
+        // before the first subscription) was missed.
+        let _ = self.tx.send(Invalidation::All);
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
+
+        let mut ping = tokio::time::interval(self.options.pubsub_ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await; // the first tick is immediate; the connection was just proven
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return (true, "connection closed".to_owned());
+                    };
+                    // No receivers is fine: nobody caches yet.
+                    let _ = self.tx.send(parse_invalidation(message.get_payload_bytes()));
+                }
+                _ = ping.tick() => {
+                    let pong = sink.ping::<redis::Value>();
+                    match tokio::time::timeout(self.options.response_timeout, pong).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return (true, format!("PING failed: {e}")),
+                        Err(_) => return (true, "PING timed out".to_owned()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A message on the invalidation channel: a hash hex, or `*` for everything
+/// (operators may `PUBLISH kg:invalidate '*'`). Anything else is treated as
+/// `*`, since dropping too much from a cache is safe and too little is not.
+fn parse_invalidation(payload: &[u8]) -> Invalidation {
+    let text = std::str::from_utf8(payload).unwrap_or("");
+    match SecretHash::from_hex(text) {
+        Some(hash) => Invalidation::Key(hash),
+        None => {
+            if text != "*" {
+                tracing::warn!(
+                    len = payload.len(),
+                    "unrecognised invalidation message; dropping every cached key"
+                );
+            }
+            Invalidation::All
+        }
+    }
+}
+
+// === Redaction ===
+
+/// Keeps the URL's password out of error messages and logs.
+#[derive(Clone)]
+struct Redactor {
+    password: Option<String>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Redactor(..)")
+    }
+}
+
+impl Redactor {
+    /// Finds the password in `redis://user:password@host/...` or in a
+    /// `?pass=...` query (the redis crate's Unix-socket form).
+    fn from_url(url: &str) -> Self {
+        let userinfo_password = url.split_once("://").and_then(|(_, rest)| {
+            let authority = rest.split(['/', '?']).next().unwrap_or("");
+            let (userinfo, _) = authority.rsplit_once('@')?;
+            let (_, password) = userinfo.split_once(':')?;
+            Some(password)
+        });
+        let query_password = url.split_once('?').and_then(|(_, query)| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("pass=").or_else(|| pair.strip_prefix("password=")))
+        });
+        let password = userinfo_password.or(query_password).filter(|p| !p.is_empty()).map(str::to_owned);
+        Self { password }
+    }
+
+    /// `url` with its password replaced by `***`.
+    fn url(&self, url: &str) -> String {
+        self.scrub(url.to_owned())
+    }
+
+    /// `text` with every occurrence of the password (raw and percent-decoded)
+    /// replaced by `***`.
+    fn scrub(&self, text: String) -> String {
+        let Some(password) = &self.password else {
+            return text;
+        };
+        let decoded = percent_encoding::percent_decode_str(password).decode_utf8_lossy().into_owned();
+        let text = text.replace(password.as_str(), "***");
+        if decoded.is_empty() { text } else { text.replace(&decoded, "***") }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> KeyRecord {
+        let mut meta = KeyMeta::new(Timestamp::from_second(1_764_000_000).unwrap());
+        meta.scopes = vec!["read".into(), "orders:write".into()];
+        meta.rate = Some("100/s".parse().unwrap());
+        meta.quota = Some("10000/day".parse().unwrap());
+        meta.label = Some("mobile app".into());
+        KeyRecord { id: "acme.k1".parse().unwrap(), secret_hash: SecretHash([7; 32]), meta }
+    }
+
+    fn raw(fields: Vec<(&'static str, String)>) -> HashMap<Vec<u8>, Vec<u8>> {
+        fields.into_iter().map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes())).collect()
+    }
+
+    #[test]
+    fn records_survive_encoding() {
+        let record = record();
+        assert_eq!(decode("kg:x", &raw(encode(&record))).unwrap(), record);
+    }
+
+    #[test]
+    fn none_fields_are_left_out() {
+        let mut record = record();
+        record.meta.label = None;
+        let names: Vec<_> = encode(&record).into_iter().map(|(name, _)| name).collect();
+        assert!(!names.contains(&"label") && !names.contains(&"burst") && !names.contains(&"expires_at"));
+    }
+
+    #[test]
+    fn corrupt_fields_name_the_key_and_the_field() {
+        let mut fields = raw(encode(&record()));
+        fields.insert(b"rate".to_vec(), b"lots".to_vec());
+        let err = decode("kg:{acme}:key:07", &fields).unwrap_err().to_string();
+        assert!(err.contains("kg:{acme}:key:07") && err.contains("field `rate`"), "{err}");
+
+        let mut fields = raw(encode(&record()));
+        fields.remove(b"status".as_slice());
+        let err = decode("kg:{acme}:key:07", &fields).unwrap_err().to_string();
+        assert!(err.contains("field `status`: missing"), "{err}");
+    }
+
+    #[test]
+    fn key_names_share_the_client_hash_tag() {
+        let names = KeyNames { prefix: "kg:".into() };
+        assert_eq!(names.record_hex("acme", "ab"), "kg:{acme}:key:ab");
+        assert_eq!(names.id("acme", "k1"), "kg:{acme}:id:k1");
+        assert_eq!(names.client_keys("acme"), "kg:{acme}:keys");
+        assert_eq!(names.clients(), "kg:clients");
+        assert_eq!(names.channel(), "kg:invalidate");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let r = Redactor::from_url("redis://user:s3cr%40t@db:6380/0");
+        assert_eq!(r.url("redis://user:s3cr%40t@db:6380/0"), "redis://user:***@db:6380/0");
+        assert_eq!(r.scrub("auth s3cr@t failed".into()), "auth *** failed");
+        let r = Redactor::from_url("redis+unix:///run/redis.sock?db=1&pass=hunter2");
+        assert!(!r.url("redis+unix:///run/redis.sock?db=1&pass=hunter2").contains("hunter2"));
+        assert_eq!(Redactor::from_url("redis://db:6380").url("redis://db:6380"), "redis://db:6380");
+    }
+
+    #[test]
+    fn invalidation_messages_parse() {
+        let hash = SecretHash([9; 32]);
+        assert_eq!(parse_invalidation(hash.to_hex().as_bytes()), Invalidation::Key(hash));
+        assert_eq!(parse_invalidation(b"*"), Invalidation::All);
+        assert_eq!(parse_invalidation(b"garbage"), Invalidation::All);
+    }
+}

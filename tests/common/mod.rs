@@ -1,6 +1,7 @@
-//! Shared test harness: real upstream servers, the real gateway in process,
-//! and HTTP clients, all on ephemeral loopback ports.
+//! Shared test harness: a real `redis-server` on a free port, real upstream
+//! servers, the real gateway in process, and HTTP clients, all on loopback.
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod redis;
 pub mod upstream;

@@ -1,0 +1,246 @@
+//! A real `redis-server` for one test, on a free ephemeral port.
+//!
+//! ```ignore
+//! let redis = RedisServer::start();          // waits until it answers PING
+//! let store = RedisStore::connect(&redis.url(), "kg:").await?;
+//! redis.reset_stats();
+//! /* ... */
+//! assert_eq!(redis.command_count("hgetall"), 1);
+//! redis.stop();                              // like a crash: SIGKILL
+//! redis.restart();                           // same port, empty data
+//! ```
+//!
+//! Why it is built this way:
+//! - Never the machine's shared 6379 and never a fixed port: a port comes from
+//!   binding `127.0.0.1:0`; if something grabs it before Redis binds, Redis
+//!   exits and we try another, so parallel tests cannot collide.
+//! - No persistence (`--save "" --appendonly no`) and a private temp `--dir`:
+//!   tests start empty and leave nothing behind. A restart therefore also
+//!   loses all data, like a cache node being replaced.
+//! - Readiness is polled (PING, with a deadline), never slept for, and the
+//!   answering server's `process_id` is checked to be ours.
+//! - The server is killed on `Drop`, so a failing test does not leak it.
+//!
+//! The binary is `redis-server` from `PATH`, or `$REDIS_SERVER_BIN`. The
+//! helpers talk to Redis with the redis crate's blocking client: they are
+//! called from test code between awaits, briefly, and never from a store.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a starting server may take to answer PING.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+/// Ports to try if the chosen one is taken before Redis binds it.
+const START_ATTEMPTS: usize = 5;
+
+/// A `redis-server` child process owned by one test.
+pub struct RedisServer {
+    port: u16,
+    /// Redis's `--dir` and log file; deleted when the server is dropped.
+    dir: tempfile::TempDir,
+    /// `None` while stopped.
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    /// Panics (failing the test) with the server's log if it cannot start.
+    pub fn start() -> Self {
+        let dir =
+            tempfile::Builder::new().prefix("keygate-redis-").tempdir().expect("create a temp dir for redis");
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            match spawn_ready(port, dir.path()) {
+                Ok(child) => return Self { port, dir, child: Some(child) },
+                Err(why) => failures.push(format!("port {port}: {why}")),
+            }
+        }
+        panic!("redis-server did not start:\n{}", failures.join("\n"));
+    }
+
+    /// `redis://127.0.0.1:<port>/`, for `RedisStore::connect` and friends.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the server process is running (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the server (SIGKILL, like a crash) and waits for it to exit.
+    /// Clients see their connections reset. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server if running and starts a new one on the same port,
+    /// waiting until it answers. The data is gone (no persistence).
+    pub fn restart(&mut self) {
+        self.stop();
+        match spawn_ready(self.port, self.dir.path()) {
+            Ok(child) => self.child = Some(child),
+            Err(why) => panic!("redis-server did not restart on port {}: {why}", self.port),
+        }
+    }
+
+    /// A blocking connection, for a test's own inspection of Redis.
+    pub fn connection(&self) -> redis::Connection {
+        let client = redis::Client::open(self.url()).expect("valid redis url");
+        let conn = client.get_connection_with_timeout(Duration::from_secs(2)).expect("connect to test redis");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).expect("set read timeout");
+        conn
+    }
+
+    /// Runs one command and returns its answer, e.g.
+    /// `redis.query::<String>(redis::cmd("GET").arg("k"))`.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        cmd.query(&mut self.connection()).expect("redis command in test")
+    }
+
+    /// How many times `name` (e.g. `"hgetall"`, `"evalsha"`) has run since
+    /// start or the last [`reset_stats`](Self::reset_stats), from
+    /// `INFO commandstats`. Lets a test assert that something made exactly
+    /// one round trip, or none at all. The harness's own `ping`/`info`/
+    /// `config` calls count too.
+    pub fn command_count(&self, name: &str) -> u64 {
+        let info: String = self.query(redis::cmd("INFO").arg("commandstats"));
+        let prefix = format!("cmdstat_{}:", name.to_ascii_lowercase());
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|stats| stats.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+            .map_or(0, |calls| calls.parse().expect("calls= is a number"))
+    }
+
+    /// Zeroes `INFO commandstats` (`CONFIG RESETSTAT`).
+    pub fn reset_stats(&self) {
+        let _: () = self.query(redis::cmd("CONFIG").arg("RESETSTAT"));
+    }
+
+    /// Every key with its type and contents rendered as text, sorted by key:
+    /// for asserting what is (and is not) stored, e.g. that no clear secret
+    /// ever reaches Redis.
+    pub fn dump(&self) -> Vec<(String, String)> {
+        let mut conn = self.connection();
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("KEYS");
+        keys.sort();
+        keys.into_iter()
+            .map(|key| {
+                let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).expect("TYPE");
+                let value: Vec<String> = match kind.as_str() {
+                    "string" => vec![redis::cmd("GET").arg(&key).query(&mut conn).expect("GET")],
+                    "hash" => redis::cmd("HGETALL").arg(&key).query(&mut conn).expect("HGETALL"),
+                    "set" => redis::cmd("SMEMBERS").arg(&key).query(&mut conn).expect("SMEMBERS"),
+                    "list" => redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query(&mut conn).expect("LRANGE"),
+                    "zset" => redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query(&mut conn)
+                        .expect("ZRANGE"),
+                    other => vec![format!("<{other}>")],
+                };
+                (key, format!("{kind} {}", value.join(" ")))
+            })
+            .collect()
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(self.dir.path())).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port the kernel considers free right now (never 6379).
+fn free_port() -> u16 {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("bound address").port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+fn log_path(dir: &std::path::Path) -> PathBuf {
+    dir.join("redis.log")
+}
+
+/// Starts `redis-server` on `port` and waits until *it* answers PING.
+fn spawn_ready(port: u16, dir: &std::path::Path) -> Result<Child, String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(|e| e.to_string())?;
+    let binary = std::env::var_os("REDIS_SERVER_BIN").unwrap_or_else(|| "redis-server".into());
+    let mut child = Command::new(&binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(log_path(dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {binary:?}: {e}. Install Redis (Debian: apt-get install redis-server, \
+                 as .ci/run does) or set REDIS_SERVER_BIN"
+            )
+        });
+
+    let log_tail = || {
+        let log = std::fs::read_to_string(log_path(dir)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    };
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}; log:\n{}", log_tail()));
+        }
+        if let Ok(pid) = answering_pid(&client) {
+            if pid == child.id() {
+                return Ok(child);
+            }
+            // Someone else's server holds the port: ours will fail to bind.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("port taken by another redis (pid {pid})"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no PING answer within {START_DEADLINE:?}; log:\n{}", log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(10)); // poll interval, bounded by the deadline
+    }
+}
+
+/// PINGs the server on `client`'s port and returns its `process_id`.
+fn answering_pid(client: &redis::Client) -> redis::RedisResult<u32> {
+    let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let _: String = redis::cmd("PING").query(&mut conn)?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut conn)?;
+    let pid = info
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(pid)
+}

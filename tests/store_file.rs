@@ -1,0 +1,194 @@
+//! The file store against a real folder, with real file-system events.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use keygate::key::{KeyId, SecretHash};
+use keygate::meta::{KeyMeta, KeyStatus};
+use keygate::store::file::FileStore;
+use keygate::store::{Invalidation, KeyRecord, KeyStore, StoreError};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {secs}s waiting for {what}"))
+}
+
+async fn wait_for(rx: &mut broadcast::Receiver<Invalidation>, wanted: Invalidation) {
+    within(10, &format!("{wanted:?}"), async {
+        loop {
+            match rx.recv().await {
+                Ok(got) if got == wanted => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(e) => panic!("invalidation channel closed: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+fn issue(client: &str, kid: &str) -> (String, KeyRecord) {
+    let secret = format!("S3cretPart{client}{kid}xxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    let hash = SecretHash(Sha256::digest(secret.as_bytes()).into());
+    let meta = KeyMeta::new("2026-11-24T10:00:00.123Z".parse::<Timestamp>().unwrap());
+    (secret, KeyRecord { id: KeyId::new(client, kid), secret_hash: hash, meta })
+}
+
+/// A key file as an operator or another tool would write it.
+fn key_file(record: &KeyRecord) -> String {
+    format!(
+        "id = \"{}\"\nsecret_hash = \"{}\"\nscopes = [\"read\"]\nrate = \"5/min\"\nstatus = \"active\"\n\
+         created_at = \"2026-11-24T10:00:00Z\"\n",
+        record.id,
+        record.secret_hash.to_hex()
+    )
+}
+
+/// Writes a file the way an outside tool might: plainly, not atomically.
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::File::create(dir.join(name)).and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
+}
+
+#[tokio::test]
+async fn records_round_trip_through_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).await.unwrap();
+    let (secret, mut a1) = issue("acme", "k1");
+    a1.meta.rate = Some("100/s".parse().unwrap());
+    a1.meta.quota = Some("10000/day".parse().unwrap());
+    a1.meta.label = Some("mobile app".into());
+    let (_, b1) = issue("beta-co", "k1");
+    store.insert(&a1).await.unwrap();
+    store.insert(&b1).await.unwrap();
+
+    assert_eq!(store.find_by_hash("acme", &a1.secret_hash).await.unwrap(), Some(a1.clone()));
+    assert_eq!(store.find_by_hash("beta-co", &a1.secret_hash).await.unwrap(), None, "scoped to the client");
+    assert_eq!(store.get(&b1.id).await.unwrap(), Some(b1.clone()));
+    assert_eq!(store.list(None).await.unwrap(), [a1.clone(), b1.clone()]);
+    assert_eq!(store.list(Some("acme")).await.unwrap(), [a1.clone()]);
+    assert!(matches!(store.insert(&a1).await, Err(StoreError::AlreadyExists(_))));
+
+    let text = std::fs::read_to_string(dir.path().join("acme.k1.toml")).unwrap();
+    assert!(text.contains("rate = \"100/s\"") && text.contains(&a1.secret_hash.to_hex()), "{text}");
+    assert!(!text.contains(&secret), "the clear secret is never written");
+
+    let mut invalidations = store.subscribe();
+    a1.meta.label = None;
+    a1.meta.status = KeyStatus::Revoked;
+    store.update(&a1).await.unwrap();
+    wait_for(&mut invalidations, Invalidation::Key(a1.secret_hash)).await;
+    let (_, unknown) = issue("acme", "k9");
+    assert!(matches!(store.update(&unknown).await, Err(StoreError::NotFound(_))));
+
+    // Everything was on disk: a fresh store (a restarted gateway) sees the same.
+    let reopened = FileStore::open(dir.path()).await.unwrap();
+    assert_eq!(reopened.list(None).await.unwrap(), [a1, b1]);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "no temporary files left: {leftovers:?}");
+    reopened.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn files_changed_outside_are_picked_up_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).await.unwrap();
+    let mut invalidations = store.subscribe();
+    let (_, record) = issue("acme", "k1");
+
+    write(dir.path(), "acme.k1.toml", &key_file(&record));
+    wait_for(&mut invalidations, Invalidation::All).await;
+    let found = store.find_by_hash("acme", &record.secret_hash).await.unwrap().expect("picked up");
+    assert_eq!(found.meta.rate.unwrap().to_string(), "5/min");
+
+    // Deleting the file revokes the key everywhere.
+    std::fs::remove_file(dir.path().join("acme.k1.toml")).unwrap();
+    wait_for(&mut invalidations, Invalidation::All).await;
+    assert_eq!(store.find_by_hash("acme", &record.secret_hash).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_second_process_writing_keys_is_seen_by_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = FileStore::open(dir.path()).await.unwrap();
+    let mut invalidations = gateway.subscribe();
+    let cli = FileStore::open(dir.path()).await.unwrap();
+    let (_, record) = issue("acme", "k1");
+    cli.insert(&record).await.unwrap();
+    wait_for(&mut invalidations, Invalidation::All).await;
+    assert_eq!(gateway.get(&record.id).await.unwrap(), Some(record));
+}
+
+#[tokio::test]
+async fn malformed_files_are_skipped_with_a_warning_and_the_rest_served() {
+    let (logs, _capturing) = capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good) = issue("acme", "k1");
+    let (_, typo) = issue("acme", "k2");
+    write(dir.path(), "acme.k1.toml", &key_file(&good));
+    write(dir.path(), "acme.k2.toml", &key_file(&typo).replace("rate =", "rate_limit ="));
+    write(dir.path(), "acme.k3.toml", "this is = = not toml");
+    write(dir.path(), "README.md", "# keys\nOne TOML file per key.\n");
+    write(dir.path(), "notes.txt", "not a key");
+
+    let store = FileStore::open(dir.path()).await.unwrap();
+    assert_eq!(store.list(None).await.unwrap().len(), 1);
+    assert!(store.find_by_hash("acme", &good.secret_hash).await.unwrap().is_some());
+    let logged = logs.lock().unwrap().clone();
+    assert!(logged.contains("acme.k2.toml") && logged.contains("rate_limit"), "{logged}");
+    assert!(logged.contains("acme.k3.toml"), "{logged}");
+    assert!(!logged.contains("README") && !logged.contains("notes.txt"), "ignored silently: {logged}");
+
+    // A file broken while the gateway runs does not take the others down.
+    let mut invalidations = store.subscribe();
+    let (_, later) = issue("beta", "k1");
+    write(dir.path(), "acme.k1.toml", "id = [broken");
+    write(dir.path(), "beta.k1.toml", &key_file(&later));
+    wait_for(&mut invalidations, Invalidation::All).await;
+    assert!(store.find_by_hash("beta", &later.secret_hash).await.unwrap().is_some());
+    assert!(store.find_by_hash("acme", &good.secret_hash).await.unwrap().is_none(), "broken file is skipped");
+}
+
+#[tokio::test]
+async fn a_missing_folder_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = FileStore::open(dir.path().join("nope")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(ref m) if m.contains("nope")), "{err}");
+}
+
+#[tokio::test]
+async fn dropping_the_store_stops_watching() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).await.unwrap();
+    let mut invalidations = store.subscribe();
+    drop(store);
+    within(5, "the channel to close", async {
+        while !matches!(invalidations.recv().await, Err(broadcast::error::RecvError::Closed)) {}
+    })
+    .await;
+}
+
+/// Routes this thread's `tracing` output into a buffer. Tokio's
+/// current-thread test runtime runs the store's tasks on this thread too.
+fn capture_logs() -> (Arc<Mutex<String>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<String>>);
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push_str(&String::from_utf8_lossy(bytes));
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer(Arc::default());
+    let logs = Arc::clone(&buffer.0);
+    let subscriber = tracing_subscriber::fmt().with_writer(move || buffer.clone()).with_ansi(false).finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
