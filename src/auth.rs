@@ -78,7 +78,8 @@ impl Verifier {
             // Past this nobody may use the entry, fresh or stale: let it go.
             .time_to_live(keys.cache_ttl + keys.stale_window)
             .build();
-        let unknown = Cache::builder().max_capacity(keys.cache_capacity).time_to_live(keys.negative_ttl).build();
+        let unknown =
+            Cache::builder().max_capacity(keys.cache_capacity).time_to_live(keys.negative_ttl).build();
         Arc::new(Self {
             store,
             prefix: keys.prefix.clone(),
@@ -115,7 +116,10 @@ impl Verifier {
         match self.store.find_by_hash(client, hash).await {
             Ok(Some(record)) => {
                 let record = Arc::new(record);
-                self.known.insert(*hash, Arc::new(Cached { record: Arc::clone(&record), fetched_at: Instant::now() }));
+                self.known.insert(
+                    *hash,
+                    Arc::new(Cached { record: Arc::clone(&record), fetched_at: Instant::now() }),
+                );
                 Ok(record)
             }
             Ok(None) => {

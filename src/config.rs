@@ -252,6 +252,28 @@ impl Config {
         Self::from_toml(&text, base).map_err(|e| e.at(path))
     }
 
+    /// The configuration of an empty file plus one echo route: what store
+    /// commands use when only `--redis` is given.
+    pub fn defaults() -> Config {
+        let minimal = RawConfig {
+            routes: vec![RawRoute {
+                path: "/".into(),
+                upstream: ECHO_TARGET.into(),
+                host: None,
+                strip_prefix: false,
+                public: false,
+                scopes: vec![],
+                method_scopes: BTreeMap::new(),
+                allow_query_key: false,
+            }],
+            ..RawConfig::default()
+        };
+        // The defaults are fixed text above; a test proves they validate.
+        minimal
+            .validate(Path::new("."))
+            .unwrap_or_else(|problems| unreachable!("defaults are invalid: {problems:?}"))
+    }
+
     /// Parses and validates config text; `base` resolves relative paths.
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, TextError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| TextError::Syntax(e.to_string()))?;
@@ -631,6 +653,11 @@ mod tests {
     }
 
     const MINIMAL: &str = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
+
+    #[test]
+    fn built_in_defaults_validate() {
+        assert_eq!(Config::defaults().keys.prefix, "kg_");
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {

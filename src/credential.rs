@@ -26,7 +26,9 @@ pub fn find<'a>(
     keys: &KeysConfig,
     allow_query: bool,
 ) -> Option<(std::borrow::Cow<'a, str>, KeySource)> {
-    if let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token) {
+    if let Some(token) =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token)
+    {
         return Some((token.into(), KeySource::Bearer));
     }
     if let Some(value) = headers.get(&keys.header).and_then(|v| v.to_str().ok()) {
@@ -74,7 +76,8 @@ pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, source: KeySo
                     percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
                 })
                 .collect();
-            *path_and_query = if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
+            *path_and_query =
+                if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
         }
     }
 }
@@ -99,11 +102,17 @@ mod tests {
         let keys = keys();
         let mut headers = HeaderMap::new();
         headers.insert("x-api-key", HeaderValue::from_static("from-header"));
-        assert_eq!(find(&headers, Some("api_key=q"), &keys, true).unwrap(), ("from-header".into(), KeySource::Header));
+        assert_eq!(
+            find(&headers, Some("api_key=q"), &keys, true).unwrap(),
+            ("from-header".into(), KeySource::Header)
+        );
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  from-bearer "));
         assert_eq!(find(&headers, None, &keys, false).unwrap(), ("from-bearer".into(), KeySource::Bearer));
         let empty = HeaderMap::new();
-        assert_eq!(find(&empty, Some("a=1&api_key=k%2Bq"), &keys, true).unwrap(), ("k+q".into(), KeySource::Query));
+        assert_eq!(
+            find(&empty, Some("a=1&api_key=k%2Bq"), &keys, true).unwrap(),
+            ("k+q".into(), KeySource::Query)
+        );
         assert_eq!(find(&empty, Some("api_key=q"), &keys, false), None);
     }
 

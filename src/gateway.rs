@@ -12,9 +12,9 @@ use arc_swap::ArcSwap;
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::store::SharedStore;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
+use crate::store::SharedStore;
 
 /// Everything derived from one config file.
 pub struct Live {

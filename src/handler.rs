@@ -1,6 +1,8 @@
 //! The request path, top to bottom: the gateway's table of contents.
 //!
-//!     route -> key -> verify -> scope -> limit -> proxy -> usage
+//! ```text
+//! route -> key -> verify -> scope -> limit -> proxy -> usage
+//! ```
 //!
 //! [`handle`] turns every outcome into a response (errors through
 //! [`GatewayError::into_response`], the one mapping) and writes one access-log

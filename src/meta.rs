@@ -36,7 +36,9 @@ pub struct KeyMeta {
 
 impl KeyMeta {
     /// Fresh metadata for a key issued now: scope `read-write`, no limits.
+    /// Times are kept to whole seconds, as the Redis layout stores them.
     pub fn new(now: Timestamp) -> Self {
+        let now = whole_seconds(now);
         Self {
             scopes: vec!["read-write".to_owned()],
             rate: None,
@@ -54,6 +56,12 @@ impl KeyMeta {
     pub fn is_usable_at(&self, now: Timestamp) -> bool {
         self.status == KeyStatus::Active && self.expires_at.is_none_or(|at| now < at)
     }
+}
+
+/// `at` without its fraction of a second: stores keep Unix seconds, so a
+/// record read back compares equal to the one written.
+pub fn whole_seconds(at: Timestamp) -> Timestamp {
+    Timestamp::from_second(at.as_second()).unwrap_or(at)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,14 +336,16 @@ pub fn parse_burst(value: &str) -> Result<NonZeroU32, MetaError> {
 /// An expiry: an RFC 3339 instant, or a duration from `now` such as `30d` or `12h`.
 pub fn parse_expiry(value: &str, now: Timestamp) -> Result<Timestamp, MetaError> {
     if let Ok(at) = value.parse::<Timestamp>() {
-        return Ok(at);
+        return Ok(whole_seconds(at));
     }
     let span = humantime::parse_duration(value).map_err(|_| {
         MetaError::new("expires", value, "expected RFC 3339 (2026-12-31T00:00:00Z) or a duration like 30d")
     })?;
     let span = jiff::SignedDuration::try_from(span)
         .map_err(|_| MetaError::new("expires", value, "duration too large"))?;
-    now.checked_add(span).map_err(|_| MetaError::new("expires", value, "duration too large"))
+    now.checked_add(span)
+        .map(whole_seconds)
+        .map_err(|_| MetaError::new("expires", value, "duration too large"))
 }
 
 /// A metadata value that did not parse; names the field and the offending value.

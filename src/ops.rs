@@ -190,6 +190,8 @@ pub async fn rotate(
     prefix: &str,
     now: Timestamp,
 ) -> Result<Issued, OpsError> {
+    // Stores keep whole seconds; so do the times written here.
+    let now = crate::meta::whole_seconds(now);
     let mut old = show(store, id).await?;
     if old.meta.status == KeyStatus::Revoked {
         return Err(OpsError::NotUsable { id: id.clone(), why: "revoked" });

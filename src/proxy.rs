@@ -20,8 +20,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{KeysConfig, UpstreamConfig};
-use crate::store::KeyRecord;
 use crate::error::GatewayError;
+use crate::store::KeyRecord;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
 /// the non-standard ones old clients still send.

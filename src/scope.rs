@@ -22,7 +22,8 @@ pub fn check<'r>(granted: &[String], route: &'r RouteConfig, method: &Method) ->
         let covered = granted.iter().any(|s| s == needed || s == READ_WRITE);
         return if covered { Ok(()) } else { Err(needed) };
     }
-    match route.scopes.iter().chain(per_method.into_iter().flatten()).find(|needed| !granted.contains(needed)) {
+    match route.scopes.iter().chain(per_method.into_iter().flatten()).find(|needed| !granted.contains(needed))
+    {
         Some(missing) => Err(missing),
         None => Ok(()),
     }

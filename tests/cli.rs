@@ -105,8 +105,10 @@ fn spawn_serving(config: &Path) -> (std::process::Child, String, std::thread::Jo
 #[tokio::test]
 async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml")).unwrap();
-    let path = write_config(dir.path(), &shipped.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\""));
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml")).unwrap();
+    let path =
+        write_config(dir.path(), &shipped.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\""));
     std::fs::create_dir(dir.path().join("keys")).unwrap();
     let (child, addr, reader) = spawn_serving(&path);
 

@@ -68,7 +68,12 @@ async fn methods_bodies_and_query_pass_through_unchanged() {
 #[tokio::test]
 async fn upstream_status_and_headers_come_back_unchanged() {
     let upstream = Upstream::start(|_req| async {
-        Response::builder().status(201).header("x-request-id", "abc").header("set-cookie", "a=1").body(full("made")).unwrap()
+        Response::builder()
+            .status(201)
+            .header("x-request-id", "abc")
+            .header("set-cookie", "a=1")
+            .body(full("made"))
+            .unwrap()
     })
     .await;
     let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
@@ -175,7 +180,9 @@ async fn host_routes_only_answer_their_host() {
         upstream.url()
     );
     let gateway = TestGateway::start(&config).await;
-    let with_host = |host: &'static str| Request::get(gateway.url("/x")).header("host", host).body(Full::default()).unwrap();
+    let with_host = |host: &'static str| {
+        Request::get(gateway.url("/x")).header("host", host).body(Full::default()).unwrap()
+    };
     assert_eq!(send(&http1_client(), with_host("a.example:8080")).await.status, 200);
     assert_eq!(send(&http1_client(), with_host("b.example")).await.status, 404);
 }
@@ -229,7 +236,8 @@ async fn http2_prior_knowledge_clients_are_served() {
     let upstream = Upstream::mirror().await;
     let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
     let client = http2_client();
-    let request = Request::post(gateway.url("/api/h2?q=1")).body(Full::new(Bytes::from_static(b"over h2"))).unwrap();
+    let request =
+        Request::post(gateway.url("/api/h2?q=1")).body(Full::new(Bytes::from_static(b"over h2"))).unwrap();
     let answer = send(&client, request).await;
     assert_eq!(answer.status, 200);
     let seen = answer.json();

@@ -76,5 +76,9 @@ async fn one_gigabyte_streams_up_and_down_with_flat_memory() {
     assert_eq!(received.load(Ordering::Relaxed), TOTAL, "upload arrived whole");
     assert_eq!(downloaded, TOTAL, "download arrived whole");
     // Buffering either direction would grow memory by hundreds of MiB.
-    assert!(grown_mib < 64, "resident memory grew by {grown_mib} MiB while streaming {} MiB each way", TOTAL >> 20);
+    assert!(
+        grown_mib < 64,
+        "resident memory grew by {grown_mib} MiB while streaming {} MiB each way",
+        TOTAL >> 20
+    );
 }

@@ -1,18 +1,21 @@
-//! The `keygate` command: `serve`, `check`, and (with the key store) `keys` and `usage`.
+//! The `keygate` command. The top-level command (`serve`, `check`, and the
+//! store options) lives here; each group of subcommands has its own file.
 //!
 //! Everything a script may capture goes to stdout; messages go to stderr.
-//! Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
+//! Exit codes: 0 success, 1 runtime failure (store unreachable, unknown key),
+//! 2 invalid config or usage.
 
 pub mod keys;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
 use crate::server;
+use crate::store::{self, SharedStore};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +34,13 @@ pub enum Command {
     Serve(ConfigArg),
     /// Validate a config file and exit (0 valid, 2 invalid).
     Check(ConfigArg),
+    /// Issue, list, show, update, revoke and rotate keys in the configured store.
+    Keys {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: Box<keys::KeysCommand>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,7 +50,19 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-/// Exit code for an invalid config, distinct from runtime failures.
+/// How commands that touch the store find it: the config's `[store]`,
+/// overridden by `--redis` or `KEYGATE_REDIS_URL`.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Path to the config file (its [store] and [keys] sections are used).
+    #[arg(short = 'c', long = "config", global = true)]
+    pub config: Option<PathBuf>,
+    /// Use this Redis instead of the config's store.
+    #[arg(long = "redis", env = "KEYGATE_REDIS_URL", global = true, value_name = "URL")]
+    pub redis: Option<String>,
+}
+
+/// Exit code for an invalid config or usage, distinct from runtime failures.
 pub const EXIT_INVALID_CONFIG: u8 = 2;
 
 pub fn main() -> ExitCode {
@@ -56,35 +78,79 @@ pub fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(error) => {
-                eprintln!("error: {error}");
-                ExitCode::from(EXIT_INVALID_CONFIG)
-            }
+            Err(error) => invalid_config(&error),
         },
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(&args.config),
+        Command::Keys { store, command } => {
+            let config = match store_config(&store) {
+                Ok(config) => config,
+                Err(error) => return invalid_config(&error),
+            };
+            block_on(async move {
+                let store = match open_store(&config, store.redis.as_deref()).await {
+                    Ok(store) => store,
+                    Err(code) => return code,
+                };
+                match keys::run(*command, store, &config.keys.prefix).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
     }
 }
 
-fn serve(args: ConfigArg) -> ExitCode {
-    // Validate before anything else: an invalid config never binds a port.
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(EXIT_INVALID_CONFIG);
+fn invalid_config(error: &ConfigError) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(EXIT_INVALID_CONFIG)
+}
+
+/// The config a store command runs with: the named file, or `./gateway.toml`,
+/// or (with `--redis` and no file at all) the defaults.
+fn store_config(args: &StoreArgs) -> Result<Config, ConfigError> {
+    match &args.config {
+        Some(path) => Config::load(path),
+        None if Path::new("gateway.toml").exists() || args.redis.is_none() => {
+            Config::load(Path::new("gateway.toml"))
         }
-    };
-    crate::telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
+        None => Ok(Config::defaults()),
+    }
+}
+
+async fn open_store(config: &Config, redis: Option<&str>) -> Result<SharedStore, ExitCode> {
+    store::open(&config.store, redis).await.map_err(|error| {
+        eprintln!("error: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(future),
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
+    }
+}
+
+fn serve(path: &Path) -> ExitCode {
+    // Validate before anything else: an invalid config never binds a port.
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return invalid_config(&error),
     };
-    runtime.block_on(async move {
+    crate::telemetry::init(&config.log);
+    block_on(async move {
         let listen = config.server.listen;
         let drain_timeout = config.server.drain_timeout;
+        let store = match open_store(&config, None).await {
+            Ok(store) => store,
+            Err(code) => return code,
+        };
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => listener,
             Err(error) => {
@@ -92,7 +158,7 @@ fn serve(args: ConfigArg) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let gateway = Gateway::new(config);
+        let gateway = Gateway::new(config, store);
         // The bound address, not the configured one: port 0 picks a free port.
         let address = listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
         tracing::info!(%address, "keygate listening");

@@ -103,3 +103,32 @@ pub trait KeyStore: Send + Sync + 'static {
 
 /// A store shared by the gateway's tasks.
 pub type SharedStore = Arc<dyn KeyStore>;
+
+/// Opens the store a config names: the file store's folder, or a Redis
+/// connection (`redis_url` overrides the config's URL, as `--redis` and
+/// `KEYGATE_REDIS_URL` do).
+pub async fn open(
+    config: &crate::config::StoreConfig,
+    redis_url: Option<&str>,
+) -> Result<SharedStore, StoreError> {
+    use crate::config::StoreConfig;
+    match (config, redis_url) {
+        (_, Some(url)) => {
+            let prefix = match config {
+                StoreConfig::Redis { prefix, .. } => prefix.as_str(),
+                StoreConfig::File { .. } => redis::DEFAULT_PREFIX,
+            };
+            Ok(Arc::new(redis::RedisStore::connect(url, prefix).await?))
+        }
+        (StoreConfig::Redis { url, prefix }, None) => {
+            Ok(Arc::new(redis::RedisStore::connect(url, prefix).await?))
+        }
+        (StoreConfig::File { dir }, None) => {
+            // A newcomer who deleted `keys/` gets an empty store, not an error.
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+            Ok(Arc::new(file::FileStore::open(dir.clone()).await?))
+        }
+    }
+}

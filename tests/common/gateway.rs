@@ -1,7 +1,6 @@
 //! The real gateway, in process on `127.0.0.1:0`, and clients to talk to it.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use keygate::config::Config;
 use keygate::gateway::Gateway;
 use keygate::server::{self, Drained};
+use keygate::store::SharedStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -21,29 +21,36 @@ use tokio::sync::oneshot;
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    /// The folder relative config paths resolve against (the file store's
+    /// `keys/` lives here unless the config says otherwise).
+    pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Drained>>,
 }
 
 impl TestGateway {
-    /// Starts a gateway from config text; relative paths resolve against `base`.
-    pub async fn start_in(toml: &str, base: &Path) -> TestGateway {
-        let config = match Config::from_toml(toml, base) {
+    /// Starts a gateway from config text, in a fresh temporary folder so the
+    /// file store never touches the repository's `keys/`.
+    pub async fn start(toml: &str) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(toml, dir).await
+    }
+
+    /// Starts a gateway whose relative paths resolve against `dir`.
+    pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> TestGateway {
+        let config = match Config::from_toml(toml, dir.path()) {
             Ok(config) => config,
             Err(e) => panic!("test config is invalid: {e:?}\n{toml}"),
         };
-        Self::start_with(config).await
+        let store = keygate::store::open(&config.store, None).await.expect("test store opens");
+        Self::start_with(config, store, dir).await
     }
 
-    pub async fn start(toml: &str) -> TestGateway {
-        Self::start_in(toml, Path::new(".")).await
-    }
-
-    pub async fn start_with(config: Config) -> TestGateway {
+    pub async fn start_with(config: Config, store: SharedStore, dir: tempfile::TempDir) -> TestGateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let drain = config.server.drain_timeout;
-        let gateway = Gateway::new(config);
+        let gateway = Gateway::new(config, store);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve(
             listener,
@@ -53,7 +60,7 @@ impl TestGateway {
             },
             drain,
         ));
-        TestGateway { addr, gateway, stop: Some(stop), task: Some(task) }
+        TestGateway { addr, gateway, dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -68,7 +68,9 @@ impl Upstream {
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+                .map(|(k, v)| {
+                    (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned().into())
+                })
                 .collect();
             let json = serde_json::json!({
                 "method": parts.method.as_str(),
