@@ -24,7 +24,37 @@ pub struct Config {
     pub keys: KeysConfig,
     pub routes: Vec<RouteConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub mode: LimitMode,
+    /// Send `RateLimit-Policy` / `RateLimit` on responses of limited keys.
+    pub headers: bool,
+    /// Also send `X-RateLimit-Limit/Remaining/Reset`.
+    pub legacy_headers: bool,
+    /// When the limit store (Redis) fails: admit (true) or answer 503.
+    pub fail_open: bool,
+    /// Shared mode: a leased slice is this fraction of one second's rate.
+    pub lease_fraction: f64,
+    /// Shared mode: unspent leased tokens are dropped after this long.
+    pub lease_ttl: Duration,
+    /// Most quota units one instance leases at a time.
+    pub quota_lease: u64,
+    /// Limiters of keys idle this long are dropped (memory stays bounded).
+    pub idle_eviction: Duration,
+    pub max_tracked_keys: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitMode {
+    /// Each instance enforces each key's rate on its own (exact on one instance).
+    Local,
+    /// Instances share each key's rate through Redis (leased slices).
+    Redis,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +115,8 @@ pub struct RouteConfig {
     pub method_scopes: BTreeMap<String, Vec<String>>,
     /// Whether the key may come in the query string (`?api_key=`).
     pub allow_query_key: bool,
+    /// Units of rate limit and quota one request here costs.
+    pub cost: std::num::NonZeroU32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +168,23 @@ pub struct RawConfig {
     #[serde(default, rename = "upstream")]
     upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    mode: Option<LimitMode>,
+    headers: Option<bool>,
+    legacy_headers: Option<bool>,
+    fail_open: Option<bool>,
+    lease_fraction: Option<f64>,
+    lease_ttl: Option<String>,
+    quota_lease: Option<u64>,
+    idle_eviction: Option<String>,
+    max_tracked_keys: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +234,7 @@ struct RawRoute {
     method_scopes: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     allow_query_key: bool,
+    cost: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +314,7 @@ impl Config {
                 scopes: vec![],
                 method_scopes: BTreeMap::new(),
                 allow_query_key: false,
+                cost: None,
             }],
             ..RawConfig::default()
         };
@@ -436,6 +486,8 @@ impl RawConfig {
             routes.push(route);
         }
 
+        let limits = validate_limits(&mut p, self.limits, &store);
+
         let log = LogConfig {
             filter: self.log.filter.unwrap_or_else(|| "info".to_owned()),
             format: self.log.format.unwrap_or(LogFormat::Text),
@@ -444,7 +496,11 @@ impl RawConfig {
             p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
         }
 
-        if p.0.is_empty() { Ok(Config { server, store, keys, routes, upstreams, log }) } else { Err(p.0) }
+        if p.0.is_empty() {
+            Ok(Config { server, store, keys, routes, upstreams, limits, log })
+        } else {
+            Err(p.0)
+        }
     }
 }
 
@@ -510,6 +566,36 @@ fn validate_keys(p: &mut Problems, raw: RawKeys) -> KeysConfig {
         cache_ttl: p.duration("keys.cache_ttl", raw.cache_ttl.as_deref(), Duration::from_secs(60)),
         negative_ttl: p.duration("keys.negative_ttl", raw.negative_ttl.as_deref(), Duration::from_secs(5)),
         stale_window: p.duration("keys.stale_window", raw.stale_window.as_deref(), Duration::from_secs(300)),
+    }
+}
+
+fn validate_limits(p: &mut Problems, raw: RawLimits, store: &StoreConfig) -> LimitsConfig {
+    let mode = raw.mode.unwrap_or(LimitMode::Local);
+    if mode == LimitMode::Redis && matches!(store, StoreConfig::File { .. }) {
+        p.push("limits.mode", "mode = \"redis\" needs [store] kind = \"redis\"");
+    }
+    let lease_fraction = raw.lease_fraction.unwrap_or(0.05);
+    if !(lease_fraction > 0.0 && lease_fraction <= 1.0) {
+        p.push("limits.lease_fraction", format!("{lease_fraction} must be above 0 and at most 1"));
+    }
+    let quota_lease = raw.quota_lease.unwrap_or(100);
+    if quota_lease == 0 {
+        p.push("limits.quota_lease", "must be at least 1");
+    }
+    LimitsConfig {
+        mode,
+        headers: raw.headers.unwrap_or(true),
+        legacy_headers: raw.legacy_headers.unwrap_or(false),
+        fail_open: raw.fail_open.unwrap_or(true),
+        lease_fraction,
+        lease_ttl: p.duration("limits.lease_ttl", raw.lease_ttl.as_deref(), Duration::from_secs(1)),
+        quota_lease,
+        idle_eviction: p.duration(
+            "limits.idle_eviction",
+            raw.idle_eviction.as_deref(),
+            Duration::from_secs(600),
+        ),
+        max_tracked_keys: raw.max_tracked_keys.unwrap_or(1_000_000).max(1),
     }
 }
 
@@ -611,6 +697,10 @@ fn validate_route(
     if raw.public && (!raw.scopes.is_empty() || !method_scopes.is_empty()) {
         p.push(format!("{at}.public"), "a public route takes no key, so it cannot require scopes");
     }
+    let cost = std::num::NonZeroU32::new(raw.cost.unwrap_or(1)).unwrap_or_else(|| {
+        p.push(format!("{at}.cost"), "must be at least 1");
+        std::num::NonZeroU32::MIN
+    });
     RouteConfig {
         path,
         host,
@@ -620,6 +710,7 @@ fn validate_route(
         scopes: raw.scopes,
         method_scopes,
         allow_query_key: raw.allow_query_key,
+        cost,
     }
 }
 

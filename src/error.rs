@@ -122,6 +122,29 @@ impl GatewayError {
     }
 }
 
+/// An error on its way to the client, with any headers the step that
+/// refused wants to add (a 429's `RateLimit` headers). `?` turns a plain
+/// [`GatewayError`] into one.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: GatewayError,
+    pub headers: http::HeaderMap,
+}
+
+impl From<GatewayError> for Refusal {
+    fn from(error: GatewayError) -> Self {
+        Self { error, headers: http::HeaderMap::new() }
+    }
+}
+
+impl Refusal {
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = self.error.into_response();
+        response.headers_mut().extend(self.headers);
+        response
+    }
+}
+
 /// A JSON response with the given status and body.
 pub fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));

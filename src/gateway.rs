@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::limit::Limits;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
 use crate::store::SharedStore;
@@ -40,6 +41,9 @@ pub struct Gateway {
     /// Verifies keys through the in-process cache; outlives reloads so the
     /// cache stays warm.
     pub verifier: Arc<Verifier>,
+    /// Rate limiters and quota leases; outlive reloads so a reload does not
+    /// hand every key a fresh burst.
+    pub limits: Limits,
     pub store: SharedStore,
 }
 
@@ -49,7 +53,9 @@ impl Gateway {
     pub fn new(config: Config, store: SharedStore) -> Arc<Self> {
         let verifier = Verifier::new(Arc::clone(&store), &config.keys);
         verifier.spawn_invalidation_listener();
-        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, store })
+        let redis = store.redis();
+        let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())));
+        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, store })
     }
 
     /// Installs a new, already validated config. In-flight requests keep the

@@ -20,9 +20,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::config::RouteTarget;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
-use crate::{credential, echo, proxy, route, scope};
+use crate::{credential, echo, limit, proxy, route, scope};
 
 /// What the gateway answers with: the upstream's streaming body, or a body
 /// the gateway made itself (errors, echo).
@@ -50,7 +50,7 @@ pub async fn handle(
     let outcome = AssertUnwindSafe(serve(&gateway, request, peer, &mut trail)).catch_unwind().await;
     let response = match outcome {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => error.into_response().map(Either::Right),
+        Ok(Err(refusal)) => refusal.into_response().map(Either::Right),
         Err(_panic) => {
             GatewayError::Internal("request handler panicked".into()).into_response().map(Either::Right)
         }
@@ -74,11 +74,11 @@ async fn serve(
     mut request: Request<Incoming>,
     peer: SocketAddr,
     trail: &mut Trail,
-) -> Result<Response<ResponseBody>, GatewayError> {
+) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
 
     // 1. Route: normalise the path once; decide and forward on that form.
-    let path = route::normalize_path(request.uri().path())?;
+    let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
     trail.path = Some(path.clone());
     let host = request_host(&request);
     let matched = live.routes.find(host.as_deref().map(strip_port), &path).ok_or(GatewayError::NoRoute)?;
@@ -105,10 +105,25 @@ async fn serve(
         scope::check(&record.meta.scopes, route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
-        // 5. Limits: rate limit and quota (the limits issue).
+        // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
+        let admission = match gateway.limits.admit(&record, route.cost).await {
+            Ok(admission) => admission,
+            Err(error) => {
+                let mut headers = http::HeaderMap::new();
+                if live.config.limits.headers {
+                    limit::write_refusal_headers(
+                        &mut headers,
+                        &record,
+                        &error,
+                        live.config.limits.legacy_headers,
+                    );
+                }
+                return Err(Refusal { error, headers });
+            }
+        };
 
         credential::strip(request.headers_mut(), &mut path_and_query, source, keys);
-        caller = Some(record);
+        caller = Some((record, admission));
     }
 
     // 6. Proxy: rewrite headers, then forward (or answer from the echo).
@@ -119,12 +134,12 @@ async fn serve(
     proxy::remove_hop_by_hop(headers);
     proxy::set_forwarded(headers, peer.ip(), "http", host.as_deref());
     headers.remove(header::HOST);
-    proxy::set_identity(headers, keys, caller.as_deref());
+    proxy::set_identity(headers, keys, caller.as_ref().map(|(record, _)| &**record));
 
-    match &route.target {
+    let mut response = match &route.target {
         RouteTarget::Echo => {
             trail.upstream = Some("builtin:echo".into());
-            Ok(echo::answer(request).await?.map(Either::Right))
+            echo::answer(request).await?.map(Either::Right)
         }
         RouteTarget::Upstream(name) => {
             trail.upstream = Some(name.clone());
@@ -132,9 +147,17 @@ async fn serve(
                 .upstreams
                 .get(name)
                 .ok_or_else(|| GatewayError::Internal(format!("route names unknown upstream {name}")))?;
-            Ok(pool.forward(request).await?.map(Either::Left))
+            pool.forward(request).await?.map(Either::Left)
         }
+    };
+
+    // 7. Tell the client where it stands against its limits.
+    if let Some((_, admission)) = &caller
+        && live.config.limits.headers
+    {
+        limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
     }
+    Ok(response)
 }
 
 /// The host the client asked for: the `Host` header (HTTP/1.1) or the URI

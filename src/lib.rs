@@ -19,6 +19,7 @@
 //! - [`credential`]: finding the key in a request and stripping it.
 //! - [`auth`]: verification through the in-process cache, invalidations.
 //! - [`scope`]: does the key's scope cover the route and method.
+//! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod error;
 pub mod gateway;
 pub mod handler;
 pub mod key;
+pub mod limit;
 pub mod meta;
 pub mod ops;
 pub mod proxy;

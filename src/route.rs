@@ -195,6 +195,7 @@ mod tests {
             scopes: vec![],
             method_scopes: BTreeMap::new(),
             allow_query_key: false,
+            cost: std::num::NonZeroU32::MIN,
         }
     }
 

@@ -99,6 +99,20 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Cheap liveness probe for `/readyz` and for recovery after an outage.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The Redis this store lives in, if any. Quotas, shared rate limits and
+    /// usage counters are kept beside the keys, under the same prefix.
+    fn redis(&self) -> Option<RedisHandle> {
+        None
+    }
+}
+
+/// A multiplexed, auto-reconnecting connection to the store's Redis, and
+/// the prefix every Redis key of this deployment starts with.
+#[derive(Clone)]
+pub struct RedisHandle {
+    pub conn: ::redis::aio::ConnectionManager,
+    pub prefix: String,
 }
 
 /// A store shared by the gateway's tasks.

@@ -403,6 +403,10 @@ impl KeyStore for RedisStore {
         let _: String = self.run("PING", "", redis::cmd("PING").query_async(&mut conn)).await?;
         Ok(())
     }
+
+    fn redis(&self) -> Option<super::RedisHandle> {
+        Some(super::RedisHandle { conn: self.conn.clone(), prefix: self.names.prefix.clone() })
+    }
 }
 
 /// Client IDs as the key format allows them: `[A-Za-z0-9-]{1,64}`.

@@ -1,0 +1,251 @@
+//! Per-key rate limits and quotas, and the headers that report them.
+//!
+//! [`Limits::admit`] is the handler's one call. It commits all or nothing:
+//! quota is taken first (it can be refunded exactly), then the rate limit is
+//! checked; if the rate limit refuses, the quota units go back. So a request
+//! refused by one limit spends nothing from the other.
+//!
+//! - `rate.rs`: local mode, one governor limiter per key (the default).
+//! - `shared.rs`: shared mode (`[limits] mode = "redis"`), leased slices of a
+//!   Redis token bucket, and the Redis quota authority.
+//! - `quota.rs`: quota windows and exact leasing.
+
+pub mod quota;
+pub mod rate;
+pub mod shared;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use jiff::Timestamp;
+
+use crate::config::{LimitMode, LimitsConfig};
+use crate::error::GatewayError;
+use crate::store::KeyRecord;
+use quota::{ProcessAuthority, QuotaAuthority, QuotaDecision, Quotas};
+use rate::{LocalRates, RateDecision};
+use shared::{LimitKeys, RedisQuotaAuthority, SharedRates};
+
+/// Where rate limits are counted.
+enum Rates {
+    Local(LocalRates),
+    Shared(SharedRates),
+}
+
+/// The limits of every key, on this instance.
+pub struct Limits {
+    rates: Rates,
+    quotas: Quotas,
+    config: LimitsConfig,
+}
+
+/// What an admitted request may report in its headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    pub rate: Option<PolicyState>,
+    pub quota: Option<PolicyState>,
+}
+
+/// One policy's numbers, as the RateLimit headers give them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyState {
+    /// The policy's size (burst for rate, count for quota).
+    pub limit: u64,
+    /// Its window in seconds.
+    pub window_secs: u64,
+    pub remaining: u64,
+    /// Seconds until fully replenished / reset.
+    pub reset_secs: u64,
+}
+
+impl Limits {
+    /// Limits on this instance. `redis` is the store's Redis connection when
+    /// the store is Redis: quotas are then counted there (exact across
+    /// instances), and in shared mode rate limits too.
+    pub fn new(config: &LimitsConfig, redis: Option<(redis::aio::ConnectionManager, &str)>) -> Self {
+        let max_keys = config.max_tracked_keys;
+        let (rates, authority): (Rates, Arc<dyn QuotaAuthority>) = match redis {
+            Some((conn, prefix)) => {
+                let keys = LimitKeys::new(prefix);
+                let authority = Arc::new(RedisQuotaAuthority::new(conn.clone(), keys.clone()));
+                let rates = match config.mode {
+                    LimitMode::Local => Rates::Local(LocalRates::new(max_keys, config.idle_eviction)),
+                    LimitMode::Redis => {
+                        Rates::Shared(SharedRates::new(conn, keys, config.lease_fraction, config.lease_ttl))
+                    }
+                };
+                (rates, authority)
+            }
+            None => (
+                Rates::Local(LocalRates::new(max_keys, config.idle_eviction)),
+                Arc::new(ProcessAuthority::default()),
+            ),
+        };
+        Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys), config: config.clone() }
+    }
+
+    /// Admits a request of `cost` units for `record`, or refuses it with 429.
+    /// If the limit store fails, `fail_open` decides: admit (and log) or 503.
+    pub async fn admit(&self, record: &KeyRecord, cost: NonZeroU32) -> Result<Admission, GatewayError> {
+        let key_id = record.id.as_str();
+        let meta = &record.meta;
+        let now = Timestamp::now();
+        let mut admission = Admission::default();
+
+        // 1. Quota first: taken units can be given back exactly.
+        if let Some(quota) = meta.quota {
+            match self.quotas.take(key_id, quota, cost, now).await {
+                Ok(QuotaDecision::Taken { remaining, reset }) => {
+                    let window = quota::Window::containing(quota.window, now);
+                    admission.quota = Some(PolicyState {
+                        limit: quota.count,
+                        window_secs: window.end.as_second().saturating_sub(window.start.as_second()).max(1)
+                            as u64,
+                        remaining,
+                        reset_secs: reset.as_secs(),
+                    });
+                }
+                Ok(QuotaDecision::Exhausted { retry_after }) => {
+                    return Err(GatewayError::QuotaExceeded { retry_after });
+                }
+                Err(error) => self.store_failed("quota", &error)?,
+            }
+        }
+
+        // 2. Rate: a refusal returns the quota units taken above.
+        if let Some(rate) = meta.rate {
+            let burst = meta.burst.unwrap_or(rate.count);
+            let decision = match &self.rates {
+                Rates::Local(local) => Ok(local.check(key_id, rate, burst, cost)),
+                Rates::Shared(shared) => shared.check(key_id, rate, burst, cost).await,
+            };
+            match decision {
+                Ok(RateDecision::Allowed { remaining, reset }) => {
+                    admission.rate = Some(PolicyState {
+                        limit: u64::from(burst.get()),
+                        window_secs: rate.period.as_secs().max(1),
+                        remaining: u64::from(remaining),
+                        reset_secs: reset.as_secs() + u64::from(reset.subsec_nanos() > 0),
+                    });
+                }
+                Ok(RateDecision::Refused { retry_after }) => {
+                    if let Some(quota) = meta.quota {
+                        self.quotas.refund(key_id, quota, cost, now);
+                    }
+                    return Err(GatewayError::RateLimited { retry_after });
+                }
+                Err(error) => self.store_failed("rate", &error)?,
+            }
+        }
+        Ok(admission)
+    }
+
+    fn store_failed(&self, what: &str, error: &str) -> Result<(), GatewayError> {
+        if self.config.fail_open {
+            tracing::warn!(limit = what, %error, "limit store unavailable; admitting (fail_open = true)");
+            Ok(())
+        } else {
+            Err(GatewayError::StoreUnavailable(format!("{what} limit: {error}")))
+        }
+    }
+
+    /// Whether responses carry the RateLimit headers, and the legacy ones.
+    pub fn headers_enabled(&self) -> (bool, bool) {
+        (self.config.headers, self.config.legacy_headers)
+    }
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Writes the IETF httpapi RateLimit headers (structured-field form):
+/// `RateLimit-Policy: "rate";q=10;w=1, "quota";q=10000;w=86400` and
+/// `RateLimit: "rate";r=7;t=1, "quota";r=9993;t=51000`, plus the older
+/// `X-RateLimit-Limit/Remaining/Reset` (for the tighter policy) when asked.
+pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: bool) {
+    let policies: Vec<(&str, PolicyState)> = [("rate", admission.rate), ("quota", admission.quota)]
+        .into_iter()
+        .filter_map(|(n, p)| Some((n, p?)))
+        .collect();
+    if policies.is_empty() {
+        return;
+    }
+    let policy = policies
+        .iter()
+        .map(|(n, p)| format!("\"{n}\";q={};w={}", p.limit, p.window_secs))
+        .collect::<Vec<_>>();
+    let state = policies
+        .iter()
+        .map(|(n, p)| format!("\"{n}\";r={};t={}", p.remaining, p.reset_secs))
+        .collect::<Vec<_>>();
+    if let Ok(v) = HeaderValue::from_str(&policy.join(", ")) {
+        headers.insert(RATELIMIT_POLICY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&state.join(", ")) {
+        headers.insert(RATELIMIT, v);
+    }
+    if legacy && let Some((_, tightest)) = policies.iter().min_by_key(|(_, p)| p.remaining) {
+        headers.insert("x-ratelimit-limit", HeaderValue::from(tightest.limit));
+        headers.insert("x-ratelimit-remaining", HeaderValue::from(tightest.remaining));
+        headers.insert("x-ratelimit-reset", HeaderValue::from(tightest.reset_secs));
+    }
+}
+
+/// A refusal's headers: the policy that refused, with nothing remaining.
+pub fn write_refusal_headers(
+    headers: &mut HeaderMap,
+    record: &KeyRecord,
+    error: &GatewayError,
+    legacy: bool,
+) {
+    let meta = &record.meta;
+    let (name, limit, window_secs, retry_after) = match (error, meta.rate, meta.quota) {
+        (GatewayError::RateLimited { retry_after }, Some(rate), _) => (
+            "rate",
+            u64::from(meta.burst.unwrap_or(rate.count).get()),
+            rate.period.as_secs().max(1),
+            *retry_after,
+        ),
+        (GatewayError::QuotaExceeded { retry_after }, _, Some(quota)) => {
+            let window = quota::Window::containing(quota.window, Timestamp::now());
+            let secs = window.end.as_second().saturating_sub(window.start.as_second()).max(1) as u64;
+            ("quota", quota.count, secs, *retry_after)
+        }
+        _ => return,
+    };
+    let reset_secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let state = PolicyState { limit, window_secs, remaining: 0, reset_secs };
+    let admission = if name == "rate" {
+        Admission { rate: Some(state), quota: None }
+    } else {
+        Admission { rate: None, quota: Some(state) }
+    };
+    write_headers(headers, &admission, legacy);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_list_each_policy_and_the_legacy_ones_show_the_tightest() {
+        let mut headers = HeaderMap::new();
+        let admission = Admission {
+            rate: Some(PolicyState { limit: 10, window_secs: 1, remaining: 7, reset_secs: 1 }),
+            quota: Some(PolicyState { limit: 10000, window_secs: 86400, remaining: 9993, reset_secs: 51000 }),
+        };
+        write_headers(&mut headers, &admission, true);
+        assert_eq!(headers["ratelimit-policy"], "\"rate\";q=10;w=1, \"quota\";q=10000;w=86400");
+        assert_eq!(headers["ratelimit"], "\"rate\";r=7;t=1, \"quota\";r=9993;t=51000");
+        assert_eq!(headers["x-ratelimit-remaining"], "7");
+        assert_eq!(headers["x-ratelimit-limit"], "10");
+    }
+
+    #[test]
+    fn no_limits_means_no_headers() {
+        let mut headers = HeaderMap::new();
+        write_headers(&mut headers, &Admission::default(), true);
+        assert!(headers.is_empty());
+    }
+}

@@ -1,0 +1,415 @@
+//! Quotas: a budget of requests per window (calendar day or month in UTC,
+//! or a fixed-length window), counted exactly.
+//!
+//! Exactness without a store round trip per request comes from leases: an
+//! instance takes a block of units from the authority (Redis, or this
+//! process alone for the file store) and spends them locally. The authority
+//! hands each unit out once, so no interleaving of any number of instances
+//! can admit more than the quota. The price is under-admission: units leased
+//! but unspent when a window ends are lost, at most one lease per instance.
+//! Leases shrink as the window's budget runs low (an eighth of what is left),
+//! so near the end instances take units one at a time.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use moka::sync::Cache;
+
+use crate::meta::{Quota, QuotaWindow};
+
+/// One window of a quota: where it starts, where it ends, and its stable name
+/// (part of the Redis key, so dashboards can find "this month's" counter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub id: String,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+impl Window {
+    /// The window of `kind` that contains `now`.
+    pub fn containing(kind: QuotaWindow, now: Timestamp) -> Window {
+        let utc = now.to_zoned(TimeZone::UTC);
+        match kind {
+            QuotaWindow::Day => {
+                let start = utc.date().to_zoned(TimeZone::UTC).map(|z| z.timestamp()).unwrap_or(now);
+                let end = start.checked_add(jiff::SignedDuration::from_hours(24)).unwrap_or(start);
+                Window { id: format!("d{}", utc.date().strftime("%Y%m%d")), start, end }
+            }
+            QuotaWindow::Month => {
+                let first = utc.date().first_of_month();
+                let start = first.to_zoned(TimeZone::UTC).map(|z| z.timestamp()).unwrap_or(now);
+                let end = first
+                    .checked_add(jiff::Span::new().months(1))
+                    .ok()
+                    .and_then(|d| d.to_zoned(TimeZone::UTC).ok())
+                    .map_or(start, |z| z.timestamp());
+                Window { id: format!("m{}", first.strftime("%Y%m")), start, end }
+            }
+            QuotaWindow::Every(length) => {
+                let length_s = length.as_secs().max(1) as i64;
+                let index = now.as_second().div_euclid(length_s);
+                let start = Timestamp::from_second(index * length_s).unwrap_or(now);
+                let end = Timestamp::from_second((index + 1) * length_s).unwrap_or(now);
+                Window { id: format!("e{length_s}-{index}"), start, end }
+            }
+        }
+    }
+
+    /// Time from `now` until the window resets (at least one second).
+    pub fn until_reset(&self, now: Timestamp) -> Duration {
+        let left = self.end.as_second().saturating_sub(now.as_second()).max(1);
+        Duration::from_secs(left as u64)
+    }
+}
+
+/// Where leases come from: hands out units of one key's quota window, each once.
+#[async_trait::async_trait]
+pub trait QuotaAuthority: Send + Sync + 'static {
+    /// Grants between `min` and `want` units of `limit` for this window, or 0
+    /// if fewer than `min` are left. Returns what it granted and how many
+    /// units (granted to anyone) remain unspent in the authority afterwards.
+    async fn lease(
+        &self,
+        key_id: &str,
+        window: &Window,
+        limit: u64,
+        min: u64,
+        want: u64,
+    ) -> Result<Lease, String>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub granted: u64,
+    /// Units the authority still has for this window after this grant.
+    pub left: u64,
+}
+
+/// A key's local view of its current quota window.
+#[derive(Debug, Default)]
+struct Local {
+    window_id: String,
+    /// The quota size the knowledge below is about; a `keys update` that
+    /// changes it makes `authority_left` unknown again.
+    limit: u64,
+    /// Leased units not yet spent.
+    available: u64,
+    /// The authority's units left after our last lease. Other instances only
+    /// lower it, so it is a safe upper bound for refusing without asking.
+    authority_left: Option<u64>,
+}
+
+/// The outcome of taking quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaDecision {
+    Taken { remaining: u64, reset: Duration },
+    Exhausted { retry_after: Duration },
+}
+
+/// Per-key quota state on one instance, backed by an authority.
+pub struct Quotas {
+    keys: Cache<String, Arc<KeyQuota>>,
+    authority: Arc<dyn QuotaAuthority>,
+    max_lease: u64,
+}
+
+struct KeyQuota {
+    local: Mutex<Local>,
+    /// Serialises refills so a burst of requests makes one authority call.
+    refill: tokio::sync::Mutex<()>,
+}
+
+impl Quotas {
+    pub fn new(authority: Arc<dyn QuotaAuthority>, max_lease: u64, max_keys: u64) -> Self {
+        let keys = Cache::builder().max_capacity(max_keys).time_to_idle(Duration::from_secs(3600)).build();
+        Self { keys, authority, max_lease: max_lease.max(1) }
+    }
+
+    /// Takes `cost` units of the key's quota, all or nothing.
+    pub async fn take(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        cost: NonZeroU32,
+        now: Timestamp,
+    ) -> Result<QuotaDecision, String> {
+        let cost = u64::from(cost.get());
+        let window = Window::containing(quota.window, now);
+        let state = self.keys.get_with(key_id.to_owned(), || {
+            Arc::new(KeyQuota { local: Mutex::new(Local::default()), refill: tokio::sync::Mutex::new(()) })
+        });
+        loop {
+            let missing = match spend(&state.local, &window, quota.count, cost, now) {
+                Spend::Decided(decision) => return Ok(decision),
+                Spend::Missing(_) => {
+                    // Not enough leased here: one task refills, the others wait.
+                    let _refilling = state.refill.lock().await;
+                    match spend(&state.local, &window, quota.count, cost, now) {
+                        Spend::Decided(decision) => return Ok(decision),
+                        Spend::Missing(missing) => missing,
+                    }
+                }
+            };
+            // Ask for at least what is missing, so a grant always completes
+            // the request; a refusal (0) records how little is left.
+            let lease = self
+                .authority
+                .lease(key_id, &window, quota.count, missing, self.max_lease.max(missing))
+                .await?;
+            let mut local = lock(&state.local);
+            if local.window_id == window.id {
+                local.available += lease.granted;
+                local.authority_left = Some(lease.left);
+            }
+        }
+    }
+
+    /// Gives back units taken for a request that another limit refused, so a
+    /// refused request spends nothing.
+    pub fn refund(&self, key_id: &str, quota: Quota, cost: NonZeroU32, now: Timestamp) {
+        let window = Window::containing(quota.window, now);
+        if let Some(state) = self.keys.get(key_id) {
+            let mut local = lock(&state.local);
+            if local.window_id == window.id {
+                local.available += u64::from(cost.get());
+            }
+        }
+    }
+}
+
+enum Spend {
+    Decided(QuotaDecision),
+    /// This many more units must be leased before the request can be decided.
+    Missing(u64),
+}
+
+/// Spends from the local lease if it can decide now: taken, or exhausted
+/// when the authority's last word says not enough is left anywhere.
+fn spend(local: &Mutex<Local>, window: &Window, limit: u64, cost: u64, now: Timestamp) -> Spend {
+    let mut local = lock(local);
+    if local.window_id != window.id {
+        *local = Local { window_id: window.id.clone(), limit, ..Local::default() };
+    }
+    if local.limit != limit {
+        local.limit = limit;
+        local.authority_left = None;
+    }
+    if local.available >= cost {
+        local.available -= cost;
+        let remaining = local.available + local.authority_left.unwrap_or(0);
+        return Spend::Decided(QuotaDecision::Taken { remaining, reset: window.until_reset(now) });
+    }
+    match local.authority_left {
+        Some(left) if local.available + left < cost => {
+            Spend::Decided(QuotaDecision::Exhausted { retry_after: window.until_reset(now) })
+        }
+        _ => Spend::Missing(cost - local.available),
+    }
+}
+
+/// The lock is only held for a few arithmetic operations and never across an
+/// await, and nothing inside can panic, so a poisoned lock still holds
+/// consistent numbers.
+fn lock(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
+    local.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lease size: an eighth of what is left, at least `min`, at most `want`.
+pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
+    if left < min { 0 } else { (left / 8).clamp(min, want.max(min)).min(left) }
+}
+
+// === The in-process authority (file store, single instance) ===
+
+/// Counts quota in this process only: the file store's single-instance mode.
+/// Counters start again when the process restarts.
+#[derive(Default)]
+pub struct ProcessAuthority {
+    granted: Mutex<std::collections::HashMap<(String, String), u64>>,
+}
+
+#[async_trait::async_trait]
+impl QuotaAuthority for ProcessAuthority {
+    async fn lease(
+        &self,
+        key_id: &str,
+        window: &Window,
+        limit: u64,
+        min: u64,
+        want: u64,
+    ) -> Result<Lease, String> {
+        let mut granted = self.granted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget other windows of this key: they are over.
+        granted.retain(|(k, w), _| k != key_id || *w == window.id);
+        let used = granted.entry((key_id.to_owned(), window.id.clone())).or_insert(0);
+        let grant = lease_size(limit.saturating_sub(*used), min, want);
+        *used += grant;
+        Ok(Lease { granted: grant, left: limit.saturating_sub(*used) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn calendar_windows_are_utc_days_and_months() {
+        let day = Window::containing(QuotaWindow::Day, at("2026-11-24T13:45:00Z"));
+        assert_eq!(
+            (day.id.as_str(), day.start, day.end),
+            ("d20261124", at("2026-11-24T00:00:00Z"), at("2026-11-25T00:00:00Z"))
+        );
+        let month = Window::containing(QuotaWindow::Month, at("2026-12-31T23:59:59Z"));
+        assert_eq!(
+            (month.id.as_str(), month.start, month.end),
+            ("m202612", at("2026-12-01T00:00:00Z"), at("2027-01-01T00:00:00Z"))
+        );
+        let hour =
+            Window::containing(QuotaWindow::Every(Duration::from_secs(3600)), at("2026-11-24T13:45:00Z"));
+        assert_eq!((hour.start, hour.end), (at("2026-11-24T13:00:00Z"), at("2026-11-24T14:00:00Z")));
+        assert_eq!(day.until_reset(at("2026-11-24T23:59:30Z")), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn leases_shrink_as_the_budget_runs_out() {
+        assert_eq!(lease_size(10_000, 1, 100), 100);
+        assert_eq!(lease_size(400, 1, 100), 50);
+        assert_eq!(lease_size(7, 1, 100), 1);
+        assert_eq!(lease_size(7, 3, 100), 3);
+        assert_eq!(lease_size(2, 3, 100), 0);
+    }
+
+    fn quotas() -> Quotas {
+        Quotas::new(Arc::new(ProcessAuthority::default()), 100, 1000)
+    }
+
+    fn one() -> NonZeroU32 {
+        NonZeroU32::new(1).unwrap()
+    }
+
+    #[tokio::test]
+    async fn exactly_the_quota_is_admitted_by_many_concurrent_takers() {
+        let quotas = Arc::new(quotas());
+        let quota: Quota = "1000/day".parse().unwrap();
+        let now = at("2026-11-24T12:00:00Z");
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let quotas = Arc::clone(&quotas);
+            tasks.push(tokio::spawn(async move {
+                let mut taken = 0;
+                for _ in 0..100 {
+                    if let QuotaDecision::Taken { .. } = quotas.take("k.1", quota, one(), now).await.unwrap()
+                    {
+                        taken += 1;
+                    }
+                }
+                taken
+            }));
+        }
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.unwrap();
+        }
+        assert_eq!(total, 1000);
+        let refused = quotas.take("k.1", quota, one(), now).await.unwrap();
+        assert_eq!(refused, QuotaDecision::Exhausted { retry_after: Duration::from_secs(12 * 3600) });
+    }
+
+    #[tokio::test]
+    async fn a_new_window_brings_a_new_budget() {
+        let quotas = quotas();
+        let quota: Quota = "2/day".parse().unwrap();
+        let today = at("2026-11-24T23:00:00Z");
+        for _ in 0..2 {
+            assert!(matches!(
+                quotas.take("k.1", quota, one(), today).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        assert!(matches!(
+            quotas.take("k.1", quota, one(), today).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+        let tomorrow = at("2026-11-25T00:00:01Z");
+        assert!(matches!(
+            quotas.take("k.1", quota, one(), tomorrow).await.unwrap(),
+            QuotaDecision::Taken { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_costly_request_leaves_room_for_cheap_ones() {
+        let quotas = quotas();
+        let quota: Quota = "12/day".parse().unwrap();
+        let now = at("2026-11-24T12:00:00Z");
+        let five = NonZeroU32::new(5).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                quotas.take("k.1", quota, five, now).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        assert!(matches!(
+            quotas.take("k.1", quota, five, now).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+        for _ in 0..2 {
+            assert!(matches!(
+                quotas.take("k.1", quota, one(), now).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        assert!(matches!(
+            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_raised_quota_applies_at_once() {
+        let quotas = quotas();
+        let now = at("2026-11-24T12:00:00Z");
+        let small: Quota = "1/day".parse().unwrap();
+        assert!(matches!(quotas.take("k.1", small, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
+        assert!(matches!(
+            quotas.take("k.1", small, one(), now).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+        let raised: Quota = "3/day".parse().unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                quotas.take("k.1", raised, one(), now).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        assert!(matches!(
+            quotas.take("k.1", raised, one(), now).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn refunded_units_are_spent_again() {
+        let quotas = quotas();
+        let quota: Quota = "1/day".parse().unwrap();
+        let now = at("2026-11-24T12:00:00Z");
+        assert!(matches!(
+            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            QuotaDecision::Taken { remaining: 0, .. }
+        ));
+        quotas.refund("k.1", quota, one(), now);
+        assert!(matches!(quotas.take("k.1", quota, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
+        assert!(matches!(
+            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            QuotaDecision::Exhausted { .. }
+        ));
+    }
+}
