@@ -2,8 +2,9 @@
 //!
 //! A key may come as `Authorization: Bearer <key>`, in the configured header
 //! (default `x-api-key`), or, on routes that allow it, in a query parameter.
-//! Whatever carried it is stripped so the upstream never sees the key; the
-//! identity headers set later tell the upstream who called.
+//! Every place a key may travel on the route is stripped, not only the one it
+//! came in, so the upstream never sees a key; the identity headers set later
+//! tell the upstream who called.
 
 use http::header::{self, HeaderMap};
 use http::uri::PathAndQuery;
@@ -57,28 +58,30 @@ fn form_pairs(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, s
     })
 }
 
-/// Removes the credential from where it was found: the header, or the query
-/// parameter (the rest of the query kept as it was).
-pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, source: KeySource, keys: &KeysConfig) {
-    match source {
-        KeySource::Bearer => {
-            headers.remove(header::AUTHORIZATION);
-        }
-        KeySource::Header => {
-            headers.remove(&keys.header);
-        }
-        KeySource::Query => {
-            let Some((path, query)) = path_and_query.split_once('?') else { return };
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|pair| {
-                    let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
-                    percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
-                })
-                .collect();
-            *path_and_query =
-                if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
-        }
+/// Removes every place a key may travel on this route, not only the one the
+/// key was read from: a client sending the key twice (bearer and header, or
+/// header and query) must not have the second copy forwarded in clear.
+/// A non-bearer `Authorization` (e.g. Basic) is the upstream's and is kept;
+/// the query parameter is a key carrier only where `allow_query` is set, and
+/// ordinary data (left alone) elsewhere.
+pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, allow_query: bool, keys: &KeysConfig) {
+    let is_bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token).is_some();
+    if is_bearer {
+        headers.remove(header::AUTHORIZATION);
+    }
+    headers.remove(&keys.header);
+    if allow_query {
+        let Some((path, query)) = path_and_query.split_once('?') else { return };
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+                percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
+            })
+            .collect();
+        *path_and_query =
+            if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
     }
 }
 
@@ -128,13 +131,38 @@ mod tests {
         let keys = keys();
         let mut headers = HeaderMap::new();
         let mut pq = "/a?x=1&api_key=secret&y=2".to_owned();
-        strip(&mut headers, &mut pq, KeySource::Query, &keys);
+        strip(&mut headers, &mut pq, true, &keys);
         assert_eq!(pq, "/a?x=1&y=2");
         let mut only = "/a?api_key=secret".to_owned();
-        strip(&mut headers, &mut only, KeySource::Query, &keys);
+        strip(&mut headers, &mut only, true, &keys);
         assert_eq!(only, "/a");
         let mut encoded_name = "/a?api%5Fkey=secret&z".to_owned();
-        strip(&mut headers, &mut encoded_name, KeySource::Query, &keys);
+        strip(&mut headers, &mut encoded_name, true, &keys);
         assert_eq!(encoded_name, "/a?z");
+    }
+
+    #[test]
+    fn stripping_removes_every_carrier_not_only_the_one_read() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer one"));
+        headers.insert("x-api-key", HeaderValue::from_static("two"));
+        let mut pq = "/a?api_key=three&x=1".to_owned();
+        strip(&mut headers, &mut pq, true, &keys);
+        assert!(headers.is_empty(), "{headers:?}");
+        assert_eq!(pq, "/a?x=1");
+    }
+
+    #[test]
+    fn stripping_keeps_basic_authorization_and_the_query_where_it_is_not_a_key() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9vOmJhcg=="));
+        headers.insert("x-api-key", HeaderValue::from_static("the-key"));
+        let mut pq = "/a?api_key=upstream-data".to_owned();
+        strip(&mut headers, &mut pq, false, &keys);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[header::AUTHORIZATION], "Basic Zm9vOmJhcg==");
+        assert_eq!(pq, "/a?api_key=upstream-data");
     }
 }

@@ -93,7 +93,7 @@ async fn serve(
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
     if !route.public {
-        let (presented, source) =
+        let (presented, _source) =
             credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key)
                 .ok_or(GatewayError::MissingKey)?;
 
@@ -107,7 +107,8 @@ async fn serve(
 
         // 5. Limits: rate limit and quota (the limits issue).
 
-        credential::strip(request.headers_mut(), &mut path_and_query, source, keys);
+        // Every carrier, not only the one read: a second copy must not leak.
+        credential::strip(request.headers_mut(), &mut path_and_query, route.allow_query_key, keys);
         caller = Some(record);
     }
 

@@ -297,6 +297,36 @@ async fn the_key_is_accepted_as_bearer_as_x_api_key_and_in_the_query_only_where_
     assert_eq!(beside.json()["query"], "api_key=not-a-key");
 }
 
+/// Regression (credential stripping removed only the carrier the key was
+/// read from): a request carrying the key in several places — bearer,
+/// `x-api-key`, and the query on a route that allows it — had the copies
+/// the gateway did not read forwarded to the upstream in clear.
+#[tokio::test]
+async fn a_key_sent_in_every_carrier_at_once_reaches_the_upstream_in_none() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&redis_config(&redis, &upstream, "")).await;
+    let store = redis_store(&redis).await;
+    let (key, _) = issue(&store, "acme", &["read"]).await;
+    let (other, _) = issue(&store, "acme", &["read"]).await;
+
+    let answer = request(
+        &gateway,
+        Method::GET,
+        &format!("/q/a?api_key={other}&x=1"),
+        &[("authorization", &format!("Bearer {key}")), ("x-api-key", &other)],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let seen = answer.json();
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    assert!(seen["headers"].get("x-api-key").is_none(), "{seen}");
+    assert_eq!(seen["query"], "x=1");
+    for k in [&key, &other] {
+        assert!(!answer.text().contains(secret_of(k)), "a key reached the upstream: {seen}");
+    }
+}
+
 // === 3. 401 versus 403 ===
 
 #[tokio::test]
