@@ -2,13 +2,13 @@
 //!
 //! A key may come as `Authorization: Bearer <key>`, in the configured header
 //! (default `x-api-key`), or, on routes that allow it, in a query parameter.
-//! Whatever carried it is stripped so the upstream never sees the key; the
-//! identity headers set later tell the upstream who called.
+//! Every place a key may travel on the route is stripped, not only the one it
+//! came in, so the upstream never sees a key; the identity headers set later
+//! tell the upstream who called.
 
 use http::header::{self, HeaderMap};
-use http::uri::PathAndQuery;
 
-use crate::config::KeysConfig;
+use crate::config::{KeysConfig, RouteConfig};
 
 /// Where the key was found: what to strip before forwarding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,34 +57,28 @@ fn form_pairs(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, s
     })
 }
 
-/// Removes the credential from where it was found: the header, or the query
-/// parameter (the rest of the query kept as it was).
-pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, source: KeySource, keys: &KeysConfig) {
-    match source {
-        KeySource::Bearer => {
-            headers.remove(header::AUTHORIZATION);
-        }
-        KeySource::Header => {
-            headers.remove(&keys.header);
-        }
-        KeySource::Query => {
-            let Some((path, query)) = path_and_query.split_once('?') else { return };
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|pair| {
-                    let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
-                    percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
-                })
-                .collect();
-            *path_and_query =
-                if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
-        }
+/// Removes every place a key can travel on this route: the key header, the
+/// query parameter where the route accepts one, and a bearer token. On a
+/// public route a bearer token is removed only if it looks like one of our
+/// keys: otherwise it may be the upstream's own credential.
+pub fn strip(headers: &mut HeaderMap, path_and_query: &mut String, route: &RouteConfig, keys: &KeysConfig) {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+    if bearer.is_some_and(|token| !route.public || token.starts_with(&keys.prefix)) {
+        headers.remove(header::AUTHORIZATION);
     }
-}
-
-/// Whether the path-and-query parses as a URI part (after stripping).
-pub fn valid_path_and_query(text: &str) -> bool {
-    text.parse::<PathAndQuery>().is_ok()
+    headers.remove(&keys.header);
+    if route.allow_query_key {
+        let Some((path, query)) = path_and_query.split_once('?') else { return };
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+                percent_encoding::percent_decode_str(name).decode_utf8_lossy() != keys.query_param
+            })
+            .collect();
+        *path_and_query =
+            if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
+    }
 }
 
 #[cfg(test)]
@@ -93,8 +87,11 @@ mod tests {
     use http::HeaderValue;
 
     fn keys() -> KeysConfig {
-        let text = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
-        crate::config::Config::from_toml(text, std::path::Path::new(".")).unwrap().keys
+        crate::config::Config::defaults().keys
+    }
+
+    fn route(allow_query_key: bool, public: bool) -> RouteConfig {
+        RouteConfig { allow_query_key, public, ..crate::config::Config::defaults().routes[0].clone() }
     }
 
     #[test]
@@ -128,13 +125,54 @@ mod tests {
         let keys = keys();
         let mut headers = HeaderMap::new();
         let mut pq = "/a?x=1&api_key=secret&y=2".to_owned();
-        strip(&mut headers, &mut pq, KeySource::Query, &keys);
+        strip(&mut headers, &mut pq, &route(true, false), &keys);
         assert_eq!(pq, "/a?x=1&y=2");
         let mut only = "/a?api_key=secret".to_owned();
-        strip(&mut headers, &mut only, KeySource::Query, &keys);
+        strip(&mut headers, &mut only, &route(true, false), &keys);
         assert_eq!(only, "/a");
         let mut encoded_name = "/a?api%5Fkey=secret&z".to_owned();
-        strip(&mut headers, &mut encoded_name, KeySource::Query, &keys);
+        strip(&mut headers, &mut encoded_name, &route(true, false), &keys);
         assert_eq!(encoded_name, "/a?z");
+    }
+
+    #[test]
+    fn stripping_removes_every_carrier_not_only_the_one_read() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer one"));
+        headers.insert("x-api-key", HeaderValue::from_static("two"));
+        let mut pq = "/a?api_key=three&x=1".to_owned();
+        strip(&mut headers, &mut pq, &route(true, false), &keys);
+        assert!(headers.is_empty(), "{headers:?}");
+        assert_eq!(pq, "/a?x=1");
+    }
+
+    #[test]
+    fn stripping_keeps_basic_authorization_and_the_query_where_it_is_not_a_key() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9vOmJhcg=="));
+        headers.insert("x-api-key", HeaderValue::from_static("the-key"));
+        let mut pq = "/a?api_key=upstream-data".to_owned();
+        strip(&mut headers, &mut pq, &route(false, false), &keys);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[header::AUTHORIZATION], "Basic Zm9vOmJhcg==");
+        assert_eq!(pq, "/a?api_key=upstream-data");
+    }
+
+    #[test]
+    fn a_public_route_drops_our_keys_but_keeps_the_upstreams_own_bearer_token() {
+        let keys = keys();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer upstream-jwt"));
+        headers.insert("x-api-key", HeaderValue::from_static("kg_acme_x"));
+        let mut pq = "/a".to_owned();
+        strip(&mut headers, &mut pq, &route(false, true), &keys);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer upstream-jwt");
+
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer kg_acme_secret"));
+        strip(&mut headers, &mut pq, &route(false, true), &keys);
+        assert!(headers.is_empty(), "{headers:?}");
     }
 }

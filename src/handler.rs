@@ -93,7 +93,7 @@ async fn serve(
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
     if !route.public {
-        let (presented, source) =
+        let (presented, _source) =
             credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key)
                 .ok_or(GatewayError::MissingKey)?;
 
@@ -122,9 +122,12 @@ async fn serve(
             }
         };
 
-        credential::strip(request.headers_mut(), &mut path_and_query, source, keys);
         caller = Some((record, admission));
     }
+
+    // Every key carrier goes, not only the one read: a second copy must not
+    // leak, and a key sent to a public route is still nobody else's business.
+    credential::strip(request.headers_mut(), &mut path_and_query, route, keys);
 
     // 6. Proxy: rewrite headers, then forward (or answer from the echo).
     *request.uri_mut() = path_and_query
