@@ -225,6 +225,11 @@ pub enum CliError {
     Ops(#[from] OpsError),
     #[error("cannot {what}: {source}")]
     Io { what: &'static str, source: io::Error },
+    /// `keys update` without a single metadata flag.
+    #[error(
+        "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --expires, --label, --meta"
+    )]
+    NothingToChange,
 }
 
 impl CliError {
@@ -275,6 +280,9 @@ async fn run_with(
         }
         KeysCommand::Update(args) => {
             let changes = args.meta.changes(now)?;
+            if changes == MetaChanges::default() {
+                return Err(CliError::NothingToChange);
+            }
             let record = ops::update(store, &args.id, changes, now).await?;
             print_record(&record, args.json, now, out)?;
             writeln!(err, "Updated key {}.", record.id).map_err(CliError::write)?;
@@ -633,6 +641,8 @@ mod tests {
         assert_eq!(err.to_string(), "no key with id acme.missing1");
         let err = exec(&store, cmd("update acme.missing1 --label x")).await.unwrap_err();
         assert_eq!(err.to_string(), "no key with id acme.missing1");
+        let err = exec(&store, cmd("update acme.missing1")).await.unwrap_err();
+        assert!(matches!(err, CliError::NothingToChange), "{err:?}");
     }
 
     #[test]
