@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     pub drain_timeout: Duration,
+    /// Worker threads, each a single-threaded runtime with its own listener
+    /// (SO_REUSEPORT) and upstream connection pools. 0 in the file means one
+    /// per CPU core; resolved to a count here.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +196,7 @@ struct RawLimits {
 struct RawServer {
     listen: Option<String>,
     drain_timeout: Option<String>,
+    workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -456,6 +461,14 @@ impl RawConfig {
                 self.server.drain_timeout.as_deref(),
                 Duration::from_secs(30),
             ),
+            workers: match self.server.workers.unwrap_or(0) {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n if n > 256 => {
+                    p.push("server.workers", format!("{n} is more than 256; 0 means one per core"));
+                    1
+                }
+                n => n,
+            },
         };
 
         let store = validate_store(&mut p, self.store, base);

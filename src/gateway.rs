@@ -28,7 +28,7 @@ impl Live {
     pub fn build(config: Config) -> Self {
         Self {
             routes: RouteTable::new(&config.routes),
-            upstreams: Upstreams::new(&config.upstreams),
+            upstreams: Upstreams::new(&config.upstreams, config.server.workers),
             config: Arc::new(config),
         }
     }

@@ -93,32 +93,39 @@ pub fn set_identity(headers: &mut HeaderMap, keys: &KeysConfig, caller: Option<&
     }
 }
 
-/// One upstream: its targets and the pooled client that reaches them.
+/// One upstream: its targets and the pooled clients that reach them.
 pub struct UpstreamPool {
     name: String,
     targets: Vec<(Scheme, Authority)>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Incoming>,
+    /// One client (and so one connection pool) per worker thread: a worker
+    /// reuses only connections its own runtime drives, with no cross-thread
+    /// wake-ups or pool lock shared between cores.
+    clients: Vec<Client<HttpConnector, Incoming>>,
     timeout: Duration,
 }
 
 impl UpstreamPool {
-    pub fn new(name: &str, config: &UpstreamConfig) -> Self {
+    pub fn new(name: &str, config: &UpstreamConfig, workers: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_max_idle_per_host(config.pool_max_idle_per_host)
+                    .build(connector.clone())
+            })
+            .collect();
         let targets = config
             .targets
             .iter()
             .filter_map(|uri| Some((uri.scheme()?.clone(), uri.authority()?.clone())))
             .collect();
-        Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), client, timeout: config.timeout }
+        Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), clients, timeout: config.timeout }
     }
 
     pub fn name(&self) -> &str {
@@ -149,7 +156,8 @@ impl UpstreamPool {
         // Upstreams are spoken to over HTTP/1.1 whatever the client used.
         *request.version_mut() = Version::HTTP_11;
 
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let client = &self.clients[crate::server::worker_index() % self.clients.len()];
+        match tokio::time::timeout(self.timeout, client.request(request)).await {
             Err(_elapsed) => {
                 Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout })
             }
@@ -183,10 +191,13 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new<'a>(configs: impl IntoIterator<Item = (&'a String, &'a UpstreamConfig)>) -> Self {
+    pub fn new<'a>(
+        configs: impl IntoIterator<Item = (&'a String, &'a UpstreamConfig)>,
+        workers: usize,
+    ) -> Self {
         let pools = configs
             .into_iter()
-            .map(|(name, c)| (name.clone(), Arc::new(UpstreamPool::new(name, c))))
+            .map(|(name, c)| (name.clone(), Arc::new(UpstreamPool::new(name, c, workers))))
             .collect();
         Self { pools }
     }

@@ -4,6 +4,11 @@
 //! it in, as mini-redis does) and a shutdown future. On shutdown it stops
 //! accepting, lets in-flight requests finish within the drain timeout, and returns.
 //! TLS will slot in between `accept` and `serve_connection`.
+//!
+//! In production [`run_workers`] runs one [`serve`] per worker thread, each on
+//! its own single-threaded runtime with its own `SO_REUSEPORT` listener: the
+//! kernel spreads connections over the workers, and a connection's whole life
+//! (accept, requests, upstream connections) stays on one core.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,6 +97,71 @@ fn serve_connection(
             tracing::debug!(%peer, error = %error, "connection ended with an error");
         }
     });
+}
+
+thread_local! {
+    /// Which worker thread this is (0 outside workers, e.g. in tests); picks
+    /// the worker's own upstream connection pool.
+    static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The current worker's index.
+pub fn worker_index() -> usize {
+    WORKER_INDEX.with(std::cell::Cell::get)
+}
+
+/// Binds `count` listeners on `addr` sharing the port through `SO_REUSEPORT`
+/// (the first binds, so port 0 picks one free port for all).
+pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Runs one [`serve`] per listener, each on its own thread and
+/// single-threaded runtime, until `shutdown` turns true; returns how each
+/// worker drained.
+pub fn run_workers(
+    listeners: Vec<std::net::TcpListener>,
+    gateway: &Arc<Gateway>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    drain_timeout: Duration,
+) -> std::io::Result<Vec<Drained>> {
+    let mut threads = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let gateway = Arc::clone(gateway);
+        let mut shutdown = shutdown.clone();
+        let thread =
+            std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
+                WORKER_INDEX.with(|w| w.set(index));
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    let stop = async move {
+                        // Err: the sender is gone, which also means stop.
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                    };
+                    Ok::<_, std::io::Error>(serve(listener, gateway, stop, drain_timeout).await)
+                })
+            })?;
+        threads.push(thread);
+    }
+    threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("worker thread panicked"))))
+        .collect()
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

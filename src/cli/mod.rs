@@ -144,26 +144,60 @@ fn serve(path: &Path) -> ExitCode {
         Err(error) => return invalid_config(&error),
     };
     crate::telemetry::init(&config.log);
-    block_on(async move {
-        let listen = config.server.listen;
-        let drain_timeout = config.server.drain_timeout;
+    // The control runtime drives what is not per request: the store's
+    // connections, invalidations, signals. Requests run on the workers.
+    let control = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+    let control = match control {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    control.block_on(async move {
+        let (listen, drain_timeout, workers) =
+            (config.server.listen, config.server.drain_timeout, config.server.workers);
         let store = match open_store(&config, None).await {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => listener,
+        let listeners = match server::bind_reuseport(listen, workers) {
+            Ok(listeners) => listeners,
             Err(error) => {
                 tracing::error!(%listen, %error, "cannot listen");
                 return ExitCode::FAILURE;
             }
         };
-        let gateway = Gateway::new(config, store);
         // The bound address, not the configured one: port 0 picks a free port.
-        let address = listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
-        tracing::info!(%address, "keygate listening");
-        server::serve(listener, gateway, server::shutdown_signal(), drain_timeout).await;
-        tracing::info!("keygate stopped");
-        ExitCode::SUCCESS
+        let address = listeners[0].local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
+        let gateway = Gateway::new(config, store);
+        tracing::info!(%address, workers, "keygate listening");
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut workers = tokio::task::spawn_blocking(move || {
+            server::run_workers(listeners, &gateway, stopped, drain_timeout)
+        });
+        let drained = tokio::select! {
+            () = server::shutdown_signal() => {
+                let _ = stop.send(true);
+                (&mut workers).await
+            }
+            // Workers only end on their own if something broke.
+            ended = &mut workers => ended,
+        };
+        match drained {
+            Ok(Ok(_)) => {
+                tracing::info!("keygate stopped");
+                ExitCode::SUCCESS
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "a worker failed");
+                ExitCode::FAILURE
+            }
+            Err(error) => {
+                tracing::error!(%error, "workers panicked");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
