@@ -20,6 +20,7 @@
 //! - [`auth`]: verification through the in-process cache, invalidations.
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
+//! - [`usage`]: usage counted in memory, flushed to Redis; the audit trail.
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
@@ -40,3 +41,4 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
