@@ -268,3 +268,139 @@ async fn query_reads_buckets_clients_keys_and_routes() {
     let err = usage::query(&mut conn, PREFIX, &q(None, far, Granularity::Minute)).await.unwrap_err();
     assert!(err.to_string().contains("coarser --by"), "{err}");
 }
+
+/// Runs the `keygate` binary against `redis` from an empty folder (no
+/// `gateway.toml`), returning stdout; fails the test on a non-zero exit.
+fn keygate(redis: &RedisServer, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .args(["--redis", &redis.url()])
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_REDIS_URL")
+        .env("USER", "alice")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "keygate {args:?}: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test]
+async fn keygate_usage_prints_totals_by_bucket_and_client() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    let flusher = flusher(&redis, &recorder, FlushConfig::default());
+    let now = Timestamp::now();
+    let three_hours_ago = now - jiff::SignedDuration::from_hours(3);
+    for _ in 0..4 {
+        recorder.record(&event("acme", now));
+    }
+    recorder.record(&event("acme", three_hours_ago));
+    recorder.record(&UsageEvent { key_id: Some("globex.k2"), status: 404, ..event("globex", now) });
+    flusher.flush_now().await.unwrap();
+
+    let report = json(&keygate(&redis, &["usage", "--json"]));
+    assert_eq!(report["totals"]["requests"], 6);
+    assert_eq!(report["totals"]["status_4xx"], 1);
+    assert_eq!(report["by"], "hour");
+    assert_eq!(report["clients"][0]["client"], "acme");
+    assert_eq!(report["clients"][0]["buckets"].as_array().unwrap().len(), 2);
+    assert_eq!(report["clients"][0]["keys"]["acme.k1"]["requests"], 5);
+
+    let report = json(&keygate(&redis, &["usage", "--json", "--since", "1h", "--by", "minute"]));
+    assert_eq!(report["totals"]["requests"], 5, "the event 3 hours ago is out of range");
+    assert_eq!(report["by"], "minute");
+
+    let report = json(&keygate(&redis, &["usage", "--json", "--client", "globex", "--by", "day"]));
+    assert_eq!(report["totals"]["requests"], 1);
+    assert_eq!(report["clients"].as_array().unwrap().len(), 1);
+
+    let date = now.to_zoned(jiff::tz::TimeZone::UTC).date().to_string();
+    let report = json(&keygate(&redis, &["usage", "--json", "--since", &date, "--by", "day"]));
+    let expected =
+        if three_hours_ago.to_zoned(jiff::tz::TimeZone::UTC).date().to_string() == date { 6 } else { 5 };
+    assert_eq!(report["totals"]["requests"], expected, "since midnight UTC");
+
+    let table = keygate(&redis, &["usage", "--client", "acme"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("BUCKET") && lines[0].contains("REQUESTS"), "{table}");
+    assert_eq!(lines.len(), 4, "header, two hours, total: {table}");
+    assert!(lines[3].starts_with("TOTAL") && lines[3].split_whitespace().nth(2) == Some("5"), "{table}");
+}
+
+#[tokio::test]
+async fn key_operations_are_audited_and_listed_in_order() {
+    let redis = RedisServer::start();
+    let key = keygate(&redis, &["keys", "issue", "--client", "acme", "--rate", "5/s"]);
+    let listed = json(&keygate(&redis, &["keys", "list", "--json"]));
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["last_used"], serde_json::Value::Null, "never used yet");
+    keygate(&redis, &["keys", "update", &id, "--label", "ci"]);
+    let new_key = keygate(&redis, &["keys", "rotate", &id, "--grace", "1h"]);
+    keygate(&redis, &["keys", "revoke", &id]);
+    keygate(&redis, &["keys", "issue", "--client", "globex"]);
+
+    let trail = json(&keygate(&redis, &["keys", "audit", "--json", "--client", "acme"]));
+    let actions: Vec<&str> =
+        trail.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["issue", "update", "rotate", "revoke"]);
+    assert!(
+        trail.as_array().unwrap().iter().all(|e| e["actor"] == "cli:alice" && e["key_id"] == id.as_str())
+    );
+    assert!(trail[2]["detail"].as_str().unwrap().starts_with("new key acme."), "{trail}");
+    let all = json(&keygate(&redis, &["keys", "audit", "--json"]));
+    assert_eq!(all.as_array().unwrap().len(), 5);
+    assert_eq!(all[4]["key_id"].as_str().unwrap().split('.').next(), Some("globex"));
+
+    let table = keygate(&redis, &["keys", "audit"]);
+    assert_eq!(table.lines().count(), 5, "{table}");
+    // No key string reaches the trail.
+    let dump = format!("{:?}", redis.dump());
+    for secret in [key.trim(), new_key.trim()] {
+        assert!(!dump.contains(secret));
+    }
+
+    // last_used as `keys show` prints it, once usage was flushed for the key.
+    let recorder = Arc::new(UsageRecorder::new());
+    let flusher = flusher(&redis, &recorder, FlushConfig::default());
+    let now = Timestamp::now();
+    recorder.record(&UsageEvent { key_id: Some(&id), ..event("acme", now) });
+    flusher.flush_now().await.unwrap();
+    let shown = json(&keygate(&redis, &["keys", "show", &id, "--json"]));
+    assert_eq!(shown["last_used"], Timestamp::from_second(now.as_second()).unwrap().to_string());
+    let table = keygate(&redis, &["keys", "list"]);
+    assert!(table.lines().next().unwrap().contains("LAST_USED"), "{table}");
+}
+
+#[tokio::test]
+async fn the_audit_stream_is_capped() {
+    let redis = RedisServer::start();
+    let conn = usage::connect(&redis.url()).unwrap();
+    let entry = |n: usize| usage::AuditEntry {
+        actor: "cli:test".into(),
+        action: usage::AuditAction::Update,
+        key_id: "acme.k1".parse().unwrap(),
+        at: Timestamp::now(),
+        detail: format!("#{n}"),
+    };
+    let total = usage::audit::AUDIT_MAX_LEN + 2_000;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(500) {
+        let appends = chunk.iter().map(|&n| {
+            let mut conn = conn.clone();
+            async move { usage::append_audit(&mut conn, PREFIX, &entry(n)).await.unwrap() }
+        });
+        futures_util::future::join_all(appends).await;
+    }
+    let len: usize = redis.query(redis::cmd("XLEN").arg("kg:audit"));
+    assert!((usage::audit::AUDIT_MAX_LEN..usage::audit::AUDIT_MAX_LEN + 200).contains(&len), "XLEN {len}");
+
+    let latest = usage::read_audit(&mut conn.clone(), PREFIX, None, 3).await.unwrap();
+    let details: Vec<&str> = latest.iter().map(|r| r.entry.detail.as_str()).collect();
+    let last = total - 1;
+    assert_eq!(details, [format!("#{}", last - 2), format!("#{}", last - 1), format!("#{last}")]);
+}
