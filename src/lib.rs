@@ -21,6 +21,7 @@
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
+//! - [`usage`]: usage counted in memory, flushed to Redis; the audit trail.
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
@@ -42,3 +43,4 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod usage;

@@ -7,6 +7,10 @@
 //! `rotate` print the new key **alone** on stdout, everything addressed to a
 //! person goes to stderr, and `--json` puts a machine-readable record on stdout
 //! instead. No secret is printed except that one-time key.
+//!
+//! With a Redis store, `issue`/`update`/`rotate`/`revoke` also append to the
+//! audit trail (actor `cli:$USER`), `keys audit` prints it, and `list`/`show`
+//! include each key's approximate `last_used` (see [`crate::usage`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::io::{self, BufRead, Write};
@@ -17,10 +21,13 @@ use clap::{Args, Subcommand};
 use jiff::Timestamp;
 use serde::Serialize;
 
+use redis::aio::ConnectionManager;
+
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
 use crate::meta::{self, KeyStatus, MetaChanges, MetaError, Quota, Rate};
 use crate::ops::{self, OpsError, RevokeTarget};
 use crate::store::{KeyRecord, KeyStore, SharedStore};
+use crate::usage::{self, AuditAction, AuditEntry, AuditRecord};
 
 /// The `keys` subcommands, mounted by the top-level command as `keygate keys ...`.
 #[derive(Debug, Subcommand)]
@@ -38,6 +45,38 @@ pub enum KeysCommand {
     /// Replace a key by a new one with the same metadata. Prints the new key
     /// alone on stdout; the old key keeps working for the grace period.
     Rotate(RotateArgs),
+    /// Show the audit trail of key operations, oldest first (Redis store only).
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this client's keys.
+    #[arg(long, value_parser = client_flag)]
+    pub client: Option<String>,
+    /// How many of the latest entries to show.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the key commands use Redis for besides the store, when the store is
+/// Redis: the audit trail and `last_used`. `None` with the file store.
+#[derive(Clone)]
+pub struct RedisExtras {
+    pub conn: ConnectionManager,
+    /// The store's Redis key prefix (`kg:`), not the key-string prefix.
+    pub prefix: String,
+    /// Who the audit trail names, e.g. `cli:alice`.
+    pub actor: String,
+}
+
+impl std::fmt::Debug for RedisExtras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisExtras").field("prefix", &self.prefix).field("actor", &self.actor).finish()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -230,6 +269,8 @@ pub enum CliError {
         "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --expires, --label, --meta"
     )]
     NothingToChange,
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
@@ -239,8 +280,14 @@ impl CliError {
 }
 
 /// Runs a `keys` subcommand against `store`, printing to stdout and stderr.
-pub async fn run(cmd: KeysCommand, store: SharedStore, prefix: &str) -> Result<(), CliError> {
-    run_with(cmd, &*store, prefix, Timestamp::now(), &mut io::stdout(), &mut io::stderr()).await
+pub async fn run(
+    cmd: KeysCommand,
+    store: SharedStore,
+    prefix: &str,
+    redis: Option<RedisExtras>,
+) -> Result<(), CliError> {
+    let (mut out, mut err) = (io::stdout(), io::stderr());
+    run_with(cmd, &*store, prefix, redis.as_ref(), Timestamp::now(), &mut out, &mut err).await
 }
 
 /// [`run`] with the clock and the output streams passed in, for tests.
@@ -248,6 +295,7 @@ async fn run_with(
     cmd: KeysCommand,
     store: &dyn KeyStore,
     prefix: &str,
+    redis: Option<&RedisExtras>,
     now: Timestamp,
     out: &mut (impl Write + Send),
     err: &mut (impl Write + Send),
@@ -258,6 +306,8 @@ async fn run_with(
             let issued = ops::issue(store, prefix, &args.client, changes, now).await?;
             print_new_key(&issued.key, &issued.record, args.json, now, out)?;
             let id = &issued.record.id;
+            let detail = summary(&issued.record);
+            audit(redis, AuditAction::Issue, id, detail, now, err).await?;
             writeln!(
                 err,
                 "Issued key {id} for client {}. It is shown once: store it now.",
@@ -267,16 +317,20 @@ async fn run_with(
         }
         KeysCommand::List(args) => {
             let records = ops::list(store, args.client.as_deref()).await?;
+            let last_used = last_used_of(redis, &records).await;
+            let used = |r: &KeyRecord| last_used.get(&r.id).copied();
             if args.json {
-                let views: Vec<_> = records.iter().map(|r| RecordView::new(r, None, now)).collect();
+                let views: Vec<_> =
+                    records.iter().map(|r| RecordView::new(r, None, now).last_used(used(r))).collect();
                 print_json(&views, out)?;
             } else {
-                print_table(&records, now, out).map_err(CliError::write)?;
+                print_table(&records, &used, now, out).map_err(CliError::write)?;
             }
         }
         KeysCommand::Show(args) => {
             let record = ops::show(store, &args.id).await?;
-            print_record(&record, args.json, now, out)?;
+            let used = last_used_of(redis, std::slice::from_ref(&record)).await.get(&record.id).copied();
+            print_record(&record, used, args.json, now, out)?;
         }
         KeysCommand::Update(args) => {
             let changes = args.meta.changes(now)?;
@@ -284,7 +338,8 @@ async fn run_with(
                 return Err(CliError::NothingToChange);
             }
             let record = ops::update(store, &args.id, changes, now).await?;
-            print_record(&record, args.json, now, out)?;
+            audit(redis, AuditAction::Update, &record.id, summary(&record), now, err).await?;
+            print_record(&record, None, args.json, now, out)?;
             writeln!(err, "Updated key {}.", record.id).map_err(CliError::write)?;
         }
         KeysCommand::Revoke(args) => {
@@ -303,12 +358,17 @@ async fn run_with(
             let revoked = ops::revoke(store, &target, prefix).await?;
             let id = &revoked.record.id;
             let msg = if revoked.already { "was already revoked" } else { "is revoked" };
+            if !revoked.already {
+                audit(redis, AuditAction::Revoke, id, String::new(), now, err).await?;
+            }
             writeln!(err, "Key {id} {msg}.").map_err(CliError::write)?;
         }
         KeysCommand::Rotate(args) => {
             let issued = ops::rotate(store, &args.id, args.grace, prefix, now).await?;
             print_new_key(&issued.key, &issued.record, args.json, now, out)?;
             let grace = humantime::format_duration(args.grace);
+            let detail = format!("new key {}, grace {grace}", issued.record.id);
+            audit(redis, AuditAction::Rotate, &args.id, detail, now, err).await?;
             writeln!(
                 err,
                 "Rotated {} to {}. The old key keeps working for {grace} at most; the new key is shown once.",
@@ -316,6 +376,91 @@ async fn run_with(
             )
             .map_err(CliError::write)?;
         }
+        KeysCommand::Audit(args) => {
+            let Some(redis) = redis else {
+                return Err(CliError::Ops(OpsError::Invalid {
+                    field: "store".into(),
+                    reason: "the audit trail is kept in Redis; give --redis URL or a Redis [store]".into(),
+                }));
+            };
+            let records =
+                usage::read_audit(&mut redis.conn.clone(), &redis.prefix, args.client.as_deref(), args.limit)
+                    .await
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+            if args.json {
+                print_json(&records, out)?;
+            } else {
+                print_audit(&records, out).map_err(CliError::write)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends an audit entry when the store is Redis. The operation itself has
+/// already succeeded, so a failure here is a warning, not an error: failing
+/// would invite a retry that issues a second key.
+async fn audit(
+    redis: Option<&RedisExtras>,
+    action: AuditAction,
+    key_id: &KeyId,
+    detail: String,
+    now: Timestamp,
+    err: &mut (impl Write + Send),
+) -> Result<(), CliError> {
+    let Some(redis) = redis else { return Ok(()) };
+    let entry = AuditEntry { actor: redis.actor.clone(), action, key_id: key_id.clone(), at: now, detail };
+    if let Err(e) = usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
+        writeln!(err, "warning: {action} of {key_id} done, but its audit entry was not written: {e}")
+            .map_err(CliError::write)?;
+    }
+    Ok(())
+}
+
+/// A record's metadata in one line, for the audit trail.
+fn summary(record: &KeyRecord) -> String {
+    let meta = &record.meta;
+    let mut parts = vec![format!("scopes={}", meta.scopes.join(","))];
+    let optional = [
+        ("rate", meta.rate.map(|v| v.to_string())),
+        ("burst", meta.burst.map(|v| v.to_string())),
+        ("quota", meta.quota.map(|v| v.to_string())),
+        ("expires", meta.expires_at.map(|v| v.to_string())),
+    ];
+    parts.extend(optional.into_iter().filter_map(|(name, value)| Some(format!("{name}={}", value?))));
+    parts.join(" ")
+}
+
+/// `last_used` of `records`, when the store is Redis (one `HGETALL` per
+/// client). Best effort: unknown if Redis cannot say.
+async fn last_used_of(
+    redis: Option<&RedisExtras>,
+    records: &[KeyRecord],
+) -> std::collections::HashMap<KeyId, Timestamp> {
+    let mut found = std::collections::HashMap::new();
+    let Some(redis) = redis else { return found };
+    let clients: std::collections::BTreeSet<&str> = records.iter().map(KeyRecord::client).collect();
+    for client in clients {
+        let Ok(kids) =
+            usage::query::last_used_by_client(&mut redis.conn.clone(), &redis.prefix, client).await
+        else {
+            continue;
+        };
+        for record in records.iter().filter(|r| r.client() == client) {
+            if let Some(at) = kids.get(record.id.kid()) {
+                found.insert(record.id.clone(), *at);
+            }
+        }
+    }
+    found
+}
+
+fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> {
+    for record in records {
+        let e = &record.entry;
+        let detail: String = e.detail.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+        let line = format!("{}  {:<16}  {:<6}  {}  {detail}", e.at, e.actor, e.action, e.key_id);
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
 }
@@ -342,6 +487,8 @@ struct RecordView<'a> {
     state: &'static str,
     created_at: Timestamp,
     rotated_at: Option<Timestamp>,
+    /// Approximate time of the last request with this key (Redis store only).
+    last_used: Option<Timestamp>,
 }
 
 impl<'a> RecordView<'a> {
@@ -361,7 +508,13 @@ impl<'a> RecordView<'a> {
             state: state(record, now),
             created_at: meta.created_at,
             rotated_at: meta.rotated_at,
+            last_used: None,
         }
+    }
+
+    fn last_used(mut self, at: Option<Timestamp>) -> Self {
+        self.last_used = at;
+        self
     }
 }
 
@@ -400,12 +553,13 @@ fn print_json(value: &impl Serialize, out: &mut impl Write) -> Result<(), CliErr
 
 fn print_record(
     record: &KeyRecord,
+    last_used: Option<Timestamp>,
     json: bool,
     now: Timestamp,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     if json {
-        return print_json(&RecordView::new(record, None, now), out);
+        return print_json(&RecordView::new(record, None, now).last_used(last_used), out);
     }
     let meta = &record.meta;
     let lines = [
@@ -420,6 +574,7 @@ fn print_record(
         ("label", meta.label.as_deref().map_or_else(|| "-".to_owned(), printable)),
         ("created", meta.created_at.to_string()),
         ("rotated", or_dash(meta.rotated_at)),
+        ("last use", or_dash(last_used)),
     ];
     for (name, value) in lines {
         writeln!(out, "{name:<8} {value}").map_err(CliError::write)?;
@@ -427,9 +582,15 @@ fn print_record(
     Ok(())
 }
 
-fn print_table(records: &[KeyRecord], now: Timestamp, out: &mut impl Write) -> io::Result<()> {
-    let header = ["ID", "STATE", "SCOPES", "RATE", "QUOTA", "EXPIRES", "LABEL"].map(str::to_owned);
-    let rows: Vec<[String; 7]> = records
+fn print_table(
+    records: &[KeyRecord],
+    last_used: &dyn Fn(&KeyRecord) -> Option<Timestamp>,
+    now: Timestamp,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let header =
+        ["ID", "STATE", "SCOPES", "RATE", "QUOTA", "EXPIRES", "LAST_USED", "LABEL"].map(str::to_owned);
+    let rows: Vec<[String; 8]> = records
         .iter()
         .map(|r| {
             let meta = &r.meta;
@@ -440,6 +601,7 @@ fn print_table(records: &[KeyRecord], now: Timestamp, out: &mut impl Write) -> i
                 or_dash(meta.rate),
                 or_dash(meta.quota),
                 or_dash(meta.expires_at),
+                or_dash(last_used(r)),
                 meta.label.as_deref().map_or_else(|| "-".to_owned(), printable),
             ]
         })
@@ -504,7 +666,7 @@ mod tests {
     /// Runs a command; returns (stdout, stderr).
     async fn exec(store: &MemStore, cmd: KeysCommand) -> Result<(String, String), CliError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        run_with(cmd, store, P, now(), &mut out, &mut err).await?;
+        run_with(cmd, store, P, None, now(), &mut out, &mut err).await?;
         Ok((String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap()))
     }
 
@@ -649,7 +811,7 @@ mod tests {
     fn run_is_send_so_it_can_be_spawned() {
         fn assert_send<T: Send>(_: &T) {}
         let store: SharedStore = std::sync::Arc::new(MemStore::new());
-        let fut = run(cmd("list"), store, P);
+        let fut = run(cmd("list"), store, P, None);
         assert_send(&fut);
     }
 }

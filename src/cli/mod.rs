@@ -6,12 +6,14 @@
 //! 2 invalid config or usage.
 
 pub mod keys;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::StoreConfig;
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
 use crate::server;
@@ -41,6 +43,8 @@ pub enum Command {
         #[command(subcommand)]
         command: Box<keys::KeysCommand>,
     },
+    /// Print usage (requests, status classes, refusals, bytes, latency) read from Redis.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +86,7 @@ pub fn main() -> ExitCode {
         },
         Command::Serve(args) => serve(&args.config),
         Command::Keys { store, command } => {
+            let store_args_redis = store.redis.clone();
             let config = match store_config(&store) {
                 Ok(config) => config,
                 Err(error) => return invalid_config(&error),
@@ -91,7 +96,8 @@ pub fn main() -> ExitCode {
                     Ok(store) => store,
                     Err(code) => return code,
                 };
-                match keys::run(*command, store, &config.keys.prefix).await {
+                let redis = key_redis_extras(&config, store_args_redis.as_deref());
+                match keys::run(*command, store, &config.keys.prefix, redis).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("error: {error}");
@@ -99,6 +105,41 @@ pub fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Usage(args) => {
+            let config = match store_config(&args.store) {
+                Ok(config) => config,
+                Err(error) => return invalid_config(&error),
+            };
+            block_on(usage::run(args, &config))
+        }
+    }
+}
+
+/// The Redis (URL and key prefix) that usage and the audit trail live in:
+/// `--redis`/`KEYGATE_REDIS_URL`, else the config's Redis store. `None` when
+/// the store is the file store and no Redis is given.
+pub fn redis_target(config: &Config, redis: Option<&str>) -> Option<(String, String)> {
+    let prefix = match &config.store {
+        StoreConfig::Redis { prefix, .. } => prefix.clone(),
+        StoreConfig::File { .. } => store::redis::DEFAULT_PREFIX.to_owned(),
+    };
+    match (redis, &config.store) {
+        (Some(url), _) => Some((url.to_owned(), prefix)),
+        (None, StoreConfig::Redis { url, .. }) => Some((url.clone(), prefix)),
+        (None, StoreConfig::File { .. }) => None,
+    }
+}
+
+/// The audit trail and `last_used` connection for the key commands, when
+/// the store is Redis. Lazy: connects on first use.
+fn key_redis_extras(config: &Config, redis: Option<&str>) -> Option<keys::RedisExtras> {
+    let (url, prefix) = redis_target(config, redis)?;
+    match crate::usage::connect(&url) {
+        Ok(conn) => Some(keys::RedisExtras { conn, prefix, actor: crate::usage::audit::cli_actor() }),
+        Err(error) => {
+            eprintln!("warning: no audit trail: {error}");
+            None
         }
     }
 }

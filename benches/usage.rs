@@ -1,0 +1,55 @@
+//! Run with `cargo bench --bench usage` (add `-- --warm-up-time 1 --measurement-time 3` for a quick pass).
+//!
+//! `UsageRecorder::record`, the only usage code on the request path, on one
+//! thread: the steady state (the series exists: lock, hash, add) and the
+//! first event of a series in a flush interval (which allocates the key).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use jiff::Timestamp;
+use keygate::usage::{UsageEvent, UsageRecorder};
+
+fn event(at: Timestamp) -> UsageEvent<'static> {
+    UsageEvent {
+        client: Some("12345-ABCDE"),
+        key_id: Some("12345-ABCDE.k7Qm2xAb"),
+        route: "/api/v1/orders",
+        status: 200,
+        refusal: None,
+        bytes_in: 512,
+        bytes_out: 4096,
+        upstream_latency: Some(Duration::from_micros(1800)),
+        at,
+    }
+}
+
+fn usage_benches(c: &mut Criterion) {
+    let at = Timestamp::now();
+    let recorder = UsageRecorder::new();
+    let hot = event(at);
+    recorder.record(&hot);
+    c.bench_function("record (existing series)", |b| b.iter(|| recorder.record(black_box(&hot))));
+
+    c.bench_function("record (new series: first event after a flush)", |b| {
+        b.iter_batched_ref(UsageRecorder::new, |fresh| fresh.record(black_box(&hot)), BatchSize::SmallInput)
+    });
+
+    // 1000 clients' series in one shard: a busy gateway's map size.
+    let clients: Vec<String> = (0..1000).map(|i| format!("client-{i}")).collect();
+    let busy = UsageRecorder::new();
+    for client in &clients {
+        busy.record(&UsageEvent { client: Some(client), ..event(at) });
+    }
+    let mut i = 0;
+    c.bench_function("record (existing series, 1000 series in the shard)", |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            busy.record(black_box(&UsageEvent { client: Some(&clients[i]), ..event(at) }))
+        })
+    });
+}
+
+criterion_group!(benches, usage_benches);
+criterion_main!(benches);

@@ -1,0 +1,250 @@
+//! `keygate usage`: usage read from Redis, as a table (stdout) or `--json`
+//! (the [`UsageReport`] the admin API also serves).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+
+use super::StoreArgs;
+use crate::config::Config;
+use crate::usage::{self, ANONYMOUS, Counts, Granularity, UsageQuery, UsageReport};
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only this client (`_anonymous`: requests without a valid key).
+    #[arg(long, value_parser = client_flag)]
+    pub client: Option<String>,
+    /// Start of the range: a duration back from now (1h, 7d) or a UTC date
+    /// or time (2026-11-01, 2026-11-01T12:00:00Z).
+    #[arg(long, default_value = "24h", value_name = "1h|DATE", value_parser = since_flag)]
+    pub since: Since,
+    /// Bucket size of the rows.
+    #[arg(long, default_value = "hour", value_name = "minute|hour|day")]
+    pub by: Granularity,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--since`, kept relative until the command's `now` is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    Ago(Duration),
+    At(Timestamp),
+}
+
+impl Since {
+    pub fn resolve(self, now: Timestamp) -> Result<Timestamp, String> {
+        match self {
+            Self::At(at) => Ok(at),
+            Self::Ago(ago) => {
+                let ago = jiff::SignedDuration::try_from(ago).map_err(|e| e.to_string())?;
+                now.checked_sub(ago).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn since_flag(s: &str) -> Result<Since, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(Since::Ago(ago));
+    }
+    if let Ok(at) = s.parse::<Timestamp>() {
+        return Ok(Since::At(at));
+    }
+    s.parse::<Date>()
+        .ok()
+        .and_then(|date| date.to_zoned(TimeZone::UTC).ok())
+        .map(|zoned| Since::At(zoned.timestamp()))
+        .ok_or_else(|| "expected a duration (1h, 7d) or a date (2026-11-01) or RFC 3339 time".to_owned())
+}
+
+fn client_flag(s: &str) -> Result<String, String> {
+    if s == ANONYMOUS {
+        return Ok(s.to_owned());
+    }
+    crate::key::validate_client_id(s).map(|()| s.to_owned()).map_err(|e| e.to_string())
+}
+
+/// Runs `keygate usage`: reads the report from the store's Redis and prints it.
+pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
+    let Some((url, prefix)) = super::redis_target(config, args.store.redis.as_deref()) else {
+        eprintln!(
+            "error: usage is kept in Redis; give --redis URL (or KEYGATE_REDIS_URL), or a config whose [store] is Redis"
+        );
+        return ExitCode::from(super::EXIT_INVALID_CONFIG);
+    };
+    let now = Timestamp::now();
+    let since = match args.since.resolve(now) {
+        Ok(since) => since,
+        Err(why) => {
+            eprintln!("error: --since: {why}");
+            return ExitCode::from(super::EXIT_INVALID_CONFIG);
+        }
+    };
+    let query = UsageQuery { client: args.client, since, until: now, by: args.by };
+    let report = match usage::connect(&url) {
+        Ok(mut conn) => usage::query(&mut conn, &prefix, &query).await,
+        Err(error) => Err(error),
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(usage::UsageError::Invalid(why)) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(super::EXIT_INVALID_CONFIG);
+        }
+        Err(error) => {
+            eprintln!("error: cannot read usage: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = io::stdout().lock();
+    let printed = if args.json { print_json(&report, &mut out) } else { print_table(&report, &mut out) };
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: cannot write output: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(report: &UsageReport, out: &mut impl Write) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, report).map_err(io::Error::other)?;
+    writeln!(out)
+}
+
+const HEADER: [&str; 13] = [
+    "BUCKET",
+    "CLIENT",
+    "REQUESTS",
+    "2XX",
+    "3XX",
+    "4XX",
+    "5XX",
+    "401",
+    "403",
+    "429",
+    "BYTES_IN",
+    "BYTES_OUT",
+    "AVG_UPSTREAM",
+];
+
+/// One row per client and bucket, then a `TOTAL` row (client `*`).
+pub fn print_table(report: &UsageReport, out: &mut impl Write) -> io::Result<()> {
+    let mut rows: Vec<[String; 13]> = Vec::new();
+    for client in &report.clients {
+        for bucket in &client.buckets {
+            rows.push(row(bucket_label(report.by, bucket.start), &client.client, &bucket.counts));
+        }
+    }
+    rows.push(row("TOTAL".to_owned(), "*", &report.totals));
+
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header = HEADER.map(str::to_owned);
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            // Text left, numbers right.
+            if i < 2 {
+                line.push_str(&format!("{cell:<width$}  "));
+            } else {
+                line.push_str(&format!("{cell:>width$}  "));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn row(bucket: String, client: &str, c: &Counts) -> [String; 13] {
+    let latency =
+        c.mean_latency_us().map_or_else(|| "-".to_owned(), |us| format!("{:.1}ms", us as f64 / 1000.0));
+    [
+        bucket,
+        client.to_owned(),
+        c.requests.to_string(),
+        c.status_2xx.to_string(),
+        c.status_3xx.to_string(),
+        c.status_4xx.to_string(),
+        c.status_5xx.to_string(),
+        c.refused_401.to_string(),
+        c.refused_403.to_string(),
+        (c.refused_429_rate + c.refused_429_quota).to_string(),
+        c.bytes_in.to_string(),
+        c.bytes_out.to_string(),
+        latency,
+    ]
+}
+
+fn bucket_label(by: Granularity, start: Timestamp) -> String {
+    let format = match by {
+        Granularity::Minute | Granularity::Hour => "%Y-%m-%d %H:%M",
+        Granularity::Day => "%Y-%m-%d",
+    };
+    start.to_zoned(TimeZone::UTC).strftime(format).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_durations_dates_and_times() {
+        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        assert_eq!(since_flag("1h").unwrap().resolve(now).unwrap().to_string(), "2026-11-24T11:00:00Z");
+        assert_eq!(
+            since_flag("2026-11-01").unwrap().resolve(now).unwrap().to_string(),
+            "2026-11-01T00:00:00Z"
+        );
+        let at = since_flag("2026-11-01T06:30:00Z").unwrap().resolve(now).unwrap();
+        assert_eq!(at.to_string(), "2026-11-01T06:30:00Z");
+        assert!(since_flag("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_bucket_and_a_total() {
+        let start: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        let counts = Counts {
+            requests: 7,
+            status_2xx: 7,
+            upstream_requests: 2,
+            upstream_latency_us: 3000,
+            ..Counts::default()
+        };
+        let report = UsageReport {
+            since: start,
+            until: start,
+            by: Granularity::Hour,
+            totals: counts,
+            clients: vec![usage::query::ClientUsage {
+                client: "acme".into(),
+                totals: counts,
+                keys: Default::default(),
+                routes: Default::default(),
+                buckets: vec![usage::query::BucketUsage { start, counts }],
+            }],
+        };
+        let mut out = Vec::new();
+        print_table(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("BUCKET") && lines[0].ends_with("AVG_UPSTREAM"), "{text}");
+        assert!(lines[1].starts_with("2026-11-24 12:00  acme") && lines[1].ends_with("1.5ms"), "{text}");
+        assert!(lines[2].starts_with("TOTAL"), "{text}");
+    }
+}

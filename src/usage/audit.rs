@@ -1,0 +1,156 @@
+//! The audit trail of key operations: who issued, updated, rotated or
+//! revoked which key, when. A capped Redis stream, `<prefix>audit`, read by
+//! `keygate keys audit` (and by anyone with `redis-cli XRANGE`).
+//!
+//! Entries hold IDs and operator names only: never a key or a secret.
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use redis::streams::StreamRangeReply;
+use serde::Serialize;
+
+use super::UsageError;
+use super::query::redis_error;
+use super::schema::UsageKeys;
+use crate::key::KeyId;
+
+/// About how many entries the stream keeps (`XADD ... MAXLEN ~`): Redis trims
+/// whole internal nodes, so it may hold a hundred or so more.
+pub const AUDIT_MAX_LEN: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditAction {
+    Issue,
+    Update,
+    Rotate,
+    Revoke,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issue => "issue",
+            Self::Update => "update",
+            Self::Rotate => "rotate",
+            Self::Revoke => "revoke",
+        }
+    }
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuditAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "issue" => Ok(Self::Issue),
+            "update" => Ok(Self::Update),
+            "rotate" => Ok(Self::Rotate),
+            "revoke" => Ok(Self::Revoke),
+            other => Err(format!("unknown audit action `{other}`")),
+        }
+    }
+}
+
+/// One key operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// Who: `cli:<user>` or `admin:<token name>`.
+    pub actor: String,
+    pub action: AuditAction,
+    pub key_id: KeyId,
+    pub at: Timestamp,
+    /// Free text, e.g. `new key acme.k2, grace 24h`. Never a secret.
+    pub detail: String,
+}
+
+/// An entry as read back, with its stream ID (`<ms>-<seq>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub id: String,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+/// Appends `entry` to the audit stream, trimming it to about
+/// [`AUDIT_MAX_LEN`] entries. Returns the entry's stream ID.
+pub async fn append_audit(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    entry: &AuditEntry,
+) -> Result<String, UsageError> {
+    redis::cmd("XADD")
+        .arg(UsageKeys::new(prefix).audit())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(AUDIT_MAX_LEN)
+        .arg("*")
+        .arg("at")
+        .arg(entry.at.as_second())
+        .arg("actor")
+        .arg(&entry.actor)
+        .arg("action")
+        .arg(entry.action.as_str())
+        .arg("key_id")
+        .arg(entry.key_id.as_str())
+        .arg("client")
+        .arg(entry.key_id.client())
+        .arg("detail")
+        .arg(&entry.detail)
+        .query_async(conn)
+        .await
+        .map_err(redis_error)
+}
+
+/// The latest `limit` entries (of `client` only, if given), oldest first.
+/// Entries that cannot be read (hand-written ones) are skipped.
+pub async fn read_audit(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    client: Option<&str>,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, UsageError> {
+    let mut cmd = redis::cmd("XREVRANGE");
+    cmd.arg(UsageKeys::new(prefix).audit()).arg("+").arg("-");
+    if client.is_none() {
+        cmd.arg("COUNT").arg(limit);
+    }
+    // With a client filter the whole (capped) stream is read and filtered here.
+    let reply: StreamRangeReply = cmd.query_async(conn).await.map_err(redis_error)?;
+    let mut records: Vec<AuditRecord> = reply
+        .ids
+        .into_iter()
+        .filter_map(|item| {
+            let text = |name: &str| -> Option<String> { item.get::<String>(name) };
+            let key_id: KeyId = text("key_id")?.parse().ok()?;
+            if client.is_some_and(|c| c != key_id.client()) {
+                return None;
+            }
+            let entry = AuditEntry {
+                actor: text("actor")?,
+                action: text("action")?.parse().ok()?,
+                key_id,
+                at: Timestamp::from_second(text("at")?.parse().ok()?).ok()?,
+                detail: text("detail").unwrap_or_default(),
+            };
+            Some(AuditRecord { id: item.id.clone(), entry })
+        })
+        .take(limit)
+        .collect();
+    records.reverse();
+    Ok(records)
+}
+
+/// The CLI's actor name: `cli:$USER` (or `cli:unknown`).
+pub fn cli_actor() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    let user: String = user.chars().filter(|c| !c.is_control()).collect();
+    if user.is_empty() { "cli:unknown".to_owned() } else { format!("cli:{user}") }
+}
