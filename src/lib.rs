@@ -20,6 +20,7 @@
 //! - [`auth`]: verification through the in-process cache, invalidations.
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
+//! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod handler;
 pub mod key;
 pub mod meta;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod route;
