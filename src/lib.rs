@@ -21,9 +21,12 @@
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
+//! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
+//! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -37,6 +40,7 @@ pub mod meta;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod scope;
 pub mod server;

@@ -7,13 +7,17 @@
 
 pub mod keys;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin::{self, Admin};
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
+use crate::reload::{self, Reloader};
 use crate::server;
 use crate::store::{self, SharedStore};
 
@@ -147,23 +151,62 @@ fn serve(path: &Path) -> ExitCode {
     block_on(async move {
         let listen = config.server.listen;
         let drain_timeout = config.server.drain_timeout;
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         let store = match open_store(&config, None).await {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::error!(%listen, %error, "cannot listen");
-                return ExitCode::FAILURE;
-            }
+        let Ok(listener) = bind(listen, "keygate listening").await else { return ExitCode::FAILURE };
+        let admin_listener = match admin_listen {
+            Some(at) => match bind(at, "admin API listening").await {
+                Ok(listener) => Some(listener),
+                Err(()) => return ExitCode::FAILURE,
+            },
+            None => None,
         };
         let gateway = Gateway::new(config, store);
-        // The bound address, not the configured one: port 0 picks a free port.
-        let address = listener.local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
-        tracing::info!(%address, "keygate listening");
-        server::serve(listener, gateway, server::shutdown_signal(), drain_timeout).await;
+        let reloader = Reloader::new(path.to_owned(), Arc::clone(&gateway));
+
+        // One shutdown signal, seen by the server, the admin listener and the
+        // SIGHUP task alike.
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            server::shutdown_signal().await;
+            let _ = stop.send(());
+        });
+        let on_stop = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.changed().await;
+            }
+        };
+        let sighup = tokio::spawn(reload::on_sighup(Arc::clone(&reloader), on_stop()));
+        let admin = admin_listener
+            .map(|listener| tokio::spawn(admin::serve(listener, Admin::new(reloader), on_stop())));
+
+        server::serve(listener, gateway, on_stop(), drain_timeout).await;
+        for task in std::iter::once(sighup).chain(admin) {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a background task ended abnormally");
+            }
+        }
         tracing::info!("keygate stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Binds `at` and logs the bound address (not the configured one: port 0
+/// picks a free port, and tests read the address from this line).
+async fn bind(at: SocketAddr, what: &'static str) -> Result<tokio::net::TcpListener, ()> {
+    match tokio::net::TcpListener::bind(at).await {
+        Ok(listener) => {
+            let address = listener.local_addr().map_or_else(|_| at.to_string(), |a| a.to_string());
+            tracing::info!(%address, "{what}");
+            Ok(listener)
+        }
+        Err(error) => {
+            tracing::error!(listen = %at, %error, "cannot listen");
+            Err(())
+        }
+    }
 }
