@@ -63,7 +63,11 @@ impl Reloader {
         let config = match Config::load(&self.path) {
             Ok(config) => config,
             Err(error) => {
-                tracing::error!(%error, "config reload refused; the running config stays");
+                tracing::error!(
+                    path = %self.path.display(),
+                    problems = %one_line(&error),
+                    "config reload refused; the running config stays"
+                );
                 return Err(error);
             }
         };
@@ -86,6 +90,16 @@ impl Reloader {
             "config reloaded"
         );
         Ok(reloaded)
+    }
+}
+
+/// A refused config's problems on one log line.
+fn one_line(error: &ConfigError) -> String {
+    match error {
+        ConfigError::Invalid { problems, .. } => {
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        }
+        ConfigError::Read { .. } | ConfigError::Syntax { .. } => error.to_string().replace('\n', " "),
     }
 }
 
