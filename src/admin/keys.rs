@@ -34,7 +34,7 @@ const META_FIELDS: &[&str] = &["scopes", "rate", "burst", "quota", "expires", "e
 /// What a key call needs from the running gateway.
 pub struct KeyCall<'a> {
     pub store: &'a dyn KeyStore,
-    /// The key prefix of the running config.
+    /// The key prefix the verifier checks (the one the gateway started with).
     pub prefix: &'a str,
     /// Who acts, for the audit log: the admin token's `token_name`.
     pub actor: &'a str,

@@ -51,11 +51,17 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Admin {
     gateway: Arc<Gateway>,
     reloader: Arc<Reloader>,
+    /// The key prefix the gateway started with. The verifier keeps the start
+    /// prefix until a restart (a reload only warns), so keys issued here use
+    /// it too, or they would not verify.
+    prefix: String,
 }
 
 impl Admin {
     pub fn new(reloader: Arc<Reloader>) -> Arc<Self> {
-        Arc::new(Self { gateway: Arc::clone(reloader.gateway()), reloader })
+        let gateway = Arc::clone(reloader.gateway());
+        let prefix = gateway.live.load().config.keys.prefix.clone();
+        Arc::new(Self { gateway, reloader, prefix })
     }
 }
 
@@ -216,10 +222,9 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
     })?;
     let body = read_body(body, &parts.headers).await?;
 
-    let live = admin.gateway.live.load_full();
     let call = keys::KeyCall {
         store: &*admin.gateway.store,
-        prefix: &live.config.keys.prefix,
+        prefix: &admin.prefix,
         actor: &actor,
         now: jiff::Timestamp::now(),
     };
