@@ -108,12 +108,17 @@ impl Verifier {
         if let Some(cached) = &cached
             && cached.fetched_at.elapsed() < self.cache_ttl
         {
+            crate::metrics::cache_hit();
             return Ok(Arc::clone(&cached.record));
         }
+        crate::metrics::cache_miss();
         if cached.is_none() && self.unknown.contains_key(hash) {
             return Err(Rejection::Unknown.into());
         }
-        match self.store.find_by_hash(client, hash).await {
+        let asked = std::time::Instant::now();
+        let answer = self.store.find_by_hash(client, hash).await;
+        crate::metrics::redis_latency(asked.elapsed());
+        match answer {
             Ok(Some(record)) => {
                 let record = Arc::new(record);
                 self.known.insert(
@@ -127,7 +132,7 @@ impl Verifier {
                 self.unknown.insert(*hash, ());
                 Err(Rejection::Unknown.into())
             }
-            Err(error) => match cached {
+            Err(error) => match (crate::metrics::redis_error(), cached).1 {
                 // The store is down, but it vouched for this key recently enough.
                 Some(cached) if cached.fetched_at.elapsed() < self.cache_ttl + self.stale_window => {
                     tracing::warn!(%error, key_id = %cached.record.id, "key store unavailable; serving cached key");

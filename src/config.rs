@@ -26,6 +26,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    /// The admin listener; `None` (no `[admin] listen`) keeps it off.
+    pub admin: Option<AdminConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +151,49 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[admin]`: the admin API, `/metrics` and health checks on their own listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The bearer token admin calls must present (from `token` or `token_env`).
+    pub token: AdminToken,
+    /// Who the audit trail says acted when a call used this token.
+    pub token_name: String,
+}
+
+/// The admin bearer token. Only its SHA-256 digest is kept: comparing digests
+/// in constant time hides the token's length as well as its bytes, and the
+/// clear token is not held in memory after the config is loaded. `Debug`
+/// prints no part of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// Shortest token accepted: anything shorter is guessable.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(token: &str) -> Self {
+        use sha2::Digest;
+        Self { digest: sha2::Sha256::digest(token.as_bytes()).into() }
+    }
+
+    /// Whether `presented` is the token, compared in constant time.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let presented: [u8; 32] = sha2::Sha256::digest(presented).into();
+        bool::from(self.digest.ct_eq(&presented))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -175,6 +220,8 @@ pub struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +304,27 @@ struct RawUpstream {
 struct RawLog {
     filter: Option<String>,
     format: Option<LogFormat>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+    token_env: Option<String>,
+    token_name: Option<String>,
+}
+
+// Hand-written so a token written inline never reaches a log through `{:?}`.
+impl fmt::Debug for RawAdmin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawAdmin")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("token_name", &self.token_name)
+            .finish()
+    }
 }
 
 // === Errors ===
@@ -509,12 +577,83 @@ impl RawConfig {
             p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
         }
 
+        let admin = validate_admin(&mut p, self.admin, &|name| std::env::var(name).ok());
+
         if p.0.is_empty() {
-            Ok(Config { server, store, keys, routes, upstreams, limits, log })
+            Ok(Config { server, store, keys, routes, upstreams, limits, log, admin })
         } else {
             Err(p.0)
         }
     }
+}
+
+/// `[admin]`: off without `listen`; with it, exactly one of `token` and
+/// `token_env` (read through `env`, so tests need not touch the process
+/// environment). Messages never quote the token.
+fn validate_admin(
+    p: &mut Problems,
+    raw: RawAdmin,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<AdminConfig> {
+    let Some(listen_text) = raw.listen else {
+        for (field, set) in [
+            ("token", raw.token.is_some()),
+            ("token_env", raw.token_env.is_some()),
+            ("token_name", raw.token_name.is_some()),
+        ] {
+            if set {
+                p.push(
+                    format!("admin.{field}"),
+                    "the admin API is off without `admin.listen`; set it or remove this",
+                );
+            }
+        }
+        return None;
+    };
+    let listen = listen_text.parse().unwrap_or_else(|_| {
+        p.push("admin.listen", format!("`{listen_text}` is not an address like \"127.0.0.1:9090\""));
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    });
+    let token = match (raw.token, raw.token_env) {
+        (Some(_), Some(_)) => {
+            p.push("admin.token_env", "give either `token` or `token_env`, not both");
+            None
+        }
+        (None, None) => {
+            p.push(
+                "admin.listen",
+                "the admin API needs a bearer token: set `token_env` (the name of an environment \
+                 variable holding it) or `token`",
+            );
+            None
+        }
+        (Some(token), None) => Some(("admin.token", token)),
+        (None, Some(name)) => match env(&name) {
+            Some(token) => Some(("admin.token_env", token)),
+            None => {
+                p.push("admin.token_env", format!("the environment variable `{name}` is not set"));
+                None
+            }
+        },
+    };
+    let token = token.and_then(|(field, token)| {
+        if token.trim().len() < AdminToken::MIN_LEN {
+            p.push(
+                field,
+                format!(
+                    "the admin token must be at least {} characters (e.g. `openssl rand -hex 32`)",
+                    AdminToken::MIN_LEN
+                ),
+            );
+            return None;
+        }
+        Some(AdminToken::new(token.trim()))
+    })?;
+    let token_name = raw.token_name.unwrap_or_else(|| "admin".to_owned());
+    if token_name.is_empty() || token_name.len() > 64 || token_name.chars().any(char::is_control) {
+        p.push("admin.token_name", "must be 1-64 printable characters");
+    }
+    Some(AdminConfig { listen, token, token_name })
 }
 
 fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
@@ -817,5 +956,55 @@ mod tests {
         let text = "[store]\nkind = \"redis\"\nurl = \"http://user:hunter2@host\"\n".to_owned() + MINIMAL;
         let found = problems(&text);
         assert!(!found[0].message.contains("hunter2"), "{}", found[0].message);
+    }
+
+    fn load_admin(text: &str, env: &[(&str, &str)]) -> (Option<AdminConfig>, Vec<ConfigProblem>) {
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        let mut p = Problems::default();
+        let lookup = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned());
+        let admin = validate_admin(&mut p, raw.admin, &lookup);
+        (admin, p.0)
+    }
+
+    #[test]
+    fn admin_is_off_without_listen() {
+        assert!(Config::from_toml(MINIMAL, Path::new(".")).unwrap().admin.is_none());
+        let (admin, found) = load_admin("[admin]\ntoken_env = \"T\"\n", &[]);
+        assert!(admin.is_none());
+        assert_eq!(found[0].field, "admin.token_env");
+    }
+
+    #[test]
+    fn admin_with_listen_and_no_token_is_refused() {
+        let (_, found) = load_admin("[admin]\nlisten = \"127.0.0.1:9090\"\n", &[]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "admin.listen");
+        assert!(found[0].message.contains("token"), "{}", found[0].message);
+    }
+
+    #[test]
+    fn admin_token_comes_from_the_named_variable_and_is_never_shown() {
+        let secret = "s3cr3t-s3cr3t-s3cr3t";
+        let text = "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_env = \"KG_ADMIN\"\ntoken_name = \"ops\"\n";
+        let (admin, found) = load_admin(text, &[("KG_ADMIN", secret)]);
+        assert!(found.is_empty(), "{found:?}");
+        let admin = admin.unwrap();
+        assert_eq!(admin.token_name, "ops");
+        assert!(admin.token.matches(secret.as_bytes()));
+        assert!(!admin.token.matches(b"s3cr3t-s3cr3t-s3cr3"), "a prefix is not the token");
+        assert!(!admin.token.matches(b""));
+        assert!(!format!("{admin:?}").contains(secret));
+
+        let (_, found) = load_admin(text, &[]);
+        assert!(found[0].message.contains("KG_ADMIN"), "{found:?}");
+    }
+
+    #[test]
+    fn short_or_doubled_admin_tokens_are_refused_without_quoting_them() {
+        let (_, found) = load_admin("[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"hunter2\"\n", &[]);
+        assert_eq!(found[0].field, "admin.token");
+        assert!(!found[0].message.contains("hunter2"));
+        let text = "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"0123456789abcdef\"\ntoken_env = \"X\"\n";
+        assert_eq!(load_admin(text, &[]).1[0].field, "admin.token_env");
     }
 }

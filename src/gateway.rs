@@ -16,6 +16,7 @@ use crate::limit::Limits;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
 use crate::store::SharedStore;
+use crate::usage::{FlushConfig, UsageFlusher, UsageRecorder};
 
 /// Everything derived from one config file.
 pub struct Live {
@@ -44,6 +45,10 @@ pub struct Gateway {
     /// Rate limiters and quota leases; outlive reloads so a reload does not
     /// hand every key a fresh burst.
     pub limits: Limits,
+    /// Usage counted in memory on the request path, flushed to the store's
+    /// Redis. `None` with the file store: there is nowhere to flush to, and
+    /// counting without flushing would only grow.
+    pub usage: Option<Arc<UsageRecorder>>,
     pub store: SharedStore,
 }
 
@@ -55,7 +60,15 @@ impl Gateway {
         verifier.spawn_invalidation_listener();
         let redis = store.redis();
         let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())));
-        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, store })
+        let usage = redis.is_some().then(|| Arc::new(UsageRecorder::new()));
+        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, usage, store })
+    }
+
+    /// A flusher writing this gateway's usage to the store's Redis, if both exist.
+    pub fn usage_flusher(&self) -> Option<Arc<UsageFlusher>> {
+        let recorder = self.usage.as_ref()?;
+        let redis = self.store.redis()?;
+        Some(UsageFlusher::new(Arc::clone(recorder), redis.conn, &redis.prefix, FlushConfig::default()))
     }
 
     /// Installs a new, already validated config. In-flight requests keep the

@@ -19,21 +19,27 @@ use http::{Request, Response, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::config::RouteTarget;
+use crate::config::{RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
+use crate::meter::{self, Meter, MeteredBody};
+use crate::store::KeyRecord;
 use crate::{credential, echo, limit, proxy, route, scope};
+use http_body::Body as _;
 
 /// What the gateway answers with: the upstream's streaming body, or a body
 /// the gateway made itself (errors, echo).
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
-/// Facts about a request gathered along the way, for the access log.
+/// Facts about a request gathered along the way, for the access log and
+/// the metering phase.
 #[derive(Default)]
 struct Trail {
     path: Option<String>,
     upstream: Option<String>,
-    client: Option<String>,
+    route: Option<Arc<RouteConfig>>,
+    caller: Option<Arc<KeyRecord>>,
+    upstream_latency: Option<std::time::Duration>,
 }
 
 /// Serves one request and never fails: every error, and even a panic inside
@@ -42,15 +48,25 @@ pub async fn handle(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<ResponseBody> {
+) -> Response<MeteredBody> {
     let started = Instant::now();
     let method = request.method().clone();
+    // Content-Length when given; for chunked uploads, what hyper knows so far.
+    let hint = request.body().size_hint();
+    let bytes_in = hint.exact().unwrap_or(hint.lower());
     let mut trail = Trail::default();
 
     let outcome = AssertUnwindSafe(serve(&gateway, request, peer, &mut trail)).catch_unwind().await;
+    let mut refusal = None;
     let response = match outcome {
         Ok(Ok(response)) => response,
-        Ok(Err(refusal)) => refusal.into_response().map(Either::Right),
+        Ok(Err(refused)) => {
+            refusal = meter::refusal_of(&refused.error);
+            if let Some(kind) = refusal.and_then(metrics_refusal) {
+                crate::metrics::refused(kind);
+            }
+            refused.into_response().map(Either::Right)
+        }
         Err(_panic) => {
             GatewayError::Internal("request handler panicked".into()).into_response().map(Either::Right)
         }
@@ -62,11 +78,23 @@ pub async fn handle(
         path = trail.path.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
         upstream = trail.upstream.as_deref().unwrap_or("-"),
-        client = trail.client.as_deref().unwrap_or("-"),
+        client = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
         duration_us = started.elapsed().as_micros() as u64,
         peer = %peer.ip(),
     );
-    response
+
+    // 8. Usage and metrics: recorded when the response body ends.
+    let meter = Meter {
+        recorder: gateway.usage.clone(),
+        route: trail.route,
+        caller: trail.caller,
+        status: response.status().as_u16(),
+        refusal,
+        bytes_in,
+        upstream_latency: trail.upstream_latency,
+        started,
+    };
+    response.map(|body| MeteredBody::new(body, meter))
 }
 
 async fn serve(
@@ -83,6 +111,7 @@ async fn serve(
     let host = request_host(&request);
     let matched = live.routes.find(host.as_deref().map(strip_port), &path).ok_or(GatewayError::NoRoute)?;
     let route = &matched.route;
+    trail.route = Some(Arc::clone(route));
 
     let keys = &live.config.keys;
     let mut path_and_query = match request.uri().query() {
@@ -99,7 +128,7 @@ async fn serve(
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
         let record = gateway.verifier.verify(&presented).await?;
-        trail.client = Some(record.id.to_string());
+        trail.caller = Some(Arc::clone(&record));
 
         // 4. Scope: the key must cover this route and method.
         scope::check(&record.meta.scopes, route, request.method())
@@ -150,7 +179,10 @@ async fn serve(
                 .upstreams
                 .get(name)
                 .ok_or_else(|| GatewayError::Internal(format!("route names unknown upstream {name}")))?;
-            pool.forward(request).await?.map(Either::Left)
+            let sent = Instant::now();
+            let response = pool.forward(request).await;
+            trail.upstream_latency = Some(sent.elapsed());
+            response?.map(Either::Left)
         }
     };
 
@@ -161,6 +193,15 @@ async fn serve(
         limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
     }
     Ok(response)
+}
+
+/// Rate and quota refusals, as the metrics count them.
+fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Refusal> {
+    match refusal {
+        crate::usage::Refusal::RateLimited => Some(crate::metrics::Refusal::RateLimited),
+        crate::usage::Refusal::QuotaExceeded => Some(crate::metrics::Refusal::QuotaExceeded),
+        crate::usage::Refusal::Unauthorized | crate::usage::Refusal::Forbidden => None,
+    }
 }
 
 /// The host the client asked for: the `Host` header (HTTP/1.1) or the URI

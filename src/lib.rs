@@ -14,6 +14,7 @@
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
+//! - [`meter`]: the last phase: usage and metrics once the response has ended.
 //! - [`error`]: the one place mapping errors to responses.
 //! - [`config`]: `gateway.toml`, parsed and validated into typed values.
 //! - [`credential`]: finding the key in a request and stripping it.
@@ -22,9 +23,13 @@
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
 //! - [`usage`]: usage counted in memory, flushed to Redis; the audit trail.
+//! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
+//! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
+//! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -36,8 +41,11 @@ pub mod handler;
 pub mod key;
 pub mod limit;
 pub mod meta;
+pub mod meter;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod scope;
 pub mod server;

@@ -467,11 +467,11 @@ fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> 
 
 // === Output ===
 
-/// A record as printed by `--json`. Never holds the secret hash; holds the key
-/// only right after `issue`/`rotate`. Absent optional fields print as `null`
-/// so scripts see a fixed set of fields.
+/// A record as printed by `--json` and answered by the admin API. Never holds
+/// the secret hash; holds the key only right after `issue`/`rotate`. Absent
+/// optional fields print as `null` so scripts see a fixed set of fields.
 #[derive(Serialize)]
-struct RecordView<'a> {
+pub struct RecordView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
     id: &'a KeyId,
@@ -492,7 +492,7 @@ struct RecordView<'a> {
 }
 
 impl<'a> RecordView<'a> {
-    fn new(record: &'a KeyRecord, key: Option<&'a SecretString>, now: Timestamp) -> Self {
+    pub fn new(record: &'a KeyRecord, key: Option<&'a SecretString>, now: Timestamp) -> Self {
         let meta = &record.meta;
         Self {
             key: key.map(SecretString::expose),

@@ -8,14 +8,18 @@
 pub mod keys;
 pub mod usage;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin::{self, Admin};
 use crate::config::StoreConfig;
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
+use crate::reload::{self, Reloader};
 use crate::server;
 use crate::store::{self, SharedStore};
 
@@ -186,7 +190,8 @@ fn serve(path: &Path) -> ExitCode {
     };
     crate::telemetry::init(&config.log);
     // The control runtime drives what is not per request: the store's
-    // connections, invalidations, signals. Requests run on the workers.
+    // connections, invalidations, usage flushes, the admin API, signals.
+    // Requests run on the worker threads (see `server::run_workers`).
     let control = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
     let control = match control {
         Ok(runtime) => runtime,
@@ -198,6 +203,7 @@ fn serve(path: &Path) -> ExitCode {
     control.block_on(async move {
         let (listen, drain_timeout, workers) =
             (config.server.listen, config.server.drain_timeout, config.server.workers);
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         let store = match open_store(&config, None).await {
             Ok(store) => store,
             Err(code) => return code,
@@ -209,24 +215,58 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // The bound address, not the configured one: port 0 picks a free port.
-        let address = listeners[0].local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
+        let admin_listener = match admin_listen {
+            Some(at) => match bind(at, "admin API listening").await {
+                Ok(listener) => Some(listener),
+                Err(()) => return ExitCode::FAILURE,
+            },
+            None => None,
+        };
         let gateway = Gateway::new(config, store);
+        let reloader = Reloader::new(path.to_owned(), Arc::clone(&gateway));
+        // The bound address, not the configured one: port 0 picks a free
+        // port, and tests read the address from this line.
+        let address = listeners[0].local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
         tracing::info!(%address, workers, "keygate listening");
 
+        // One shutdown signal for the workers, the admin listener and the
+        // SIGHUP task; usage gets its final flush only once workers drained.
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut workers = tokio::task::spawn_blocking(move || {
-            server::run_workers(listeners, &gateway, stopped, drain_timeout)
+        let on = |signal: &tokio::sync::watch::Receiver<bool>| {
+            let mut signal = signal.clone();
+            async move {
+                // Err: the sender is gone, which also means stop.
+                let _ = signal.wait_for(|set| *set).await;
+            }
+        };
+        let (drained, drained_rx) = tokio::sync::watch::channel(false);
+        let usage = gateway.usage_flusher().map(|flusher| flusher.spawn(on(&drained_rx)));
+        let sighup = tokio::spawn(reload::on_sighup(Arc::clone(&reloader), on(&stopped)));
+        let admin = admin_listener
+            .map(|listener| tokio::spawn(admin::serve(listener, Admin::new(reloader), on(&stopped))));
+
+        let worker_gateway = Arc::clone(&gateway);
+        let mut serving = tokio::task::spawn_blocking(move || {
+            server::run_workers(listeners, &worker_gateway, stopped, drain_timeout)
         });
-        let drained = tokio::select! {
+        let outcome = tokio::select! {
             () = server::shutdown_signal() => {
                 let _ = stop.send(true);
-                (&mut workers).await
+                (&mut serving).await
             }
             // Workers only end on their own if something broke.
-            ended = &mut workers => ended,
+            ended = &mut serving => {
+                let _ = stop.send(true);
+                ended
+            }
         };
-        match drained {
+        let _ = drained.send(true);
+        for task in [Some(sighup), admin, usage].into_iter().flatten() {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a background task ended abnormally");
+            }
+        }
+        match outcome {
             Ok(Ok(_)) => {
                 tracing::info!("keygate stopped");
                 ExitCode::SUCCESS
@@ -241,4 +281,20 @@ fn serve(path: &Path) -> ExitCode {
             }
         }
     })
+}
+
+/// Binds `at` and logs the bound address (not the configured one: port 0
+/// picks a free port, and tests read the address from this line).
+async fn bind(at: SocketAddr, what: &'static str) -> Result<tokio::net::TcpListener, ()> {
+    match tokio::net::TcpListener::bind(at).await {
+        Ok(listener) => {
+            let address = listener.local_addr().map_or_else(|_| at.to_string(), |a| a.to_string());
+            tracing::info!(%address, "{what}");
+            Ok(listener)
+        }
+        Err(error) => {
+            tracing::error!(listen = %at, %error, "cannot listen");
+            Err(())
+        }
+    }
 }

@@ -53,7 +53,7 @@ impl Since {
     }
 }
 
-fn since_flag(s: &str) -> Result<Since, String> {
+pub(crate) fn since_flag(s: &str) -> Result<Since, String> {
     if let Ok(ago) = humantime::parse_duration(s) {
         return Ok(Since::Ago(ago));
     }
@@ -67,7 +67,7 @@ fn since_flag(s: &str) -> Result<Since, String> {
         .ok_or_else(|| "expected a duration (1h, 7d) or a date (2026-11-01) or RFC 3339 time".to_owned())
 }
 
-fn client_flag(s: &str) -> Result<String, String> {
+pub(crate) fn client_flag(s: &str) -> Result<String, String> {
     if s == ANONYMOUS {
         return Ok(s.to_owned());
     }

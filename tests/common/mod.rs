@@ -2,6 +2,7 @@
 //! servers, the real gateway in process, and HTTP clients, all on loopback.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod gateway;
 pub mod redis;
 pub mod upstream;

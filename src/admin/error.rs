@@ -1,0 +1,214 @@
+//! The admin API's answers when a call fails: one exhaustive table.
+//!
+//! Same body shape as the gateway's own answers, `{"error": CODE, "message":
+//! TEXT}`, plus `field` when one input is at fault and `problems` for a
+//! refused config. As in [`crate::error`], 5xx causes are logged once and
+//! never sent; no message carries a secret (the token is never echoed).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::{Map, Value, json};
+
+use crate::config::ConfigError;
+use crate::ops::OpsError;
+use crate::store::StoreError;
+
+/// Why an admin call was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no admin token presented")]
+    MissingToken,
+    #[error("wrong admin token")]
+    WrongToken,
+    /// A reload removed `[admin]`; the listener stays up (it needs a restart
+    /// to close) but refuses every call that needs the token.
+    #[error("the admin API is off in the running config")]
+    Disabled,
+    #[error("no admin route")]
+    NoRoute,
+    /// The path exists with other methods; `allow` lists them.
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: String },
+    #[error("request body over {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
+    /// One input is wrong; `field` names it as the request spelled it.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0}")]
+    KeyNotFound(String),
+    #[error("{0}")]
+    KeyNotUsable(String),
+    #[error("config refused")]
+    InvalidConfig(ConfigError),
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<OpsError> for AdminError {
+    fn from(error: OpsError) -> Self {
+        match error {
+            OpsError::NotFound(_) | OpsError::UnknownKey => Self::KeyNotFound(error.to_string()),
+            OpsError::NotUsable { .. } => Self::KeyNotUsable(error.to_string()),
+            OpsError::Invalid { field, reason } => Self::Invalid { field, reason },
+            OpsError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(cause) => Self::StoreUnavailable(cause),
+            StoreError::NotFound(id) => Self::KeyNotFound(format!("no key with id {id}")),
+            StoreError::Corrupt { .. } | StoreError::AlreadyExists(_) => Self::Internal(error.to_string()),
+        }
+    }
+}
+
+impl AdminError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MissingToken => (StatusCode::UNAUTHORIZED, "missing_token"),
+            Self::WrongToken => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Self::Disabled => (StatusCode::UNAUTHORIZED, "admin_disabled"),
+            Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            Self::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::BadJson(_) => (StatusCode::BAD_REQUEST, "bad_json"),
+            Self::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
+            Self::KeyNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::KeyNotUsable(_) => (StatusCode::CONFLICT, "key_not_usable"),
+            Self::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
+            Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The message sent: client errors say what is wrong; server errors say
+    /// only what kind of failure it was.
+    fn message(&self) -> String {
+        match self {
+            Self::MissingToken => "send the admin token as `Authorization: Bearer <token>`".to_owned(),
+            Self::WrongToken => "the admin token is not valid".to_owned(),
+            Self::Disabled => "the admin API is off in the running config".to_owned(),
+            Self::NoRoute => "no such admin endpoint; see docs/admin-openapi.json".to_owned(),
+            Self::MethodNotAllowed { allow } => format!("this endpoint answers {allow}"),
+            Self::BodyTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
+            Self::BadJson(why) => format!("the request body is not a valid JSON object: {why}"),
+            Self::Invalid { field, reason } => format!("invalid {field}: {reason}"),
+            Self::KeyNotFound(message) | Self::KeyNotUsable(message) => message.clone(),
+            Self::InvalidConfig(_) => "the config file was refused; the running config stays".to_owned(),
+            Self::NotReady(_) => "the key store is unreachable".to_owned(),
+            Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
+            Self::NotImplemented(what) => (*what).to_owned(),
+            Self::Internal(_) => "internal error".to_owned(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), cause = %self, "admin call failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), reason = %self, "admin call refused");
+        }
+        let mut body = Map::new();
+        body.insert("error".into(), code.into());
+        body.insert("message".into(), self.message().into());
+        match &self {
+            Self::Invalid { field, .. } => {
+                body.insert("field".into(), field.clone().into());
+            }
+            Self::InvalidConfig(error) => {
+                body.insert("problems".into(), problems(error));
+            }
+            _ => {}
+        }
+        let mut response = crate::error::json_response(status, Value::Object(body).to_string());
+        let headers = response.headers_mut();
+        match &self {
+            Self::MissingToken | Self::WrongToken | Self::Disabled => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate-admin\""),
+                );
+            }
+            Self::MethodNotAllowed { allow } => {
+                if let Ok(value) = HeaderValue::from_str(allow) {
+                    headers.insert(header::ALLOW, value);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A refused config as a list: `{field, line, message}` for each validation
+/// problem, or one `{message}` for a read or syntax error.
+fn problems(error: &ConfigError) -> Value {
+    match error {
+        ConfigError::Invalid { problems, .. } => problems
+            .iter()
+            .map(|p| json!({ "field": p.field, "line": p.line, "message": p.message }))
+            .collect(),
+        ConfigError::Read { .. } | ConfigError::Syntax { .. } => json!([{ "message": error.to_string() }]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::key::KeyId;
+
+    async fn answer(error: AdminError) -> (StatusCode, http::HeaderMap, Value) {
+        let (parts, body) = error.into_response().into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn ops_errors_map_to_statuses() {
+        let id: KeyId = "acme.abc".parse().unwrap();
+        for (error, status, code) in [
+            (OpsError::NotFound(id.clone()), 404, "not_found"),
+            (OpsError::UnknownKey, 404, "not_found"),
+            (OpsError::NotUsable { id: id.clone(), why: "revoked" }, 409, "key_not_usable"),
+            (OpsError::Invalid { field: "rate".into(), reason: "bad".into() }, 400, "invalid_field"),
+            (
+                OpsError::Store(StoreError::Unavailable("redis at 10.0.0.9 down".into())),
+                503,
+                "store_unavailable",
+            ),
+            (OpsError::Store(StoreError::Corrupt { what: "x".into(), why: "y".into() }), 500, "internal"),
+        ] {
+            let (got, _, body) = answer(error.into()).await;
+            assert_eq!((got.as_u16(), body["error"].as_str().unwrap()), (status, code));
+            assert!(!body.to_string().contains("10.0.0.9"), "no internals: {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_fields_are_named_and_auth_failures_challenge() {
+        let (_, _, body) = answer(AdminError::Invalid { field: "quota".into(), reason: "no".into() }).await;
+        assert_eq!(body["field"], "quota");
+        let (status, headers, _) = answer(AdminError::WrongToken).await;
+        assert_eq!(status, 401);
+        assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+        let (status, headers, _) = answer(AdminError::MethodNotAllowed { allow: "GET, POST".into() }).await;
+        assert_eq!((status.as_u16(), &headers[header::ALLOW]), (405, &HeaderValue::from_static("GET, POST")));
+    }
+}

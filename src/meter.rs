@@ -1,0 +1,128 @@
+//! The last phase of a request: counting it once its response has ended.
+//!
+//! Like pingora's logging phase, this runs after the response, off the path
+//! that decides it: the response body is wrapped in a [`MeteredBody`] that
+//! counts the bytes it streams and, when it ends (or the client goes away),
+//! records usage and metrics exactly once. Recording touches only in-memory
+//! shards; the usage flusher writes to Redis later, in batches.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::config::RouteConfig;
+use crate::error::GatewayError;
+use crate::handler::ResponseBody;
+use crate::store::KeyRecord;
+use crate::usage::{self, UsageEvent, UsageRecorder};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What is known about a request when its response head is ready.
+pub struct Meter {
+    pub recorder: Option<Arc<UsageRecorder>>,
+    pub route: Option<Arc<RouteConfig>>,
+    /// The verified caller; refused or public requests have none.
+    pub caller: Option<Arc<KeyRecord>>,
+    pub status: u16,
+    pub refusal: Option<usage::Refusal>,
+    pub bytes_in: u64,
+    pub upstream_latency: Option<Duration>,
+    pub started: Instant,
+}
+
+impl Meter {
+    fn finish(self, bytes_out: u64) {
+        let route = self.route.as_deref().map_or(crate::metrics::NO_ROUTE, |r| r.path.as_str());
+        crate::metrics::record_request(route, self.status, self.started.elapsed());
+        if let Some(recorder) = &self.recorder {
+            let caller = self.caller.as_deref();
+            recorder.record(&UsageEvent {
+                client: caller.map(KeyRecord::client),
+                key_id: caller.map(|r| r.id.as_str()),
+                route,
+                status: self.status,
+                refusal: self.refusal,
+                bytes_in: self.bytes_in,
+                bytes_out,
+                upstream_latency: self.upstream_latency,
+                at: jiff::Timestamp::now(),
+            });
+        }
+    }
+}
+
+/// The gateway's refusals as usage counts them.
+pub fn refusal_of(error: &GatewayError) -> Option<usage::Refusal> {
+    match error {
+        GatewayError::MissingKey | GatewayError::KeyRejected(_) => Some(usage::Refusal::Unauthorized),
+        GatewayError::MissingScope(_) => Some(usage::Refusal::Forbidden),
+        GatewayError::RateLimited { .. } => Some(usage::Refusal::RateLimited),
+        GatewayError::QuotaExceeded { .. } => Some(usage::Refusal::QuotaExceeded),
+        _ => None,
+    }
+}
+
+/// A response body that counts what it streams and meters the request when
+/// it ends or is dropped.
+pub struct MeteredBody {
+    inner: ResponseBody,
+    bytes_out: u64,
+    meter: Option<Meter>,
+}
+
+impl MeteredBody {
+    pub fn new(inner: ResponseBody, meter: Meter) -> Self {
+        Self { inner, bytes_out: 0, meter: Some(meter) }
+    }
+
+    fn finish(&mut self) {
+        if let Some(meter) = self.meter.take() {
+            meter.finish(self.bytes_out);
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    /// `Either`'s boxed error: only the upstream's `Incoming` side can fail.
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both halves of `ResponseBody` are `Unpin`, so no pin projection is needed.
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // A body never polled to its end (HEAD, client gone, empty body that
+        // hyper skips) is metered here, once.
+        self.finish();
+    }
+}

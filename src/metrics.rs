@@ -1,0 +1,383 @@
+//! Prometheus metrics: what the gateway counts, and the text `/metrics` serves.
+//!
+//! The request path calls the free functions here ([`record_request`],
+//! [`cache_hit`], [`refused`], ...); they write to one process-wide
+//! [`Metrics`] and never fail. [`render`] encodes it for the admin listener's
+//! `/metrics`.
+//!
+//! Crate choice: `prometheus-client` rather than `metrics` +
+//! `metrics-exporter-prometheus`. It is four small crates instead of a recorder
+//! stack (metrics-util, quanta, crossbeam, sketches), it needs no global
+//! recorder installed before use (tests build their own [`Metrics`]), and its
+//! handles are plain `Arc<Atomic>`s we can keep: after a route's first request
+//! a call is one read-locked lookup by `&str` (no allocation) plus atomic adds;
+//! the only lock taken per observation is the histogram's short mutex.
+//!
+//! Label cardinality is bounded by construction: `route` is a route's
+//! configured path (never the request path), capped at [`MAX_ROUTES`] distinct
+//! values (more are counted under `(other)`); `status` is an HTTP status code;
+//! `kind` is an enum.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+use std::time::Duration;
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The `route` label for a request no route matched.
+pub const NO_ROUTE: &str = "(none)";
+/// The `route` label once [`MAX_ROUTES`] distinct routes have been seen.
+pub const OTHER_ROUTE: &str = "(other)";
+/// Distinct `route` label values kept. Routes come from the config, so this is
+/// only reached by a config with very many routes, or reloaded very often with
+/// new paths; it keeps `/metrics` bounded either way.
+pub const MAX_ROUTES: usize = 512;
+
+/// Why the gateway refused a request for its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl Refusal {
+    /// The `kind` label: the same codes as the error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
+        }
+    }
+}
+
+impl EncodeLabelValue for Refusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: Arc<str>,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    kind: Refusal,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 0.5 ms to about 16 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the gateway exports, registered in its own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    redis_errors: Counter,
+    redis_latency: Histogram,
+    refusals: Family<RefusalLabels, Counter>,
+    usage_flush_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    usage_dropped: Counter,
+    /// Handles per route, found by `&str` without allocating. A std RwLock:
+    /// nothing awaits while it is held, and writes happen once per new route.
+    routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>>>,
+}
+
+/// One route's handles into the families above.
+struct RouteSeries {
+    label: Arc<str>,
+    duration: Histogram,
+    /// `(status, counter)`: a route sees a handful of statuses, so a short
+    /// vector beats a map.
+    statuses: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keygate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route (the configured path) and status",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route",
+            request_duration.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "key_cache_hits",
+            "Key verifications answered from the in-process cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register("key_cache_misses", "Key verifications that asked the store", cache_misses.clone());
+        let redis_errors = Counter::default();
+        registry.register("redis_errors", "Redis calls that failed or timed out", redis_errors.clone());
+        let redis_latency = latency_histogram();
+        registry.register("redis_latency_seconds", "Redis round-trip time", redis_latency.clone());
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register("refused", "Requests refused by rate limit or quota, by kind", refusals.clone());
+        let usage_flush_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "usage_flush_lag_seconds",
+            "Age of the oldest usage not yet flushed to Redis at the last flush",
+            usage_flush_lag.clone(),
+        );
+        let usage_dropped = Counter::default();
+        registry.register(
+            "usage_dropped",
+            "Usage records dropped because the buffer for an unreachable Redis was full",
+            usage_dropped.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            cache_hits,
+            cache_misses,
+            redis_errors,
+            redis_latency,
+            refusals,
+            usage_flush_lag,
+            usage_dropped,
+            routes: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one answered request and observes its latency.
+    pub fn record_request(&self, route: &str, status: u16, duration: Duration) {
+        let series = self.route_series(route);
+        series.duration.observe(duration.as_secs_f64());
+        let found = {
+            let statuses = series.statuses.read().unwrap_or_else(PoisonError::into_inner);
+            statuses.iter().find(|(s, _)| *s == status).map(|(_, counter)| counter.clone())
+        };
+        let counter = found.unwrap_or_else(|| {
+            let mut statuses = series.statuses.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, counter)) = statuses.iter().find(|(s, _)| *s == status) {
+                return counter.clone();
+            }
+            let labels = RequestLabels { route: Arc::clone(&series.label), status };
+            let counter = self.requests.get_or_create_owned(&labels);
+            statuses.push((status, counter.clone()));
+            counter
+        });
+        counter.inc();
+    }
+
+    fn route_series(&self, route: &str) -> Arc<RouteSeries> {
+        if let Some(series) = self.routes.read().unwrap_or_else(PoisonError::into_inner).get(route) {
+            return Arc::clone(series);
+        }
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = routes.get(route) {
+            return Arc::clone(series);
+        }
+        let route = if routes.len() >= MAX_ROUTES { OTHER_ROUTE } else { route };
+        if let Some(series) = routes.get(route) {
+            return Arc::clone(series);
+        }
+        let label: Arc<str> = Arc::from(route);
+        let duration = self.request_duration.get_or_create_owned(&RouteLabels { route: Arc::clone(&label) });
+        let series = Arc::new(RouteSeries { label, duration, statuses: RwLock::new(Vec::new()) });
+        routes.insert(route.into(), Arc::clone(&series));
+        series
+    }
+
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+    }
+
+    pub fn redis_error(&self) {
+        self.redis_errors.inc();
+    }
+
+    pub fn redis_latency(&self, duration: Duration) {
+        self.redis_latency.observe(duration.as_secs_f64());
+    }
+
+    pub fn refused(&self, kind: Refusal) {
+        self.refusals.get_or_create(&RefusalLabels { kind }).inc();
+    }
+
+    pub fn usage_flush_lag(&self, lag: Duration) {
+        self.usage_flush_lag.set(lag.as_secs_f64());
+    }
+
+    pub fn usage_dropped(&self, n: u64) {
+        self.usage_dropped.inc_by(n);
+    }
+
+    /// The OpenMetrics text exposition (Prometheus scrapes it as is).
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail; an encoder error would only mean
+        // a bug in a metric's encoding, and a partial page is still useful.
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+// === The process-wide metrics, for the request path ===
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Counts one answered request by its route's configured path (or
+/// [`NO_ROUTE`]) and status, and observes its duration.
+pub fn record_request(route: &str, status: u16, duration: Duration) {
+    METRICS.record_request(route, status, duration);
+}
+
+/// A key verification answered from the in-process cache.
+pub fn cache_hit() {
+    METRICS.cache_hit();
+}
+
+/// A key verification that had to ask the store.
+pub fn cache_miss() {
+    METRICS.cache_miss();
+}
+
+/// A Redis call failed or timed out.
+pub fn redis_error() {
+    METRICS.redis_error();
+}
+
+/// One Redis round trip took `duration`.
+pub fn redis_latency(duration: Duration) {
+    METRICS.redis_latency(duration);
+}
+
+/// A request refused by rate limit or quota.
+pub fn refused(kind: Refusal) {
+    METRICS.refused(kind);
+}
+
+/// At a usage flush: the age of the oldest usage it wrote.
+pub fn usage_flush_lag(lag: Duration) {
+    METRICS.usage_flush_lag(lag);
+}
+
+/// `n` usage records dropped (buffer full while Redis was unreachable).
+pub fn usage_dropped(n: u64) {
+    METRICS.usage_dropped(n);
+}
+
+/// The process-wide metrics as Prometheus text.
+pub fn render() -> String {
+    METRICS.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_and_status_with_latency() {
+        let metrics = Metrics::new();
+        metrics.record_request("/api", 200, Duration::from_millis(3));
+        metrics.record_request("/api", 200, Duration::from_millis(5));
+        metrics.record_request("/api", 503, Duration::from_millis(1));
+        metrics.record_request(NO_ROUTE, 404, Duration::from_micros(100));
+        let text = metrics.render();
+        assert!(text.contains(r#"keygate_requests_total{route="/api",status="200"} 2"#), "{text}");
+        assert!(text.contains(r#"keygate_requests_total{route="/api",status="503"} 1"#), "{text}");
+        assert!(text.contains(r#"keygate_requests_total{route="(none)",status="404"} 1"#), "{text}");
+        assert_eq!(
+            line(&text, r#"keygate_request_duration_seconds_count{route="/api"}"#).split(' ').nth(1),
+            Some("3")
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn route_labels_are_capped() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_ROUTES + 10 {
+            metrics.record_request(&format!("/r{i}"), 200, Duration::ZERO);
+        }
+        let text = metrics.render();
+        let series = text.lines().filter(|l| l.starts_with("keygate_requests_total{")).count();
+        assert_eq!(series, MAX_ROUTES + 1, "the cap plus `(other)`");
+        assert!(text.contains(r#"keygate_requests_total{route="(other)",status="200"} 10"#));
+    }
+
+    #[test]
+    fn cache_redis_refusal_and_usage_metrics_render() {
+        let metrics = Metrics::new();
+        metrics.cache_hit();
+        metrics.cache_hit();
+        metrics.cache_miss();
+        metrics.redis_error();
+        metrics.redis_latency(Duration::from_millis(2));
+        metrics.refused(Refusal::RateLimited);
+        metrics.refused(Refusal::QuotaExceeded);
+        metrics.refused(Refusal::QuotaExceeded);
+        metrics.usage_flush_lag(Duration::from_millis(1500));
+        metrics.usage_dropped(7);
+        let text = metrics.render();
+        for expected in [
+            "keygate_key_cache_hits_total 2",
+            "keygate_key_cache_misses_total 1",
+            "keygate_redis_errors_total 1",
+            "keygate_redis_latency_seconds_count 1",
+            r#"keygate_refused_total{kind="rate_limited"} 1"#,
+            r#"keygate_refused_total{kind="quota_exceeded"} 2"#,
+            "keygate_usage_flush_lag_seconds 1.5",
+            "keygate_usage_dropped_total 7",
+        ] {
+            assert!(text.contains(expected), "missing `{expected}` in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_global_functions_reach_the_rendered_page() {
+        record_request("/global-test", 201, Duration::from_millis(1));
+        assert!(render().contains(r#"keygate_requests_total{route="/global-test",status="201"} 1"#));
+    }
+}

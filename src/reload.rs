@@ -1,0 +1,182 @@
+//! Hot reload: re-read the config file the gateway started with, build, swap.
+//!
+//! As in rust-rpxy, a reload builds the whole new [`Config`] first and swaps
+//! it in only if it validates ([`Gateway::reload`] stores a new `Live` in an
+//! `ArcSwap`); an invalid file is logged and refused, and the old config stays
+//! live. Requests in flight keep the `Live` they loaded, and open connections
+//! are untouched: each new request on them loads the new one.
+//!
+//! Triggers: SIGHUP ([`on_sighup`]) and `POST /admin/reload`. Some settings
+//! are read once at start (listen addresses, the store, the key cache, the
+//! log format); a reload that changes them applies the rest and says which
+//! ones need a restart.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::config::{Config, ConfigError};
+use crate::gateway::Gateway;
+
+/// Reloads one gateway from one config file.
+pub struct Reloader {
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    /// Serialises reloads (SIGHUP and the admin call may race), so the
+    /// restart warnings compare against the config actually replaced. A std
+    /// Mutex: nothing awaits while it is held.
+    lock: Mutex<()>,
+}
+
+/// What a successful reload installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub routes: usize,
+    pub upstreams: usize,
+    /// Changed settings that only take effect after a restart, e.g. `server.listen`.
+    pub restart_needed: Vec<&'static str>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Arc<Self> {
+        Arc::new(Self { path, gateway, lock: Mutex::new(()) })
+    }
+
+    /// The config file reloads read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Reads, validates and installs the config file; on any error logs it and
+    /// keeps the running config.
+    ///
+    /// Synchronous on purpose: the file is small and local (the same read
+    /// `serve` does at start), and keeping the lock free of awaits is simpler
+    /// than a blocking-pool round trip.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let config = match Config::load(&self.path) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    problems = %one_line(&error),
+                    "config reload refused; the running config stays"
+                );
+                return Err(error);
+            }
+        };
+        let old = self.gateway.live.load_full();
+        let restart_needed = restart_needed(&old.config, &config);
+        for field in &restart_needed {
+            tracing::warn!(
+                field,
+                "config reload: this setting changed but only takes effect after a restart"
+            );
+        }
+        crate::telemetry::set_filter(&config.log);
+        let reloaded =
+            Reloaded { routes: config.routes.len(), upstreams: config.upstreams.len(), restart_needed };
+        self.gateway.reload(config);
+        tracing::info!(
+            path = %self.path.display(),
+            routes = reloaded.routes,
+            upstreams = reloaded.upstreams,
+            "config reloaded"
+        );
+        Ok(reloaded)
+    }
+}
+
+/// A refused config's problems on one log line.
+fn one_line(error: &ConfigError) -> String {
+    match error {
+        ConfigError::Invalid { problems, .. } => {
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        }
+        ConfigError::Read { .. } | ConfigError::Syntax { .. } => error.to_string().replace('\n', " "),
+    }
+}
+
+/// Settings read once at start that differ between `old` and `new`.
+pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let keys = (&old.keys, &new.keys);
+    [
+        ("server.listen", old.server.listen != new.server.listen),
+        ("server.drain_timeout", old.server.drain_timeout != new.server.drain_timeout),
+        ("store", old.store != new.store),
+        ("keys.prefix", keys.0.prefix != keys.1.prefix),
+        ("keys.cache_capacity", keys.0.cache_capacity != keys.1.cache_capacity),
+        ("keys.cache_ttl", keys.0.cache_ttl != keys.1.cache_ttl),
+        ("keys.negative_ttl", keys.0.negative_ttl != keys.1.negative_ttl),
+        ("keys.stale_window", keys.0.stale_window != keys.1.stale_window),
+        ("log.format", old.log.format != new.log.format),
+        ("admin.listen", old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen)),
+    ]
+    .into_iter()
+    .filter_map(|(field, changed)| changed.then_some(field))
+    .collect()
+}
+
+/// Reloads on every SIGHUP until `shutdown` completes.
+pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: impl Future<Output = ()>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API only");
+                return;
+            }
+        };
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                received = hangups.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    tracing::info!(path = %reloader.path().display(), "received SIGHUP: reloading the config");
+                    // The outcome is logged inside; the old config stays on error.
+                    let _logged = reloader.reload();
+                }
+                () = &mut shutdown => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        shutdown.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(text, Path::new("/srv")).unwrap()
+    }
+
+    #[test]
+    fn only_start_time_settings_need_a_restart() {
+        let old = config(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        );
+        let routes_only = config(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\npath = \"/v2\"\nupstream = \"builtin:echo\"\n[log]\nfilter = \"debug\"\n",
+        );
+        assert!(restart_needed(&old, &routes_only).is_empty());
+        let moved = config(
+            "[server]\nlisten = \"127.0.0.1:2\"\n[keys]\nprefix = \"xx_\"\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        );
+        assert_eq!(restart_needed(&old, &moved), ["server.listen", "keys.prefix"]);
+    }
+}

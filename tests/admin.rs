@@ -1,0 +1,294 @@
+//! The admin listener: token checks, the keys API against both stores,
+//! health and readiness, metrics, and its separation from the public listener.
+
+mod common;
+
+use std::future::Future;
+use std::time::Duration;
+
+use common::admin::{self, TOKEN, TestAdmin, admin_section};
+use common::gateway::{Answer, TestGateway, http1_client, send};
+use common::redis::RedisServer;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::Value;
+
+/// A protected echo route and a public one; no catch-all, so unknown paths
+/// on the public listener answer `no_route`.
+fn config(store: &str) -> String {
+    format!(
+        "{store}\n[[route]]\npath = \"/api\"\nupstream = \"builtin:echo\"\n\n[[route]]\npath = \"/open\"\nupstream = \"builtin:echo\"\npublic = true\n{}",
+        admin_section()
+    )
+}
+
+fn redis_store(redis: &RedisServer) -> String {
+    format!("[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"kgtest:\"\n", redis.url())
+}
+
+/// A request through the public listener presenting `key`.
+async fn public_get(gateway: &TestGateway, path: &str, key: &str) -> Answer {
+    let request = Request::get(gateway.url(path)).header("x-api-key", key).body(Full::default()).unwrap();
+    send(&http1_client(), request).await
+}
+
+/// Polls `check` until it holds, failing after `secs`: waits on a condition,
+/// never on a fixed sleep.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, bounded by the deadline
+    }
+}
+
+// === Access ===
+
+#[tokio::test]
+async fn admin_calls_need_the_bearer_token() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+
+    let none = admin.call_as(None, Method::GET, "/admin/keys", None).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.json()["error"], "missing_token");
+    assert!(none.headers.contains_key("www-authenticate"));
+
+    for wrong in ["nope", &TOKEN[..TOKEN.len() - 1], &format!("{TOKEN}x"), &TOKEN.to_uppercase()] {
+        let answer = admin.call_as(Some(wrong), Method::GET, "/admin/keys", None).await;
+        assert_eq!(answer.status, 401, "{wrong}");
+        assert_eq!(answer.json()["error"], "invalid_token");
+        assert!(!answer.text().contains(TOKEN), "the token is never echoed");
+    }
+    let basic = Request::get(admin.url("/admin/keys"))
+        .header("authorization", format!("Basic {TOKEN}"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&http1_client(), basic).await.status, 401);
+
+    assert_eq!(admin.call(Method::GET, "/admin/keys", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn unknown_admin_paths_say_401_without_the_token_and_404_with_it() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    let anonymous = admin.call_as(None, Method::GET, "/admin/secret-stuff", None).await;
+    assert_eq!(anonymous.status, 401, "no route discovery without the token");
+    let known = admin.call(Method::GET, "/admin/secret-stuff", None).await;
+    assert_eq!((known.status, known.json()["error"].clone()), (StatusCode::NOT_FOUND, "no_route".into()));
+    let method = admin.call(Method::DELETE, "/admin/keys/acme.k1", None).await;
+    assert_eq!(method.status, 405);
+    assert_eq!(method.headers["allow"], "GET, PATCH");
+}
+
+#[tokio::test]
+async fn probes_and_metrics_need_no_token() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    let health = admin.call_as(None, Method::GET, "/healthz", None).await;
+    assert_eq!((health.status, health.json()["status"].clone()), (StatusCode::OK, "ok".into()));
+    let ready = admin.call_as(None, Method::GET, "/readyz", None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["routes"], 2);
+    let metrics = admin.call_as(None, Method::GET, "/metrics", None).await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(metrics.text().contains("# TYPE keygate_key_cache_hits counter"), "{}", metrics.text());
+}
+
+#[tokio::test]
+async fn the_public_listener_never_reaches_the_admin_api() {
+    let (gateway, _admin) = admin::start(&config("")).await;
+    for path in ["/admin/keys", "/admin/reload", "/metrics", "/healthz", "/readyz"] {
+        let request = Request::get(gateway.url(path))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::default())
+            .unwrap();
+        let answer = send(&http1_client(), request).await;
+        assert_eq!(answer.status, 404, "{path}: {}", answer.text());
+        assert_eq!(answer.json()["error"], "no_route", "{path}");
+    }
+}
+
+// === Keys ===
+
+/// Issue, use, list, show, update, rotate and revoke a key through the admin
+/// API, checking each effect through the public listener.
+async fn key_lifecycle(gateway: &TestGateway, admin: &TestAdmin) {
+    let issued = admin
+        .call(Method::POST, "/admin/keys", Some(r#"{"client":"acme","scopes":["read"],"label":"ci"}"#))
+        .await;
+    assert_eq!(issued.status, 201, "{}", issued.text());
+    assert_eq!(issued.headers["cache-control"], "no-store");
+    let body = issued.json();
+    let key = body["key"].as_str().unwrap().to_owned();
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(issued.headers["location"], format!("/admin/keys/{id}"));
+    assert_eq!(
+        (body["client"].clone(), body["scopes"].clone()),
+        ("acme".into(), serde_json::json!(["read"]))
+    );
+    assert!(body.get("secret_hash").is_none());
+    assert_eq!(public_get(gateway, "/api/x", &key).await.status, 200);
+
+    admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"other"}"#)).await;
+    let all = admin.call(Method::GET, "/admin/keys", None).await.json();
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert!(all.as_array().unwrap().iter().all(|r| r.get("key").is_none()), "list never shows keys");
+    let mine = admin.call(Method::GET, "/admin/keys?client=acme", None).await.json();
+    assert_eq!(mine.as_array().unwrap().len(), 1);
+
+    let shown = admin.call(Method::GET, &format!("/admin/keys/{id}"), None).await;
+    assert_eq!((shown.status, shown.json()["label"].clone()), (StatusCode::OK, "ci".into()));
+    assert!(!shown.text().contains(&key));
+
+    let updated = admin
+        .call(Method::PATCH, &format!("/admin/keys/{id}"), Some(r#"{"rate":"100/s","label":null}"#))
+        .await;
+    assert_eq!(updated.status, 200, "{}", updated.text());
+    assert_eq!(
+        (updated.json()["rate"].clone(), updated.json()["label"].clone()),
+        ("100/s".into(), Value::Null)
+    );
+
+    let rotated =
+        admin.call(Method::POST, &format!("/admin/keys/{id}/rotate"), Some(r#"{"grace":"1h"}"#)).await;
+    assert_eq!(rotated.status, 201, "{}", rotated.text());
+    let new_key = rotated.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(rotated.json()["rotated_from"], id.as_str());
+    assert_eq!(rotated.json()["rate"], "100/s", "metadata carries over");
+    let old = admin.call(Method::GET, &format!("/admin/keys/{id}"), None).await.json();
+    assert_eq!(old["state"], "rotating");
+    assert_eq!(public_get(gateway, "/api/x", &new_key).await.status, 200);
+    assert_eq!(public_get(gateway, "/api/x", &key).await.status, 200, "old key works in its grace period");
+
+    let revoked = admin.call(Method::POST, &format!("/admin/keys/{id}/revoke"), None).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(
+        (revoked.json()["status"].clone(), revoked.json()["already_revoked"].clone()),
+        ("revoked".into(), false.into())
+    );
+    let again = admin.call(Method::POST, &format!("/admin/keys/{id}/revoke"), None).await;
+    assert_eq!(again.json()["already_revoked"], true);
+    eventually(10, "the revoked key is refused", || async {
+        public_get(gateway, "/api/x", &key).await.status == 401
+    })
+    .await;
+
+    let refused = admin.call(Method::POST, &format!("/admin/keys/{id}/rotate"), None).await;
+    assert_eq!(
+        (refused.status, refused.json()["error"].clone()),
+        (StatusCode::CONFLICT, "key_not_usable".into())
+    );
+}
+
+#[tokio::test]
+async fn keys_api_against_the_file_store() {
+    let (gateway, admin) = admin::start(&config("")).await;
+    key_lifecycle(&gateway, &admin).await;
+}
+
+#[tokio::test]
+async fn keys_api_against_redis() {
+    let redis = RedisServer::start();
+    let (gateway, admin) = admin::start(&config(&redis_store(&redis))).await;
+    key_lifecycle(&gateway, &admin).await;
+    assert!(redis.dump().iter().any(|(key, _)| key.starts_with("kgtest:")), "records live in this Redis");
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    let cases: &[(Method, &str, &str, &str)] = &[
+        (Method::POST, "/admin/keys", r#"{"scopes":["read"]}"#, "client"),
+        (Method::POST, "/admin/keys", r#"{"client":"a b"}"#, "client"),
+        (Method::POST, "/admin/keys", r#"{"client":"c","rate":"fast"}"#, "rate"),
+        (Method::POST, "/admin/keys", r#"{"client":"c","quota":100}"#, "quota"),
+        (Method::POST, "/admin/keys", r#"{"client":"c","burst":5}"#, "burst"),
+        (Method::POST, "/admin/keys", r#"{"client":"c","colour":"blue"}"#, "colour"),
+        (Method::POST, "/admin/keys", r#"{"client":"c","expires":"2000-01-01T00:00:00Z"}"#, "expires"),
+        (Method::GET, "/admin/keys/not-an-id", "", "id"),
+        (Method::GET, "/admin/keys?colour=blue", "", "colour"),
+        (Method::POST, "/admin/keys/acme.k1/rotate", r#"{"grace":"a while"}"#, "grace"),
+    ];
+    for (method, path, body, field) in cases {
+        let answer = admin.call(method.clone(), path, (!body.is_empty()).then_some(*body)).await;
+        assert_eq!(answer.status, 400, "{method} {path} {body}: {}", answer.text());
+        assert_eq!(answer.json()["error"], "invalid_field");
+        assert_eq!(answer.json()["field"], *field, "{body}: {}", answer.text());
+    }
+    let bad_json = admin.call(Method::POST, "/admin/keys", Some("{\"client\":")).await;
+    assert_eq!(
+        (bad_json.status, bad_json.json()["error"].clone()),
+        (StatusCode::BAD_REQUEST, "bad_json".into())
+    );
+
+    let missing = admin.call(Method::GET, "/admin/keys/acme.missing1", None).await;
+    assert_eq!(
+        (missing.status, missing.json()["error"].clone()),
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let missing = admin.call(Method::POST, "/admin/keys/acme.missing1/revoke", None).await;
+    assert_eq!(missing.status, 404);
+
+    let huge = format!(r#"{{"client":"c","label":"{}"}}"#, "x".repeat(keygate::admin::MAX_BODY));
+    let answer = admin.call(Method::POST, "/admin/keys", Some(&huge)).await;
+    assert_eq!(answer.status, 413);
+}
+
+#[tokio::test]
+async fn usage_is_not_wired_yet() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    let answer = admin.call(Method::GET, "/admin/usage", None).await;
+    assert_eq!(
+        (answer.status, answer.json()["error"].clone()),
+        (StatusCode::NOT_IMPLEMENTED, "not_implemented".into())
+    );
+}
+
+// === Readiness ===
+
+#[tokio::test]
+async fn readyz_follows_redis_down_and_back() {
+    let mut redis = RedisServer::start();
+    let (_gateway, admin) = admin::start(&config(&redis_store(&redis))).await;
+    let ready = || async { admin.call_as(None, Method::GET, "/readyz", None).await.status };
+    assert_eq!(ready().await, 200);
+
+    redis.stop();
+    eventually(15, "readyz says 503 with Redis stopped", || async { ready().await == 503 }).await;
+    let answer = admin.call_as(None, Method::GET, "/readyz", None).await;
+    assert_eq!(answer.json()["error"], "not_ready");
+    assert!(!answer.text().contains("127.0.0.1"), "no internals: {}", answer.text());
+    assert_eq!(
+        admin.call_as(None, Method::GET, "/healthz", None).await.status,
+        200,
+        "the process is still up"
+    );
+
+    redis.restart();
+    eventually(15, "readyz says 200 with Redis back", || async { ready().await == 200 }).await;
+}
+
+// === Metrics ===
+
+/// Passes once the lead wires `keygate::metrics::record_request` into the handler.
+#[tokio::test]
+
+async fn metrics_count_requests_through_the_public_listener() {
+    let (gateway, admin) = admin::start(&config("")).await;
+    for _ in 0..3 {
+        assert_eq!(common::gateway::get(&gateway.url("/open/x")).await.status, 200);
+    }
+    assert_eq!(common::gateway::get(&gateway.url("/nowhere")).await.status, 404);
+    let text = admin.call_as(None, Method::GET, "/metrics", None).await.text();
+    // Other tests in this process may count too, so look for at least ours.
+    let count = |prefix: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    assert!(count(r#"keygate_requests_total{route="/open",status="200"}"#) >= 3, "{text}");
+    assert!(count(r#"keygate_requests_total{route="(none)",status="404"}"#) >= 1, "{text}");
+    assert!(!text.contains("/open/x"), "the request path is never a label");
+}
