@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
+use common::binary::Served;
 use keygate::config::Config;
 
 fn keygate() -> Command {
@@ -74,34 +73,6 @@ fn missing_config_file_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/gateway.toml"));
 }
 
-/// Starts `keygate serve` on an ephemeral port and returns the child and the
-/// address it logged.
-fn spawn_serving(config: &Path) -> (std::process::Child, String, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = keygate()
-        .args(["serve", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in stderr.lines() {
-            let line = line.unwrap();
-            if let Some(rest) = line.split("address=").nth(1) {
-                let _ = addr_tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("gateway logged its address");
-    (child, addr, reader)
-}
-
 #[tokio::test]
 async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,17 +81,16 @@ async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
     let path =
         write_config(dir.path(), &shipped.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\""));
     std::fs::create_dir(dir.path().join("keys")).unwrap();
-    let (child, addr, reader) = spawn_serving(&path);
+    let mut served = Served::start(&path, &[]);
+    let addr = served.gateway_address();
 
     let answer = common::gateway::get(&format!("http://{addr}/health")).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.json()["path"], "/health");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(0));
-    let log = reader.join().unwrap().join("\n");
+    served.signal("TERM");
+    let (status, log) = tokio::task::spawn_blocking(move || served.wait_exit()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
     assert!(log.contains("SIGTERM"), "{log}");
     assert!(log.contains("status=200"), "access log line: {log}");
 }

@@ -9,13 +9,12 @@
 mod common;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::binary::Served;
 use common::gateway::{Answer, TestGateway, http1_client, send};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
@@ -598,37 +597,6 @@ async fn while_redis_is_down_cached_keys_keep_working_and_unknown_ones_get_503_u
 
 // === 10. No clear secret anywhere ===
 
-/// Starts `keygate serve -c config` with `RUST_LOG=debug`; returns the child,
-/// the address it logged, and a thread collecting its log lines.
-fn spawn_serving(config: &Path) -> (std::process::Child, String, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["serve", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "debug")
-        .env_remove("KEYGATE_REDIS_URL")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in stderr.lines() {
-            let line = line.unwrap();
-            if line.contains("keygate listening")
-                && let Some(rest) = line.split("address=").nth(1)
-            {
-                let _ = addr_tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("gateway logged its address");
-    (child, addr, reader)
-}
-
 #[tokio::test]
 async fn no_clear_secret_reaches_redis_or_the_gateways_debug_log() {
     let redis = RedisServer::start();
@@ -644,7 +612,8 @@ async fn no_clear_secret_reaches_redis_or_the_gateways_debug_log() {
     );
     let secret = secret_of(&key).to_owned();
     let record = redis_store(&redis).await.list(Some("acme")).await.unwrap().remove(0);
-    let (child, addr, reader) = spawn_serving(&config_path);
+    let mut served = Served::start_logging(&config_path, "debug", &[]);
+    let addr = served.gateway_address();
 
     let client = http1_client();
     let url = |path: &str| format!("http://{addr}{path}");
@@ -665,11 +634,9 @@ async fn no_clear_secret_reaches_redis_or_the_gateways_debug_log() {
         .await;
         assert_eq!(answer.status, status, "{uri}: {}", answer.text());
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap().status).await.unwrap();
+    served.signal("TERM");
+    let (status, log) = tokio::task::spawn_blocking(move || served.wait_exit()).await.unwrap();
     assert!(status.success(), "gateway exit: {status}");
-    let log = reader.join().unwrap().join("\n");
 
     assert!(log.contains("DEBUG"), "debug logging was on:\n{log}");
     assert!(log.contains(record.id.as_str()), "the log names the key id:\n{log}");

@@ -4,15 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::admin::{self, TOKEN, admin_section};
+use common::binary::Served;
 use common::gateway::{get, send};
 use common::upstream::{Upstream, full};
 use http::{Method, Request, Response, StatusCode};
@@ -156,75 +152,6 @@ async fn an_open_keep_alive_connection_keeps_working_and_sees_the_new_routes() {
 
 // === SIGHUP on the real binary ===
 
-/// `keygate serve` with its stderr lines streamed to the test.
-struct Served {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Served {
-    fn start(config: &Path) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["serve", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("KG_TEST_ADMIN_TOKEN", TOKEN)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Served { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no log line with `{needle}`; log so far:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn address(&mut self, message: &str) -> String {
-        let line = self.wait_for_line(message);
-        line.split("address=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().to_owned()
-    }
-
-    fn signal(&self, name: &str) {
-        let status =
-            Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn binary_config(paths: &[&str]) -> String {
     let mut text = "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"KG_TEST_ADMIN_TOKEN\"\n\n".to_owned();
     for path in paths {
@@ -240,7 +167,7 @@ async fn sighup_reloads_the_real_binary_and_refuses_a_broken_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, binary_config(&["/old"])).unwrap();
-    let mut served = Served::start(&path);
+    let mut served = Served::start(&path, &[("KG_TEST_ADMIN_TOKEN", TOKEN)]);
     let public = served.address("keygate listening");
     let admin = served.address("admin API listening");
     let url = |path: &str| format!("http://{public}{path}");
@@ -267,6 +194,6 @@ async fn sighup_reloads_the_real_binary_and_refuses_a_broken_file() {
     assert_eq!(get(&url("/new/x")).await.status, 200, "the previous config stays live");
 
     served.signal("TERM");
-    let status = served.child.wait().unwrap();
+    let (status, _log) = tokio::task::spawn_blocking(move || served.wait_exit()).await.unwrap();
     assert_eq!(status.code(), Some(0), "admin listener and SIGHUP task stop with the server");
 }

@@ -83,8 +83,22 @@ impl RedisServer {
         }
     }
 
+    /// Saves the data and stops, in one step (`SHUTDOWN SAVE`): nothing
+    /// written after the save is lost by the stop. A later [`restart`]
+    /// loads the saved data back.
+    ///
+    /// [`restart`]: Self::restart
+    pub fn shutdown_saving(&mut self) {
+        // The server exits without answering, so the command's error is expected.
+        let _ = redis::cmd("SHUTDOWN").arg("SAVE").query::<()>(&mut self.connection());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the server if running and starts a new one on the same port,
-    /// waiting until it answers. The data is gone (no persistence).
+    /// waiting until it answers. The data is gone unless it was saved
+    /// (`SAVE`, [`shutdown_saving`](Self::shutdown_saving)).
     pub fn restart(&mut self) {
         self.stop();
         match spawn_ready(self.port, self.dir.path()) {
