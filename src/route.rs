@@ -35,6 +35,9 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if is_already_normal(raw) {
+        return Ok(raw.to_owned());
+    }
     let decoded = decode_unreserved(raw)?;
     let mut segments: Vec<&str> = Vec::new();
     let mut parts = decoded.split('/').skip(1).peekable();
@@ -62,6 +65,25 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// The common case, checked in one pass without allocating: no escapes, no
+/// backslash, no empty, `.` or `..` segment. Such a path is its own normal form.
+fn is_already_normal(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    if bytes.iter().any(|&b| b == b'%' || b == b'\\') {
+        return false;
+    }
+    // Segments after the leading `/`; a trailing `/` leaves one empty last
+    // segment, which normalisation keeps.
+    let mut segments = raw[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(segment, "." | "..") || (segment.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
 }
 
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {
@@ -173,6 +195,21 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_agrees_with_the_full_normalisation() {
+        for raw in ["/", "/a", "/a/", "/a/b.c/d", "/a//b", "/a/./b", "/a/..", "/.", "//", "/a/.b", "/..a/b", "/a%41"] {
+            if is_already_normal(raw) {
+                let full = decode_unreserved(raw).ok().map(|d| d == raw);
+                assert_eq!(full, Some(true), "{raw}");
+                // And a second normalisation changes nothing.
+                assert_eq!(normalize_path(raw).as_deref(), Ok(raw), "{raw}");
+            }
+        }
+        assert!(is_already_normal("/api/v1/orders/"));
+        assert!(!is_already_normal("/api//orders"));
+        assert!(!is_already_normal("/api/./orders"));
+    }
+
+    #[test]
     fn normalisation_refuses_what_backends_read_differently() {
         assert_eq!(normalize_path("/api%2fadmin"), Err(PathError::EncodedSeparator));
         assert_eq!(normalize_path("/api%5Cadmin"), Err(PathError::EncodedSeparator));
@@ -230,5 +267,18 @@ mod tests {
         let only_host = RouteTable::new(&[route("/", Some("a.example"), false, "a")]);
         assert_eq!(target(&only_host, Some("b.example"), "/x"), None);
         assert_eq!(target(&only_host, None, "/x"), None);
+    }
+
+    proptest::proptest! {
+        /// Normalising never panics, and a normalised path is its own normal
+        /// form, so the gateway decides on exactly what it forwards.
+        #[test]
+        fn normalisation_is_total_and_idempotent(tail in "[a-zA-Z0-9./%\\\\_~-]{0,40}") {
+            let raw = format!("/{tail}");
+            if let Ok(normal) = normalize_path(&raw) {
+                proptest::prop_assert_eq!(normalize_path(&normal), Ok(normal.clone()));
+                proptest::prop_assert!(!normal.contains("//") && !normal.contains("/./") && !normal.contains("/../"));
+            }
+        }
     }
 }
