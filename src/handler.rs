@@ -135,7 +135,7 @@ async fn serve(
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
         // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
-        let admission = match gateway.limits.admit(&record, route.cost).await {
+        let admission = match gateway.limits.admit(&record, route.cost, &live.config.limits).await {
             Ok(admission) => admission,
             Err(error) => {
                 let mut headers = http::HeaderMap::new();

@@ -116,6 +116,13 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("keys.negative_ttl", keys.0.negative_ttl != keys.1.negative_ttl),
         ("keys.stale_window", keys.0.stale_window != keys.1.stale_window),
         ("log.format", old.log.format != new.log.format),
+        ("server.workers", old.server.workers != new.server.workers),
+        ("limits.mode", old.limits.mode != new.limits.mode),
+        ("limits.lease_fraction", old.limits.lease_fraction != new.limits.lease_fraction),
+        ("limits.lease_ttl", old.limits.lease_ttl != new.limits.lease_ttl),
+        ("limits.quota_lease", old.limits.quota_lease != new.limits.quota_lease),
+        ("limits.idle_eviction", old.limits.idle_eviction != new.limits.idle_eviction),
+        ("limits.max_tracked_keys", old.limits.max_tracked_keys != new.limits.max_tracked_keys),
         ("admin.listen", old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen)),
     ]
     .into_iter()

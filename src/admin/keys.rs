@@ -24,6 +24,7 @@ use crate::key::KeyId;
 use crate::meta::{self, MetaChanges, Quota, Rate};
 use crate::ops::{self, RevokeTarget};
 use crate::store::KeyStore;
+use crate::usage::{AuditAction, AuditEntry};
 
 /// The grace period of a rotation when the body gives none (as the CLI).
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -51,7 +52,7 @@ pub async fn issue(call: &KeyCall<'_>, body: &Bytes) -> Result<Response<Full<Byt
     };
     let changes = changes(fields, call.now)?;
     let issued = ops::issue(call.store, call.prefix, &client, changes, call.now).await?;
-    audit(call, "issue", &issued.record.id);
+    audit(call, AuditAction::Issue, &issued.record.id).await;
     let view = RecordView::new(&issued.record, Some(&issued.key), call.now);
     let mut response = secret_json(StatusCode::CREATED, &view)?;
     if let Ok(location) = HeaderValue::from_str(&format!("/admin/keys/{}", issued.record.id)) {
@@ -91,7 +92,7 @@ pub async fn update(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
     let id = key_id(id)?;
     let changes = changes(object(body)?, call.now)?;
     let record = ops::update(call.store, &id, changes, call.now).await?;
-    audit(call, "update", &record.id);
+    audit(call, AuditAction::Update, &record.id).await;
     json(StatusCode::OK, &RecordView::new(&record, None, call.now))
 }
 
@@ -99,7 +100,7 @@ pub async fn update(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
 pub async fn revoke(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>>, AdminError> {
     let target = RevokeTarget::Id(key_id(id)?);
     let revoked = ops::revoke(call.store, &target, call.prefix).await?;
-    audit(call, "revoke", &revoked.record.id);
+    audit(call, AuditAction::Revoke, &revoked.record.id).await;
 
     #[derive(Serialize)]
     struct RevokedView<'a> {
@@ -133,7 +134,7 @@ pub async fn rotate(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
         }
     }
     let issued = ops::rotate(call.store, &id, grace, call.prefix, call.now).await?;
-    audit(call, "rotate", &id);
+    audit(call, AuditAction::Rotate, &id).await;
 
     #[derive(Serialize)]
     struct RotatedView<'a> {
@@ -253,8 +254,22 @@ fn meta_error(field: &str, error: meta::MetaError) -> AdminError {
 
 // === Responses ===
 
-fn audit(call: &KeyCall<'_>, op: &'static str, id: &KeyId) {
-    tracing::info!(target: "keygate::audit", actor = call.actor, via = "admin-api", op, %id, "key operation");
+/// Logs a key operation and, when the store is Redis, appends it to the
+/// audit stream (`keygate keys audit` shows it) as `admin:<token name>`.
+/// A failed append is logged; the operation itself has already happened.
+async fn audit(call: &KeyCall<'_>, action: AuditAction, id: &KeyId) {
+    tracing::info!(target: "keygate::audit", actor = call.actor, via = "admin-api", op = %action, %id, "key operation");
+    let Some(redis) = call.store.redis() else { return };
+    let entry = AuditEntry {
+        actor: format!("admin:{}", call.actor),
+        action,
+        key_id: id.clone(),
+        at: call.now,
+        detail: "via the admin API".to_owned(),
+    };
+    if let Err(error) = crate::usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
+        tracing::warn!(%error, %id, "key operation done, but its audit entry was not written");
+    }
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Full<Bytes>>, AdminError> {

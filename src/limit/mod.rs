@@ -34,10 +34,11 @@ enum Rates {
 }
 
 /// The limits of every key, on this instance.
+/// Built once at start: the mode and lease sizes need a restart to change;
+/// `fail_open` and the header switches are read from the running config.
 pub struct Limits {
     rates: Rates,
     quotas: Quotas,
-    config: LimitsConfig,
 }
 
 /// What an admitted request may report in its headers.
@@ -82,12 +83,18 @@ impl Limits {
                 Arc::new(ProcessAuthority::default()),
             ),
         };
-        Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys), config: config.clone() }
+        Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys) }
     }
 
     /// Admits a request of `cost` units for `record`, or refuses it with 429.
-    /// If the limit store fails, `fail_open` decides: admit (and log) or 503.
-    pub async fn admit(&self, record: &KeyRecord, cost: NonZeroU32) -> Result<Admission, GatewayError> {
+    /// If the limit store fails, the running config's `fail_open` decides:
+    /// admit (and log) or 503.
+    pub async fn admit(
+        &self,
+        record: &KeyRecord,
+        cost: NonZeroU32,
+        live: &LimitsConfig,
+    ) -> Result<Admission, GatewayError> {
         let key_id = record.id.as_str();
         let meta = &record.meta;
         let now = Timestamp::now();
@@ -109,7 +116,7 @@ impl Limits {
                 Ok(QuotaDecision::Exhausted { retry_after }) => {
                     return Err(GatewayError::QuotaExceeded { retry_after });
                 }
-                Err(error) => self.store_failed("quota", &error)?,
+                Err(error) => store_failed(live, "quota", &error)?,
             }
         }
 
@@ -135,24 +142,19 @@ impl Limits {
                     }
                     return Err(GatewayError::RateLimited { retry_after });
                 }
-                Err(error) => self.store_failed("rate", &error)?,
+                Err(error) => store_failed(live, "rate", &error)?,
             }
         }
         Ok(admission)
     }
+}
 
-    fn store_failed(&self, what: &str, error: &str) -> Result<(), GatewayError> {
-        if self.config.fail_open {
-            tracing::warn!(limit = what, %error, "limit store unavailable; admitting (fail_open = true)");
-            Ok(())
-        } else {
-            Err(GatewayError::StoreUnavailable(format!("{what} limit: {error}")))
-        }
-    }
-
-    /// Whether responses carry the RateLimit headers, and the legacy ones.
-    pub fn headers_enabled(&self) -> (bool, bool) {
-        (self.config.headers, self.config.legacy_headers)
+fn store_failed(config: &LimitsConfig, what: &str, error: &str) -> Result<(), GatewayError> {
+    if config.fail_open {
+        tracing::warn!(limit = what, %error, "limit store unavailable; admitting (fail_open = true)");
+        Ok(())
+    } else {
+        Err(GatewayError::StoreUnavailable(format!("{what} limit: {error}")))
     }
 }
 

@@ -183,6 +183,7 @@ impl UsageFlusher {
         let dropped = merge_bounded(&mut pending, self.recorder.drain(), self.config.max_series);
         if dropped > 0 {
             self.dropped_events.fetch_add(dropped, Ordering::Relaxed);
+            crate::metrics::usage_dropped(dropped);
             tracing::warn!(
                 dropped_events = dropped,
                 max_series = self.config.max_series,
@@ -205,6 +206,7 @@ impl UsageFlusher {
                         // Retrying would fail the same way and block every later batch.
                         let lost: u64 = chunk.values().map(|s| s.counts.requests).sum();
                         self.dropped_events.fetch_add(lost, Ordering::Relaxed);
+                        crate::metrics::usage_dropped(lost);
                         tracing::error!(
                             dropped_events = lost,
                             "Redis refused a usage batch (a usage key holds another type); dropped it"
@@ -216,12 +218,14 @@ impl UsageFlusher {
                     if !self.failing.swap(true, Ordering::Relaxed) {
                         tracing::warn!(%error, "usage flush failed; keeping counts and retrying");
                     }
+                    crate::metrics::usage_flush_lag(self.stats().last_flush_lag);
                     return Err(UsageError::Redis(error.to_string()));
                 }
             }
         }
         self.pending_series.store(0, Ordering::Relaxed);
         self.last_success_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+        crate::metrics::usage_flush_lag(Duration::ZERO);
         if self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("usage flushes succeed again");
         }
