@@ -394,6 +394,14 @@ report() {
     echo
     echo "Cells: req/s / CPU µs per request. \"bad\" counts non-2xx answers and socket errors over all rounds."
     echo
+    echo "Every round's req/s, to judge the noise:"
+    echo
+    for w in "${WORKLOADS[@]}"; do
+        local line="- $w:"
+        for t in "${TARGETS[@]}"; do line+=" $t ${RATES[$w,$t]% };"; done
+        echo "${line%;}"
+    done
+    echo
     if ((LATENCY_TOOL)); then
         echo "## Latency at a fixed rate of $LAT_RATE req/s (50% of nginx's small-GET max; oha -q --latency-correction, ${LAT_DUR}s, $CONNS connections, median of $ROUNDS)"
         echo
