@@ -1,0 +1,442 @@
+#!/usr/bin/env bash
+# End-to-end comparison on loopback: the upstream directly, keygate, nginx and
+# HAProxy (each configured to the closest equivalent of keygate's key check and
+# per-key limit) in front of the same nginx `return 200` upstream.
+#
+#   benches/e2e/run.sh            # full run, about 15 minutes
+#   benches/e2e/run.sh --quick    # short runs, about 4 minutes
+#
+# Options: --quick, --no-install (use what is on PATH), --no-build (use the
+# existing target/release/keygate), --keep (keep the temp dir with the logs).
+#
+# Runs alternate (direct, keygate, nginx, haproxy, then again: 3 rounds) and
+# the tables give medians. Results are printed and written to
+# bench-results/e2e-<date>.md. Installs what is missing from Debian packages
+# (apt-get) and oha from crates.io; builds keygate in release mode.
+set -euo pipefail
+
+QUICK=0 INSTALL=1 BUILD=1 KEEP=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        --no-install) INSTALL=0 ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+
+if ((QUICK)); then DUR=2 LAT_DUR=3 WARM=1; else DUR=8 LAT_DUR=10 WARM=2; fi
+ROUNDS=3
+CONNS=32      # client connections for every workload
+NKEYS=1000    # keys for the round-robin workload
+TARGETS=(direct keygate nginx haproxy)
+WORKLOADS=(get post h2 keys1000 close)
+declare -A WORKLOAD_NAME=(
+    [get]="small GET, keep-alive (wrk -t1 -c$CONNS)"
+    [post]="POST 16 KiB body (wrk -t1 -c$CONNS)"
+    [h2]="HTTP/2 (h2load -t1 -c$CONNS -m10)"
+    [keys1000]="$NKEYS keys round robin (wrk -t1 -c$CONNS)"
+    [close]="new connection per request (wrk -t1 -c$CONNS, Connection: close)"
+)
+
+log() { printf '[e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# === 1. Tools ===
+
+LATENCY_TOOL=1 LATENCY_SKIP_REASON=""
+install_tools() {
+    local need=()
+    command -v nginx >/dev/null || need+=(nginx-light)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v wrk >/dev/null || need+=(wrk)
+    command -v h2load >/dev/null || need+=(nghttp2-client)
+    command -v redis-server >/dev/null || need+=(redis-server)
+    command -v redis-cli >/dev/null || need+=(redis-tools)
+    command -v curl >/dev/null || need+=(curl)
+    if ((${#need[@]})); then
+        ((INSTALL)) || die "missing ${need[*]} (and --no-install was given)"
+        local sudo=()
+        (($(id -u) == 0)) || sudo=(sudo)
+        log "installing ${need[*]}"
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+    fi
+    # Fixed-rate latency: there is no wrk2 in Debian; oha's -q rate with
+    # --latency-correction avoids coordinated omission.
+    if ! command -v oha >/dev/null; then
+        if ((INSTALL)) && command -v cargo >/dev/null; then
+            log "installing oha (cargo install oha --locked)"
+            cargo install oha --locked >&2 || true
+        fi
+        if ! command -v oha >/dev/null; then
+            LATENCY_TOOL=0
+            LATENCY_SKIP_REASON="oha is not installed and \`cargo install oha --locked\` did not provide it"
+            log "warning: $LATENCY_SKIP_REASON; the latency table is skipped"
+        fi
+    fi
+}
+install_tools
+
+if ((BUILD)); then
+    log "building keygate (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
+KEYGATE="$ROOT/target/release/keygate"
+[[ -x $KEYGATE ]] || die "$KEYGATE not found (build it or drop --no-build)"
+
+# === 2. Servers, each on a free loopback port, all killed on exit ===
+
+WORK=$(mktemp -d /tmp/keygate-e2e.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if ((KEEP)); then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+TAKEN=" "
+# free_port VAR: a loopback port nothing listens on, never 6379, never handed out twice.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 30000))
+        [[ $p == 6379 || $TAKEN == *" $p "* ]] && continue
+        ss -Htan "sport = :$p" | grep -q . && continue
+        TAKEN+="$p "
+        printf -v "$1" '%s' "$p"
+        return
+    done
+}
+for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT; do
+    free_port "$v"
+done
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+USER_LINE=""
+if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the temp dir
+
+# render TEMPLATE OUT: fill in the @NAME@ placeholders.
+render() {
+    sed -e "s|@DIR@|$WORK|g" -e "s|@USER_LINE@|$USER_LINE|g" \
+        -e "s|@UP_PORT@|$UP_PORT|g" -e "s|@UP_H2_PORT@|$UP_H2_PORT|g" \
+        -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@KG_PORT@|$KG_PORT|g" \
+        -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" \
+        -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
+        "$1" >"$2"
+}
+
+# wait_http URL [CURL ARGS...]: until something answers (any status), at most 15 s.
+wait_http() {
+    local url=$1 i
+    shift
+    for ((i = 0; i < 150; i++)); do
+        curl -s -o /dev/null "$@" "$url" && return 0
+        sleep 0.1
+    done
+    die "nothing answers at $url (logs in $WORK; rerun with --keep)"
+}
+
+log "temp dir $WORK"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
+PIDS+=($!)
+REDIS_PID=$!
+for ((i = 0; i < 100; i++)); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$REDIS_PORT" ping >/dev/null || die "private redis-server did not start"
+
+render "$HERE/upstream-nginx.conf" "$WORK/upstream.conf"
+nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" -g 'daemon off;' &
+PIDS+=($!)
+UP_PID=$!
+wait_http "http://127.0.0.1:$UP_PORT/"
+
+# keygate config: the template, plus the [usage] section if this build knows it.
+render "$HERE/gateway.toml" "$WORK/gateway.toml"
+# >>> USAGE TRACKING: the marked spot (see usage.toml) <<<
+USAGE="OFF: this build's config has no [usage] section"
+cat "$WORK/gateway.toml" "$HERE/usage.toml" >"$WORK/gateway-usage.toml"
+if "$KEYGATE" check -c "$WORK/gateway-usage.toml" >"$WORK/check-usage.log" 2>&1; then
+    mv "$WORK/gateway-usage.toml" "$WORK/gateway.toml"
+    USAGE="ON ([usage] section accepted by keygate check)"
+fi
+"$KEYGATE" check -c "$WORK/gateway.toml" >&2 || die "keygate check rejected $WORK/gateway.toml"
+log "usage tracking: $USAGE"
+
+# Keys: the main one, then the rest of the $NKEYS for the round-robin workload.
+issue() {
+    "$KEYGATE" keys -c "$WORK/gateway.toml" --redis "$REDIS_URL" issue --client "$1" \
+        --scopes read-write --rate 1000000000/s 2>>"$WORK/issue.log"
+}
+KEY=$(issue bench)
+[[ $KEY == kg_* ]] || die "keys issue printed no key (see $WORK/issue.log)"
+log "issuing $((NKEYS - 1)) more keys"
+export -f issue
+export KEYGATE WORK REDIS_URL
+printf '%s\n' "$KEY" >"$WORK/keys.txt"
+seq -f 'bench-%04g' 2 "$NKEYS" | xargs -P 4 -I{} bash -c 'issue {}' >>"$WORK/keys.txt"
+(($(grep -c '^kg_' "$WORK/keys.txt") == NKEYS)) || die "could not issue $NKEYS keys (see $WORK/issue.log)"
+awk '{ printf "\"%s\" \"bench-%04d\";\n", $1, NR }' "$WORK/keys.txt" >"$WORK/keys.nginx-map"
+awk '{ printf "%s bench-%04d\n", $1, NR }' "$WORK/keys.txt" >"$WORK/keys.haproxy-map"
+
+"$KEYGATE" serve -c "$WORK/gateway.toml" >"$WORK/keygate.log" 2>&1 &
+PIDS+=($!)
+KG_PID=$!
+wait_http "http://127.0.0.1:$KG_PORT/"
+
+render "$HERE/proxy-nginx.conf" "$WORK/proxy-nginx.conf"
+nginx -p "$WORK" -c "$WORK/proxy-nginx.conf" -e "$WORK/nginx-proxy-error.log" -g 'daemon off;' &
+PIDS+=($!)
+NGINX_PID=$!
+wait_http "http://127.0.0.1:$NGINX_PORT/"
+
+render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg"
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_PID=$!
+wait_http "http://127.0.0.1:$HAPROXY_PORT/"
+
+declare -A PORT=([direct]=$UP_PORT [keygate]=$KG_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+declare -A H2PORT=([direct]=$UP_H2_PORT [keygate]=$KG_PORT [nginx]=$NGINX_H2_PORT [haproxy]=$HAPROXY_H2_PORT)
+declare -A PID=([direct]=$UP_PID [keygate]=$KG_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+
+# Every path must answer as expected before anything is measured: a fast 401
+# or 404 would look like a fast proxy.
+status() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+expect() {
+    local want=$1 what=$2 got
+    shift 2
+    got=$(status "$@")
+    [[ $got == "$want" ]] || die "$what: expected $want, got $got"
+}
+head -c 16384 /dev/zero | tr '\0' x >"$WORK/body"
+for t in "${TARGETS[@]}"; do
+    url="http://127.0.0.1:${PORT[$t]}/bench"
+    expect 200 "$t GET with key" -H "x-api-key: $KEY" "$url"
+    expect 200 "$t POST 16 KiB" -H "x-api-key: $KEY" --data-binary "@$WORK/body" "$url"
+    expect 200 "$t GET with key #$NKEYS" -H "x-api-key: $(tail -1 "$WORK/keys.txt")" "$url"
+    expect 200 "$t HTTP/2" --http2-prior-knowledge -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench"
+    if [[ $t != direct ]]; then
+        expect 401 "$t GET without key" "$url"
+        expect 401 "$t GET with a wrong key" -H "x-api-key: ${KEY%?}x" "$url"
+    fi
+done
+log "all targets answer 200 with a key and 401 without"
+
+# === 3. Measuring ===
+
+CLK_TCK=$(getconf CLK_TCK)
+# The process and its children (nginx's master and worker).
+tree_pids() { echo "$1"; cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | grep . || true; }
+cpu_ticks() {
+    local total=0 p s
+    for p in $(tree_pids "$1"); do
+        s=$(<"/proc/$p/stat") || continue
+        s=${s##*) }
+        read -r -a f <<<"$s"
+        total=$((total + f[11] + f[12])) # utime + stime
+    done
+    echo "$total"
+}
+rss_kib() {
+    local total=0 p
+    for p in $(tree_pids "$1"); do
+        total=$((total + $(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+
+# run_load WORKLOAD TARGET SECONDS OUT: drive the load; OUT gets the tool's output.
+run_load() {
+    local w=$1 t=$2 d=$3 out=$4 url="http://127.0.0.1:${PORT[$2]}/bench"
+    case $w in
+        get) wrk -t1 -c"$CONNS" -d"${d}s" -H "x-api-key: $KEY" "$url" ;;
+        post) wrk -t1 -c"$CONNS" -d"${d}s" -H "x-api-key: $KEY" -s "$HERE/post.lua" "$url" ;;
+        keys1000) wrk -t1 -c"$CONNS" -d"${d}s" -s "$HERE/keys.lua" "$url" -- "$WORK/keys.txt" ;;
+        close) wrk -t1 -c"$CONNS" -d"${d}s" -H "x-api-key: $KEY" -H "Connection: close" "$url" ;;
+        h2) h2load -t1 -c"$CONNS" -m10 -D "$d" -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench" ;;
+    esac >"$out" 2>&1 || true
+}
+# parse OUT: "REQUESTS RATE BAD", BAD counting non-2xx answers and errors.
+parse() {
+    local out=$1
+    if grep -q '^finished in' "$out"; then # h2load
+        awk '
+            /^finished in/ { gsub(",", ""); rate = $4 }
+            /^requests:/ { done = $8; failed = $10 + $12 }
+            /^status codes:/ { bad = $5 + $7 + $9 }
+            END { printf "%d %.0f %d\n", done, rate, failed + bad }' "$out"
+    else # wrk
+        awk '
+            /requests in/ { n = $1 }
+            /^Requests\/sec:/ { rate = $2 }
+            /Non-2xx or 3xx responses:/ { bad += $NF }
+            /Socket errors:/ { gsub(",", ""); bad += $4 + $6 + $8 + $10 }
+            END { printf "%d %.0f %d\n", n, rate, bad }' "$out"
+    fi
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# Redis traffic during keygate's small-GET runs (INFO commandstats before and after).
+commandstats() { redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/ { sub("cmdstat_", "", $1); print $1, $3 }'; }
+declare -A REDIS_CALLS=()
+REDIS_REQUESTS=0
+
+declare -A RATES=() CPUS=() BAD=()
+log "warm-up (${WARM}s per target and workload)"
+for t in "${TARGETS[@]}"; do
+    for w in get keys1000; do run_load "$w" "$t" "$WARM" "$WORK/warm.out"; done
+done
+
+total_runs=$((${#WORKLOADS[@]} * ROUNDS * ${#TARGETS[@]}))
+n=0
+for w in "${WORKLOADS[@]}"; do
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${TARGETS[@]}"; do
+            n=$((n + 1))
+            out="$WORK/$w-$t-$r.out"
+            if [[ $w == get && $t == keygate ]]; then commandstats >"$WORK/redis-before"; fi
+            before=$(cpu_ticks "${PID[$t]}")
+            run_load "$w" "$t" "$DUR" "$out"
+            after=$(cpu_ticks "${PID[$t]}")
+            read -r reqs rate bad < <(parse "$out")
+            if [[ $w == get && $t == keygate ]]; then
+                commandstats >"$WORK/redis-after"
+                REDIS_REQUESTS=$((REDIS_REQUESTS + reqs))
+                while read -r cmd calls; do
+                    prev=$(awk -v c="$cmd" '$1 == c { print $2 }' "$WORK/redis-before")
+                    d=$((calls - ${prev:-0}))
+                    [[ $cmd == info ]] && d=$((d - 1)) # our own INFO
+                    if ((d > 0)); then REDIS_CALLS[$cmd]=$((${REDIS_CALLS[$cmd]:-0} + d)); fi
+                done <"$WORK/redis-after"
+            fi
+            RATES[$w,$t]+="$rate "
+            BAD[$w,$t]=$((${BAD[$w,$t]:-0} + bad))
+            if ((reqs > 0)); then
+                CPUS[$w,$t]+="$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+            fi
+            note=""
+            if ((bad > 0)); then note=", $bad non-2xx or errors"; fi
+            log "[$n/$total_runs] $w $t round $r: $rate req/s$note"
+        done
+    done
+done
+
+# Fixed-rate latency at half of nginx's measured small-GET maximum.
+declare -A P50=() P99=() P999=()
+LAT_RATE=""
+if ((LATENCY_TOOL)); then
+    LAT_RATE=$(printf '%s\n' ${RATES[get,nginx]} | median | awk '{ printf "%d", $1 / 2 }')
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${TARGETS[@]}"; do
+            out="$WORK/latency-$t-$r.json"
+            oha --no-tui --output-format json -z "${LAT_DUR}s" -q "$LAT_RATE" --latency-correction \
+                -c "$CONNS" -H "x-api-key: $KEY" "http://127.0.0.1:${PORT[$t]}/bench" >"$out" 2>"$WORK/oha.err" || true
+            read -r p50 p99 p999 ok < <(python3 - "$out" <<'EOF' 2>/dev/null || echo "n/a n/a n/a 0"
+import json, sys
+d = json.load(open(sys.argv[1]))
+p = d["latencyPercentiles"]
+codes = d.get("statusCodeDistribution", {})
+print("%.3f %.3f %.3f %d" % (p["p50"] * 1e3, p["p99"] * 1e3, p["p99.9"] * 1e3,
+      1 if set(codes) == {"200"} else 0))
+EOF
+            )
+            P50[$t]+="$p50 " P99[$t]+="$p99 " P999[$t]+="$p999 "
+            if ((ok == 0)); then BAD[lat,$t]=1; fi
+            log "latency $t round $r at $LAT_RATE req/s: p50 $p50 ms, p99 $p99 ms, p99.9 $p999 ms"
+        done
+    done
+fi
+
+declare -A RSS=()
+for t in "${TARGETS[@]}"; do RSS[$t]=$(rss_kib "${PID[$t]}"); done
+
+# === 4. Report ===
+
+med() { printf '%s\n' $1 | grep -v n/a | median; }
+fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
+report() {
+    local w t
+    echo "# keygate end-to-end benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- command: \`benches/e2e/run.sh$( ((QUICK)) && echo ' --quick')\`; keygate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "- machine: $(nproc) cores, $(uname -sr); $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print "wrk " $2 }'), $(h2load --version | awk '{ print $2 }'), $(redis-server --version | awk '{ print $3 }' | tr -d 'v=' | sed 's/^/redis /')"
+    echo "- each run ${DUR}s, $CONNS connections, $ROUNDS rounds alternating direct, keygate, nginx, haproxy; medians shown"
+    echo "- keygate: Redis store, key verified (cached after the first request), route requires scope read-write, per-key rate limit (1e9/s), usage tracking $USAGE; default runtime (no worker setting in [server]); access log off"
+    echo "- nginx: 1 worker; key map -> 401, limit_req per key, upstream keepalive. HAProxy: nbthread 1; key map -> 401, stick-table http_req_rate per key, http-reuse always. Both strip the key and send the client id upstream"
+    echo "- upstream: nginx 1 worker, \`return 200 \"ok\"\`; \"direct\" is the client against it"
+    echo
+    echo "## Throughput (req/s, median of $ROUNDS) and CPU per request (µs, the server process the client talks to)"
+    echo
+    echo "| workload | direct | keygate | nginx | haproxy | keygate/direct | keygate/nginx | keygate/haproxy |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for w in "${WORKLOADS[@]}"; do
+        local -A m=()
+        local cells=""
+        for t in "${TARGETS[@]}"; do
+            m[$t]=$(med "${RATES[$w,$t]:-}")
+            local c
+            c=$(med "${CPUS[$w,$t]:-}")
+            local flag=""
+            if ((${BAD[$w,$t]:-0} > 0)); then flag=" (${BAD[$w,$t]} bad!)"; fi
+            cells+=" ${m[$t]} / ${c} µs$flag |"
+        done
+        echo "| ${WORKLOAD_NAME[$w]} |$cells $(fmt_ratio "${m[keygate]}" "${m[direct]}") | $(fmt_ratio "${m[keygate]}" "${m[nginx]}") | $(fmt_ratio "${m[keygate]}" "${m[haproxy]}") |"
+    done
+    echo
+    echo "Cells: req/s / CPU µs per request. \"bad\" counts non-2xx answers and socket errors over all rounds."
+    echo
+    echo "Every round's req/s, to judge the noise:"
+    echo
+    for w in "${WORKLOADS[@]}"; do
+        local line="- $w:"
+        for t in "${TARGETS[@]}"; do line+=" $t ${RATES[$w,$t]% };"; done
+        echo "${line%;}"
+    done
+    echo
+    if ((LATENCY_TOOL)); then
+        echo "## Latency at a fixed rate of $LAT_RATE req/s (50% of nginx's small-GET max; oha -q --latency-correction, ${LAT_DUR}s, $CONNS connections, median of $ROUNDS)"
+        echo
+        echo "| target | p50 ms | p99 ms | p99.9 ms | p99 added vs direct ms |"
+        echo "|---|---:|---:|---:|---:|"
+        local d99
+        d99=$(med "${P99[direct]:-}")
+        for t in "${TARGETS[@]}"; do
+            local p99
+            p99=$(med "${P99[$t]:-}")
+            local flag=""
+            if [[ -n ${BAD[lat,$t]:-} ]]; then flag=" (non-200 answers!)"; fi
+            echo "| $t$flag | $(med "${P50[$t]:-}") | $p99 | $(med "${P999[$t]:-}") | $(awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b }') |"
+        done
+    else
+        echo "## Latency: skipped ($LATENCY_SKIP_REASON)"
+    fi
+    echo
+    echo "## Memory after the run (VmRSS, process and children)"
+    echo
+    echo "| direct (upstream) | keygate | nginx | haproxy |"
+    echo "|---:|---:|---:|---:|"
+    echo "| $((RSS[direct] / 1024)) MiB | $((RSS[keygate] / 1024)) MiB | $((RSS[nginx] / 1024)) MiB | $((RSS[haproxy] / 1024)) MiB |"
+    echo
+    echo "## Redis traffic during keygate's small-GET runs (INFO commandstats)"
+    echo
+    local total=0 cmd detail=""
+    for cmd in "${!REDIS_CALLS[@]}"; do
+        total=$((total + REDIS_CALLS[$cmd]))
+        detail+=" $cmd=${REDIS_CALLS[$cmd]}"
+    done
+    echo "$total commands over $REDIS_REQUESTS requests = $(awk -v c=$total -v n=$REDIS_REQUESTS 'BEGIN { printf "%.3f", n ? c * 1000 / n : 0 }') per 1000 requests${detail:+ (by command:$detail)}"
+}
+
+mkdir -p "$ROOT/bench-results"
+RESULT="$ROOT/bench-results/e2e-$(date '+%Y%m%d-%H%M%S').md"
+report | tee "$RESULT"
+log "written to $RESULT"
