@@ -25,6 +25,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub limits: LimitsConfig,
+    pub usage: UsageConfig,
     pub log: LogConfig,
     /// The admin listener; `None` (no `[admin] listen`) keeps it off.
     pub admin: Option<AdminConfig>,
@@ -48,6 +49,17 @@ pub struct LimitsConfig {
     /// Limiters of keys idle this long are dropped (memory stays bounded).
     pub idle_eviction: Duration,
     pub max_tracked_keys: u64,
+}
+
+/// Usage tracking (needs the Redis store: counts are flushed there).
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub enabled: bool,
+    /// Time between flushes to Redis.
+    pub flush_interval: Duration,
+    /// The most distinct series buffered while Redis is unreachable; past
+    /// it, new events are dropped and counted.
+    pub max_buffered_series: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -219,9 +231,19 @@ pub struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    usage: RawUsage,
+    #[serde(default)]
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    enabled: Option<bool>,
+    flush_interval: Option<String>,
+    max_buffered_series: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -568,6 +590,18 @@ impl RawConfig {
         }
 
         let limits = validate_limits(&mut p, self.limits, &store);
+        let usage = UsageConfig {
+            enabled: self.usage.enabled.unwrap_or(true),
+            flush_interval: p.duration(
+                "usage.flush_interval",
+                self.usage.flush_interval.as_deref(),
+                Duration::from_secs(1),
+            ),
+            max_buffered_series: self.usage.max_buffered_series.unwrap_or(100_000),
+        };
+        if usage.flush_interval.is_zero() {
+            p.push("usage.flush_interval", "must be above zero");
+        }
 
         let log = LogConfig {
             filter: self.log.filter.unwrap_or_else(|| "info".to_owned()),
@@ -580,7 +614,7 @@ impl RawConfig {
         let admin = validate_admin(&mut p, self.admin, &|name| std::env::var(name).ok());
 
         if p.0.is_empty() {
-            Ok(Config { server, store, keys, routes, upstreams, limits, log, admin })
+            Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin })
         } else {
             Err(p.0)
         }

@@ -60,7 +60,7 @@ impl Gateway {
         verifier.spawn_invalidation_listener();
         let redis = store.redis();
         let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())));
-        let usage = redis.is_some().then(|| Arc::new(UsageRecorder::new()));
+        let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, usage, store })
     }
 
@@ -68,7 +68,13 @@ impl Gateway {
     pub fn usage_flusher(&self) -> Option<Arc<UsageFlusher>> {
         let recorder = self.usage.as_ref()?;
         let redis = self.store.redis()?;
-        Some(UsageFlusher::new(Arc::clone(recorder), redis.conn, &redis.prefix, FlushConfig::default()))
+        let usage = &self.live.load().config.usage;
+        let config = FlushConfig {
+            interval: usage.flush_interval,
+            max_series: usage.max_buffered_series,
+            ..FlushConfig::default()
+        };
+        Some(UsageFlusher::new(Arc::clone(recorder), redis.conn, &redis.prefix, config))
     }
 
     /// Installs a new, already validated config. In-flight requests keep the

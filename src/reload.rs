@@ -117,6 +117,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("keys.stale_window", keys.0.stale_window != keys.1.stale_window),
         ("log.format", old.log.format != new.log.format),
         ("server.workers", old.server.workers != new.server.workers),
+        (
+            "usage",
+            old.usage.enabled != new.usage.enabled || old.usage.flush_interval != new.usage.flush_interval,
+        ),
         ("limits.mode", old.limits.mode != new.limits.mode),
         ("limits.lease_fraction", old.limits.lease_fraction != new.limits.lease_fraction),
         ("limits.lease_ttl", old.limits.lease_ttl != new.limits.lease_ttl),
