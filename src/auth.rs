@@ -12,6 +12,7 @@
 //! gets 503, never a silent allow.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -28,6 +29,8 @@ use crate::store::{Invalidation, KeyRecord, SharedStore, StoreError};
 struct Cached {
     record: Arc<KeyRecord>,
     fetched_at: Instant,
+    /// The cache epoch it was fetched in; an older epoch must be re-checked.
+    epoch: u64,
 }
 
 /// Verifies presented keys against the store, through the cache.
@@ -41,6 +44,12 @@ pub struct Verifier {
     unknown: Cache<SecretHash, ()>,
     cache_ttl: Duration,
     stale_window: Duration,
+    /// Bumped by [`Invalidation::All`]: every entry from an older epoch is
+    /// re-checked with the store on its next use, but stays usable (within
+    /// the stale window) if the store cannot answer. Dropping them instead
+    /// would turn a Redis restart, which is exactly when `All` arrives, into
+    /// 503s for keys verified a moment before.
+    epoch: AtomicU64,
 }
 
 /// Why verification refused a key, for the log only: the client sees one answer.
@@ -87,6 +96,7 @@ impl Verifier {
             unknown,
             cache_ttl: keys.cache_ttl,
             stale_window: keys.stale_window,
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -104,8 +114,10 @@ impl Verifier {
     }
 
     async fn lookup(&self, client: &str, hash: &SecretHash) -> Result<Arc<KeyRecord>, GatewayError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let cached = self.known.get(hash);
         if let Some(cached) = &cached
+            && cached.epoch == epoch
             && cached.fetched_at.elapsed() < self.cache_ttl
         {
             crate::metrics::cache_hit();
@@ -121,10 +133,8 @@ impl Verifier {
         match answer {
             Ok(Some(record)) => {
                 let record = Arc::new(record);
-                self.known.insert(
-                    *hash,
-                    Arc::new(Cached { record: Arc::clone(&record), fetched_at: Instant::now() }),
-                );
+                let entry = Cached { record: Arc::clone(&record), fetched_at: Instant::now(), epoch };
+                self.known.insert(*hash, Arc::new(entry));
                 Ok(record)
             }
             Ok(None) => {
@@ -151,7 +161,7 @@ impl Verifier {
                 self.unknown.invalidate(hash);
             }
             Invalidation::All => {
-                self.known.invalidate_all();
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.unknown.invalidate_all();
             }
         }

@@ -595,6 +595,36 @@ async fn while_redis_is_down_cached_keys_keep_working_and_unknown_ones_get_503_u
     .await;
 }
 
+/// Regression: after a Redis restart the pub/sub task resubscribes and
+/// announces `Invalidation::All`. The cache used to drop every key then, so
+/// the next request asked a connection that had not reconnected yet, and a
+/// key verified a moment before got 503. Now `All` only marks keys for a
+/// re-check, which may fall back on the cached record while the store errs.
+#[tokio::test]
+async fn a_redis_restart_does_not_turn_recently_verified_keys_into_503s() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&redis_config(&redis, &upstream, "")).await;
+    let store = redis_store(&redis).await;
+    let (key, _) = issue(&store, "acme", &["read"]).await;
+    drop(store);
+    assert_eq!(get_with_key(&gateway, "/a", &key).await.status, 200);
+
+    redis.shutdown_saving();
+    redis.restart();
+    // Wait for the gateway's resubscription: the moment `All` is announced.
+    eventually(SETTLE_DEADLINE, "the gateway resubscribed", || async {
+        let subscribers: Vec<(String, u64)> =
+            redis.query(redis::cmd("PUBSUB").arg("NUMSUB").arg("kg:invalidate"));
+        subscribers.first().is_some_and(|(_, n)| *n >= 1)
+    })
+    .await;
+    for _ in 0..20 {
+        let answer = get_with_key(&gateway, "/a", &key).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+}
+
 // === 10. No clear secret anywhere ===
 
 #[tokio::test]
