@@ -29,7 +29,7 @@ use http_body::Body as _;
 
 /// What the gateway answers with: the upstream's streaming body, or a body
 /// the gateway made itself (errors, echo).
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<proxy::PooledBody, Full<Bytes>>;
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
