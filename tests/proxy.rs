@@ -266,3 +266,47 @@ async fn echo_shows_the_request_as_an_upstream_would_receive_it() {
     assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
     assert!(seen["headers"].get("x-hop").is_none());
 }
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
+    for _ in 0..20 {
+        assert_eq!(get(&gateway.url("/api/x")).await.status, 200);
+    }
+    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_after_each_response_still_serves_every_request() {
+    let upstream = Upstream::start(|_req| async {
+        Response::builder().header("connection", "close").body(full("bye")).unwrap()
+    })
+    .await;
+    let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
+    for _ in 0..10 {
+        let answer = get(&gateway.url("/api/x")).await;
+        assert_eq!((answer.status.as_u16(), answer.text()), (200, "bye".to_owned()));
+    }
+    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn empty_responses_give_their_connection_back_to_the_pool() {
+    // A 204 (no body to read) and a normal answer alternate; both must leave
+    // the pooled connection usable for the next request.
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path().ends_with("/empty") {
+            Response::builder().status(204).body(full("")).unwrap()
+        } else {
+            Response::new(full("body"))
+        }
+    })
+    .await;
+    let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
+    for path in ["/api/empty", "/api/full", "/api/empty", "/api/full"] {
+        let answer = get(&gateway.url(path)).await;
+        assert!(answer.status.is_success(), "{path}: {}", answer.status);
+    }
+    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -23,6 +23,8 @@ pub fn full(body: impl Into<Bytes>) -> UpstreamBody {
 /// An upstream server answering every request with `handler`. Stops when dropped.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Connections accepted so far (to see connection reuse).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,9 +43,12 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(handler);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = Arc::clone(&handler);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -56,7 +61,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, task }
+        Upstream { addr, connections, task }
     }
 
     /// Answers with JSON describing what it received: method, path, query,
