@@ -117,7 +117,9 @@ impl ConnPool {
         };
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        // Flattened writes, as on the server side (see `server.rs`).
+        let (sender, connection) =
+            http1::Builder::new().writev(false).handshake(TokioIo::new(stream)).await?;
         // The connection task runs on this worker's runtime for its whole life.
         tokio::spawn(async move {
             if let Err(error) = connection.await {
