@@ -49,6 +49,31 @@ fn usage_benches(c: &mut Criterion) {
             busy.record(black_box(&UsageEvent { client: Some(&clients[i]), ..event(at) }))
         })
     });
+
+    // Contention: the same series recorded from one thread, then from two at
+    // once (this machine has two cores). Per-thread shards should keep the
+    // per-event time of two threads close to one thread's.
+    let shared = std::sync::Arc::new(UsageRecorder::new());
+    for threads in [1usize, 2] {
+        let name = format!("record (existing series, {threads} thread(s) at once, time per event)");
+        c.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let started = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for _ in 0..threads {
+                        let shared = &shared;
+                        let hot = &hot;
+                        scope.spawn(move || {
+                            for _ in 0..iters {
+                                shared.record(black_box(hot));
+                            }
+                        });
+                    }
+                });
+                started.elapsed()
+            })
+        });
+    }
 }
 
 criterion_group!(benches, usage_benches);

@@ -121,6 +121,7 @@ for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_
     free_port "$v"
 done
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+KG_WORKERS=${KG_WORKERS:-1}   # keygate's [server] workers; override from the environment
 USER_LINE=""
 if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the temp dir
 
@@ -128,7 +129,7 @@ if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the
 render() {
     sed -e "s|@DIR@|$WORK|g" -e "s|@USER_LINE@|$USER_LINE|g" \
         -e "s|@UP_PORT@|$UP_PORT|g" -e "s|@UP_H2_PORT@|$UP_H2_PORT|g" \
-        -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@KG_PORT@|$KG_PORT|g" \
+        -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@KG_PORT@|$KG_PORT|g" -e "s|@KG_WORKERS@|$KG_WORKERS|g" \
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" \
         -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
         "$1" >"$2"
@@ -370,7 +371,7 @@ report() {
     echo "- command: \`benches/e2e/run.sh$( ((QUICK)) && echo ' --quick')\`; keygate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
     echo "- machine: $(nproc) cores, $(uname -sr); $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print "wrk " $2 }'), $(h2load --version | awk '{ print $2 }'), $(redis-server --version | awk '{ print $3 }' | tr -d 'v=' | sed 's/^/redis /')"
     echo "- each run ${DUR}s, $CONNS connections, $ROUNDS rounds alternating direct, keygate, nginx, haproxy; medians shown"
-    echo "- keygate: Redis store, key verified (cached after the first request), route requires scope read-write, per-key rate limit (1e9/s), usage tracking $USAGE; default runtime (no worker setting in [server]); access log off"
+    echo "- keygate: Redis store, key verified (cached after the first request), route requires scope read-write, per-key rate limit (1e9/s), usage tracking $USAGE; $KG_WORKERS worker thread(s) (\`[server] workers\`); access log off"
     echo "- nginx: 1 worker; key map -> 401, limit_req per key, upstream keepalive. HAProxy: nbthread 1; key map -> 401, stick-table http_req_rate per key, http-reuse always. Both strip the key and send the client id upstream"
     echo "- upstream: nginx 1 worker, \`return 200 \"ok\"\`; \"direct\" is the client against it"
     echo

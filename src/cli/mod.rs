@@ -189,6 +189,13 @@ fn serve(path: &Path) -> ExitCode {
         Err(error) => return invalid_config(&error),
     };
     crate::telemetry::init(&config.log);
+    // Every connection is a file descriptor: lift the soft limit to the hard
+    // one, as nginx's worker_rlimit_nofile does, so a default of 1024 does
+    // not cap the gateway's connections.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
     // The control runtime drives what is not per request: the store's
     // connections, invalidations, usage flushes, the admin API, signals.
     // Requests run on the worker threads (see `server::run_workers`).
