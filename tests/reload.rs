@@ -4,17 +4,15 @@
 
 mod common;
 
-use std::sync::Arc;
 
 use bytes::Bytes;
 use common::admin::{self, TOKEN, admin_section};
 use common::binary::Served;
 use common::gateway::{get, send};
-use common::upstream::{Upstream, full};
-use http::{Method, Request, Response, StatusCode};
+use common::upstream::Upstream;
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Notify, Semaphore};
 
 /// Public echo routes at each of `paths`, plus the admin section.
 fn echo_routes(paths: &[&str]) -> String {
@@ -86,26 +84,9 @@ async fn a_reload_changes_the_admin_token() {
     assert_eq!(admin.call_as(Some(other), Method::GET, "/admin/keys", None).await.status, 200);
 }
 
-/// An upstream that holds every request until released, announcing each arrival.
-async fn gated_upstream() -> (Upstream, Arc<Notify>, Arc<Semaphore>) {
-    let arrived = Arc::new(Notify::new());
-    let release = Arc::new(Semaphore::new(0));
-    let (a, r) = (Arc::clone(&arrived), Arc::clone(&release));
-    let upstream = Upstream::start(move |_req| {
-        let (arrived, release) = (Arc::clone(&a), Arc::clone(&r));
-        async move {
-            arrived.notify_one();
-            release.acquire().await.unwrap().forget();
-            Response::new(full("finished"))
-        }
-    })
-    .await;
-    (upstream, arrived, release)
-}
-
 #[tokio::test]
 async fn a_slow_request_in_flight_completes_after_a_reload_removes_its_route() {
-    let (upstream, arrived, release) = gated_upstream().await;
+    let (upstream, arrived, release) = Upstream::gated().await;
     let with_slow = format!(
         "[[route]]\npath = \"/slow\"\nupstream = \"api\"\npublic = true\n\n[upstream.api]\ntargets = [\"{}\"]\n\n{}",
         upstream.url(),

@@ -2,31 +2,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::gateway::{TestGateway, get};
-use common::upstream::{Upstream, full};
-use http::Response;
+use common::upstream::Upstream;
 use keygate::server::Drained;
-use tokio::sync::{Notify, Semaphore};
-
-/// An upstream that holds every request until released, announcing each arrival.
-async fn gated_upstream() -> (Upstream, Arc<Notify>, Arc<Semaphore>) {
-    let arrived = Arc::new(Notify::new());
-    let release = Arc::new(Semaphore::new(0));
-    let (a, r) = (Arc::clone(&arrived), Arc::clone(&release));
-    let upstream = Upstream::start(move |_req| {
-        let (arrived, release) = (Arc::clone(&a), Arc::clone(&r));
-        async move {
-            arrived.notify_one();
-            release.acquire().await.unwrap().forget();
-            Response::new(full("finished"))
-        }
-    })
-    .await;
-    (upstream, arrived, release)
-}
 
 fn config(upstream: &Upstream, drain: &str) -> String {
     format!(
@@ -37,7 +17,7 @@ fn config(upstream: &Upstream, drain: &str) -> String {
 
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_slow_request_finish_and_refuses_new_connections() {
-    let (upstream, arrived, release) = gated_upstream().await;
+    let (upstream, arrived, release) = Upstream::gated().await;
     let mut gateway = TestGateway::start(&config(&upstream, "30s")).await;
     let url = gateway.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });
@@ -64,7 +44,7 @@ async fn shutdown_lets_an_in_flight_slow_request_finish_and_refuses_new_connecti
 
 #[tokio::test(start_paused = true)]
 async fn drain_gives_up_after_the_drain_timeout() {
-    let (upstream, arrived, _release) = gated_upstream().await;
+    let (upstream, arrived, _release) = Upstream::gated().await;
     let mut gateway = TestGateway::start(&config(&upstream, "2s")).await;
     let url = gateway.url("/stuck");
     let _in_flight = tokio::spawn(async move { get(&url).await });

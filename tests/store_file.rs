@@ -1,11 +1,12 @@
 //! The file store against a real folder, with real file-system events.
 
-use std::future::Future;
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use common::wait::{wait_for, within};
 use jiff::Timestamp;
 use keygate::key::{KeyId, SecretHash};
 use keygate::meta::{KeyMeta, KeyStatus};
@@ -13,25 +14,6 @@ use keygate::store::file::FileStore;
 use keygate::store::{Invalidation, KeyRecord, KeyStore, StoreError};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
-
-async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {secs}s waiting for {what}"))
-}
-
-async fn wait_for(rx: &mut broadcast::Receiver<Invalidation>, wanted: Invalidation) {
-    within(10, &format!("{wanted:?}"), async {
-        loop {
-            match rx.recv().await {
-                Ok(got) if got == wanted => return,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(e) => panic!("invalidation channel closed: {e}"),
-            }
-        }
-    })
-    .await
-}
 
 fn issue(client: &str, kid: &str) -> (String, KeyRecord) {
     let secret = format!("S3cretPart{client}{kid}xxxxxxxxxxxxxxxxxxxxxxxxxxxx");

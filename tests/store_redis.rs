@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::future::Future;
 use std::time::Duration;
 
 use common::redis::RedisServer;
+use common::wait::{wait_for, within};
 use jiff::Timestamp;
 use keygate::key::{KeyId, SecretHash};
 use keygate::meta::{KeyMeta, KeyStatus};
@@ -13,27 +13,6 @@ use keygate::store::redis::{RedisStore, RedisStoreOptions};
 use keygate::store::{Invalidation, KeyRecord, KeyStore, StoreError};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
-
-/// Fails the test if `fut` takes longer than `secs`; says what was awaited.
-async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {secs}s waiting for {what}"))
-}
-
-/// Receives until an invalidation equal to `wanted` arrives.
-async fn wait_for(rx: &mut broadcast::Receiver<Invalidation>, wanted: Invalidation) {
-    within(10, &format!("{wanted:?}"), async {
-        loop {
-            match rx.recv().await {
-                Ok(got) if got == wanted => return,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(e) => panic!("invalidation channel closed: {e}"),
-            }
-        }
-    })
-    .await
-}
 
 /// A key as the CLI would issue it: a clear secret (returned, shown once) and
 /// the record holding only its hash. Timestamps are whole seconds, which is

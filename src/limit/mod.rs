@@ -158,6 +158,13 @@ fn store_failed(config: &LimitsConfig, what: &str, error: &str) -> Result<(), Ga
     }
 }
 
+/// Locks a limiter's small state. The locks here are held for a few
+/// arithmetic operations, never across an await, and nothing inside can
+/// panic, so a poisoned lock still holds consistent numbers.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 

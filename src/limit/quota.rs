@@ -18,6 +18,7 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use moka::sync::Cache;
 
+use super::lock;
 use crate::meta::{Quota, QuotaWindow};
 
 /// One window of a quota: where it starts, where it ends, and its stable name
@@ -211,13 +212,6 @@ fn spend(local: &Mutex<Local>, window: &Window, limit: u64, cost: u64, now: Time
     }
 }
 
-/// The lock is only held for a few arithmetic operations and never across an
-/// await, and nothing inside can panic, so a poisoned lock still holds
-/// consistent numbers.
-fn lock(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
-    local.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Lease size: an eighth of what is left, at least `min`, at most `want`.
 pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
     if left < min { 0 } else { (left / 8).clamp(min, want.max(min)).min(left) }
@@ -242,7 +236,7 @@ impl QuotaAuthority for ProcessAuthority {
         min: u64,
         want: u64,
     ) -> Result<Lease, String> {
-        let mut granted = self.granted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut granted = lock(&self.granted);
         // Forget other windows of this key: they are over.
         granted.retain(|(k, w), _| k != key_id || *w == window.id);
         let used = granted.entry((key_id.to_owned(), window.id.clone())).or_insert(0);

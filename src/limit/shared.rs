@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 
+use super::lock;
 use super::quota::{Lease, QuotaAuthority, Window};
 use super::rate::RateDecision;
 use crate::meta::Rate;
@@ -250,9 +251,4 @@ fn allowed(remaining: u64, burst: NonZeroU32, per_token_us: f64) -> RateDecision
     let remaining = remaining.min(u64::from(burst.get())) as u32;
     let missing = f64::from(burst.get() - remaining);
     RateDecision::Allowed { remaining, reset: Duration::from_micros((missing * per_token_us) as u64) }
-}
-
-fn lock(slice: &Mutex<Slice>) -> std::sync::MutexGuard<'_, Slice> {
-    // Held for arithmetic only, never across an await.
-    slice.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -7,3 +7,4 @@ pub mod binary;
 pub mod gateway;
 pub mod redis;
 pub mod upstream;
+pub mod wait;

@@ -95,6 +95,27 @@ impl Upstream {
         .await
     }
 
+    /// An upstream that holds every request until released: each arrival is
+    /// announced on the `Notify`, and each permit added to the `Semaphore`
+    /// lets one held request answer `finished`.
+    pub async fn gated() -> (Upstream, Arc<tokio::sync::Notify>, Arc<tokio::sync::Semaphore>) {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (a, r) = (Arc::clone(&arrived), Arc::clone(&release));
+        let upstream = Self::start(move |_req| {
+            let (arrived, release) = (Arc::clone(&a), Arc::clone(&r));
+            async move {
+                arrived.notify_one();
+                if let Ok(permit) = release.acquire().await {
+                    permit.forget();
+                }
+                Response::builder().body(full("finished")).unwrap()
+            }
+        })
+        .await;
+        (upstream, arrived, release)
+    }
+
     /// `http://ADDR` for a config's `targets`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -1,0 +1,28 @@
+//! Waiting on conditions with a deadline, never on a fixed sleep.
+
+use std::future::Future;
+use std::time::Duration;
+
+use keygate::store::Invalidation;
+use tokio::sync::broadcast;
+
+/// Fails the test if `fut` takes longer than `secs`; says what was awaited.
+pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {secs}s waiting for {what}"))
+}
+
+/// Receives until an invalidation equal to `wanted` arrives (10 s at most).
+pub async fn wait_for(rx: &mut broadcast::Receiver<Invalidation>, wanted: Invalidation) {
+    within(10, &format!("{wanted:?}"), async {
+        loop {
+            match rx.recv().await {
+                Ok(got) if got == wanted => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(e) => panic!("invalidation channel closed: {e}"),
+            }
+        }
+    })
+    .await
+}
