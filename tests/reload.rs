@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use bytes::Bytes;
 use common::admin::{self, TOKEN, admin_section};
 use common::binary::Served;
