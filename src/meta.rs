@@ -140,8 +140,12 @@ pub enum QuotaWindow {
     Day,
     /// Calendar month, UTC; resets on the 1st.
     Month,
-    /// A fixed-length window of this duration, aligned to the Unix epoch.
+    /// A fixed-length window of this duration, aligned to the Unix epoch;
+    /// resets at each boundary.
     Every(Duration),
+    /// A sliding window: at any moment, the requests of the last `Duration`
+    /// count. Written `10000/rolling-30d`.
+    Rolling(Duration),
 }
 
 impl fmt::Display for Quota {
@@ -150,6 +154,7 @@ impl fmt::Display for Quota {
             QuotaWindow::Day => write!(f, "{}/day", self.count),
             QuotaWindow::Month => write!(f, "{}/month", self.count),
             QuotaWindow::Every(d) => write!(f, "{}/{}", self.count, period_to_str(d)),
+            QuotaWindow::Rolling(d) => write!(f, "{}/rolling-{}", self.count, rolling_period_to_str(d)),
         }
     }
 }
@@ -167,6 +172,11 @@ impl FromStr for Quota {
         let window = match window.trim() {
             "day" | "d" => QuotaWindow::Day,
             "month" | "mo" => QuotaWindow::Month,
+            rolling if rolling.starts_with("rolling-") => {
+                QuotaWindow::Rolling(parse_period(&rolling["rolling-".len()..]).ok_or_else(|| {
+                    bad("a rolling window needs a duration, e.g. rolling-30d or rolling-24h")
+                })?)
+            }
             other => QuotaWindow::Every(
                 parse_period(other).ok_or_else(|| bad("window must be day, month or a duration like 1h"))?,
             ),
@@ -188,6 +198,17 @@ fn parse_period(s: &str) -> Option<Duration> {
     };
     let secs = n.checked_mul(unit_secs)?;
     (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// Like [`period_to_str`], but always with a count (`1d`, not `day`), so
+/// `rolling-1d` reads as a duration.
+fn rolling_period_to_str(d: Duration) -> String {
+    match d.as_secs() {
+        n if n % 86_400 == 0 => format!("{}d", n / 86_400),
+        n if n % 3600 == 0 => format!("{}h", n / 3600),
+        n if n % 60 == 0 => format!("{}min", n / 60),
+        n => format!("{n}s"),
+    }
 }
 
 fn period_to_str(d: Duration) -> String {
@@ -403,6 +424,11 @@ mod tests {
         let hourly: Quota = "50/h".parse().unwrap();
         assert_eq!(hourly.window, QuotaWindow::Every(Duration::from_secs(3600)));
         assert_eq!(hourly.to_string(), "50/h");
+        let rolling: Quota = "10000/rolling-30d".parse().unwrap();
+        assert_eq!(rolling.window, QuotaWindow::Rolling(Duration::from_secs(30 * 86_400)));
+        assert_eq!(rolling.to_string(), "10000/rolling-30d");
+        assert_eq!("5/rolling-1d".parse::<Quota>().unwrap().to_string(), "5/rolling-1d");
+        assert!("5/rolling-".parse::<Quota>().is_err());
         assert!("0/day".parse::<Quota>().is_err());
         assert!("100".parse::<Quota>().is_err());
     }

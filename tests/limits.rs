@@ -159,3 +159,21 @@ async fn wait_for_status(gateway: &TestGateway, key: &str, status: u16) -> Answe
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test]
+async fn a_rolling_quota_reports_its_whole_window_and_refuses_past_it() {
+    let gateway = TestGateway::start(CONFIG).await;
+    let (key, _) = issue(&gateway, "quota=3/rolling-1d").await;
+    for left in [2, 1, 0] {
+        let answer = call(&gateway, &key, "/x").await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.headers["ratelimit-policy"], "\"quota\";q=3;w=86400");
+        let state = answer.headers["ratelimit"].to_str().unwrap().to_owned();
+        assert!(state.starts_with(&format!("\"quota\";r={left};")), "{state}");
+    }
+    let refused = call(&gateway, &key, "/x").await;
+    assert_eq!(refused.json()["error"], "quota_exceeded");
+    // Room frees when the first requests leave the window, about a day on.
+    let retry_after: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((82_800..=86_400).contains(&retry_after), "{retry_after}");
+}

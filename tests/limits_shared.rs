@@ -221,3 +221,53 @@ async fn two_gateways_in_shared_mode_admit_the_burst_once_between_them() {
     // One bucket for both: ten in all, not ten each.
     assert_eq!(passed, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_quota_is_exact_across_instances_and_frees_units_as_they_age_out() {
+    let redis = RedisServer::start();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let authority = RedisQuotaAuthority::new(connection(&redis).await, LimitKeys::new("kg:"));
+        instances.push(Arc::new(Quotas::new(Arc::new(authority), 100, 1000)));
+    }
+    let quota: Quota = "300/rolling-1d".parse().unwrap();
+    let midnight: Timestamp = "2026-11-24T00:00:00Z".parse().unwrap();
+    let at = |hours: i64| midnight.checked_add(jiff::SignedDuration::from_hours(hours)).unwrap();
+
+    // 30 concurrent clients over three instances at 01:00: exactly 300 of 1200 pass.
+    let take_all = |now: Timestamp, clients: usize, each: usize| {
+        let instances = instances.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for client in 0..clients {
+                let quotas = Arc::clone(&instances[client % 3]);
+                tasks.push(tokio::spawn(async move {
+                    let mut taken = 0u64;
+                    for _ in 0..each {
+                        if let QuotaDecision::Taken { .. } =
+                            quotas.take("acme.k1", quota, nz(1), now).await.unwrap()
+                        {
+                            taken += 1;
+                        }
+                    }
+                    taken
+                }));
+            }
+            let mut total = 0;
+            for task in tasks {
+                total += task.await.unwrap();
+            }
+            total
+        }
+    };
+    // Each instance's clients want more than the whole quota, so no lease is
+    // left unspent (leases may strand at most one per instance otherwise).
+    assert_eq!(take_all(at(1), 30, 40).await, 300);
+    // Still inside the day: nothing more, and the refusal says when room frees.
+    match instances[0].take("acme.k1", quota, nz(1), at(20)).await.unwrap() {
+        QuotaDecision::Exhausted { retry_after } => assert_eq!(retry_after, Duration::from_secs(5 * 3600)),
+        other => panic!("{other:?}"),
+    }
+    // A day after 01:00 those units have left the window, on every instance.
+    assert_eq!(take_all(at(25), 30, 40).await, 300);
+}

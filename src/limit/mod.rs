@@ -104,11 +104,9 @@ impl Limits {
         if let Some(quota) = meta.quota {
             match self.quotas.take(key_id, quota, cost, now).await {
                 Ok(QuotaDecision::Taken { remaining, reset }) => {
-                    let window = quota::Window::containing(quota.window, now);
                     admission.quota = Some(PolicyState {
                         limit: quota.count,
-                        window_secs: window.end.as_second().saturating_sub(window.start.as_second()).max(1)
-                            as u64,
+                        window_secs: quota_window_secs(quota, now) as u64,
                         remaining,
                         reset_secs: reset.as_secs(),
                     });
@@ -155,6 +153,18 @@ fn store_failed(config: &LimitsConfig, what: &str, error: &str) -> Result<(), Ga
         Ok(())
     } else {
         Err(GatewayError::StoreUnavailable(format!("{what} limit: {error}")))
+    }
+}
+
+/// A quota window's length for `RateLimit-Policy`: the whole window, also
+/// for a rolling one (which is counted in shorter sub-buckets).
+fn quota_window_secs(quota: crate::meta::Quota, now: Timestamp) -> u64 {
+    match quota.window {
+        crate::meta::QuotaWindow::Rolling(length) => length.as_secs().max(1),
+        kind => {
+            let window = quota::Window::containing(kind, now);
+            window.end.as_second().saturating_sub(window.start.as_second()).max(1) as u64
+        }
     }
 }
 
@@ -217,9 +227,7 @@ pub fn write_refusal_headers(
             *retry_after,
         ),
         (GatewayError::QuotaExceeded { retry_after }, _, Some(quota)) => {
-            let window = quota::Window::containing(quota.window, Timestamp::now());
-            let secs = window.end.as_second().saturating_sub(window.start.as_second()).max(1) as u64;
-            ("quota", quota.count, secs, *retry_after)
+            ("quota", quota.count, quota_window_secs(quota, Timestamp::now()), *retry_after)
         }
         _ => return,
     };

@@ -23,11 +23,31 @@ use crate::meta::{Quota, QuotaWindow};
 
 /// One window of a quota: where it starts, where it ends, and its stable name
 /// (part of the Redis key, so dashboards can find "this month's" counter).
+///
+/// For a rolling quota this is the current sub-bucket (a 24th of the
+/// window): leases are per sub-bucket, and the authority counts the
+/// sub-buckets of the last full window ([`Rolling`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub id: String,
     pub start: Timestamp,
     pub end: Timestamp,
+    pub rolling: Option<Rolling>,
+}
+
+/// How many sub-buckets a rolling window is counted in. A unit keeps
+/// counting until its sub-bucket leaves the window, at most a 24th of the
+/// window longer than exact: a rolling quota may under-admit by that much,
+/// never over-admit.
+pub const ROLLING_BUCKETS: i64 = 24;
+
+/// A rolling window's counting: the counter's name, the sub-bucket length
+/// and the current sub-bucket's index since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rolling {
+    pub counter_id: String,
+    pub bucket_secs: i64,
+    pub bucket: i64,
 }
 
 impl Window {
@@ -38,7 +58,7 @@ impl Window {
             QuotaWindow::Day => {
                 let start = utc.date().to_zoned(TimeZone::UTC).map(|z| z.timestamp()).unwrap_or(now);
                 let end = start.checked_add(jiff::SignedDuration::from_hours(24)).unwrap_or(start);
-                Window { id: format!("d{}", utc.date().strftime("%Y%m%d")), start, end }
+                Window { id: format!("d{}", utc.date().strftime("%Y%m%d")), start, end, rolling: None }
             }
             QuotaWindow::Month => {
                 let first = utc.date().first_of_month();
@@ -48,14 +68,23 @@ impl Window {
                     .ok()
                     .and_then(|d| d.to_zoned(TimeZone::UTC).ok())
                     .map_or(start, |z| z.timestamp());
-                Window { id: format!("m{}", first.strftime("%Y%m")), start, end }
+                Window { id: format!("m{}", first.strftime("%Y%m")), start, end, rolling: None }
             }
             QuotaWindow::Every(length) => {
                 let length_s = length.as_secs().max(1) as i64;
                 let index = now.as_second().div_euclid(length_s);
                 let start = Timestamp::from_second(index * length_s).unwrap_or(now);
                 let end = Timestamp::from_second((index + 1) * length_s).unwrap_or(now);
-                Window { id: format!("e{length_s}-{index}"), start, end }
+                Window { id: format!("e{length_s}-{index}"), start, end, rolling: None }
+            }
+            QuotaWindow::Rolling(length) => {
+                let length_s = length.as_secs().max(1) as i64;
+                let bucket_secs = (length_s / ROLLING_BUCKETS).max(1);
+                let bucket = now.as_second().div_euclid(bucket_secs);
+                let start = Timestamp::from_second(bucket * bucket_secs).unwrap_or(now);
+                let end = Timestamp::from_second((bucket + 1) * bucket_secs).unwrap_or(now);
+                let rolling = Rolling { counter_id: format!("r{length_s}"), bucket_secs, bucket };
+                Window { id: format!("r{length_s}-{bucket}"), start, end, rolling: Some(rolling) }
             }
         }
     }
@@ -88,6 +117,9 @@ pub struct Lease {
     pub granted: u64,
     /// Units the authority still has for this window after this grant.
     pub left: u64,
+    /// Rolling windows: when the oldest counted units stop counting (unix
+    /// seconds), i.e. when an exhausted quota has room again.
+    pub frees_at: Option<i64>,
 }
 
 /// A key's local view of its current quota window.
@@ -102,6 +134,8 @@ struct Local {
     /// The authority's units left after our last lease. Other instances only
     /// lower it, so it is a safe upper bound for refusing without asking.
     authority_left: Option<u64>,
+    /// Rolling windows: when room frees up, from the authority's last word.
+    frees_at: Option<i64>,
 }
 
 /// The outcome of taking quota.
@@ -165,6 +199,7 @@ impl Quotas {
             if local.window_id == window.id {
                 local.available += lease.granted;
                 local.authority_left = Some(lease.left);
+                local.frees_at = lease.frees_at;
             }
         }
     }
@@ -206,7 +241,11 @@ fn spend(local: &Mutex<Local>, window: &Window, limit: u64, cost: u64, now: Time
     }
     match local.authority_left {
         Some(left) if local.available + left < cost => {
-            Spend::Decided(QuotaDecision::Exhausted { retry_after: window.until_reset(now) })
+            let retry_after = match local.frees_at {
+                Some(at) => Duration::from_secs(at.saturating_sub(now.as_second()).max(1) as u64),
+                None => window.until_reset(now),
+            };
+            Spend::Decided(QuotaDecision::Exhausted { retry_after })
         }
         _ => Spend::Missing(cost - local.available),
     }
@@ -223,7 +262,10 @@ pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
 /// Counters start again when the process restarts.
 #[derive(Default)]
 pub struct ProcessAuthority {
+    /// Units granted per (key, window).
     granted: Mutex<std::collections::HashMap<(String, String), u64>>,
+    /// Rolling windows: units granted per (key, counter), by sub-bucket.
+    rolling: Mutex<std::collections::HashMap<(String, String), std::collections::BTreeMap<i64, u64>>>,
 }
 
 #[async_trait::async_trait]
@@ -236,13 +278,27 @@ impl QuotaAuthority for ProcessAuthority {
         min: u64,
         want: u64,
     ) -> Result<Lease, String> {
+        if let Some(rolling) = &window.rolling {
+            let mut counters = lock(&self.rolling);
+            let buckets = counters.entry((key_id.to_owned(), rolling.counter_id.clone())).or_default();
+            // Sub-buckets that left the window no longer count.
+            buckets.retain(|&bucket, _| bucket > rolling.bucket - ROLLING_BUCKETS);
+            let used: u64 = buckets.values().sum();
+            let grant = lease_size(limit.saturating_sub(used), min, want);
+            if grant > 0 {
+                *buckets.entry(rolling.bucket).or_insert(0) += grant;
+            }
+            let frees_at =
+                buckets.keys().next().map(|&oldest| (oldest + ROLLING_BUCKETS) * rolling.bucket_secs);
+            return Ok(Lease { granted: grant, left: limit.saturating_sub(used + grant), frees_at });
+        }
         let mut granted = lock(&self.granted);
         // Forget other windows of this key: they are over.
         granted.retain(|(k, w), _| k != key_id || *w == window.id);
         let used = granted.entry((key_id.to_owned(), window.id.clone())).or_insert(0);
         let grant = lease_size(limit.saturating_sub(*used), min, want);
         *used += grant;
-        Ok(Lease { granted: grant, left: limit.saturating_sub(*used) })
+        Ok(Lease { granted: grant, left: limit.saturating_sub(*used), frees_at: None })
     }
 }
 
@@ -388,6 +444,43 @@ mod tests {
             quotas.take("k.1", raised, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_rolling_quota_frees_units_as_they_leave_the_window() {
+        let quotas = quotas();
+        let quota: Quota = "10/rolling-1d".parse().unwrap();
+        let start = at("2026-11-24T00:00:00Z");
+        let hours = |h: i64| start.checked_add(jiff::SignedDuration::from_hours(h)).unwrap();
+        // 6 at midnight, 4 at 06:00: the budget is spent.
+        for _ in 0..6 {
+            assert!(matches!(
+                quotas.take("k.1", quota, one(), start).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        for _ in 0..4 {
+            assert!(matches!(
+                quotas.take("k.1", quota, one(), hours(6)).await.unwrap(),
+                QuotaDecision::Taken { .. }
+            ));
+        }
+        // At 12:00 nothing has left the window; room frees at midnight.
+        match quotas.take("k.1", quota, one(), hours(12)).await.unwrap() {
+            QuotaDecision::Exhausted { retry_after } => {
+                assert_eq!(retry_after, Duration::from_secs(12 * 3600))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A calendar day would reset at midnight in full; a rolling one frees
+        // only the 6 from midnight, while the 4 from 06:00 still count.
+        let mut taken = 0;
+        for _ in 0..10 {
+            if let QuotaDecision::Taken { .. } = quotas.take("k.1", quota, one(), hours(24)).await.unwrap() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 6);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 
 use super::lock;
-use super::quota::{Lease, QuotaAuthority, Window};
+use super::quota::{Lease, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
 use super::rate::RateDecision;
 use crate::meta::Rate;
 
@@ -95,6 +95,9 @@ impl QuotaAuthority for RedisQuotaAuthority {
         min: u64,
         want: u64,
     ) -> Result<Lease, String> {
+        if let Some(rolling) = &window.rolling {
+            return self.rolling_lease(key_id, rolling, limit, min, want).await;
+        }
         // Keep a window's counter a day past its end so dashboards can read
         // yesterday's total.
         let expire_at = window.end.as_second() + 86_400;
@@ -107,7 +110,70 @@ impl QuotaAuthority for RedisQuotaAuthority {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| format!("quota lease: {e}"))?;
-        Ok(Lease { granted, left: left.max(0) as u64 })
+        Ok(Lease { granted, left: left.max(0) as u64, frees_at: None })
+    }
+}
+
+/// KEYS[1]: the rolling counter's hash. ARGV: limit, min, want, current
+/// sub-bucket, sub-buckets per window, TTL (s). Fields: `limit`, and one per
+/// live sub-bucket (its index since the epoch) holding the units granted in
+/// it. Returns {granted now, left after, oldest live sub-bucket or -1}.
+const ROLLING_LEASE: &str = r"
+local limit = tonumber(ARGV[1])
+local min = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local bucket = tonumber(ARGV[4])
+local buckets = tonumber(ARGV[5])
+local fields = redis.call('HGETALL', KEYS[1])
+local used = 0
+local oldest = -1
+for i = 1, #fields, 2 do
+  local index = tonumber(fields[i])
+  if index ~= nil then
+    if index <= bucket - buckets then
+      redis.call('HDEL', KEYS[1], fields[i])
+    else
+      used = used + tonumber(fields[i + 1])
+      if oldest == -1 or index < oldest then oldest = index end
+    end
+  end
+end
+local left = limit - used
+local grant = 0
+if left >= min then
+  grant = math.min(math.max(math.floor(left / 8), min), math.max(want, min), left)
+  redis.call('HINCRBY', KEYS[1], tostring(bucket), grant)
+  if oldest == -1 or bucket < oldest then oldest = bucket end
+end
+redis.call('HSET', KEYS[1], 'limit', limit)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return {grant, left - grant, oldest}
+";
+
+impl RedisQuotaAuthority {
+    async fn rolling_lease(
+        &self,
+        key_id: &str,
+        rolling: &Rolling,
+        limit: u64,
+        min: u64,
+        want: u64,
+    ) -> Result<Lease, String> {
+        // Live as long as the oldest sub-bucket can still count.
+        let ttl = rolling.bucket_secs * (ROLLING_BUCKETS + 1);
+        let (granted, left, oldest): (u64, i64, i64) = redis::Script::new(ROLLING_LEASE)
+            .key(self.keys.quota(key_id, &rolling.counter_id))
+            .arg(limit)
+            .arg(min)
+            .arg(want)
+            .arg(rolling.bucket)
+            .arg(ROLLING_BUCKETS)
+            .arg(ttl)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| format!("rolling quota lease: {e}"))?;
+        let frees_at = (oldest >= 0).then(|| (oldest + ROLLING_BUCKETS) * rolling.bucket_secs);
+        Ok(Lease { granted, left: left.max(0) as u64, frees_at })
     }
 }
 
