@@ -106,7 +106,7 @@ impl Limits {
                 Ok(QuotaDecision::Taken { remaining, reset }) => {
                     admission.quota = Some(PolicyState {
                         limit: quota.count,
-                        window_secs: quota_window_secs(quota, now) as u64,
+                        window_secs: quota_window_secs(quota, now),
                         remaining,
                         reset_secs: reset.as_secs(),
                     });
