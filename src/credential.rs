@@ -10,34 +10,26 @@ use http::header::{self, HeaderMap};
 
 use crate::config::{KeysConfig, RouteConfig};
 
-/// Where the key was found: what to strip before forwarding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySource {
-    Bearer,
-    Header,
-    Query,
-}
-
 /// Looks for a key, in order: bearer token, configured header, query (when
-/// allowed). Returns the key text and where it came from.
+/// allowed). Returns the key text.
 pub fn find<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
     keys: &KeysConfig,
     allow_query: bool,
-) -> Option<(std::borrow::Cow<'a, str>, KeySource)> {
+) -> Option<std::borrow::Cow<'a, str>> {
     if let Some(token) =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token)
     {
-        return Some((token.into(), KeySource::Bearer));
+        return Some(token.into());
     }
     if let Some(value) = headers.get(&keys.header).and_then(|v| v.to_str().ok()) {
-        return Some((value.trim().into(), KeySource::Header));
+        return Some(value.trim().into());
     }
     if allow_query {
         let query = query?;
         let value = form_pairs(query).find(|(name, _)| name == &keys.query_param).map(|(_, value)| value)?;
-        return Some((value, KeySource::Query));
+        return Some(value);
     }
     None
 }
@@ -99,17 +91,11 @@ mod tests {
         let keys = keys();
         let mut headers = HeaderMap::new();
         headers.insert("x-api-key", HeaderValue::from_static("from-header"));
-        assert_eq!(
-            find(&headers, Some("api_key=q"), &keys, true).unwrap(),
-            ("from-header".into(), KeySource::Header)
-        );
+        assert_eq!(find(&headers, Some("api_key=q"), &keys, true).unwrap(), "from-header");
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  from-bearer "));
-        assert_eq!(find(&headers, None, &keys, false).unwrap(), ("from-bearer".into(), KeySource::Bearer));
+        assert_eq!(find(&headers, None, &keys, false).unwrap(), "from-bearer");
         let empty = HeaderMap::new();
-        assert_eq!(
-            find(&empty, Some("a=1&api_key=k%2Bq"), &keys, true).unwrap(),
-            ("k+q".into(), KeySource::Query)
-        );
+        assert_eq!(find(&empty, Some("a=1&api_key=k%2Bq"), &keys, true).unwrap(), "k+q");
         assert_eq!(find(&empty, Some("api_key=q"), &keys, false), None);
     }
 

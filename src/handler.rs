@@ -122,7 +122,7 @@ async fn serve(
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
     if !route.public {
-        let (presented, _source) =
+        let presented =
             credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key)
                 .ok_or(GatewayError::MissingKey)?;
 
@@ -135,21 +135,7 @@ async fn serve(
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
         // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
-        let admission = match gateway.limits.admit(&record, route.cost, &live.config.limits).await {
-            Ok(admission) => admission,
-            Err(error) => {
-                let mut headers = http::HeaderMap::new();
-                if live.config.limits.headers {
-                    limit::write_refusal_headers(
-                        &mut headers,
-                        &record,
-                        &error,
-                        live.config.limits.legacy_headers,
-                    );
-                }
-                return Err(Refusal { error, headers });
-            }
-        };
+        let admission = gateway.limits.admit(&record, route.cost, &live.config.limits).await?;
 
         caller = Some((record, admission));
     }

@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use jiff::Timestamp;
 
 use crate::config::{LimitMode, LimitsConfig};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Refusal};
 use crate::store::KeyRecord;
 use quota::{ProcessAuthority, QuotaAuthority, QuotaDecision, Quotas};
 use rate::{LocalRates, RateDecision};
@@ -86,10 +86,26 @@ impl Limits {
         Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys) }
     }
 
-    /// Admits a request of `cost` units for `record`, or refuses it with 429.
-    /// If the limit store fails, the running config's `fail_open` decides:
-    /// admit (and log) or 503.
+    /// Admits a request of `cost` units for `record`, or refuses it with 429
+    /// and, when the config asks for them, the RateLimit headers of the
+    /// policy that refused. If the limit store fails, the running config's
+    /// `fail_open` decides: admit (and log) or 503.
     pub async fn admit(
+        &self,
+        record: &KeyRecord,
+        cost: NonZeroU32,
+        live: &LimitsConfig,
+    ) -> Result<Admission, Refusal> {
+        self.decide(record, cost, live).await.map_err(|error| {
+            let mut headers = HeaderMap::new();
+            if live.headers {
+                write_refusal_headers(&mut headers, record, &error, live.legacy_headers);
+            }
+            Refusal { error, headers }
+        })
+    }
+
+    async fn decide(
         &self,
         record: &KeyRecord,
         cost: NonZeroU32,
