@@ -15,6 +15,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use moka::ops::compute;
 use moka::sync::Cache;
 
 use crate::meta::Rate;
@@ -80,18 +81,35 @@ where
     }
 
     fn limiter_for(&self, key_id: &str, rate: Rate, burst: NonZeroU32) -> Arc<KeyLimiter<C>> {
+        // Fast path, no lock: the key's limiter exists and fits its limit.
         if let Some(entry) = self.limiters.get(key_id)
             && entry.rate == rate
             && entry.burst == burst
         {
             return entry;
         }
-        // New key, or its limit changed: start a fresh limiter. A race between
-        // two first requests may build two; the cache keeps one, and the cost
-        // is at most one extra cell admitted at start.
-        let entry = Arc::new(KeyLimiter { rate, burst, limiter: build(rate, burst, self.clock.clone()) });
-        self.limiters.insert(key_id.to_owned(), Arc::clone(&entry));
-        entry
+        // New key, or its limit changed: create or replace atomically per key,
+        // so simultaneous first requests share one limiter (two limiters would
+        // each grant a full burst).
+        let fits = |entry: &KeyLimiter<C>| entry.rate == rate && entry.burst == burst;
+        let computed = self.limiters.entry_by_ref(key_id).and_compute_with(|existing| match existing {
+            Some(entry) if fits(entry.value()) => compute::Op::Nop,
+            _ => compute::Op::Put(Arc::new(KeyLimiter {
+                rate,
+                burst,
+                limiter: build(rate, burst, self.clock.clone()),
+            })),
+        });
+        match computed {
+            compute::CompResult::Inserted(entry)
+            | compute::CompResult::ReplacedWith(entry)
+            | compute::CompResult::Unchanged(entry) => entry.into_value(),
+            // The closure never removes nor leaves the key absent; should moka
+            // ever say so, a limiter of our own still enforces the limit.
+            compute::CompResult::StillNone(_) | compute::CompResult::Removed(_) => {
+                Arc::new(KeyLimiter { rate, burst, limiter: build(rate, burst, self.clock.clone()) })
+            }
+        }
     }
 
     /// Limiters currently tracked (after pending evictions).
@@ -129,6 +147,28 @@ mod tests {
 
     fn allowed(d: RateDecision) -> bool {
         matches!(d, RateDecision::Allowed { .. })
+    }
+
+    /// Regression: simultaneous first requests for a key each built their own
+    /// limiter, so 11 of 20 passed a burst of 10 (seen in CI on two threads).
+    #[test]
+    fn simultaneous_first_requests_on_many_threads_share_one_limiter() {
+        for _ in 0..50 {
+            let (rates, _clock) = rates();
+            let passed = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        for _ in 0..5 {
+                            if allowed(rates.check("k.1", ten_per_second(), nz(10), nz(1))) {
+                                passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(passed.into_inner(), 10);
+        }
     }
 
     #[test]
