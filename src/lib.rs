@@ -28,6 +28,9 @@
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
 //! - [`cli`]: the `keygate` command.
 #![forbid(unsafe_code)]
+// A panic on the request path costs a request; outside tests, say why a
+// value is there instead of unwrapping it.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod auth;
