@@ -11,7 +11,6 @@
 //! With a Redis store, `issue`/`update`/`rotate`/`revoke` also append to the
 //! audit trail (actor `cli:$USER`), `keys audit` prints it, and `list`/`show`
 //! include each key's approximate `last_used` (see [`crate::usage`]).
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::io::{self, BufRead, Write};
 use std::num::NonZeroU32;
