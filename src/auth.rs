@@ -22,7 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::config::KeysConfig;
 use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
-use crate::store::{Invalidation, KeyRecord, SharedStore, StoreError};
+use crate::store::{Invalidation, KeyRecord, SharedStore};
 
 /// A record as the cache holds it, with when the store last vouched for it.
 #[derive(Debug)]
@@ -42,6 +42,10 @@ pub struct Verifier {
     known: Cache<SecretHash, Arc<Cached>>,
     /// Hashes the store said it does not have.
     unknown: Cache<SecretHash, ()>,
+    /// Store lookups under way: requests that miss the cache for the same
+    /// key at the same moment share one lookup instead of each asking the
+    /// store (a popular key after an invalidation, a cold start).
+    in_flight: Cache<(String, SecretHash), Lookup>,
     cache_ttl: Duration,
     stale_window: Duration,
     /// Bumped by [`Invalidation::All`]: every entry from an older epoch is
@@ -51,6 +55,10 @@ pub struct Verifier {
     /// 503s for keys verified a moment before.
     epoch: AtomicU64,
 }
+
+/// One store lookup, awaited by every request that needs its answer. The
+/// error is kept as text: `StoreError` is not `Clone`.
+type Lookup = Arc<tokio::sync::OnceCell<Result<Option<Arc<KeyRecord>>, String>>>;
 
 /// Why verification refused a key, for the log only: the client sees one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,11 +97,16 @@ impl Verifier {
             .build();
         let unknown =
             Cache::builder().max_capacity(keys.cache_capacity).time_to_live(keys.negative_ttl).build();
+        // An entry lives only while its lookup runs (it is removed when the
+        // answer is in); the TTL only cleans up after a cancelled request.
+        let in_flight =
+            Cache::builder().max_capacity(keys.cache_capacity).time_to_live(Duration::from_secs(5)).build();
         Arc::new(Self {
             store,
             prefix: keys.prefix.clone(),
             known,
             unknown,
+            in_flight,
             cache_ttl: keys.cache_ttl,
             stale_window: keys.stale_window,
             epoch: AtomicU64::new(0),
@@ -127,30 +140,72 @@ impl Verifier {
         if cached.is_none() && self.unknown.contains_key(hash) {
             return Err(Rejection::Unknown.into());
         }
-        let asked = std::time::Instant::now();
-        let answer = self.store.find_by_hash(client, hash).await;
-        crate::metrics::redis_latency(asked.elapsed());
-        match answer {
-            Ok(Some(record)) => {
-                let record = Arc::new(record);
-                let entry = Cached { record: Arc::clone(&record), fetched_at: Instant::now(), epoch };
-                self.known.insert(*hash, Arc::new(entry));
-                Ok(record)
-            }
-            Ok(None) => {
-                self.known.invalidate(hash);
-                self.unknown.insert(*hash, ());
-                Err(Rejection::Unknown.into())
-            }
-            Err(error) => match (crate::metrics::redis_error(), cached).1 {
+        match self.ask_store(client, hash, epoch).await {
+            Ok(Some(record)) => Ok(record),
+            Ok(None) => Err(Rejection::Unknown.into()),
+            Err(error) => match cached {
                 // The store is down, but it vouched for this key recently enough.
                 Some(cached) if cached.fetched_at.elapsed() < self.cache_ttl + self.stale_window => {
                     tracing::warn!(%error, key_id = %cached.record.id, "key store unavailable; serving cached key");
                     Ok(Arc::clone(&cached.record))
                 }
-                _ => Err(store_unavailable(error)),
+                _ => Err(GatewayError::StoreUnavailable(error)),
             },
         }
+    }
+
+    /// Asks the store for `client`'s record with this hash, sharing the
+    /// lookup with every request asking the same at the same time, and
+    /// caches the answer (known, or unknown).
+    async fn ask_store(
+        &self,
+        client: &str,
+        hash: &SecretHash,
+        epoch: u64,
+    ) -> Result<Option<Arc<KeyRecord>>, String> {
+        let key = (client.to_owned(), *hash);
+        let lookup = self.in_flight.get_with_by_ref(&key, || Arc::new(tokio::sync::OnceCell::new()));
+        let answer = lookup
+            .get_or_init(|| async {
+                // A lookup that finished between this request's cache check
+                // and now has already answered: read that, not the store.
+                if let Some(hit) = self.known.get(hash)
+                    && hit.epoch == epoch
+                    && hit.fetched_at.elapsed() < self.cache_ttl
+                {
+                    return Ok(Some(Arc::clone(&hit.record)));
+                }
+                if self.unknown.contains_key(hash) {
+                    return Ok(None);
+                }
+                let asked = Instant::now();
+                let answer = self.store.find_by_hash(client, hash).await;
+                crate::metrics::redis_latency(asked.elapsed());
+                // Cached here, before the lookup leaves `in_flight`, so a
+                // request arriving in between finds the answer, not a gap.
+                match answer {
+                    Ok(Some(record)) => {
+                        let record = Arc::new(record);
+                        let entry = Cached { record: Arc::clone(&record), fetched_at: Instant::now(), epoch };
+                        self.known.insert(*hash, Arc::new(entry));
+                        Ok(Some(record))
+                    }
+                    Ok(None) => {
+                        self.known.invalidate(hash);
+                        self.unknown.insert(*hash, ());
+                        Ok(None)
+                    }
+                    Err(error) => {
+                        crate::metrics::redis_error();
+                        Err(error.to_string())
+                    }
+                }
+            })
+            .await
+            .clone();
+        // The next miss (after an invalidation, or an error) asks afresh.
+        self.in_flight.invalidate(&key);
+        answer
     }
 
     /// Applies one invalidation from the store.
@@ -158,6 +213,12 @@ impl Verifier {
         match invalidation {
             Invalidation::Key(hash) => {
                 self.known.invalidate(hash);
+                self.unknown.invalidate(hash);
+            }
+            // A new key: only the "unknown" answer can be wrong now. Dropping
+            // the record too would undo a verification that raced ahead of
+            // this message (seen in CI: a 503 after a Redis restart).
+            Invalidation::Issued(hash) => {
                 self.unknown.invalidate(hash);
             }
             Invalidation::All => {
@@ -205,8 +266,4 @@ fn check_usable(record: &KeyRecord, now: Timestamp) -> Result<(), Rejection> {
         return Err(Rejection::Expired);
     }
     Ok(())
-}
-
-fn store_unavailable(error: StoreError) -> GatewayError {
-    GatewayError::StoreUnavailable(error.to_string())
 }

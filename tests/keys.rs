@@ -488,6 +488,60 @@ async fn a_cached_key_costs_no_redis_call() {
     assert_eq!(request_commands(&redis), [], "no Redis command of any kind");
 }
 
+/// Regression: issuing a key publishes its hash; when that message arrived
+/// after a request had already verified the new key, it dropped the cached
+/// record, and a Redis outage right then made the key answer 503 (seen in
+/// CI after a Redis restart). An issue message now only clears the
+/// negative cache.
+#[tokio::test]
+async fn a_late_issue_message_does_not_drop_a_key_verified_before_it() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&redis_config(&redis, &upstream, "cache_ttl = \"1h\"")).await;
+    let store = redis_store(&redis).await;
+    let (key, record) = issue(&store, "acme", &["read"]).await;
+    assert_eq!(get_with_key(&gateway, "/a", &key).await.status, 200);
+
+    gateway.gateway.verifier.invalidate(&keygate::store::Invalidation::Issued(record.secret_hash));
+    redis.reset_stats();
+    assert_eq!(get_with_key(&gateway, "/a", &key).await.status, 200);
+    assert_eq!(redis.command_count("hgetall"), 0, "still cached");
+
+    // A change to the key (update, revoke) still drops it at once.
+    gateway.gateway.verifier.invalidate(&keygate::store::Invalidation::Key(record.secret_hash));
+    assert_eq!(get_with_key(&gateway, "/a", &key).await.status, 200);
+    assert_eq!(redis.command_count("hgetall"), 1, "re-read after a change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_requests_for_one_uncached_key_share_one_lookup() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&redis_config(&redis, &upstream, "cache_ttl = \"1h\"")).await;
+    let store = redis_store(&redis).await;
+    let (valid, _) = issue(&store, "acme", &["read"]).await;
+    let unknown = key::generate(PREFIX, "acme").unwrap().key.expose().to_owned();
+
+    for (key, status) in [(valid, StatusCode::OK), (unknown, StatusCode::UNAUTHORIZED)] {
+        redis.reset_stats();
+        // 100 requests on their own connections, all released at once.
+        let start = Arc::new(tokio::sync::Barrier::new(100));
+        let calls = (0..100).map(|_| {
+            let (start, url, key) = (Arc::clone(&start), gateway.url("/a"), key.clone());
+            tokio::spawn(async move {
+                let request =
+                    Request::get(url).header("x-api-key", key).body(Full::new(Bytes::new())).unwrap();
+                start.wait().await;
+                send(&http1_client(), request).await.status
+            })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert_eq!(call.unwrap(), status);
+        }
+        assert_eq!(redis.command_count("hgetall"), 1, "one store lookup for 100 simultaneous misses");
+    }
+}
+
 // === 7. Revocation reaches every instance ===
 
 #[tokio::test]

@@ -135,7 +135,7 @@ async fn update_replaces_fields_and_announces_to_other_instances() {
     let (_, mut record) = issue("acme", "k1");
     record.meta.label = Some("to be cleared".into());
     writer.insert(&record).await.unwrap();
-    wait_for(&mut invalidations, Invalidation::Key(record.secret_hash)).await;
+    wait_for(&mut invalidations, Invalidation::Issued(record.secret_hash)).await;
 
     record.meta.label = None;
     record.meta.status = KeyStatus::Revoked;
@@ -169,7 +169,7 @@ async fn an_outage_fails_calls_fast_then_everything_recovers() {
     let mut invalidations = store.subscribe();
     let (_, record) = issue("acme", "k1");
     store.insert(&record).await.unwrap();
-    wait_for(&mut invalidations, Invalidation::Key(record.secret_hash)).await;
+    wait_for(&mut invalidations, Invalidation::Issued(record.secret_hash)).await;
 
     redis.stop();
     let down = within(5, "a failing lookup", store.find_by_hash("acme", &record.secret_hash)).await;
@@ -190,7 +190,7 @@ async fn an_outage_fails_calls_fast_then_everything_recovers() {
     // The restarted Redis is empty (no persistence); the store works again.
     assert_eq!(store.find_by_hash("acme", &record.secret_hash).await.unwrap(), None);
     store.insert(&record).await.unwrap();
-    wait_for(&mut invalidations, Invalidation::Key(record.secret_hash)).await;
+    wait_for(&mut invalidations, Invalidation::Issued(record.secret_hash)).await;
 }
 
 #[tokio::test]

@@ -45,6 +45,10 @@ impl KeyRecord {
 pub enum Invalidation {
     /// The record with this secret hash changed or was revoked: drop it from caches.
     Key(SecretHash),
+    /// A new record with this secret hash exists: forget that it was unknown.
+    /// Nothing cached can be stale (the hash was unknown until now), so a
+    /// record verified before this message arrives stays cached.
+    Issued(SecretHash),
     /// Anything may have changed (e.g. a missed pub/sub window after a reconnect,
     /// or the file store's folder changed): drop every cached record.
     All,

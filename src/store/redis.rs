@@ -460,7 +460,7 @@ mod scripts {
             redis.call('HSET', KEYS[1], unpack(ARGV, 4))
             redis.call('SET', KEYS[2], ARGV[1])
             redis.call('SADD', KEYS[3], ARGV[2])
-            redis.call('PUBLISH', ARGV[3], ARGV[1])
+            redis.call('PUBLISH', ARGV[3], '+' .. ARGV[1])
             return 1
             ",
         )
@@ -677,11 +677,15 @@ impl Subscriber {
     }
 }
 
-/// A message on the invalidation channel: a hash hex, or `*` for everything
-/// (operators may `PUBLISH kg:invalidate '*'`). Anything else is treated as
-/// `*`, since dropping too much from a cache is safe and too little is not.
+/// A message on the invalidation channel: a hash hex (changed or revoked),
+/// `+` and a hash hex (newly issued), or `*` for everything (operators may
+/// `PUBLISH kg:invalidate '*'`). Anything else is treated as `*`, since
+/// dropping too much from a cache is safe and too little is not.
 fn parse_invalidation(payload: &[u8]) -> Invalidation {
     let text = std::str::from_utf8(payload).unwrap_or("");
+    if let Some(hash) = text.strip_prefix('+').and_then(SecretHash::from_hex) {
+        return Invalidation::Issued(hash);
+    }
     match SecretHash::from_hex(text) {
         Some(hash) => Invalidation::Key(hash),
         None => {
@@ -815,6 +819,9 @@ mod tests {
         let hash = SecretHash([9; 32]);
         assert_eq!(parse_invalidation(hash.to_hex().as_bytes()), Invalidation::Key(hash));
         assert_eq!(parse_invalidation(b"*"), Invalidation::All);
+        let issued = format!("+{}", hash.to_hex());
+        assert_eq!(parse_invalidation(issued.as_bytes()), Invalidation::Issued(hash));
+        assert_eq!(parse_invalidation(b"+nothex"), Invalidation::All);
         assert_eq!(parse_invalidation(b"garbage"), Invalidation::All);
     }
 }
