@@ -107,9 +107,10 @@ async fn serve(
 
     // 1. Route: normalise the path once; decide and forward on that form.
     let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
-    trail.path = Some(path.clone());
     let host = request_host(&request);
-    let matched = live.routes.find(host.as_deref().map(strip_port), &path).ok_or(GatewayError::NoRoute)?;
+    let matched = live.routes.find(host.as_deref().map(strip_port), &path);
+    trail.path = Some(path);
+    let matched = matched.ok_or(GatewayError::NoRoute)?;
     let route = &matched.route;
     trail.route = Some(Arc::clone(route));
 

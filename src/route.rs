@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{RouteConfig, RouteTarget};
+use crate::config::RouteConfig;
 
 /// Why a request path was refused before routing (answered with 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -156,10 +156,6 @@ impl RouteTable {
         };
         Some(RouteMatch { route: Arc::clone(route), upstream_path })
     }
-
-    pub fn targets(&self) -> impl Iterator<Item = &RouteTarget> {
-        self.routes.iter().map(|r| &r.target)
-    }
 }
 
 /// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`.
@@ -171,6 +167,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouteTarget;
     use std::collections::BTreeMap;
 
     #[test]

@@ -119,10 +119,10 @@ impl Limits {
         // 1. Quota first: taken units can be given back exactly.
         if let Some(quota) = meta.quota {
             match self.quotas.take(key_id, quota, cost, now).await {
-                Ok(QuotaDecision::Taken { remaining, reset }) => {
+                Ok(QuotaDecision::Taken { remaining, reset, window_secs }) => {
                     admission.quota = Some(PolicyState {
                         limit: quota.count,
-                        window_secs: quota_window_secs(quota, now),
+                        window_secs,
                         remaining,
                         reset_secs: reset.as_secs(),
                     });
@@ -172,18 +172,6 @@ fn store_failed(config: &LimitsConfig, what: &str, error: &str) -> Result<(), Ga
     }
 }
 
-/// A quota window's length for `RateLimit-Policy`: the whole window, also
-/// for a rolling one (which is counted in shorter sub-buckets).
-fn quota_window_secs(quota: crate::meta::Quota, now: Timestamp) -> u64 {
-    match quota.window {
-        crate::meta::QuotaWindow::Rolling(length) => length.as_secs().max(1),
-        kind => {
-            let window = quota::Window::containing(kind, now);
-            window.end.as_second().saturating_sub(window.start.as_second()).max(1) as u64
-        }
-    }
-}
-
 /// Locks a limiter's small state. The locks here are held for a few
 /// arithmetic operations, never across an await, and nothing inside can
 /// panic, so a poisoned lock still holds consistent numbers.
@@ -228,12 +216,7 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
 }
 
 /// A refusal's headers: the policy that refused, with nothing remaining.
-pub fn write_refusal_headers(
-    headers: &mut HeaderMap,
-    record: &KeyRecord,
-    error: &GatewayError,
-    legacy: bool,
-) {
+fn write_refusal_headers(headers: &mut HeaderMap, record: &KeyRecord, error: &GatewayError, legacy: bool) {
     let meta = &record.meta;
     let (name, limit, window_secs, retry_after) = match (error, meta.rate, meta.quota) {
         (GatewayError::RateLimited { retry_after }, Some(rate), _) => (
@@ -242,9 +225,12 @@ pub fn write_refusal_headers(
             rate.period.as_secs().max(1),
             *retry_after,
         ),
-        (GatewayError::QuotaExceeded { retry_after }, _, Some(quota)) => {
-            ("quota", quota.count, quota_window_secs(quota, Timestamp::now()), *retry_after)
-        }
+        (GatewayError::QuotaExceeded { retry_after }, _, Some(quota)) => (
+            "quota",
+            quota.count,
+            quota::Window::containing(quota.window, Timestamp::now()).policy_secs(),
+            *retry_after,
+        ),
         _ => return,
     };
     let reset_secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

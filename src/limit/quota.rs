@@ -46,6 +46,8 @@ pub const ROLLING_BUCKETS: i64 = 24;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rolling {
     pub counter_id: String,
+    /// The whole window's length.
+    pub length_secs: i64,
     pub bucket_secs: i64,
     pub bucket: i64,
 }
@@ -83,10 +85,25 @@ impl Window {
                 let bucket = now.as_second().div_euclid(bucket_secs);
                 let start = Timestamp::from_second(bucket * bucket_secs).unwrap_or(now);
                 let end = Timestamp::from_second((bucket + 1) * bucket_secs).unwrap_or(now);
-                let rolling = Rolling { counter_id: format!("r{length_s}"), bucket_secs, bucket };
+                let rolling = Rolling {
+                    counter_id: format!("r{length_s}"),
+                    length_secs: length_s,
+                    bucket_secs,
+                    bucket,
+                };
                 Window { id: format!("r{length_s}-{bucket}"), start, end, rolling: Some(rolling) }
             }
         }
+    }
+
+    /// The window's length as `RateLimit-Policy` reports it: the whole
+    /// window, also for a rolling one (counted in shorter sub-buckets).
+    pub fn policy_secs(&self) -> u64 {
+        let secs = match &self.rolling {
+            Some(rolling) => rolling.length_secs,
+            None => self.end.as_second().saturating_sub(self.start.as_second()),
+        };
+        secs.max(1) as u64
     }
 
     /// Time from `now` until the window resets (at least one second).
@@ -141,7 +158,7 @@ struct Local {
 /// The outcome of taking quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaDecision {
-    Taken { remaining: u64, reset: Duration },
+    Taken { remaining: u64, reset: Duration, window_secs: u64 },
     Exhausted { retry_after: Duration },
 }
 
@@ -237,7 +254,12 @@ fn spend(local: &Mutex<Local>, window: &Window, limit: u64, cost: u64, now: Time
     if local.available >= cost {
         local.available -= cost;
         let remaining = local.available + local.authority_left.unwrap_or(0);
-        return Spend::Decided(QuotaDecision::Taken { remaining, reset: window.until_reset(now) });
+        let taken = QuotaDecision::Taken {
+            remaining,
+            reset: window.until_reset(now),
+            window_secs: window.policy_secs(),
+        };
+        return Spend::Decided(taken);
     }
     match local.authority_left {
         Some(left) if local.available + left < cost => {

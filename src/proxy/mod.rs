@@ -125,10 +125,6 @@ impl UpstreamPool {
         Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), timeout: config.timeout }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The next target, round robin.
     fn pick(&self) -> Option<&Arc<ConnPool>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -149,8 +145,8 @@ impl UpstreamPool {
         if request.uri().path_and_query().is_none() {
             *request.uri_mut() = Uri::from_static("/");
         }
-        if let Ok(host) = HeaderValue::from_str(target.authority().as_str()) {
-            request.headers_mut().insert(header::HOST, host);
+        if let Some(host) = target.host() {
+            request.headers_mut().insert(header::HOST, host.clone());
         }
         // Upstreams are spoken to over HTTP/1.1 whatever the client used.
         *request.version_mut() = Version::HTTP_11;

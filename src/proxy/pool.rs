@@ -45,6 +45,8 @@ struct Idle {
 /// Idle connections to one target, one list per worker.
 pub struct ConnPool {
     authority: Authority,
+    /// `Host` for every request to this target, built once.
+    host: Option<http::HeaderValue>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -60,11 +62,13 @@ impl ConnPool {
         max_idle: usize,
     ) -> Arc<Self> {
         let per_worker = (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect();
-        Arc::new(Self { authority, connect_timeout, idle_timeout, max_idle, per_worker })
+        let host = http::HeaderValue::from_str(authority.as_str()).ok();
+        Arc::new(Self { authority, host, connect_timeout, idle_timeout, max_idle, per_worker })
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.authority
+    /// The `Host` header value for this target.
+    pub fn host(&self) -> Option<&http::HeaderValue> {
+        self.host.as_ref()
     }
 
     fn idle_list(&self) -> &Mutex<Vec<Idle>> {
@@ -141,11 +145,6 @@ impl ConnPool {
         if idle.len() < self.max_idle {
             idle.push(Idle { sender, since: Instant::now() });
         }
-    }
-
-    /// Idle connections of the current worker (for tests).
-    pub fn idle_here(&self) -> usize {
-        self.idle_list().lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
