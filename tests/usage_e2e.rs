@@ -58,6 +58,17 @@ async fn report(redis: &RedisServer, client: &str) -> UsageReport {
     keygate::usage::query(&mut conn, "kg:", &query).await.unwrap()
 }
 
+/// `keygate serve` on the test Redis; returns its folder (keep it alive),
+/// the process and the address it listens on.
+fn serve(redis: &RedisServer) -> (tempfile::TempDir, Served, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config(redis)).unwrap();
+    let mut served = Served::start(&path, &[]);
+    let addr = served.gateway_address();
+    (dir, served, addr)
+}
+
 fn stop(served: Served) {
     served.signal("TERM");
     let (status, log) = served.wait_exit();
@@ -68,11 +79,7 @@ fn stop(served: Served) {
 async fn every_request_is_in_redis_after_sigterm() {
     let redis = RedisServer::start();
     let key = issue(&redis).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config(&redis)).unwrap();
-    let mut served = Served::start(&path, &[]);
-    let addr = served.gateway_address();
+    let (_dir, served, addr) = serve(&redis);
 
     calls(&addr, &key, 137, 200).await;
     calls(&addr, "kg_acme_not-a-key", 11, 401).await;
@@ -92,11 +99,7 @@ async fn every_request_is_in_redis_after_sigterm() {
 async fn a_redis_restart_mid_run_loses_no_count() {
     let mut redis = RedisServer::start();
     let key = issue(&redis).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config(&redis)).unwrap();
-    let mut served = Served::start(&path, &[]);
-    let addr = served.gateway_address();
+    let (_dir, served, addr) = serve(&redis);
 
     calls(&addr, &key, 100, 200).await;
     redis.shutdown_saving();
