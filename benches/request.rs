@@ -40,14 +40,17 @@ fn request_benches(c: &mut Criterion) {
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
-    let peer = "127.0.0.1".parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    // Made once per verified key and once per connection, as the gateway does.
+    let identity = proxy::Identity::of(&record);
+    let peer = proxy::Peer::new(std::net::SocketAddr::from(([127, 0, 0, 1], 40000)));
+    let host = HeaderValue::from_static("api.example.com");
     c.bench_function("header rewrite (hop-by-hop, forwarded, identity)", |b| {
         b.iter_batched_ref(
             || headers.clone(),
             |headers| {
                 proxy::remove_hop_by_hop(headers);
-                proxy::set_forwarded(headers, peer, "http", Some("api.example.com"));
-                proxy::set_identity(headers, &config.keys, Some(&record));
+                proxy::set_forwarded(headers, &peer, "http", Some(host.clone()));
+                proxy::set_identity(headers, &config.keys, Some(&identity));
             },
             criterion::BatchSize::SmallInput,
         )

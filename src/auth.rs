@@ -22,12 +22,36 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::config::KeysConfig;
 use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
+use crate::proxy::Identity;
 use crate::store::{Invalidation, KeyRecord, SharedStore};
+
+/// A verified key as the request path uses it: the store's record, plus
+/// what is derived from it once per cache fill instead of on every request.
+#[derive(Debug)]
+pub struct Caller {
+    pub record: KeyRecord,
+    /// The identity headers sent upstream for this key.
+    pub identity: Identity,
+}
+
+impl Caller {
+    fn new(record: KeyRecord) -> Self {
+        Self { identity: Identity::of(&record), record }
+    }
+}
+
+impl std::ops::Deref for Caller {
+    type Target = KeyRecord;
+
+    fn deref(&self) -> &KeyRecord {
+        &self.record
+    }
+}
 
 /// A record as the cache holds it, with when the store last vouched for it.
 #[derive(Debug)]
 struct Cached {
-    record: Arc<KeyRecord>,
+    record: Arc<Caller>,
     fetched_at: Instant,
     /// The cache epoch it was fetched in; an older epoch must be re-checked.
     epoch: u64,
@@ -58,7 +82,7 @@ pub struct Verifier {
 
 /// One store lookup, awaited by every request that needs its answer. The
 /// error is kept as text: `StoreError` is not `Clone`.
-type Lookup = Arc<tokio::sync::OnceCell<Result<Option<Arc<KeyRecord>>, String>>>;
+type Lookup = Arc<tokio::sync::OnceCell<Result<Option<Arc<Caller>>, String>>>;
 
 /// Why verification refused a key, for the log only: the client sees one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +139,7 @@ impl Verifier {
 
     /// Verifies a presented key string: format and checksum, then the cache,
     /// then the store. Returns the record of a usable key.
-    pub async fn verify(&self, presented: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+    pub async fn verify(&self, presented: &str) -> Result<Arc<Caller>, GatewayError> {
         let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
         let hash = parsed.secret_hash();
         let record = self.lookup(parsed.client, &hash).await?;
@@ -126,7 +150,7 @@ impl Verifier {
         Ok(record)
     }
 
-    async fn lookup(&self, client: &str, hash: &SecretHash) -> Result<Arc<KeyRecord>, GatewayError> {
+    async fn lookup(&self, client: &str, hash: &SecretHash) -> Result<Arc<Caller>, GatewayError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let cached = self.known.get(hash);
         if let Some(cached) = &cached
@@ -162,7 +186,7 @@ impl Verifier {
         client: &str,
         hash: &SecretHash,
         epoch: u64,
-    ) -> Result<Option<Arc<KeyRecord>>, String> {
+    ) -> Result<Option<Arc<Caller>>, String> {
         let key = (client.to_owned(), *hash);
         let lookup = self.in_flight.get_with_by_ref(&key, || Arc::new(tokio::sync::OnceCell::new()));
         let answer = lookup
@@ -185,7 +209,7 @@ impl Verifier {
                 // request arriving in between finds the answer, not a gap.
                 match answer {
                     Ok(Some(record)) => {
-                        let record = Arc::new(record);
+                        let record = Arc::new(Caller::new(record));
                         let entry = Cached { record: Arc::clone(&record), fetched_at: Instant::now(), epoch };
                         self.known.insert(*hash, Arc::new(entry));
                         Ok(Some(record))

@@ -8,22 +8,21 @@
 //! [`GatewayError::into_response`], the one mapping) and writes one access-log
 //! line. [`serve`] holds the steps; each step lives in its own module.
 
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{Request, Response, header};
+use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::auth::Caller;
 use crate::config::{RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody};
-use crate::store::KeyRecord;
 use crate::{credential, echo, limit, proxy, route, scope};
 use http_body::Body as _;
 
@@ -38,7 +37,7 @@ struct Trail {
     path: Option<String>,
     upstream: Option<String>,
     route: Option<Arc<RouteConfig>>,
-    caller: Option<Arc<KeyRecord>>,
+    caller: Option<Arc<Caller>>,
     upstream_latency: Option<std::time::Duration>,
 }
 
@@ -47,7 +46,7 @@ struct Trail {
 pub async fn handle(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: proxy::Peer,
 ) -> Response<MeteredBody> {
     let started = Instant::now();
     let method = request.method().clone();
@@ -56,7 +55,7 @@ pub async fn handle(
     let bytes_in = hint.exact().unwrap_or(hint.lower());
     let mut trail = Trail::default();
 
-    let outcome = AssertUnwindSafe(serve(&gateway, request, peer, &mut trail)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, &mut trail)).catch_unwind().await;
     let mut refusal = None;
     let response = match outcome {
         Ok(Ok(response)) => response,
@@ -80,7 +79,7 @@ pub async fn handle(
         upstream = trail.upstream.as_deref().unwrap_or("-"),
         client = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
         duration_us = started.elapsed().as_micros() as u64,
-        peer = %peer.ip(),
+        peer = %peer.addr.ip(),
     );
 
     // 8. Usage and metrics: recorded when the response body ends.
@@ -100,7 +99,7 @@ pub async fn handle(
 async fn serve(
     gateway: &Gateway,
     mut request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &proxy::Peer,
     trail: &mut Trail,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
@@ -108,17 +107,18 @@ async fn serve(
     // 1. Route: normalise the path once; decide and forward on that form.
     let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
     let host = request_host(&request);
-    let matched = live.routes.find(host.as_deref().map(strip_port), &path);
+    let matched = live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port), &path);
     trail.path = Some(path);
     let matched = matched.ok_or(GatewayError::NoRoute)?;
     let route = &matched.route;
     trail.route = Some(Arc::clone(route));
 
     let keys = &live.config.keys;
-    let mut path_and_query = match request.uri().query() {
-        Some(q) => format!("{}?{q}", matched.upstream_path),
-        None => matched.upstream_path.clone(),
-    };
+    let mut path_and_query = matched.upstream_path;
+    if let Some(query) = request.uri().query() {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
 
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
@@ -146,14 +146,13 @@ async fn serve(
     credential::strip(request.headers_mut(), &mut path_and_query, route, keys);
 
     // 6. Proxy: rewrite headers, then forward (or answer from the echo).
-    *request.uri_mut() = path_and_query
-        .parse()
-        .map_err(|e| GatewayError::Internal(format!("rebuilding path {path_and_query:?}: {e}")))?;
+    *request.uri_mut() = Uri::from_maybe_shared(Bytes::from(path_and_query))
+        .map_err(|e| GatewayError::Internal(format!("rebuilding the upstream path: {e}")))?;
     let headers = request.headers_mut();
     proxy::remove_hop_by_hop(headers);
-    proxy::set_forwarded(headers, peer.ip(), "http", host.as_deref());
+    proxy::set_forwarded(headers, peer, "http", host);
     headers.remove(header::HOST);
-    proxy::set_identity(headers, keys, caller.as_ref().map(|(record, _)| &**record));
+    proxy::set_identity(headers, keys, caller.as_ref().map(|(caller, _)| &caller.identity));
 
     let mut response = match &route.target {
         RouteTarget::Echo => {
@@ -192,14 +191,12 @@ fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Ref
 }
 
 /// The host the client asked for: the `Host` header (HTTP/1.1) or the URI
-/// authority (HTTP/2).
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
-        .map(str::to_owned)
+/// authority (HTTP/2). A header value, so passing it on copies nothing.
+fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
+    match request.headers().get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
 }
 
 /// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.

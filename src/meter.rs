@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::auth::Caller;
 use crate::config::RouteConfig;
 use crate::error::GatewayError;
 use crate::handler::ResponseBody;
-use crate::store::KeyRecord;
 use crate::usage::{self, UsageEvent, UsageRecorder};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,7 +27,7 @@ pub struct Meter {
     pub recorder: Option<Arc<UsageRecorder>>,
     pub route: Option<Arc<RouteConfig>>,
     /// The verified caller; refused or public requests have none.
-    pub caller: Option<Arc<KeyRecord>>,
+    pub caller: Option<Arc<Caller>>,
     pub status: u16,
     pub refusal: Option<usage::Refusal>,
     pub bytes_in: u64,
@@ -42,7 +42,7 @@ impl Meter {
         if let Some(recorder) = &self.recorder {
             let caller = self.caller.as_deref();
             recorder.record(&UsageEvent {
-                client: caller.map(KeyRecord::client),
+                client: caller.map(|c| c.client()),
                 key_id: caller.map(|r| r.id.as_str()),
                 route,
                 status: self.status,

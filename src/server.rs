@@ -22,7 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::gateway::Gateway;
-use crate::handler;
+use crate::{handler, proxy};
 
 /// How the drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,9 +88,11 @@ fn serve_connection(
         tracing::debug!(%error, "set_nodelay failed");
     }
     let gateway = Arc::clone(gateway);
+    let client = proxy::Peer::new(peer);
     let service = service_fn(move |request| {
         let gateway = Arc::clone(&gateway);
-        async move { Ok::<_, std::convert::Infallible>(handler::handle(gateway, request, peer).await) }
+        let client = client.clone();
+        async move { Ok::<_, std::convert::Infallible>(handler::handle(gateway, request, client).await) }
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
     let connection = graceful.watch(connection);

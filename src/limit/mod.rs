@@ -17,6 +17,7 @@ pub mod shared;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use jiff::Timestamp;
 
@@ -181,37 +182,59 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// Writes the IETF httpapi RateLimit headers (structured-field form):
 /// `RateLimit-Policy: "rate";q=10;w=1, "quota";q=10000;w=86400` and
 /// `RateLimit: "rate";r=7;t=1, "quota";r=9993;t=51000`, plus the older
 /// `X-RateLimit-Limit/Remaining/Reset` (for the tighter policy) when asked.
+///
+/// Every limited request pays for this, so each value is written straight
+/// into one buffer that becomes the header value, without formatting machinery.
 pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: bool) {
-    let policies: Vec<(&str, PolicyState)> = [("rate", admission.rate), ("quota", admission.quota)]
-        .into_iter()
-        .filter_map(|(n, p)| Some((n, p?)))
-        .collect();
-    if policies.is_empty() {
-        return;
+    let policies = [("rate", admission.rate), ("quota", admission.quota)];
+    let policies = policies.iter().filter_map(|(name, state)| Some((*name, (*state)?)));
+    let mut policy = Vec::with_capacity(64);
+    let mut state = Vec::with_capacity(64);
+    let mut tightest: Option<PolicyState> = None;
+    for (name, p) in policies {
+        if !policy.is_empty() {
+            policy.extend_from_slice(b", ");
+            state.extend_from_slice(b", ");
+        }
+        structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
+        structured_item(&mut state, name, (b"r", p.remaining), (b"t", p.reset_secs));
+        if tightest.is_none_or(|t| p.remaining < t.remaining) {
+            tightest = Some(p);
+        }
     }
-    let policy = policies
-        .iter()
-        .map(|(n, p)| format!("\"{n}\";q={};w={}", p.limit, p.window_secs))
-        .collect::<Vec<_>>();
-    let state = policies
-        .iter()
-        .map(|(n, p)| format!("\"{n}\";r={};t={}", p.remaining, p.reset_secs))
-        .collect::<Vec<_>>();
-    if let Ok(v) = HeaderValue::from_str(&policy.join(", ")) {
+    let Some(tightest) = tightest else { return };
+    // Names and digits only: always valid header values.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(policy)) {
         headers.insert(RATELIMIT_POLICY, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&state.join(", ")) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
         headers.insert(RATELIMIT, v);
     }
-    if legacy && let Some((_, tightest)) = policies.iter().min_by_key(|(_, p)| p.remaining) {
-        headers.insert("x-ratelimit-limit", HeaderValue::from(tightest.limit));
-        headers.insert("x-ratelimit-remaining", HeaderValue::from(tightest.remaining));
-        headers.insert("x-ratelimit-reset", HeaderValue::from(tightest.reset_secs));
+    if legacy {
+        headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(tightest.limit));
+        headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(tightest.remaining));
+        headers.insert(X_RATELIMIT_RESET, HeaderValue::from(tightest.reset_secs));
+    }
+}
+
+/// Appends one structured-field list item: `"name";a=1;b=2`.
+fn structured_item(out: &mut Vec<u8>, name: &str, first: (&[u8], u64), second: (&[u8], u64)) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
+    for (param, value) in [first, second] {
+        out.push(b';');
+        out.extend_from_slice(param);
+        out.push(b'=');
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 }
 
@@ -259,6 +282,26 @@ mod tests {
         assert_eq!(headers["ratelimit"], "\"rate\";r=7;t=1, \"quota\";r=9993;t=51000");
         assert_eq!(headers["x-ratelimit-remaining"], "7");
         assert_eq!(headers["x-ratelimit-limit"], "10");
+    }
+
+    #[test]
+    fn the_legacy_headers_follow_the_tighter_policy_and_a_lone_policy_has_no_separator() {
+        let mut headers = HeaderMap::new();
+        let admission = Admission {
+            rate: Some(PolicyState { limit: 100, window_secs: 60, remaining: 99, reset_secs: 60 }),
+            quota: Some(PolicyState { limit: 5, window_secs: 3600, remaining: 0, reset_secs: 1200 }),
+        };
+        write_headers(&mut headers, &admission, true);
+        assert_eq!(headers["x-ratelimit-limit"], "5");
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        assert_eq!(headers["x-ratelimit-reset"], "1200");
+
+        let mut headers = HeaderMap::new();
+        let admission = Admission { rate: None, quota: admission.quota };
+        write_headers(&mut headers, &admission, false);
+        assert_eq!(headers["ratelimit-policy"], "\"quota\";q=5;w=3600");
+        assert_eq!(headers["ratelimit"], "\"quota\";r=0;t=1200");
+        assert!(!headers.contains_key("x-ratelimit-limit"));
     }
 
     #[test]

@@ -6,11 +6,12 @@
 //! small one.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -23,8 +24,9 @@ pub use pool::{ConnPool, PooledBody};
 pub mod pool;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
-/// the non-standard ones old clients still send.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// the non-standard ones old clients still send. `Upgrade` is among them:
+/// protocol upgrades are not proxied (yet).
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -33,6 +35,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -41,60 +44,115 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names (standard
-    // header names compare without hashing) spares a dozen hashed removals.
-    let any = headers.keys().any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if !any {
+    // One pass over the names (standard names compare without hashing) finds
+    // which are present; most requests carry none, and most responses only
+    // `Connection: keep-alive`, so only those are removed, without allocating.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
+    // `close` and `keep-alive` are connection options, not header names to
+    // look for (`Keep-Alive` is removed with the fixed list anyway).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
-    // `Upgrade` is hop-by-hop too; protocol upgrades are not proxied (yet).
-    headers.remove(header::UPGRADE);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The client's address as `X-Forwarded-For` carries it, made once per
+/// connection rather than formatted on every request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let text = addr.ip().to_string();
+        // An IP address's text is always a valid header value.
+        let forwarded_for = HeaderValue::from_maybe_shared(Bytes::from(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, forwarded_for }
+    }
 }
 
 /// Sets the `X-Forwarded-*` headers: appends the peer to `X-Forwarded-For`,
-/// and records the scheme and host the client used.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, host: Option<&str>) {
-    let peer = peer.to_string();
+/// and records the scheme and the host the client asked for (the client's own
+/// `Host` value, or none).
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, proto: &'static str, host: Option<HeaderValue>) {
     let chain = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
-        _ => peer,
+        Some(existing) if !existing.trim().is_empty() => {
+            let chain = format!("{existing}, {}", peer.addr.ip());
+            HeaderValue::from_maybe_shared(Bytes::from(chain)).ok()
+        }
+        _ => Some(peer.forwarded_for.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(X_FORWARDED_FOR, value);
+    if let Some(chain) = chain {
+        headers.insert(X_FORWARDED_FOR, chain);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    match host {
         Some(value) => headers.insert(X_FORWARDED_HOST, value),
         None => headers.remove(X_FORWARDED_HOST),
     };
 }
 
+/// The identity headers' values for one verified key (client ID, key ID,
+/// scopes), built once when the key is cached rather than on every request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    client: Option<HeaderValue>,
+    key_id: Option<HeaderValue>,
+    scopes: Option<HeaderValue>,
+}
+
+impl Identity {
+    pub fn of(record: &KeyRecord) -> Self {
+        // IDs and scopes are validated ASCII, so these conversions succeed;
+        // a value that did not would be left out, never forwarded raw.
+        let value = |text: String| HeaderValue::from_maybe_shared(Bytes::from(text)).ok();
+        Self {
+            client: value(record.client().to_owned()),
+            key_id: value(record.id.as_str().to_owned()),
+            scopes: value(record.meta.scopes.join(" ")),
+        }
+    }
+}
+
 /// Replaces any identity headers the client sent (they would be spoofs) with
 /// the verified caller's: client ID, key ID and scopes. Public routes send none.
-pub fn set_identity(headers: &mut HeaderMap, keys: &KeysConfig, caller: Option<&KeyRecord>) {
-    headers.remove(&keys.client_header);
-    headers.remove(&keys.key_id_header);
-    headers.remove(&keys.scopes_header);
-    let Some(record) = caller else { return };
-    // IDs and scopes are validated ASCII, so these conversions succeed.
-    if let Ok(v) = HeaderValue::from_str(record.client()) {
-        headers.insert(keys.client_header.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(record.id.as_str()) {
-        headers.insert(keys.key_id_header.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&record.meta.scopes.join(" ")) {
-        headers.insert(keys.scopes_header.clone(), v);
+pub fn set_identity(headers: &mut HeaderMap, keys: &KeysConfig, caller: Option<&Identity>) {
+    let (client, key_id, scopes) = match caller {
+        Some(identity) => (identity.client.clone(), identity.key_id.clone(), identity.scopes.clone()),
+        None => (None, None, None),
+    };
+    // `insert` drops every value the client sent under that name.
+    for (name, value) in
+        [(&keys.client_header, client), (&keys.key_id_header, key_id), (&keys.scopes_header, scopes)]
+    {
+        match value {
+            Some(value) => headers.insert(name.clone(), value),
+            None => headers.remove(name),
+        };
     }
 }
 
@@ -222,10 +280,74 @@ mod tests {
     }
 
     #[test]
+    fn connection_options_alone_remove_only_the_hop_by_hop_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"]);
+
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("X-Hop-A , x-hop-b"));
+        headers.insert("x-hop-a", HeaderValue::from_static("1"));
+        headers.insert("x-hop-b", HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    fn record(id: &str, scopes: &[&str]) -> KeyRecord {
+        let mut meta = crate::meta::KeyMeta::new(jiff::Timestamp::now());
+        meta.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        KeyRecord { id: id.parse().unwrap(), secret_hash: crate::key::SecretHash([1; 32]), meta }
+    }
+
+    #[test]
+    fn identity_replaces_every_spoofed_copy_and_public_routes_send_none() {
+        let keys = crate::config::Config::defaults().keys;
+        let spoofed = |headers: &mut HeaderMap| {
+            for name in [&keys.client_header, &keys.key_id_header, &keys.scopes_header] {
+                headers.append(name.clone(), HeaderValue::from_static("spoof-1"));
+                headers.append(name.clone(), HeaderValue::from_static("spoof-2"));
+            }
+        };
+
+        let identity = Identity::of(&record("acme.k1", &["orders:read", "orders:write"]));
+        let mut headers = HeaderMap::new();
+        spoofed(&mut headers);
+        set_identity(&mut headers, &keys, Some(&identity));
+        let all = |headers: &HeaderMap, name: &HeaderName| -> Vec<String> {
+            headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(all(&headers, &keys.client_header), ["acme"]);
+        assert_eq!(all(&headers, &keys.key_id_header), ["acme.k1"]);
+        assert_eq!(all(&headers, &keys.scopes_header), ["orders:read orders:write"]);
+
+        let mut headers = HeaderMap::new();
+        spoofed(&mut headers);
+        set_identity(&mut headers, &keys, None);
+        assert!(headers.is_empty(), "public routes forward no identity: {headers:?}");
+    }
+
+    #[test]
+    fn forwarded_for_is_the_peer_when_the_client_sent_none() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("  "));
+        set_forwarded(&mut headers, &Peer::new("192.0.2.9:1234".parse().unwrap()), "http", None);
+        assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.9");
+    }
+
+    #[test]
     fn forwarded_for_appends_to_an_existing_chain() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
-        set_forwarded(&mut headers, "127.0.0.1".parse().unwrap(), "http", Some("api.example"));
+        let peer = Peer::new("127.0.0.1:5000".parse().unwrap());
+        set_forwarded(&mut headers, &peer, "http", Some(HeaderValue::from_static("api.example")));
         assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
         assert_eq!(headers[X_FORWARDED_HOST], "api.example");
@@ -235,7 +357,7 @@ mod tests {
     fn forwarded_host_from_the_client_is_not_passed_on_when_there_is_no_host() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_HOST, HeaderValue::from_static("spoofed.example"));
-        set_forwarded(&mut headers, "::1".parse().unwrap(), "http", None);
+        set_forwarded(&mut headers, &Peer::new("[::1]:5000".parse().unwrap()), "http", None);
         assert!(!headers.contains_key(X_FORWARDED_HOST));
         assert_eq!(headers[X_FORWARDED_FOR], "::1");
     }
