@@ -164,7 +164,9 @@ impl Verifier {
         if cached.is_none() && self.unknown.contains_key(hash) {
             return Err(Rejection::Unknown.into());
         }
-        match self.ask_store(client, hash, epoch).await {
+        // Boxed: a miss is the rare path, and every connection's request
+        // future would otherwise be sized for the store lookup.
+        match Box::pin(self.ask_store(client, hash, epoch)).await {
             Ok(Some(record)) => Ok(record),
             Ok(None) => Err(Rejection::Unknown.into()),
             Err(error) => match cached {

@@ -157,7 +157,7 @@ async fn serve(
     let mut response = match &route.target {
         RouteTarget::Echo => {
             trail.upstream = Some("builtin:echo".into());
-            echo::answer(request).await?.map(Either::Right)
+            Box::pin(echo::answer(request)).await?.map(Either::Right)
         }
         RouteTarget::Upstream(name) => {
             trail.upstream = Some(name.clone());

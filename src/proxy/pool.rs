@@ -95,7 +95,9 @@ impl ConnPool {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: connecting is the rare path, and every connection's request
+        // future would otherwise be sized for it (dhat: bytes per idle connection).
+        let mut sender = Box::pin(self.connect()).await?;
         let response = sender.send_request(request).await?;
         Ok((response, self.lease(sender)))
     }
