@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
 use jiff::Timestamp;
 use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
@@ -63,9 +64,9 @@ pub struct Verifier {
     prefix: String,
     /// Verified records by secret hash. moka shards internally, so lookups
     /// from many cores do not contend on one lock.
-    known: Cache<SecretHash, Arc<Cached>>,
+    known: Cache<SecretHash, Arc<Cached>, RandomState>,
     /// Hashes the store said it does not have.
-    unknown: Cache<SecretHash, ()>,
+    unknown: Cache<SecretHash, (), RandomState>,
     /// Store lookups under way: requests that miss the cache for the same
     /// key at the same moment share one lookup instead of each asking the
     /// store (a popular key after an invalidation, a cold start).
@@ -118,9 +119,11 @@ impl Verifier {
             .max_capacity(keys.cache_capacity)
             // Past this nobody may use the entry, fresh or stale: let it go.
             .time_to_live(keys.cache_ttl + keys.stale_window)
-            .build();
-        let unknown =
-            Cache::builder().max_capacity(keys.cache_capacity).time_to_live(keys.negative_ttl).build();
+            .build_with_hasher(RandomState::default());
+        let unknown = Cache::builder()
+            .max_capacity(keys.cache_capacity)
+            .time_to_live(keys.negative_ttl)
+            .build_with_hasher(RandomState::default());
         // An entry lives only while its lookup runs (it is removed when the
         // answer is in); the TTL only cleans up after a cancelled request.
         let in_flight =

@@ -101,7 +101,7 @@ pub struct Metrics {
     usage_dropped: Counter,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
-    routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>>>,
+    routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
 }
 
 /// One route's handles into the families above.
@@ -172,7 +172,7 @@ impl Metrics {
             refusals,
             usage_flush_lag,
             usage_dropped,
-            routes: RwLock::new(HashMap::new()),
+            routes: RwLock::new(HashMap::default()),
         }
     }
 

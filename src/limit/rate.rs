@@ -38,7 +38,7 @@ pub enum RateDecision {
 
 /// Per-key GCRA limiters on one gateway instance.
 pub struct LocalRates<C: Clock = DefaultClock> {
-    limiters: Cache<String, Arc<KeyLimiter<C>>>,
+    limiters: Cache<String, Arc<KeyLimiter<C>>, foldhash::fast::RandomState>,
     clock: C,
 }
 
@@ -54,7 +54,10 @@ where
     C::Instant: Send + Sync,
 {
     pub fn with_clock(max_keys: u64, idle_eviction: Duration, clock: C) -> Self {
-        let limiters = Cache::builder().max_capacity(max_keys).time_to_idle(idle_eviction).build();
+        let limiters = Cache::builder()
+            .max_capacity(max_keys)
+            .time_to_idle(idle_eviction)
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self { limiters, clock }
     }
 

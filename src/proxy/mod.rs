@@ -240,7 +240,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// The upstream pools of one config, by name.
 #[derive(Default)]
 pub struct Upstreams {
-    pools: HashMap<String, Arc<UpstreamPool>>,
+    pools: HashMap<String, Arc<UpstreamPool>, foldhash::fast::RandomState>,
 }
 
 impl Upstreams {
