@@ -105,11 +105,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 TAKEN=" "
-# free_port VAR: a loopback port nothing listens on, never 6379, never handed out twice.
+# free_port VAR: a loopback port nothing uses, never 6379, never handed out twice.
+# Below the kernel's ephemeral range, so no client's outgoing connection can
+# take it between this check and the server's bind.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 30000))
+        p=$((20000 + RANDOM % (EPHEMERAL_LOW - 20000)))
         [[ $p == 6379 || $TAKEN == *" $p "* ]] && continue
         ss -Htan "sport = :$p" | grep -q . && continue
         TAKEN+="$p "
