@@ -21,7 +21,7 @@
 //!
 //! ```ignore
 //! let recorder = Arc::new(UsageRecorder::new());
-//! let conn = usage::connect(&redis_url)?;           // lazy: Redis may be down
+//! let conn = usage::connect(&redis_url)?;           // lazy: Redis may be down; not the store's connection
 //! let flusher = UsageFlusher::new(recorder.clone(), conn, prefix, FlushConfig::default());
 //! let flushing = flusher.spawn(shutdown_signal);    // final flush when it fires
 //! // per request, after the response: recorder.record(&UsageEvent { .. });
@@ -63,6 +63,12 @@ pub fn connect(url: &str) -> Result<ConnectionManager, UsageError> {
     // The URL may hold a password: the error never repeats it.
     let client = redis::Client::open(url)
         .map_err(|e| UsageError::Invalid(format!("invalid Redis URL ({:?})", e.kind())))?;
+    connect_client(client)
+}
+
+/// [`connect`] from a client (e.g. the store's, for a connection of usage's
+/// own beside the store's).
+pub fn connect_client(client: redis::Client) -> Result<ConnectionManager, UsageError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)))
