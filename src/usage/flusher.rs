@@ -32,7 +32,7 @@ use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 
 use super::UsageError;
-use super::recorder::{Batch, UsageRecorder, merge_into};
+use super::recorder::{Batch, Series, UsageRecorder, merge_into};
 use super::schema::{ANONYMOUS, Dimension, Granularity, Retention, UsageKeys, field, valid_client};
 
 /// How the flusher runs. The defaults suit one gateway in front of a busy API.
@@ -204,7 +204,7 @@ impl UsageFlusher {
                     self.flush_errors.fetch_add(1, Ordering::Relaxed);
                     if error.code() == Some("WRONGTYPE") {
                         // Retrying would fail the same way and block every later batch.
-                        let lost: u64 = chunk.values().map(|s| s.counts.requests).sum();
+                        let lost: u64 = chunk.values().map(Series::requests).sum();
                         self.dropped_events.fetch_add(lost, Ordering::Relaxed);
                         crate::metrics::usage_dropped(lost);
                         tracing::error!(
@@ -275,7 +275,7 @@ fn merge_bounded(into: &mut Batch, from: Batch, max_series: usize) -> u64 {
         } else if into.len() < max_series {
             into.insert(key, series);
         } else {
-            dropped += series.counts.requests;
+            dropped += series.requests();
         }
     }
     dropped
@@ -311,13 +311,15 @@ fn pipeline(keys: &UsageKeys, retention: &Retention, chunk: &Batch) -> redis::Pi
     let mut last_used: BTreeMap<String, BTreeMap<&str, i64>> = BTreeMap::new();
 
     for (series_key, series) in chunk {
-        let client = if valid_client(&series_key.client) { &*series_key.client } else { ANONYMOUS };
+        let client = if valid_client(series_key.client()) { series_key.client() } else { ANONYMOUS };
+        let counts = series.counts();
+        let last_at = series.last_at(series_key.minute);
         let mut dimensions = vec![Dimension::Total];
-        if !series_key.key_id.is_empty() {
-            dimensions.push(Dimension::Key(&series_key.key_id));
+        if !series_key.key_id().is_empty() {
+            dimensions.push(Dimension::Key(series_key.key_id()));
         }
-        if !series_key.route.is_empty() {
-            dimensions.push(Dimension::Route(&series_key.route));
+        if !series_key.route().is_empty() {
+            dimensions.push(Dimension::Route(series_key.route()));
         }
         for granularity in Granularity::ALL {
             let start = granularity.bucket_start(series_key.minute);
@@ -325,7 +327,7 @@ fn pipeline(keys: &UsageKeys, retention: &Retention, chunk: &Batch) -> redis::Pi
                 .entry(keys.bucket(client, granularity, start))
                 .or_insert_with(|| (retention.expire_at(granularity, start), BTreeMap::new()));
             for dimension in &dimensions {
-                for (metric, value) in series.counts.fields() {
+                for (metric, value) in counts.fields() {
                     if value > 0 {
                         let slot = fields.entry(field(dimension, metric)).or_default();
                         *slot = slot.saturating_add(value);
@@ -338,12 +340,12 @@ fn pipeline(keys: &UsageKeys, retention: &Retention, chunk: &Batch) -> redis::Pi
         let (_, scores) = top
             .entry(keys.top_clients(day))
             .or_insert_with(|| (retention.expire_at(Granularity::Day, day), BTreeMap::new()));
-        *scores.entry(client).or_default() += series.counts.requests;
+        *scores.entry(client).or_default() += counts.requests;
 
-        if client != ANONYMOUS && !series_key.key_id.is_empty() {
+        if client != ANONYMOUS && !series_key.key_id().is_empty() {
             let kids = last_used.entry(keys.last_used(client)).or_default();
-            let at = kids.entry(&series_key.key_id).or_insert(series.last_at);
-            *at = (*at).max(series.last_at);
+            let at = kids.entry(series_key.key_id()).or_insert(last_at);
+            *at = (*at).max(last_at);
         }
     }
 
@@ -379,12 +381,12 @@ fn as_i64(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::recorder::{Series, SeriesKey};
+    use crate::usage::Counts;
+    use crate::usage::recorder::SeriesKey;
 
     fn series(client: &str, minute: i64, requests: u64) -> (SeriesKey, Series) {
-        let mut s = Series { last_at: minute + 5, ..Series::default() };
-        s.counts.requests = requests;
-        (SeriesKey { client: client.into(), key_id: "k1".into(), route: "/api".into(), minute }, s)
+        let counts = Counts { requests, ..Counts::default() };
+        (SeriesKey::new(client, "k1", "/api", minute), Series::from_counts(&counts, 5))
     }
 
     #[test]
@@ -392,7 +394,7 @@ mod tests {
         let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
         let dropped = merge_bounded(&mut pending, [series("a", 0, 2), series("b", 0, 7)].into(), 1);
         assert_eq!(dropped, 7);
-        assert_eq!(pending.values().next().unwrap().counts.requests, 7);
+        assert_eq!(pending.values().next().unwrap().requests(), 7);
     }
 
     #[test]
