@@ -4,13 +4,15 @@
 //! handler --record()--> UsageRecorder (sharded, in memory)
 //!                           | drain every second
 //!                           v
-//!                       UsageFlusher --MULTI/HINCRBY/.../EXEC--> Redis <-- query(), dashboards
+//!                       UsageFlusher --one MULTI/HINCRBY.../EXEC per client--> Redis <-- query(), dashboards
 //! ```
 //!
 //! - [`recorder`]: [`UsageRecorder::record`], the only part on the request
 //!   path: no Redis call, no lock shared across cores.
-//! - [`flusher`]: [`UsageFlusher`], the batch writer with its bounded retry
+//! - [`flusher`]: [`UsageFlusher`], the writer with its bounded retry
 //!   buffer, final flush and counters for `/metrics`.
+//! - [`writes`]: the Redis commands of a flush: one transaction per client,
+//!   bounded transactions and round trips.
 //! - [`schema`]: the Redis layout (key names, buckets, fields, retention),
 //!   documented for dashboards in `docs/redis-schema.md` ("Usage").
 //! - [`query`]: [`query()`] for `keygate usage` and the admin API;
@@ -34,6 +36,7 @@ pub mod flusher;
 pub mod query;
 pub mod recorder;
 pub mod schema;
+pub mod writes;
 
 use std::time::Duration;
 
@@ -44,6 +47,7 @@ pub use flusher::{FlushConfig, FlushReport, FlushStats, UsageFlusher};
 pub use query::{UsageQuery, UsageReport, last_used, query};
 pub use recorder::{Refusal, UsageEvent, UsageRecorder};
 pub use schema::{ANONYMOUS, Counts, Granularity, Retention};
+pub use writes::Limits;
 
 /// Why reading or writing usage failed. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
