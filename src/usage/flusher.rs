@@ -24,10 +24,12 @@
 //!   from [`UsageFlusher::spawn`] calls it itself when its shutdown future
 //!   completes.
 //!
-//! CPU: the task runs on the control runtime, beside the store's connection
-//! whose replies key lookups wait for. Each step is bounded (one round
-//! trip's commands built, sent and read) and the task yields between steps,
-//! so it never holds that thread for long.
+//! CPU: a big flush is seconds of work for the gateway too (building the
+//! commands, reading hundreds of thousands of replies). It runs on a thread
+//! of its own (`keygate-usage`, with a single-threaded runtime), never on
+//! the control runtime whose single thread drives the store's connection:
+//! key lookups there would wait for it. It writes on a connection of its
+//! own, so no lookup queues behind its commands either.
 //!
 //! Flushes are serialised by an async mutex around the pending buffer, held
 //! across the Redis calls on purpose: a second flush must not write the same
@@ -173,32 +175,55 @@ impl UsageFlusher {
     }
 
     /// Flushes every interval until `shutdown` completes, then flushes one
-    /// last time and ends. Await the handle after the server has drained, so
-    /// the last requests are in the final flush.
+    /// last time and ends; on a thread of its own, `keygate-usage`. Await
+    /// the handle (from inside a tokio runtime) after the server has
+    /// drained, so the last requests are in the final flush.
     pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let this = Arc::clone(self);
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("keygate-usage".to_owned()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(this.run(shutdown)),
+                Err(error) => tracing::error!(%error, "cannot start the usage runtime; usage is not written"),
+            }
+            let _ = done.send(());
+        });
+        // A task the caller can await; it never holds the caller's runtime
+        // open (a dropped runtime just drops it).
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(this.config.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // the first tick is immediate: nothing to flush yet
-            tokio::pin!(shutdown);
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    _ = tick.tick() => {
-                        // Failures are counted and logged inside; the counts stay pending.
-                        let _ = this.flush_now().await;
+            match thread {
+                Ok(_) => {
+                    if finished.await.is_err() {
+                        tracing::error!("the usage thread panicked; unflushed usage is lost");
                     }
                 }
-            }
-            if let Err(error) = this.flush_now().await {
-                tracing::error!(
-                    %error,
-                    pending_series = this.pending_series.load(Ordering::Relaxed),
-                    "final usage flush failed; unflushed usage is lost"
-                );
+                Err(error) => tracing::error!(%error, "cannot start the usage thread; usage is not written"),
             }
         })
+    }
+
+    /// The flusher's loop (see [`spawn`](Self::spawn)).
+    async fn run(&self, shutdown: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: nothing to flush yet
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = tick.tick() => {
+                    // Failures are counted and logged inside; the counts stay pending.
+                    let _ = self.flush_now().await;
+                }
+            }
+        }
+        if let Err(error) = self.flush_now().await {
+            tracing::error!(
+                %error,
+                pending_series = self.pending_series.load(Ordering::Relaxed),
+                "final usage flush failed; unflushed usage is lost"
+            );
+        }
     }
 
     /// Drains the recorder and writes everything pending now. On failure the
