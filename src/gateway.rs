@@ -64,17 +64,29 @@ impl Gateway {
         Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, usage, store })
     }
 
-    /// A flusher writing this gateway's usage to the store's Redis, if both exist.
+    /// A flusher writing this gateway's usage to the store's Redis, if both
+    /// exist, on a connection of its own: key lookups on the store's
+    /// connection never wait behind usage writes. Must run inside a tokio
+    /// runtime (the connection is made on first use).
     pub fn usage_flusher(&self) -> Option<Arc<UsageFlusher>> {
         let recorder = self.usage.as_ref()?;
         let redis = self.store.redis()?;
         let usage = &self.live.load().config.usage;
         let config = FlushConfig {
             interval: usage.flush_interval,
+            max_interval: usage.max_flush_interval,
+            write_budget: usage.write_budget,
             max_series: usage.max_buffered_series,
             ..FlushConfig::default()
         };
-        Some(UsageFlusher::new(Arc::clone(recorder), redis.conn, &redis.prefix, config))
+        let conn = match crate::usage::connect_client(redis.client) {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::warn!(%error, "usage writes share the store's Redis connection");
+                redis.conn
+            }
+        };
+        Some(UsageFlusher::new(Arc::clone(recorder), conn, &redis.prefix, config))
     }
 
     /// Installs a new, already validated config. In-flight requests keep the

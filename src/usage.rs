@@ -2,15 +2,20 @@
 //!
 //! ```text
 //! handler --record()--> UsageRecorder (sharded, in memory)
-//!                           | drain every second
+//!                           | drain every second (or less often: write budget)
 //!                           v
-//!                       UsageFlusher --MULTI/HINCRBY/.../EXEC--> Redis <-- query(), dashboards
+//!                       UsageFlusher --one MULTI/HINCRBY.../EXEC per client--> Redis <-- query(), dashboards
 //! ```
 //!
 //! - [`recorder`]: [`UsageRecorder::record`], the only part on the request
 //!   path: no Redis call, no lock shared across cores.
-//! - [`flusher`]: [`UsageFlusher`], the batch writer with its bounded retry
+//! - [`flusher`]: [`UsageFlusher`], the writer with its bounded retry
 //!   buffer, final flush and counters for `/metrics`.
+//! - [`writes`]: the Redis commands of a flush: one transaction per client,
+//!   bounded transactions and round trips.
+//! - [`pace`]: the write budget that spaces flushes out when they get
+//!   expensive (very many active keys).
+//! - [`observe`]: the flusher's numbers for `/metrics`.
 //! - [`schema`]: the Redis layout (key names, buckets, fields, retention),
 //!   documented for dashboards in `docs/redis-schema.md` ("Usage").
 //! - [`query`]: [`query()`] for `keygate usage` and the admin API;
@@ -21,7 +26,7 @@
 //!
 //! ```ignore
 //! let recorder = Arc::new(UsageRecorder::new());
-//! let conn = usage::connect(&redis_url)?;           // lazy: Redis may be down
+//! let conn = usage::connect(&redis_url)?;           // lazy: Redis may be down; not the store's connection
 //! let flusher = UsageFlusher::new(recorder.clone(), conn, prefix, FlushConfig::default());
 //! let flushing = flusher.spawn(shutdown_signal);    // final flush when it fires
 //! // per request, after the response: recorder.record(&UsageEvent { .. });
@@ -31,9 +36,12 @@
 
 pub mod audit;
 pub mod flusher;
+pub mod observe;
+pub mod pace;
 pub mod query;
 pub mod recorder;
 pub mod schema;
+pub mod writes;
 
 use std::time::Duration;
 
@@ -44,6 +52,7 @@ pub use flusher::{FlushConfig, FlushReport, FlushStats, UsageFlusher};
 pub use query::{UsageQuery, UsageReport, last_used, query};
 pub use recorder::{Refusal, UsageEvent, UsageRecorder};
 pub use schema::{ANONYMOUS, Counts, Granularity, Retention};
+pub use writes::Limits;
 
 /// Why reading or writing usage failed. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +72,12 @@ pub fn connect(url: &str) -> Result<ConnectionManager, UsageError> {
     // The URL may hold a password: the error never repeats it.
     let client = redis::Client::open(url)
         .map_err(|e| UsageError::Invalid(format!("invalid Redis URL ({:?})", e.kind())))?;
+    connect_client(client)
+}
+
+/// [`connect`] from a client (e.g. the store's, for a connection of usage's
+/// own beside the store's).
+pub fn connect_client(client: redis::Client) -> Result<ConnectionManager, UsageError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(2)))

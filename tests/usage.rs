@@ -9,8 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::RedisServer;
+use common::relay::Relay;
 use jiff::Timestamp;
-use keygate::usage::{self, FlushConfig, Granularity, UsageEvent, UsageFlusher, UsageQuery, UsageRecorder};
+use keygate::usage::{
+    self, FlushConfig, Granularity, Limits, UsageEvent, UsageFlusher, UsageQuery, UsageRecorder,
+};
 
 const PREFIX: &str = "kg:";
 
@@ -69,6 +72,33 @@ fn hget(redis: &RedisServer, key: &str, field: &str) -> u64 {
     redis.query::<Option<u64>>(redis::cmd("HGET").arg(key).arg(field)).unwrap_or(0)
 }
 
+/// `HGET`s in one pipeline on one connection (missing fields read as 0).
+fn hgets(redis: &RedisServer, fields: &[(String, &str)]) -> Vec<u64> {
+    let mut pipe = redis::pipe();
+    for (key, field) in fields {
+        pipe.cmd("HGET").arg(key).arg(*field);
+    }
+    let values: Vec<Option<u64>> = pipe.query(&mut redis.connection()).unwrap();
+    values.into_iter().map(|v| v.unwrap_or(0)).collect()
+}
+
+/// Every client's day requests and top-clients score, in `clients` order.
+fn day_and_top(redis: &RedisServer, clients: &[String], at: Timestamp) -> Vec<(u64, u64)> {
+    let fields: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Day, at), "requests")).collect();
+    let days = hgets(redis, &fields);
+    let top_key = format!(
+        "{PREFIX}usage:top:{}",
+        Granularity::Day.label(Granularity::Day.bucket_start(at.as_second()))
+    );
+    let mut pipe = redis::pipe();
+    for client in clients {
+        pipe.cmd("ZSCORE").arg(&top_key).arg(client);
+    }
+    let scores: Vec<Option<u64>> = pipe.query(&mut redis.connection()).unwrap();
+    days.into_iter().zip(scores.into_iter().map(|s| s.unwrap_or(0))).collect()
+}
+
 /// Retries `flush_now` until it succeeds: right after Redis returns, the
 /// connection manager may still be reconnecting.
 async fn flush_until_ok(flusher: &UsageFlusher) {
@@ -94,7 +124,11 @@ async fn concurrent_events_reach_redis_exactly_once() {
     flusher.flush_now().await.unwrap();
     record_concurrently(&recorder, &["acme", "globex", "initech"], 4, 1000, now).await;
     let report = flusher.flush_now().await.unwrap();
-    assert_eq!(report.batches, 1, "one pipelined batch per flush");
+    assert_eq!(
+        (report.transactions, report.round_trips),
+        (3, 2),
+        "a transaction per client; top-clients apart"
+    );
     assert_eq!(flusher.flush_now().await.unwrap().series, 0, "nothing left");
 
     for client in ["acme", "globex", "initech"] {
@@ -129,6 +163,162 @@ async fn concurrent_events_reach_redis_exactly_once() {
     );
     assert_eq!(usage::last_used(&mut conn, PREFIX, &"acme.never".parse().unwrap()).await.unwrap(), None);
     assert_eq!(flusher.stats().dropped_events, 0);
+}
+
+#[tokio::test]
+async fn a_flush_of_many_clients_is_one_transaction_per_client_and_exact() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    let flusher = flusher(&redis, &recorder, FlushConfig::default());
+    let now = Timestamp::now();
+    // 500 clients, 1 to 7 requests each over two keys.
+    let clients: Vec<String> = (0..500).map(|i| format!("client-{i:03}")).collect();
+    let expected = |i: usize| (i % 7 + 1) as u64;
+    for (i, client) in clients.iter().enumerate() {
+        for n in 0..expected(i) {
+            let key = format!("{client}.k{}", n % 2);
+            recorder.record(&UsageEvent { client: Some(client), key_id: Some(&key), ..event(client, now) });
+        }
+    }
+
+    redis.reset_stats();
+    let report = flusher.flush_now().await.unwrap();
+    assert_eq!((report.series, report.transactions), (500 + 428, 500), "{report:?}");
+    assert!(report.round_trips > 2, "the flush is spread over round trips: {report:?}");
+    // One EXEC per client and one for the day's top-clients set: no
+    // transaction holds Redis for the whole flush.
+    assert_eq!((redis.command_count("multi"), redis.command_count("exec")), (501, 501));
+
+    for (i, (day, top)) in day_and_top(&redis, &clients, now).into_iter().enumerate() {
+        assert_eq!((day, top), (expected(i), expected(i)), "{}", clients[i]);
+    }
+    let fields: Vec<(String, &str)> = clients
+        .iter()
+        .flat_map(|c| {
+            [
+                (bucket(c, Granularity::Minute, now), "key:k0:requests"),
+                (bucket(c, Granularity::Hour, now), "key:k1:bytes_out"),
+            ]
+        })
+        .collect();
+    let values = hgets(&redis, &fields);
+    for (i, pair) in values.chunks(2).enumerate() {
+        let (k0, k1) = (expected(i).div_ceil(2), expected(i) / 2);
+        assert_eq!(pair, [k0, k1 * 10], "{}", clients[i]);
+    }
+}
+
+#[tokio::test]
+async fn a_client_too_large_for_one_transaction_is_split_and_exact() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    // A series here costs 55 increments (6 counters x 3 dimensions x 3
+    // buckets, and last_used): two do not fit in 100.
+    let limits = Limits { transaction_increments: 100, round_trip_increments: 400 };
+    let flusher = flusher(&redis, &recorder, FlushConfig { limits, ..FlushConfig::default() });
+    let now = Timestamp::now();
+    let keys: Vec<String> = (0..50).map(|i| format!("big.k{i:02}")).collect();
+    for key in &keys {
+        for _ in 0..3 {
+            recorder.record(&UsageEvent { client: Some("big"), key_id: Some(key), ..event("big", now) });
+        }
+    }
+
+    let report = flusher.flush_now().await.unwrap();
+    assert_eq!((report.series, report.transactions), (50, 50), "{report:?}");
+    for by in Granularity::ALL {
+        assert_eq!(hget(&redis, &bucket("big", by, now), "requests"), 150, "{by}");
+        assert_eq!(hget(&redis, &bucket("big", by, now), "key:k49:requests"), 3, "{by}");
+    }
+    assert_eq!(day_and_top(&redis, &["big".to_owned()], now), [(150, 150)]);
+}
+
+/// The one way to count twice: Redis ran a round trip's transactions but
+/// the connection died before their replies arrived, so they are retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_trip_at_most() {
+    let mut redis = RedisServer::start();
+    let relay = Relay::start(redis.port()).await;
+    let recorder = Arc::new(UsageRecorder::new());
+    // Each client below is one transaction of 55 increments: 10 clients per
+    // round trip (9 fill 495 of the 500, the 10th passes it).
+    let limits = Limits { transaction_increments: 2_048, round_trip_increments: 500 };
+    let conn = usage::connect(&relay.url()).unwrap();
+    let flusher = UsageFlusher::new(
+        Arc::clone(&recorder),
+        conn,
+        PREFIX,
+        FlushConfig { limits, ..FlushConfig::default() },
+    );
+    let now = Timestamp::now();
+    let clients: Vec<String> = (0..200).map(|i| format!("client-{i:03}")).collect();
+    for client in &clients {
+        for _ in 0..10 {
+            recorder.record(&UsageEvent { client: Some(client), key_id: Some("k1"), ..event(client, now) });
+        }
+    }
+
+    // About 1 KiB of replies per client: the cut falls in the third round trip.
+    relay.cut_replies_after(25_000);
+    assert!(flusher.flush_now().await.is_err(), "the cut fails the flush");
+    assert_eq!(relay.cuts(), 1);
+    let written = day_and_top(&redis, &clients, now).iter().filter(|(day, _)| *day > 0).count();
+    assert!((10..200).contains(&written), "the cut came mid-flush: {written} clients written");
+
+    // Redis restarts (its data saved) while the gateway is cut off.
+    redis.shutdown_saving();
+    redis.restart();
+    flush_until_ok(&flusher).await;
+
+    let counts = day_and_top(&redis, &clients, now);
+    assert!(counts.iter().all(|(day, top)| [10, 20].contains(day) && [10, 20].contains(top)), "{counts:?}");
+    let doubled = counts.iter().filter(|(day, _)| *day == 20).count();
+    assert!(doubled <= 10, "at most the round trip in flight counts twice: {doubled} clients did");
+    assert_eq!(flusher.stats().dropped_events, 0);
+}
+
+#[tokio::test]
+async fn the_write_budget_spaces_flushes_and_a_crowded_recorder_flushes_at_once() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    // Any flush is far over this budget: after the first, the next is due
+    // in an hour, unless the recorder holds half of max_series (10).
+    let config = FlushConfig {
+        interval: Duration::from_millis(20),
+        max_interval: Duration::from_secs(3_600),
+        write_budget: 1e-9,
+        max_series: 20,
+        ..FlushConfig::default()
+    };
+    let flusher = flusher(&redis, &recorder, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = flusher.spawn(async move {
+        let _ = stopped.await;
+    });
+    let now = Timestamp::now();
+    let key = bucket("acme", Granularity::Minute, now);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let wait = |what: &str| assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+
+    recorder.record(&event("acme", now));
+    while hget(&redis, &key, "requests") != 1 || flusher.stats().interval != Duration::from_secs(3_600) {
+        wait("the first flush");
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling a condition, bounded
+    }
+    recorder.record(&event("acme", now));
+    assert_eq!(recorder.series_len(), 1, "the budget holds the next flush back");
+
+    let routes: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
+    for route in &routes {
+        recorder.record(&UsageEvent { route, ..event("acme", now) });
+    }
+    while hget(&redis, &key, "requests") != 12 {
+        wait("the crowded flush");
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling a condition, bounded
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(hget(&redis, &key, "route:/r9:requests"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

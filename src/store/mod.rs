@@ -116,6 +116,9 @@ pub trait KeyStore: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct RedisHandle {
     pub conn: ::redis::aio::ConnectionManager,
+    /// The same Redis, for a part that needs a connection of its own (its
+    /// connection info may hold a password: never log it).
+    pub client: ::redis::Client,
     pub prefix: String,
 }
 

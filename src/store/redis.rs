@@ -97,6 +97,9 @@ impl Default for RedisStoreOptions {
 pub struct RedisStore {
     /// Auto-reconnecting multiplexed connection for every command.
     conn: ConnectionManager,
+    /// For parts that need a connection of their own (usage writes, whose
+    /// pipelines must not hold up key lookups on `conn`).
+    client: redis::Client,
     names: KeyNames,
     options: RedisStoreOptions,
     /// `host:port` (or socket path): what error messages name. Never the URL,
@@ -168,7 +171,7 @@ impl RedisStore {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
-            client,
+            client: client.clone(),
             channel: names.channel(),
             tx: invalidations.clone(),
             options: options.clone(),
@@ -183,7 +186,16 @@ impl RedisStore {
             tracing::warn!(redis = %addr, "pub/sub not subscribed yet; invalidations may be late");
         }
 
-        Ok(RedisStore { conn, names, options, addr, redactor, invalidations, _stop_subscriber: stop_tx })
+        Ok(RedisStore {
+            conn,
+            client,
+            names,
+            options,
+            addr,
+            redactor,
+            invalidations,
+            _stop_subscriber: stop_tx,
+        })
     }
 
     /// The key prefix this store writes under.
@@ -405,7 +417,11 @@ impl KeyStore for RedisStore {
     }
 
     fn redis(&self) -> Option<super::RedisHandle> {
-        Some(super::RedisHandle { conn: self.conn.clone(), prefix: self.names.prefix.clone() })
+        Some(super::RedisHandle {
+            conn: self.conn.clone(),
+            client: self.client.clone(),
+            prefix: self.names.prefix.clone(),
+        })
     }
 }
 

@@ -1,28 +1,48 @@
-//! The Redis side of recording: [`UsageFlusher`] drains the recorder every
-//! interval and writes the counters in one pipelined `MULTI`/`EXEC` batch.
+//! The Redis side of recording: [`UsageFlusher`] drains the recorder and
+//! writes the counters, one `MULTI`/`EXEC` transaction per client (see
+//! [`super::writes`]), as often as the write budget allows (see
+//! [`super::pace`]).
 //!
 //! Reliability:
 //! - Drained counters move into a *pending* buffer first and leave it only
-//!   when Redis has accepted them. A failed batch stays pending and is merged
-//!   with newer counters and retried on the next tick, so a Redis outage
-//!   loses nothing until the buffer holds [`FlushConfig::max_series`]
-//!   distinct series; past that, events of new series are dropped and
-//!   counted ([`FlushStats::dropped_events`], plus a warning).
-//! - A batch is a `MULTI`/`EXEC` transaction: Redis applies it whole or not
-//!   at all, so a retry after a refused or dropped connection cannot count
-//!   twice. (Only a connection lost *after* `EXEC` ran, before its reply, can
-//!   make a retry double-count; that window is one round trip.) In Redis
-//!   Cluster a batch would have to be split per slot: each client's keys
-//!   share a slot, the daily top-clients sets are elsewhere.
+//!   when Redis has applied their transaction. A transaction that did not
+//!   run stays pending and is merged with newer counters and retried on the
+//!   next flush, so a Redis outage loses nothing until the buffer holds
+//!   [`FlushConfig::max_series`] distinct series; past that, events of new
+//!   series are dropped and counted ([`FlushStats::dropped_events`], plus a
+//!   warning).
+//! - A client's transaction is applied whole or not at all, so retrying one
+//!   that Redis refused, or that never reached it, cannot count twice. The
+//!   exception: transactions in flight when the connection drops may have
+//!   run before their replies were lost. They are retried, so they count
+//!   twice; that is at most one round trip of writes per lost connection
+//!   (about [`Limits::round_trip_increments`] increments).
+//! - The daily top-clients sets are written after the clients' hashes, from
+//!   the requests of the transactions that were applied, in transactions of
+//!   their own (they are global keys, in another Cluster slot) and retried
+//!   on their own: a client may appear there a flush after its hashes.
 //! - [`UsageFlusher::flush_now`] is the final flush on shutdown; the task
 //!   from [`UsageFlusher::spawn`] calls it itself when its shutdown future
 //!   completes.
 //!
+//! Pace: the task flushes every [`FlushConfig::interval`] while flushes are
+//! cheap; when a flush keeps Redis busy for longer than
+//! [`FlushConfig::write_budget`] of the time, the next one waits longer (up
+//! to [`FlushConfig::max_interval`]), and counts lag by as much. Memory wins
+//! over the budget: the task flushes at once when the recorder holds half
+//! of `max_series`.
+//!
+//! CPU: a big flush is seconds of work for the gateway too (building the
+//! commands, reading hundreds of thousands of replies). It runs on a thread
+//! of its own (`keygate-usage`, with a single-threaded runtime), never on
+//! the control runtime whose single thread drives the store's connection:
+//! key lookups there would wait for it. It writes on a connection of its
+//! own, so no lookup queues behind its commands either.
+//!
 //! Flushes are serialised by an async mutex around the pending buffer, held
-//! across the Redis call on purpose: a second flush must not write the same
+//! across the Redis calls on purpose: a second flush must not write the same
 //! counters, and the request path never touches this lock.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,23 +52,34 @@ use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 
 use super::UsageError;
-use super::recorder::{Batch, UsageRecorder, merge_into};
-use super::schema::{ANONYMOUS, Dimension, Granularity, Retention, UsageKeys, field, valid_client};
+use super::observe;
+use super::pace::Pace;
+use super::recorder::{Batch, Series, SeriesKey, UsageRecorder};
+use super::schema::{Retention, UsageKeys};
+use super::writes::{Limits, Outcome, TopCounts, Trip, add_to_top};
 
 /// How the flusher runs. The defaults suit one gateway in front of a busy API.
 #[derive(Debug, Clone)]
 pub struct FlushConfig {
-    /// Time between flushes.
+    /// Time between flushes while they are cheap (`[usage] flush_interval`).
     pub interval: Duration,
+    /// The longest the write budget may stretch the time between flushes
+    /// (`[usage] max_flush_interval`): the most extra lag it adds.
+    pub max_interval: Duration,
+    /// The share of time flushes may keep Redis busy (`[usage]
+    /// write_budget`), in (0, 1]: a flush that took `t` waits `t / budget`
+    /// before the next.
+    pub write_budget: f64,
     /// The most distinct series (client, key, route, minute) kept while
-    /// Redis is unreachable. Roughly 200 bytes each.
+    /// Redis is unreachable (about 150 bytes each). Half of it is also
+    /// where the write budget yields: with that many series waiting, the
+    /// flusher writes at once.
     pub max_series: usize,
-    /// The most series in one transaction; a backlog after an outage is
-    /// written in several, so no single `EXEC` blocks Redis for long.
-    pub batch_series: usize,
+    /// The size of transactions and round trips.
+    pub limits: Limits,
     /// How long buckets live in Redis.
     pub retention: Retention,
-    /// Limit on one batch's round trip.
+    /// Limit on one round trip.
     pub call_timeout: Duration,
 }
 
@@ -56,8 +87,10 @@ impl Default for FlushConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(1),
-            max_series: 100_000,
-            batch_series: 5_000,
+            max_interval: Duration::from_secs(30),
+            write_budget: 0.1,
+            max_series: 250_000,
+            limits: Limits::default(),
             retention: Retention::default(),
             call_timeout: Duration::from_secs(5),
         }
@@ -67,18 +100,24 @@ impl Default for FlushConfig {
 /// Counters for `/metrics`. A snapshot; see [`UsageFlusher::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
-    /// Batches Redis accepted.
-    pub flushed_batches: u64,
-    /// Batches that failed (and were kept for a retry, unless Redis refused
-    /// their content).
+    /// Client transactions Redis applied.
+    pub flushed_transactions: u64,
+    /// Flushes that failed (their counts kept for a retry, unless Redis
+    /// refused their content).
     pub flush_errors: u64,
     /// Requests whose counts were thrown away: the buffer was full, or
-    /// Redis refused the batch (e.g. `WRONGTYPE` on a hand-edited key).
+    /// Redis refused a transaction (e.g. `WRONGTYPE` on a hand-edited key).
     pub dropped_events: u64,
-    /// Series waiting for Redis right now (0 when healthy).
+    /// Series waiting for Redis after a failed flush (0 when healthy).
     pub pending_series: u64,
     /// Time since the last successful flush (or since the flusher started).
     pub last_flush_lag: Duration,
+    /// The time between flushes now: the configured interval, or longer
+    /// when the write budget stretches it.
+    pub interval: Duration,
+    /// How long the last successful flush kept Redis busy (its summed round
+    /// trips).
+    pub last_flush_redis_time: Duration,
 }
 
 /// What one [`UsageFlusher::flush_now`] did.
@@ -86,27 +125,44 @@ pub struct FlushStats {
 pub struct FlushReport {
     /// Series written to Redis.
     pub series: usize,
-    /// Batches (transactions) written.
-    pub batches: usize,
+    /// Client transactions applied (the top-clients sets' not included).
+    pub transactions: usize,
+    /// Pipelines sent, top-clients sets included.
+    pub round_trips: usize,
+    /// Summed round-trip time: how long the flush kept Redis busy, about.
+    pub redis_time: Duration,
+}
+
+/// What waits for Redis.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Drained series not yet applied.
+    series: Batch,
+    /// Requests per day and client of applied series, not yet in the
+    /// top-clients sets.
+    top: TopCounts,
 }
 
 /// Drains a [`UsageRecorder`] into Redis. Share it behind an `Arc`.
 pub struct UsageFlusher {
     recorder: Arc<UsageRecorder>,
     /// Auto-reconnecting; may be created lazily (see [`super::connect`]), so
-    /// a gateway starts and counts while Redis is still down.
+    /// a gateway starts and counts while Redis is still down. Its own
+    /// connection, not the store's: key lookups must not queue behind it.
     conn: ConnectionManager,
     keys: UsageKeys,
     config: FlushConfig,
-    /// Drained counters not yet accepted by Redis.
-    pending: tokio::sync::Mutex<Batch>,
+    /// Counters not yet accepted by Redis.
+    pending: tokio::sync::Mutex<Pending>,
     /// For the lag: `Instant`s are not atomic, milliseconds since `created` are.
     created: Instant,
     last_success_ms: AtomicU64,
-    flushed_batches: AtomicU64,
+    flushed_transactions: AtomicU64,
     flush_errors: AtomicU64,
     dropped_events: AtomicU64,
     pending_series: AtomicU64,
+    interval_ms: AtomicU64,
+    last_redis_time_us: AtomicU64,
     /// Whether the last flush failed: warn once per outage, not per tick.
     failing: AtomicBool,
 }
@@ -131,59 +187,103 @@ impl UsageFlusher {
         prefix: &str,
         config: FlushConfig,
     ) -> Arc<Self> {
+        let interval_ms = millis(config.interval);
         Arc::new(Self {
             recorder,
             conn,
             keys: UsageKeys::new(prefix),
             config,
-            pending: tokio::sync::Mutex::new(Batch::new()),
+            pending: tokio::sync::Mutex::new(Pending::default()),
             created: Instant::now(),
             last_success_ms: AtomicU64::new(0),
-            flushed_batches: AtomicU64::new(0),
+            flushed_transactions: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             dropped_events: AtomicU64::new(0),
             pending_series: AtomicU64::new(0),
+            interval_ms: AtomicU64::new(interval_ms),
+            last_redis_time_us: AtomicU64::new(0),
             failing: AtomicBool::new(false),
         })
     }
 
-    /// Flushes every interval until `shutdown` completes, then flushes one
-    /// last time and ends. Await the handle after the server has drained, so
-    /// the last requests are in the final flush.
+    /// Flushes at the pace the write budget allows until `shutdown`
+    /// completes, then flushes one last time and ends; on a thread of its
+    /// own, `keygate-usage`. Await the handle (from inside a tokio runtime)
+    /// after the server has drained, so the last requests are in the final
+    /// flush.
     pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let this = Arc::clone(self);
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("keygate-usage".to_owned()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(this.run(shutdown)),
+                Err(error) => tracing::error!(%error, "cannot start the usage runtime; usage is not written"),
+            }
+            let _ = done.send(());
+        });
+        // A task the caller can await; it never holds the caller's runtime
+        // open (a dropped runtime just drops it).
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(this.config.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // the first tick is immediate: nothing to flush yet
-            tokio::pin!(shutdown);
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    _ = tick.tick() => {
-                        // Failures are counted and logged inside; the counts stay pending.
-                        let _ = this.flush_now().await;
+            match thread {
+                Ok(_) => {
+                    if finished.await.is_err() {
+                        tracing::error!("the usage thread panicked; unflushed usage is lost");
                     }
                 }
-            }
-            if let Err(error) = this.flush_now().await {
-                tracing::error!(
-                    %error,
-                    pending_series = this.pending_series.load(Ordering::Relaxed),
-                    "final usage flush failed; unflushed usage is lost"
-                );
+                Err(error) => tracing::error!(%error, "cannot start the usage thread; usage is not written"),
             }
         })
     }
 
+    /// The flusher's loop (see [`spawn`](Self::spawn)).
+    async fn run(&self, shutdown: impl Future<Output = ()>) {
+        let config = &self.config;
+        let mut pace = Pace::new(config.interval, config.max_interval, config.write_budget);
+        // Memory before the budget: this many series flush at once.
+        let crowded = (config.max_series / 2).max(1);
+        let mut next = tokio::time::Instant::now() + pace.interval();
+        tokio::pin!(shutdown);
+        loop {
+            // Wake at the next flush, or after one configured interval to
+            // see whether the recorder is crowded.
+            let wake = next.min(tokio::time::Instant::now() + config.interval);
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() < next && self.recorder.series_len() < crowded {
+                continue;
+            }
+            let started = tokio::time::Instant::now();
+            // Failures are counted and logged inside; the counts stay
+            // pending and the next flush comes after one interval.
+            next = started
+                + match self.flush_now().await {
+                    Ok(report) => {
+                        let interval = pace.after_flush(report.redis_time);
+                        self.interval_ms.store(millis(interval), Ordering::Relaxed);
+                        observe::flush_interval(interval, pace.stretch());
+                        interval
+                    }
+                    Err(_) => config.interval,
+                };
+        }
+        if let Err(error) = self.flush_now().await {
+            tracing::error!(
+                %error,
+                pending_series = self.pending_series.load(Ordering::Relaxed),
+                "final usage flush failed; unflushed usage is lost"
+            );
+        }
+    }
+
     /// Drains the recorder and writes everything pending now. On failure the
-    /// counters stay pending for the next call.
+    /// counters that were not written stay pending for the next call.
     pub async fn flush_now(&self) -> Result<FlushReport, UsageError> {
         let mut pending = self.pending.lock().await;
-        let dropped = merge_bounded(&mut pending, self.recorder.drain(), self.config.max_series);
+        let dropped = merge_bounded(&mut pending.series, self.recorder.drain(), self.config.max_series);
         if dropped > 0 {
-            self.dropped_events.fetch_add(dropped, Ordering::Relaxed);
-            crate::metrics::usage_dropped(dropped);
+            self.drop_events(dropped);
             tracing::warn!(
                 dropped_events = dropped,
                 max_series = self.config.max_series,
@@ -192,54 +292,49 @@ impl UsageFlusher {
         }
 
         let mut report = FlushReport::default();
-        while !pending.is_empty() {
-            let chunk = take_chunk(&mut pending, self.config.batch_series);
-            match self.write(&chunk).await {
-                Ok(()) => {
-                    self.flushed_batches.fetch_add(1, Ordering::Relaxed);
-                    report.batches += 1;
-                    report.series += chunk.len();
-                }
-                Err(error) => {
-                    self.flush_errors.fetch_add(1, Ordering::Relaxed);
-                    if error.code() == Some("WRONGTYPE") {
-                        // Retrying would fail the same way and block every later batch.
-                        let lost: u64 = chunk.values().map(|s| s.counts.requests).sum();
-                        self.dropped_events.fetch_add(lost, Ordering::Relaxed);
-                        crate::metrics::usage_dropped(lost);
-                        tracing::error!(
-                            dropped_events = lost,
-                            "Redis refused a usage batch (a usage key holds another type); dropped it"
-                        );
-                        continue;
-                    }
-                    merge_into(&mut pending, chunk);
-                    self.pending_series.store(pending.len() as u64, Ordering::Relaxed);
-                    if !self.failing.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(%error, "usage flush failed; keeping counts and retrying");
-                    }
-                    crate::metrics::usage_flush_lag(self.stats().last_flush_lag);
-                    return Err(UsageError::Redis(error.to_string()));
-                }
-            }
+        let mut written = self.write_series(&mut pending, &mut report).await;
+        if written.is_ok() {
+            written = self.write_top(&mut pending.top, &mut report).await;
         }
-        self.pending_series.store(0, Ordering::Relaxed);
+        self.pending_series.store(pending.series.len() as u64, Ordering::Relaxed);
+        drop(pending);
+
+        if let Err(error) = written {
+            self.flush_errors.fetch_add(1, Ordering::Relaxed);
+            if !self.failing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%error, "usage flush failed; keeping counts and retrying");
+            }
+            crate::metrics::usage_flush_lag(self.stats().last_flush_lag);
+            return Err(UsageError::Redis(error));
+        }
         self.last_success_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+        self.last_redis_time_us
+            .store(u64::try_from(report.redis_time.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         crate::metrics::usage_flush_lag(Duration::ZERO);
+        observe::flush_written(&report);
         if self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("usage flushes succeed again");
         }
+        tracing::debug!(
+            series = report.series,
+            transactions = report.transactions,
+            round_trips = report.round_trips,
+            redis_ms = report.redis_time.as_secs_f64() * 1e3,
+            "usage flushed"
+        );
         Ok(report)
     }
 
     pub fn stats(&self) -> FlushStats {
         let lag_ms = self.elapsed_ms().saturating_sub(self.last_success_ms.load(Ordering::Relaxed));
         FlushStats {
-            flushed_batches: self.flushed_batches.load(Ordering::Relaxed),
+            flushed_transactions: self.flushed_transactions.load(Ordering::Relaxed),
             flush_errors: self.flush_errors.load(Ordering::Relaxed),
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
             pending_series: self.pending_series.load(Ordering::Relaxed),
             last_flush_lag: Duration::from_millis(lag_ms),
+            interval: Duration::from_millis(self.interval_ms.load(Ordering::Relaxed)),
+            last_flush_redis_time: Duration::from_micros(self.last_redis_time_us.load(Ordering::Relaxed)),
         }
     }
 
@@ -247,27 +342,142 @@ impl UsageFlusher {
         self.dropped_events.load(Ordering::Relaxed)
     }
 
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// Writes the pending series, client by client, one round trip at a
+    /// time. Stops at the first round trip that failed or that has a
+    /// transaction Redis did not run; what was not applied stays pending.
+    async fn write_series(&self, pending: &mut Pending, report: &mut FlushReport) -> Result<(), String> {
+        // Sorted by client, so each client's series are side by side.
+        let mut all: Vec<(SeriesKey, Series)> = std::mem::take(&mut pending.series).into_iter().collect();
+        all.sort_unstable_by(|a, b| a.0.client().cmp(b.0.client()));
+        let mut source = all.into_iter().peekable();
+
+        let mut failure = None;
+        while failure.is_none() && source.peek().is_some() {
+            let trip = Trip::series(&mut source, &self.keys, &self.config.retention, self.config.limits);
+            let replies = match self.round_trip(trip.pipeline(), report).await {
+                Ok(replies) => replies,
+                Err(error) => {
+                    // Unknown which transactions ran: all are retried.
+                    for run in trip.payloads() {
+                        put_back(&mut pending.series, run);
+                    }
+                    failure = Some(error);
+                    break;
+                }
+            };
+            for (run, outcome) in trip.outcomes(replies) {
+                match outcome {
+                    Outcome::Applied => {
+                        report.series += run.len();
+                        report.transactions += 1;
+                        self.flushed_transactions.fetch_add(1, Ordering::Relaxed);
+                        add_to_top(&mut pending.top, &run);
+                    }
+                    Outcome::Refused(error) => {
+                        // Retrying would fail the same way, and write the
+                        // counters that did go in a second time.
+                        let lost: u64 = run.iter().map(|(_, s)| s.requests()).sum();
+                        self.drop_events(lost);
+                        tracing::error!(
+                            dropped_events = lost,
+                            %error,
+                            "Redis refused part of a usage transaction (a usage key holds another type?); dropped it"
+                        );
+                    }
+                    Outcome::NotRun(error) => {
+                        put_back(&mut pending.series, run);
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        put_back(&mut pending.series, source);
+        failure.map_or(Ok(()), Err)
     }
 
-    /// One transaction, under the call timeout.
-    async fn write(&self, chunk: &Batch) -> redis::RedisResult<()> {
-        let pipe = pipeline(&self.keys, &self.config.retention, chunk);
+    /// Writes the top-clients counts of applied transactions.
+    async fn write_top(&self, top: &mut TopCounts, report: &mut FlushReport) -> Result<(), String> {
+        while !top.is_empty() {
+            let trip = Trip::top(top, &self.keys, &self.config.retention, self.config.limits);
+            let replies = match self.round_trip(trip.pipeline(), report).await {
+                Ok(replies) => replies,
+                Err(error) => {
+                    for run in trip.payloads() {
+                        put_back_top(top, run);
+                    }
+                    return Err(error);
+                }
+            };
+            let mut failure = None;
+            for (run, outcome) in trip.outcomes(replies) {
+                match outcome {
+                    Outcome::Applied => {}
+                    Outcome::Refused(error) => {
+                        tracing::error!(%error, "Redis refused a top-clients update; the daily sets miss some requests");
+                    }
+                    Outcome::NotRun(error) => {
+                        put_back_top(top, run);
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// Sends one pipeline under the call timeout; its time counts as Redis
+    /// time in `report`.
+    async fn round_trip(
+        &self,
+        pipe: &redis::Pipeline,
+        report: &mut FlushReport,
+    ) -> Result<redis::Value, String> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.config.call_timeout, pipe.query_async::<()>(&mut conn)).await {
-            Ok(result) => result,
-            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.config.call_timeout),
-            ))),
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.config.call_timeout, pipe.query_async(&mut conn)).await;
+        report.redis_time += started.elapsed();
+        report.round_trips += 1;
+        match answer {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.config.call_timeout)),
         }
     }
+
+    fn drop_events(&self, n: u64) {
+        self.dropped_events.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::usage_dropped(n);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        millis(self.created.elapsed())
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Merges `from` into `into` without letting `into` exceed `max_series`;
 /// returns the number of requests dropped.
-fn merge_bounded(into: &mut Batch, from: Batch, max_series: usize) -> u64 {
+fn merge_bounded(into: &mut Batch, mut from: Batch, max_series: usize) -> u64 {
+    if into.is_empty() {
+        // The usual case (nothing failed): take the drained map whole rather
+        // than rehash every series into a second one.
+        std::mem::swap(into, &mut from);
+        if into.len() <= max_series {
+            return 0;
+        }
+        // More than the bound in one go: keep `max_series` of them.
+        let over = into.len() - max_series;
+        let dropped: Vec<SeriesKey> = into.keys().take(over).cloned().collect();
+        return dropped.iter().filter_map(|key| into.remove(key)).map(|series| series.requests()).sum();
+    }
     let mut dropped = 0;
     for (key, series) in from {
         if let Some(existing) = into.get_mut(&key) {
@@ -275,116 +485,34 @@ fn merge_bounded(into: &mut Batch, from: Batch, max_series: usize) -> u64 {
         } else if into.len() < max_series {
             into.insert(key, series);
         } else {
-            dropped += series.counts.requests;
+            dropped += series.requests();
         }
     }
     dropped
 }
 
-/// Takes up to `n` series out of `pending` (all of them, without copying,
-/// when they fit).
-fn take_chunk(pending: &mut Batch, n: usize) -> Batch {
-    if pending.len() <= n.max(1) {
-        return std::mem::take(pending);
+/// Returns series that were not applied to the pending buffer.
+fn put_back(pending: &mut Batch, series: impl IntoIterator<Item = (SeriesKey, Series)>) {
+    for (key, series) in series {
+        pending.entry(key).or_default().merge(&series);
     }
-    let all = std::mem::take(pending);
-    let mut chunk = Batch::with_capacity(n);
-    for (i, (key, series)) in all.into_iter().enumerate() {
-        if i < n {
-            chunk.insert(key, series);
-        } else {
-            pending.insert(key, series);
-        }
-    }
-    chunk
 }
 
-/// A hash's expiry and its field increments.
-type HashWrites = (i64, BTreeMap<String, u64>);
-
-/// The batch's Redis commands, as one `MULTI`/`EXEC` pipeline: every series
-/// projected onto its client's minute, hour and day hashes (client total,
-/// per key, per route), the day's top-clients set, and `last_used`.
-fn pipeline(keys: &UsageKeys, retention: &Retention, chunk: &Batch) -> redis::Pipeline {
-    let mut hashes: BTreeMap<String, HashWrites> = BTreeMap::new();
-    let mut top: BTreeMap<String, (i64, BTreeMap<&str, u64>)> = BTreeMap::new();
-    let mut last_used: BTreeMap<String, BTreeMap<&str, i64>> = BTreeMap::new();
-
-    for (series_key, series) in chunk {
-        let client = if valid_client(&series_key.client) { &*series_key.client } else { ANONYMOUS };
-        let mut dimensions = vec![Dimension::Total];
-        if !series_key.key_id.is_empty() {
-            dimensions.push(Dimension::Key(&series_key.key_id));
-        }
-        if !series_key.route.is_empty() {
-            dimensions.push(Dimension::Route(&series_key.route));
-        }
-        for granularity in Granularity::ALL {
-            let start = granularity.bucket_start(series_key.minute);
-            let (_, fields) = hashes
-                .entry(keys.bucket(client, granularity, start))
-                .or_insert_with(|| (retention.expire_at(granularity, start), BTreeMap::new()));
-            for dimension in &dimensions {
-                for (metric, value) in series.counts.fields() {
-                    if value > 0 {
-                        let slot = fields.entry(field(dimension, metric)).or_default();
-                        *slot = slot.saturating_add(value);
-                    }
-                }
-            }
-        }
-
-        let day = Granularity::Day.bucket_start(series_key.minute);
-        let (_, scores) = top
-            .entry(keys.top_clients(day))
-            .or_insert_with(|| (retention.expire_at(Granularity::Day, day), BTreeMap::new()));
-        *scores.entry(client).or_default() += series.counts.requests;
-
-        if client != ANONYMOUS && !series_key.key_id.is_empty() {
-            let kids = last_used.entry(keys.last_used(client)).or_default();
-            let at = kids.entry(&series_key.key_id).or_insert(series.last_at);
-            *at = (*at).max(series.last_at);
-        }
+/// Returns top-clients counts that were not applied.
+fn put_back_top(top: &mut TopCounts, run: impl IntoIterator<Item = ((i64, Box<str>), u64)>) {
+    for (key, requests) in run {
+        let slot = top.entry(key).or_default();
+        *slot = slot.saturating_add(requests);
     }
-
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for (key, (expire_at, fields)) in &hashes {
-        for (field, value) in fields {
-            pipe.cmd("HINCRBY").arg(key).arg(field).arg(as_i64(*value)).ignore();
-        }
-        pipe.cmd("EXPIREAT").arg(key).arg(*expire_at).ignore();
-    }
-    for (key, (expire_at, scores)) in &top {
-        for (client, requests) in scores {
-            pipe.cmd("ZINCRBY").arg(key).arg(as_i64(*requests)).arg(*client).ignore();
-        }
-        pipe.cmd("EXPIREAT").arg(key).arg(*expire_at).ignore();
-    }
-    for (key, kids) in &last_used {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(key);
-        for (kid, at) in kids {
-            hset.arg(*kid).arg(*at);
-        }
-        pipe.add_command(hset).ignore();
-    }
-    pipe
-}
-
-fn as_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::recorder::{Series, SeriesKey};
 
     fn series(client: &str, minute: i64, requests: u64) -> (SeriesKey, Series) {
-        let mut s = Series { last_at: minute + 5, ..Series::default() };
-        s.counts.requests = requests;
-        (SeriesKey { client: client.into(), key_id: "k1".into(), route: "/api".into(), minute }, s)
+        let counts = crate::usage::Counts { requests, ..Default::default() };
+        (SeriesKey::new(client, "k1", "/api", minute), Series::from_counts(&counts, 5))
     }
 
     #[test]
@@ -392,44 +520,28 @@ mod tests {
         let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
         let dropped = merge_bounded(&mut pending, [series("a", 0, 2), series("b", 0, 7)].into(), 1);
         assert_eq!(dropped, 7);
-        assert_eq!(pending.values().next().unwrap().counts.requests, 7);
+        assert_eq!(pending.values().next().unwrap().requests(), 7);
     }
 
     #[test]
-    fn chunks_split_the_backlog() {
-        let mut pending: Batch = (0..10).map(|i| series("a", i * 60, 1)).collect();
-        let chunk = take_chunk(&mut pending, 4);
-        assert_eq!((chunk.len(), pending.len()), (4, 6));
-        let chunk = take_chunk(&mut pending, 10);
-        assert_eq!((chunk.len(), pending.len()), (6, 0));
+    fn an_empty_buffer_takes_the_drained_series_up_to_the_bound() {
+        let mut pending = Batch::new();
+        assert_eq!(merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into(), 2), 0);
+        assert_eq!(pending.len(), 2);
+        let mut pending = Batch::new();
+        let dropped = merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into(), 1);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(dropped + pending.values().map(Series::requests).sum::<u64>(), 12);
     }
 
     #[test]
-    fn one_series_becomes_three_buckets_top_and_last_used() {
-        let keys = UsageKeys::new("kg:");
-        let batch: Batch = [series("acme", 1_800_000_000, 3)].into();
-        let pipe = pipeline(&keys, &Retention::default(), &batch);
-        let commands: Vec<String> = pipe
-            .cmd_iter()
-            .map(|cmd| {
-                cmd.args_iter()
-                    .map(|arg| match arg {
-                        redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                        _ => "<other>".into(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
-        let hincrby = commands.iter().filter(|c| c.starts_with("HINCRBY")).count();
-        assert_eq!(hincrby, 3 * 3, "requests x (total, key, route) x (minute, hour, day): {commands:#?}");
-        assert!(
-            commands
-                .iter()
-                .any(|c| c.starts_with("HINCRBY kg:{acme}:usage:hour:") && c.ends_with(" key:k1:requests 3"))
-        );
-        assert_eq!(commands.iter().filter(|c| c.starts_with("EXPIREAT")).count(), 4);
-        assert!(commands.iter().any(|c| c.starts_with("ZINCRBY kg:usage:top:") && c.ends_with(" 3 acme")));
-        assert!(commands.contains(&format!("HSET kg:{{acme}}:last_used k1 {}", 1_800_000_000 + 5)));
+    fn put_back_merges_with_newer_counts() {
+        let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
+        put_back(&mut pending, [series("a", 0, 2), series("b", 0, 1)]);
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[&series("a", 0, 0).0].requests(), 7);
+        let mut top = TopCounts::new();
+        put_back_top(&mut top, [((0, "a".into()), 2), ((0, "a".into()), 3)]);
+        assert_eq!(top[&(0, "a".into())], 5);
     }
 }

@@ -52,57 +52,190 @@ pub struct UsageEvent<'a> {
     pub at: Timestamp,
 }
 
-/// One series' counters and the time of its latest event.
+/// One series' counters and the second of its latest event, kept compact:
+/// with very many active keys a gateway holds hundreds of thousands of
+/// these between flushes. The ten counts are `u32` (a series is one minute
+/// of one key and route; four billion requests in it are out of reach, and
+/// they saturate rather than wrap), the three sums `u64`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Series {
-    pub counts: Counts,
-    /// Unix seconds of the latest event: the key's `last_used`.
-    pub last_at: i64,
+    requests: u32,
+    /// By status class: 2xx, 3xx, 4xx, 5xx.
+    status: [u32; 4],
+    /// The gateway's refusals: 401, 403, 429 rate, 429 quota.
+    refused: [u32; 4],
+    upstream_requests: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+    upstream_latency_us: u64,
+    /// Seconds past the series' minute of its latest event (0 to 59).
+    last_second: u8,
 }
 
 impl Series {
-    pub fn merge(&mut self, other: &Series) {
-        self.counts.add(&other.counts);
-        self.last_at = self.last_at.max(other.last_at);
+    /// A series holding `counts` (each count saturating at `u32::MAX`),
+    /// latest event `last_second` seconds into its minute.
+    pub fn from_counts(counts: &Counts, last_second: u8) -> Self {
+        let narrow = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            requests: narrow(counts.requests),
+            status: [counts.status_2xx, counts.status_3xx, counts.status_4xx, counts.status_5xx].map(narrow),
+            refused: [
+                counts.refused_401,
+                counts.refused_403,
+                counts.refused_429_rate,
+                counts.refused_429_quota,
+            ]
+            .map(narrow),
+            upstream_requests: narrow(counts.upstream_requests),
+            bytes_in: counts.bytes_in,
+            bytes_out: counts.bytes_out,
+            upstream_latency_us: counts.upstream_latency_us,
+            last_second: last_second.min(59),
+        }
     }
 
-    fn add(&mut self, event: &UsageEvent<'_>, at: i64) {
-        let c = &mut self.counts;
-        c.requests += 1;
+    /// The counters, widened to the form Redis and reports use.
+    pub fn counts(&self) -> Counts {
+        let [status_2xx, status_3xx, status_4xx, status_5xx] = self.status.map(u64::from);
+        let [refused_401, refused_403, refused_429_rate, refused_429_quota] = self.refused.map(u64::from);
+        Counts {
+            requests: u64::from(self.requests),
+            status_2xx,
+            status_3xx,
+            status_4xx,
+            status_5xx,
+            refused_401,
+            refused_403,
+            refused_429_rate,
+            refused_429_quota,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            upstream_requests: u64::from(self.upstream_requests),
+            upstream_latency_us: self.upstream_latency_us,
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        u64::from(self.requests)
+    }
+
+    /// Unix seconds of the latest event (the key's `last_used`), given the
+    /// series' minute.
+    pub fn last_at(&self, minute: i64) -> i64 {
+        minute + i64::from(self.last_second)
+    }
+
+    pub fn merge(&mut self, other: &Series) {
+        let sum = |a: &mut u32, b: u32| *a = a.saturating_add(b);
+        sum(&mut self.requests, other.requests);
+        for (a, b) in self.status.iter_mut().zip(other.status) {
+            sum(a, b);
+        }
+        for (a, b) in self.refused.iter_mut().zip(other.refused) {
+            sum(a, b);
+        }
+        sum(&mut self.upstream_requests, other.upstream_requests);
+        self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+        self.upstream_latency_us = self.upstream_latency_us.saturating_add(other.upstream_latency_us);
+        self.last_second = self.last_second.max(other.last_second);
+    }
+
+    fn add(&mut self, event: &UsageEvent<'_>, second: u8) {
+        let one = |n: &mut u32| *n = n.saturating_add(1);
+        one(&mut self.requests);
         match event.status {
-            200..=299 => c.status_2xx += 1,
-            300..=399 => c.status_3xx += 1,
-            400..=499 => c.status_4xx += 1,
-            500..=599 => c.status_5xx += 1,
+            200..=299 => one(&mut self.status[0]),
+            300..=399 => one(&mut self.status[1]),
+            400..=499 => one(&mut self.status[2]),
+            500..=599 => one(&mut self.status[3]),
             _ => {}
         }
         match event.refusal {
             None => {}
-            Some(Refusal::Unauthorized) => c.refused_401 += 1,
-            Some(Refusal::Forbidden) => c.refused_403 += 1,
-            Some(Refusal::RateLimited) => c.refused_429_rate += 1,
-            Some(Refusal::QuotaExceeded) => c.refused_429_quota += 1,
+            Some(Refusal::Unauthorized) => one(&mut self.refused[0]),
+            Some(Refusal::Forbidden) => one(&mut self.refused[1]),
+            Some(Refusal::RateLimited) => one(&mut self.refused[2]),
+            Some(Refusal::QuotaExceeded) => one(&mut self.refused[3]),
         }
-        c.bytes_in = c.bytes_in.saturating_add(event.bytes_in);
-        c.bytes_out = c.bytes_out.saturating_add(event.bytes_out);
+        self.bytes_in = self.bytes_in.saturating_add(event.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(event.bytes_out);
         if let Some(latency) = event.upstream_latency {
-            c.upstream_requests += 1;
+            one(&mut self.upstream_requests);
             let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-            c.upstream_latency_us = c.upstream_latency_us.saturating_add(micros);
+            self.upstream_latency_us = self.upstream_latency_us.saturating_add(micros);
         }
-        self.last_at = self.last_at.max(at);
+        self.last_second = self.last_second.max(second);
     }
 }
 
-/// What counters are kept per: client, key, route and minute. Empty strings
-/// stand for "none" (anonymous, no key).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What counters are kept per: client, key, route and minute. Empty names
+/// stand for "none" (anonymous, no key). The three names share one
+/// allocation. Ordered by client first, so a sorted batch holds each
+/// client's series together.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SeriesKey {
-    pub client: Box<str>,
-    pub key_id: Box<str>,
-    pub route: Box<str>,
+    /// Client, key ID and route, back to back.
+    names: Box<str>,
+    client_len: u32,
+    key_len: u32,
     /// Unix seconds of the minute's start.
     pub minute: i64,
+}
+
+impl SeriesKey {
+    pub fn new(client: &str, key_id: &str, route: &str, minute: i64) -> Self {
+        let mut names = String::with_capacity(client.len() + key_id.len() + route.len());
+        names.push_str(client);
+        names.push_str(key_id);
+        names.push_str(route);
+        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
+        Self { names: names.into_boxed_str(), client_len: len(client), key_len: len(key_id), minute }
+    }
+
+    pub fn client(&self) -> &str {
+        self.names.get(..self.client_end()).unwrap_or_default()
+    }
+
+    pub fn key_id(&self) -> &str {
+        self.names.get(self.client_end()..self.key_end()).unwrap_or_default()
+    }
+
+    pub fn route(&self) -> &str {
+        self.names.get(self.key_end()..).unwrap_or_default()
+    }
+
+    fn client_end(&self) -> usize {
+        self.client_len as usize
+    }
+
+    fn key_end(&self) -> usize {
+        self.client_end() + self.key_len as usize
+    }
+}
+
+impl std::fmt::Debug for SeriesKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeriesKey")
+            .field("client", &self.client())
+            .field("key_id", &self.key_id())
+            .field("route", &self.route())
+            .field("minute", &self.minute)
+            .finish()
+    }
+}
+
+impl Ord for SeriesKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.view().cmp(&other.view())
+    }
+}
+
+impl PartialOrd for SeriesKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// Drained counters, by series.
@@ -156,7 +289,10 @@ impl UsageRecorder {
     /// minute) this shard has not seen since the last flush.
     pub fn record(&self, event: &UsageEvent<'_>) {
         let at = event.at.as_second();
-        let minute = at - at.rem_euclid(60);
+        let second = at.rem_euclid(60);
+        let minute = at - second;
+        // 0 to 59: fits.
+        let second = u8::try_from(second).unwrap_or(59);
         // `<client>.<kid>` -> `<kid>`: the client is already in the series.
         let (client, key_id) = match (event.client, event.key_id) {
             (Some(client), Some(id)) => {
@@ -170,10 +306,10 @@ impl UsageRecorder {
 
         let mut series = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         match series.get_mut(&view as &dyn AsView) {
-            Some(found) => found.add(event, at),
+            Some(found) => found.add(event, second),
             None => {
                 let mut fresh = Series::default();
-                fresh.add(event, at);
+                fresh.add(event, second);
                 series.insert(view.to_owned(), fresh);
             }
         }
@@ -183,7 +319,14 @@ impl UsageRecorder {
     pub fn drain(&self) -> Batch {
         let mut all = Batch::new();
         for shard in &self.shards {
-            let taken = std::mem::take(&mut *lock(&shard.series));
+            let taken = {
+                let mut series = lock(&shard.series);
+                // A shard refills to about the same size by the next drain:
+                // it starts at that capacity, so the request path does not
+                // pay for rehashing it while it grows back.
+                let capacity = series.len();
+                std::mem::replace(&mut *series, Batch::with_capacity(capacity))
+            };
             if all.is_empty() {
                 all = taken;
             } else {
@@ -191,6 +334,12 @@ impl UsageRecorder {
             }
         }
         all
+    }
+
+    /// How many series the shards hold now (a series recorded on two
+    /// threads counts twice): what the next drain will bring, about.
+    pub fn series_len(&self) -> usize {
+        self.shards.iter().map(|shard| lock(&shard.series).len()).sum()
     }
 
     fn shard(&self) -> &Mutex<Batch> {
@@ -217,7 +366,7 @@ pub fn merge_into(into: &mut Batch, from: Batch) {
 // key type borrows as `dyn AsView`, whose hash and equality go through the
 // same `View` as the owned key's.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct View<'a> {
     client: &'a str,
     key_id: &'a str,
@@ -227,12 +376,7 @@ struct View<'a> {
 
 impl View<'_> {
     fn to_owned(self) -> SeriesKey {
-        SeriesKey {
-            client: self.client.into(),
-            key_id: self.key_id.into(),
-            route: self.route.into(),
-            minute: self.minute,
-        }
+        SeriesKey::new(self.client, self.key_id, self.route, self.minute)
     }
 }
 
@@ -248,7 +392,7 @@ impl AsView for View<'_> {
 
 impl AsView for SeriesKey {
     fn view(&self) -> View<'_> {
-        View { client: &self.client, key_id: &self.key_id, route: &self.route, minute: self.minute }
+        View { client: self.client(), key_id: self.key_id(), route: self.route(), minute: self.minute }
     }
 }
 
@@ -312,14 +456,15 @@ mod tests {
         let batch = recorder.drain();
         assert_eq!(batch.len(), 1);
         let (key, series) = batch.iter().next().unwrap();
-        assert_eq!((&*key.client, &*key.key_id, &*key.route), ("acme", "k1", "/api"));
+        assert_eq!((key.client(), key.key_id(), key.route()), ("acme", "k1", "/api"));
         assert_eq!(key.minute, "2026-11-24T12:00:00Z".parse::<Timestamp>().unwrap().as_second());
-        let c = series.counts;
+        let c = series.counts();
         assert_eq!((c.requests, c.status_2xx, c.status_4xx, c.status_5xx), (3, 1, 1, 1));
         assert_eq!((c.refused_429_rate, c.bytes_in, c.bytes_out), (1, 30, 300));
         assert_eq!((c.upstream_requests, c.upstream_latency_us), (2, 500));
-        assert_eq!(series.last_at, key.minute + 59);
-        assert!(recorder.drain().is_empty(), "drain empties the shards");
+        assert_eq!(series.last_at(key.minute), key.minute + 59);
+        assert_eq!(recorder.series_len(), 0, "drain empties the shards");
+        assert!(recorder.drain().is_empty());
     }
 
     #[test]
@@ -330,6 +475,7 @@ mod tests {
         recorder.record(&UsageEvent { route: "/b", ..event("acme", 200) });
         recorder.record(&UsageEvent { at: "2026-11-24T12:01:00Z".parse().unwrap(), ..event("acme", 200) });
         recorder.record(&UsageEvent { client: None, key_id: None, ..event("acme", 401) });
+        assert_eq!(recorder.series_len(), 5);
         assert_eq!(recorder.drain().len(), 5);
     }
 
@@ -343,6 +489,39 @@ mod tests {
         });
         let batch = recorder.drain();
         assert_eq!(batch.len(), 1);
-        assert_eq!(batch.values().next().unwrap().counts.requests, 8000);
+        assert_eq!(batch.values().next().unwrap().requests(), 8000);
+    }
+
+    #[test]
+    fn keys_and_series_are_compact() {
+        // Map entries of 104 bytes plus one small allocation per series.
+        assert_eq!(std::mem::size_of::<SeriesKey>() + std::mem::size_of::<Series>(), 104);
+        let key = SeriesKey::new("acme", "k1", "/api:v2", 60);
+        assert_eq!((key.client(), key.key_id(), key.route(), key.minute), ("acme", "k1", "/api:v2", 60));
+        let empty = SeriesKey::new("", "", "", 0);
+        assert_eq!((empty.client(), empty.key_id(), empty.route()), ("", "", ""));
+        assert_ne!(SeriesKey::new("ab", "c", "", 0), SeriesKey::new("a", "bc", "", 0));
+        assert!(SeriesKey::new("a", "z", "", 0) < SeriesKey::new("b", "a", "", 0), "client first");
+    }
+
+    #[test]
+    fn counts_survive_the_compact_form_and_saturate() {
+        let counts = Counts {
+            requests: 7,
+            status_2xx: 5,
+            status_4xx: 2,
+            refused_429_quota: 1,
+            bytes_out: u64::MAX,
+            upstream_requests: 5,
+            upstream_latency_us: 1 << 40,
+            ..Counts::default()
+        };
+        let series = Series::from_counts(&counts, 12);
+        assert_eq!(series.counts(), counts);
+        assert_eq!(series.last_at(600), 612);
+        let mut big = Series::from_counts(&Counts { requests: u64::MAX, ..Counts::default() }, 70);
+        big.merge(&series);
+        assert_eq!(big.requests(), u64::from(u32::MAX));
+        assert_eq!(big.last_at(0), 59);
     }
 }

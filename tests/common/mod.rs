@@ -6,5 +6,6 @@ pub mod admin;
 pub mod binary;
 pub mod gateway;
 pub mod redis;
+pub mod relay;
 pub mod upstream;
 pub mod wait;
