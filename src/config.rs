@@ -55,17 +55,10 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone)]
 pub struct UsageConfig {
     pub enabled: bool,
-    /// Time between flushes to Redis while flushes are cheap.
+    /// Time between flushes to Redis.
     pub flush_interval: Duration,
-    /// The longest the write budget may stretch the time between flushes.
-    pub max_flush_interval: Duration,
-    /// The share of time usage flushes may keep Redis busy, in (0, 1]; a
-    /// flush that took longer delays the next one (up to
-    /// `max_flush_interval`).
-    pub write_budget: f64,
     /// The most distinct series buffered while Redis is unreachable; past
-    /// it, new events are dropped and counted. At half of it the flusher
-    /// writes whatever the write budget says.
+    /// it, new events are dropped and counted.
     pub max_buffered_series: usize,
 }
 
@@ -250,8 +243,6 @@ pub struct RawConfig {
 struct RawUsage {
     enabled: Option<bool>,
     flush_interval: Option<String>,
-    max_flush_interval: Option<String>,
-    write_budget: Option<f64>,
     max_buffered_series: Option<usize>,
 }
 
@@ -599,28 +590,17 @@ impl RawConfig {
         }
 
         let limits = validate_limits(&mut p, self.limits, &store);
-        let flush_interval =
-            p.duration("usage.flush_interval", self.usage.flush_interval.as_deref(), Duration::from_secs(1));
         let usage = UsageConfig {
             enabled: self.usage.enabled.unwrap_or(true),
-            flush_interval,
-            // Unset, it follows a long flush_interval up.
-            max_flush_interval: p.duration(
-                "usage.max_flush_interval",
-                self.usage.max_flush_interval.as_deref(),
-                flush_interval.max(Duration::from_secs(30)),
+            flush_interval: p.duration(
+                "usage.flush_interval",
+                self.usage.flush_interval.as_deref(),
+                Duration::from_secs(1),
             ),
-            write_budget: self.usage.write_budget.unwrap_or(0.1),
-            max_buffered_series: self.usage.max_buffered_series.unwrap_or(250_000),
+            max_buffered_series: self.usage.max_buffered_series.unwrap_or(100_000),
         };
         if usage.flush_interval.is_zero() {
             p.push("usage.flush_interval", "must be above zero");
-        }
-        if usage.max_flush_interval < usage.flush_interval {
-            p.push("usage.max_flush_interval", "must not be below usage.flush_interval");
-        }
-        if !(usage.write_budget > 0.0 && usage.write_budget <= 1.0) {
-            p.push("usage.write_budget", "must be above 0 and at most 1 (a share of the time)");
         }
 
         let log = LogConfig {
@@ -995,24 +975,6 @@ mod tests {
         );
         assert_eq!(found[0].line, Some(2));
         assert_eq!(found[2].line, Some(6));
-    }
-
-    #[test]
-    fn usage_write_budget_and_its_longest_interval() {
-        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
-        assert_eq!(config.usage.write_budget, 0.1);
-        assert_eq!(config.usage.max_flush_interval, Duration::from_secs(30));
-        let slow = format!("{MINIMAL}\n[usage]\nflush_interval = \"2m\"\n");
-        let config = Config::from_toml(&slow, Path::new(".")).unwrap();
-        assert_eq!(config.usage.max_flush_interval, Duration::from_secs(120), "unset, it follows");
-
-        let text = format!(
-            "{MINIMAL}\n[usage]\nflush_interval = \"10s\"\nmax_flush_interval = \"5s\"\nwrite_budget = 1.5\n"
-        );
-        let found = problems(&text);
-        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(fields, ["usage.max_flush_interval", "usage.write_budget"]);
-        assert_eq!(found[1].line, Some(8));
     }
 
     #[test]

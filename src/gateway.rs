@@ -74,8 +74,6 @@ impl Gateway {
         let usage = &self.live.load().config.usage;
         let config = FlushConfig {
             interval: usage.flush_interval,
-            max_interval: usage.max_flush_interval,
-            write_budget: usage.write_budget,
             max_series: usage.max_buffered_series,
             ..FlushConfig::default()
         };

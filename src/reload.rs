@@ -119,10 +119,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server.workers", old.server.workers != new.server.workers),
         (
             "usage",
-            old.usage.enabled != new.usage.enabled
-                || old.usage.flush_interval != new.usage.flush_interval
-                || old.usage.max_flush_interval != new.usage.max_flush_interval
-                || old.usage.write_budget != new.usage.write_budget,
+            old.usage.enabled != new.usage.enabled || old.usage.flush_interval != new.usage.flush_interval,
         ),
         ("limits.mode", old.limits.mode != new.limits.mode),
         ("limits.lease_fraction", old.limits.lease_fraction != new.limits.lease_fraction),

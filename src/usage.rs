@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! handler --record()--> UsageRecorder (sharded, in memory)
-//!                           | drain every second (or less often: write budget)
+//!                           | drain every second
 //!                           v
 //!                       UsageFlusher --one MULTI/HINCRBY.../EXEC per client--> Redis <-- query(), dashboards
 //! ```
@@ -13,9 +13,6 @@
 //!   buffer, final flush and counters for `/metrics`.
 //! - [`writes`]: the Redis commands of a flush: one transaction per client,
 //!   bounded transactions and round trips.
-//! - [`pace`]: the write budget that spaces flushes out when they get
-//!   expensive (very many active keys).
-//! - [`observe`]: the flusher's numbers for `/metrics`.
 //! - [`schema`]: the Redis layout (key names, buckets, fields, retention),
 //!   documented for dashboards in `docs/redis-schema.md` ("Usage").
 //! - [`query`]: [`query()`] for `keygate usage` and the admin API;
@@ -36,8 +33,6 @@
 
 pub mod audit;
 pub mod flusher;
-pub mod observe;
-pub mod pace;
 pub mod query;
 pub mod recorder;
 pub mod schema;

@@ -277,50 +277,6 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
     assert_eq!(flusher.stats().dropped_events, 0);
 }
 
-#[tokio::test]
-async fn the_write_budget_spaces_flushes_and_a_crowded_recorder_flushes_at_once() {
-    let redis = RedisServer::start();
-    let recorder = Arc::new(UsageRecorder::new());
-    // Any flush is far over this budget: after the first, the next is due
-    // in an hour, unless the recorder holds half of max_series (10).
-    let config = FlushConfig {
-        interval: Duration::from_millis(20),
-        max_interval: Duration::from_secs(3_600),
-        write_budget: 1e-9,
-        max_series: 20,
-        ..FlushConfig::default()
-    };
-    let flusher = flusher(&redis, &recorder, config);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = flusher.spawn(async move {
-        let _ = stopped.await;
-    });
-    let now = Timestamp::now();
-    let key = bucket("acme", Granularity::Minute, now);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let wait = |what: &str| assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-
-    recorder.record(&event("acme", now));
-    while hget(&redis, &key, "requests") != 1 || flusher.stats().interval != Duration::from_secs(3_600) {
-        wait("the first flush");
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling a condition, bounded
-    }
-    recorder.record(&event("acme", now));
-    assert_eq!(recorder.series_len(), 1, "the budget holds the next flush back");
-
-    let routes: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
-    for route in &routes {
-        recorder.record(&UsageEvent { route, ..event("acme", now) });
-    }
-    while hget(&redis, &key, "requests") != 12 {
-        wait("the crowded flush");
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling a condition, bounded
-    }
-    stop.send(()).unwrap();
-    task.await.unwrap();
-    assert_eq!(hget(&redis, &key, "route:/r9:requests"), 1);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_loses_nothing() {
     let mut redis = RedisServer::start();

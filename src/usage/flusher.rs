@@ -1,7 +1,6 @@
-//! The Redis side of recording: [`UsageFlusher`] drains the recorder and
-//! writes the counters, one `MULTI`/`EXEC` transaction per client (see
-//! [`super::writes`]), as often as the write budget allows (see
-//! [`super::pace`]).
+//! The Redis side of recording: [`UsageFlusher`] drains the recorder every
+//! interval and writes the counters, one `MULTI`/`EXEC` transaction per
+//! client (see [`super::writes`]).
 //!
 //! Reliability:
 //! - Drained counters move into a *pending* buffer first and leave it only
@@ -25,13 +24,6 @@
 //!   from [`UsageFlusher::spawn`] calls it itself when its shutdown future
 //!   completes.
 //!
-//! Pace: the task flushes every [`FlushConfig::interval`] while flushes are
-//! cheap; when a flush keeps Redis busy for longer than
-//! [`FlushConfig::write_budget`] of the time, the next one waits longer (up
-//! to [`FlushConfig::max_interval`]), and counts lag by as much. Memory wins
-//! over the budget: the task flushes at once when the recorder holds half
-//! of `max_series`.
-//!
 //! CPU: a big flush is seconds of work for the gateway too (building the
 //! commands, reading hundreds of thousands of replies). It runs on a thread
 //! of its own (`keygate-usage`, with a single-threaded runtime), never on
@@ -52,8 +44,6 @@ use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 
 use super::UsageError;
-use super::observe;
-use super::pace::Pace;
 use super::recorder::{Batch, Series, SeriesKey, UsageRecorder};
 use super::schema::{Retention, UsageKeys};
 use super::writes::{Limits, Outcome, TopCounts, Trip, add_to_top};
@@ -61,19 +51,10 @@ use super::writes::{Limits, Outcome, TopCounts, Trip, add_to_top};
 /// How the flusher runs. The defaults suit one gateway in front of a busy API.
 #[derive(Debug, Clone)]
 pub struct FlushConfig {
-    /// Time between flushes while they are cheap (`[usage] flush_interval`).
+    /// Time between flushes.
     pub interval: Duration,
-    /// The longest the write budget may stretch the time between flushes
-    /// (`[usage] max_flush_interval`): the most extra lag it adds.
-    pub max_interval: Duration,
-    /// The share of time flushes may keep Redis busy (`[usage]
-    /// write_budget`), in (0, 1]: a flush that took `t` waits `t / budget`
-    /// before the next.
-    pub write_budget: f64,
     /// The most distinct series (client, key, route, minute) kept while
-    /// Redis is unreachable (about 150 bytes each). Half of it is also
-    /// where the write budget yields: with that many series waiting, the
-    /// flusher writes at once.
+    /// Redis is unreachable (about 150 bytes each).
     pub max_series: usize,
     /// The size of transactions and round trips.
     pub limits: Limits,
@@ -87,9 +68,7 @@ impl Default for FlushConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(30),
-            write_budget: 0.1,
-            max_series: 250_000,
+            max_series: 100_000,
             limits: Limits::default(),
             retention: Retention::default(),
             call_timeout: Duration::from_secs(5),
@@ -112,12 +91,6 @@ pub struct FlushStats {
     pub pending_series: u64,
     /// Time since the last successful flush (or since the flusher started).
     pub last_flush_lag: Duration,
-    /// The time between flushes now: the configured interval, or longer
-    /// when the write budget stretches it.
-    pub interval: Duration,
-    /// How long the last successful flush kept Redis busy (its summed round
-    /// trips).
-    pub last_flush_redis_time: Duration,
 }
 
 /// What one [`UsageFlusher::flush_now`] did.
@@ -161,8 +134,6 @@ pub struct UsageFlusher {
     flush_errors: AtomicU64,
     dropped_events: AtomicU64,
     pending_series: AtomicU64,
-    interval_ms: AtomicU64,
-    last_redis_time_us: AtomicU64,
     /// Whether the last flush failed: warn once per outage, not per tick.
     failing: AtomicBool,
 }
@@ -187,7 +158,6 @@ impl UsageFlusher {
         prefix: &str,
         config: FlushConfig,
     ) -> Arc<Self> {
-        let interval_ms = millis(config.interval);
         Arc::new(Self {
             recorder,
             conn,
@@ -200,17 +170,14 @@ impl UsageFlusher {
             flush_errors: AtomicU64::new(0),
             dropped_events: AtomicU64::new(0),
             pending_series: AtomicU64::new(0),
-            interval_ms: AtomicU64::new(interval_ms),
-            last_redis_time_us: AtomicU64::new(0),
             failing: AtomicBool::new(false),
         })
     }
 
-    /// Flushes at the pace the write budget allows until `shutdown`
-    /// completes, then flushes one last time and ends; on a thread of its
-    /// own, `keygate-usage`. Await the handle (from inside a tokio runtime)
-    /// after the server has drained, so the last requests are in the final
-    /// flush.
+    /// Flushes every interval until `shutdown` completes, then flushes one
+    /// last time and ends; on a thread of its own, `keygate-usage`. Await
+    /// the handle (from inside a tokio runtime) after the server has
+    /// drained, so the last requests are in the final flush.
     pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let this = Arc::clone(self);
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
@@ -237,36 +204,18 @@ impl UsageFlusher {
 
     /// The flusher's loop (see [`spawn`](Self::spawn)).
     async fn run(&self, shutdown: impl Future<Output = ()>) {
-        let config = &self.config;
-        let mut pace = Pace::new(config.interval, config.max_interval, config.write_budget);
-        // Memory before the budget: this many series flush at once.
-        let crowded = (config.max_series / 2).max(1);
-        let mut next = tokio::time::Instant::now() + pace.interval();
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: nothing to flush yet
         tokio::pin!(shutdown);
         loop {
-            // Wake at the next flush, or after one configured interval to
-            // see whether the recorder is crowded.
-            let wake = next.min(tokio::time::Instant::now() + config.interval);
             tokio::select! {
                 () = &mut shutdown => break,
-                () = tokio::time::sleep_until(wake) => {}
+                _ = tick.tick() => {
+                    // Failures are counted and logged inside; the counts stay pending.
+                    let _ = self.flush_now().await;
+                }
             }
-            if tokio::time::Instant::now() < next && self.recorder.series_len() < crowded {
-                continue;
-            }
-            let started = tokio::time::Instant::now();
-            // Failures are counted and logged inside; the counts stay
-            // pending and the next flush comes after one interval.
-            next = started
-                + match self.flush_now().await {
-                    Ok(report) => {
-                        let interval = pace.after_flush(report.redis_time);
-                        self.interval_ms.store(millis(interval), Ordering::Relaxed);
-                        observe::flush_interval(interval, pace.stretch());
-                        interval
-                    }
-                    Err(_) => config.interval,
-                };
         }
         if let Err(error) = self.flush_now().await {
             tracing::error!(
@@ -308,10 +257,7 @@ impl UsageFlusher {
             return Err(UsageError::Redis(error));
         }
         self.last_success_ms.store(self.elapsed_ms(), Ordering::Relaxed);
-        self.last_redis_time_us
-            .store(u64::try_from(report.redis_time.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         crate::metrics::usage_flush_lag(Duration::ZERO);
-        observe::flush_written(&report);
         if self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("usage flushes succeed again");
         }
@@ -333,8 +279,6 @@ impl UsageFlusher {
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
             pending_series: self.pending_series.load(Ordering::Relaxed),
             last_flush_lag: Duration::from_millis(lag_ms),
-            interval: Duration::from_millis(self.interval_ms.load(Ordering::Relaxed)),
-            last_flush_redis_time: Duration::from_micros(self.last_redis_time_us.load(Ordering::Relaxed)),
         }
     }
 
