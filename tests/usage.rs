@@ -277,6 +277,46 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
     assert_eq!(flusher.stats().dropped_events, 0);
 }
 
+/// The flusher and its Redis connection live on a thread of their own: they
+/// flush while the runtime that spawned them (in the gateway, the control
+/// runtime, which drives key lookups) is blocked and cannot poll anything.
+#[tokio::test(flavor = "current_thread")]
+async fn the_flusher_flushes_on_its_own_thread_while_the_callers_runtime_is_blocked() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    let config = FlushConfig { interval: Duration::from_millis(20), ..FlushConfig::default() };
+    let flusher = flusher(&redis, &recorder, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = flusher.spawn(async move {
+        let _ = stopped.await;
+    });
+    let now = Timestamp::now();
+    let key = bucket("acme", Granularity::Minute, now);
+    recorder.record(&event("acme", now));
+
+    // This blocks the test's only runtime thread: nothing spawned on it can
+    // run until the loop ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while hget(&redis, &key, "requests") != 1 {
+        assert!(std::time::Instant::now() < deadline, "no flush while the caller's runtime was blocked");
+        std::thread::sleep(Duration::from_millis(10)); // polling a condition, bounded
+    }
+    assert!(thread_names().iter().any(|name| name == "keygate-usage"), "{:?}", thread_names());
+
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert!(!thread_names().iter().any(|name| name == "keygate-usage"), "the thread ends with the flusher");
+}
+
+/// The names of this process's threads (Linux).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_loses_nothing() {
     let mut redis = RedisServer::start();

@@ -175,9 +175,11 @@ impl UsageFlusher {
     }
 
     /// Flushes every interval until `shutdown` completes, then flushes one
-    /// last time and ends; on a thread of its own, `keygate-usage`. Await
-    /// the handle (from inside a tokio runtime) after the server has
-    /// drained, so the last requests are in the final flush.
+    /// last time and ends; on a thread of its own, `keygate-usage`, whose
+    /// runtime also drives the flusher's Redis connection (it is made on
+    /// first use, there). Await the handle (from inside a tokio runtime)
+    /// after the server has drained, so the last requests are in the final
+    /// flush; it completes once the thread has ended.
     pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let this = Arc::clone(self);
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
@@ -188,12 +190,18 @@ impl UsageFlusher {
             }
             let _ = done.send(());
         });
-        // A task the caller can await; it never holds the caller's runtime
-        // open (a dropped runtime just drops it).
+        // A task the caller can await, done once the thread has ended; it
+        // never holds the caller's runtime open (a dropped runtime just
+        // drops it).
         tokio::spawn(async move {
             match thread {
-                Ok(_) => {
-                    if finished.await.is_err() {
+                Ok(thread) => {
+                    // Err: `done` was dropped unsent, the thread panicked;
+                    // the join below says so.
+                    let _ = finished.await;
+                    // The thread is past its last statement: joining is brief.
+                    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+                    if !matches!(joined, Ok(Ok(()))) {
                         tracing::error!("the usage thread panicked; unflushed usage is lost");
                     }
                 }
