@@ -35,10 +35,26 @@ pub type ResponseBody = Either<proxy::PooledBody, Full<Bytes>>;
 #[derive(Default)]
 struct Trail {
     path: Option<String>,
-    upstream: Option<String>,
+    /// Whether the request reached its route's target (the access log then
+    /// names it, from `route`).
+    forwarded: bool,
     route: Option<Arc<RouteConfig>>,
     caller: Option<Arc<Caller>>,
     upstream_latency: Option<std::time::Duration>,
+}
+
+impl Trail {
+    /// The upstream the request went to, `builtin:echo`, or `-` (refused
+    /// before, or no route).
+    fn target(&self) -> &str {
+        match &self.route {
+            Some(route) if self.forwarded => match &route.target {
+                RouteTarget::Upstream(name) => name,
+                RouteTarget::Echo => "builtin:echo",
+            },
+            _ => "-",
+        }
+    }
 }
 
 /// Serves one request and never fails: every error, and even a panic inside
@@ -76,7 +92,7 @@ pub async fn handle(
         %method,
         path = trail.path.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
-        upstream = trail.upstream.as_deref().unwrap_or("-"),
+        upstream = trail.target(),
         client = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
         duration_us = started.elapsed().as_micros() as u64,
         peer = %peer.addr.ip(),
@@ -108,17 +124,24 @@ async fn serve(
     let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
     let host = request_host(&request);
     let matched = live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port), &path);
-    trail.path = Some(path);
-    let matched = matched.ok_or(GatewayError::NoRoute)?;
-    let route = &matched.route;
-    trail.route = Some(Arc::clone(route));
-
-    let keys = &live.config.keys;
-    let mut path_and_query = matched.upstream_path;
-    if let Some(query) = request.uri().query() {
+    let Some(route::RouteMatch { route, upstream_path }) = matched else {
+        trail.path = Some(path);
+        return Err(GatewayError::NoRoute.into());
+    };
+    // Sized exactly: a full `String` becomes the URI's `Bytes` without the
+    // extra allocation a spare capacity costs.
+    let query = request.uri().query();
+    let mut path_and_query =
+        String::with_capacity(upstream_path.len() + query.map_or(0, |query| query.len() + 1));
+    path_and_query.push_str(upstream_path);
+    if let Some(query) = query {
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
+    trail.path = Some(path);
+    trail.route = Some(Arc::clone(&route));
+    let route = &route;
+    let keys = &live.config.keys;
 
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
@@ -156,11 +179,11 @@ async fn serve(
 
     let mut response = match &route.target {
         RouteTarget::Echo => {
-            trail.upstream = Some("builtin:echo".into());
+            trail.forwarded = true;
             Box::pin(echo::answer(request)).await?.map(Either::Right)
         }
         RouteTarget::Upstream(name) => {
-            trail.upstream = Some(name.clone());
+            trail.forwarded = true;
             let pool = live
                 .upstreams
                 .get(name)
@@ -204,5 +227,26 @@ fn strip_port(host: &str) -> &str {
     match host.rfind(':') {
         Some(i) if !host[i..].contains(']') => &host[..i],
         _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(target: RouteTarget) -> Arc<RouteConfig> {
+        Arc::new(RouteConfig { target, ..crate::config::Config::defaults().routes[0].clone() })
+    }
+
+    #[test]
+    fn the_access_log_names_the_target_only_once_the_request_reached_it() {
+        let to_orders = route(RouteTarget::Upstream("orders".into()));
+        let refused = Trail { route: Some(Arc::clone(&to_orders)), ..Trail::default() };
+        assert_eq!(refused.target(), "-");
+        let forwarded = Trail { route: Some(to_orders), forwarded: true, ..Trail::default() };
+        assert_eq!(forwarded.target(), "orders");
+        let echoed = Trail { route: Some(route(RouteTarget::Echo)), forwarded: true, ..Trail::default() };
+        assert_eq!(echoed.target(), "builtin:echo");
+        assert_eq!(Trail::default().target(), "-", "no route");
     }
 }

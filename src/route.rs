@@ -127,11 +127,12 @@ pub struct RouteTable {
     routes: Vec<Arc<RouteConfig>>,
 }
 
-/// A matched route and the path to send upstream (after `strip_prefix`).
+/// A matched route and the path to send upstream (after `strip_prefix`): a
+/// slice of the path matched, not a copy.
 #[derive(Debug)]
-pub struct RouteMatch {
+pub struct RouteMatch<'p> {
     pub route: Arc<RouteConfig>,
-    pub upstream_path: String,
+    pub upstream_path: &'p str,
 }
 
 impl RouteTable {
@@ -143,16 +144,16 @@ impl RouteTable {
     }
 
     /// The route for a normalised path on `host` (lowercase, no port), if any.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<RouteMatch> {
+    pub fn find<'p>(&self, host: Option<&str>, path: &'p str) -> Option<RouteMatch<'p>> {
         let route = self.routes.iter().find(|r| {
             r.host.as_deref().is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
                 && prefix_matches(&r.path, path)
         })?;
         let upstream_path = if route.strip_prefix && route.path != "/" {
             let rest = &path[route.path.len()..];
-            if rest.is_empty() { "/".to_owned() } else { rest.to_owned() }
+            if rest.is_empty() { "/" } else { rest }
         } else {
-            path.to_owned()
+            path
         };
         Some(RouteMatch { route: Arc::clone(route), upstream_path })
     }
@@ -237,8 +238,8 @@ mod tests {
 
     fn target(table: &RouteTable, host: Option<&str>, path: &str) -> Option<(String, String)> {
         table.find(host, path).map(|m| match &m.route.target {
-            RouteTarget::Upstream(name) => (name.clone(), m.upstream_path),
-            RouteTarget::Echo => ("echo".into(), m.upstream_path),
+            RouteTarget::Upstream(name) => (name.clone(), m.upstream_path.to_owned()),
+            RouteTarget::Echo => ("echo".into(), m.upstream_path.to_owned()),
         })
     }
 

@@ -93,4 +93,5 @@ async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     assert!(log.contains("SIGTERM"), "{log}");
     assert!(log.contains("status=200"), "access log line: {log}");
+    assert!(log.contains("upstream=\"builtin:echo\""), "access log line: {log}");
 }

@@ -17,7 +17,6 @@ pub mod shared;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use jiff::Timestamp;
 
@@ -191,18 +190,18 @@ const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset
 /// `RateLimit: "rate";r=7;t=1, "quota";r=9993;t=51000`, plus the older
 /// `X-RateLimit-Limit/Remaining/Reset` (for the tighter policy) when asked.
 ///
-/// Every limited request pays for this, so each value is written straight
-/// into one buffer that becomes the header value, without formatting machinery.
+/// Every limited request pays for this, so each value is written on the stack
+/// and copied once into its header value, without formatting machinery.
 pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: bool) {
     let policies = [("rate", admission.rate), ("quota", admission.quota)];
     let policies = policies.iter().filter_map(|(name, state)| Some((*name, (*state)?)));
-    let mut policy = Vec::with_capacity(64);
-    let mut state = Vec::with_capacity(64);
+    let mut policy = ValueBuf::default();
+    let mut state = ValueBuf::default();
     let mut tightest: Option<PolicyState> = None;
     for (name, p) in policies {
-        if !policy.is_empty() {
-            policy.extend_from_slice(b", ");
-            state.extend_from_slice(b", ");
+        if tightest.is_some() {
+            policy.push(b", ");
+            state.push(b", ");
         }
         structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
         structured_item(&mut state, name, (b"r", p.remaining), (b"t", p.reset_secs));
@@ -212,10 +211,10 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
     }
     let Some(tightest) = tightest else { return };
     // Names and digits only: always valid header values.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(policy)) {
+    if let Some(v) = policy.value() {
         headers.insert(RATELIMIT_POLICY, v);
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
+    if let Some(v) = state.value() {
         headers.insert(RATELIMIT, v);
     }
     if legacy {
@@ -225,16 +224,51 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
     }
 }
 
+/// A RateLimit header value written on the stack, so that the value itself
+/// is the only allocation. Two items of two `u64` parameters take at most
+/// 108 bytes (`"quota";q=<20 digits>;w=<20 digits>` twice, and `, `).
+struct ValueBuf {
+    bytes: [u8; 128],
+    len: usize,
+    /// Set if a write did not fit: the value is then left out, never cut.
+    overflowed: bool,
+}
+
+impl Default for ValueBuf {
+    fn default() -> Self {
+        Self { bytes: [0; 128], len: 0, overflowed: false }
+    }
+}
+
+impl ValueBuf {
+    fn push(&mut self, part: &[u8]) {
+        match self.bytes.get_mut(self.len..self.len + part.len()) {
+            Some(room) => {
+                room.copy_from_slice(part);
+                self.len += part.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        if self.overflowed {
+            return None;
+        }
+        HeaderValue::from_bytes(&self.bytes[..self.len]).ok()
+    }
+}
+
 /// Appends one structured-field list item: `"name";a=1;b=2`.
-fn structured_item(out: &mut Vec<u8>, name: &str, first: (&[u8], u64), second: (&[u8], u64)) {
-    out.push(b'"');
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'"');
+fn structured_item(out: &mut ValueBuf, name: &str, first: (&[u8], u64), second: (&[u8], u64)) {
+    out.push(b"\"");
+    out.push(name.as_bytes());
+    out.push(b"\"");
     for (param, value) in [first, second] {
-        out.push(b';');
-        out.extend_from_slice(param);
-        out.push(b'=');
-        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        out.push(b";");
+        out.push(param);
+        out.push(b"=");
+        out.push(itoa::Buffer::new().format(value).as_bytes());
     }
 }
 
@@ -302,6 +336,17 @@ mod tests {
         assert_eq!(headers["ratelimit-policy"], "\"quota\";q=5;w=3600");
         assert_eq!(headers["ratelimit"], "\"quota\";r=0;t=1200");
         assert!(!headers.contains_key("x-ratelimit-limit"));
+    }
+
+    #[test]
+    fn the_longest_values_fit() {
+        let max =
+            PolicyState { limit: u64::MAX, window_secs: u64::MAX, remaining: u64::MAX, reset_secs: u64::MAX };
+        let mut headers = HeaderMap::new();
+        write_headers(&mut headers, &Admission { rate: Some(max), quota: Some(max) }, false);
+        let m = u64::MAX;
+        assert_eq!(headers["ratelimit-policy"], format!("\"rate\";q={m};w={m}, \"quota\";q={m};w={m}"));
+        assert_eq!(headers["ratelimit"], format!("\"rate\";r={m};t={m}, \"quota\";r={m};t={m}"));
     }
 
     #[test]
