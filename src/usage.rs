@@ -27,7 +27,7 @@
 //! let flusher = UsageFlusher::new(recorder.clone(), conn, prefix, FlushConfig::default());
 //! let flushing = flusher.spawn(shutdown_signal);    // final flush when it fires
 //! // per request, after the response: recorder.record(&UsageEvent { .. });
-//! // after the server drained: flushing.await
+//! // after the server drained: flushing.join().await
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -43,7 +43,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use audit::{AuditAction, AuditEntry, AuditRecord, append_audit, read_audit};
-pub use flusher::{FlushConfig, FlushReport, FlushStats, UsageFlusher};
+pub use flusher::{FlushConfig, FlushReport, FlushStats, UsageFlusher, UsageThread};
 pub use query::{UsageQuery, UsageReport, last_used, query};
 pub use recorder::{Refusal, UsageEvent, UsageRecorder};
 pub use schema::{ANONYMOUS, Counts, Granularity, Retention};
@@ -58,6 +58,9 @@ pub enum UsageError {
     /// A query asked for something impossible (bad client, range too large).
     #[error("{0}")]
     Invalid(String),
+    /// The flusher's thread could not start, or panicked.
+    #[error("usage thread: {0}")]
+    Thread(String),
 }
 
 /// An auto-reconnecting Redis connection for usage and audit, created

@@ -277,19 +277,23 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
     assert_eq!(flusher.stats().dropped_events, 0);
 }
 
-/// The flusher and its Redis connection live on a thread of their own: they
-/// flush while the runtime that spawned them (in the gateway, the control
-/// runtime, which drives key lookups) is blocked and cannot poll anything.
+/// The flusher and its Redis connection live on a thread of their own: no
+/// task lands on the runtime that spawned them (in the gateway, the control
+/// runtime, which drives key lookups), and they flush while that runtime is
+/// blocked and cannot poll anything.
 #[tokio::test(flavor = "current_thread")]
 async fn the_flusher_flushes_on_its_own_thread_while_the_callers_runtime_is_blocked() {
     let redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
     let config = FlushConfig { interval: Duration::from_millis(20), ..FlushConfig::default() };
     let flusher = flusher(&redis, &recorder, config);
+    let callers_tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = callers_tasks();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = flusher.spawn(async move {
         let _ = stopped.await;
     });
+    assert_eq!(callers_tasks(), before, "spawn put a task on the caller's runtime");
     let now = Timestamp::now();
     let key = bucket("acme", Granularity::Minute, now);
     recorder.record(&event("acme", now));
@@ -304,7 +308,7 @@ async fn the_flusher_flushes_on_its_own_thread_while_the_callers_runtime_is_bloc
     assert!(thread_names().iter().any(|name| name == "keygate-usage"), "{:?}", thread_names());
 
     stop.send(()).unwrap();
-    task.await.unwrap();
+    task.join().await.unwrap();
     assert!(!thread_names().iter().any(|name| name == "keygate-usage"), "the thread ends with the flusher");
 }
 
@@ -401,7 +405,7 @@ async fn the_spawned_flusher_flushes_on_ticks_and_at_shutdown() {
         recorder.record(&event("acme", now));
     }
     stop.send(()).unwrap();
-    task.await.unwrap();
+    task.join().await.unwrap();
     assert_eq!(hget(&redis, &key, "requests"), 100, "the final flush wrote the rest");
 }
 

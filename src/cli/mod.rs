@@ -268,10 +268,15 @@ fn serve(path: &Path) -> ExitCode {
             }
         };
         let _ = drained.send(true);
-        for task in [Some(sighup), admin, usage].into_iter().flatten() {
+        for task in [Some(sighup), admin].into_iter().flatten() {
             if let Err(error) = task.await {
                 tracing::error!(%error, "a background task ended abnormally");
             }
+        }
+        if let Some(usage) = usage
+            && let Err(error) = usage.join().await
+        {
+            tracing::error!(%error, "usage flusher");
         }
         match outcome {
             Ok(Ok(_)) => {

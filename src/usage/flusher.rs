@@ -20,7 +20,7 @@
 //!   the requests of the transactions that were applied, in transactions of
 //!   their own (they are global keys, in another Cluster slot) and retried
 //!   on their own: a client may appear there a flush after its hashes.
-//! - [`UsageFlusher::flush_now`] is the final flush on shutdown; the task
+//! - [`UsageFlusher::flush_now`] is the final flush on shutdown; the thread
 //!   from [`UsageFlusher::spawn`] calls it itself when its shutdown future
 //!   completes.
 //!
@@ -41,7 +41,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use tokio::task::JoinHandle;
 
 use super::UsageError;
 use super::recorder::{Batch, Series, SeriesKey, UsageRecorder};
@@ -104,6 +103,34 @@ pub struct FlushReport {
     pub round_trips: usize,
     /// Summed round-trip time: how long the flush kept Redis busy, about.
     pub redis_time: Duration,
+}
+
+/// The flusher's thread, from [`UsageFlusher::spawn`]. Dropping it leaves
+/// the thread running until its shutdown future completes.
+#[must_use = "join it after the server has drained, so the final flush is awaited"]
+#[derive(Debug)]
+pub struct UsageThread {
+    /// Fires (or is dropped, if the thread panicked) when the thread is past
+    /// its final flush.
+    finished: tokio::sync::oneshot::Receiver<()>,
+    thread: std::io::Result<std::thread::JoinHandle<()>>,
+}
+
+impl UsageThread {
+    /// Waits, without blocking the caller's runtime, until the final flush
+    /// is done and the thread has ended.
+    pub async fn join(self) -> Result<(), UsageError> {
+        let thread = self.thread.map_err(|e| UsageError::Thread(format!("could not start: {e}")))?;
+        // Err: `done` was dropped unsent because the thread panicked; the
+        // join says so.
+        let _ = self.finished.await;
+        // The thread is past its last statement: this join is brief, but
+        // still kept off the caller's runtime threads.
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(UsageError::Thread("panicked; unflushed usage is lost".into())),
+        }
+    }
 }
 
 /// What waits for Redis.
@@ -177,10 +204,10 @@ impl UsageFlusher {
     /// Flushes every interval until `shutdown` completes, then flushes one
     /// last time and ends; on a thread of its own, `keygate-usage`, whose
     /// runtime also drives the flusher's Redis connection (it is made on
-    /// first use, there). Await the handle (from inside a tokio runtime)
-    /// after the server has drained, so the last requests are in the final
-    /// flush; it completes once the thread has ended.
-    pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
+    /// first use, there). Nothing of it runs on the caller's runtime. After
+    /// the server has drained, [`UsageThread::join`] the handle, so the last
+    /// requests are in the final flush.
+    pub fn spawn(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> UsageThread {
         let this = Arc::clone(self);
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("keygate-usage".to_owned()).spawn(move || {
@@ -190,24 +217,7 @@ impl UsageFlusher {
             }
             let _ = done.send(());
         });
-        // A task the caller can await, done once the thread has ended; it
-        // never holds the caller's runtime open (a dropped runtime just
-        // drops it).
-        tokio::spawn(async move {
-            match thread {
-                Ok(thread) => {
-                    // Err: `done` was dropped unsent, the thread panicked;
-                    // the join below says so.
-                    let _ = finished.await;
-                    // The thread is past its last statement: joining is brief.
-                    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-                    if !matches!(joined, Ok(Ok(()))) {
-                        tracing::error!("the usage thread panicked; unflushed usage is lost");
-                    }
-                }
-                Err(error) => tracing::error!(%error, "cannot start the usage thread; usage is not written"),
-            }
-        })
+        UsageThread { finished, thread }
     }
 
     /// The flusher's loop (see [`spawn`](Self::spawn)).
