@@ -50,30 +50,9 @@ if [[ -z $BIN ]]; then
 fi
 [[ -x $BIN ]] || die "$BIN not found"
 
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port
 WORK=$(mktemp -d /tmp/keygate-many-keys.XXXXXX)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if ((KEEP)); then log "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# free_port VAR: a loopback port nothing listens on, never 6379, never handed out twice.
-TAKEN=" "
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        [[ $p == 6379 || $TAKEN == *" $p "* ]] && continue
-        ss -Htan "sport = :$p" | grep -q . && continue
-        TAKEN+="$p "
-        printf -v "$1" '%s' "$p"
-        return
-    done
-}
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT ADMIN_PORT; do free_port "$v"; done
 USER_LINE=""
 (($(id -u) == 0)) && USER_LINE="user root;"

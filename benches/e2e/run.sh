@@ -93,33 +93,9 @@ KEYGATE="$ROOT/target/release/keygate"
 
 # === 2. Servers, each on a free loopback port, all killed on exit ===
 
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port
 WORK=$(mktemp -d /tmp/keygate-e2e.XXXXXX)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if ((KEEP)); then log "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-TAKEN=" "
-# free_port VAR: a loopback port nothing uses, never 6379, never handed out twice.
-# Below the kernel's ephemeral range, so no client's outgoing connection can
-# take it between this check and the server's bind.
-EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % (EPHEMERAL_LOW - 20000)))
-        [[ $p == 6379 || $TAKEN == *" $p "* ]] && continue
-        ss -Htan "sport = :$p" | grep -q . && continue
-        TAKEN+="$p "
-        printf -v "$1" '%s' "$p"
-        return
-    done
-}
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT; do
     free_port "$v"
 done
