@@ -480,18 +480,23 @@ mod tests {
     #[test]
     fn the_bound_drops_new_series_only() {
         let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
-        let dropped = merge_bounded(&mut pending, [series("a", 0, 2), series("b", 0, 7)].into(), 1);
+        let dropped =
+            merge_bounded(&mut pending, [series("a", 0, 2), series("b", 0, 7)].into_iter().collect(), 1);
         assert_eq!(dropped, 7);
         assert_eq!(pending.values().next().unwrap().requests(), 7);
     }
 
     #[test]
     fn an_empty_buffer_takes_the_drained_series_up_to_the_bound() {
-        let mut pending = Batch::new();
-        assert_eq!(merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into(), 2), 0);
+        let mut pending = Batch::default();
+        assert_eq!(
+            merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into_iter().collect(), 2),
+            0
+        );
         assert_eq!(pending.len(), 2);
-        let mut pending = Batch::new();
-        let dropped = merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into(), 1);
+        let mut pending = Batch::default();
+        let dropped =
+            merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into_iter().collect(), 1);
         assert_eq!(pending.len(), 1);
         assert_eq!(dropped + pending.values().map(Series::requests).sum::<u64>(), 12);
     }

@@ -238,8 +238,9 @@ impl PartialOrd for SeriesKey {
     }
 }
 
-/// Drained counters, by series.
-pub type Batch = HashMap<SeriesKey, Series>;
+/// Drained counters, by series. foldhash, seeded per process: `record` looks
+/// a series up on every request, and SipHash was a fifth of that.
+pub type Batch = HashMap<SeriesKey, Series, foldhash::fast::RandomState>;
 
 /// The in-memory aggregator. Share it behind an `Arc`; `record` takes `&self`.
 #[derive(Debug)]
@@ -317,7 +318,7 @@ impl UsageRecorder {
 
     /// Takes every counter recorded so far, leaving the shards empty.
     pub fn drain(&self) -> Batch {
-        let mut all = Batch::new();
+        let mut all = Batch::default();
         for shard in &self.shards {
             let taken = {
                 let mut series = lock(&shard.series);
@@ -325,7 +326,7 @@ impl UsageRecorder {
                 // it starts at that capacity, so the request path does not
                 // pay for rehashing it while it grows back.
                 let capacity = series.len();
-                std::mem::replace(&mut *series, Batch::with_capacity(capacity))
+                std::mem::replace(&mut *series, Batch::with_capacity_and_hasher(capacity, Default::default()))
             };
             if all.is_empty() {
                 all = taken;
