@@ -8,6 +8,7 @@
 #
 # Options: --quick, --no-install (use what is on PATH), --no-build (use the
 # existing target/release/keygate), --keep (keep the temp dir with the logs).
+# Environment: WORKERS=N runs every proxy with N workers/threads (default 1).
 #
 # Runs alternate (direct, keygate, nginx, haproxy, then again: 3 rounds) and
 # the tables give medians. Results are printed and written to
@@ -22,7 +23,7 @@ for arg in "$@"; do
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -100,7 +101,13 @@ for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_
     free_port "$v"
 done
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-KG_WORKERS=${KG_WORKERS:-1}   # keygate's [server] workers; override from the environment
+# Worker processes/threads of each proxy: keygate's `[server] workers`, nginx's
+# worker_processes, HAProxy's nbthread. 1 gives each its best throughput here
+# (client, upstream and proxy share two cores); WORKERS=2 trades some of it
+# for a shorter latency tail. KG_WORKERS overrides keygate's alone.
+WORKERS=${WORKERS:-1}
+KG_WORKERS=${KG_WORKERS:-$WORKERS}
+[[ $WORKERS =~ ^[1-9][0-9]*$ && $KG_WORKERS =~ ^[1-9][0-9]*$ ]] || die "WORKERS and KG_WORKERS must be positive integers"
 USER_LINE=""
 if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the temp dir
 
@@ -109,6 +116,7 @@ render() {
     sed -e "s|@DIR@|$WORK|g" -e "s|@USER_LINE@|$USER_LINE|g" \
         -e "s|@UP_PORT@|$UP_PORT|g" -e "s|@UP_H2_PORT@|$UP_H2_PORT|g" \
         -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@KG_PORT@|$KG_PORT|g" -e "s|@KG_WORKERS@|$KG_WORKERS|g" \
+        -e "s|@WORKERS@|$WORKERS|g" \
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" \
         -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
         "$1" >"$2"
@@ -351,7 +359,7 @@ report() {
     echo "- machine: $(nproc) cores, $(uname -sr); $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print "wrk " $2 }'), $(h2load --version | awk '{ print $2 }'), $(redis-server --version | awk '{ print $3 }' | tr -d 'v=' | sed 's/^/redis /')"
     echo "- each run ${DUR}s, $CONNS connections, $ROUNDS rounds alternating direct, keygate, nginx, haproxy; medians shown"
     echo "- keygate: Redis store, key verified (cached after the first request), route requires scope read-write, per-key rate limit (1e9/s), usage tracking $USAGE; $KG_WORKERS worker thread(s) (\`[server] workers\`); access log off"
-    echo "- nginx: 1 worker; key map -> 401, limit_req per key, upstream keepalive. HAProxy: nbthread 1; key map -> 401, stick-table http_req_rate per key, http-reuse always. Both strip the key and send the client id upstream"
+    echo "- nginx: $WORKERS worker(s); key map -> 401, limit_req per key, upstream keepalive. HAProxy: nbthread $WORKERS; key map -> 401, stick-table http_req_rate per key, http-reuse always. Both strip the key and send the client id upstream"
     echo "- upstream: nginx 1 worker, \`return 200 \"ok\"\`; \"direct\" is the client against it"
     echo
     echo "## Throughput (req/s, median of $ROUNDS) and CPU per request (µs, the server process the client talks to)"
