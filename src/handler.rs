@@ -172,6 +172,12 @@ async fn serve(
     *request.uri_mut() = Uri::from_maybe_shared(Bytes::from(path_and_query))
         .map_err(|e| GatewayError::Internal(format!("rebuilding the upstream path: {e}")))?;
     let headers = request.headers_mut();
+    // Room for what is added below, made at once. A keep-alive HTTP/1.1
+    // request reuses the previous response's map, already big enough; on a
+    // new connection or an HTTP/2 stream the map is sized to the headers the
+    // client sent and would grow (rehashing) twice (callgrind: ~1k
+    // instructions per new connection).
+    headers.reserve(proxy::ADDED_REQUEST_HEADERS);
     proxy::remove_hop_by_hop(headers);
     proxy::set_forwarded(headers, peer, "http", host);
     headers.remove(header::HOST);
