@@ -113,11 +113,14 @@ impl Limits {
     ) -> Result<Admission, GatewayError> {
         let key_id = record.id.as_str();
         let meta = &record.meta;
-        let now = Timestamp::now();
+        // The clock is read only for a key with a quota (a read per request
+        // is measurable here), and once: a refund must name the window the
+        // units were taken from.
+        let quota = meta.quota.map(|quota| (quota, Timestamp::now()));
         let mut admission = Admission::default();
 
         // 1. Quota first: taken units can be given back exactly.
-        if let Some(quota) = meta.quota {
+        if let Some((quota, now)) = quota {
             match self.quotas.take(key_id, quota, cost, now).await {
                 Ok(QuotaDecision::Taken { remaining, reset, window_secs }) => {
                     admission.quota = Some(PolicyState {
@@ -151,7 +154,7 @@ impl Limits {
                     });
                 }
                 Ok(RateDecision::Refused { retry_after }) => {
-                    if let Some(quota) = meta.quota {
+                    if let Some((quota, now)) = quota {
                         self.quotas.refund(key_id, quota, cost, now);
                     }
                     return Err(GatewayError::RateLimited { retry_after });
