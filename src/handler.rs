@@ -194,8 +194,10 @@ async fn serve(
                 .upstreams
                 .get(name)
                 .ok_or_else(|| GatewayError::Internal(format!("route names unknown upstream {name}")))?;
-            let sent = Instant::now();
-            let response = pool.forward(request).await;
+            // tokio's clock, which the upstream timeout runs on (the same
+            // as std's outside tests with a paused clock).
+            let sent = tokio::time::Instant::now();
+            let response = pool.forward(request, sent).await;
             trail.upstream_latency = Some(sent.elapsed());
             response?.map(Either::Left)
         }

@@ -15,7 +15,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Why a request could not be sent; the caller maps these to 502.
 #[derive(Debug, thiserror::Error)]
@@ -79,12 +80,16 @@ impl ConnPool {
     /// or a new one. A pooled connection that turns out to be closed (the
     /// upstream timed it out) is retried once on a fresh connection: hyper
     /// hands the request back unsent in that case, so the retry is safe.
+    ///
+    /// `now` is when the caller started sending (it times the upstream with
+    /// it too): it ages the idle connections without a clock read of its own.
     pub async fn send(
         self: &Arc<Self>,
         request: Request<Incoming>,
+        now: Instant,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut request = request;
-        if let Some(mut sender) = self.checkout()
+        if let Some(mut sender) = self.checkout(now)
             && sender.ready().await.is_ok()
         {
             match sender.try_send_request(request).await {
@@ -103,10 +108,12 @@ impl ConnPool {
     }
 
     /// The most recently used idle connection still open and not too old.
-    fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    fn checkout(&self, now: Instant) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle_list().lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(candidate) = idle.pop() {
-            if !candidate.sender.is_closed() && candidate.since.elapsed() < self.idle_timeout {
+            if !candidate.sender.is_closed()
+                && now.saturating_duration_since(candidate.since) < self.idle_timeout
+            {
                 return Some(candidate.sender);
             }
         }
