@@ -71,7 +71,7 @@ pub async fn handle(
     let bytes_in = hint.exact().unwrap_or(hint.lower());
     let mut trail = Trail::default();
 
-    let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, &mut trail)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, started, &mut trail)).catch_unwind().await;
     let mut refusal = None;
     let response = match outcome {
         Ok(Ok(response)) => response,
@@ -116,6 +116,7 @@ async fn serve(
     gateway: &Gateway,
     mut request: Request<Incoming>,
     peer: &proxy::Peer,
+    started: Instant,
     trail: &mut Trail,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
@@ -151,7 +152,7 @@ async fn serve(
                 .ok_or(GatewayError::MissingKey)?;
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
-        let record = gateway.verifier.verify(&presented).await?;
+        let record = gateway.verifier.verify(&presented, started).await?;
         trail.caller = Some(Arc::clone(&record));
 
         // 4. Scope: the key must cover this route and method.
