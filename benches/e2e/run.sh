@@ -224,15 +224,17 @@ log "all targets answer 200 with a key and 401 without"
 CLK_TCK=$(getconf CLK_TCK)
 # The process and its children (nginx's master and worker).
 tree_pids() { echo "$1"; cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | grep . || true; }
+# cpu_ticks PID: "USER SYSTEM" clock ticks of the process and its children so far.
 cpu_ticks() {
-    local total=0 p s
+    local user=0 system=0 p s
     for p in $(tree_pids "$1"); do
         s=$(<"/proc/$p/stat") || continue
         s=${s##*) }
         read -r -a f <<<"$s"
-        total=$((total + f[11] + f[12])) # utime + stime
+        user=$((user + f[11]))     # utime
+        system=$((system + f[12])) # stime
     done
-    echo "$total"
+    echo "$user $system"
 }
 rss_kib() {
     local total=0 p
@@ -278,7 +280,7 @@ commandstats() { redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk
 declare -A REDIS_CALLS=()
 REDIS_REQUESTS=0
 
-declare -A RATES=() CPUS=() BAD=()
+declare -A RATES=() CPUS=() USER_CPUS=() BAD=()
 log "warm-up (${WARM}s per target and workload)"
 for t in "${TARGETS[@]}"; do
     for w in get keys1000; do run_load "$w" "$t" "$WARM" "$WORK/warm.out"; done
@@ -292,9 +294,11 @@ for w in "${WORKLOADS[@]}"; do
             n=$((n + 1))
             out="$WORK/$w-$t-$r.out"
             if [[ $w == get && $t == keygate ]]; then commandstats >"$WORK/redis-before"; fi
-            before=$(cpu_ticks "${PID[$t]}")
+            read -r user_before system_before < <(cpu_ticks "${PID[$t]}")
             run_load "$w" "$t" "$DUR" "$out"
-            after=$(cpu_ticks "${PID[$t]}")
+            read -r user_after system_after < <(cpu_ticks "${PID[$t]}")
+            user=$((user_after - user_before))
+            cpu=$((user + system_after - system_before))
             read -r reqs rate bad < <(parse "$out")
             if [[ $w == get && $t == keygate ]]; then
                 commandstats >"$WORK/redis-after"
@@ -309,7 +313,8 @@ for w in "${WORKLOADS[@]}"; do
             RATES[$w,$t]+="$rate "
             BAD[$w,$t]=$((${BAD[$w,$t]:-0} + bad))
             if ((reqs > 0)); then
-                CPUS[$w,$t]+="$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+                CPUS[$w,$t]+="$(awk -v d=$cpu -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+                USER_CPUS[$w,$t]+="$(awk -v d=$user -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
             fi
             note=""
             if ((bad > 0)); then note=", $bad non-2xx or errors"; fi
@@ -350,6 +355,8 @@ for t in "${TARGETS[@]}"; do RSS[$t]=$(rss_kib "${PID[$t]}"); done
 # === 4. Report ===
 
 med() { printf '%s\n' $1 | grep -v n/a | median; }
+# range "VALUES": lowest-highest, to show how far the rounds spread.
+range() { printf '%s\n' $1 | grep -v n/a | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR == 0) print "n/a"; else print lo "-" hi }'; }
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 report() {
     local w t
@@ -371,16 +378,17 @@ report() {
         local cells=""
         for t in "${TARGETS[@]}"; do
             m[$t]=$(med "${RATES[$w,$t]:-}")
-            local c
+            local c u
             c=$(med "${CPUS[$w,$t]:-}")
+            u=$(med "${USER_CPUS[$w,$t]:-}")
             local flag=""
             if ((${BAD[$w,$t]:-0} > 0)); then flag=" (${BAD[$w,$t]} bad!)"; fi
-            cells+=" ${m[$t]} / ${c} µs$flag |"
+            cells+=" ${m[$t]} / ${c} µs (${u} user)$flag |"
         done
         echo "| ${WORKLOAD_NAME[$w]} |$cells $(fmt_ratio "${m[keygate]}" "${m[direct]}") | $(fmt_ratio "${m[keygate]}" "${m[nginx]}") | $(fmt_ratio "${m[keygate]}" "${m[haproxy]}") |"
     done
     echo
-    echo "Cells: req/s / CPU µs per request. \"bad\" counts non-2xx answers and socket errors over all rounds."
+    echo "Cells: req/s / CPU µs per request (of which user space; the rest is the kernel's). \"bad\" counts non-2xx answers and socket errors over all rounds."
     echo
     echo "Every round's req/s, to judge the noise:"
     echo
@@ -393,8 +401,8 @@ report() {
     if ((LATENCY_TOOL)); then
         echo "## Latency at a fixed rate of $LAT_RATE req/s (50% of nginx's small-GET max; oha -q --latency-correction, ${LAT_DUR}s, $CONNS connections, median of $ROUNDS)"
         echo
-        echo "| target | p50 ms | p99 ms | p99.9 ms | p99 added vs direct ms |"
-        echo "|---|---:|---:|---:|---:|"
+        echo "| target | p50 ms | p99 ms | p99 range ms | p99.9 ms | p99 added vs direct ms |"
+        echo "|---|---:|---:|---:|---:|---:|"
         local d99
         d99=$(med "${P99[direct]:-}")
         for t in "${TARGETS[@]}"; do
@@ -402,7 +410,7 @@ report() {
             p99=$(med "${P99[$t]:-}")
             local flag=""
             if [[ -n ${BAD[lat,$t]:-} ]]; then flag=" (non-200 answers!)"; fi
-            echo "| $t$flag | $(med "${P50[$t]:-}") | $p99 | $(med "${P999[$t]:-}") | $(awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b }') |"
+            echo "| $t$flag | $(med "${P50[$t]:-}") | $p99 | $(range "${P99[$t]:-}") | $(med "${P999[$t]:-}") | $(awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b }') |"
         done
     else
         echo "## Latency: skipped ($LATENCY_SKIP_REASON)"
