@@ -277,12 +277,19 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
     assert_eq!(flusher.stats().dropped_events, 0);
 }
 
+/// Tests that spawn a flusher thread hold this while it lives. The thread is
+/// found by its name in `/proc/self/task`, and `cargo test` runs this file's
+/// tests as threads of one process: another test's flusher thread would
+/// otherwise answer for this one's.
+static FLUSHER_THREAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The flusher and its Redis connection live on a thread of their own: no
 /// task lands on the runtime that spawned them (in the gateway, the control
 /// runtime, which drives key lookups), and they flush while that runtime is
 /// blocked and cannot poll anything.
 #[tokio::test(flavor = "current_thread")]
 async fn the_flusher_flushes_on_its_own_thread_while_the_callers_runtime_is_blocked() {
+    let _only_flusher_thread = FLUSHER_THREAD.lock().await;
     let redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
     let config = FlushConfig { interval: Duration::from_millis(20), ..FlushConfig::default() };
@@ -309,7 +316,13 @@ async fn the_flusher_flushes_on_its_own_thread_while_the_callers_runtime_is_bloc
 
     stop.send(()).unwrap();
     task.join().await.unwrap();
-    assert!(!thread_names().iter().any(|name| name == "keygate-usage"), "the thread ends with the flusher");
+    // Joined, so the thread has run to its end; the kernel wakes the joiner
+    // a moment before it drops the thread's `/proc` entry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while thread_names().iter().any(|name| name == "keygate-usage") {
+        assert!(std::time::Instant::now() < deadline, "the thread ends with the flusher");
+        std::thread::sleep(Duration::from_millis(1)); // polling a condition, bounded
+    }
 }
 
 /// The names of this process's threads (Linux).
@@ -383,6 +396,7 @@ async fn a_full_buffer_drops_and_counts() {
 
 #[tokio::test]
 async fn the_spawned_flusher_flushes_on_ticks_and_at_shutdown() {
+    let _only_flusher_thread = FLUSHER_THREAD.lock().await;
     let redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
     let config = FlushConfig { interval: Duration::from_millis(20), ..FlushConfig::default() };
