@@ -236,6 +236,8 @@ cpu_ticks() {
     done
     echo "$user $system"
 }
+# us_per_request TICKS REQUESTS: CPU µs per request.
+us_per_request() { awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }'; }
 rss_kib() {
     local total=0 p
     for p in $(tree_pids "$1"); do
@@ -313,8 +315,8 @@ for w in "${WORKLOADS[@]}"; do
             RATES[$w,$t]+="$rate "
             BAD[$w,$t]=$((${BAD[$w,$t]:-0} + bad))
             if ((reqs > 0)); then
-                CPUS[$w,$t]+="$(awk -v d=$cpu -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
-                USER_CPUS[$w,$t]+="$(awk -v d=$user -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+                CPUS[$w,$t]+="$(us_per_request "$cpu" "$reqs") "
+                USER_CPUS[$w,$t]+="$(us_per_request "$user" "$reqs") "
             fi
             note=""
             if ((bad > 0)); then note=", $bad non-2xx or errors"; fi
