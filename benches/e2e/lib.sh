@@ -1,5 +1,6 @@
-# Shared by run.sh and many_keys.sh (sourced, not run): the temp dir and
-# server processes cleaned up on exit, and free loopback ports.
+# Shared by run.sh, anatomy.sh and many_keys.sh (sourced, not run): the temp dir and
+# server processes cleaned up on exit, free loopback ports, config templates,
+# a private redis-server, and CPU time read from /proc.
 #
 # The sourcing script sets KEEP (1: keep the temp dir) and defines log()
 # before sourcing; it then creates WORK and appends server PIDs to PIDS.
@@ -32,3 +33,57 @@ free_port() {
         return
     done
 }
+
+# render TEMPLATE OUT: fill in the @NAME@ placeholders from the variables of
+# the same name (one a script does not use stays empty).
+render() {
+    sed -e "s|@DIR@|$WORK|g" -e "s|@USER_LINE@|${USER_LINE:-}|g" \
+        -e "s|@UP_PORT@|${UP_PORT:-}|g" -e "s|@UP_H2_PORT@|${UP_H2_PORT:-}|g" \
+        -e "s|@REDIS_PORT@|${REDIS_PORT:-}|g" -e "s|@KG_PORT@|${KG_PORT:-}|g" -e "s|@KG_WORKERS@|${KG_WORKERS:-}|g" \
+        -e "s|@WORKERS@|${WORKERS:-}|g" \
+        -e "s|@NGINX_PORT@|${NGINX_PORT:-}|g" -e "s|@NGINX_H2_PORT@|${NGINX_H2_PORT:-}|g" \
+        -e "s|@HAPROXY_PORT@|${HAPROXY_PORT:-}|g" -e "s|@HAPROXY_H2_PORT@|${HAPROXY_H2_PORT:-}|g" \
+        "$1" >"$2"
+}
+
+# wait_http URL [CURL ARGS...]: until something answers (any status), at most 15 s.
+wait_http() {
+    local url=$1 i
+    shift
+    for ((i = 0; i < 150; i++)); do
+        curl -s -o /dev/null "$@" "$url" && return 0
+        sleep 0.1
+    done
+    die "nothing answers at $url (logs in $WORK; rerun with --keep)"
+}
+
+# run_redis: a private redis-server on $REDIS_PORT that keeps nothing on disk.
+run_redis() {
+    local i
+    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+        --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
+    PIDS+=($!)
+    for ((i = 0; i < 100; i++)); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$REDIS_PORT" ping >/dev/null || die "private redis-server did not start"
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+# The process and its children (nginx's master and worker).
+tree_pids() { echo "$1"; cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | grep . || true; }
+# cpu_ticks PID: "USER SYSTEM" clock ticks of the process and its children so far.
+cpu_ticks() {
+    local user=0 system=0 p s
+    for p in $(tree_pids "$1"); do
+        s=$(<"/proc/$p/stat") || continue
+        s=${s##*) }
+        read -r -a f <<<"$s"
+        user=$((user + f[11]))     # utime
+        system=$((system + f[12])) # stime
+    done
+    echo "$user $system"
+}
+# us_per_request TICKS REQUESTS: CPU µs per request.
+us_per_request() { awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }'; }
+
+# median: of the numbers on stdin, one a line ("n/a" if none).
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

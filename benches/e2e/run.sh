@@ -95,7 +95,7 @@ KEYGATE="$ROOT/target/release/keygate"
 # === 2. Servers, each on a free loopback port, all killed on exit ===
 
 # shellcheck source=lib.sh
-source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port
+source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port, render, run_redis, cpu_ticks
 WORK=$(mktemp -d /tmp/keygate-e2e.XXXXXX)
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT; do
     free_port "$v"
@@ -111,35 +111,8 @@ KG_WORKERS=${KG_WORKERS:-$WORKERS}
 USER_LINE=""
 if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the temp dir
 
-# render TEMPLATE OUT: fill in the @NAME@ placeholders.
-render() {
-    sed -e "s|@DIR@|$WORK|g" -e "s|@USER_LINE@|$USER_LINE|g" \
-        -e "s|@UP_PORT@|$UP_PORT|g" -e "s|@UP_H2_PORT@|$UP_H2_PORT|g" \
-        -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@KG_PORT@|$KG_PORT|g" -e "s|@KG_WORKERS@|$KG_WORKERS|g" \
-        -e "s|@WORKERS@|$WORKERS|g" \
-        -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" \
-        -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
-        "$1" >"$2"
-}
-
-# wait_http URL [CURL ARGS...]: until something answers (any status), at most 15 s.
-wait_http() {
-    local url=$1 i
-    shift
-    for ((i = 0; i < 150; i++)); do
-        curl -s -o /dev/null "$@" "$url" && return 0
-        sleep 0.1
-    done
-    die "nothing answers at $url (logs in $WORK; rerun with --keep)"
-}
-
 log "temp dir $WORK"
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-    --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
-PIDS+=($!)
-REDIS_PID=$!
-for ((i = 0; i < 100; i++)); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$REDIS_PORT" ping >/dev/null || die "private redis-server did not start"
+run_redis
 
 render "$HERE/upstream-nginx.conf" "$WORK/upstream.conf"
 nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" -g 'daemon off;' &
@@ -221,23 +194,6 @@ log "all targets answer 200 with a key and 401 without"
 
 # === 3. Measuring ===
 
-CLK_TCK=$(getconf CLK_TCK)
-# The process and its children (nginx's master and worker).
-tree_pids() { echo "$1"; cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | grep . || true; }
-# cpu_ticks PID: "USER SYSTEM" clock ticks of the process and its children so far.
-cpu_ticks() {
-    local user=0 system=0 p s
-    for p in $(tree_pids "$1"); do
-        s=$(<"/proc/$p/stat") || continue
-        s=${s##*) }
-        read -r -a f <<<"$s"
-        user=$((user + f[11]))     # utime
-        system=$((system + f[12])) # stime
-    done
-    echo "$user $system"
-}
-# us_per_request TICKS REQUESTS: CPU µs per request.
-us_per_request() { awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }'; }
 rss_kib() {
     local total=0 p
     for p in $(tree_pids "$1"); do
@@ -275,7 +231,6 @@ parse() {
             END { printf "%d %.0f %d\n", n, rate, bad }' "$out"
     fi
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # Redis traffic during keygate's small-GET runs (INFO commandstats before and after).
 commandstats() { redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/ { sub("cmdstat_", "", $1); print $1, $3 }'; }
