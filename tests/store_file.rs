@@ -106,6 +106,37 @@ async fn a_second_process_writing_keys_is_seen_by_the_first() {
     assert_eq!(gateway.get(&record.id).await.unwrap(), Some(record));
 }
 
+/// Moves the folder's modification time an hour back, so that the next
+/// change moves it whatever the file system's timestamp granularity.
+fn backdate(dir: &Path) {
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::open(dir).and_then(|folder| folder.set_modified(an_hour_ago)).unwrap();
+}
+
+#[tokio::test]
+async fn a_key_written_a_moment_ago_is_found_on_its_first_lookup() {
+    let dir = tempfile::tempdir().unwrap();
+    backdate(dir.path());
+    let gateway = FileStore::open(dir.path()).await.unwrap();
+    let mut invalidations = gateway.subscribe();
+    let cli = FileStore::open(dir.path()).await.unwrap();
+    let (_, record) = issue("acme", "k1");
+    cli.insert(&record).await.unwrap();
+
+    // Straight after the write, well inside the watcher's 100 ms debounce:
+    // the miss sees the folder changed and reads it at once.
+    assert_eq!(gateway.find_by_hash("acme", &record.secret_hash).await.unwrap(), Some(record.clone()));
+    // Misses other instances remembered are cleared, as by the watcher.
+    assert!(matches!(invalidations.try_recv(), Ok(Invalidation::All)));
+
+    // The folder has not changed since: an unknown key reads it no more and
+    // announces nothing (the watcher's own reload finds the same records).
+    let (_, unknown) = issue("acme", "k2");
+    assert_eq!(gateway.find_by_hash("acme", &unknown.secret_hash).await.unwrap(), None);
+    assert!(matches!(invalidations.try_recv(), Err(broadcast::error::TryRecvError::Empty)));
+    assert_eq!(gateway.get(&record.id).await.unwrap(), Some(record));
+}
+
 #[tokio::test]
 async fn malformed_files_are_skipped_with_a_warning_and_the_rest_served() {
     let (logs, _capturing) = capture_logs();

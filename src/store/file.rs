@@ -20,7 +20,11 @@
 //!
 //! The folder is watched: any change (the CLI in another process, an operator
 //! editing or deleting a file) triggers a reload after a short debounce, and if
-//! the records changed, [`Invalidation::All`]. A file that does not parse is
+//! the records changed, [`Invalidation::All`]. A lookup that finds nothing does
+//! not wait for that debounce: if the folder's modification time moved since
+//! the last load (a file was added, renamed or removed), it reloads at once and
+//! looks again, so a key issued by the CLI a moment ago is served on its first
+//! request. A flood of unknown keys costs one `stat` of the folder each. A file that does not parse is
 //! skipped with a warning naming it; the rest keep being served. Files that do
 //! not end in `.toml`, hidden files (including our temporaries) and `README*`
 //! are ignored.
@@ -34,7 +38,7 @@ use std::io::Write;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -81,6 +85,10 @@ struct Shared {
     /// that write. Async because writers hold it across file I/O.
     write_lock: Mutex<()>,
     invalidations: broadcast::Sender<Invalidation>,
+    /// The folder's modification time when it was last read (taken before
+    /// listing it, so a change made during a load is seen as a change).
+    /// `None` if the file system gives none: then only the watcher reloads.
+    loaded_modified: std::sync::Mutex<Option<SystemTime>>,
 }
 
 /// All records, by hash (verification) and by ID (administration).
@@ -116,6 +124,7 @@ impl FileStore {
     /// Must be called within a Tokio runtime (it spawns the reload task).
     pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir = dir.into();
+        let modified = folder_modified(&dir).await;
         let (index, skipped) = load_dir_blocking(&dir).await?;
         warn_skipped(&skipped);
         tracing::debug!(dir = %dir.display(), keys = index.by_hash.len(), "file key store loaded");
@@ -126,6 +135,7 @@ impl FileStore {
             index: ArcSwap::from_pointee(index),
             write_lock: Mutex::new(()),
             invalidations,
+            loaded_modified: std::sync::Mutex::new(modified),
         });
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -178,7 +188,21 @@ impl FileStore {
 impl KeyStore for FileStore {
     async fn find_by_hash(&self, client: &str, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
         // Same answer as the Redis store, where the client is part of the key name.
-        Ok(self.shared.index.load().by_hash.get(hash).filter(|r| r.client() == client).cloned())
+        let find = || self.shared.index.load().by_hash.get(hash).filter(|r| r.client() == client).cloned();
+        if let Some(record) = find() {
+            return Ok(Some(record));
+        }
+        // Not loaded: perhaps written a moment ago, before the watcher's
+        // debounced reload. A folder that cannot be read now keeps serving
+        // the snapshot, as the watcher's reload does.
+        match self.shared.reload_if_changed().await {
+            Ok(true) => Ok(find()),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                tracing::warn!("key folder reload failed; serving the previous keys: {e}");
+                Ok(None)
+            }
+        }
     }
 
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -241,7 +265,31 @@ impl KeyStore for FileStore {
 impl Shared {
     async fn reload(&self) -> Result<Vec<SkippedFile>, StoreError> {
         let _writer = self.write_lock.lock().await;
+        self.reload_locked(folder_modified(&self.dir).await).await
+    }
+
+    /// Reloads if the folder's modification time moved since the last load;
+    /// says whether it did. Lookups that miss call this, so many of them at
+    /// once after one change reload once: each checks again under the lock.
+    async fn reload_if_changed(&self) -> Result<bool, StoreError> {
+        let changed = |now: Option<SystemTime>| now.is_some() && now != *self.modified_lock();
+        if !changed(folder_modified(&self.dir).await) {
+            return Ok(false);
+        }
+        let _writer = self.write_lock.lock().await;
+        let now = folder_modified(&self.dir).await;
+        if !changed(now) {
+            return Ok(true); // another lookup reloaded meanwhile
+        }
+        self.reload_locked(now).await.map(|_| true)
+    }
+
+    /// Reads the folder and swaps the new index in if it differs; `modified`
+    /// is the folder's modification time read before. The caller holds the
+    /// write lock.
+    async fn reload_locked(&self, modified: Option<SystemTime>) -> Result<Vec<SkippedFile>, StoreError> {
         let (index, skipped) = load_dir_blocking(&self.dir).await?;
+        *self.modified_lock() = modified;
         warn_skipped(&skipped);
         if **self.index.load() != index {
             tracing::info!(dir = %self.dir.display(), keys = index.by_hash.len(), "key folder changed; reloaded");
@@ -250,6 +298,16 @@ impl Shared {
         }
         Ok(skipped)
     }
+
+    /// A std mutex: held only to copy one value, never across an await.
+    fn modified_lock(&self) -> std::sync::MutexGuard<'_, Option<SystemTime>> {
+        self.loaded_modified.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The folder's modification time, if the file system keeps one.
+async fn folder_modified(dir: &Path) -> Option<SystemTime> {
+    tokio::fs::metadata(dir).await.and_then(|meta| meta.modified()).ok()
 }
 
 /// Watches `dir` (not recursively); every relevant event becomes a `()` on `events`.
