@@ -55,6 +55,9 @@ impl Protocols {
         let mut http1 = http1::Builder::new();
         // Flattened writes: for small messages one copy beats a writev of many
         // slices (measured: ~0.5 µs less CPU per small request, wrk + /proc).
+        // 16 KiB responses cost the same either way (5 alternating rounds:
+        // 15.95 µs flattened, 16.27 vectored), so this side stays flattened;
+        // the upstream side writes vectored (see `proxy/pool.rs`).
         http1.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).writev(false);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());

@@ -130,9 +130,13 @@ impl ConnPool {
         };
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        // Flattened writes, as on the server side (see `server.rs`).
-        let (sender, connection) =
-            http1::Builder::new().writev(false).handshake(TokioIo::new(stream)).await?;
+        // Vectored writes, unlike the server side (see `server.rs`): a request
+        // body goes out as the chunks hyper read from the client, not copied
+        // into one buffer first. Measured (alternating 4 s `wrk -t1 -c32`
+        // runs, 5 rounds, CPU µs per request from /proc): POST 16 KiB 18.2
+        // -> 16.7 and 17.9 -> 17.0 µs; small GETs unchanged within noise
+        // (callgrind: +350 instructions, 0.75 %, for the one-slice `writev`).
+        let (sender, connection) = http1::Builder::new().writev(true).handshake(TokioIo::new(stream)).await?;
         // The connection task runs on this worker's runtime for its whole life.
         tokio::spawn(async move {
             if let Err(error) = connection.await {
