@@ -24,10 +24,11 @@
 //! not wait for that debounce: if the folder's modification time moved since
 //! the last load (a file was added, renamed or removed), it reloads at once and
 //! looks again, so a key issued by the CLI a moment ago is served on its first
-//! request. A flood of unknown keys costs one `stat` of the folder each. A file that does not parse is
-//! skipped with a warning naming it; the rest keep being served. Files that do
-//! not end in `.toml`, hidden files (including our temporaries) and `README*`
-//! are ignored.
+//! request. A flood of unknown keys costs one `stat` of the folder each.
+//!
+//! A file that does not parse is skipped with a warning naming it; the rest
+//! keep being served. Files that do not end in `.toml`, hidden files
+//! (including our temporaries) and `README*` are ignored.
 //!
 //! Files are flat (metadata fields at top level, not under a `[meta]` table)
 //! and unknown fields are refused: in a hand-edited file, `rate_limit = ...`
@@ -194,12 +195,13 @@ impl KeyStore for FileStore {
         }
         // Not loaded: perhaps written a moment ago, before the watcher's
         // debounced reload. A folder that cannot be read now keeps serving
-        // the snapshot, as the watcher's reload does.
+        // the snapshot, as the watcher's reload does; that reload warns
+        // once, so a miss that fails the same way logs at debug only.
         match self.shared.reload_if_changed().await {
             Ok(true) => Ok(find()),
             Ok(false) => Ok(None),
             Err(e) => {
-                tracing::warn!("key folder reload failed; serving the previous keys: {e}");
+                tracing::debug!("key folder reload on a miss failed; serving the previous keys: {e}");
                 Ok(None)
             }
         }
