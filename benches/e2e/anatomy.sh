@@ -23,11 +23,13 @@ set -euo pipefail
 ROUNDS=5 DUR=4 BUILD=1 KEEP=0
 while (($#)); do
     case $1 in
-        --rounds) ROUNDS=$2; shift ;;
-        --duration) DUR=$2; shift ;;
+        --rounds | --duration)
+            (($# >= 2)) || { echo "$1 needs a value (try --help)" >&2; exit 2; }
+            if [[ $1 == --rounds ]]; then ROUNDS=$2; else DUR=$2; fi
+            shift ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
