@@ -56,7 +56,7 @@ cargo build --release --quiet --manifest-path "$HERE/floor/Cargo.toml" --target-
 [[ -x $KEYGATE ]] || die "$KEYGATE not found (build it or drop --no-build)"
 
 # shellcheck source=lib.sh
-source "$HERE/lib.sh" # cleanup on exit, free_port, render, wait_http, run_redis, cpu_ticks, median
+source "$HERE/lib.sh" # cleanup on exit, free_port, start_nginx, run_redis, cpu_ticks, parse, median_of
 WORK=$(mktemp -d /tmp/keygate-anatomy.XXXXXX)
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT BARE_PORT NGINX_PORT NGINX_H2_PORT FLOOR_PORT; do
     free_port "$v"
@@ -66,10 +66,7 @@ USER_LINE=""
 if (($(id -u) == 0)); then USER_LINE="user root;"; fi
 
 run_redis
-render "$HERE/upstream-nginx.conf" "$WORK/upstream.conf"
-nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" -g 'daemon off;' &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$UP_PORT/"
+start_nginx upstream-nginx.conf upstream "http://127.0.0.1:$UP_PORT/"
 
 # keygate with everything on, and the bare one: route public, usage off.
 render "$HERE/gateway.toml" "$WORK/gateway.toml"
@@ -90,9 +87,7 @@ KG_PID=$!
 "$KEYGATE" serve -c "$WORK/bare.toml" >"$WORK/keygate-bare.log" 2>&1 &
 PIDS+=($!)
 BARE_PID=$!
-render "$HERE/proxy-nginx.conf" "$WORK/proxy-nginx.conf"
-nginx -p "$WORK" -c "$WORK/proxy-nginx.conf" -e "$WORK/nginx-proxy-error.log" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx proxy-nginx.conf proxy-nginx "http://127.0.0.1:$NGINX_PORT/"
 NGINX_PID=$!
 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UP_PORT" "$KEY" &
 PIDS+=($!)
@@ -110,7 +105,7 @@ done
 # The bare keygate takes any request; the others must refuse a wrong key (the
 # floor by closing the connection), or a fast refusal would look like speed.
 for t in keygate nginx floor; do
-    got=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: ${KEY%?}x" "http://127.0.0.1:${PORT[$t]}/bench" || true)
+    got=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $(wrong_key "$KEY")" "http://127.0.0.1:${PORT[$t]}/bench" || true)
     [[ $got != 200 ]] || die "$t answered 200 to a wrong key"
 done
 log "all four answer 200 with the key; $ROUNDS rounds of ${DUR}s each"
@@ -122,14 +117,13 @@ done
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TARGETS[@]}"; do
         read -r user_before system_before < <(cpu_ticks "${PID[$t]}")
-        out=$(wrk -t1 -c32 -d"${DUR}s" -H "x-api-key: $KEY" "http://127.0.0.1:${PORT[$t]}/bench")
+        out="$WORK/$t-$r.out"
+        wrk -t1 -c32 -d"${DUR}s" -H "x-api-key: $KEY" "http://127.0.0.1:${PORT[$t]}/bench" >"$out"
         read -r user_after system_after < <(cpu_ticks "${PID[$t]}")
-        n=$(awk '/requests in/ { print $1 }' <<<"$out")
-        bad=$(awk '/Non-2xx|Socket errors/ { print }' <<<"$out")
-        [[ -z $bad && ${n:-0} -gt 0 ]] || die "$t round $r: errors or no requests: $out"
+        read -r n rate bad < <(parse "$out")
+        ((bad == 0 && n > 0)) || die "$t round $r: errors or no requests: $(<"$out")"
         user=$(us_per_request $((user_after - user_before)) "$n")
         system=$(us_per_request $((system_after - system_before)) "$n")
-        rate=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out")
         RATES[$t]+="$rate "
         USER[$t]+="$user "
         SYSTEM[$t]+="$system "
@@ -138,15 +132,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
-med() { tr ' ' '\n' <<<"$1" | grep . | median; }
-nginx_total=$(med "${TOTAL[nginx]}")
+nginx_total=$(median_of "${TOTAL[nginx]}")
 echo
 echo "## CPU per small GET (wrk -t1 -c32, ${DUR}s, medians of $ROUNDS alternating rounds, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))"
 echo
 echo "| proxy | req/s | user µs | system µs | total µs | total / nginx |"
 echo "|---|---:|---:|---:|---:|---:|"
 for t in "${TARGETS[@]}"; do
-    total=$(med "${TOTAL[$t]}")
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$t" "$(med "${RATES[$t]}")" "$(med "${USER[$t]}")" \
-        "$(med "${SYSTEM[$t]}")" "$total" "$(awk -v a="$total" -v b="$nginx_total" 'BEGIN { printf "%.2f", a / b }')"
+    total=$(median_of "${TOTAL[$t]}")
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$t" "$(median_of "${RATES[$t]}")" "$(median_of "${USER[$t]}")" \
+        "$(median_of "${SYSTEM[$t]}")" "$total" "$(awk -v a="$total" -v b="$nginx_total" 'BEGIN { printf "%.2f", a / b }')"
 done

@@ -1,6 +1,7 @@
 # Shared by run.sh, anatomy.sh and many_keys.sh (sourced, not run): the temp dir and
-# server processes cleaned up on exit, free loopback ports, config templates,
-# a private redis-server, and CPU time read from /proc.
+# server processes cleaned up on exit, free loopback ports, config templates and
+# nginx from them, a private redis-server, CPU time read from /proc, load tool
+# output parsed, medians.
 #
 # The sourcing script sets KEEP (1: keep the temp dir) and defines log()
 # before sourcing; it then creates WORK and appends server PIDs to PIDS.
@@ -85,5 +86,40 @@ cpu_ticks() {
 # us_per_request TICKS REQUESTS: CPU µs per request.
 us_per_request() { awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }'; }
 
+# wrong_key KEY: the key with its last character changed (always changed:
+# a key that already ends in `x` gets `y`), so it fails the checksum.
+wrong_key() { if [[ $1 == *x ]]; then echo "${1%?}y"; else echo "${1%?}x"; fi; }
+
+# start_nginx TEMPLATE NAME URL: renders $HERE/TEMPLATE to $WORK/NAME.conf,
+# starts nginx with it (error log $WORK/NAME-error.log) and waits until URL
+# answers. `$!` is nginx's PID afterwards.
+start_nginx() {
+    render "$HERE/$1" "$WORK/$2.conf"
+    nginx -p "$WORK" -c "$WORK/$2.conf" -e "$WORK/$2-error.log" -g 'daemon off;' &
+    PIDS+=($!)
+    wait_http "$3"
+}
+
+# parse OUT: "REQUESTS RATE BAD", BAD counting non-2xx answers and errors.
+parse() {
+    local out=$1
+    if grep -q '^finished in' "$out"; then # h2load
+        awk '
+            /^finished in/ { gsub(",", ""); rate = $4 }
+            /^requests:/ { done = $8; failed = $10 + $12 }
+            /^status codes:/ { bad = $5 + $7 + $9 }
+            END { printf "%d %.0f %d\n", done, rate, failed + bad }' "$out"
+    else # wrk
+        awk '
+            /requests in/ { n = $1 }
+            /^Requests\/sec:/ { rate = $2 }
+            /Non-2xx or 3xx responses:/ { bad += $NF }
+            /Socket errors:/ { gsub(",", ""); bad += $4 + $6 + $8 + $10 }
+            END { printf "%d %.0f %d\n", n, rate, bad }' "$out"
+    fi
+}
+
 # median: of the numbers on stdin, one a line ("n/a" if none).
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# median_of "VALUES": of a space-separated list, "n/a" entries left out.
+median_of() { printf '%s\n' $1 | grep -v n/a | median; }

@@ -51,7 +51,7 @@ fi
 [[ -x $BIN ]] || die "$BIN not found"
 
 # shellcheck source=lib.sh
-source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port
+source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port, start_nginx
 WORK=$(mktemp -d /tmp/keygate-many-keys.XXXXXX)
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT ADMIN_PORT; do free_port "$v"; done
 USER_LINE=""
@@ -84,9 +84,7 @@ python3 "$HERE/many_keys.py" --count "$COUNT" --hot "$HOT" --hot-file "$WORK/hot
 rcli save >/dev/null
 stop_redis
 
-render "$HERE/upstream-nginx.conf" "$WORK/upstream.conf"
-nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx upstream-nginx.conf upstream "http://127.0.0.1:$UP_PORT/"
 render "$HERE/gateway.toml" "$WORK/base.toml"
 ADMIN=$(printf '\n[admin]\nlisten = "127.0.0.1:%s"\ntoken = "many-keys-bench-token-0123456789"\n' "$ADMIN_PORT")
 { cat "$WORK/base.toml" "$HERE/usage.toml"; echo "$ADMIN"; } >"$WORK/on.toml"

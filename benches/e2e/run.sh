@@ -114,11 +114,8 @@ if (($(id -u) == 0)); then USER_LINE="user root;"; fi   # workers must reach the
 log "temp dir $WORK"
 run_redis
 
-render "$HERE/upstream-nginx.conf" "$WORK/upstream.conf"
-nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx upstream-nginx.conf upstream "http://127.0.0.1:$UP_PORT/"
 UP_PID=$!
-wait_http "http://127.0.0.1:$UP_PORT/"
 
 # keygate config: the template, plus the [usage] section if this build knows it.
 render "$HERE/gateway.toml" "$WORK/gateway.toml"
@@ -153,11 +150,8 @@ PIDS+=($!)
 KG_PID=$!
 wait_http "http://127.0.0.1:$KG_PORT/"
 
-render "$HERE/proxy-nginx.conf" "$WORK/proxy-nginx.conf"
-nginx -p "$WORK" -c "$WORK/proxy-nginx.conf" -e "$WORK/nginx-proxy-error.log" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx proxy-nginx.conf proxy-nginx "http://127.0.0.1:$NGINX_PORT/"
 NGINX_PID=$!
-wait_http "http://127.0.0.1:$NGINX_PORT/"
 
 render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg"
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
@@ -187,7 +181,7 @@ for t in "${TARGETS[@]}"; do
     expect 200 "$t HTTP/2" --http2-prior-knowledge -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench"
     if [[ $t != direct ]]; then
         expect 401 "$t GET without key" "$url"
-        expect 401 "$t GET with a wrong key" -H "x-api-key: ${KEY%?}x" "$url"
+        expect 401 "$t GET with a wrong key" -H "x-api-key: $(wrong_key "$KEY")" "$url"
     fi
 done
 log "all targets answer 200 with a key and 401 without"
@@ -212,24 +206,6 @@ run_load() {
         close) wrk -t1 -c"$CONNS" -d"${d}s" -H "x-api-key: $KEY" -H "Connection: close" "$url" ;;
         h2) h2load -t1 -c"$CONNS" -m10 -D "$d" -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench" ;;
     esac >"$out" 2>&1 || true
-}
-# parse OUT: "REQUESTS RATE BAD", BAD counting non-2xx answers and errors.
-parse() {
-    local out=$1
-    if grep -q '^finished in' "$out"; then # h2load
-        awk '
-            /^finished in/ { gsub(",", ""); rate = $4 }
-            /^requests:/ { done = $8; failed = $10 + $12 }
-            /^status codes:/ { bad = $5 + $7 + $9 }
-            END { printf "%d %.0f %d\n", done, rate, failed + bad }' "$out"
-    else # wrk
-        awk '
-            /requests in/ { n = $1 }
-            /^Requests\/sec:/ { rate = $2 }
-            /Non-2xx or 3xx responses:/ { bad += $NF }
-            /Socket errors:/ { gsub(",", ""); bad += $4 + $6 + $8 + $10 }
-            END { printf "%d %.0f %d\n", n, rate, bad }' "$out"
-    fi
 }
 
 # Redis traffic during keygate's small-GET runs (INFO commandstats before and after).
@@ -311,7 +287,6 @@ for t in "${TARGETS[@]}"; do RSS[$t]=$(rss_kib "${PID[$t]}"); done
 
 # === 4. Report ===
 
-med() { printf '%s\n' $1 | grep -v n/a | median; }
 # range "VALUES": lowest-highest, to show how far the rounds spread.
 range() { printf '%s\n' $1 | grep -v n/a | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR == 0) print "n/a"; else print lo "-" hi }'; }
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
@@ -334,10 +309,10 @@ report() {
         local -A m=()
         local cells=""
         for t in "${TARGETS[@]}"; do
-            m[$t]=$(med "${RATES[$w,$t]:-}")
+            m[$t]=$(median_of "${RATES[$w,$t]:-}")
             local c u
-            c=$(med "${CPUS[$w,$t]:-}")
-            u=$(med "${USER_CPUS[$w,$t]:-}")
+            c=$(median_of "${CPUS[$w,$t]:-}")
+            u=$(median_of "${USER_CPUS[$w,$t]:-}")
             local flag=""
             if ((${BAD[$w,$t]:-0} > 0)); then flag=" (${BAD[$w,$t]} bad!)"; fi
             cells+=" ${m[$t]} / ${c} µs (${u} user)$flag |"
@@ -361,13 +336,13 @@ report() {
         echo "| target | p50 ms | p99 ms | p99 range ms | p99.9 ms | p99 added vs direct ms |"
         echo "|---|---:|---:|---:|---:|---:|"
         local d99
-        d99=$(med "${P99[direct]:-}")
+        d99=$(median_of "${P99[direct]:-}")
         for t in "${TARGETS[@]}"; do
             local p99
-            p99=$(med "${P99[$t]:-}")
+            p99=$(median_of "${P99[$t]:-}")
             local flag=""
             if [[ -n ${BAD[lat,$t]:-} ]]; then flag=" (non-200 answers!)"; fi
-            echo "| $t$flag | $(med "${P50[$t]:-}") | $p99 | $(range "${P99[$t]:-}") | $(med "${P999[$t]:-}") | $(awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b }') |"
+            echo "| $t$flag | $(median_of "${P50[$t]:-}") | $p99 | $(range "${P99[$t]:-}") | $(median_of "${P999[$t]:-}") | $(awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b }') |"
         done
     else
         echo "## Latency: skipped ($LATENCY_SKIP_REASON)"
