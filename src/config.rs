@@ -80,6 +80,49 @@ pub struct ServerConfig {
     /// (SO_REUSEPORT) and upstream connection pools. 0 in the file means one
     /// per CPU core; resolved to a count here.
     pub workers: usize,
+    /// Connection deadlines and sizes: every state a connection can be in
+    /// has a deadline, every buffer a limit.
+    pub edge: EdgeConfig,
+}
+
+/// What one client may hold of the gateway: deadlines for every connection
+/// state, caps on connections, sizes of request heads, and which request
+/// forms are refused before they are judged. Library defaults are not relied
+/// on: each value here is set explicitly on hyper.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// From accept to a complete request head (first bytes, protocol
+    /// detection, the HTTP/1 head, the HTTP/2 preface and first stream), and
+    /// for each later head once its first byte arrived.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// A response the client does not read for this long (the socket's send
+    /// buffer stays full) closes the connection.
+    pub send_timeout: Duration,
+    /// HTTP/2: PING an idle peer this often; no answer within
+    /// `http2_keepalive_timeout` closes the connection.
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
+    /// Open connections across all workers; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one source address.
+    pub max_connections_per_ip: usize,
+    /// The whole request head (request line and headers; HTTP/2: the header
+    /// list); larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Header fields in one request head.
+    pub max_headers: usize,
+    /// Peers whose `X-Forwarded-For` is believed; from anyone else it is
+    /// replaced by the peer's own address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Refuse path forms that backends read differently (`;` parameters,
+    /// trailing dots or spaces in segments, double encoding, invalid UTF-8).
+    pub strict_paths: bool,
+    /// Remove headers that make frameworks reinterpret the method or path
+    /// (`X-HTTP-Method-Override`, `X-Original-URL`, ...).
+    pub strip_override_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +309,19 @@ struct RawServer {
     listen: Option<String>,
     drain_timeout: Option<String>,
     workers: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    send_timeout: Option<String>,
+    http2_keepalive_interval: Option<String>,
+    http2_keepalive_timeout: Option<String>,
+    http2_max_concurrent_streams: Option<u32>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
+    strict_paths: Option<bool>,
+    strip_override_headers: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -559,6 +615,7 @@ impl RawConfig {
                 }
                 n => n,
             },
+            edge: validate_edge(&mut p, &self.server),
         };
 
         let store = validate_store(&mut p, self.store, base);
@@ -688,6 +745,79 @@ fn validate_admin(
         p.push("admin.token_name", "must be 1-64 printable characters");
     }
     Some(AdminConfig { listen, token, token_name })
+}
+
+/// The `[server]` deadlines and limits. Zero is refused where it would mean
+/// "no limit" by accident: every state keeps a deadline.
+fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
+    let mut deadline = |field: &str, value: &Option<String>, default: u64| {
+        let at = format!("server.{field}");
+        let d = p.duration(&at, value.as_deref(), Duration::from_secs(default));
+        if d.is_zero() {
+            p.push(at, "must be above zero: every connection state keeps a deadline");
+            return Duration::from_secs(default);
+        }
+        d
+    };
+    let header_read_timeout = deadline("header_read_timeout", &raw.header_read_timeout, 10);
+    let idle_timeout = deadline("idle_timeout", &raw.idle_timeout, 60);
+    let send_timeout = deadline("send_timeout", &raw.send_timeout, 30);
+    let http2_keepalive_interval = deadline("http2_keepalive_interval", &raw.http2_keepalive_interval, 20);
+    let http2_keepalive_timeout = deadline("http2_keepalive_timeout", &raw.http2_keepalive_timeout, 10);
+    let mut at_least = |field: &str, value: Option<usize>, default: usize, min: usize| {
+        let n = value.unwrap_or(default);
+        if n < min {
+            p.push(format!("server.{field}"), format!("{n} is below the minimum of {min}"));
+            return default;
+        }
+        n
+    };
+    let max_connections = at_least("max_connections", raw.max_connections, 10_000, 1);
+    let max_connections_per_ip = at_least("max_connections_per_ip", raw.max_connections_per_ip, 256, 1);
+    // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+    let max_header_bytes = at_least("max_header_bytes", raw.max_header_bytes, 64 * 1024, 8 * 1024);
+    let max_headers = at_least("max_headers", raw.max_headers, 100, 1);
+    let http2_max_concurrent_streams = at_least(
+        "http2_max_concurrent_streams",
+        raw.http2_max_concurrent_streams.map(|n| n as usize),
+        100,
+        1,
+    ) as u32;
+    if max_connections_per_ip > max_connections {
+        p.push(
+            "server.max_connections_per_ip",
+            format!("{max_connections_per_ip} is above server.max_connections ({max_connections})"),
+        );
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, text) in raw.trusted_proxies.iter().flatten().enumerate() {
+        // A bare address is a one-address network.
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => p.push(
+                format!("server.trusted_proxies[{i}]"),
+                format!("`{text}` is not an address or network like \"10.0.0.0/8\""),
+            ),
+        }
+    }
+    EdgeConfig {
+        header_read_timeout,
+        idle_timeout,
+        send_timeout,
+        http2_keepalive_interval,
+        http2_keepalive_timeout,
+        http2_max_concurrent_streams,
+        max_connections,
+        max_connections_per_ip,
+        max_header_bytes,
+        max_headers,
+        trusted_proxies,
+        strict_paths: raw.strict_paths.unwrap_or(true),
+        strip_override_headers: raw.strip_override_headers.unwrap_or(true),
+    }
 }
 
 fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::limit::Limits;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
+use crate::server::limits::ConnectionLimits;
 use crate::store::SharedStore;
 use crate::usage::{FlushConfig, UsageFlusher, UsageRecorder};
 
@@ -50,6 +51,9 @@ pub struct Gateway {
     /// counting without flushing would only grow.
     pub usage: Option<Arc<UsageRecorder>>,
     pub store: SharedStore,
+    /// Open connections, capped globally and per source address; shared by
+    /// every worker's listener. Sized at start (listeners do not reload).
+    pub connections: Arc<ConnectionLimits>,
 }
 
 impl Gateway {
@@ -61,7 +65,15 @@ impl Gateway {
         let redis = store.redis();
         let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())));
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
-        Arc::new(Self { live: ArcSwap::from_pointee(Live::build(config)), verifier, limits, usage, store })
+        let connections = ConnectionLimits::new(&config.server.edge);
+        Arc::new(Self {
+            live: ArcSwap::from_pointee(Live::build(config)),
+            verifier,
+            limits,
+            usage,
+            store,
+            connections,
+        })
     }
 
     /// A flusher writing this gateway's usage to the store's Redis, if both

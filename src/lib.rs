@@ -6,7 +6,8 @@
 //! request upstream and counts the usage.
 //!
 //! Components, in the order a request meets them:
-//! - [`server`]: listeners and connections (HTTP/1.1 + HTTP/2), graceful shutdown.
+//! - [`server`]: listeners and connections (HTTP/1.1 + HTTP/2): connection caps,
+//!   protocol detection, a deadline for every connection state, graceful shutdown.
 //! - [`handler`]: the request path, top to bottom; the table of contents.
 //! - [`route`]: path normalisation and longest-prefix route matching.
 //! - [`key`]: the key string format, parsing, generation and hashing.
@@ -27,6 +28,7 @@
 //! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
 //! - [`cli`]: the `keygate` command.
+//! - [`worker`]: which worker thread runs the current code (picks its pools).
 #![forbid(unsafe_code)]
 // A panic on the request path costs a request; outside tests, say why a
 // value is there instead of unwrapping it.
@@ -55,3 +57,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod usage;
+pub mod worker;

@@ -80,6 +80,12 @@ struct RefusalLabels {
     kind: Refusal,
 }
 
+/// Why the edge closed or refused a connection: a `[server]` field name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EdgeLabels {
+    limit: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 0.5 ms to about 16 s, doubling.
@@ -99,6 +105,8 @@ pub struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     usage_flush_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     usage_dropped: Counter,
+    connections_refused: Family<EdgeLabels, Counter>,
+    connections_expired: Family<EdgeLabels, Counter>,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
     routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
@@ -161,8 +169,22 @@ impl Metrics {
             "Usage records dropped because the buffer for an unreachable Redis was full",
             usage_dropped.clone(),
         );
+        let connections_refused = Family::<EdgeLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a cap was full, by the cap's [server] field",
+            connections_refused.clone(),
+        );
+        let connections_expired = Family::<EdgeLabels, Counter>::default();
+        registry.register(
+            "connections_expired",
+            "Connections closed by a deadline, by the deadline's [server] field",
+            connections_expired.clone(),
+        );
         Self {
             registry,
+            connections_refused,
+            connections_expired,
             requests,
             request_duration,
             cache_hits,
@@ -174,6 +196,14 @@ impl Metrics {
             usage_dropped,
             routes: RwLock::new(HashMap::default()),
         }
+    }
+
+    pub fn connection_refused(&self, limit: &'static str) {
+        self.connections_refused.get_or_create(&EdgeLabels { limit }).inc();
+    }
+
+    pub fn connection_expired(&self, limit: &'static str) {
+        self.connections_expired.get_or_create(&EdgeLabels { limit }).inc();
     }
 
     /// Counts one answered request and observes its latency.
@@ -270,6 +300,16 @@ pub fn record_request(route: &str, status: u16, duration: Duration) {
 }
 
 /// A key verification answered from the in-process cache.
+/// A connection refused at accept: `limit` is the `[server]` cap that was full.
+pub fn connection_refused(limit: &'static str) {
+    METRICS.connection_refused(limit);
+}
+
+/// A connection closed by the `[server]` deadline `limit`.
+pub fn connection_expired(limit: &'static str) {
+    METRICS.connection_expired(limit);
+}
+
 pub fn cache_hit() {
     METRICS.cache_hit();
 }

@@ -33,12 +33,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 pub use self::error::AdminError;
 use crate::gateway::Gateway;
 use crate::reload::Reloader;
+use crate::server::watchdog::{self, Activity, Deadlines, Ended, Tracked, Watched};
 
 /// Largest request body accepted; key calls are a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -153,10 +154,31 @@ fn matches_template<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>
 
 /// Serves the admin API on `listener` until `shutdown` completes, then lets
 /// calls in flight finish (briefly).
+///
+/// Held to the same `[server]` deadlines and header limits as the public
+/// listener (see `server::watchdog`): a private port is still a port, and a
+/// connection that sends nothing must not stay open forever.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+    let edge = admin.gateway.live.load().config.server.edge.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.header_read_timeout.max(edge.idle_timeout) + edge.header_read_timeout)
+        // hyper-util's `auto` builder has no `max_header_size`; a head that
+        // fills the bounded read buffer gets the same 431.
+        .max_buf_size(edge.max_header_bytes.max(8 * 1024))
+        .max_headers(edge.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(edge.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(edge.http2_keepalive_interval)
+        .keep_alive_timeout(edge.http2_keepalive_timeout);
+    let builder = Arc::new(builder);
+    // As in `server::serve`: every connection holds a receiver, and the drain
+    // is over once all are dropped.
+    let (draining, _) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -172,19 +194,34 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
             () = &mut shutdown => break,
         };
         let admin = Arc::clone(&admin);
+        let activity = Arc::new(Activity::default());
+        let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let admin = Arc::clone(&admin);
-            async move { Ok::<_, std::convert::Infallible>(handle(&admin, request).await) }
+            let guard = requests.request();
+            async move {
+                let response = handle(&admin, request).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
+            }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let builder = Arc::clone(&builder);
+        let draining = draining.subscribe();
+        // The protocol is found inside hyper-util's `auto` connection, so the
+        // HTTP/1 rule (a byte after idle begins a head) applies to both.
+        let deadlines = Deadlines::new(&edge, false);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "admin connection ended with an error");
+            let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
+            let connection = builder.serve_connection(io, service);
+            match watchdog::drive(connection, &activity, deadlines, draining).await {
+                Ended::Closed(Ok(())) => {}
+                Ended::Closed(Err(error)) => tracing::debug!(%error, "admin connection ended with an error"),
+                Ended::Expired(expired) => tracing::debug!(?expired, "admin connection closed by a deadline"),
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    draining.send_replace(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, draining.closed()).await.is_err() {
         tracing::warn!("admin calls still in flight after the drain timeout");
     }
 }

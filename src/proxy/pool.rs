@@ -73,7 +73,7 @@ impl ConnPool {
     }
 
     fn idle_list(&self) -> &Mutex<Vec<Idle>> {
-        &self.per_worker[crate::server::worker_index() % self.per_worker.len()]
+        &self.per_worker[crate::worker::worker_index() % self.per_worker.len()]
     }
 
     /// Sends `request` (origin-form URI, `Host` set) on a pooled connection,
