@@ -994,7 +994,12 @@ fn validate_route(
         }
         RouteTarget::Upstream(raw.upstream)
     };
-    let host = raw.host.map(|h| h.to_ascii_lowercase());
+    // `admin.local.` is the same name as `admin.local` (requests are matched
+    // without the trailing dot too).
+    let host = raw.host.map(|h| {
+        let h = h.to_ascii_lowercase();
+        h.strip_suffix('.').map(str::to_owned).unwrap_or(h)
+    });
     if let Some(h) = &host
         && (h.is_empty() || h.contains(['/', ' ', ':']))
     {

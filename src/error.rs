@@ -21,6 +21,8 @@ pub enum GatewayError {
     NoRoute,
     #[error("bad request path: {0}")]
     BadPath(#[from] PathError),
+    #[error("bad host: {0}")]
+    BadHost(#[from] crate::sanitize::HostError),
     #[error("no API key in the request")]
     MissingKey,
     /// The key is malformed, unknown, expired or revoked. The reason is for the
@@ -59,6 +61,7 @@ impl GatewayError {
         let message = match self {
             Self::NoRoute => "no route matches this request".to_owned(),
             Self::BadPath(e) => format!("bad request path: {e}"),
+            Self::BadHost(e) => format!("bad host: {e}"),
             Self::MissingKey => "an API key is required".to_owned(),
             Self::KeyRejected(_) => "the API key is not valid".to_owned(),
             Self::MissingScope(scope) => format!("this API key lacks the scope `{scope}`"),
@@ -76,6 +79,7 @@ impl GatewayError {
         match self {
             Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             Self::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
+            Self::BadHost(_) => (StatusCode::BAD_REQUEST, "bad_host"),
             Self::MissingKey => (StatusCode::UNAUTHORIZED, "missing_key"),
             Self::KeyRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_key"),
             Self::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
@@ -177,6 +181,13 @@ mod tests {
         let (status, _, body) = answer(GatewayError::BadPath(PathError::AboveRoot)).await;
         assert_eq!(status, 400);
         assert_eq!(body["error"], "bad_path");
+    }
+
+    #[tokio::test]
+    async fn bad_host_is_400() {
+        let (status, _, body) = answer(GatewayError::BadHost(crate::sanitize::HostError::Duplicate)).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "bad_host");
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderValue, Request, Response, Uri, header};
+use http::{Request, Response, Uri, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -23,7 +23,7 @@ use crate::config::{RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody};
-use crate::{credential, echo, limit, proxy, route, scope};
+use crate::{credential, echo, limit, proxy, route, sanitize, scope};
 use http_body::Body as _;
 
 /// What the gateway answers with: the upstream's streaming body, or a body
@@ -41,6 +41,9 @@ struct Trail {
     route: Option<Arc<RouteConfig>>,
     caller: Option<Arc<Caller>>,
     upstream_latency: Option<std::time::Duration>,
+    /// The client's address: the peer's, or behind trusted proxies the one
+    /// they forwarded for.
+    client_ip: Option<std::net::IpAddr>,
 }
 
 impl Trail {
@@ -95,7 +98,7 @@ pub async fn handle(
         upstream = trail.target(),
         client = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
         duration_us = started.elapsed().as_micros() as u64,
-        peer = %peer.addr.ip(),
+        peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
     );
 
     // 8. Usage and metrics: recorded when the response body ends.
@@ -121,10 +124,16 @@ async fn serve(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
 
-    // 1. Route: normalise the path once; decide and forward on that form.
+    // 1. Route: one host, one canonical path; decide and forward on those.
+    let edge = &live.config.server.edge;
+    trail.client_ip = Some(peer.client_ip(request.headers(), &edge.trusted_proxies));
+    if edge.strict_paths {
+        route::check_strict(request.uri().path()).map_err(GatewayError::from)?;
+    }
     let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
-    let host = request_host(&request);
-    let matched = live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port), &path);
+    let host = sanitize::request_host(request.headers(), request.uri()).map_err(GatewayError::from)?;
+    let matched =
+        live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(sanitize::route_name), &path);
     let Some(route::RouteMatch { route, upstream_path }) = matched else {
         trail.path = Some(path);
         return Err(GatewayError::NoRoute.into());
@@ -148,8 +157,13 @@ async fn serve(
     let mut caller = None;
     if !route.public {
         let presented =
-            credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key)
-                .ok_or(GatewayError::MissingKey)?;
+            match credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key) {
+                credential::Presented::Key(key) => key,
+                credential::Presented::Missing => return Err(GatewayError::MissingKey.into()),
+                credential::Presented::Ambiguous => {
+                    return Err(GatewayError::KeyRejected("two different keys presented").into());
+                }
+            };
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
         let record = gateway.verifier.verify(&presented, started).await?;
@@ -168,6 +182,11 @@ async fn serve(
     // Every key carrier goes, not only the one read: a second copy must not
     // leak, and a key sent to a public route is still nobody else's business.
     credential::strip(request.headers_mut(), &mut path_and_query, route, keys);
+    // The scopes were checked against this method and path; no header may
+    // make the upstream run another.
+    if edge.strip_override_headers {
+        sanitize::remove_override_headers(request.headers_mut());
+    }
 
     // 6. Proxy: rewrite headers, then forward (or answer from the echo).
     *request.uri_mut() = Uri::from_maybe_shared(Bytes::from(path_and_query))
@@ -219,23 +238,6 @@ fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Ref
         crate::usage::Refusal::RateLimited => Some(crate::metrics::Refusal::RateLimited),
         crate::usage::Refusal::QuotaExceeded => Some(crate::metrics::Refusal::QuotaExceeded),
         crate::usage::Refusal::Unauthorized | crate::usage::Refusal::Forbidden => None,
-    }
-}
-
-/// The host the client asked for: the `Host` header (HTTP/1.1) or the URI
-/// authority (HTTP/2). A header value, so passing it on copies nothing.
-fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
-    match request.headers().get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    }
-}
-
-/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
-fn strip_port(host: &str) -> &str {
-    match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
     }
 }
 

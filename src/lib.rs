@@ -9,7 +9,8 @@
 //! - [`server`]: listeners and connections (HTTP/1.1 + HTTP/2): connection caps,
 //!   protocol detection, a deadline for every connection state, graceful shutdown.
 //! - [`handler`]: the request path, top to bottom; the table of contents.
-//! - [`route`]: path normalisation and longest-prefix route matching.
+//! - [`sanitize`]: the request's one host, and override headers removed.
+//! - [`route`]: path normalisation (and strict refusals) and longest-prefix route matching.
 //! - [`key`]: the key string format, parsing, generation and hashing.
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
@@ -52,6 +53,7 @@ pub mod ops;
 pub mod proxy;
 pub mod reload;
 pub mod route;
+pub mod sanitize;
 pub mod scope;
 pub mod server;
 pub mod store;

@@ -20,6 +20,72 @@ pub enum PathError {
     BadEncoding,
     #[error("`..` climbs above the root")]
     AboveRoot,
+    /// Strict mode: `;` (raw or encoded) starts path parameters that Java
+    /// servers strip (`/admin;x` is `/admin` to Tomcat, `..;` climbs).
+    #[error("`;` in path")]
+    Semicolon,
+    /// Strict mode: `%25` followed by hex, decoded twice by some backends.
+    #[error("double percent-encoding in path")]
+    DoubleEncoded,
+    /// Strict mode: encoded bytes that are not UTF-8 (overlong `%c0%ae` is
+    /// `.` to lax decoders) or encoded control characters.
+    #[error("encoded bytes in path are not UTF-8 text")]
+    NotText,
+    /// Strict mode: a segment ending in a dot or white space (`/admin.`,
+    /// `/admin%20`), which Windows and some frameworks trim.
+    #[error("path segment ends in a dot or white space")]
+    TrailingDotOrSpace,
+}
+
+/// Refuses, in strict mode (`server.strict_paths`, the default), the path
+/// forms that backends read differently from the canonical form the gateway
+/// judges. Runs on the raw path, before [`normalize_path`]; costs one pass
+/// over a path with no `%` or `;`.
+pub fn check_strict(raw: &str) -> Result<(), PathError> {
+    let bytes = raw.as_bytes();
+    if !bytes.iter().any(|&b| matches!(b, b'%' | b';' | b'.')) {
+        return Ok(());
+    }
+    // Percent-decode everything to judge the text a lax backend would see.
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b';' => return Err(PathError::Semicolon),
+            b'%' => {
+                let value = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or(PathError::BadEncoding)?;
+                if value == b';' {
+                    return Err(PathError::Semicolon);
+                }
+                if value.is_ascii_control() {
+                    return Err(PathError::NotText);
+                }
+                decoded.push(value);
+                i += 3;
+            }
+            b => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    // Decoded once, an escape still there (`%252e` -> `%2e`, and
+    // `%25%32%65` too) is what a second decoding would act on.
+    if decoded.windows(3).any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit()) {
+        return Err(PathError::DoubleEncoded);
+    }
+    let text = std::str::from_utf8(&decoded).map_err(|_| PathError::NotText)?;
+    let trailing = |segment: &str| {
+        !matches!(segment, "." | "..") && segment.ends_with(|c: char| c == '.' || c.is_whitespace())
+    };
+    if text.split('/').any(trailing) {
+        return Err(PathError::TrailingDotOrSpace);
+    }
+    Ok(())
 }
 
 /// Canonical form of a request path:
@@ -168,6 +234,41 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_mode_refuses_forms_backends_read_differently() {
+        for (raw, want) in [
+            ("/admin;x", PathError::Semicolon),
+            ("/api/..;/admin", PathError::Semicolon),
+            ("/api/%3B/admin", PathError::Semicolon),
+            ("/api/%252e%252e/admin", PathError::DoubleEncoded),
+            ("/api/%25%32%65", PathError::DoubleEncoded),
+            ("/api/%c0%ae%c0%ae/admin", PathError::NotText),
+            ("/api/%ff", PathError::NotText),
+            ("/api/%0d%0aX:1", PathError::NotText),
+            ("/admin.", PathError::TrailingDotOrSpace),
+            ("/admin./x", PathError::TrailingDotOrSpace),
+            ("/admin%20", PathError::TrailingDotOrSpace),
+            ("/admin%2e", PathError::TrailingDotOrSpace),
+            ("/a/.../b", PathError::TrailingDotOrSpace),
+            ("/a%zz", PathError::BadEncoding),
+        ] {
+            assert_eq!(check_strict(raw), Err(want), "{raw}");
+        }
+        for raw in [
+            "/",
+            "/api/users",
+            "/a/./b",
+            "/a/../b",
+            "/a%c3%a9",
+            "/a%20b",
+            "/v1.2/x",
+            "/.well-known/x",
+            "/a%25",
+        ] {
+            assert_eq!(check_strict(raw), Ok(()), "{raw}");
+        }
+    }
     use crate::config::RouteTarget;
     use std::collections::BTreeMap;
 

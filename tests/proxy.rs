@@ -122,9 +122,10 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 }
 
 #[tokio::test]
-async fn x_forwarded_headers_are_set_and_appended() {
+async fn x_forwarded_headers_are_set_and_appended_behind_a_trusted_proxy() {
     let upstream = Upstream::mirror().await;
-    let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
+    let config = format!("[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}", proxy_config(&upstream.url()));
+    let gateway = TestGateway::start(&config).await;
     let request = Request::get(gateway.url("/api/x"))
         .header("host", "api.example.com")
         .header("x-forwarded-for", "203.0.113.9")

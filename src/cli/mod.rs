@@ -193,7 +193,20 @@ fn serve(path: &Path) -> ExitCode {
     // one, as nginx's worker_rlimit_nofile does, so a default of 1024 does
     // not cap the gateway's connections.
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Ok(limit) => {
+            tracing::info!(limit, "open file limit");
+            // Upstream connections, Redis and the listeners need descriptors
+            // too: a cap the process cannot reach would fail at accept instead.
+            let cap = config.server.edge.max_connections as u64;
+            if cap.saturating_mul(2) > limit {
+                tracing::warn!(
+                    max_connections = cap,
+                    limit,
+                    "server.max_connections needs about two descriptors each (client and upstream); \
+                     raise the hard open file limit or lower max_connections"
+                );
+            }
+        }
         Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
     }
     // The control runtime drives what is not per request: the store's

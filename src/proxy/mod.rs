@@ -81,15 +81,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The client's address as `X-Forwarded-For` carries it, made once per
-/// connection rather than formatted on every request.
+/// The connection's peer: its address as `X-Forwarded-For` carries it (made
+/// once per connection rather than formatted on every request), and whether
+/// it is a proxy whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     forwarded_for: HeaderValue,
+    trusted: bool,
 }
 
 impl Peer {
+    /// A peer whose forwarding headers are not believed.
     pub fn new(addr: SocketAddr) -> Self {
         let value = match addr.ip() {
             IpAddr::V4(ip) => ipv4_value(ip),
@@ -97,7 +100,39 @@ impl Peer {
         };
         // An IP address's text is always a valid header value.
         let forwarded_for = value.unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, forwarded_for }
+        Self { addr, forwarded_for, trusted: false }
+    }
+
+    /// The same peer, believed if its address is in `trusted_proxies`.
+    pub fn trusted_if_in(mut self, trusted_proxies: &[ipnet::IpNet]) -> Self {
+        self.trusted = trusted_proxies.iter().any(|net| net.contains(&self.addr.ip()));
+        self
+    }
+
+    /// The address of the client the request is from: the peer itself, or,
+    /// behind trusted proxies, the right-most `X-Forwarded-For` entry that is
+    /// not one of them (entries left of it are the client's own claims).
+    /// Limits keyed by address and the access log use this.
+    pub fn client_ip(&self, headers: &HeaderMap, trusted_proxies: &[ipnet::IpNet]) -> IpAddr {
+        let mut client = self.addr.ip();
+        if !self.trusted {
+            return client;
+        }
+        let hops: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.parse::<IpAddr>() else { break };
+            client = ip;
+            if !trusted_proxies.iter().any(|net| net.contains(&ip)) {
+                break;
+            }
+        }
+        client
     }
 }
 
@@ -115,11 +150,17 @@ fn ipv4_value(ip: Ipv4Addr) -> Result<HeaderValue, http::header::InvalidHeaderVa
     HeaderValue::from_maybe_shared(text.freeze())
 }
 
-/// Sets the `X-Forwarded-*` headers: appends the peer to `X-Forwarded-For`,
-/// and records the scheme and the host the client asked for (the client's own
-/// `Host` value, or none).
+/// Sets the `X-Forwarded-*` headers: appends the peer to `X-Forwarded-For`
+/// when the peer is a trusted proxy, and otherwise replaces whatever the
+/// client claimed with the peer's address (a client cannot make an upstream
+/// believe it is someone else); records the scheme and the host the client
+/// asked for (its own `Host` value, or none). `Forwarded` (RFC 7239) is not
+/// written, so a client's is not passed on either.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, proto: &'static str, host: Option<HeaderValue>) {
-    let chain = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    headers.remove(header::FORWARDED);
+    let existing =
+        if peer.trusted { headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
+    let chain = match existing {
         Some(existing) if !existing.trim().is_empty() => {
             let chain = format!("{existing}, {}", peer.addr.ip());
             HeaderValue::from_maybe_shared(Bytes::from(chain)).ok()
@@ -382,11 +423,47 @@ mod tests {
         assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.9");
     }
 
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
     #[test]
-    fn forwarded_for_appends_to_an_existing_chain() {
+    fn a_clients_own_forwarded_for_is_replaced_unless_its_peer_is_trusted() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
+        headers.insert(header::FORWARDED, HeaderValue::from_static("for=10.9.9.9"));
+        let peer = Peer::new("192.0.2.9:1234".parse().unwrap()).trusted_if_in(&nets(&["10.0.0.0/8"]));
+        assert_eq!(peer.client_ip(&headers, &nets(&["10.0.0.0/8"])), "192.0.2.9".parse::<IpAddr>().unwrap());
+        set_forwarded(&mut headers, &peer, "http", None);
+        assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.9");
+        assert!(!headers.contains_key(header::FORWARDED));
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_client_is_the_rightmost_untrusted_hop() {
+        let trusted = nets(&["10.0.0.0/8", "192.168.1.1/32"]);
+        let peer = Peer::new("10.0.0.2:443".parse().unwrap()).trusted_if_in(&trusted);
+        let mut headers = HeaderMap::new();
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 203.0.113.7"));
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("192.168.1.1, 10.0.0.1"));
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            peer.client_ip(&headers, &trusted),
+            ip("203.0.113.7"),
+            "1.1.1.1 is the client's own claim"
+        );
+        // A garbage hop ends the walk at the last address believed.
+        let mut garbled = HeaderMap::new();
+        garbled.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7, junk, 10.0.0.1"));
+        assert_eq!(peer.client_ip(&garbled, &trusted), ip("10.0.0.1"));
+        assert_eq!(peer.client_ip(&HeaderMap::new(), &trusted), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_an_existing_chain_from_a_trusted_proxy() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
-        let peer = Peer::new("127.0.0.1:5000".parse().unwrap());
+        let peer = Peer::new("127.0.0.1:5000".parse().unwrap()).trusted_if_in(&nets(&["127.0.0.1/32"]));
         set_forwarded(&mut headers, &peer, "http", Some(HeaderValue::from_static("api.example")));
         assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
