@@ -49,7 +49,7 @@ fn request_benches(c: &mut Criterion) {
             || headers.clone(),
             |headers| {
                 proxy::remove_hop_by_hop(headers);
-                proxy::set_forwarded(headers, &peer, "http", Some(host.clone()));
+                proxy::set_forwarded(headers, &peer, false, "http", Some(host.clone()));
                 proxy::set_identity(headers, &config.keys, Some(&identity));
             },
             criterion::BatchSize::SmallInput,

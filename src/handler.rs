@@ -126,6 +126,7 @@ async fn serve(
 
     // 1. Route: one host, one canonical path; decide and forward on those.
     let edge = &live.config.server.edge;
+    let behind_proxy = peer.is_trusted(&edge.trusted_proxies);
     trail.client_ip = Some(peer.client_ip(request.headers(), &edge.trusted_proxies));
     if edge.strict_paths {
         route::check_strict(request.uri().path()).map_err(GatewayError::from)?;
@@ -199,7 +200,7 @@ async fn serve(
     // instructions per new connection).
     headers.reserve(proxy::ADDED_REQUEST_HEADERS);
     proxy::remove_hop_by_hop(headers);
-    proxy::set_forwarded(headers, peer, "http", host);
+    proxy::set_forwarded(headers, peer, behind_proxy, "http", host);
     headers.remove(header::HOST);
     proxy::set_identity(headers, keys, caller.as_ref().map(|(caller, _)| &caller.identity));
 

@@ -117,6 +117,18 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("keys.stale_window", keys.0.stale_window != keys.1.stale_window),
         ("log.format", old.log.format != new.log.format),
         ("server.workers", old.server.workers != new.server.workers),
+        // Deadlines, caps and head limits are built into each worker's
+        // listener; strict_paths, strip_override_headers and
+        // trusted_proxies are read per request and reload.
+        ("server connection deadlines and limits", {
+            let (a, b) = (&old.server.edge, &new.server.edge);
+            (a.header_read_timeout, a.idle_timeout, a.send_timeout, a.http2_keepalive_interval)
+                != (b.header_read_timeout, b.idle_timeout, b.send_timeout, b.http2_keepalive_interval)
+                || (a.http2_keepalive_timeout, a.http2_max_concurrent_streams, a.max_connections)
+                    != (b.http2_keepalive_timeout, b.http2_max_concurrent_streams, b.max_connections)
+                || (a.max_connections_per_ip, a.max_header_bytes, a.max_headers)
+                    != (b.max_connections_per_ip, b.max_header_bytes, b.max_headers)
+        }),
         (
             "usage",
             old.usage.enabled != new.usage.enabled || old.usage.flush_interval != new.usage.flush_interval,

@@ -81,14 +81,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The connection's peer: its address as `X-Forwarded-For` carries it (made
-/// once per connection rather than formatted on every request), and whether
-/// it is a proxy whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
+/// The connection's peer, with its address as `X-Forwarded-For` carries it,
+/// made once per connection rather than formatted on every request.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     forwarded_for: HeaderValue,
-    trusted: bool,
 }
 
 impl Peer {
@@ -100,13 +98,13 @@ impl Peer {
         };
         // An IP address's text is always a valid header value.
         let forwarded_for = value.unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, forwarded_for, trusted: false }
+        Self { addr, forwarded_for }
     }
 
-    /// The same peer, believed if its address is in `trusted_proxies`.
-    pub fn trusted_if_in(mut self, trusted_proxies: &[ipnet::IpNet]) -> Self {
-        self.trusted = trusted_proxies.iter().any(|net| net.contains(&self.addr.ip()));
-        self
+    /// Whether this peer is a proxy whose `X-Forwarded-For` is believed
+    /// (`server.trusted_proxies`; none by default, which costs nothing).
+    pub fn is_trusted(&self, trusted_proxies: &[ipnet::IpNet]) -> bool {
+        trusted_proxies.iter().any(|net| net.contains(&self.addr.ip()))
     }
 
     /// The address of the client the request is from: the peer itself, or,
@@ -115,7 +113,7 @@ impl Peer {
     /// Limits keyed by address and the access log use this.
     pub fn client_ip(&self, headers: &HeaderMap, trusted_proxies: &[ipnet::IpNet]) -> IpAddr {
         let mut client = self.addr.ip();
-        if !self.trusted {
+        if !self.is_trusted(trusted_proxies) {
             return client;
         }
         let hops: Vec<&str> = headers
@@ -151,15 +149,20 @@ fn ipv4_value(ip: Ipv4Addr) -> Result<HeaderValue, http::header::InvalidHeaderVa
 }
 
 /// Sets the `X-Forwarded-*` headers: appends the peer to `X-Forwarded-For`
-/// when the peer is a trusted proxy, and otherwise replaces whatever the
-/// client claimed with the peer's address (a client cannot make an upstream
-/// believe it is someone else); records the scheme and the host the client
+/// when the peer is a trusted proxy (`trusted`, from [`Peer::is_trusted`]),
+/// and otherwise replaces whatever the client claimed with the peer's
+/// address (a client cannot make an upstream believe it is someone else); records the scheme and the host the client
 /// asked for (its own `Host` value, or none). `Forwarded` (RFC 7239) is not
 /// written, so a client's is not passed on either.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, proto: &'static str, host: Option<HeaderValue>) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: &Peer,
+    trusted: bool,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
     headers.remove(header::FORWARDED);
-    let existing =
-        if peer.trusted { headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
+    let existing = if trusted { headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
     let chain = match existing {
         Some(existing) if !existing.trim().is_empty() => {
             let chain = format!("{existing}, {}", peer.addr.ip());
@@ -419,7 +422,7 @@ mod tests {
     fn forwarded_for_is_the_peer_when_the_client_sent_none() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("  "));
-        set_forwarded(&mut headers, &Peer::new("192.0.2.9:1234".parse().unwrap()), "http", None);
+        set_forwarded(&mut headers, &Peer::new("192.0.2.9:1234".parse().unwrap()), false, "http", None);
         assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.9");
     }
 
@@ -432,9 +435,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
         headers.insert(header::FORWARDED, HeaderValue::from_static("for=10.9.9.9"));
-        let peer = Peer::new("192.0.2.9:1234".parse().unwrap()).trusted_if_in(&nets(&["10.0.0.0/8"]));
-        assert_eq!(peer.client_ip(&headers, &nets(&["10.0.0.0/8"])), "192.0.2.9".parse::<IpAddr>().unwrap());
-        set_forwarded(&mut headers, &peer, "http", None);
+        let peer = Peer::new("192.0.2.9:1234".parse().unwrap());
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert!(!peer.is_trusted(&trusted));
+        assert_eq!(peer.client_ip(&headers, &trusted), "192.0.2.9".parse::<IpAddr>().unwrap());
+        set_forwarded(&mut headers, &peer, false, "http", None);
         assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.9");
         assert!(!headers.contains_key(header::FORWARDED));
     }
@@ -442,7 +447,7 @@ mod tests {
     #[test]
     fn behind_trusted_proxies_the_client_is_the_rightmost_untrusted_hop() {
         let trusted = nets(&["10.0.0.0/8", "192.168.1.1/32"]);
-        let peer = Peer::new("10.0.0.2:443".parse().unwrap()).trusted_if_in(&trusted);
+        let peer = Peer::new("10.0.0.2:443".parse().unwrap());
         let mut headers = HeaderMap::new();
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 203.0.113.7"));
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("192.168.1.1, 10.0.0.1"));
@@ -463,8 +468,9 @@ mod tests {
     fn forwarded_for_appends_to_an_existing_chain_from_a_trusted_proxy() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
-        let peer = Peer::new("127.0.0.1:5000".parse().unwrap()).trusted_if_in(&nets(&["127.0.0.1/32"]));
-        set_forwarded(&mut headers, &peer, "http", Some(HeaderValue::from_static("api.example")));
+        let peer = Peer::new("127.0.0.1:5000".parse().unwrap());
+        assert!(peer.is_trusted(&nets(&["127.0.0.1/32"])));
+        set_forwarded(&mut headers, &peer, true, "http", Some(HeaderValue::from_static("api.example")));
         assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
         assert_eq!(headers[X_FORWARDED_HOST], "api.example");
@@ -474,7 +480,7 @@ mod tests {
     fn forwarded_host_from_the_client_is_not_passed_on_when_there_is_no_host() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_HOST, HeaderValue::from_static("spoofed.example"));
-        set_forwarded(&mut headers, &Peer::new("[::1]:5000".parse().unwrap()), "http", None);
+        set_forwarded(&mut headers, &Peer::new("[::1]:5000".parse().unwrap()), false, "http", None);
         assert!(!headers.contains_key(X_FORWARDED_HOST));
         assert_eq!(headers[X_FORWARDED_FOR], "::1");
     }

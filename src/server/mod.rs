@@ -216,7 +216,7 @@ impl Connection {
 
         let Self { protocols, draining, gateway, peer } = self;
         let activity = Arc::new(Activity::default());
-        let client = proxy::Peer::new(peer).trusted_if_in(&protocols.edge.trusted_proxies);
+        let client = proxy::Peer::new(peer);
         let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
