@@ -1143,4 +1143,47 @@ mod tests {
         let text = "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"0123456789abcdef\"\ntoken_env = \"X\"\n";
         assert_eq!(load_admin(text, &[]).1[0].field, "admin.token_env");
     }
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units_and_refuse_the_rest() {
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size(" 512 kb "), Some(512_000));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("1gib"), Some(1 << 30));
+        assert_eq!(parse_size("7b"), Some(7));
+        for bad in ["", "MiB", "1.5MiB", "-1", "10 MeB", "99999999999999999999", "18446744073709551615GiB"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn body_and_connection_limits_have_defaults_and_name_their_field() {
+        let text = "[[route]]\npath = \"/\"\nupstream = \"api\"\n\n[upstream.api]\ntargets = [\"http://127.0.0.1:1\"]\n";
+        let config = Config::from_toml(text, Path::new(".")).unwrap();
+        assert_eq!(config.routes[0].body, BodyLimits::default());
+        assert_eq!(config.routes[0].body.max, Some(10 << 20));
+        let api = &config.upstreams["api"];
+        assert_eq!(api.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(api.max_connections.get(), 512);
+
+        let text = text.replace(
+            "upstream = \"api\"\n",
+            "upstream = \"api\"\nmax_body = \"unlimited\"\nupload_idle_timeout = \"5s\"\n",
+        );
+        let config = Config::from_toml(&text, Path::new(".")).unwrap();
+        assert_eq!(config.routes[0].body, BodyLimits { max: None, idle_timeout: Duration::from_secs(5) });
+        let zero = text.replace("\"unlimited\"", "\"0\"");
+        assert_eq!(Config::from_toml(&zero, Path::new(".")).unwrap().routes[0].body.max, None);
+
+        let bad = text
+            .replace("\"unlimited\"", "\"lots\"")
+            .replace("127.0.0.1:1\"]", "127.0.0.1:1\"]\nmax_connections = 0\nbody_idle_timeout = \"never\"");
+        let mut fields: Vec<String> = problems(&bad).into_iter().map(|p| p.field).collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["route[0].max_body", "upstream.api.body_idle_timeout", "upstream.api.max_connections"]
+        );
+    }
 }

@@ -11,13 +11,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Every byte one connection received, shared with the test.
+pub type Received = Arc<Mutex<Vec<u8>>>;
+
 /// One accepted upstream connection, with what was read from it so far.
 pub struct RawConn {
     pub stream: TcpStream,
     /// Bytes read but not yet handed out by `read_head`.
     pending: Vec<u8>,
     /// Everything received on this connection, for the test to inspect.
-    pub received: Arc<Mutex<Vec<u8>>>,
+    pub received: Received,
 }
 
 impl RawConn {
@@ -72,7 +75,7 @@ pub struct RawUpstream {
     /// Connections whose handler has returned (the gateway closed them, or the script did).
     pub finished: Arc<AtomicUsize>,
     /// Per connection, in accept order: every byte received.
-    pub received: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    pub received: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
