@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::gateway::{TestGateway, http1_client, http2_client, send};
 use common::raw::{RawUpstream, exchange};
-use common::upstream::{Upstream, full};
+use common::upstream::Upstream;
 use common::wait::within;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -422,7 +422,6 @@ async fn a_client_gone_mid_stream_cancels_the_upstream_request() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop(stream);
     within(10, "the upstream's response to be dropped", closed.recv()).await;
-    let _ = full("");
 }
 
 /// Sends on drop: the upstream's body stream was dropped (its connection gone).
@@ -432,4 +431,71 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.send(());
     }
+}
+
+/// The same cut, on the Redis store: the request the client abandoned is
+/// still counted in usage (the file store records none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_stream_is_still_counted_in_usage() {
+    let redis = common::redis::RedisServer::start();
+    let store = keygate::store::redis::RedisStore::connect(&redis.url(), "kg:").await.unwrap();
+    let now = jiff::Timestamp::now();
+    let changes = keygate::meta::MetaChanges::from_query("scope=read", now).unwrap();
+    let issued = keygate::ops::issue(&store, "kg_", "acme", changes, now).await.unwrap();
+    let key = issued.key.expose().to_owned();
+
+    let (tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let upstream = Upstream::start(move |_req| {
+        let tx = tx.clone();
+        async move {
+            let chunks = futures_util::stream::unfold((0u32, Guard(tx)), |(i, guard)| async move {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some((
+                    Ok::<_, hyper::Error>(hyper::body::Frame::data(Bytes::from_static(b"tick\n"))),
+                    (i + 1, guard),
+                ))
+            });
+            Response::new(http_body_util::StreamBody::new(chunks).boxed())
+        }
+    })
+    .await;
+    let text = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\n\n[[route]]\npath = \"/api\"\nupstream = \"api\"\n\n[upstream.api]\ntargets = [\"{}\"]\n",
+        redis.url(),
+        upstream.url()
+    );
+    let gateway = TestGateway::start(&text).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let request = format!("GET /api/stream HTTP/1.1\r\nHost: t\r\nx-api-key: {key}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(stream);
+    within(10, "the upstream's response to be dropped", closed.recv()).await;
+
+    let flusher = gateway.gateway.usage_flusher().expect("usage flushes to Redis");
+    let mut conn =
+        redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let requests = within(10, "the abandoned request in usage", async {
+        loop {
+            flusher.flush_now().await.unwrap();
+            let now = jiff::Timestamp::now();
+            let query = keygate::usage::UsageQuery {
+                client: Some("acme".to_owned()),
+                since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
+                until: now,
+                by: keygate::usage::Granularity::Day,
+            };
+            let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+            if report.totals.requests > 0 {
+                return report.totals.requests;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(requests, 1);
 }
