@@ -178,6 +178,27 @@ pub struct RouteConfig {
     pub allow_query_key: bool,
     /// Units of rate limit and quota one request here costs.
     pub cost: std::num::NonZeroU32,
+    /// Limits on the request body forwarded upstream.
+    pub body: BodyLimits,
+}
+
+/// A route's limits on request bodies (`max_body`, `upload_idle_timeout`),
+/// one field on [`RouteConfig`] so that routes built in code take the
+/// defaults with `body: BodyLimits::default()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest request body forwarded, in bytes (`None`: unlimited). Bigger
+    /// declared bodies get 413 before forwarding; chunked ones are cut off.
+    pub max: Option<u64>,
+    /// Longest pause allowed between two pieces of a request body on its way
+    /// upstream: a stalled upload must not hold an upstream connection forever.
+    pub idle_timeout: Duration,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self { max: Some(DEFAULT_MAX_BODY), idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +218,12 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Longest pause allowed between two pieces of a response body once its
+    /// head has arrived; a stalled upstream then ends the response as aborted.
+    pub body_idle_timeout: Duration,
+    /// Open connections allowed to each target (idle or busy), so a hanging
+    /// upstream cannot make the gateway open one connection per waiting request.
+    pub max_connections: std::num::NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +392,8 @@ struct RawRoute {
     #[serde(default)]
     allow_query_key: bool,
     cost: Option<u32>,
+    max_body: Option<String>,
+    upload_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,6 +404,8 @@ struct RawUpstream {
     timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
+    body_idle_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -466,6 +497,8 @@ impl Config {
                 method_scopes: BTreeMap::new(),
                 allow_query_key: false,
                 cost: None,
+                max_body: None,
+                upload_idle_timeout: None,
             }],
             ..RawConfig::default()
         };
@@ -590,6 +623,56 @@ impl Problems {
 }
 
 pub const ECHO_TARGET: &str = "builtin:echo";
+
+/// A route's `max_body` when the file gives none: 10 MiB holds any JSON or
+/// form API request with room to spare, while one client's uploads stay
+/// bounded; routes taking files say so with a bigger value or `"unlimited"`.
+pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+
+/// A route's `upload_idle_timeout` when the file gives none: a client that
+/// sends nothing for 30 s mid-body has stalled, not slowed down.
+pub const DEFAULT_UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `max_body`: a size (`"10MiB"`, `"512KB"`, `"1000"`), or `0`/`"unlimited"`
+/// for no limit.
+fn max_body(p: &mut Problems, field: &str, value: Option<&str>) -> Option<u64> {
+    let Some(text) = value else { return Some(DEFAULT_MAX_BODY) };
+    if text.trim().eq_ignore_ascii_case("unlimited") {
+        return None;
+    }
+    match parse_size(text) {
+        Some(0) => None,
+        Some(bytes) => Some(bytes),
+        None => {
+            p.push(
+                field,
+                format!("`{text}` is not a size; write e.g. \"10MiB\", \"512KB\", \"1000\" or \"unlimited\""),
+            );
+            Some(DEFAULT_MAX_BODY)
+        }
+    }
+}
+
+/// A byte size: digits, optional spaces, an optional unit among `B`, `KB`,
+/// `MB`, `GB` (powers of 1000) and `KiB`, `MiB`, `GiB` (powers of 1024), any
+/// case. A dozen lines do not call for a crate; overflow is refused.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
 
 impl RawConfig {
     pub fn validate(self, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
@@ -954,6 +1037,17 @@ fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream) -> UpstreamCo
             Duration::from_secs(90),
         ),
         pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+        body_idle_timeout: p.duration(
+            &format!("{at}.body_idle_timeout"),
+            raw.body_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        max_connections: std::num::NonZeroUsize::new(raw.max_connections.unwrap_or(512)).unwrap_or_else(
+            || {
+                p.push(format!("{at}.max_connections"), "must be at least 1");
+                std::num::NonZeroUsize::MIN
+            },
+        ),
     }
 }
 
@@ -1032,6 +1126,14 @@ fn validate_route(
         method_scopes,
         allow_query_key: raw.allow_query_key,
         cost,
+        body: BodyLimits {
+            max: max_body(p, &format!("{at}.max_body"), raw.max_body.as_deref()),
+            idle_timeout: p.duration(
+                &format!("{at}.upload_idle_timeout"),
+                raw.upload_idle_timeout.as_deref(),
+                DEFAULT_UPLOAD_IDLE_TIMEOUT,
+            ),
+        },
     }
 }
 
@@ -1175,5 +1277,48 @@ mod tests {
         assert!(!found[0].message.contains("hunter2"));
         let text = "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken = \"0123456789abcdef\"\ntoken_env = \"X\"\n";
         assert_eq!(load_admin(text, &[]).1[0].field, "admin.token_env");
+    }
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units_and_refuse_the_rest() {
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size(" 512 kb "), Some(512_000));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("1gib"), Some(1 << 30));
+        assert_eq!(parse_size("7b"), Some(7));
+        for bad in ["", "MiB", "1.5MiB", "-1", "10 MeB", "99999999999999999999", "18446744073709551615GiB"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn body_and_connection_limits_have_defaults_and_name_their_field() {
+        let text = "[[route]]\npath = \"/\"\nupstream = \"api\"\n\n[upstream.api]\ntargets = [\"http://127.0.0.1:1\"]\n";
+        let config = Config::from_toml(text, Path::new(".")).unwrap();
+        assert_eq!(config.routes[0].body, BodyLimits::default());
+        assert_eq!(config.routes[0].body.max, Some(10 << 20));
+        let api = &config.upstreams["api"];
+        assert_eq!(api.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(api.max_connections.get(), 512);
+
+        let text = text.replace(
+            "upstream = \"api\"\n",
+            "upstream = \"api\"\nmax_body = \"unlimited\"\nupload_idle_timeout = \"5s\"\n",
+        );
+        let config = Config::from_toml(&text, Path::new(".")).unwrap();
+        assert_eq!(config.routes[0].body, BodyLimits { max: None, idle_timeout: Duration::from_secs(5) });
+        let zero = text.replace("\"unlimited\"", "\"0\"");
+        assert_eq!(Config::from_toml(&zero, Path::new(".")).unwrap().routes[0].body.max, None);
+
+        let bad = text
+            .replace("\"unlimited\"", "\"lots\"")
+            .replace("127.0.0.1:1\"]", "127.0.0.1:1\"]\nmax_connections = 0\nbody_idle_timeout = \"never\"");
+        let mut fields: Vec<String> = problems(&bad).into_iter().map(|p| p.field).collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["route[0].max_body", "upstream.api.body_idle_timeout", "upstream.api.max_connections"]
+        );
     }
 }

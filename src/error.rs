@@ -42,6 +42,23 @@ pub enum GatewayError {
     UpstreamUnreachable { upstream: String, cause: String },
     #[error("upstream {upstream} did not answer within {after:?}")]
     UpstreamTimeout { upstream: String, after: Duration },
+    /// The upstream answered with a head the gateway cannot pass on
+    /// faithfully (framed two ways, an unknown transfer coding, unparseable).
+    #[error("upstream {upstream} sent a bad response: {reason}")]
+    UpstreamBadResponse { upstream: String, reason: String },
+    /// Every connection the upstream's `max_connections` allows was busy for
+    /// the whole connect timeout.
+    #[error("upstream {upstream} has all its connections busy")]
+    UpstreamBusy { upstream: String },
+    /// The client's body did not parse or ended early: the client's fault,
+    /// never blamed on the upstream.
+    #[error("bad request body: {0}")]
+    BadRequestBody(String),
+    #[error("request body over the route's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    /// The client paused mid-body longer than the route's `upload_idle_timeout`.
+    #[error("request body stalled for {after:?}")]
+    RequestBodyTimeout { after: Duration },
     /// A bug or an impossible state; details go to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -70,6 +87,13 @@ impl GatewayError {
             Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
             Self::UpstreamUnreachable { .. } => "the upstream service is unreachable".to_owned(),
             Self::UpstreamTimeout { .. } => "the upstream service did not answer in time".to_owned(),
+            Self::UpstreamBadResponse { .. } => "the upstream service sent an invalid response".to_owned(),
+            Self::UpstreamBusy { .. } => "the upstream service is busy; retry later".to_owned(),
+            Self::BadRequestBody(_) => "the request body is malformed or incomplete".to_owned(),
+            Self::BodyTooLarge { limit } => {
+                format!("the request body exceeds this route's limit of {limit} bytes")
+            }
+            Self::RequestBodyTimeout { .. } => "the request body stopped arriving".to_owned(),
             Self::Internal(_) => "internal gateway error".to_owned(),
         };
         ErrorAnswer { status, code, message }
@@ -88,6 +112,11 @@ impl GatewayError {
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::UpstreamBadResponse { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
+            Self::UpstreamBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
+            Self::BadRequestBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::RequestBodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -119,6 +148,14 @@ impl GatewayError {
                 // Round up: retrying after a truncated value would be refused again.
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            // Connections free up as fast as the upstream answers: soon.
+            Self::UpstreamBusy { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The rest of the body is not read: this connection cannot carry another request.
+            Self::BadRequestBody(_) | Self::BodyTooLarge { .. } | Self::RequestBodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -266,6 +303,41 @@ mod tests {
         let (status, _, body) = answer(error).await;
         assert_eq!(status, 504);
         assert_eq!(body["error"], "upstream_timeout");
+    }
+
+    #[tokio::test]
+    async fn upstream_bad_response_is_502_without_internals() {
+        let error = GatewayError::UpstreamBadResponse {
+            upstream: "api".into(),
+            reason: "both Content-Length and Transfer-Encoding from 10.1.1.1".into(),
+        };
+        let (status, _, body) = answer(error).await;
+        assert_eq!(status, 502);
+        assert_eq!(body["error"], "upstream_bad_response");
+        assert!(!body.to_string().contains("10.1.1.1"));
+    }
+
+    #[tokio::test]
+    async fn upstream_busy_is_503_with_retry_after() {
+        let (status, headers, body) = answer(GatewayError::UpstreamBusy { upstream: "api".into() }).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "upstream_busy");
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn client_body_errors_are_4xx_and_close_the_connection() {
+        let cases = [
+            (GatewayError::BadRequestBody("invalid chunk size line".into()), 400, "bad_request_body"),
+            (GatewayError::BodyTooLarge { limit: 1024 }, 413, "body_too_large"),
+            (GatewayError::RequestBodyTimeout { after: Duration::from_secs(30) }, 408, "body_timeout"),
+        ];
+        for (error, want_status, want_code) in cases {
+            let (status, headers, body) = answer(error).await;
+            assert_eq!(status, want_status);
+            assert_eq!(body["error"], want_code);
+            assert_eq!(headers[header::CONNECTION], "close");
+        }
     }
 
     #[tokio::test]

@@ -218,7 +218,7 @@ async fn serve(
             // tokio's clock, which the upstream timeout runs on (the same
             // as std's outside tests with a paused clock).
             let sent = tokio::time::Instant::now();
-            let response = pool.forward(request, sent).await;
+            let response = pool.forward(request, sent, &route.body).await;
             trail.upstream_latency = Some(sent.elapsed());
             response?.map(Either::Left)
         }

@@ -334,6 +334,7 @@ mod tests {
             method_scopes: BTreeMap::new(),
             allow_query_key: false,
             cost: std::num::NonZeroU32::MIN,
+            body: crate::config::BodyLimits::default(),
         }
     }
 

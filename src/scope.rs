@@ -53,6 +53,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             allow_query_key: false,
             cost: std::num::NonZeroU32::MIN,
+            body: crate::config::BodyLimits::default(),
         }
     }
 

@@ -54,7 +54,7 @@ async fn one_gigabyte_streams_up_and_down_with_flat_memory() {
     })
     .await;
     let config = format!(
-        "[[route]]\npath = \"/\"\nupstream = \"api\"\npublic = true\n\n[upstream.api]\ntargets = [\"{}\"]\ntimeout = \"120s\"\n",
+        "[[route]]\npath = \"/\"\nupstream = \"api\"\npublic = true\nmax_body = \"unlimited\"\n\n[upstream.api]\ntargets = [\"{}\"]\ntimeout = \"120s\"\n",
         upstream.url()
     );
     let gateway = common::gateway::TestGateway::start(&config).await;

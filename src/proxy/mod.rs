@@ -16,11 +16,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::config::{KeysConfig, UpstreamConfig};
+use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::store::KeyRecord;
-pub use pool::{ConnPool, PooledBody};
+pub use body::{ClientBodyError, RequestBody};
+pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
+pub mod body;
 pub mod pool;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
@@ -235,13 +237,14 @@ impl UpstreamPool {
             .iter()
             .filter_map(|uri| uri.authority().cloned())
             .map(|authority| {
-                ConnPool::new(
-                    authority,
-                    workers,
-                    config.connect_timeout,
-                    config.pool_idle_timeout,
-                    config.pool_max_idle_per_host,
-                )
+                let limits = PoolLimits {
+                    connect_timeout: config.connect_timeout,
+                    idle_timeout: config.pool_idle_timeout,
+                    max_idle: config.pool_max_idle_per_host,
+                    max_connections: config.max_connections.get(),
+                    body_idle_timeout: config.body_idle_timeout,
+                };
+                ConnPool::new(authority, workers, limits)
             })
             .collect();
         Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), timeout: config.timeout }
@@ -260,14 +263,28 @@ impl UpstreamPool {
     /// `sent` is when the caller started sending, read once for the request:
     /// the upstream timeout and the pool count from it, so forwarding reads
     /// no clock of its own (each read is some 25 ns on the request path).
+    /// For a request with a body, the timeout counts from when the body has
+    /// been sent (see [`body::response_deadline`]).
+    ///
+    /// `limits` are the route's: a declared body over `max_body` is refused
+    /// here, before anything is sent; a chunked one is cut off when it crosses it.
     pub async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         sent: tokio::time::Instant,
+        limits: &BodyLimits,
     ) -> Result<Response<PooledBody>, GatewayError> {
         let target = self
             .pick()
             .ok_or_else(|| GatewayError::Internal(format!("upstream {} has no targets", self.name)))?;
+        if let (Some(max), Some(declared)) = (limits.max, http_body::Body::size_hint(request.body()).exact())
+            && declared > max
+        {
+            return Err(GatewayError::BodyTooLarge { limit: max });
+        }
+        let (parts, body) = request.into_parts();
+        let (body, progress) = RequestBody::new(body, limits, sent);
+        let mut request = Request::from_parts(parts, body);
         // Origin-form URI and the upstream's own Host, as an HTTP/1.1 server expects.
         if request.uri().path_and_query().is_none() {
             *request.uri_mut() = Uri::from_static("/");
@@ -278,20 +295,77 @@ impl UpstreamPool {
         // Upstreams are spoken to over HTTP/1.1 whatever the client used.
         *request.version_mut() = Version::HTTP_11;
 
-        match tokio::time::timeout_at(sent + self.timeout, target.send(request, sent)).await {
-            Err(_elapsed) => {
-                Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout })
+        let exchange = target.send(request, sent);
+        let outcome = match progress {
+            // No body: the request is sent with its head.
+            None => tokio::time::timeout_at(sent + self.timeout, exchange).await.ok(),
+            Some(progress) => {
+                tokio::select! {
+                    biased;
+                    outcome = exchange => Some(outcome),
+                    () = body::response_deadline(&progress, self.timeout) => None,
+                }
             }
-            Ok(Err(e)) => {
-                Err(GatewayError::UpstreamUnreachable { upstream: self.name.clone(), cause: error_chain(&e) })
-            }
-            Ok(Ok((response, lease))) => {
-                let mut response = response.map(|body| PooledBody::new(body, lease));
+        };
+        match outcome {
+            None => Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout }),
+            Some(Err(error)) => Err(self.send_failure(error)),
+            Some(Ok((response, lease))) => {
+                // Dropping `lease` unreleased closes the connection: after a
+                // response framed two ways, its next bytes mean nothing.
+                if let Err(reason) = check_framing(&response) {
+                    return Err(GatewayError::UpstreamBadResponse { upstream: self.name.clone(), reason });
+                }
+                let idle = target.body_idle_timeout();
+                let mut response = response.map(|body| PooledBody::new(body, lease, idle));
                 remove_hop_by_hop(response.headers_mut());
                 Ok(response)
             }
         }
     }
+
+    /// The error a failed send is answered with: the client's, when its
+    /// body is what failed; the upstream's otherwise.
+    fn send_failure(&self, error: pool::SendError) -> GatewayError {
+        let upstream = self.name.clone();
+        match error {
+            pool::SendError::Busy(..) => GatewayError::UpstreamBusy { upstream },
+            pool::SendError::Http(error) => match body::client_fault(&error) {
+                Some(ClientBodyError::Read(cause)) => GatewayError::BadRequestBody(cause.to_string()),
+                Some(ClientBodyError::TooLarge(limit)) => GatewayError::BodyTooLarge { limit: *limit },
+                Some(ClientBodyError::Stalled(after)) => GatewayError::RequestBodyTimeout { after: *after },
+                None if error.is_parse() => {
+                    GatewayError::UpstreamBadResponse { upstream, reason: error_chain(&error) }
+                }
+                None => GatewayError::UpstreamUnreachable { upstream, cause: error_chain(&error) },
+            },
+            error => GatewayError::UpstreamUnreachable { upstream, cause: error_chain(&error) },
+        }
+    }
+}
+
+/// Refuses responses whose framing the gateway cannot pass on faithfully.
+/// hyper's client reads `Transfer-Encoding` over `Content-Length` and any
+/// coding list ending in `chunked` as chunked; the gateway drops the header
+/// as hop-by-hop, so a response carrying both (a smuggling attempt or a
+/// broken upstream), or a transfer coding other than a lone `chunked`
+/// (which would reach the client undeclared), is refused with 502. A `101`
+/// was never asked for: upgrades are not forwarded.
+fn check_framing<B>(response: &Response<B>) -> Result<(), String> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err("101 Switching Protocols to a request that asked for no upgrade".to_owned());
+    }
+    let headers = response.headers();
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(first) = codings.next() else { return Ok(()) };
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err("both Content-Length and Transfer-Encoding".to_owned());
+    }
+    let lone_chunked = first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+    if !lone_chunked || codings.next().is_some() {
+        return Err(format!("unsupported Transfer-Encoding {first:?}"));
+    }
+    Ok(())
 }
 
 /// `error: cause: cause`, for logs.
