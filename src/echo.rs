@@ -10,12 +10,19 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::config::BodyLimits;
 use crate::error::{GatewayError, json_response};
 
 /// Bodies larger than this are counted but not echoed back.
 const ECHOED_BODY_LIMIT: usize = 64 * 1024;
 
-pub async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, GatewayError> {
+/// Answers with what an upstream would have received. The route's body
+/// limits hold here as on the way to an upstream: a body over `max_body` is
+/// 413, a pause longer than its idle timeout 408, a malformed one 400.
+pub async fn answer(
+    request: Request<Incoming>,
+    limits: &BodyLimits,
+) -> Result<Response<Full<Bytes>>, GatewayError> {
     let (parts, body) = request.into_parts();
     let mut headers = serde_json::Map::new();
     for name in parts.headers.keys() {
@@ -33,10 +40,19 @@ pub async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
     let mut length = 0usize;
     let mut kept = Vec::new();
     let mut body = body;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| GatewayError::Internal(format!("reading request body: {e}")))?;
+    loop {
+        let frame = match tokio::time::timeout(limits.idle_timeout, body.frame()).await {
+            Err(_elapsed) => return Err(GatewayError::RequestBodyTimeout { after: limits.idle_timeout }),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(|e| GatewayError::BadRequestBody(e.to_string()))?,
+        };
         if let Ok(data) = frame.into_data() {
             length += data.len();
+            if let Some(max) = limits.max
+                && length as u64 > max
+            {
+                return Err(GatewayError::BodyTooLarge { limit: max });
+            }
             if kept.len() < ECHOED_BODY_LIMIT {
                 kept.extend_from_slice(&data[..data.len().min(ECHOED_BODY_LIMIT - kept.len())]);
             }

@@ -207,7 +207,7 @@ async fn serve(
     let mut response = match &route.target {
         RouteTarget::Echo => {
             trail.forwarded = true;
-            Box::pin(echo::answer(request)).await?.map(Either::Right)
+            Box::pin(echo::answer(request, &route.body)).await?.map(Either::Right)
         }
         RouteTarget::Upstream(name) => {
             trail.forwarded = true;

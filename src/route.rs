@@ -177,10 +177,15 @@ fn decode_unreserved(raw: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::EncodedSeparator),
-            b => {
-                // hyper only hands us valid URI bytes, which are ASCII.
-                out.push(b as char);
-                i += 1;
+            _ => {
+                // hyper hands us ASCII, but config paths may hold any text:
+                // copy the run up to the next `%` or `\` whole, so a
+                // multi-byte character stays one (a byte pushed as a `char`
+                // would be re-encoded as Latin-1: `é` became `Ã©`, found by
+                // the normalize_path fuzzer).
+                let run = raw[i..].find(['%', '\\']).map_or(raw.len(), |n| i + n);
+                out.push_str(&raw[i..run]);
+                i = run;
             }
         }
     }
@@ -288,6 +293,8 @@ mod tests {
             ("/a%20b", "/a%20b"),
             ("/a%c3%a9", "/a%C3%A9"),
             ("/api//x", "/api/x"),
+            ("/café/%25", "/café/%25"),
+            ("/ünï/./%41", "/ünï/A"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
         }

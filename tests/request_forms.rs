@@ -190,3 +190,36 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let answer = call(spoofed(&trusted)).await;
     assert_eq!(seen(&answer, "x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
 }
+
+#[tokio::test]
+async fn the_echo_route_holds_bodies_to_the_same_limits_as_an_upstream() {
+    // Regression: a malformed chunked body to the echo route was a 500.
+    let config = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\npublic = true\nmax_body = \"1KiB\"\n";
+    let gateway = TestGateway::start(config).await;
+    let raw = |bytes: Vec<u8>| {
+        let addr = gateway.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(&bytes).await.unwrap();
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await.unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let bad_chunk =
+        raw(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+            .to_vec())
+        .await;
+    assert!(bad_chunk.is_empty() || bad_chunk.starts_with("HTTP/1.1 400"), "{bad_chunk}");
+    let big = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+        "a".repeat(2048)
+    );
+    let too_large = raw(big.into_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+    let fits =
+        raw(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".to_vec())
+            .await;
+    assert!(fits.starts_with("HTTP/1.1 200"), "{fits}");
+}
