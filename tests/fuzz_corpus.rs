@@ -22,22 +22,10 @@ const MAX_BYTES: u64 = 256 * 1024;
 /// owner, replayed but not failed on until it is fixed. Remove the line with
 /// the fix; the test says when a listed input passes.
 const KNOWN_BUGS: &[(&str, &str, &str)] = &[
-    // Issue 14 item 6: with two `Authorization` headers (Basic, then a Bearer
-    // key) `credential::strip` reads only the first and forwards the key, on
-    // keyed and on public routes.
-    ("credential_strip", "seed-basic-then-bearer", "issue 14 item 6 (second Authorization not stripped)"),
-    (
-        "credential_strip",
-        "seed-basic-then-bearer-public",
-        "issue 14 item 6 (second Authorization not stripped)",
-    ),
-    // `route::normalize_path` copies each byte of a non-ASCII path as a
-    // Latin-1 `char` when it decodes escapes, so `/café/%25` becomes
-    // `/cafÃ©/%25`, and again on every pass: not idempotent, and a route path
-    // in gateway.toml is silently rewritten. (Request paths from hyper are
-    // ASCII, so only config paths reach it today.)
-    ("normalize_path", "known-bug-non-ascii-with-escape", "normalize_path mangles non-ASCII paths"),
-    ("config", "known-bug-non-ascii-path", "normalize_path mangles non-ASCII paths (route path)"),
+    // None open. Fixed: the second `Authorization` value not stripped (issue
+    // 14 item 6; seed-basic-then-bearer*), and normalize_path re-encoding
+    // non-ASCII paths as Latin-1 (known-bug-non-ascii-*), both kept in the
+    // corpus as regressions.
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {
