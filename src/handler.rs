@@ -152,7 +152,7 @@ async fn serve(
                 .ok_or(GatewayError::MissingKey)?;
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
-        let record = gateway.verifier.verify(&presented, started).await?;
+        let record = gateway.verifier.verify(&presented, peer.addr.ip(), started).await?;
         trail.caller = Some(Arc::clone(&record));
 
         // 4. Scope: the key must cover this route and method.
