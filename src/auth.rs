@@ -123,9 +123,14 @@ pub struct Verifier {
     /// moment before.
     epoch: AtomicU64,
     /// Bumped by every invalidation: a lookup that overlapped one does not
-    /// cache its answer, which the store may have given before the change
-    /// (a revoked key must not come back for `cache_ttl`).
+    /// cache a "not found", which the store may have given before the key
+    /// was issued (a new key must not be refused for `negative_ttl`).
     generation: AtomicU64,
+    /// Bumped by [`Invalidation::Key`]: a lookup that overlapped one does
+    /// not cache its record, which the store may have read before the
+    /// change (a revoked key must not come back for `cache_ttl`). `All` is
+    /// covered by the epoch; `Issued` cannot make a found record wrong.
+    changes: AtomicU64,
     /// This verifier, for the background refreshes it spawns.
     me: Weak<Verifier>,
 }
@@ -207,6 +212,7 @@ impl Verifier {
             stale_window: keys.stale_window,
             epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             me: me.clone(),
         })
     }
@@ -224,18 +230,24 @@ impl Verifier {
         source: IpAddr,
         arrived: Instant,
     ) -> Result<Arc<Caller>, GatewayError> {
-        if let Some(failures) = &self.failures
-            && let Some(retry_after) = failures.refused(source)
-        {
+        let admission = match &self.failures {
+            Some(failures) => failures.admit(source),
+            None => Admission::Free,
+        };
+        if let Admission::Refused(retry_after) = admission {
             crate::metrics::auth_failures_refused();
             return Err(GatewayError::TooManyAuthFailures { retry_after });
         }
         let verified = self.verify_key(presented, arrived).await;
+        if let Some(failures) = &self.failures {
+            match &verified {
+                Err(GatewayError::KeyRejected(_)) => failures.failed(source),
+                _ if admission == Admission::Trial => failures.passed(source),
+                _ => {}
+            }
+        }
         if let Err(GatewayError::KeyRejected(_)) = &verified {
             crate::metrics::auth_failure();
-            if let Some(failures) = &self.failures {
-                failures.failed(source);
-            }
         }
         verified
     }
@@ -366,19 +378,21 @@ impl Verifier {
                         not_until.wait_time_from(DefaultClock::default().now()),
                     ));
                 }
-                let generation = self.generation.load(Ordering::Acquire);
+                let (generation, changes) =
+                    (self.generation.load(Ordering::Acquire), self.changes.load(Ordering::Acquire));
                 let asked = Instant::now();
                 let answer = self.store.find_by_hash(client, hash).await;
                 crate::metrics::redis_latency(asked.elapsed());
                 // An invalidation while the store was asked may postdate
                 // the answer: use it for these requests, but do not cache it.
-                let cache = self.generation.load(Ordering::Acquire) == generation;
+                let cache_found = self.changes.load(Ordering::Acquire) == changes;
+                let cache_missing = self.generation.load(Ordering::Acquire) == generation;
                 // Cached here, before the lookup leaves `in_flight`, so a
                 // request arriving in between finds the answer, not a gap.
                 match answer {
                     Ok(Some(record)) => {
                         let record = Arc::new(Caller::new(record));
-                        if cache {
+                        if cache_found {
                             let entry = Cached {
                                 record: Arc::clone(&record),
                                 fetched_at: Instant::now(),
@@ -391,7 +405,7 @@ impl Verifier {
                     }
                     Ok(None) => {
                         self.drop_known(client, hash);
-                        if cache {
+                        if cache_missing {
                             self.unknown.insert(*hash, Arc::from(client));
                         }
                         Ok(None)
@@ -428,6 +442,7 @@ impl Verifier {
         self.generation.fetch_add(1, Ordering::AcqRel);
         match invalidation {
             Invalidation::Key(hash) => {
+                self.changes.fetch_add(1, Ordering::AcqRel);
                 self.known.invalidate(hash);
                 self.unknown.invalidate(hash);
             }
@@ -517,6 +532,19 @@ pub struct AuthFailures<C: Clock = DefaultClock> {
     clock: C,
     /// The reference instant `blocked_until` counts from.
     base: C::Instant,
+    /// Nanoseconds one failure's cell takes to refill.
+    per_cell: u64,
+}
+
+/// What [`AuthFailures::admit`] says about a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Not blocked: verify as usual.
+    Free,
+    /// The block just ended: verify this one request; the others wait.
+    Trial,
+    /// Blocked for this much longer: refuse unverified.
+    Refused(Duration),
 }
 
 /// One source's budget.
@@ -549,18 +577,41 @@ where
             .time_to_idle(refill)
             .build_with_hasher(RandomState::default());
         let base = clock.now();
-        Self { sources, quota, clock, base }
+        let per_cell = u64::try_from(per_cell.as_nanos()).unwrap_or(u64::MAX);
+        Self { sources, quota, clock, base, per_cell }
     }
 
-    /// How long keyed requests from `ip` are still refused, if they are.
-    pub fn refused(&self, ip: IpAddr) -> Option<Duration> {
-        let budget = self.sources.get(&source_of(ip))?;
+    /// Whether a keyed request from `ip` may be verified now.
+    ///
+    /// When a block ends, one request (the first to see it end) is let
+    /// through on trial and the others are held back for one cell's time:
+    /// otherwise every request in flight at that moment would be verified,
+    /// and a client with many connections would get its concurrency times
+    /// the rate. A trial that does not fail ends the block ([`Self::passed`]).
+    pub fn admit(&self, ip: IpAddr) -> Admission {
+        let Some(budget) = self.sources.get(&source_of(ip)) else { return Admission::Free };
         let until = budget.blocked_until.load(Ordering::Acquire);
         if until == 0 {
-            return None;
+            return Admission::Free;
         }
         let now = self.clock.now().duration_since(self.base).as_u64();
-        (now < until).then(|| Duration::from_nanos(until - now))
+        if now < until {
+            return Admission::Refused(Duration::from_nanos(until - now));
+        }
+        let hold = now.saturating_add(self.per_cell);
+        match budget.blocked_until.compare_exchange(until, hold, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Admission::Trial,
+            Err(0) => Admission::Free,
+            Err(newer) if now < newer => Admission::Refused(Duration::from_nanos(newer - now)),
+            Err(_) => Admission::Free,
+        }
+    }
+
+    /// The request admitted on trial from `ip` did not fail: the block is over.
+    pub fn passed(&self, ip: IpAddr) {
+        if let Some(budget) = self.sources.get(&source_of(ip)) {
+            budget.blocked_until.store(0, Ordering::Release);
+        }
     }
 
     /// Counts one failed authentication from `ip`.
@@ -606,28 +657,53 @@ mod tests {
         (failures, clock)
     }
 
+    fn refused(admission: Admission) -> bool {
+        matches!(admission, Admission::Refused(_))
+    }
+
     #[test]
     fn a_source_is_refused_once_over_its_burst_until_a_cell_refills() {
         let (failures, clock) = budget("10/s", 5);
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        for _ in 0..5 {
-            assert_eq!(failures.refused(ip), None);
+        for _ in 0..6 {
+            assert_eq!(failures.admit(ip), Admission::Free);
             failures.failed(ip);
         }
-        // The sixth failure is over the burst: from now on, refused.
-        assert_eq!(failures.refused(ip), None);
-        failures.failed(ip);
-        let wait = failures.refused(ip).expect("over budget");
+        // The sixth failure was over the burst: from now on, refused.
+        let Admission::Refused(wait) = failures.admit(ip) else { panic!("over budget") };
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
         clock.advance(Duration::from_millis(50));
-        assert!(failures.refused(ip).is_some(), "one cell takes 100 ms");
+        assert!(refused(failures.admit(ip)), "one cell takes 100 ms");
         clock.advance(Duration::from_millis(50));
-        assert_eq!(failures.refused(ip), None, "a cell has refilled");
-        // That one cell is spent by the next failure; the one after blocks again.
+        // A cell has refilled: one request on trial, the rest held back.
+        assert_eq!(failures.admit(ip), Admission::Trial);
+        assert!(refused(failures.admit(ip)), "only one trial at a time");
         failures.failed(ip);
-        assert_eq!(failures.refused(ip), None);
-        failures.failed(ip);
-        assert!(failures.refused(ip).is_some());
+        assert!(refused(failures.admit(ip)));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(failures.admit(ip), Admission::Trial);
+        // A trial that passes ends the block.
+        failures.passed(ip);
+        assert_eq!(failures.admit(ip), Admission::Free);
+    }
+
+    #[test]
+    fn a_flood_gets_the_rate_not_its_concurrency_times_the_rate() {
+        let (failures, clock) = budget("20/s", 10);
+        let ip: IpAddr = "192.0.2.8".parse().unwrap();
+        let mut verified = 0;
+        // 10 s of 8 requests every millisecond, all failing.
+        for _ in 0..10_000 {
+            // All eight are admitted (or not) before any of them fails, as
+            // concurrent requests are.
+            let admitted = (0..8).filter(|_| !refused(failures.admit(ip))).count();
+            for _ in 0..admitted {
+                verified += 1;
+                failures.failed(ip);
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        assert!((200..=10 + 200 + 8).contains(&verified), "{verified} failures verified");
     }
 
     #[test]
@@ -638,13 +714,13 @@ mod tests {
         let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
         failures.failed(a);
         failures.failed(same_64);
-        assert!(failures.refused(a).is_some());
-        assert!(failures.refused(same_64).is_some(), "the same /64 shares a budget");
-        assert_eq!(failures.refused(other_64), None);
-        assert_eq!(failures.refused("192.0.2.1".parse().unwrap()), None);
+        assert!(refused(failures.admit(a)));
+        assert!(refused(failures.admit(same_64)), "the same /64 shares a budget");
+        assert_eq!(failures.admit(other_64), Admission::Free);
+        assert_eq!(failures.admit("192.0.2.1".parse().unwrap()), Admission::Free);
         let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
         failures.failed("192.0.2.9".parse().unwrap());
         failures.failed(mapped);
-        assert!(failures.refused("192.0.2.9".parse().unwrap()).is_some(), "v4-mapped is the v4 source");
+        assert!(refused(failures.admit("192.0.2.9".parse().unwrap())), "v4-mapped is the v4 source");
     }
 }
