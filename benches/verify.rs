@@ -26,6 +26,8 @@ fn verify_benches(c: &mut Criterion) {
     };
     let Ok(dir) = tempfile::tempdir() else { panic!("cannot create a temporary folder") };
     let keys = Config::defaults().keys;
+    // The peer's address: its failed-authentication budget is checked first.
+    let source = std::net::IpAddr::from([192, 0, 2, 1]);
 
     let (verifier, key) = rt.block_on(async {
         let store: SharedStore = match FileStore::open(dir.path()).await {
@@ -47,7 +49,7 @@ fn verify_benches(c: &mut Criterion) {
         let verifier = Verifier::new(store, &keys);
         let key = issued.key.expose().to_owned();
         // Warm the cache: the first call reads the store, every later one hits.
-        if let Err(e) = verifier.verify(&key, Instant::now()).await {
+        if let Err(e) = verifier.verify(&key, source, Instant::now()).await {
             panic!("the issued key must verify: {e}");
         }
         assert_eq!(verifier.cached_len(), 1, "the key is cached");
@@ -61,7 +63,7 @@ fn verify_benches(c: &mut Criterion) {
                 for _ in 0..iters {
                     // The request's arrival instant, which the handler reads
                     // for its own use and passes in.
-                    black_box(verifier.verify(black_box(&key), start).await).ok();
+                    black_box(verifier.verify(black_box(&key), source, start).await).ok();
                 }
                 start.elapsed()
             })

@@ -1,21 +1,48 @@
-//! Key verification: the in-process cache in front of the key store.
+//! Key verification: the in-process cache in front of the key store, and
+//! the limits that keep a flood of bad keys away from both.
 //!
 //! A known key costs no store round trip: verified records are cached by the
 //! hash of their secret. The store's invalidations (Redis pub/sub, the file
 //! store's folder watch) drop entries at once on every running gateway, and
-//! `cache_ttl` bounds staleness if a message is ever lost. Unknown hashes are
-//! remembered briefly (`negative_ttl`) so a flood of random well-formed keys
-//! cannot hammer the store; malformed keys never reach it at all.
+//! `cache_ttl` bounds staleness if a message is ever lost. Unknown keys are
+//! remembered briefly (`negative_ttl`) per (client, secret hash): the answer
+//! "client A has no key with this secret" says nothing about client B, so
+//! presenting a victim's secret under another client ID cannot lock the
+//! victim out. Malformed keys never reach the cache or the store at all.
+//!
+//! Two limits keep garbage cheap (see `[keys]` in `gateway.toml`):
+//! - every rejected key counts one failure against its source IP (an IPv6
+//!   source by its /64); a source over `auth_failures_per_ip` (with
+//!   `auth_failures_burst`) gets 429 for its keyed requests, before any cache
+//!   or store lookup, until its budget recovers;
+//! - store lookups for keys not in the cache are capped globally at
+//!   `store_lookups_per_second`; past it such a key gets 503 with
+//!   `Retry-After` and the store is not asked. Cached keys are unaffected.
 //!
 //! When the store is unreachable, cached records keep working for
 //! `stale_window` past their `cache_ttl`; a key the gateway cannot vouch for
-//! gets 503, never a silent allow.
+//! gets 503, never a silent allow. A record the store has but cannot decode
+//! is not an outage: the store answered, and its answer is unusable, so the
+//! key is refused at once (503 `key_record_unreadable`, logged as an error
+//! naming the record) and the stale window does not apply.
+//!
+//! After an invalidation of everything ([`Invalidation::All`], sent on a
+//! Redis reconnect), a cached record still within `cache_ttl` is served as
+//! is and re-checked in the background, one refresh per key: a slow store
+//! then costs those requests nothing. A revocation ([`Invalidation::Key`])
+//! still drops its entry at once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use jiff::Timestamp;
 use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
@@ -23,8 +50,9 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::config::KeysConfig;
 use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
+use crate::meta::Rate;
 use crate::proxy::Identity;
-use crate::store::{Invalidation, KeyRecord, SharedStore};
+use crate::store::{Invalidation, KeyRecord, SharedStore, StoreError};
 
 /// A verified key as the request path uses it: the store's record, plus
 /// what is derived from it once per cache fill instead of on every request.
@@ -56,6 +84,10 @@ struct Cached {
     fetched_at: Instant,
     /// The cache epoch it was fetched in; an older epoch must be re-checked.
     epoch: u64,
+    /// Set by the request that starts this entry's background refresh, so
+    /// the requests behind it do not start another: one refresh per key.
+    /// The refresh replaces (or drops) the entry, which clears it.
+    refreshing: AtomicBool,
 }
 
 /// Verifies presented keys against the store, through the cache.
@@ -63,27 +95,61 @@ pub struct Verifier {
     store: SharedStore,
     prefix: String,
     /// Verified records by secret hash. moka shards internally, so lookups
-    /// from many cores do not contend on one lock.
+    /// from many cores do not contend on one lock. Keyed by hash alone: a
+    /// record names its client, and a hash belongs to one record.
     known: Cache<SecretHash, Arc<Cached>, RandomState>,
-    /// Hashes the store said it does not have.
-    unknown: Cache<SecretHash, (), RandomState>,
+    /// Secret hashes the store said the named client does not have. The
+    /// value is that client: a hit counts only for the same client, so the
+    /// answer is keyed by (client, hash) while invalidations (which carry
+    /// only the hash) still find it. Another client's miss overwrites it,
+    /// which costs at most a lookup, never a wrong refusal.
+    unknown: Cache<SecretHash, Arc<str>, RandomState>,
     /// Store lookups under way: requests that miss the cache for the same
     /// key at the same moment share one lookup instead of each asking the
     /// store (a popular key after an invalidation, a cold start).
     in_flight: Cache<(String, SecretHash), Lookup>,
+    /// Failed authentications per source IP; `None` when switched off.
+    failures: Option<AuthFailures>,
+    /// The global cap on store lookups for keys not cached; `None`: off.
+    /// A direct governor limiter is one atomic compare-and-swap, no lock.
+    lookups: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
     cache_ttl: Duration,
     stale_window: Duration,
     /// Bumped by [`Invalidation::All`]: every entry from an older epoch is
-    /// re-checked with the store on its next use, but stays usable (within
-    /// the stale window) if the store cannot answer. Dropping them instead
-    /// would turn a Redis restart, which is exactly when `All` arrives, into
-    /// 503s for keys verified a moment before.
+    /// re-checked with the store (in the background while it is within
+    /// `cache_ttl`), and stays usable (within the stale window) if the store
+    /// cannot answer. Dropping them instead would turn a Redis restart,
+    /// which is exactly when `All` arrives, into 503s for keys verified a
+    /// moment before.
     epoch: AtomicU64,
+    /// Bumped by every invalidation: a lookup that overlapped one does not
+    /// cache a "not found", which the store may have given before the key
+    /// was issued (a new key must not be refused for `negative_ttl`).
+    generation: AtomicU64,
+    /// Bumped by [`Invalidation::Key`]: a lookup that overlapped one does
+    /// not cache its record, which the store may have read before the
+    /// change (a revoked key must not come back for `cache_ttl`). `All` is
+    /// covered by the epoch; `Issued` cannot make a found record wrong.
+    changes: AtomicU64,
+    /// This verifier, for the background refreshes it spawns.
+    me: Weak<Verifier>,
 }
 
-/// One store lookup, awaited by every request that needs its answer. The
-/// error is kept as text: `StoreError` is not `Clone`.
-type Lookup = Arc<tokio::sync::OnceCell<Result<Option<Arc<Caller>>, String>>>;
+/// One store lookup, awaited by every request that needs its answer.
+type Lookup = Arc<tokio::sync::OnceCell<Result<Option<Arc<Caller>>, LookupError>>>;
+
+/// Why a store lookup gave no answer. `StoreError` is not `Clone`, and a
+/// shared lookup's answer is handed to every request waiting on it.
+#[derive(Debug, Clone)]
+enum LookupError {
+    /// The store could not be asked (down, slow, erroring): cached records
+    /// may still be served within the stale window.
+    Unavailable(String),
+    /// The store has a record it cannot decode: the key is refused.
+    Corrupt(String),
+    /// The global lookup cap was reached; the store was not asked.
+    Throttled(Duration),
+}
 
 /// Why verification refused a key, for the log only: the client sees one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +179,8 @@ impl From<Rejection> for GatewayError {
     }
 }
 
+// === impl Verifier ===
+
 impl Verifier {
     pub fn new(store: SharedStore, keys: &KeysConfig) -> Arc<Self> {
         let known = Cache::builder()
@@ -128,25 +196,63 @@ impl Verifier {
         // answer is in); the TTL only cleans up after a cancelled request.
         let in_flight =
             Cache::builder().max_capacity(keys.cache_capacity).time_to_live(Duration::from_secs(5)).build();
-        Arc::new(Self {
+        let failures = keys
+            .auth_failures_per_ip
+            .map(|rate| AuthFailures::new(rate, keys.auth_failures_burst, keys.cache_capacity));
+        let lookups = keys.store_lookups_per_second.map(|n| RateLimiter::direct(Quota::per_second(n)));
+        Arc::new_cyclic(|me| Self {
             store,
             prefix: keys.prefix.clone(),
             known,
             unknown,
             in_flight,
+            failures,
+            lookups,
             cache_ttl: keys.cache_ttl,
             stale_window: keys.stale_window,
             epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            me: me.clone(),
         })
     }
 
-    /// Verifies a presented key string: format and checksum, then the cache,
-    /// then the store. Returns the record of a usable key.
+    /// Verifies a presented key string from `source` (the peer's IP): the
+    /// source's failure budget, format and checksum, then the cache, then
+    /// the store. Returns the record of a usable key.
     ///
     /// `arrived` is when the request arrived (the handler reads it anyway):
     /// a cached record's age is counted to it, which spares a clock read per
     /// request. A record cached after it counts as fresh.
-    pub async fn verify(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
+    pub async fn verify(
+        &self,
+        presented: &str,
+        source: IpAddr,
+        arrived: Instant,
+    ) -> Result<Arc<Caller>, GatewayError> {
+        let admission = match &self.failures {
+            Some(failures) => failures.admit(source),
+            None => Admission::Free,
+        };
+        if let Admission::Refused(retry_after) = admission {
+            crate::metrics::auth_failures_refused();
+            return Err(GatewayError::TooManyAuthFailures { retry_after });
+        }
+        let verified = self.verify_key(presented, arrived).await;
+        if let Some(failures) = &self.failures {
+            match &verified {
+                Err(GatewayError::KeyRejected(_)) => failures.failed(source),
+                _ if admission == Admission::Trial => failures.passed(source),
+                _ => {}
+            }
+        }
+        if let Err(GatewayError::KeyRejected(_)) = &verified {
+            crate::metrics::auth_failure();
+        }
+        verified
+    }
+
+    async fn verify_key(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
         let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
         let hash = parsed.secret_hash();
         let record = self.lookup(parsed.client, &hash, arrived).await?;
@@ -165,23 +271,41 @@ impl Verifier {
     ) -> Result<Arc<Caller>, GatewayError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let cached = self.known.get(hash);
-        if let Some(cached) = &cached
-            && cached.epoch == epoch
-            && arrived.saturating_duration_since(cached.fetched_at) < self.cache_ttl
-        {
-            crate::metrics::cache_hit();
-            return Ok(Arc::clone(&cached.record));
+        if let Some(cached) = &cached {
+            let young = arrived.saturating_duration_since(cached.fetched_at) < self.cache_ttl;
+            if young && cached.epoch == epoch {
+                crate::metrics::cache_hit();
+                return Ok(Arc::clone(&cached.record));
+            }
+            // A hash belongs to one record, and a record to one client: no
+            // store answer for another client can make this key valid, and
+            // asking must not disturb the owner's entry.
+            if cached.record.client() != client {
+                return Err(Rejection::ClientMismatch.into());
+            }
+            if young {
+                // Only the epoch moved (e.g. a Redis reconnect): serve what
+                // the store vouched for within `cache_ttl`, and re-check it
+                // behind this request instead of in front of it.
+                crate::metrics::cache_hit();
+                self.refresh_in_background(cached, client, hash, epoch);
+                return Ok(Arc::clone(&cached.record));
+            }
         }
         crate::metrics::cache_miss();
-        if cached.is_none() && self.unknown.contains_key(hash) {
+        if cached.is_none() && self.unknown.get(hash).is_some_and(|owner| *owner == *client) {
             return Err(Rejection::Unknown.into());
         }
         // Boxed: a miss is the rare path, and every connection's request
-        // future would otherwise be sized for the store lookup.
-        match Box::pin(self.ask_store(client, hash, epoch)).await {
+        // future would otherwise be sized for the store lookup. Only keys
+        // not cached at all count against the lookup cap: re-checking a
+        // cached key is bounded by the cache itself.
+        match Box::pin(self.ask_store(client, hash, epoch, cached.is_none())).await {
             Ok(Some(record)) => Ok(record),
             Ok(None) => Err(Rejection::Unknown.into()),
-            Err(error) => match cached {
+            Err(LookupError::Throttled(retry_after)) => Err(GatewayError::LookupsThrottled { retry_after }),
+            Err(LookupError::Corrupt(error)) => Err(GatewayError::CorruptRecord(error)),
+            Err(LookupError::Unavailable(error)) => match cached {
                 // The store is down, but it vouched for this key recently enough.
                 Some(cached) if cached.fetched_at.elapsed() < self.cache_ttl + self.stale_window => {
                     tracing::warn!(%error, key_id = %cached.record.id, "key store unavailable; serving cached key");
@@ -192,15 +316,44 @@ impl Verifier {
         }
     }
 
+    /// Re-checks a cached entry with the store on a task of its own, unless
+    /// another request already started that. The answer lands in the cache
+    /// as a request's would ([`Self::ask_store`]); an unreachable store
+    /// leaves the entry as it is, to be re-checked once `cache_ttl` is up.
+    fn refresh_in_background(&self, cached: &Arc<Cached>, client: &str, hash: &SecretHash, epoch: u64) {
+        if cached.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+            cached.refreshing.store(false, Ordering::Release);
+            return;
+        };
+        crate::metrics::cache_refresh();
+        let (entry, client, hash) = (Arc::clone(cached), client.to_owned(), *hash);
+        runtime.spawn(async move {
+            match me.ask_store(&client, &hash, epoch, false).await {
+                // Not again on every request while the store is down.
+                Err(LookupError::Unavailable(error)) => {
+                    tracing::warn!(%error, key_id = %entry.record.id, "key store unavailable; the cached key is re-checked when its cache_ttl is up");
+                }
+                // Normally the entry was replaced or dropped; if another
+                // invalidation kept the answer out, the next request retries.
+                _ => entry.refreshing.store(false, Ordering::Release),
+            }
+        });
+    }
+
     /// Asks the store for `client`'s record with this hash, sharing the
     /// lookup with every request asking the same at the same time, and
-    /// caches the answer (known, or unknown).
+    /// caches the answer (known, unknown, or neither for a corrupt record).
+    /// `capped`: the lookup counts against `store_lookups_per_second`.
     async fn ask_store(
         &self,
         client: &str,
         hash: &SecretHash,
         epoch: u64,
-    ) -> Result<Option<Arc<Caller>>, String> {
+        capped: bool,
+    ) -> Result<Option<Arc<Caller>>, LookupError> {
         let key = (client.to_owned(), *hash);
         let lookup = self.in_flight.get_with_by_ref(&key, || Arc::new(tokio::sync::OnceCell::new()));
         let answer = lookup
@@ -213,29 +366,59 @@ impl Verifier {
                 {
                     return Ok(Some(Arc::clone(&hit.record)));
                 }
-                if self.unknown.contains_key(hash) {
+                if self.unknown.get(hash).is_some_and(|owner| *owner == *client) {
                     return Ok(None);
                 }
+                if capped
+                    && let Some(lookups) = &self.lookups
+                    && let Err(not_until) = lookups.check()
+                {
+                    crate::metrics::store_lookup_throttled();
+                    return Err(LookupError::Throttled(
+                        not_until.wait_time_from(DefaultClock::default().now()),
+                    ));
+                }
+                let (generation, changes) =
+                    (self.generation.load(Ordering::Acquire), self.changes.load(Ordering::Acquire));
                 let asked = Instant::now();
                 let answer = self.store.find_by_hash(client, hash).await;
                 crate::metrics::redis_latency(asked.elapsed());
+                // An invalidation while the store was asked may postdate
+                // the answer: use it for these requests, but do not cache it.
+                let cache_found = self.changes.load(Ordering::Acquire) == changes;
+                let cache_missing = self.generation.load(Ordering::Acquire) == generation;
                 // Cached here, before the lookup leaves `in_flight`, so a
                 // request arriving in between finds the answer, not a gap.
                 match answer {
                     Ok(Some(record)) => {
                         let record = Arc::new(Caller::new(record));
-                        let entry = Cached { record: Arc::clone(&record), fetched_at: Instant::now(), epoch };
-                        self.known.insert(*hash, Arc::new(entry));
+                        if cache_found {
+                            let entry = Cached {
+                                record: Arc::clone(&record),
+                                fetched_at: Instant::now(),
+                                epoch,
+                                refreshing: AtomicBool::new(false),
+                            };
+                            self.known.insert(*hash, Arc::new(entry));
+                        }
                         Ok(Some(record))
                     }
                     Ok(None) => {
-                        self.known.invalidate(hash);
-                        self.unknown.insert(*hash, ());
+                        self.drop_known(client, hash);
+                        if cache_missing {
+                            self.unknown.insert(*hash, Arc::from(client));
+                        }
                         Ok(None)
+                    }
+                    Err(error @ StoreError::Corrupt { .. }) => {
+                        // Fail closed: whatever was cached is no longer what
+                        // the store says, and what it says cannot be used.
+                        self.drop_known(client, hash);
+                        Err(LookupError::Corrupt(error.to_string()))
                     }
                     Err(error) => {
                         crate::metrics::redis_error();
-                        Err(error.to_string())
+                        Err(LookupError::Unavailable(error.to_string()))
                     }
                 }
             })
@@ -246,10 +429,20 @@ impl Verifier {
         answer
     }
 
+    /// Drops the cached record with this hash if it is `client`'s: the
+    /// store's answer about one client says nothing about another's entry.
+    fn drop_known(&self, client: &str, hash: &SecretHash) {
+        if self.known.get(hash).is_some_and(|cached| cached.record.client() == client) {
+            self.known.invalidate(hash);
+        }
+    }
+
     /// Applies one invalidation from the store.
     pub fn invalidate(&self, invalidation: &Invalidation) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         match invalidation {
             Invalidation::Key(hash) => {
+                self.changes.fetch_add(1, Ordering::AcqRel);
                 self.known.invalidate(hash);
                 self.unknown.invalidate(hash);
             }
@@ -293,6 +486,13 @@ impl Verifier {
         self.known.run_pending_tasks();
         self.known.entry_count()
     }
+
+    /// Whether a record with this hash is cached and current (fetched in
+    /// the current epoch), e.g. once a background refresh is done (tests).
+    pub fn is_current(&self, hash: &SecretHash) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.known.get(hash).is_some_and(|cached| cached.epoch == epoch)
+    }
 }
 
 /// Refuses a revoked or expired key.
@@ -308,4 +508,219 @@ fn check_usable(record: &KeyRecord, now: impl FnOnce() -> Timestamp) -> Result<(
         return Err(Rejection::Expired);
     }
     Ok(())
+}
+
+// === Failed authentications per source ===
+
+/// The budget of failed authentications of every source IP.
+///
+/// A moka cache of direct governor limiters rather than governor's keyed
+/// limiter: bounded in size by construction, and a source idle for as long
+/// as its whole burst takes to refill is dropped (its limiter would be full
+/// again anyway, so dropping it forgets nothing). Sources that never failed
+/// have no entry, so a good client's check is one sharded lookup that finds
+/// nothing: no lock, no allocation, no clock read.
+///
+/// A source whose failure the limiter refuses is blocked until the limiter
+/// has a cell again: its keyed requests are refused without being looked
+/// at, and the first one after that is verified (and, if it fails, blocks
+/// again). Over time a source thus gets at most the configured rate of
+/// failed verifications.
+pub struct AuthFailures<C: Clock = DefaultClock> {
+    sources: Cache<IpAddr, Arc<FailureBudget<C>>, RandomState>,
+    quota: Quota,
+    clock: C,
+    /// The reference instant `blocked_until` counts from.
+    base: C::Instant,
+    /// Nanoseconds one failure's cell takes to refill.
+    per_cell: u64,
+}
+
+/// What [`AuthFailures::admit`] says about a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Not blocked: verify as usual.
+    Free,
+    /// The block just ended: verify this one request; the others wait.
+    Trial,
+    /// Blocked for this much longer: refuse unverified.
+    Refused(Duration),
+}
+
+/// One source's budget.
+struct FailureBudget<C: Clock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
+    /// Nanoseconds since [`AuthFailures::base`] until which this source is
+    /// refused; 0 while it never was. An atomic, so the check takes no lock.
+    blocked_until: AtomicU64,
+}
+
+impl AuthFailures<DefaultClock> {
+    pub fn new(rate: Rate, burst: NonZeroU32, max_sources: u64) -> Self {
+        Self::with_clock(rate, burst, max_sources, DefaultClock::default())
+    }
+}
+
+impl<C> AuthFailures<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    pub fn with_clock(rate: Rate, burst: NonZeroU32, max_sources: u64, clock: C) -> Self {
+        // A zero period (a rate finer than a nanosecond) means no limit to speak of.
+        let per_cell = (rate.period / rate.count.get()).max(Duration::from_nanos(1));
+        let quota =
+            Quota::with_period(per_cell).unwrap_or(Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
+        let refill = per_cell.saturating_mul(burst.get()).max(Duration::from_secs(1));
+        let sources = Cache::builder()
+            .max_capacity(max_sources)
+            .time_to_idle(refill)
+            .build_with_hasher(RandomState::default());
+        let base = clock.now();
+        let per_cell = u64::try_from(per_cell.as_nanos()).unwrap_or(u64::MAX);
+        Self { sources, quota, clock, base, per_cell }
+    }
+
+    /// Whether a keyed request from `ip` may be verified now.
+    ///
+    /// When a block ends, one request (the first to see it end) is let
+    /// through on trial and the others are held back for one cell's time:
+    /// otherwise every request in flight at that moment would be verified,
+    /// and a client with many connections would get its concurrency times
+    /// the rate. A trial that does not fail ends the block ([`Self::passed`]).
+    pub fn admit(&self, ip: IpAddr) -> Admission {
+        let Some(budget) = self.sources.get(&source_of(ip)) else { return Admission::Free };
+        let until = budget.blocked_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Admission::Free;
+        }
+        let now = self.clock.now().duration_since(self.base).as_u64();
+        if now < until {
+            return Admission::Refused(Duration::from_nanos(until - now));
+        }
+        let hold = now.saturating_add(self.per_cell);
+        match budget.blocked_until.compare_exchange(until, hold, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Admission::Trial,
+            Err(0) => Admission::Free,
+            Err(newer) if now < newer => Admission::Refused(Duration::from_nanos(newer - now)),
+            Err(_) => Admission::Free,
+        }
+    }
+
+    /// The request admitted on trial from `ip` did not fail: the block is over.
+    pub fn passed(&self, ip: IpAddr) {
+        if let Some(budget) = self.sources.get(&source_of(ip)) {
+            budget.blocked_until.store(0, Ordering::Release);
+        }
+    }
+
+    /// Counts one failed authentication from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        let budget = self.sources.get_with(source_of(ip), || {
+            Arc::new(FailureBudget {
+                limiter: RateLimiter::direct_with_clock(self.quota, self.clock.clone()),
+                blocked_until: AtomicU64::new(0),
+            })
+        });
+        if let Err(not_until) = budget.limiter.check() {
+            let now = self.clock.now();
+            let wait = u64::try_from(not_until.wait_time_from(now).as_nanos()).unwrap_or(u64::MAX);
+            let until = now.duration_since(self.base).as_u64().saturating_add(wait).max(1);
+            budget.blocked_until.fetch_max(until, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What a source IP's failures are counted under: an IPv4 address (also
+/// when written IPv4-mapped), or an IPv6 address's /64, since one host or
+/// customer is routinely handed a whole /64 and could otherwise rotate
+/// through addresses for free.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn budget(rate: &str, burst: u32) -> (AuthFailures<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let rate: Rate = rate.parse().unwrap();
+        let failures = AuthFailures::with_clock(rate, NonZeroU32::new(burst).unwrap(), 1000, clock.clone());
+        (failures, clock)
+    }
+
+    fn refused(admission: Admission) -> bool {
+        matches!(admission, Admission::Refused(_))
+    }
+
+    #[test]
+    fn a_source_is_refused_once_over_its_burst_until_a_cell_refills() {
+        let (failures, clock) = budget("10/s", 5);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..6 {
+            assert_eq!(failures.admit(ip), Admission::Free);
+            failures.failed(ip);
+        }
+        // The sixth failure was over the burst: from now on, refused.
+        let Admission::Refused(wait) = failures.admit(ip) else { panic!("over budget") };
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        clock.advance(Duration::from_millis(50));
+        assert!(refused(failures.admit(ip)), "one cell takes 100 ms");
+        clock.advance(Duration::from_millis(50));
+        // A cell has refilled: one request on trial, the rest held back.
+        assert_eq!(failures.admit(ip), Admission::Trial);
+        assert!(refused(failures.admit(ip)), "only one trial at a time");
+        failures.failed(ip);
+        assert!(refused(failures.admit(ip)));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(failures.admit(ip), Admission::Trial);
+        // A trial that passes ends the block.
+        failures.passed(ip);
+        assert_eq!(failures.admit(ip), Admission::Free);
+    }
+
+    #[test]
+    fn a_flood_gets_the_rate_not_its_concurrency_times_the_rate() {
+        let (failures, clock) = budget("20/s", 10);
+        let ip: IpAddr = "192.0.2.8".parse().unwrap();
+        let mut verified = 0;
+        // 10 s of 8 requests every millisecond, all failing.
+        for _ in 0..10_000 {
+            // All eight are admitted (or not) before any of them fails, as
+            // concurrent requests are.
+            let admitted = (0..8).filter(|_| !refused(failures.admit(ip))).count();
+            for _ in 0..admitted {
+                verified += 1;
+                failures.failed(ip);
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        assert!((200..=10 + 200 + 8).contains(&verified), "{verified} failures verified");
+    }
+
+    #[test]
+    fn other_sources_are_not_affected_and_v6_counts_per_64() {
+        let (failures, _clock) = budget("1/s", 1);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        failures.failed(a);
+        failures.failed(same_64);
+        assert!(refused(failures.admit(a)));
+        assert!(refused(failures.admit(same_64)), "the same /64 shares a budget");
+        assert_eq!(failures.admit(other_64), Admission::Free);
+        assert_eq!(failures.admit("192.0.2.1".parse().unwrap()), Admission::Free);
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        failures.failed("192.0.2.9".parse().unwrap());
+        failures.failed(mapped);
+        assert!(refused(failures.admit("192.0.2.9".parse().unwrap())), "v4-mapped is the v4 source");
+    }
 }

@@ -157,6 +157,14 @@ pub struct KeysConfig {
     /// While the store is unreachable, cached records keep working this long
     /// past their `cache_ttl`; keys the gateway cannot vouch for get 503.
     pub stale_window: Duration,
+    /// Failed authentications allowed per source IP (IPv6: per /64) before
+    /// its keyed requests get 429 unverified; `None` ("off") disables.
+    pub auth_failures_per_ip: Option<crate::meta::Rate>,
+    /// How many failures a source may have in a row before the rate applies.
+    pub auth_failures_burst: std::num::NonZeroU32,
+    /// Global cap on store lookups for keys not cached (503 past it);
+    /// `None` (0) disables.
+    pub store_lookups_per_second: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Clone)]
@@ -373,6 +381,9 @@ struct RawKeys {
     cache_ttl: Option<String>,
     negative_ttl: Option<String>,
     stale_window: Option<String>,
+    auth_failures_per_ip: Option<String>,
+    auth_failures_burst: Option<u32>,
+    store_lookups_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -965,6 +976,36 @@ fn validate_keys(p: &mut Problems, raw: RawKeys) -> KeysConfig {
         cache_ttl: p.duration("keys.cache_ttl", raw.cache_ttl.as_deref(), Duration::from_secs(60)),
         negative_ttl: p.duration("keys.negative_ttl", raw.negative_ttl.as_deref(), Duration::from_secs(5)),
         stale_window: p.duration("keys.stale_window", raw.stale_window.as_deref(), Duration::from_secs(300)),
+        auth_failures_per_ip: auth_failures_per_ip(p, raw.auth_failures_per_ip.as_deref()),
+        auth_failures_burst: std::num::NonZeroU32::new(raw.auth_failures_burst.unwrap_or(100))
+            .unwrap_or_else(|| {
+                p.push(
+                    "keys.auth_failures_burst",
+                    "must be at least 1; set auth_failures_per_ip = \"off\" to disable",
+                );
+                std::num::NonZeroU32::MIN
+            }),
+        store_lookups_per_second: std::num::NonZeroU32::new(raw.store_lookups_per_second.unwrap_or(2000)),
+    }
+}
+
+/// `[keys] auth_failures_per_ip`: a rate like `"20/s"` (the default), or
+/// `"off"` / `"0"` for no limit.
+fn auth_failures_per_ip(p: &mut Problems, value: Option<&str>) -> Option<crate::meta::Rate> {
+    let default = crate::meta::Rate {
+        count: std::num::NonZeroU32::MIN.saturating_add(19),
+        period: Duration::from_secs(1),
+    };
+    match value.map(str::trim) {
+        None => Some(default),
+        Some("off" | "0") => None,
+        Some(text) => match text.parse() {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                p.push("keys.auth_failures_per_ip", format!("{e}; write e.g. \"20/s\" or \"off\""));
+                Some(default)
+            }
+        },
     }
 }
 
@@ -1219,6 +1260,29 @@ mod tests {
         let text = "[[route]]\npath = \"/a/\"\nupstream = \"builtin:echo\"\n[[route]]\npath = \"/a\"\nupstream = \"builtin:echo\"\npublic = true\nscopes = [\"x\"]\n";
         let fields: Vec<String> = problems(text).into_iter().map(|p| p.field).collect();
         assert_eq!(fields, ["route[1].public", "route[1].path"]);
+    }
+
+    #[test]
+    fn auth_failure_and_lookup_limits_default_on_and_can_be_switched_off() {
+        let on = Config::defaults().keys;
+        assert_eq!(on.auth_failures_per_ip.map(|r| r.to_string()).as_deref(), Some("20/s"));
+        assert_eq!(on.auth_failures_burst.get(), 100);
+        assert_eq!(on.store_lookups_per_second.map(|n| n.get()), Some(2000));
+        let off = Config::from_toml(
+            "[keys]\nauth_failures_per_ip = \"off\"\nstore_lookups_per_second = 0\n\
+             [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(off.keys.auth_failures_per_ip.is_none());
+        assert!(off.keys.store_lookups_per_second.is_none());
+        let bad = problems(
+            "[keys]\nauth_failures_per_ip = \"often\"\nauth_failures_burst = 0\n\
+             [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        );
+        let fields: Vec<&str> = bad.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["keys.auth_failures_per_ip", "keys.auth_failures_burst"], "{bad:?}");
+        assert_eq!(bad[0].line, Some(2));
     }
 
     #[test]

@@ -38,6 +38,21 @@ pub enum GatewayError {
     /// The store could not be asked about a key the gateway had not cached.
     #[error("key store unavailable: {0}")]
     StoreUnavailable(String),
+    /// The request's source IP failed authentication too often; its keyed
+    /// requests are refused unverified until its budget recovers.
+    #[error("too many failed authentications from this source")]
+    TooManyAuthFailures { retry_after: Duration },
+    /// The global cap on store lookups for uncached keys was reached; the
+    /// store was not asked. Counted in `/metrics`, so not logged as an error
+    /// (a flood of garbage keys must not flood the error log either).
+    #[error("store lookups for uncached keys are over their cap")]
+    LookupsThrottled { retry_after: Duration },
+    /// The store has a record for the key that it cannot decode (hand-edited,
+    /// schema drift). Not an outage: the key is refused, no stale copy served.
+    /// A 503, not a 401: the key may be fine and its holder not at fault;
+    /// the operator's data is, and a 5xx is what gets logged and alerted on.
+    #[error("unreadable key record: {0}")]
+    CorruptRecord(String),
     #[error("upstream {upstream} unreachable: {cause}")]
     UpstreamUnreachable { upstream: String, cause: String },
     #[error("upstream {upstream} did not answer within {after:?}")]
@@ -85,6 +100,13 @@ impl GatewayError {
             Self::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
             Self::QuotaExceeded { .. } => "quota exhausted for the current window".to_owned(),
             Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
+            Self::TooManyAuthFailures { .. } => {
+                "too many failed authentications from this address; retry later".to_owned()
+            }
+            Self::LookupsThrottled { .. } => "the key store is busy; retry later".to_owned(),
+            Self::CorruptRecord(_) => {
+                "this API key's record cannot be read; retry later or contact the operator".to_owned()
+            }
             Self::UpstreamUnreachable { .. } => "the upstream service is unreachable".to_owned(),
             Self::UpstreamTimeout { .. } => "the upstream service did not answer in time".to_owned(),
             Self::UpstreamBadResponse { .. } => "the upstream service sent an invalid response".to_owned(),
@@ -110,6 +132,9 @@ impl GatewayError {
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::TooManyAuthFailures { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures"),
+            Self::LookupsThrottled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_busy"),
+            Self::CorruptRecord(_) => (StatusCode::SERVICE_UNAVAILABLE, "key_record_unreadable"),
             Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::UpstreamBadResponse { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
@@ -124,7 +149,7 @@ impl GatewayError {
     /// Builds the JSON response, with the headers the status calls for.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let answer = self.answer();
-        if answer.status.is_server_error() {
+        if answer.status.is_server_error() && !matches!(self, Self::LookupsThrottled { .. }) {
             tracing::error!(status = answer.status.as_u16(), cause = %self, "request failed");
         } else {
             tracing::debug!(status = answer.status.as_u16(), reason = %self, "request refused");
@@ -144,7 +169,10 @@ impl GatewayError {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            Self::RateLimited { retry_after } | Self::QuotaExceeded { retry_after } => {
+            Self::RateLimited { retry_after }
+            | Self::QuotaExceeded { retry_after }
+            | Self::TooManyAuthFailures { retry_after }
+            | Self::LookupsThrottled { retry_after } => {
                 // Round up: retrying after a truncated value would be refused again.
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
@@ -283,6 +311,35 @@ mod tests {
         assert_eq!(status, 503);
         assert_eq!(body["error"], "store_unavailable");
         assert!(!body.to_string().contains("10.0.0.5"));
+    }
+
+    #[tokio::test]
+    async fn too_many_auth_failures_is_429_with_retry_after_and_no_challenge() {
+        let (status, headers, body) =
+            answer(GatewayError::TooManyAuthFailures { retry_after: Duration::from_millis(50) }).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"], "too_many_auth_failures");
+        assert_eq!(headers[header::RETRY_AFTER], "1", "at least a second");
+        assert!(!headers.contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[tokio::test]
+    async fn throttled_store_lookups_are_503_store_busy_with_retry_after() {
+        let (status, headers, body) =
+            answer(GatewayError::LookupsThrottled { retry_after: Duration::from_millis(2500) }).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "store_busy");
+        assert_eq!(headers[header::RETRY_AFTER], "3");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_503_without_naming_it() {
+        let cause = "corrupt key record redis key `kg:{acme}:key:ab12`: field `status`: disabled";
+        let (status, headers, body) = answer(GatewayError::CorruptRecord(cause.into())).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "key_record_unreadable");
+        assert!(!body.to_string().contains("kg:") && !body.to_string().contains("disabled"));
+        assert!(!headers.contains_key(header::RETRY_AFTER));
     }
 
     #[tokio::test]

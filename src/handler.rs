@@ -127,7 +127,9 @@ async fn serve(
     // 1. Route: one host, one canonical path; decide and forward on those.
     let edge = &live.config.server.edge;
     let behind_proxy = peer.is_trusted(&edge.trusted_proxies);
-    trail.client_ip = Some(peer.client_ip(request.headers(), &edge.trusted_proxies));
+    // The failed-authentication budget and the access log count by it.
+    let client_ip = peer.client_ip(request.headers(), &edge.trusted_proxies);
+    trail.client_ip = Some(client_ip);
     if edge.strict_paths {
         route::check_strict(request.uri().path()).map_err(GatewayError::from)?;
     }
@@ -167,7 +169,7 @@ async fn serve(
             };
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
-        let record = gateway.verifier.verify(&presented, started).await?;
+        let record = gateway.verifier.verify(&presented, client_ip, started).await?;
         trail.caller = Some(Arc::clone(&record));
 
         // 4. Scope: the key must cover this route and method.

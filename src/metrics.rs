@@ -107,6 +107,10 @@ pub struct Metrics {
     usage_dropped: Counter,
     connections_refused: Family<EdgeLabels, Counter>,
     connections_expired: Family<EdgeLabels, Counter>,
+    auth_failures: Counter,
+    auth_failures_refused: Counter,
+    store_lookups_throttled: Counter,
+    cache_refreshes: Counter,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
     routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
@@ -181,10 +185,42 @@ impl Metrics {
             "Connections closed by a deadline, by the deadline's [server] field",
             connections_expired.clone(),
         );
+        let auth_failures = Counter::default();
+        registry.register(
+            "auth_failures",
+            "Keyed requests whose key was rejected (malformed, unknown, client mismatch, expired, \
+             revoked); each counts against its source IP's failure budget",
+            auth_failures.clone(),
+        );
+        let auth_failures_refused = Counter::default();
+        registry.register(
+            "auth_failures_refused",
+            "Keyed requests answered 429 without verification: their source IP was over its \
+             failed-authentication budget (keys.auth_failures_per_ip)",
+            auth_failures_refused.clone(),
+        );
+        let store_lookups_throttled = Counter::default();
+        registry.register(
+            "store_lookups_throttled",
+            "Keys not in the cache answered 503 without a store lookup: the global cap \
+             keys.store_lookups_per_second was reached",
+            store_lookups_throttled.clone(),
+        );
+        let cache_refreshes = Counter::default();
+        registry.register(
+            "key_cache_refreshes",
+            "Cached keys re-checked with the store in the background after an invalidation of \
+             everything, while still being served",
+            cache_refreshes.clone(),
+        );
         Self {
             registry,
             connections_refused,
             connections_expired,
+            auth_failures,
+            auth_failures_refused,
+            store_lookups_throttled,
+            cache_refreshes,
             requests,
             request_duration,
             cache_hits,
@@ -266,6 +302,22 @@ impl Metrics {
         self.refusals.get_or_create(&RefusalLabels { kind }).inc();
     }
 
+    pub fn auth_failure(&self) {
+        self.auth_failures.inc();
+    }
+
+    pub fn auth_failures_refused(&self) {
+        self.auth_failures_refused.inc();
+    }
+
+    pub fn store_lookup_throttled(&self) {
+        self.store_lookups_throttled.inc();
+    }
+
+    pub fn cache_refresh(&self) {
+        self.cache_refreshes.inc();
+    }
+
     pub fn usage_flush_lag(&self, lag: Duration) {
         self.usage_flush_lag.set(lag.as_secs_f64());
     }
@@ -334,6 +386,26 @@ pub fn refused(kind: Refusal) {
     METRICS.refused(kind);
 }
 
+/// A keyed request whose key was rejected.
+pub fn auth_failure() {
+    METRICS.auth_failure();
+}
+
+/// A keyed request refused unverified: its source is over its failure budget.
+pub fn auth_failures_refused() {
+    METRICS.auth_failures_refused();
+}
+
+/// A store lookup for an uncached key refused by the global cap.
+pub fn store_lookup_throttled() {
+    METRICS.store_lookup_throttled();
+}
+
+/// A cached key re-checked in the background after an epoch bump.
+pub fn cache_refresh() {
+    METRICS.cache_refresh();
+}
+
 /// At a usage flush: the age of the oldest usage it wrote.
 pub fn usage_flush_lag(lag: Duration) {
     METRICS.usage_flush_lag(lag);
@@ -400,6 +472,11 @@ mod tests {
         metrics.refused(Refusal::QuotaExceeded);
         metrics.usage_flush_lag(Duration::from_millis(1500));
         metrics.usage_dropped(7);
+        metrics.auth_failure();
+        metrics.auth_failure();
+        metrics.auth_failures_refused();
+        metrics.store_lookup_throttled();
+        metrics.cache_refresh();
         let text = metrics.render();
         for expected in [
             "keygate_key_cache_hits_total 2",
@@ -410,6 +487,11 @@ mod tests {
             r#"keygate_refused_total{kind="quota_exceeded"} 2"#,
             "keygate_usage_flush_lag_seconds 1.5",
             "keygate_usage_dropped_total 7",
+            "keygate_auth_failures_total 2",
+            "keygate_auth_failures_refused_total 1",
+            "keygate_store_lookups_throttled_total 1",
+            "keygate_key_cache_refreshes_total 1",
+            "# HELP keygate_auth_failures_refused Keyed requests answered 429",
         ] {
             assert!(text.contains(expected), "missing `{expected}` in\n{text}");
         }
