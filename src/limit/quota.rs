@@ -136,7 +136,21 @@ pub trait QuotaAuthority: Send + Sync + 'static {
         min: u64,
         want: u64,
         settle: u64,
-    ) -> Result<Lease, String>;
+    ) -> Result<Lease, LeaseError>;
+}
+
+/// Why a lease failed: an outage, or a counter that cannot be counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The authority could not be reached or did not answer in time: the
+    /// outage rules apply (leases, allowance, then 503).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The authority answered, with an error about this key's counter (a
+    /// value of the wrong Redis type, say). Not an outage: the key is
+    /// refused, and the other keys still count in the authority.
+    #[error("{0}")]
+    Broken(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,10 +269,11 @@ impl Quotas {
                     self.outage.succeeded();
                     lease
                 }
-                Err(error) => {
+                Err(LeaseError::Unreachable(error)) => {
                     self.outage.failed(&error);
                     return outage_spend(&state.local, &window, cost, allowance, now);
                 }
+                Err(LeaseError::Broken(error)) => return Err(error),
             };
             let mut local = lock(&state.local);
             if local.window_id == window.id {
@@ -389,7 +404,7 @@ impl QuotaAuthority for ProcessAuthority {
         min: u64,
         want: u64,
         settle: u64,
-    ) -> Result<Lease, String> {
+    ) -> Result<Lease, LeaseError> {
         if let Some(rolling) = &window.rolling {
             let mut counters = lock(&self.rolling);
             let buckets = counters.entry((key_id.to_owned(), rolling.counter_id.clone())).or_default();

@@ -23,7 +23,7 @@ use redis::aio::ConnectionManager;
 
 use super::lock;
 use super::outage::Outage;
-use super::quota::{Lease, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
+use super::quota::{Lease, LeaseError, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
 use super::rate::RateDecision;
 use crate::meta::Rate;
 
@@ -98,15 +98,16 @@ impl QuotaAuthority for RedisQuotaAuthority {
         min: u64,
         want: u64,
         settle: u64,
-    ) -> Result<Lease, String> {
+    ) -> Result<Lease, LeaseError> {
         if let Some(rolling) = &window.rolling {
             return self.rolling_lease(key_id, rolling, limit, min, want, settle).await;
         }
         // Keep a window's counter a day past its end so dashboards can read
         // yesterday's total.
         let expire_at = window.end.as_second() + 86_400;
+        let key = self.keys.quota(key_id, &window.id);
         let (granted, left): (u64, i64) = redis::Script::new(QUOTA_LEASE)
-            .key(self.keys.quota(key_id, &window.id))
+            .key(&key)
             .arg(limit)
             .arg(min)
             .arg(want)
@@ -114,7 +115,7 @@ impl QuotaAuthority for RedisQuotaAuthority {
             .arg(settle)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| format!("quota lease: {e}"))?;
+            .map_err(|e| lease_error("quota lease", &key, &e))?;
         Ok(Lease { granted, left: left.max(0) as u64, frees_at: None })
     }
 }
@@ -169,11 +170,12 @@ impl RedisQuotaAuthority {
         min: u64,
         want: u64,
         settle: u64,
-    ) -> Result<Lease, String> {
+    ) -> Result<Lease, LeaseError> {
         // Live as long as the oldest sub-bucket can still count.
         let ttl = rolling.bucket_secs * (ROLLING_BUCKETS + 1);
+        let key = self.keys.quota(key_id, &rolling.counter_id);
         let (granted, left, oldest): (u64, i64, i64) = redis::Script::new(ROLLING_LEASE)
-            .key(self.keys.quota(key_id, &rolling.counter_id))
+            .key(&key)
             .arg(limit)
             .arg(min)
             .arg(want)
@@ -183,9 +185,21 @@ impl RedisQuotaAuthority {
             .arg(settle)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| format!("rolling quota lease: {e}"))?;
+            .map_err(|e| lease_error("rolling quota lease", &key, &e))?;
         let frees_at = (oldest >= 0).then(|| (oldest + ROLLING_BUCKETS) * rolling.bucket_secs);
         Ok(Lease { granted, left: left.max(0) as u64, frees_at })
+    }
+}
+
+/// Sorts a failed script call: Redis answering that the key's value cannot
+/// be counted (wrong type, a field that is not a number) is about that key;
+/// anything else (refused, reset, timed out, loading, busy) is an outage.
+fn lease_error(what: &str, redis_key: &str, error: &redis::RedisError) -> LeaseError {
+    let text = error.to_string();
+    if error.code() == Some("WRONGTYPE") || text.contains("WRONGTYPE") || text.contains("user_script") {
+        LeaseError::Broken(format!("{what}: redis key `{redis_key}` cannot be counted: {text}"))
+    } else {
+        LeaseError::Unreachable(format!("{what}: {text}"))
     }
 }
 
@@ -305,8 +319,9 @@ impl SharedRates {
         if self.outage.skip_store() {
             return Err("rate lease: limit store unreachable (retried shortly)".to_owned());
         }
+        let key = self.keys.rate(key_id);
         let leased: Result<(u64, u64, u64), _> = redis::Script::new(RATE_LEASE)
-            .key(self.keys.rate(key_id))
+            .key(&key)
             .arg(burst.get())
             .arg(per_token_us)
             .arg(want)
@@ -319,11 +334,13 @@ impl SharedRates {
                 self.outage.succeeded();
                 answer
             }
-            Err(error) => {
-                let error = format!("rate lease: {error}");
-                self.outage.failed(&error);
-                return Err(error);
-            }
+            Err(error) => match lease_error("rate lease", &key, &error) {
+                LeaseError::Unreachable(error) => {
+                    self.outage.failed(&error);
+                    return Err(error);
+                }
+                LeaseError::Broken(error) => return Err(error),
+            },
         };
         let mut local = lock(&slice);
         local.bucket_left = left;
