@@ -38,7 +38,8 @@ pub struct LimitsConfig {
     pub headers: bool,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
     pub legacy_headers: bool,
-    /// When the limit store (Redis) fails: admit (true) or answer 503.
+    /// When the limit store (Redis) fails: decide locally within the
+    /// documented bounds (true) or answer 503 once leases are spent.
     pub fail_open: bool,
     /// Shared mode: a leased slice is this fraction of one second's rate.
     pub lease_fraction: f64,
