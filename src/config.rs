@@ -38,7 +38,8 @@ pub struct LimitsConfig {
     pub headers: bool,
     /// Also send `X-RateLimit-Limit/Remaining/Reset`.
     pub legacy_headers: bool,
-    /// When the limit store (Redis) fails: admit (true) or answer 503.
+    /// When the limit store (Redis) fails: decide locally within the
+    /// documented bounds (true) or answer 503 once leases are spent.
     pub fail_open: bool,
     /// Shared mode: a leased slice is this fraction of one second's rate.
     pub lease_fraction: f64,
@@ -46,6 +47,12 @@ pub struct LimitsConfig {
     pub lease_ttl: Duration,
     /// Most quota units one instance leases at a time.
     pub quota_lease: u64,
+    /// With `fail_open`: the fraction of a key's quota one instance may
+    /// spend per window beyond its leases while Redis is unreachable.
+    pub outage_allowance: f64,
+    /// Shared mode: gateway instances sharing each rate; while Redis is
+    /// unreachable each enforces `rate / instances` locally.
+    pub instances: std::num::NonZeroU32,
     /// Limiters of keys idle this long are dropped (memory stays bounded).
     pub idle_eviction: Duration,
     pub max_tracked_keys: u64,
@@ -334,6 +341,8 @@ struct RawLimits {
     lease_fraction: Option<f64>,
     lease_ttl: Option<String>,
     quota_lease: Option<u64>,
+    outage_allowance: Option<f64>,
+    instances: Option<u32>,
     idle_eviction: Option<String>,
     max_tracked_keys: Option<u64>,
 }
@@ -1022,6 +1031,14 @@ fn validate_limits(p: &mut Problems, raw: RawLimits, store: &StoreConfig) -> Lim
     if quota_lease == 0 {
         p.push("limits.quota_lease", "must be at least 1");
     }
+    let outage_allowance = raw.outage_allowance.unwrap_or(0.01);
+    if !(0.0..=1.0).contains(&outage_allowance) {
+        p.push("limits.outage_allowance", format!("{outage_allowance} must be a fraction from 0 to 1"));
+    }
+    let instances = std::num::NonZeroU32::new(raw.instances.unwrap_or(1)).unwrap_or_else(|| {
+        p.push("limits.instances", "must be at least 1");
+        std::num::NonZeroU32::MIN
+    });
     LimitsConfig {
         mode,
         headers: raw.headers.unwrap_or(true),
@@ -1030,6 +1047,8 @@ fn validate_limits(p: &mut Problems, raw: RawLimits, store: &StoreConfig) -> Lim
         lease_fraction,
         lease_ttl: p.duration("limits.lease_ttl", raw.lease_ttl.as_deref(), Duration::from_secs(1)),
         quota_lease,
+        outage_allowance,
+        instances,
         idle_eviction: p.duration(
             "limits.idle_eviction",
             raw.idle_eviction.as_deref(),

@@ -224,9 +224,13 @@ fn serve(path: &Path) -> ExitCode {
         let (listen, drain_timeout, workers) =
             (config.server.listen, config.server.drain_timeout, config.server.workers);
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
-        let store = match open_store(&config, None).await {
+        // A Redis down at start is waited for in the background, not fatal.
+        let store = match store::open_for_serving(&config.store).await {
             Ok(store) => store,
-            Err(code) => return code,
+            Err(error) => {
+                tracing::error!(%error, "cannot open the key store");
+                return ExitCode::FAILURE;
+            }
         };
         let listeners = match server::bind_reuseport(listen, workers) {
             Ok(listeners) => listeners,

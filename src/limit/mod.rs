@@ -9,7 +9,14 @@
 //! - `shared.rs`: shared mode (`[limits] mode = "redis"`), leased slices of a
 //!   Redis token bucket, and the Redis quota authority.
 //! - `quota.rs`: quota windows and exact leasing.
+//! - `outage.rs`: when Redis is unreachable, decide locally for a while.
+//!
+//! While Redis is unreachable (`fail_open = true`), a quota spends what this
+//! instance leased plus `outage_allowance` of it, then answers 503; a shared
+//! rate limit falls back to a local limiter at `rate / instances`. The bound
+//! this gives is in `docs/limits.md`.
 
+pub mod outage;
 pub mod quota;
 pub mod rate;
 pub mod shared;
@@ -22,6 +29,7 @@ use jiff::Timestamp;
 
 use crate::config::{LimitMode, LimitsConfig};
 use crate::error::{GatewayError, Refusal};
+use crate::meta::Rate;
 use crate::store::KeyRecord;
 use quota::{ProcessAuthority, QuotaAuthority, QuotaDecision, Quotas};
 use rate::{LocalRates, RateDecision};
@@ -30,7 +38,12 @@ use shared::{LimitKeys, RedisQuotaAuthority, SharedRates};
 /// Where rate limits are counted.
 enum Rates {
     Local(LocalRates),
-    Shared(SharedRates),
+    /// Shared through Redis, and this instance's share of each rate,
+    /// enforced locally while Redis is unreachable.
+    Shared {
+        shared: SharedRates,
+        fallback: LocalRates,
+    },
 }
 
 /// The limits of every key, on this instance.
@@ -72,9 +85,10 @@ impl Limits {
                 let authority = Arc::new(RedisQuotaAuthority::new(conn.clone(), keys.clone()));
                 let rates = match config.mode {
                     LimitMode::Local => Rates::Local(LocalRates::new(max_keys, config.idle_eviction)),
-                    LimitMode::Redis => {
-                        Rates::Shared(SharedRates::new(conn, keys, config.lease_fraction, config.lease_ttl))
-                    }
+                    LimitMode::Redis => Rates::Shared {
+                        shared: SharedRates::new(conn, keys, config.lease_fraction, config.lease_ttl),
+                        fallback: LocalRates::new(max_keys, config.idle_eviction),
+                    },
                 };
                 (rates, authority)
             }
@@ -89,7 +103,8 @@ impl Limits {
     /// Admits a request of `cost` units for `record`, or refuses it with 429
     /// and, when the config asks for them, the RateLimit headers of the
     /// policy that refused. If the limit store fails, the running config's
-    /// `fail_open` decides: admit (and log) or 503.
+    /// `fail_open` decides: bounded local decisions (leases, the outage
+    /// allowance, the instance's share of the rate), or 503.
     pub async fn admit(
         &self,
         record: &KeyRecord,
@@ -121,7 +136,8 @@ impl Limits {
 
         // 1. Quota first: taken units can be given back exactly.
         if let Some((quota, now)) = quota {
-            match self.quotas.take(key_id, quota, cost, now).await {
+            let allowance = if live.fail_open { outage_units(quota.count, live.outage_allowance) } else { 0 };
+            match self.quotas.take_within(key_id, quota, cost, now, allowance).await {
                 Ok(QuotaDecision::Taken { remaining, reset, window_secs }) => {
                     admission.quota = Some(PolicyState {
                         limit: quota.count,
@@ -133,7 +149,9 @@ impl Limits {
                 Ok(QuotaDecision::Exhausted { retry_after }) => {
                     return Err(GatewayError::QuotaExceeded { retry_after });
                 }
-                Err(error) => store_failed(live, "quota", &error)?,
+                // The leases and the allowance are spent: the gateway cannot
+                // vouch that the key has quota left, nor that it has none.
+                Err(error) => return Err(GatewayError::StoreUnavailable(format!("quota limit: {error}"))),
             }
         }
 
@@ -142,7 +160,14 @@ impl Limits {
             let burst = meta.burst.unwrap_or(rate.count);
             let decision = match &self.rates {
                 Rates::Local(local) => Ok(local.check(key_id, rate, burst, cost)),
-                Rates::Shared(shared) => shared.check(key_id, rate, burst, cost).await,
+                Rates::Shared { shared, fallback } => match shared.check(key_id, rate, burst, cost).await {
+                    Err(error) if live.fail_open => {
+                        tracing::debug!(%error, "shared rate unavailable; local share decides");
+                        let (rate, burst) = instance_share(rate, burst, live.instances);
+                        Ok(fallback.check(key_id, rate, burst, cost))
+                    }
+                    decided => decided,
+                },
             };
             match decision {
                 Ok(RateDecision::Allowed { remaining, reset }) => {
@@ -159,20 +184,34 @@ impl Limits {
                     }
                     return Err(GatewayError::RateLimited { retry_after });
                 }
-                Err(error) => store_failed(live, "rate", &error)?,
+                Err(error) => {
+                    if let Some((quota, now)) = quota {
+                        self.quotas.refund(key_id, quota, cost, now);
+                    }
+                    return Err(GatewayError::StoreUnavailable(format!("rate limit: {error}")));
+                }
             }
         }
         Ok(admission)
     }
 }
 
-fn store_failed(config: &LimitsConfig, what: &str, error: &str) -> Result<(), GatewayError> {
-    if config.fail_open {
-        tracing::warn!(limit = what, %error, "limit store unavailable; admitting (fail_open = true)");
-        Ok(())
-    } else {
-        Err(GatewayError::StoreUnavailable(format!("{what} limit: {error}")))
-    }
+/// The units of a `count` quota one instance may spend per window beyond
+/// its leases while the store is unreachable: `fraction` of it, rounded
+/// down (so the documented bound `Q × (1 + N × fraction)` holds exactly).
+fn outage_units(count: u64, fraction: f64) -> u64 {
+    // The epsilon keeps 0.07 × 100 at 7: the product is 7.000000000000001.
+    ((count as f64) * fraction + 1e-9).floor() as u64
+}
+
+/// One instance's share of a rate shared by `instances`: the same count
+/// over `instances` times the period, and the burst divided (rounded up,
+/// at least 1) — together at most the shared limit, plus rounding.
+fn instance_share(rate: Rate, burst: NonZeroU32, instances: NonZeroU32) -> (Rate, NonZeroU32) {
+    let n = instances.get();
+    let period = rate.period.saturating_mul(n);
+    let burst = NonZeroU32::new(burst.get().div_ceil(n)).unwrap_or(NonZeroU32::MIN);
+    (Rate { count: rate.count, period }, burst)
 }
 
 /// Locks a limiter's small state. The locks here are held for a few
@@ -350,6 +389,27 @@ mod tests {
         let m = u64::MAX;
         assert_eq!(headers["ratelimit-policy"], format!("\"rate\";q={m};w={m}, \"quota\";q={m};w={m}"));
         assert_eq!(headers["ratelimit"], format!("\"rate\";r={m};t={m}, \"quota\";r={m};t={m}"));
+    }
+
+    #[test]
+    fn the_outage_allowance_rounds_down() {
+        assert_eq!(outage_units(100, 0.01), 1);
+        assert_eq!(outage_units(100, 0.07), 7);
+        assert_eq!(outage_units(50, 0.01), 0);
+        assert_eq!(outage_units(10_000, 0.0), 0);
+        assert_eq!(outage_units(u64::MAX, 1.0), u64::MAX);
+    }
+
+    #[test]
+    fn an_instance_share_is_the_rate_over_the_instances() {
+        let rate: Rate = "10/min".parse().unwrap();
+        let three = NonZeroU32::new(3).unwrap();
+        let (share, burst) = instance_share(rate, NonZeroU32::new(10).unwrap(), three);
+        assert_eq!(share.period, std::time::Duration::from_secs(180));
+        assert_eq!(share.count, rate.count);
+        assert_eq!(burst.get(), 4);
+        let (same, burst) = instance_share(rate, NonZeroU32::MIN, NonZeroU32::MIN);
+        assert_eq!((same, burst), (rate, NonZeroU32::MIN));
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! but unspent when a window ends are lost, at most one lease per instance.
 //! Leases shrink as the window's budget runs low (an eighth of what is left),
 //! so near the end instances take units one at a time.
+//!
+//! While the authority cannot be reached, an instance spends what it has
+//! leased, then at most an outage allowance per key and window, and
+//! refuses after that (see `outage.rs` and `docs/limits.md`). What it spent
+//! beyond its leases is written to the authority with its next lease, so
+//! the window's counter ends up counting every admitted request.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -19,6 +25,7 @@ use jiff::tz::TimeZone;
 use moka::sync::Cache;
 
 use super::lock;
+use super::outage::Outage;
 use crate::meta::{Quota, QuotaWindow};
 
 /// One window of a quota: where it starts, where it ends, and its stable name
@@ -116,9 +123,11 @@ impl Window {
 /// Where leases come from: hands out units of one key's quota window, each once.
 #[async_trait::async_trait]
 pub trait QuotaAuthority: Send + Sync + 'static {
-    /// Grants between `min` and `want` units of `limit` for this window, or 0
-    /// if fewer than `min` are left. Returns what it granted and how many
-    /// units (granted to anyone) remain unspent in the authority afterwards.
+    /// First counts `settle` units as granted (spent by this instance beyond
+    /// its leases while the authority was unreachable), then grants between
+    /// `min` and `want` units of `limit` for this window, or 0 if fewer than
+    /// `min` are left. Returns what it granted and how many units (granted
+    /// to anyone) remain unspent in the authority afterwards.
     async fn lease(
         &self,
         key_id: &str,
@@ -126,7 +135,22 @@ pub trait QuotaAuthority: Send + Sync + 'static {
         limit: u64,
         min: u64,
         want: u64,
-    ) -> Result<Lease, String>;
+        settle: u64,
+    ) -> Result<Lease, LeaseError>;
+}
+
+/// Why a lease failed: an outage, or a counter that cannot be counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The authority could not be reached or did not answer in time: the
+    /// outage rules apply (leases, allowance, then 503).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The authority answered, with an error about this key's counter (a
+    /// value of the wrong Redis type, say). Not an outage: the key is
+    /// refused, and the other keys still count in the authority.
+    #[error("{0}")]
+    Broken(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +177,11 @@ struct Local {
     authority_left: Option<u64>,
     /// Rolling windows: when room frees up, from the authority's last word.
     frees_at: Option<i64>,
+    /// Units spent beyond the leases in this window while the authority
+    /// was unreachable; never above the outage allowance.
+    outage_spent: u64,
+    /// Of those, the units the authority has not counted yet.
+    unsettled: u64,
 }
 
 /// The outcome of taking quota.
@@ -167,6 +196,8 @@ pub struct Quotas {
     keys: Cache<String, Arc<KeyQuota>>,
     authority: Arc<dyn QuotaAuthority>,
     max_lease: u64,
+    /// While set, leases are not asked for: the outage allowance decides.
+    outage: Outage,
 }
 
 struct KeyQuota {
@@ -178,16 +209,32 @@ struct KeyQuota {
 impl Quotas {
     pub fn new(authority: Arc<dyn QuotaAuthority>, max_lease: u64, max_keys: u64) -> Self {
         let keys = Cache::builder().max_capacity(max_keys).time_to_idle(Duration::from_secs(3600)).build();
-        Self { keys, authority, max_lease: max_lease.max(1) }
+        Self { keys, authority, max_lease: max_lease.max(1), outage: Outage::new("quotas") }
     }
 
-    /// Takes `cost` units of the key's quota, all or nothing.
+    /// Takes `cost` units of the key's quota, all or nothing, with no
+    /// outage allowance: once the leases are spent, an unreachable
+    /// authority is an error.
     pub async fn take(
         &self,
         key_id: &str,
         quota: Quota,
         cost: NonZeroU32,
         now: Timestamp,
+    ) -> Result<QuotaDecision, String> {
+        self.take_within(key_id, quota, cost, now, 0).await
+    }
+
+    /// Takes `cost` units of the key's quota, all or nothing. While the
+    /// authority is unreachable, at most `allowance` units per window may be
+    /// spent beyond what this instance leased; past that, an error.
+    pub async fn take_within(
+        &self,
+        key_id: &str,
+        quota: Quota,
+        cost: NonZeroU32,
+        now: Timestamp,
+        allowance: u64,
     ) -> Result<QuotaDecision, String> {
         let cost = u64::from(cost.get());
         let window = Window::containing(quota.window, now);
@@ -206,17 +253,34 @@ impl Quotas {
                     }
                 }
             };
+            if self.outage.skip_store() {
+                return outage_spend(&state.local, &window, cost, allowance, now);
+            }
+            let settle = {
+                let local = lock(&state.local);
+                if local.window_id == window.id { local.unsettled } else { 0 }
+            };
             // Ask for at least what is missing, so a grant always completes
             // the request; a refusal (0) records how little is left.
-            let lease = self
-                .authority
-                .lease(key_id, &window, quota.count, missing, self.max_lease.max(missing))
-                .await?;
+            let want = self.max_lease.max(missing);
+            let lease = match self.authority.lease(key_id, &window, quota.count, missing, want, settle).await
+            {
+                Ok(lease) => {
+                    self.outage.succeeded();
+                    lease
+                }
+                Err(LeaseError::Unreachable(error)) => {
+                    self.outage.failed(&error);
+                    return outage_spend(&state.local, &window, cost, allowance, now);
+                }
+                Err(LeaseError::Broken(error)) => return Err(error),
+            };
             let mut local = lock(&state.local);
             if local.window_id == window.id {
                 local.available += lease.granted;
                 local.authority_left = Some(lease.left);
                 local.frees_at = lease.frees_at;
+                local.unsettled = local.unsettled.saturating_sub(settle);
             }
         }
     }
@@ -273,6 +337,46 @@ fn spend(local: &Mutex<Local>, window: &Window, limit: u64, cost: u64, now: Time
     }
 }
 
+/// Spends from the outage allowance, the authority being unreachable: the
+/// leased units are gone (else `spend` would have decided), so the
+/// allowance is all this instance may still admit in this window.
+fn outage_spend(
+    local: &Mutex<Local>,
+    window: &Window,
+    cost: u64,
+    allowance: u64,
+    now: Timestamp,
+) -> Result<QuotaDecision, String> {
+    let mut local = lock(local);
+    if local.window_id != window.id {
+        // A window began between `spend` and now: `spend` resets it on the next request.
+        return Err("quota store unreachable".to_owned());
+    }
+    // A lease may have landed while this request waited for its turn.
+    if local.available >= cost {
+        local.available -= cost;
+        let reset = window.until_reset(now);
+        return Ok(QuotaDecision::Taken {
+            remaining: local.available,
+            reset,
+            window_secs: window.policy_secs(),
+        });
+    }
+    let left = allowance.saturating_sub(local.outage_spent);
+    if left < cost {
+        return Err(format!(
+            "quota store unreachable and the outage allowance ({allowance}) of this window is spent"
+        ));
+    }
+    local.outage_spent += cost;
+    local.unsettled += cost;
+    Ok(QuotaDecision::Taken {
+        remaining: left - cost,
+        reset: window.until_reset(now),
+        window_secs: window.policy_secs(),
+    })
+}
+
 /// Lease size: an eighth of what is left, at least `min`, at most `want`.
 pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
     if left < min { 0 } else { (left / 8).clamp(min, want.max(min)).min(left) }
@@ -299,12 +403,16 @@ impl QuotaAuthority for ProcessAuthority {
         limit: u64,
         min: u64,
         want: u64,
-    ) -> Result<Lease, String> {
+        settle: u64,
+    ) -> Result<Lease, LeaseError> {
         if let Some(rolling) = &window.rolling {
             let mut counters = lock(&self.rolling);
             let buckets = counters.entry((key_id.to_owned(), rolling.counter_id.clone())).or_default();
             // Sub-buckets that left the window no longer count.
             buckets.retain(|&bucket, _| bucket > rolling.bucket - ROLLING_BUCKETS);
+            if settle > 0 {
+                *buckets.entry(rolling.bucket).or_insert(0) += settle;
+            }
             let used: u64 = buckets.values().sum();
             let grant = lease_size(limit.saturating_sub(used), min, want);
             if grant > 0 {
@@ -318,6 +426,7 @@ impl QuotaAuthority for ProcessAuthority {
         // Forget other windows of this key: they are over.
         granted.retain(|(k, w), _| k != key_id || *w == window.id);
         let used = granted.entry((key_id.to_owned(), window.id.clone())).or_insert(0);
+        *used += settle;
         let grant = lease_size(limit.saturating_sub(*used), min, want);
         *used += grant;
         Ok(Lease { granted: grant, left: limit.saturating_sub(*used), frees_at: None })

@@ -22,7 +22,8 @@ use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 
 use super::lock;
-use super::quota::{Lease, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
+use super::outage::Outage;
+use super::quota::{Lease, LeaseError, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
 use super::rate::RateDecision;
 use crate::meta::Rate;
 
@@ -67,14 +68,16 @@ impl RedisQuotaAuthority {
     }
 }
 
-/// KEYS[1]: the window's hash. ARGV: limit, min, want, expire-at (unix s).
-/// Fields: `limit` (the quota), `granted` (units handed to instances).
+/// KEYS[1]: the window's hash. ARGV: limit, min, want, expire-at (unix s),
+/// settle (units spent during an outage, counted first). Fields: `limit`
+/// (the quota), `granted` (units handed to instances, or spent by them
+/// without a lease during an outage: it may exceed `limit` by those).
 /// Returns {granted now, left after}.
 const QUOTA_LEASE: &str = r"
 local limit = tonumber(ARGV[1])
 local min = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
-local granted = tonumber(redis.call('HGET', KEYS[1], 'granted') or '0')
+local granted = tonumber(redis.call('HGET', KEYS[1], 'granted') or '0') + tonumber(ARGV[5])
 local left = limit - granted
 local grant = 0
 if left >= min then
@@ -94,28 +97,32 @@ impl QuotaAuthority for RedisQuotaAuthority {
         limit: u64,
         min: u64,
         want: u64,
-    ) -> Result<Lease, String> {
+        settle: u64,
+    ) -> Result<Lease, LeaseError> {
         if let Some(rolling) = &window.rolling {
-            return self.rolling_lease(key_id, rolling, limit, min, want).await;
+            return self.rolling_lease(key_id, rolling, limit, min, want, settle).await;
         }
         // Keep a window's counter a day past its end so dashboards can read
         // yesterday's total.
         let expire_at = window.end.as_second() + 86_400;
+        let key = self.keys.quota(key_id, &window.id);
         let (granted, left): (u64, i64) = redis::Script::new(QUOTA_LEASE)
-            .key(self.keys.quota(key_id, &window.id))
+            .key(&key)
             .arg(limit)
             .arg(min)
             .arg(want)
             .arg(expire_at)
+            .arg(settle)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| format!("quota lease: {e}"))?;
+            .map_err(|e| lease_error("quota lease", &key, &e))?;
         Ok(Lease { granted, left: left.max(0) as u64, frees_at: None })
     }
 }
 
 /// KEYS[1]: the rolling counter's hash. ARGV: limit, min, want, current
-/// sub-bucket, sub-buckets per window, TTL (s). Fields: `limit`, and one per
+/// sub-bucket, sub-buckets per window, TTL (s), settle (units spent during
+/// an outage, added to the current sub-bucket first). Fields: `limit`, and one per
 /// live sub-bucket (its index since the epoch) holding the units granted in
 /// it. Returns {granted now, left after, oldest live sub-bucket or -1}.
 const ROLLING_LEASE: &str = r"
@@ -124,6 +131,10 @@ local min = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local bucket = tonumber(ARGV[4])
 local buckets = tonumber(ARGV[5])
+local settle = tonumber(ARGV[7])
+if settle > 0 then
+  redis.call('HINCRBY', KEYS[1], tostring(bucket), settle)
+end
 local fields = redis.call('HGETALL', KEYS[1])
 local used = 0
 local oldest = -1
@@ -158,22 +169,37 @@ impl RedisQuotaAuthority {
         limit: u64,
         min: u64,
         want: u64,
-    ) -> Result<Lease, String> {
+        settle: u64,
+    ) -> Result<Lease, LeaseError> {
         // Live as long as the oldest sub-bucket can still count.
         let ttl = rolling.bucket_secs * (ROLLING_BUCKETS + 1);
+        let key = self.keys.quota(key_id, &rolling.counter_id);
         let (granted, left, oldest): (u64, i64, i64) = redis::Script::new(ROLLING_LEASE)
-            .key(self.keys.quota(key_id, &rolling.counter_id))
+            .key(&key)
             .arg(limit)
             .arg(min)
             .arg(want)
             .arg(rolling.bucket)
             .arg(ROLLING_BUCKETS)
             .arg(ttl)
+            .arg(settle)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| format!("rolling quota lease: {e}"))?;
+            .map_err(|e| lease_error("rolling quota lease", &key, &e))?;
         let frees_at = (oldest >= 0).then(|| (oldest + ROLLING_BUCKETS) * rolling.bucket_secs);
         Ok(Lease { granted, left: left.max(0) as u64, frees_at })
+    }
+}
+
+/// Sorts a failed script call: Redis answering that the key's value cannot
+/// be counted (wrong type, a field that is not a number) is about that key;
+/// anything else (refused, reset, timed out, loading, busy) is an outage.
+fn lease_error(what: &str, redis_key: &str, error: &redis::RedisError) -> LeaseError {
+    let text = error.to_string();
+    if error.code() == Some("WRONGTYPE") || text.contains("WRONGTYPE") || text.contains("user_script") {
+        LeaseError::Broken(format!("{what}: redis key `{redis_key}` cannot be counted: {text}"))
+    } else {
+        LeaseError::Unreachable(format!("{what}: {text}"))
     }
 }
 
@@ -243,6 +269,9 @@ pub struct SharedRates {
     /// A slice is this fraction of a second's worth of the key's rate.
     lease_fraction: f64,
     lease_ttl: Duration,
+    /// While set, slices are not asked for: the caller falls back to its
+    /// local share of the rate.
+    outage: Outage,
 }
 
 impl SharedRates {
@@ -258,7 +287,7 @@ impl SharedRates {
         clock: Arc<dyn MicrosClock>,
     ) -> Self {
         let slices = Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(600)).build();
-        Self { conn, keys, slices, clock, lease_fraction, lease_ttl }
+        Self { conn, keys, slices, clock, lease_fraction, lease_ttl, outage: Outage::new("shared rates") }
     }
 
     /// Takes `cost` tokens, from the local slice when it can, else from Redis.
@@ -287,16 +316,32 @@ impl SharedRates {
         }
         let per_second = 1e6 / per_token_us;
         let want = ((per_second * self.lease_fraction) as u64).clamp(1, u64::from(burst.get())).max(cost);
-        let (granted, wait_us, left): (u64, u64, u64) = redis::Script::new(RATE_LEASE)
-            .key(self.keys.rate(key_id))
+        if self.outage.skip_store() {
+            return Err("rate lease: limit store unreachable (retried shortly)".to_owned());
+        }
+        let key = self.keys.rate(key_id);
+        let leased: Result<(u64, u64, u64), _> = redis::Script::new(RATE_LEASE)
+            .key(&key)
             .arg(burst.get())
             .arg(per_token_us)
             .arg(want)
             .arg(cost)
             .arg(now)
             .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| format!("rate lease: {e}"))?;
+            .await;
+        let (granted, wait_us, left) = match leased {
+            Ok(answer) => {
+                self.outage.succeeded();
+                answer
+            }
+            Err(error) => match lease_error("rate lease", &key, &error) {
+                LeaseError::Unreachable(error) => {
+                    self.outage.failed(&error);
+                    return Err(error);
+                }
+                LeaseError::Broken(error) => return Err(error),
+            },
+        };
         let mut local = lock(&slice);
         local.bucket_left = left;
         if granted >= cost {

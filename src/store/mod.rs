@@ -125,6 +125,21 @@ pub struct RedisHandle {
 /// A store shared by the gateway's tasks.
 pub type SharedStore = Arc<dyn KeyStore>;
 
+/// Opens the store `keygate serve` runs on. Unlike [`open`], a Redis that
+/// is down at start is not an error: the gateway comes up, serves public
+/// routes, answers 503 for keys it cannot vouch for, and verifies keys as
+/// soon as Redis answers, without a restart.
+pub async fn open_for_serving(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
+    use crate::config::StoreConfig;
+    match config {
+        StoreConfig::Redis { url, prefix } => {
+            let options = redis::RedisStoreOptions { connect_lazily_if_down: true, ..Default::default() };
+            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options).await?))
+        }
+        StoreConfig::File { .. } => open(config, None).await,
+    }
+}
+
 /// Opens the store a config names: the file store's folder, or a Redis
 /// connection (`redis_url` overrides the config's URL, as `--redis` and
 /// `KEYGATE_REDIS_URL` do).

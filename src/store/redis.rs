@@ -74,6 +74,11 @@ pub struct RedisStoreOptions {
     /// How often the pub/sub task pings its connection, to notice a connection
     /// that died without a TCP reset (a silent network partition).
     pub pubsub_ping_interval: Duration,
+    /// If Redis does not answer at connect: fail (the CLI, which should say
+    /// so and exit) or return a store that connects on first use and
+    /// answers `Unavailable` until then (`keygate serve`, which must come
+    /// up and serve what needs no store even while Redis is down).
+    pub connect_lazily_if_down: bool,
 }
 
 impl Default for RedisStoreOptions {
@@ -86,6 +91,7 @@ impl Default for RedisStoreOptions {
             resubscribe_min_delay: Duration::from_millis(50),
             resubscribe_max_delay: Duration::from_secs(5),
             pubsub_ping_interval: Duration::from_secs(5),
+            connect_lazily_if_down: false,
         }
     }
 }
@@ -150,20 +156,33 @@ impl RedisStore {
             .set_max_delay(options.connect_timeout);
         let unavailable =
             |why: String| StoreError::Unavailable(redactor.scrub(format!("redis at {addr}: {why}")));
-        let conn = match tokio::time::timeout(
+        let connected = match tokio::time::timeout(
             options.call_timeout,
-            ConnectionManager::new_with_config(client.clone(), config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await
         {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(unavailable(format!("cannot connect: {e}"))),
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
             Err(_) => {
-                return Err(unavailable(format!(
-                    "cannot connect: no answer within {:?}",
-                    options.call_timeout
-                )));
+                Err(unavailable(format!("cannot connect: no answer within {:?}", options.call_timeout)))
             }
+        };
+        let conn = match connected {
+            Ok(conn) => conn,
+            Err(error) if options.connect_lazily_if_down => {
+                // The manager reconnects on the next command after an I/O
+                // error, so the first call once Redis is up succeeds.
+                let lazy = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|e| unavailable(format!("cannot set up a connection: {e}")))?;
+                tracing::warn!(
+                    %error,
+                    "Redis is unreachable at start; serving anyway: keys not yet verified get 503 \
+                     until it answers"
+                );
+                lazy
+            }
+            Err(error) => return Err(error),
         };
 
         let names = KeyNames { prefix: prefix.to_owned() };
