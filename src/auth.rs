@@ -331,14 +331,33 @@ impl Verifier {
         crate::metrics::cache_refresh();
         let (entry, client, hash) = (Arc::clone(cached), client.to_owned(), *hash);
         runtime.spawn(async move {
-            match me.ask_store(&client, &hash, epoch, false).await {
-                // Not again on every request while the store is down.
-                Err(LookupError::Unavailable(error)) => {
-                    tracing::warn!(%error, key_id = %entry.record.id, "key store unavailable; the cached key is re-checked when its cache_ttl is up");
+            // An `All` usually comes from a reconnect, and the store may not
+            // answer for a moment after it: retry with a growing pause while
+            // the entry is young, so a store that came back empty refuses
+            // the key within about a second, not at the end of `cache_ttl`.
+            let mut pause = Duration::from_millis(50);
+            let mut epoch = epoch;
+            let mut warned = false;
+            loop {
+                match me.ask_store(&client, &hash, epoch, false).await {
+                    Err(LookupError::Unavailable(error)) if entry.fetched_at.elapsed() < me.cache_ttl => {
+                        if !warned {
+                            tracing::warn!(%error, key_id = %entry.record.id, "key store unavailable; re-checking the cached key in the background");
+                            warned = true;
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                        epoch = me.epoch.load(Ordering::Acquire);
+                    }
+                    // Past `cache_ttl` the next request re-checks in front.
+                    Err(LookupError::Unavailable(_)) => return,
+                    // Normally the entry was replaced or dropped; if another
+                    // invalidation kept the answer out, the next request retries.
+                    _ => {
+                        entry.refreshing.store(false, Ordering::Release);
+                        return;
+                    }
                 }
-                // Normally the entry was replaced or dropped; if another
-                // invalidation kept the answer out, the next request retries.
-                _ => entry.refreshing.store(false, Ordering::Release),
             }
         });
     }
