@@ -150,6 +150,32 @@ async fn a_flood_of_unknown_keys_from_one_source_is_cut_off_and_another_source_s
     assert!(!metrics.contains("keygate_auth_failures_refused_total 0\n"), "the refusals are counted");
 }
 
+#[tokio::test]
+async fn a_blocked_source_still_uses_the_keys_the_cache_vouches_for() {
+    // One refill an hour: once the burst of 5 failures is spent, the address
+    // stays blocked for the whole test, whatever the machine's speed.
+    let redis = RedisServer::start();
+    let keys = "auth_failures_per_ip = \"1/h\"\nauth_failures_burst = 5\nstore_lookups_per_second = 0";
+    let gateway = gateway(&redis.url(), keys, RedisStoreOptions::default()).await;
+    let (cached, _) = issue(&gateway.gateway.store, "acme").await;
+    let (uncached, _) = issue(&gateway.gateway.store, "acme").await;
+    let attacker = client_from(ATTACKER);
+    assert_eq!(keyed(&attacker, &gateway, &cached).await.status, 200);
+    let (answers, _) = flood(&gateway, ATTACKER, unknown_keys(20)).await;
+    // The burst, plus what the flood had in flight (8 at a time) when it ran out.
+    let failed = count(&answers, 401);
+    assert!((5..=13).contains(&failed), "{failed} verified failures");
+    assert_eq!(count(&answers, 429), 20 - failed);
+
+    redis.reset_stats();
+    // A neighbour behind the same address keeps its working key...
+    assert_eq!(keyed(&attacker, &gateway, &cached).await.status, 200, "cached keys pass");
+    // ...and a key that would need the store waits, costing no lookup.
+    let waits = keyed(&attacker, &gateway, &uncached).await;
+    assert_eq!(waits.status, 429, "{}", waits.text());
+    assert_eq!(redis.command_count("hgetall"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_lookups_for_uncached_keys_are_capped_globally_and_cached_keys_pass() {
     let redis = RedisServer::start();
