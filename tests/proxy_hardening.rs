@@ -397,7 +397,21 @@ async fn regression_streams_to_a_hanging_upstream_open_at_most_max_connections()
 #[tokio::test]
 async fn a_client_gone_mid_stream_cancels_the_upstream_request() {
     // The upstream streams a body slowly and notices when the gateway hangs up.
-    let (tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (upstream, mut closed) = ticking_upstream().await;
+    let gateway = TestGateway::start(&config(&upstream.url(), "", "")).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(b"GET /api/stream HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(stream);
+    within(10, "the upstream's response to be dropped", closed.recv()).await;
+}
+
+/// An upstream streaming `tick` lines forever, 20 ms apart; the receiver
+/// hears when a response's stream is dropped (the gateway hung up on it).
+async fn ticking_upstream() -> (Upstream, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (tx, closed) = tokio::sync::mpsc::unbounded_channel::<()>();
     let upstream = Upstream::start(move |_req| {
         let tx = tx.clone();
         async move {
@@ -414,14 +428,7 @@ async fn a_client_gone_mid_stream_cancels_the_upstream_request() {
         }
     })
     .await;
-    let gateway = TestGateway::start(&config(&upstream.url(), "", "")).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream.write_all(b"GET /api/stream HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
-    let mut buf = [0u8; 256];
-    let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    drop(stream);
-    within(10, "the upstream's response to be dropped", closed.recv()).await;
+    (upstream, closed)
 }
 
 /// Sends on drop: the upstream's body stream was dropped (its connection gone).
@@ -444,23 +451,7 @@ async fn a_client_gone_mid_stream_is_still_counted_in_usage() {
     let issued = keygate::ops::issue(&store, "kg_", "acme", changes, now).await.unwrap();
     let key = issued.key.expose().to_owned();
 
-    let (tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let upstream = Upstream::start(move |_req| {
-        let tx = tx.clone();
-        async move {
-            let chunks = futures_util::stream::unfold((0u32, Guard(tx)), |(i, guard)| async move {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Some((
-                    Ok::<_, hyper::Error>(hyper::body::Frame::data(Bytes::from_static(b"tick\n"))),
-                    (i + 1, guard),
-                ))
-            });
-            Response::new(http_body_util::StreamBody::new(chunks).boxed())
-        }
-    })
-    .await;
+    let (upstream, mut closed) = ticking_upstream().await;
     let text = format!(
         "[store]\nkind = \"redis\"\nurl = \"{}\"\n\n[[route]]\npath = \"/api\"\nupstream = \"api\"\n\n[upstream.api]\ntargets = [\"{}\"]\n",
         redis.url(),
