@@ -234,14 +234,15 @@ impl Verifier {
             Some(failures) => failures.admit(source),
             None => Admission::Free,
         };
-        if let Admission::Refused(retry_after) = admission {
-            // The budget keeps a flood off the store; a key the cache vouches
-            // for costs no lookup, so it passes: a misbehaving client behind
-            // the same address (an office NAT, a shared egress) does not
-            // lock out its neighbours' working keys.
-            if let Some(record) = self.verify_cached(presented, arrived) {
-                return Ok(record);
-            }
+        // The budget keeps a flood of made-up keys off the store. A key the
+        // cache knows is not made up: verifying it (even a re-check with the
+        // store once its `cache_ttl` is up) is bounded by the cache, not by
+        // the attacker, so it goes on as usual. A misbehaving client behind
+        // the same address (an office NAT, a shared egress) thus does not
+        // lock out its neighbours' working keys.
+        if let Admission::Refused(retry_after) = admission
+            && !self.is_cached(presented)
+        {
             crate::metrics::auth_failures_refused();
             return Err(GatewayError::TooManyAuthFailures { retry_after });
         }
@@ -259,17 +260,14 @@ impl Verifier {
         verified
     }
 
-    /// The key's record if the cache holds it fresh (current epoch, within
-    /// `cache_ttl`) and it is usable; never asks the store, never counts.
-    fn verify_cached(&self, presented: &str, arrived: Instant) -> Option<Arc<Caller>> {
-        let parsed = key::parse(presented, &self.prefix).ok()?;
-        let cached = self.known.get(&parsed.secret_hash())?;
-        let fresh = cached.epoch == self.epoch.load(Ordering::Acquire)
-            && arrived.saturating_duration_since(cached.fetched_at) < self.cache_ttl;
-        (fresh
-            && cached.record.client() == parsed.client
-            && check_usable(&cached.record, Timestamp::now).is_ok())
-        .then(|| Arc::clone(&cached.record))
+    /// Whether the cache holds a record for this key string's secret and
+    /// client, whatever its age; never asks the store.
+    fn is_cached(&self, presented: &str) -> bool {
+        key::parse(presented, &self.prefix).is_ok_and(|parsed| {
+            self.known
+                .get(&parsed.secret_hash())
+                .is_some_and(|cached| cached.record.client() == parsed.client)
+        })
     }
 
     async fn verify_key(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
