@@ -75,8 +75,9 @@ pub fn find<'a>(
     }
 }
 
-/// The token of `Bearer <token>` (scheme case-insensitive), if that is what it is.
-fn bearer_token(value: &str) -> Option<&str> {
+/// The token of `Bearer <token>`, if that is what it is. The scheme is
+/// case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are the same.
+pub fn bearer_token(value: &str) -> Option<&str> {
     credentials_of(value, "bearer")
 }
 

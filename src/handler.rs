@@ -96,7 +96,8 @@ pub async fn handle(
         path = trail.path.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
         upstream = trail.target(),
-        client = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
+        client = trail.caller.as_ref().map_or("-", |c| c.client()),
+        key_id = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
         duration_us = started.elapsed().as_micros() as u64,
         peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
     );

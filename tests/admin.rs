@@ -72,6 +72,25 @@ async fn admin_calls_need_the_bearer_token() {
     assert_eq!(admin.call(Method::GET, "/admin/keys", None).await.status, 200);
 }
 
+/// Regression (issue 16, defect 10): `bearer` in lowercase was refused; the
+/// scheme is case-insensitive (RFC 9110 §11.1), the token is not.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
+        let request = Request::get(admin.url("/admin/keys"))
+            .header("authorization", format!("{scheme} {TOKEN}"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&http1_client(), request).await.status, 200, "{scheme}");
+    }
+    let request = Request::get(admin.url("/admin/keys"))
+        .header("authorization", format!("Bearer {}", TOKEN.to_uppercase()))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&http1_client(), request).await.status, 401);
+}
+
 #[tokio::test]
 async fn unknown_admin_paths_say_401_without_the_token_and_404_with_it() {
     let (_gateway, admin) = admin::start(&config("")).await;

@@ -95,3 +95,36 @@ async fn serve_answers_with_the_shipped_config_and_exits_0_on_sigterm() {
     assert!(log.contains("status=200"), "access log line: {log}");
     assert!(log.contains("upstream=\"builtin:echo\""), "access log line: {log}");
 }
+
+/// Regression (issue 16, defect 11): the access log's `client=` held the key
+/// ID; the client and the key are now two fields.
+#[tokio::test]
+async fn the_access_log_names_the_client_and_the_key_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+    );
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let issued = keygate()
+        .args(["keys", "issue", "-c"])
+        .arg(&path)
+        .args(["--client", "acme", "--scopes", "read", "--json"])
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&issued.stdout).unwrap();
+    let (key, id) = (record["key"].as_str().unwrap().to_owned(), record["id"].as_str().unwrap().to_owned());
+    let mut served = Served::start(&path, &[]);
+    let addr = served.gateway_address();
+    let request = http::Request::get(format!("http://{addr}/x"))
+        .header("x-api-key", &key)
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    let answer = common::gateway::send(&common::gateway::http1_client(), request).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let line = served.wait_for_line("path=\"/x\"");
+    assert!(line.contains("client=\"acme\""), "{line}");
+    assert!(line.contains(&format!("key_id=\"{id}\"")), "{line}");
+    assert!(!line.contains(&key), "no key in the log: {line}");
+}

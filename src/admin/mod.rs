@@ -320,9 +320,10 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<String, AdminErro
     let admin = live.config.admin.as_ref().ok_or(AdminError::Disabled)?;
     let presented = headers
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::credential::bearer_token)
         .ok_or(AdminError::MissingToken)?;
-    if admin.token.matches(presented.trim_ascii()) {
+    if admin.token.matches(presented.as_bytes()) {
         Ok(admin.token_name.clone())
     } else {
         Err(AdminError::WrongToken)
