@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// (SO_REUSEPORT) and upstream connection pools. 0 in the file means one
     /// per CPU core; resolved to a count here.
     pub workers: usize,
+    /// Let other processes bind the same address too (`SO_REUSEPORT`
+    /// across processes, e.g. for a zero-downtime restart); off, a second
+    /// instance on the address fails to start with "address in use".
+    pub reuse_port: bool,
     /// Connection deadlines and sizes: every state a connection can be in
     /// has a deadline, every buffer a limit.
     pub edge: EdgeConfig,
@@ -353,6 +357,7 @@ struct RawServer {
     listen: Option<String>,
     drain_timeout: Option<String>,
     workers: Option<usize>,
+    reuse_port: Option<bool>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     send_timeout: Option<String>,
@@ -718,6 +723,7 @@ impl RawConfig {
                 }
                 n => n,
             },
+            reuse_port: self.server.reuse_port.unwrap_or(false),
             edge: validate_edge(&mut p, &self.server),
         };
 

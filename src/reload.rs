@@ -117,6 +117,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("keys.stale_window", keys.0.stale_window != keys.1.stale_window),
         ("log.format", old.log.format != new.log.format),
         ("server.workers", old.server.workers != new.server.workers),
+        ("server.reuse_port", old.server.reuse_port != new.server.reuse_port),
         // Deadlines, caps and head limits are built into each worker's
         // listener; strict_paths, strip_override_headers and
         // trusted_proxies are read per request and reload.

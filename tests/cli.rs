@@ -128,3 +128,41 @@ async fn the_access_log_names_the_client_and_the_key_apart() {
     assert!(line.contains(&format!("key_id=\"{id}\"")), "{line}");
     assert!(!line.contains(&key), "no key in the log: {line}");
 }
+
+/// Regression (issue 16, defect 9): a second `serve` on the same address
+/// started silently and took a share of the traffic (`SO_REUSEPORT`).
+#[tokio::test]
+async fn a_second_serve_on_the_same_address_fails_unless_sharing_is_asked_for() {
+    let route = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\npublic = true\n";
+    let first_dir = tempfile::tempdir().unwrap();
+    let first_path =
+        write_config(first_dir.path(), &format!("[server]\nlisten = \"127.0.0.1:0\"\n\n{route}"));
+    std::fs::create_dir(first_dir.path().join("keys")).unwrap();
+    let mut first = Served::start(&first_path, &[]);
+    let addr = first.gateway_address();
+
+    let second_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(second_dir.path().join("keys")).unwrap();
+    let second_path = write_config(second_dir.path(), &format!("[server]\nlisten = \"{addr}\"\n\n{route}"));
+    let second = Served::start(&second_path, &[]);
+    let (status, log) = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("in use"), "{log}");
+    assert!(log.contains("reuse_port"), "says how to opt in: {log}");
+
+    // Both opted in: the handover case.
+    first.signal("TERM");
+    let _ = tokio::task::spawn_blocking(move || first.wait_exit()).await.unwrap();
+    let sharing = format!("[server]\nlisten = \"{addr}\"\nreuse_port = true\n\n{route}");
+    let a_path = write_config(first_dir.path(), &sharing);
+    let b_path = write_config(second_dir.path(), &sharing);
+    let mut a = Served::start(&a_path, &[]);
+    a.gateway_address();
+    let mut b = Served::start(&b_path, &[]);
+    b.gateway_address();
+    for served in [a, b] {
+        served.signal("TERM");
+        let (status, _) = tokio::task::spawn_blocking(move || served.wait_exit()).await.unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+}

@@ -221,8 +221,12 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     control.block_on(async move {
-        let (listen, drain_timeout, workers) =
-            (config.server.listen, config.server.drain_timeout, config.server.workers);
+        let (listen, drain_timeout, workers, reuse_port) = (
+            config.server.listen,
+            config.server.drain_timeout,
+            config.server.workers,
+            config.server.reuse_port,
+        );
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         // A Redis down at start is waited for in the background, not fatal.
         let store = match store::open_for_serving(&config.store).await {
@@ -232,7 +236,7 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listeners = match server::bind_reuseport(listen, workers) {
+        let listeners = match server::bind_workers(listen, workers, reuse_port) {
             Ok(listeners) => listeners,
             Err(error) => {
                 tracing::error!(%listen, %error, "cannot listen");

@@ -272,8 +272,31 @@ fn describe(ended: Ended<hyper::Error>) -> Option<String> {
 
 /// Binds `count` listeners on `addr` sharing the port through `SO_REUSEPORT`
 /// (the first binds, so port 0 picks one free port for all).
-pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+///
+/// `SO_REUSEPORT` would also let a second keygate (or anything else setting
+/// it) join the port silently and take a share of the traffic. Unless
+/// `share_with_others` (`server.reuse_port`), a probe socket without the
+/// option binds first: it fails with "address in use" if anyone listens
+/// there. Two processes starting in the same instant could both pass the
+/// probe; one started later cannot.
+pub fn bind_workers(
+    addr: SocketAddr,
+    count: usize,
+    share_with_others: bool,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if !share_with_others && addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into()).map_err(|error| {
+            std::io::Error::new(
+                error.kind(),
+                format!(
+                    "{error}: another process listens on {addr} (set server.reuse_port = true to share it)"
+                ),
+            )
+        })?;
+    }
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
