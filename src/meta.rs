@@ -181,6 +181,15 @@ impl FromStr for Quota {
                 parse_period(other).ok_or_else(|| bad("window must be day, month or a duration like 1h"))?,
             ),
         };
+        // A quota is an allowance over a billing-like period; under a minute
+        // it is a rate limit by another name, and belongs in `rate`.
+        if let QuotaWindow::Every(period) | QuotaWindow::Rolling(period) = window
+            && period < Duration::from_secs(60)
+        {
+            return Err(bad(
+                "a quota window must be at least a minute; for shorter ones use a rate limit (--rate)",
+            ));
+        }
         Ok(Self { count, window })
     }
 }
@@ -265,8 +274,25 @@ impl MetaChanges {
     /// `now` like `30d`), `label`. An empty value clears an optional field.
     pub fn from_query(query: &str, now: Timestamp) -> Result<Self, MetaError> {
         let mut changes = Self::default();
+        let mut seen: Vec<&str> = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            // `scope=read&scope=write` would silently keep the last value:
+            // refuse it, and say how to give several scopes.
+            let field = match name {
+                "scopes" => "scope",
+                "rate" => "rate_limit",
+                "expires_at" => "expires",
+                other => other,
+            };
+            if seen.contains(&field) {
+                return Err(MetaError::new(
+                    name,
+                    raw,
+                    "given twice; give each field once (several scopes: scope=read,orders:write)",
+                ));
+            }
+            seen.push(field);
             let value = percent_encoding::percent_decode_str(&raw.replace('+', " "))
                 .decode_utf8()
                 .map_err(|_| MetaError::new(name, raw, "not valid UTF-8 after percent-decoding"))?
@@ -387,6 +413,30 @@ impl MetaError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quota_window_under_a_minute_is_refused_as_a_rate_in_disguise() {
+        // Regression (issue 16, defect 12): `--quota 10/s` was accepted.
+        for text in ["10/s", "10/30s", "10/rolling-59s"] {
+            let error = text.parse::<Quota>().unwrap_err().to_string();
+            assert!(error.contains("at least a minute"), "{text}: {error}");
+        }
+        for text in ["10/1m", "10/60s", "10/rolling-1m", "10/day"] {
+            assert!(text.parse::<Quota>().is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_field_given_twice_in_meta_is_refused_not_silently_overwritten() {
+        // Regression (issue 16, defect 12): the last `scope=` silently won.
+        let now = Timestamp::now();
+        for query in ["scope=read&scope=write", "rate=1/s&rate_limit=2/s", "label=a&label=b"] {
+            let error = MetaChanges::from_query(query, now).unwrap_err().to_string();
+            assert!(error.contains("given twice"), "{query}: {error}");
+        }
+        let both = MetaChanges::from_query("scope=read,orders:write&rate=5/s", now).unwrap();
+        assert_eq!(both.scopes.unwrap(), ["read", "orders:write"]);
+    }
 
     fn now() -> Timestamp {
         "2026-11-24T00:00:00Z".parse().unwrap()
