@@ -107,6 +107,7 @@ pub struct Metrics {
     usage_dropped: Counter,
     connections_refused: Family<EdgeLabels, Counter>,
     connections_expired: Family<EdgeLabels, Counter>,
+    connections_open: Gauge,
     auth_failures: Counter,
     auth_failures_refused: Counter,
     store_lookups_throttled: Counter,
@@ -185,6 +186,12 @@ impl Metrics {
             "Connections closed by a deadline, by the deadline's [server] field",
             connections_expired.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open on the public listener, all workers together",
+            connections_open.clone(),
+        );
         let auth_failures = Counter::default();
         registry.register(
             "auth_failures",
@@ -217,6 +224,7 @@ impl Metrics {
             registry,
             connections_refused,
             connections_expired,
+            connections_open,
             auth_failures,
             auth_failures_refused,
             store_lookups_throttled,
@@ -236,6 +244,14 @@ impl Metrics {
 
     pub fn connection_refused(&self, limit: &'static str) {
         self.connections_refused.get_or_create(&EdgeLabels { limit }).inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
     }
 
     pub fn connection_expired(&self, limit: &'static str) {
@@ -355,6 +371,15 @@ pub fn record_request(route: &str, status: u16, duration: Duration) {
 /// A connection refused at accept: `limit` is the `[server]` cap that was full.
 pub fn connection_refused(limit: &'static str) {
     METRICS.connection_refused(limit);
+}
+
+/// A client connection was admitted (counted until [`connection_closed`]).
+pub fn connection_opened() {
+    METRICS.connection_opened();
+}
+
+pub fn connection_closed() {
+    METRICS.connection_closed();
 }
 
 /// A connection closed by the `[server]` deadline `limit`.

@@ -228,6 +228,14 @@ async fn one_client_over_its_connection_cap_cannot_stop_another_clients_requests
         "{metrics}"
     );
     assert!(metrics.contains("keygate_connections_refused_total{limit=\"max_connections\"}"), "{metrics}");
+    // The gauge counts every open connection of the process (other tests'
+    // gateways included): at least the four this test still holds.
+    let open: i64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keygate_connections_open "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no keygate_connections_open in {metrics}"));
+    assert!(open >= 4, "{open} open");
 }
 
 // === Request head limits ===

@@ -76,6 +76,7 @@ impl ConnectionLimits {
             }
             *count += 1;
         }
+        crate::metrics::connection_opened();
         Ok(ConnectionPermit { limits: Arc::clone(self), ip })
     }
 
@@ -97,6 +98,7 @@ impl ConnectionLimits {
             *count == 0
         });
         self.open.fetch_sub(1, Ordering::AcqRel);
+        crate::metrics::connection_closed();
     }
 }
 
