@@ -302,6 +302,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl EdgeConfig {
+    /// hyper's own HTTP/1 header timer, which also runs while a keep-alive
+    /// connection is idle: the watchdog keeps the two deadlines apart, so
+    /// hyper's is only a backstop past the longer of them.
+    pub fn hyper_header_backstop(&self) -> Duration {
+        self.header_read_timeout.max(self.idle_timeout) + self.header_read_timeout
+    }
+}
+
 // === The file as written ===
 
 #[derive(Debug, Default, Deserialize)]

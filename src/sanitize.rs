@@ -71,22 +71,24 @@ pub fn request_host(headers: &HeaderMap, uri: &Uri) -> Result<Option<HeaderValue
 /// The name routes match on: no port, no trailing dot. Case is left to the
 /// route table, which compares without it.
 pub fn route_name(host: &str) -> &str {
-    let name = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    };
+    let (name, _) = split_port(host);
     name.strip_suffix('.').unwrap_or(name)
+}
+
+/// `example.com:8080` -> (`example.com`, `8080`); `[::1]:80` -> (`[::1]`, `80`);
+/// `[::1]` -> (`[::1]`, none).
+fn split_port(host: &str) -> (&str, Option<&str>) {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => (&host[..i], Some(&host[i + 1..])),
+        _ => (host, None),
+    }
 }
 
 /// `Host: API.example.` and `:authority: api.example:443` name one host when
 /// their names agree; a port on one side only is the scheme's default.
 fn same_host(a: &str, b: &str) -> bool {
-    let port = |h: &str| match h.rfind(':') {
-        Some(i) if !h[i..].contains(']') => Some(h[i + 1..].to_owned()),
-        _ => None,
-    };
     route_name(a).eq_ignore_ascii_case(route_name(b))
-        && match (port(a), port(b)) {
+        && match (split_port(a).1, split_port(b).1) {
             (Some(x), Some(y)) => x == y,
             _ => true,
         }

@@ -164,7 +164,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(edge.header_read_timeout.max(edge.idle_timeout) + edge.header_read_timeout)
+        .header_read_timeout(edge.hyper_header_backstop())
         // hyper-util's `auto` builder has no `max_header_size`; a head that
         // fills the bounded read buffer gets the same 431.
         .max_buf_size(edge.max_header_bytes.max(8 * 1024))

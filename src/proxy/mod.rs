@@ -106,7 +106,7 @@ impl Peer {
     /// Whether this peer is a proxy whose `X-Forwarded-For` is believed
     /// (`server.trusted_proxies`; none by default, which costs nothing).
     pub fn is_trusted(&self, trusted_proxies: &[ipnet::IpNet]) -> bool {
-        trusted_proxies.iter().any(|net| net.contains(&self.addr.ip()))
+        is_among(trusted_proxies, self.addr.ip())
     }
 
     /// The address of the client the request is from: the peer itself, or,
@@ -128,12 +128,17 @@ impl Peer {
         for hop in hops.iter().rev() {
             let Ok(ip) = hop.parse::<IpAddr>() else { break };
             client = ip;
-            if !trusted_proxies.iter().any(|net| net.contains(&ip)) {
+            if !is_among(trusted_proxies, ip) {
                 break;
             }
         }
         client
     }
+}
+
+/// Whether `ip` is in one of `networks`.
+fn is_among(networks: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    networks.iter().any(|net| net.contains(&ip))
 }
 
 /// An IPv4 address as dotted decimal, written digit by digit: `Ipv4Addr`'s

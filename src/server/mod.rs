@@ -65,10 +65,7 @@ impl Protocols {
         // the upstream side writes vectored (see `proxy/pool.rs`).
         http1
             .timer(TokioTimer::new())
-            // hyper's header timer also runs while a keep-alive connection is
-            // idle; the watchdog keeps both deadlines apart, so this is only
-            // a backstop at the longer of the two.
-            .header_read_timeout(edge.header_read_timeout.max(edge.idle_timeout) + edge.header_read_timeout)
+            .header_read_timeout(edge.hyper_header_backstop())
             // A larger head gets 431 and the connection closes; the read
             // buffer cannot grow past the same bound.
             .max_header_size(edge.max_header_bytes)
