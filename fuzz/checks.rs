@@ -33,7 +33,7 @@ pub fn key_parse(data: &[u8]) {
     }
 }
 
-// === route::normalize_path ===
+// === path::normalize_path ===
 
 /// A canonical path is a fixed point, absolute, and has none of the forms
 /// backends resolve differently: `//`, `/./`, `/../`, `\`. The input is the
@@ -41,7 +41,7 @@ pub fn key_parse(data: &[u8]) {
 /// any `&str`, so any is tried.
 pub fn normalize_path(data: &[u8]) {
     let Ok(raw) = std::str::from_utf8(data) else { return };
-    let Ok(normal) = keygate::route::normalize_path(raw) else { return };
+    let Ok(normal) = keygate::path::normalize_path(raw) else { return };
     assert!(normal.starts_with('/'), "{normal:?} is not absolute");
     for form in ["//", "/./", "/../", "\\"] {
         assert!(!normal.contains(form), "{normal:?} (from {raw:?}) contains {form:?}");
@@ -49,7 +49,7 @@ pub fn normalize_path(data: &[u8]) {
     for end in ["/.", "/.."] {
         assert!(!normal.ends_with(end), "{normal:?} (from {raw:?}) ends with {end:?}");
     }
-    let again = keygate::route::normalize_path(&normal);
+    let again = keygate::path::normalize_path(&normal);
     assert_eq!(again.as_deref(), Ok(normal.as_str()), "not idempotent for {raw:?}");
 }
 

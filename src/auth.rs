@@ -65,7 +65,8 @@ pub struct Caller {
 
 impl Caller {
     fn new(record: KeyRecord) -> Self {
-        Self { identity: Identity::of(&record), record }
+        let identity = Identity::new(record.client(), record.id.as_str(), &record.meta.scopes);
+        Self { identity, record }
     }
 }
 

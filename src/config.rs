@@ -1132,7 +1132,7 @@ fn validate_route(
     raw: RawRoute,
     upstreams: &BTreeMap<String, UpstreamConfig>,
 ) -> RouteConfig {
-    let path = match crate::route::normalize_path(&raw.path) {
+    let path = match crate::path::normalize_path(&raw.path) {
         Ok(path) if raw.path.starts_with('/') => {
             let trimmed = path.trim_end_matches('/');
             if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::route::PathError;
+use crate::path::PathError;
 
 /// Why a request was not (fully) served.
 #[derive(Debug, thiserror::Error)]

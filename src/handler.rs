@@ -15,20 +15,16 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response, Uri, header};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::auth::Caller;
 use crate::config::{RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
-use crate::meter::{self, Meter, MeteredBody};
-use crate::{credential, echo, limit, proxy, route, sanitize, scope};
+use crate::meter::{self, Meter, MeteredBody, ResponseBody};
+use crate::{credential, echo, limit, path, proxy, route, sanitize, scope};
 use http_body::Body as _;
-
-/// What the gateway answers with: the upstream's streaming body, or a body
-/// the gateway made itself (errors, echo).
-pub type ResponseBody = Either<proxy::PooledBody, Full<Bytes>>;
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
@@ -132,9 +128,9 @@ async fn serve(
     let client_ip = peer.client_ip(request.headers(), &edge.trusted_proxies);
     trail.client_ip = Some(client_ip);
     if edge.strict_paths {
-        route::check_strict(request.uri().path()).map_err(GatewayError::from)?;
+        path::check_strict(request.uri().path()).map_err(GatewayError::from)?;
     }
-    let path = route::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
+    let path = path::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
     let host = sanitize::request_host(request.headers(), request.uri()).map_err(GatewayError::from)?;
     let matched =
         live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(sanitize::route_name), &path);

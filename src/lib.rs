@@ -10,7 +10,8 @@
 //!   protocol detection, a deadline for every connection state, graceful shutdown.
 //! - [`handler`]: the request path, top to bottom; the table of contents.
 //! - [`sanitize`]: the request's one host, and override headers removed.
-//! - [`route`]: path normalisation (and strict refusals) and longest-prefix route matching.
+//! - [`path`]: the canonical form of a request path (and strict refusals).
+//! - [`route`]: longest-prefix route matching on host and canonical path.
 //! - [`key`]: the key string format, parsing, generation and hashing.
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
@@ -50,6 +51,7 @@ pub mod meta;
 pub mod meter;
 pub mod metrics;
 pub mod ops;
+pub mod path;
 pub mod proxy;
 pub mod reload;
 pub mod route;

@@ -17,10 +17,14 @@ use http_body::{Body, Frame, SizeHint};
 use crate::auth::Caller;
 use crate::config::RouteConfig;
 use crate::error::GatewayError;
-use crate::handler::ResponseBody;
 use crate::usage::{self, UsageEvent, UsageRecorder};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the gateway answers with: the upstream's streaming body, or a body
+/// the gateway made itself (errors, echo). Defined here, below the handler,
+/// because metering wraps it.
+pub type ResponseBody = http_body_util::Either<crate::proxy::PooledBody, http_body_util::Full<Bytes>>;
 
 /// What is known about a request when its response head is ready.
 pub struct Meter {

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 
 use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
 use crate::error::GatewayError;
-use crate::store::KeyRecord;
 pub use body::{ClientBodyError, RequestBody};
 pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
@@ -197,14 +196,16 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn of(record: &KeyRecord) -> Self {
+    /// The headers for a caller with this client ID, key ID and scopes.
+    /// Plain strings, so forwarding knows nothing of how keys are stored.
+    pub fn new(client: &str, key_id: &str, scopes: &[String]) -> Self {
         // IDs and scopes are validated ASCII, so these conversions succeed;
         // a value that did not would be left out, never forwarded raw.
         let value = |text: String| HeaderValue::from_maybe_shared(Bytes::from(text)).ok();
         Self {
-            client: value(record.client().to_owned()),
-            key_id: value(record.id.as_str().to_owned()),
-            scopes: value(record.meta.scopes.join(" ")),
+            client: value(client.to_owned()),
+            key_id: value(key_id.to_owned()),
+            scopes: value(scopes.join(" ")),
         }
     }
 }
@@ -449,12 +450,6 @@ mod tests {
         assert_eq!(left, ["x-kept"]);
     }
 
-    fn record(id: &str, scopes: &[&str]) -> KeyRecord {
-        let mut meta = crate::meta::KeyMeta::new(jiff::Timestamp::now());
-        meta.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
-        KeyRecord { id: id.parse().unwrap(), secret_hash: crate::key::SecretHash([1; 32]), meta }
-    }
-
     #[test]
     fn identity_replaces_every_spoofed_copy_and_public_routes_send_none() {
         let keys = crate::config::Config::defaults().keys;
@@ -465,7 +460,7 @@ mod tests {
             }
         };
 
-        let identity = Identity::of(&record("acme.k1", &["orders:read", "orders:write"]));
+        let identity = Identity::new("acme", "acme.k1", &["orders:read".into(), "orders:write".into()]);
         let mut headers = HeaderMap::new();
         spoofed(&mut headers);
         set_identity(&mut headers, &keys, Some(&identity));
