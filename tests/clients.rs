@@ -67,8 +67,9 @@ async fn keygate_ok(args: &[&str]) -> String {
 }
 
 async fn get_with_key(gateway: &TestGateway, key: &str) -> Answer {
-    let request =
-        Request::get(gateway.url("/a")).header("authorization", format!("Bearer {key}")).body(Full::default());
+    let request = Request::get(gateway.url("/a"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::default());
     send(&http1_client(), request.unwrap()).await
 }
 
@@ -134,10 +135,11 @@ async fn revoking_a_client_with_the_cli_refuses_all_its_keys_on_two_gateways_and
     assert!(String::from_utf8_lossy(&out.stderr).contains("is revoked"));
     for gateway in [&first, &second] {
         for key in [&key_a, &key_b] {
-            let took = eventually(INVALIDATION_DEADLINE, "the client's revocation reaches the gateway", || async {
-                status(gateway, key).await == 401
-            })
-            .await;
+            let took =
+                eventually(INVALIDATION_DEADLINE, "the client's revocation reaches the gateway", || async {
+                    status(gateway, key).await == 401
+                })
+                .await;
             eprintln!("refused {took:?} after the CLI returned");
         }
     }
@@ -196,8 +198,18 @@ async fn a_client_record_is_a_plain_hash_beside_its_keys_read_with_the_key_in_on
     let upstream = Upstream::mirror().await;
     let url = redis.url();
     let out = keygate_ok(&[
-        "clients", "--redis", &url, "create", "acme", "--rate", "100/s", "--quota", "100000/month", "--label",
-        "Acme Corp", "--json",
+        "clients",
+        "--redis",
+        &url,
+        "create",
+        "acme",
+        "--rate",
+        "100/s",
+        "--quota",
+        "100000/month",
+        "--label",
+        "Acme Corp",
+        "--json",
     ])
     .await;
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -248,7 +260,8 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
     assert!(keys[0]["id"].as_str().unwrap().starts_with("acme."));
     assert_eq!(keys[0]["status"], "active");
 
-    let updated = keygate_ok(&["clients", "--redis", &url, "update", "acme", "--quota", "none", "--json"]).await;
+    let updated =
+        keygate_ok(&["clients", "--redis", &url, "update", "acme", "--quota", "none", "--json"]).await;
     let json: serde_json::Value = serde_json::from_str(&updated).unwrap();
     assert_eq!((json["quota"].clone(), json["label"].clone()), (serde_json::Value::Null, "gold".into()));
 
@@ -259,7 +272,8 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
         (&["create", "a.b"], "client"),
         (&["update", "acme"], "nothing to change"),
     ] {
-        let full: Vec<&str> = ["clients", "--redis", url.as_str()].into_iter().chain(args.iter().copied()).collect();
+        let full: Vec<&str> =
+            ["clients", "--redis", url.as_str()].into_iter().chain(args.iter().copied()).collect();
         let out = keygate(&full).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
@@ -346,7 +360,9 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     );
     let (gateway, admin) = admin::start(&config).await;
 
-    let created = admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"acme","quota":"1000/day","label":"gold"}"#)).await;
+    let created = admin
+        .call(Method::POST, "/admin/clients", Some(r#"{"id":"acme","quota":"1000/day","label":"gold"}"#))
+        .await;
     assert_eq!(created.status, 201, "{}", created.text());
     assert_eq!(created.headers["location"], "/admin/clients/acme");
     assert_eq!(created.json()["quota"], "1000/day");
@@ -378,16 +394,23 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     assert_eq!(listed.json().as_array().unwrap().len(), 1);
     assert!(listed.json()[0].get("keys").is_none());
 
-    let patched = admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"quota":null,"rate":"10/s"}"#)).await;
+    let patched =
+        admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"quota":null,"rate":"10/s"}"#)).await;
     assert_eq!(patched.status, 200, "{}", patched.text());
-    assert_eq!((patched.json()["quota"].clone(), patched.json()["rate"].clone()), (serde_json::Value::Null, "10/s".into()));
+    assert_eq!(
+        (patched.json()["quota"].clone(), patched.json()["rate"].clone()),
+        (serde_json::Value::Null, "10/s".into())
+    );
     let missing = admin.call(Method::PATCH, "/admin/clients/nobody", Some(r#"{"label":"x"}"#)).await;
     assert_eq!((missing.status.as_u16(), missing.json()["error"].clone()), (404, "not_found".into()));
 
     assert_eq!(status(&gateway, &key).await, 200);
     let revoked = admin.call(Method::POST, "/admin/clients/acme/revoke", None).await;
     assert_eq!(revoked.status, 200);
-    assert_eq!((revoked.json()["status"].clone(), revoked.json()["already_revoked"].clone()), ("revoked".into(), false.into()));
+    assert_eq!(
+        (revoked.json()["status"].clone(), revoked.json()["already_revoked"].clone()),
+        ("revoked".into(), false.into())
+    );
     eventually(INVALIDATION_DEADLINE, "the revocation reaches the gateway", || async {
         status(&gateway, &key).await == 401
     })

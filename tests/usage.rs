@@ -587,7 +587,13 @@ async fn the_audit_stream_is_capped() {
     let conn = usage::connect(&redis.url()).unwrap();
     let id = "acme.k1".parse().unwrap();
     let entry = |n: usize| {
-        usage::AuditEntry::key("cli:test".into(), usage::AuditAction::Update, &id, Timestamp::now(), format!("#{n}"))
+        usage::AuditEntry::key(
+            "cli:test".into(),
+            usage::AuditAction::Update,
+            &id,
+            Timestamp::now(),
+            format!("#{n}"),
+        )
     };
     let total = usage::audit::AUDIT_MAX_LEN + 2_000;
     for chunk in (0..total).collect::<Vec<_>>().chunks(500) {

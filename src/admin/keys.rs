@@ -260,8 +260,13 @@ fn meta_error(field: &str, error: meta::MetaError) -> AdminError {
 async fn audit(call: &KeyCall<'_>, action: AuditAction, id: &KeyId) {
     tracing::info!(target: "keygate::audit", actor = call.actor, via = "admin-api", op = %action, %id, "key operation");
     let Some(redis) = call.store.redis() else { return };
-    let entry =
-        AuditEntry::key(format!("admin:{}", call.actor), action, id, call.now, "via the admin API".to_owned());
+    let entry = AuditEntry::key(
+        format!("admin:{}", call.actor),
+        action,
+        id,
+        call.now,
+        "via the admin API".to_owned(),
+    );
     if let Err(error) = crate::usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
         tracing::warn!(%error, %id, "key operation done, but its audit entry was not written");
     }

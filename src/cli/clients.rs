@@ -19,11 +19,13 @@ use std::num::NonZeroU32;
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
 
-use super::keys::{CliError, Clearable, MetaQuery, RedisExtras, burst_flag, meta_flag, quota_flag, rate_flag};
+use super::keys::{
+    Clearable, CliError, MetaQuery, RedisExtras, burst_flag, meta_flag, quota_flag, rate_flag,
+};
 use crate::client::ClientRecord;
 use crate::meta::{MetaChanges, Quota, Rate};
-use crate::ops::clients::{self as ops, ClientView};
 use crate::ops::OpsError;
+use crate::ops::clients::{self as ops, ClientView};
 use crate::store::{KeyStore, SharedStore};
 use crate::usage::{self, AuditAction, AuditEntry};
 
@@ -114,12 +116,19 @@ impl ClientFlags {
     /// top, exactly as for keys. Key-only fields are refused by the
     /// operation (from `--meta`) or here (as flags), naming the field.
     pub fn changes(&self, now: Timestamp) -> Result<MetaChanges, OpsError> {
-        let refuse = |field: &str, why: &str| OpsError::Invalid { field: field.to_owned(), reason: why.to_owned() };
+        let refuse =
+            |field: &str, why: &str| OpsError::Invalid { field: field.to_owned(), reason: why.to_owned() };
         if self.scopes.is_some() {
-            return Err(refuse("scopes", "scopes belong to keys, not to clients; set them with keys issue/update"));
+            return Err(refuse(
+                "scopes",
+                "scopes belong to keys, not to clients; set them with keys issue/update",
+            ));
         }
         if self.expires.is_some() {
-            return Err(refuse("expires", "expiry belongs to keys, not to clients; to end a client, revoke it"));
+            return Err(refuse(
+                "expires",
+                "expiry belongs to keys, not to clients; to end a client, revoke it",
+            ));
         }
         let base = match &self.meta {
             Some(query) => query.changes(now)?,
@@ -149,7 +158,11 @@ pub fn exit_code(error: &CliError) -> u8 {
 }
 
 /// Runs a `clients` subcommand against `store`, printing to stdout and stderr.
-pub async fn run(cmd: ClientsCommand, store: SharedStore, redis: Option<RedisExtras>) -> Result<(), CliError> {
+pub async fn run(
+    cmd: ClientsCommand,
+    store: SharedStore,
+    redis: Option<RedisExtras>,
+) -> Result<(), CliError> {
     let (mut out, mut err) = (io::stdout(), io::stderr());
     run_with(cmd, &*store, redis.as_ref(), Timestamp::now(), &mut out, &mut err).await
 }
@@ -189,8 +202,11 @@ async fn run_with(
                 let keys = if detail.keys.is_empty() {
                     "-".to_owned()
                 } else {
-                    let list: Vec<String> =
-                        detail.keys.iter().map(|k| format!("{} ({})", k.id, k.meta.status.as_str())).collect();
+                    let list: Vec<String> = detail
+                        .keys
+                        .iter()
+                        .map(|k| format!("{} ({})", k.id, k.meta.status.as_str()))
+                        .collect();
                     list.join(", ")
                 };
                 writeln!(out, "{:<8} {keys}", "keys").map_err(write_error)?;
@@ -200,7 +216,8 @@ async fn run_with(
             let changes = args.meta.changes(now)?;
             if changes == MetaChanges::default() {
                 return Err(CliError::Usage(
-                    "nothing to change: pass at least one of --rate, --burst, --quota, --label, --meta".to_owned(),
+                    "nothing to change: pass at least one of --rate, --burst, --quota, --label, --meta"
+                        .to_owned(),
                 ));
             }
             let record = ops::update(store, &args.id, changes, now).await?;
@@ -239,8 +256,12 @@ async fn audit(
     let Some(redis) = redis else { return Ok(()) };
     let entry = AuditEntry::client(redis.actor.clone(), action, &record.id, now, summary(record));
     if let Err(e) = usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
-        writeln!(err, "warning: {action} of client {} done, but its audit entry was not written: {e}", record.id)
-            .map_err(write_error)?;
+        writeln!(
+            err,
+            "warning: {action} of client {} done, but its audit entry was not written: {e}",
+            record.id
+        )
+        .map_err(write_error)?;
     }
     Ok(())
 }
@@ -315,7 +336,8 @@ fn print_table(records: &[ClientRecord], out: &mut impl Write) -> io::Result<()>
         }
     }
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        let cells: Vec<String> =
+            row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
     Ok(())
@@ -366,10 +388,12 @@ mod tests {
     #[tokio::test]
     async fn create_prints_the_record_and_json_has_a_fixed_shape() {
         let store = MemStore::new();
-        let (out, err) =
-            exec(&store, &["create", "acme", "--quota", "1000/day", "--meta", "rate_limit=5&label=gold", "--rate", "9/s"])
-                .await
-                .unwrap();
+        let (out, err) = exec(
+            &store,
+            &["create", "acme", "--quota", "1000/day", "--meta", "rate_limit=5&label=gold", "--rate", "9/s"],
+        )
+        .await
+        .unwrap();
         assert!(out.contains("quota    1000/day") && out.contains("rate     9/s"), "flag wins: {out}");
         assert!(err.contains("Created client acme"), "{err}");
         let (out, _) = exec(&store, &["show", "acme", "--json"]).await.unwrap();
@@ -407,9 +431,10 @@ mod tests {
         let store = MemStore::new();
         exec(&store, &["create", "acme", "--label", "line1\nline2"]).await.unwrap();
         exec(&store, &["create", "beta", "--rate", "10/s"]).await.unwrap();
-        let key = crate::ops::issue(&store, crate::key::DEFAULT_PREFIX, "acme", MetaChanges::default(), now())
-            .await
-            .unwrap();
+        let key =
+            crate::ops::issue(&store, crate::key::DEFAULT_PREFIX, "acme", MetaChanges::default(), now())
+                .await
+                .unwrap();
 
         let (out, _) = exec(&store, &["list"]).await.unwrap();
         let lines: Vec<&str> = out.lines().collect();
@@ -420,7 +445,8 @@ mod tests {
         let (out, _) = exec(&store, &["show", "acme"]).await.unwrap();
         assert!(out.contains(&format!("keys     {} (active)", key.record.id)), "{out}");
 
-        let (out, _) = exec(&store, &["update", "beta", "--rate", "none", "--quota", "5/day", "--json"]).await.unwrap();
+        let (out, _) =
+            exec(&store, &["update", "beta", "--rate", "none", "--quota", "5/day", "--json"]).await.unwrap();
         let json: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!((json["rate"].clone(), json["quota"].clone()), (serde_json::Value::Null, "5/day".into()));
 

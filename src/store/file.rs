@@ -639,9 +639,9 @@ fn key_file_id(path: &Path) -> Option<Result<Entry, String>> {
         return Some(Ok(Entry::Client(stem.to_owned())));
     }
     Some(
-        stem.parse::<KeyId>()
-            .map(Entry::Key)
-            .map_err(|_| "file name is not <client>.<kid>.toml (a key) or <client>.toml (a client)".to_owned()),
+        stem.parse::<KeyId>().map(Entry::Key).map_err(|_| {
+            "file name is not <client>.<kid>.toml (a key) or <client>.toml (a client)".to_owned()
+        }),
     )
 }
 
