@@ -26,6 +26,12 @@
 //! key is refused at once (503 `key_record_unreadable`, logged as an error
 //! naming the record) and the stale window does not apply.
 //!
+//! A key is cached together with its client's record (read with it on a
+//! miss, in one round trip): a revoked client refuses all its keys, and
+//! [`Invalidation::Client`] drops every cached key of that client at once.
+//! A key whose client has no record carries `client: None` and works as
+//! before.
+//!
 //! After an invalidation of everything ([`Invalidation::All`], sent on a
 //! Redis reconnect), a cached record still within `cache_ttl` is served as
 //! is and re-checked in the background, one refresh per key: a slow store
@@ -47,26 +53,32 @@ use jiff::Timestamp;
 use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::client::ClientRecord;
 use crate::config::KeysConfig;
 use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
 use crate::meta::Rate;
 use crate::proxy::Identity;
-use crate::store::{Invalidation, KeyRecord, SharedStore, StoreError};
+use crate::store::{Found, Invalidation, KeyRecord, SharedStore, StoreError};
 
 /// A verified key as the request path uses it: the store's record, plus
 /// what is derived from it once per cache fill instead of on every request.
 #[derive(Debug)]
 pub struct Caller {
     pub record: KeyRecord,
+    /// The key's client's record, read with the key; `None` if the client
+    /// has none (no client limits). Shared, so limits keyed by client can
+    /// hold on to it.
+    pub client: Option<Arc<ClientRecord>>,
     /// The identity headers sent upstream for this key.
     pub identity: Identity,
 }
 
 impl Caller {
-    fn new(record: KeyRecord) -> Self {
+    fn new(found: Found) -> Self {
+        let Found { key: record, client } = found;
         let identity = Identity::new(record.client(), record.id.as_str(), &record.meta.scopes);
-        Self { identity, record }
+        Self { identity, client: client.map(Arc::new), record }
     }
 }
 
@@ -160,6 +172,8 @@ pub enum Rejection {
     ClientMismatch,
     Expired,
     Revoked,
+    /// The key's client is revoked (every key of it is refused).
+    ClientRevoked,
 }
 
 impl Rejection {
@@ -170,6 +184,7 @@ impl Rejection {
             Self::ClientMismatch => "client mismatch",
             Self::Expired => "expired",
             Self::Revoked => "revoked",
+            Self::ClientRevoked => "client revoked",
         }
     }
 }
@@ -186,6 +201,8 @@ impl Verifier {
     pub fn new(store: SharedStore, keys: &KeysConfig) -> Arc<Self> {
         let known = Cache::builder()
             .max_capacity(keys.cache_capacity)
+            // For `Invalidation::Client`: drop every entry of one client.
+            .support_invalidation_closures()
             // Past this nobody may use the entry, fresh or stale: let it go.
             .time_to_live(keys.cache_ttl + keys.stale_window)
             .build_with_hasher(RandomState::default());
@@ -419,7 +436,7 @@ impl Verifier {
                 let (generation, changes) =
                     (self.generation.load(Ordering::Acquire), self.changes.load(Ordering::Acquire));
                 let asked = Instant::now();
-                let answer = self.store.find_by_hash(client, hash).await;
+                let answer = self.store.find_for_verification(client, hash).await;
                 crate::metrics::redis_latency(asked.elapsed());
                 // An invalidation while the store was asked may postdate
                 // the answer: use it for these requests, but do not cache it.
@@ -484,6 +501,23 @@ impl Verifier {
                 self.known.invalidate(hash);
                 self.unknown.invalidate(hash);
             }
+            // Every cached key of the client carries the client's old record.
+            // moka guarantees `get` no longer returns a matching entry once
+            // this returns, though it removes them in the background. The
+            // client's "unknown" answers stay right: a client record makes
+            // no unknown key known.
+            Invalidation::Client(client) => {
+                self.changes.fetch_add(1, Ordering::AcqRel);
+                let client = client.clone();
+                let dropped =
+                    self.known.invalidate_entries_if(move |_, cached| cached.record.client() == client);
+                if let Err(error) = dropped {
+                    // Only if the cache was built without closures, which
+                    // `new` does not do; fail safe all the same.
+                    tracing::warn!(%error, "cannot drop one client's keys; flushing the key cache");
+                    self.known.invalidate_all();
+                }
+            }
             // A new key: only the "unknown" answer can be wrong now. Dropping
             // the record too would undo a verification that raced ahead of
             // this message (seen in CI: a 503 after a Redis restart).
@@ -533,14 +567,18 @@ impl Verifier {
     }
 }
 
-/// Refuses a revoked or expired key.
+/// Refuses a revoked or expired key, and any key of a revoked client.
 ///
 /// `now` is called only for a key that expires: most keys never do, and a
 /// clock read is a measurable part of a cached verification.
-fn check_usable(record: &KeyRecord, now: impl FnOnce() -> Timestamp) -> Result<(), Rejection> {
+fn check_usable(caller: &Caller, now: impl FnOnce() -> Timestamp) -> Result<(), Rejection> {
     use crate::meta::KeyStatus;
+    let record = &caller.record;
     if record.meta.status == KeyStatus::Revoked {
         return Err(Rejection::Revoked);
+    }
+    if caller.client.as_ref().is_some_and(|client| client.meta.is_revoked()) {
+        return Err(Rejection::ClientRevoked);
     }
     if record.meta.expires_at.is_some_and(|at| now() >= at) {
         return Err(Rejection::Expired);

@@ -14,6 +14,7 @@
 //! - [`route`]: longest-prefix route matching on host and canonical path.
 //! - [`key`]: the key string format, parsing, generation and hashing.
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
+//! - [`client`]: client records: limits, quota and status shared by a client's keys.
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
@@ -39,6 +40,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod credential;
 pub mod echo;

@@ -7,6 +7,8 @@
 //! only in an [`Issued`] value, handed back once to be shown to the operator.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod clients;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -33,6 +35,15 @@ pub enum OpsError {
     /// The operation needs a usable key, and this one is revoked or expired.
     #[error("key {id} is {why}; issue a new key instead")]
     NotUsable { id: KeyId, why: &'static str },
+    /// No client record has this ID.
+    #[error("no client record for {0}")]
+    ClientNotFound(String),
+    /// `clients create` for a client that has a record.
+    #[error("client {0} already has a record; change it with `clients update`")]
+    ClientExists(String),
+    /// A new key for a revoked client.
+    #[error("client {0} is revoked; it can have no new keys")]
+    ClientRevoked(String),
     /// An input broke a rule; `field` names the flag or field (e.g. `client`, `rate`).
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -62,6 +73,8 @@ impl From<StoreError> for OpsError {
             // An update racing a delete surfaces as the store's NotFound; to the
             // operator that is the same "no such key" as a failed lookup.
             StoreError::NotFound(id) => Self::NotFound(id),
+            StoreError::ClientNotFound(id) => Self::ClientNotFound(id),
+            StoreError::ClientExists(id) => Self::ClientExists(id),
             other => Self::Store(other),
         }
     }
@@ -216,12 +229,14 @@ pub async fn rotate(
 // === Helpers ===
 
 /// Generates a key and inserts its record, retrying with a fresh ID if taken.
+/// A revoked client gets no new key (issue and rotate both come here).
 async fn insert_new(
     store: &dyn KeyStore,
     prefix: &str,
     client: &str,
     meta: KeyMeta,
 ) -> Result<Issued, OpsError> {
+    clients::check_may_have_new_keys(store, client).await?;
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -274,18 +289,24 @@ pub(crate) mod test_store {
     use async_trait::async_trait;
     use tokio::sync::broadcast;
 
+    use crate::client::ClientRecord;
     use crate::key::{KeyId, SecretHash};
     use crate::store::{Invalidation, KeyRecord, KeyStore, StoreError};
 
     pub struct MemStore {
         // A std Mutex: no `.await` happens while it is held.
         records: Mutex<BTreeMap<KeyId, KeyRecord>>,
+        clients: Mutex<BTreeMap<String, ClientRecord>>,
         events: broadcast::Sender<Invalidation>,
     }
 
     impl MemStore {
         pub fn new() -> Self {
-            Self { records: Mutex::new(BTreeMap::new()), events: broadcast::channel(64).0 }
+            Self {
+                records: Mutex::new(BTreeMap::new()),
+                clients: Mutex::new(BTreeMap::new()),
+                events: broadcast::channel(64).0,
+            }
         }
 
         pub fn len(&self) -> usize {
@@ -327,6 +348,33 @@ pub(crate) mod test_store {
             let slot = records.get_mut(&record.id).ok_or_else(|| StoreError::NotFound(record.id.clone()))?;
             *slot = record.clone();
             let _ = self.events.send(Invalidation::Key(record.secret_hash));
+            Ok(())
+        }
+
+        async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+            Ok(self.clients.lock().unwrap().get(id).cloned())
+        }
+
+        async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+            Ok(self.clients.lock().unwrap().values().cloned().collect())
+        }
+
+        async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+            let mut clients = self.clients.lock().unwrap();
+            if clients.contains_key(&record.id) {
+                return Err(StoreError::ClientExists(record.id.clone()));
+            }
+            clients.insert(record.id.clone(), record.clone());
+            let _ = self.events.send(Invalidation::Client(record.id.clone()));
+            Ok(())
+        }
+
+        async fn update_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+            let mut clients = self.clients.lock().unwrap();
+            let slot =
+                clients.get_mut(&record.id).ok_or_else(|| StoreError::ClientNotFound(record.id.clone()))?;
+            *slot = record.clone();
+            let _ = self.events.send(Invalidation::Client(record.id.clone()));
             Ok(())
         }
 

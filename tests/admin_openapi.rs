@@ -46,15 +46,26 @@ fn every_served_route_is_documented_and_every_documented_route_is_served() {
 async fn every_documented_operation_answers_on_a_running_admin_listener() {
     let config = format!("[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n{}", admin::admin_section());
     let (_gateway, admin) = admin::start(&config).await;
-    for (method, template) in documented() {
-        let path = if template.contains("{id}") {
+    for (n, (method, template)) in documented().into_iter().enumerate() {
+        let path = if template.starts_with("/admin/clients/") {
+            // A fresh client record for each operation, for the same reason.
+            let id = format!("doc-{n}");
+            let created =
+                admin.call(Method::POST, "/admin/clients", Some(&format!(r#"{{"id":"{id}"}}"#))).await;
+            assert_eq!(created.status, 201, "{}", created.text());
+            template.replace("{id}", &id)
+        } else if template.contains("{id}") {
             // A fresh key for each operation, so one (a revoke) cannot change another's answer.
             let issued = admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"doc"}"#)).await;
             template.replace("{id}", issued.json()["id"].as_str().unwrap())
         } else {
             template.clone()
         };
-        let body = (method == "POST" && template == "/admin/keys").then_some(r#"{"client":"doc"}"#);
+        let body = match (method.as_str(), template.as_str()) {
+            ("POST", "/admin/keys") => Some(r#"{"client":"doc"}"#),
+            ("POST", "/admin/clients") => Some(r#"{"id":"doc"}"#),
+            _ => None,
+        };
         let answer = admin.call(method.parse().unwrap(), &path, body).await;
         assert!(
             ![404, 405].contains(&answer.status.as_u16()),

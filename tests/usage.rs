@@ -585,12 +585,15 @@ async fn key_operations_are_audited_and_listed_in_order() {
 async fn the_audit_stream_is_capped() {
     let redis = RedisServer::start();
     let conn = usage::connect(&redis.url()).unwrap();
-    let entry = |n: usize| usage::AuditEntry {
-        actor: "cli:test".into(),
-        action: usage::AuditAction::Update,
-        key_id: "acme.k1".parse().unwrap(),
-        at: Timestamp::now(),
-        detail: format!("#{n}"),
+    let id = "acme.k1".parse().unwrap();
+    let entry = |n: usize| {
+        usage::AuditEntry::key(
+            "cli:test".into(),
+            usage::AuditAction::Update,
+            &id,
+            Timestamp::now(),
+            format!("#{n}"),
+        )
     };
     let total = usage::audit::AUDIT_MAX_LEN + 2_000;
     for chunk in (0..total).collect::<Vec<_>>().chunks(500) {

@@ -41,6 +41,12 @@ pub enum AdminError {
     KeyNotFound(String),
     #[error("{0}")]
     KeyNotUsable(String),
+    /// `POST /admin/clients` for a client that has a record.
+    #[error("{0}")]
+    ClientExists(String),
+    /// A new key (issue, rotate) for a revoked client.
+    #[error("{0}")]
+    ClientRevoked(String),
     #[error("config refused")]
     InvalidConfig(ConfigError),
     #[error("not ready: {0}")]
@@ -56,7 +62,11 @@ pub enum AdminError {
 impl From<OpsError> for AdminError {
     fn from(error: OpsError) -> Self {
         match error {
-            OpsError::NotFound(_) | OpsError::UnknownKey => Self::KeyNotFound(error.to_string()),
+            OpsError::NotFound(_) | OpsError::UnknownKey | OpsError::ClientNotFound(_) => {
+                Self::KeyNotFound(error.to_string())
+            }
+            OpsError::ClientExists(_) => Self::ClientExists(error.to_string()),
+            OpsError::ClientRevoked(_) => Self::ClientRevoked(error.to_string()),
             OpsError::NotUsable { .. } => Self::KeyNotUsable(error.to_string()),
             OpsError::Invalid { field, reason } => Self::Invalid { field, reason },
             OpsError::Store(store) => store.into(),
@@ -69,6 +79,8 @@ impl From<StoreError> for AdminError {
         match error {
             StoreError::Unavailable(cause) => Self::StoreUnavailable(cause),
             StoreError::NotFound(id) => Self::KeyNotFound(format!("no key with id {id}")),
+            StoreError::ClientNotFound(_) => Self::KeyNotFound(error.to_string()),
+            StoreError::ClientExists(_) => Self::ClientExists(error.to_string()),
             StoreError::Corrupt { .. } | StoreError::AlreadyExists(_) => Self::Internal(error.to_string()),
         }
     }
@@ -87,6 +99,8 @@ impl AdminError {
             Self::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             Self::KeyNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::KeyNotUsable(_) => (StatusCode::CONFLICT, "key_not_usable"),
+            Self::ClientExists(_) => (StatusCode::CONFLICT, "client_exists"),
+            Self::ClientRevoked(_) => (StatusCode::CONFLICT, "client_revoked"),
             Self::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
@@ -107,7 +121,10 @@ impl AdminError {
             Self::BodyTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
             Self::BadJson(why) => format!("the request body is not a valid JSON object: {why}"),
             Self::Invalid { field, reason } => format!("invalid {field}: {reason}"),
-            Self::KeyNotFound(message) | Self::KeyNotUsable(message) => message.clone(),
+            Self::KeyNotFound(message)
+            | Self::KeyNotUsable(message)
+            | Self::ClientExists(message)
+            | Self::ClientRevoked(message) => message.clone(),
             Self::InvalidConfig(_) => "the config file was refused; the running config stays".to_owned(),
             Self::NotReady(_) => "the key store is unreachable".to_owned(),
             Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
@@ -188,6 +205,9 @@ mod tests {
             (OpsError::UnknownKey, 404, "not_found"),
             (OpsError::NotUsable { id: id.clone(), why: "revoked" }, 409, "key_not_usable"),
             (OpsError::Invalid { field: "rate".into(), reason: "bad".into() }, 400, "invalid_field"),
+            (OpsError::ClientNotFound("acme".into()), 404, "not_found"),
+            (OpsError::ClientExists("acme".into()), 409, "client_exists"),
+            (OpsError::ClientRevoked("acme".into()), 409, "client_revoked"),
             (
                 OpsError::Store(StoreError::Unavailable("redis at 10.0.0.9 down".into())),
                 503,

@@ -152,7 +152,7 @@ pub async fn rotate(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
 // === Request parsing ===
 
 /// The body as a JSON object; an empty body is an empty object.
-fn object(body: &Bytes) -> Result<Map<String, Value>, AdminError> {
+pub(super) fn object(body: &Bytes) -> Result<Map<String, Value>, AdminError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -165,7 +165,7 @@ fn object(body: &Bytes) -> Result<Map<String, Value>, AdminError> {
 
 /// Metadata changes from the request's fields, as `MetaFlags::changes` does
 /// for the CLI: `meta` (the query syntax) first, explicit fields on top.
-fn changes(fields: Map<String, Value>, now: Timestamp) -> Result<MetaChanges, AdminError> {
+pub(super) fn changes(fields: Map<String, Value>, now: Timestamp) -> Result<MetaChanges, AdminError> {
     let mut base = MetaChanges::default();
     let mut explicit = MetaChanges::default();
     for (name, value) in fields {
@@ -241,7 +241,7 @@ fn key_id(id: &str) -> Result<KeyId, AdminError> {
     id.parse().map_err(|reason| invalid("id", reason))
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> AdminError {
+pub(super) fn invalid(field: &str, reason: impl Into<String>) -> AdminError {
     AdminError::Invalid { field: field.to_owned(), reason: reason.into() }
 }
 
@@ -260,19 +260,19 @@ fn meta_error(field: &str, error: meta::MetaError) -> AdminError {
 async fn audit(call: &KeyCall<'_>, action: AuditAction, id: &KeyId) {
     tracing::info!(target: "keygate::audit", actor = call.actor, via = "admin-api", op = %action, %id, "key operation");
     let Some(redis) = call.store.redis() else { return };
-    let entry = AuditEntry {
-        actor: format!("admin:{}", call.actor),
+    let entry = AuditEntry::key(
+        format!("admin:{}", call.actor),
         action,
-        key_id: id.clone(),
-        at: call.now,
-        detail: "via the admin API".to_owned(),
-    };
+        id,
+        call.now,
+        "via the admin API".to_owned(),
+    );
     if let Err(error) = crate::usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
         tracing::warn!(%error, %id, "key operation done, but its audit entry was not written");
     }
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Full<Bytes>>, AdminError> {
+pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Full<Bytes>>, AdminError> {
     let body =
         serde_json::to_string(value).map_err(|e| AdminError::Internal(format!("encoding JSON: {e}")))?;
     Ok(crate::error::json_response(status, body))

@@ -1,4 +1,4 @@
-//! The admin listener: the keys API, config reload, `/metrics` and health checks.
+//! The admin listener: the keys and clients API, config reload, `/metrics` and health checks.
 //!
 //! It runs on its own listener (`[admin] listen`, off by default) with its own
 //! router, so nothing here is reachable through the public listener: the
@@ -19,6 +19,7 @@
 //! it with `docs/admin-openapi.json`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod clients;
 pub mod error;
 pub mod keys;
 
@@ -82,6 +83,11 @@ pub enum Endpoint {
     UpdateKey,
     RevokeKey,
     RotateKey,
+    CreateClient,
+    ListClients,
+    ShowClient,
+    UpdateClient,
+    RevokeClient,
 }
 
 impl Endpoint {
@@ -116,6 +122,11 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/admin/keys/{id}", Endpoint::UpdateKey),
     route("POST", "/admin/keys/{id}/revoke", Endpoint::RevokeKey),
     route("POST", "/admin/keys/{id}/rotate", Endpoint::RotateKey),
+    route("POST", "/admin/clients", Endpoint::CreateClient),
+    route("GET", "/admin/clients", Endpoint::ListClients),
+    route("GET", "/admin/clients/{id}", Endpoint::ShowClient),
+    route("PATCH", "/admin/clients/{id}", Endpoint::UpdateClient),
+    route("POST", "/admin/clients/{id}/revoke", Endpoint::RevokeClient),
 ];
 
 /// The route for `method` and `path`, with the `{id}` segment if any.
@@ -273,6 +284,11 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         Endpoint::UpdateKey => keys::update(&call, id, &body).await,
         Endpoint::RevokeKey => keys::revoke(&call, id).await,
         Endpoint::RotateKey => keys::rotate(&call, id, &body).await,
+        Endpoint::CreateClient => clients::create(&call, &body).await,
+        Endpoint::ListClients => clients::list(&call, parts.uri.query()).await,
+        Endpoint::ShowClient => clients::show(&call, id).await,
+        Endpoint::UpdateClient => clients::update(&call, id, &body).await,
+        Endpoint::RevokeClient => clients::revoke(&call, id).await,
         Endpoint::Reload => reload(admin, &actor),
         Endpoint::Usage => usage(admin, parts.uri.query()).await,
         Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics => {

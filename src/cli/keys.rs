@@ -187,6 +187,13 @@ pub struct Expires(String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaQuery(String);
 
+impl MetaQuery {
+    /// The changes the query asks for, with expiries resolved against `now`.
+    pub fn changes(&self, now: Timestamp) -> Result<MetaChanges, MetaError> {
+        MetaChanges::from_query(&self.0, now)
+    }
+}
+
 fn client_flag(s: &str) -> Result<String, KeyFormatError> {
     key::validate_client_id(s).map(|()| s.to_owned())
 }
@@ -202,15 +209,15 @@ fn clearable<T>(
     if s == "none" { Ok(Clearable(None)) } else { parse(s).map(|v| Clearable(Some(v))) }
 }
 
-fn rate_flag(s: &str) -> Result<Clearable<Rate>, MetaError> {
+pub(super) fn rate_flag(s: &str) -> Result<Clearable<Rate>, MetaError> {
     clearable(s, str::parse)
 }
 
-fn burst_flag(s: &str) -> Result<Clearable<NonZeroU32>, MetaError> {
+pub(super) fn burst_flag(s: &str) -> Result<Clearable<NonZeroU32>, MetaError> {
     clearable(s, meta::parse_burst)
 }
 
-fn quota_flag(s: &str) -> Result<Clearable<Quota>, MetaError> {
+pub(super) fn quota_flag(s: &str) -> Result<Clearable<Quota>, MetaError> {
     clearable(s, str::parse)
 }
 
@@ -221,7 +228,7 @@ fn expires_flag(s: &str) -> Result<Expires, MetaError> {
     Ok(Expires(s.to_owned()))
 }
 
-fn meta_flag(s: &str) -> Result<MetaQuery, MetaError> {
+pub(super) fn meta_flag(s: &str) -> Result<MetaQuery, MetaError> {
     MetaChanges::from_query(s, Timestamp::now())?;
     Ok(MetaQuery(s.to_owned()))
 }
@@ -408,7 +415,7 @@ async fn audit(
     err: &mut (impl Write + Send),
 ) -> Result<(), CliError> {
     let Some(redis) = redis else { return Ok(()) };
-    let entry = AuditEntry { actor: redis.actor.clone(), action, key_id: key_id.clone(), at: now, detail };
+    let entry = AuditEntry::key(redis.actor.clone(), action, key_id, now, detail);
     if let Err(e) = usage::append_audit(&mut redis.conn.clone(), &redis.prefix, &entry).await {
         writeln!(err, "warning: {action} of {key_id} done, but its audit entry was not written: {e}")
             .map_err(CliError::write)?;
@@ -458,7 +465,7 @@ fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> 
     for record in records {
         let e = &record.entry;
         let detail: String = e.detail.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
-        let line = format!("{}  {:<16}  {:<6}  {}  {detail}", e.at, e.actor, e.action, e.key_id);
+        let line = format!("{}  {:<16}  {:<6}  {}  {detail}", e.at, e.actor, e.action, e.subject());
         writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())

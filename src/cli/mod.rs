@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 runtime failure (store unreachable, unknown key),
 //! 2 invalid config or usage.
 
+pub mod clients;
 pub mod keys;
 pub mod usage;
 
@@ -46,6 +47,14 @@ pub enum Command {
         store: StoreArgs,
         #[command(subcommand)]
         command: Box<keys::KeysCommand>,
+    },
+    /// Create, list, show, update and revoke client records: limits and a
+    /// quota shared by all of a client's keys, and revoking all of them at once.
+    Clients {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: clients::ClientsCommand,
     },
     /// Print usage (requests, status classes, refusals, bytes, latency) read from Redis.
     Usage(usage::UsageArgs),
@@ -106,6 +115,26 @@ pub fn main() -> ExitCode {
                     Err(error) => {
                         eprintln!("error: {error}");
                         ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Clients { store, command } => {
+            let config = match store_config(&store) {
+                Ok(config) => config,
+                Err(error) => return invalid_config(&error),
+            };
+            block_on(async move {
+                let opened = match open_store(&config, store.redis.as_deref()).await {
+                    Ok(opened) => opened,
+                    Err(code) => return code,
+                };
+                let redis = key_redis_extras(&config, store.redis.as_deref());
+                match clients::run(command, opened, redis).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        ExitCode::from(clients::exit_code(&error))
                     }
                 }
             })

@@ -13,6 +13,18 @@
 //! created_at = "2026-11-24T00:00:00Z"
 //! ```
 //!
+//! A client's record, if it has one, is `<client>.toml` beside its keys
+//! (a client ID has no `.`, a key ID always one, so the names cannot clash):
+//!
+//! ```toml
+//! id = "acme"
+//! quota = "100000/month"
+//! label = "Acme Corp"
+//! status = "active"
+//! created_at = "2026-11-24T00:00:00Z"
+//! updated_at = "2026-11-24T00:00:00Z"
+//! ```
+//!
 //! The whole folder is loaded into memory at [`FileStore::open`]; verification
 //! is a `HashMap` lookup on a snapshot read without locks. Writes go to a
 //! temporary file in the same folder and are renamed into place, so a reader
@@ -48,7 +60,8 @@ use notify::Watcher;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast, mpsc};
 
-use super::{Invalidation, KeyRecord, KeyStore, StoreError};
+use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
+use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{KeyMeta, KeyStatus, Quota, Rate};
 
@@ -92,11 +105,13 @@ struct Shared {
     loaded_modified: std::sync::Mutex<Option<SystemTime>>,
 }
 
-/// All records, by hash (verification) and by ID (administration).
+/// All records, by hash (verification) and by ID (administration), and
+/// the client records by client ID.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Index {
     by_hash: HashMap<SecretHash, KeyRecord>,
     by_id: BTreeMap<KeyId, SecretHash>,
+    clients: BTreeMap<String, ClientRecord>,
 }
 
 impl Index {
@@ -180,6 +195,25 @@ impl FileStore {
         Ok(())
     }
 
+    /// Writes a client's file and swaps the new index in; the caller holds
+    /// the write lock and has checked the write is allowed.
+    async fn write_client_locked(&self, record: &ClientRecord) -> Result<(), StoreError> {
+        let text = client_to_toml(record)?;
+        let dir = self.shared.dir.clone();
+        let name = client_file_name(&record.id);
+        let shown = name.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomically(&dir, &name, text.as_bytes()))
+            .await
+            .map_err(|e| self.unavailable(format!("writing {shown}: {e}")))?;
+        written.map_err(|e| self.unavailable(format!("writing {shown}: {e}")))?;
+
+        let mut index = Index::clone(&self.shared.index.load());
+        index.clients.insert(record.id.clone(), record.clone());
+        self.shared.index.store(Arc::new(index));
+        let _ = self.shared.invalidations.send(Invalidation::Client(record.id.clone()));
+        Ok(())
+    }
+
     fn unavailable(&self, why: String) -> StoreError {
         StoreError::Unavailable(format!("key folder {}: {why}", self.shared.dir.display()))
     }
@@ -247,6 +281,50 @@ impl KeyStore for FileStore {
             return Err(StoreError::NotFound(record.id.clone()));
         }
         self.write_locked(record).await
+    }
+
+    async fn find_for_verification(
+        &self,
+        client: &str,
+        hash: &SecretHash,
+    ) -> Result<Option<Found>, StoreError> {
+        // `find_by_hash` reloads a changed folder on a miss; the client is
+        // then read from the snapshot that found the key (or a newer one).
+        let Some(key) = self.find_by_hash(client, hash).await? else { return Ok(None) };
+        let client = self.shared.index.load().clients.get(key.client()).cloned();
+        Ok(Some(Found { key, client }))
+    }
+
+    async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        Ok(self.shared.index.load().clients.get(id).cloned())
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+        Ok(self.shared.index.load().clients.values().cloned().collect())
+    }
+
+    async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+        check_client_is_a_file_name(&record.id)?;
+        let _writer = self.shared.write_lock.lock().await;
+        let path = self.shared.dir.join(client_file_name(&record.id));
+        // As for keys: a file may exist without being loaded (malformed, or
+        // written by another process a moment ago).
+        let file_exists = tokio::fs::try_exists(&path)
+            .await
+            .map_err(|e| self.unavailable(format!("checking {}: {e}", path.display())))?;
+        if file_exists || self.shared.index.load().clients.contains_key(&record.id) {
+            return Err(StoreError::ClientExists(record.id.clone()));
+        }
+        self.write_client_locked(record).await
+    }
+
+    async fn update_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+        check_client_is_a_file_name(&record.id)?;
+        let _writer = self.shared.write_lock.lock().await;
+        if !self.shared.index.load().clients.contains_key(&record.id) {
+            return Err(StoreError::ClientNotFound(record.id.clone()));
+        }
+        self.write_client_locked(record).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
@@ -422,6 +500,86 @@ impl From<KeyFile> for KeyRecord {
     }
 }
 
+/// A client file's content: a [`ClientRecord`] flattened, strict about
+/// field names as key files are.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate: Option<Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<NonZeroU32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quota: Option<Quota>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    status: KeyStatus,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+impl From<&ClientRecord> for ClientFile {
+    fn from(r: &ClientRecord) -> Self {
+        let ClientMeta { rate, burst, quota, label, status, created_at, updated_at } = r.meta.clone();
+        Self { id: r.id.clone(), rate, burst, quota, label, status, created_at, updated_at }
+    }
+}
+
+impl From<ClientFile> for ClientRecord {
+    fn from(f: ClientFile) -> Self {
+        let meta = ClientMeta {
+            rate: f.rate,
+            burst: f.burst,
+            quota: f.quota,
+            label: f.label,
+            status: f.status,
+            created_at: f.created_at,
+            updated_at: f.updated_at,
+        };
+        Self { id: f.id, meta }
+    }
+}
+
+fn client_to_toml(record: &ClientRecord) -> Result<String, StoreError> {
+    let body = toml::to_string(&ClientFile::from(record))
+        .map_err(|e| StoreError::Corrupt { what: format!("client {}", record.id), why: e.to_string() })?;
+    Ok(format!(
+        "# keygate client {id}: limits and status shared by every key {id}.*. Written by\n\
+         # `keygate clients`; may be edited by hand (the gateway reloads this folder).\n{body}",
+        id = record.id
+    ))
+}
+
+/// Parses one client file's text; `expected` is the client its name promises.
+fn client_from_toml(text: &str, expected: &str) -> Result<ClientRecord, String> {
+    let file: ClientFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    if file.id != expected {
+        return Err(format!("`id = \"{}\"` does not match the file name", file.id));
+    }
+    Ok(file.into())
+}
+
+fn client_file_name(client: &str) -> String {
+    format!("{client}.toml")
+}
+
+/// Refuses client IDs that are not `[A-Za-z0-9-]{1,64}`, which could name a
+/// path outside the folder (or a key's file).
+fn check_client_is_a_file_name(client: &str) -> Result<(), StoreError> {
+    crate::key::validate_client_id(client)
+        .map_err(|e| StoreError::Corrupt { what: format!("client id {client:?}"), why: e.to_string() })
+}
+
+/// A TOML error as the message and line only: the error's default rendering
+/// quotes the offending line, which could hold a secret pasted by mistake.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!("line {}: {}", text[..span.start].lines().count().max(1), e.message()),
+        None => e.message().to_owned(),
+    }
+}
+
 fn to_toml(record: &KeyRecord) -> Result<String, StoreError> {
     let body = toml::to_string(&KeyFile::from(record))
         .map_err(|e| StoreError::Corrupt { what: format!("key {}", record.id), why: e.to_string() })?;
@@ -435,14 +593,7 @@ fn to_toml(record: &KeyRecord) -> Result<String, StoreError> {
 
 /// Parses one file's text; `expected` is the ID its name promises.
 fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
-    let file: KeyFile = toml::from_str(text).map_err(|e| {
-        // The message and line only: the error's default rendering quotes the
-        // offending line, which could hold a secret pasted by mistake.
-        match e.span() {
-            Some(span) => format!("line {}: {}", text[..span.start].lines().count().max(1), e.message()),
-            None => e.message().to_owned(),
-        }
-    })?;
+    let file: KeyFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     if file.id != *expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
     }
@@ -466,16 +617,32 @@ fn is_hidden(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
-/// Which entries of the folder are key files: `Some(id)` for `<id>.toml`,
-/// `Err` for a `.toml` whose name is not a key ID, `None` for everything to
-/// ignore silently (other extensions, hidden files, `README*`).
-fn key_file_id(path: &Path) -> Option<Result<KeyId, String>> {
+/// What a file in the folder holds, by its name.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    /// `<client>.<kid>.toml`: a key.
+    Key(KeyId),
+    /// `<client>.toml`: a client record.
+    Client(String),
+}
+
+/// Which entries of the folder are records: `Some(Ok(..))` for a key or a
+/// client file, `Err` for a `.toml` whose name is neither, `None` for
+/// everything to ignore silently (other extensions, hidden files, `README*`).
+fn key_file_id(path: &Path) -> Option<Result<Entry, String>> {
     let name = path.file_name()?.to_str()?;
     let stem = name.strip_suffix(".toml")?;
     if name.starts_with('.') || stem.to_ascii_uppercase().starts_with("README") {
         return None;
     }
-    Some(stem.parse::<KeyId>().map_err(|_| "file name is not <client>.<kid>.toml".to_owned()))
+    if !stem.contains('.') && crate::key::validate_client_id(stem).is_ok() {
+        return Some(Ok(Entry::Client(stem.to_owned())));
+    }
+    Some(
+        stem.parse::<KeyId>().map(Entry::Key).map_err(|_| {
+            "file name is not <client>.<kid>.toml (a key) or <client>.toml (a client)".to_owned()
+        }),
+    )
 }
 
 async fn load_dir_blocking(dir: &Path) -> Result<(Index, Vec<SkippedFile>), StoreError> {
@@ -496,11 +663,21 @@ fn load_dir(dir: &Path) -> std::io::Result<(Index, Vec<SkippedFile>)> {
     // file system's listing order.
     paths.sort();
     for path in paths {
-        let Some(id) = key_file_id(&path) else { continue };
-        let loaded = id.and_then(|id| {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read: {e}"))?;
-            from_toml(&text, &id)
-        });
+        let Some(entry) = key_file_id(&path) else { continue };
+        let read = || std::fs::read_to_string(&path).map_err(|e| format!("cannot read: {e}"));
+        let loaded = match entry {
+            Ok(Entry::Client(client)) => {
+                match read().and_then(|text| client_from_toml(&text, &client)) {
+                    Ok(record) => {
+                        index.clients.insert(client, record);
+                    }
+                    Err(why) => skipped.push(SkippedFile { path, why }),
+                }
+                continue;
+            }
+            Ok(Entry::Key(id)) => read().and_then(|text| from_toml(&text, &id)),
+            Err(why) => Err(why),
+        };
         match loaded {
             Ok(record) if index.by_hash.contains_key(&record.secret_hash) => {
                 skipped
@@ -570,6 +747,20 @@ mod tests {
     }
 
     #[test]
+    fn client_files_round_trip_and_refuse_key_fields() {
+        let mut meta = ClientMeta::new("2026-11-24T00:00:00Z".parse().unwrap());
+        meta.quota = Some("100000/month".parse().unwrap());
+        meta.label = Some("Acme \"gold\"".into());
+        let record = ClientRecord { id: "acme".into(), meta };
+        let text = client_to_toml(&record).unwrap();
+        assert!(text.contains("quota = \"100000/month\"\n") && !text.contains("rate"), "{text}");
+        assert_eq!(client_from_toml(&text, "acme").unwrap(), record);
+        let why = client_from_toml(&format!("{text}scopes = [\"read\"]\n"), "acme").unwrap_err();
+        assert!(why.contains("scopes"), "{why}");
+        assert!(client_from_toml(&text, "other").unwrap_err().contains("file name"));
+    }
+
+    #[test]
     fn parse_errors_do_not_quote_the_file() {
         let why = from_toml("id = \"acme.k1\"\nsecret = kg_acme_TOTALLYSECRET\n", &record().id).unwrap_err();
         assert!(!why.contains("TOTALLYSECRET"), "{why}");
@@ -577,8 +768,10 @@ mod tests {
 
     #[test]
     fn only_key_files_are_considered() {
-        assert!(matches!(key_file_id(Path::new("keys/acme.k1.toml")), Some(Ok(_))));
-        assert!(matches!(key_file_id(Path::new("keys/notes.toml")), Some(Err(_))));
+        assert!(matches!(key_file_id(Path::new("keys/acme.k1.toml")), Some(Ok(Entry::Key(_)))));
+        assert_eq!(key_file_id(Path::new("keys/acme-2.toml")), Some(Ok(Entry::Client("acme-2".into()))));
+        assert!(matches!(key_file_id(Path::new("keys/notes_v2.toml")), Some(Err(_))));
+        assert!(matches!(key_file_id(Path::new("keys/a.b.c.toml")), Some(Err(_))));
         for ignored in
             ["keys/README.md", "keys/README.toml", "keys/acme.k1.toml.bak", "keys/.acme.k1.toml.9.tmp"]
         {

@@ -8,6 +8,10 @@
 //! Stores also announce changes: every write publishes an [`Invalidation`], and
 //! [`KeyStore::subscribe`] hands the verification cache a receiver so that a
 //! revoked key stops working on every running gateway at once.
+//!
+//! The same store objects hold client records ([`ClientRecord`]) beside the
+//! keys: one object for callers, and a verification reads a key and its
+//! client together ([`KeyStore::find_for_verification`]).
 
 pub mod file;
 pub mod redis;
@@ -18,6 +22,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::client::ClientRecord;
 use crate::key::{KeyId, SecretHash};
 use crate::meta::KeyMeta;
 
@@ -49,6 +54,9 @@ pub enum Invalidation {
     /// Nothing cached can be stale (the hash was unknown until now), so a
     /// record verified before this message arrives stays cached.
     Issued(SecretHash),
+    /// The record of this client changed (updated, revoked): drop every
+    /// cached key of the client, since each carries the client's record.
+    Client(String),
     /// Anything may have changed (e.g. a missed pub/sub window after a reconnect,
     /// or the file store's folder changed): drop every cached record.
     All,
@@ -70,6 +78,20 @@ pub enum StoreError {
     /// `update` of an ID that does not exist.
     #[error("no key with id {0}")]
     NotFound(KeyId),
+    /// `insert_client` of a client that already has a record.
+    #[error("client {0} already has a record")]
+    ClientExists(String),
+    /// `update_client` of a client without a record.
+    #[error("no client record for {0}")]
+    ClientNotFound(String),
+}
+
+/// What a verification lookup finds: the key's record and, if the client
+/// has one, the client's record, read together (one round trip in Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub key: KeyRecord,
+    pub client: Option<ClientRecord>,
 }
 
 /// The store interface shared by the gateway (verification) and the operators'
@@ -96,6 +118,36 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Replaces an existing record (same ID and hash) and announces
     /// [`Invalidation::Key`] to every subscriber, including other processes.
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Verification lookup of a key and its client's record together, on a
+    /// cache miss. The default asks twice; stores override it to read both
+    /// at once (the Redis store in one pipelined round trip, the file store
+    /// from one snapshot). The client is asked only if the key exists.
+    async fn find_for_verification(
+        &self,
+        client: &str,
+        hash: &SecretHash,
+    ) -> Result<Option<Found>, StoreError> {
+        let Some(key) = self.find_by_hash(client, hash).await? else { return Ok(None) };
+        let client = self.get_client(key.client()).await?;
+        Ok(Some(Found { key, client }))
+    }
+
+    /// The record of this client, if it has one.
+    async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>, StoreError>;
+
+    /// Every client record, sorted by ID. (Clients with keys but no record
+    /// are not listed.)
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError>;
+
+    /// Stores a new client record. Fails with [`StoreError::ClientExists`]
+    /// if the client has one.
+    async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError>;
+
+    /// Replaces a client's record and announces [`Invalidation::Client`] to
+    /// every subscriber. Fails with [`StoreError::ClientNotFound`] if the
+    /// client has none.
+    async fn update_client(&self, record: &ClientRecord) -> Result<(), StoreError>;
 
     /// A receiver of invalidations. Redis: fed by pub/sub (and `All` after a
     /// reconnect); file store: fed by a watch on the folder.

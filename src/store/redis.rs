@@ -8,8 +8,9 @@
 //! | `kg:{<client>}:key:<sha256hex>`  | hash   | one key record (fields below)           |
 //! | `kg:{<client>}:id:<kid>`         | string | the record's `<sha256hex>`              |
 //! | `kg:{<client>}:keys`             | set    | the client's kids                       |
-//! | `kg:clients`                     | set    | every client that ever had a key        |
-//! | `kg:invalidate`                  | channel| hash hex of each written record, or `*` |
+//! | `kg:{<client>}:client`           | hash   | the client's record, if it has one      |
+//! | `kg:clients`                     | set    | every client that ever had a key or a record |
+//! | `kg:invalidate`                  | channel| hash hex of each written record, `client:<id>`, or `*` |
 //!
 //! Why this shape:
 //! - Verification knows the client (it is readable in the key string) and the
@@ -24,6 +25,9 @@
 //!   atomic inside a script (`WATCH` needs a dedicated connection, and
 //!   [`ConnectionManager`] multiplexes one). The script publishes the
 //!   invalidation itself, so a write and its announcement cannot come apart.
+//! - A client's record carries the same hash tag as its keys, so a
+//!   verification reads the key and its client in one pipelined round trip
+//!   (two `HGETALL`s on one node), and client writes are one script too.
 //! - Fields are plain strings (`rate` = `100/s`, timestamps = Unix seconds) so
 //!   `redis-cli` and any dashboard read them without keygate's help.
 //!
@@ -43,7 +47,8 @@ use jiff::Timestamp;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{Invalidation, KeyRecord, KeyStore, StoreError};
+use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
+use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{KeyMeta, KeyStatus};
 
@@ -53,6 +58,9 @@ const INVALIDATION_BUFFER: usize = 1024;
 
 /// The prefix used when the configuration does not name one.
 pub const DEFAULT_PREFIX: &str = "kg:";
+
+/// What starts an invalidation message about a client record: `client:acme`.
+const CLIENT_MESSAGE: &str = "client:";
 
 /// Timeouts and backoff of a [`RedisStore`]. The defaults suit a Redis on the
 /// same network: a dead Redis costs a request at most `call_timeout`.
@@ -338,6 +346,40 @@ impl RedisStore {
         }
         self.run(what, &record_key, invocation.invoke_async(&mut conn)).await
     }
+
+    /// Runs a client write script; returns its status code (1 = done).
+    async fn write_client(
+        &self,
+        script: &redis::Script,
+        what: &str,
+        record: &ClientRecord,
+    ) -> Result<i64, StoreError> {
+        let client = record.id.as_str();
+        if !valid_client(client) {
+            return Err(StoreError::Corrupt {
+                what: format!("client id {client:?}"),
+                why: "not [A-Za-z0-9-]{1,64}".to_owned(),
+            });
+        }
+        let mut conn = self.conn.clone();
+        // As for keys: `clients` is in another slot, written first, so a
+        // client with a record is always listed.
+        let clients_key = self.names.clients();
+        let _: i64 = self
+            .run(
+                "SADD",
+                &clients_key,
+                redis::cmd("SADD").arg(&clients_key).arg(client).query_async(&mut conn),
+            )
+            .await?;
+        let record_key = self.names.client(client);
+        let mut invocation = script.key(&record_key);
+        invocation.arg(self.names.channel()).arg(format!("{CLIENT_MESSAGE}{client}"));
+        for (field, value) in encode_client(record) {
+            invocation.arg(field).arg(value);
+        }
+        self.run(what, &record_key, invocation.invoke_async(&mut conn)).await
+    }
 }
 
 #[async_trait]
@@ -425,6 +467,89 @@ impl KeyStore for RedisStore {
         }
     }
 
+    async fn find_for_verification(
+        &self,
+        client: &str,
+        hash: &SecretHash,
+    ) -> Result<Option<Found>, StoreError> {
+        if !valid_client(client) {
+            return Ok(None);
+        }
+        // Both keys carry the client's hash tag: one node, one round trip.
+        let record_key = self.names.record_hex(client, &hash.to_hex());
+        let client_key = self.names.client(client);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(&record_key).cmd("HGETALL").arg(&client_key);
+        let mut conn = self.conn.clone();
+        let (key_fields, client_fields): (HashMap<Vec<u8>, Vec<u8>>, HashMap<Vec<u8>, Vec<u8>>) =
+            self.run("HGETALL", &record_key, pipe.query_async(&mut conn)).await?;
+        if key_fields.is_empty() {
+            return Ok(None);
+        }
+        let key = decode(&record_key, &key_fields)?;
+        if key.client() != client || key.secret_hash != *hash {
+            return Err(StoreError::Corrupt {
+                what: format!("redis key `{record_key}`"),
+                why: "field `id` or `secret_hash` disagrees with the key's name".to_owned(),
+            });
+        }
+        let client = decode_client_checked(&client_key, client, &client_fields)?;
+        Ok(Some(Found { key, client }))
+    }
+
+    async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        if !valid_client(id) {
+            return Ok(None);
+        }
+        let client_key = self.names.client(id);
+        let mut conn = self.conn.clone();
+        let fields: HashMap<Vec<u8>, Vec<u8>> = self
+            .run("HGETALL", &client_key, redis::cmd("HGETALL").arg(&client_key).query_async(&mut conn))
+            .await?;
+        decode_client_checked(&client_key, id, &fields)
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+        let clients_key = self.names.clients();
+        let mut conn = self.conn.clone();
+        let mut clients: Vec<String> = self
+            .run("SMEMBERS", &clients_key, redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn))
+            .await?;
+        clients.retain(|c| valid_client(c));
+        clients.sort();
+        if clients.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One pipeline for every client: two round trips in all, whatever
+        // the number of clients (paging is for later, see issue 19).
+        let client_keys: Vec<String> = clients.iter().map(|c| self.names.client(c)).collect();
+        let mut pipe = redis::pipe();
+        for client_key in &client_keys {
+            pipe.cmd("HGETALL").arg(client_key);
+        }
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
+            self.run("HGETALL", &clients_key, pipe.query_async(&mut conn)).await?;
+        let mut records = Vec::new();
+        for ((client, client_key), fields) in clients.iter().zip(&client_keys).zip(&all_fields) {
+            records.extend(decode_client_checked(client_key, client, fields)?);
+        }
+        Ok(records)
+    }
+
+    async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+        match self.write_client(&scripts::INSERT_CLIENT, "client insert script", record).await? {
+            1 => Ok(()),
+            _ => Err(StoreError::ClientExists(record.id.clone())),
+        }
+    }
+
+    async fn update_client(&self, record: &ClientRecord) -> Result<(), StoreError> {
+        match self.write_client(&scripts::UPDATE_CLIENT, "client update script", record).await? {
+            1 => Ok(()),
+            _ => Err(StoreError::ClientNotFound(record.id.clone())),
+        }
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
         self.invalidations.subscribe()
     }
@@ -474,6 +599,10 @@ impl KeyNames {
         format!("{}clients", self.prefix)
     }
 
+    fn client(&self, client: &str) -> String {
+        format!("{}{{{client}}}:client", self.prefix)
+    }
+
     fn channel(&self) -> String {
         format!("{}invalidate", self.prefix)
     }
@@ -513,6 +642,34 @@ mod scripts {
             redis.call('HSET', KEYS[1], unpack(ARGV, 4))
             redis.call('SADD', KEYS[3], ARGV[2])
             redis.call('PUBLISH', ARGV[3], ARGV[1])
+            return 1
+            ",
+        )
+    });
+
+    /// Client writes. KEYS: the client's record hash. ARGV: invalidation
+    /// channel, message, then field/value pairs. 1 = written, 0 = refused
+    /// (insert: a record exists; update: none does). A new record also
+    /// announces itself: keys cached before it carry no client record.
+    pub(super) static INSERT_CLIENT: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+            if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+            redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+            redis.call('PUBLISH', ARGV[1], ARGV[2])
+            return 1
+            ",
+        )
+    });
+
+    /// `DEL` first so fields that became empty vanish, as for keys.
+    pub(super) static UPDATE_CLIENT: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r"
+            if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+            redis.call('DEL', KEYS[1])
+            redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+            redis.call('PUBLISH', ARGV[1], ARGV[2])
             return 1
             ",
         )
@@ -570,6 +727,52 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
         rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
     };
     Ok(KeyRecord { id, secret_hash, meta })
+}
+
+/// A client record as hash fields. `None` fields are left out.
+fn encode_client(record: &ClientRecord) -> Vec<(&'static str, String)> {
+    let meta = &record.meta;
+    let mut fields = vec![
+        ("id", record.id.clone()),
+        ("status", meta.status.as_str().to_owned()),
+        ("created_at", meta.created_at.as_second().to_string()),
+        ("updated_at", meta.updated_at.as_second().to_string()),
+    ];
+    let optional = [
+        ("rate", meta.rate.map(|r| r.to_string())),
+        ("burst", meta.burst.map(|b| b.to_string())),
+        ("quota", meta.quota.map(|q| q.to_string())),
+        ("label", meta.label.clone()),
+    ];
+    fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
+    fields
+}
+
+/// A client record from its hash fields, `None` for an empty hash (no
+/// record). The record's `id` must be the client its key names.
+fn decode_client_checked(
+    redis_key: &str,
+    client: &str,
+    raw: &HashMap<Vec<u8>, Vec<u8>>,
+) -> Result<Option<ClientRecord>, StoreError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let fields = Fields { redis_key, raw };
+    let id = fields.required("id")?;
+    if id != client {
+        return Err(fields.corrupt("id", "differs from the client in the key's name"));
+    }
+    let meta = ClientMeta {
+        rate: fields.parse_optional("rate", str::parse)?,
+        burst: fields.parse_optional("burst", str::parse::<std::num::NonZeroU32>)?,
+        quota: fields.parse_optional("quota", str::parse)?,
+        label: fields.optional("label")?.map(str::to_owned),
+        status: fields.parse("status", str::parse::<KeyStatus>)?,
+        created_at: fields.parse("created_at", unix_seconds)?,
+        updated_at: fields.parse("updated_at", unix_seconds)?,
+    };
+    Ok(Some(ClientRecord { id: id.to_owned(), meta }))
 }
 
 fn unix_seconds(s: &str) -> Result<Timestamp, String> {
@@ -713,13 +916,17 @@ impl Subscriber {
 }
 
 /// A message on the invalidation channel: a hash hex (changed or revoked),
-/// `+` and a hash hex (newly issued), or `*` for everything (operators may
+/// `+` and a hash hex (newly issued), `client:` and a client ID (the
+/// client's record changed), or `*` for everything (operators may
 /// `PUBLISH kg:invalidate '*'`). Anything else is treated as `*`, since
 /// dropping too much from a cache is safe and too little is not.
 fn parse_invalidation(payload: &[u8]) -> Invalidation {
     let text = std::str::from_utf8(payload).unwrap_or("");
     if let Some(hash) = text.strip_prefix('+').and_then(SecretHash::from_hex) {
         return Invalidation::Issued(hash);
+    }
+    if let Some(client) = text.strip_prefix(CLIENT_MESSAGE).filter(|c| valid_client(c)) {
+        return Invalidation::Client(client.to_owned());
     }
     match SecretHash::from_hex(text) {
         Some(hash) => Invalidation::Key(hash),
@@ -809,6 +1016,20 @@ mod tests {
     }
 
     #[test]
+    fn client_records_survive_encoding_and_name_their_client() {
+        let mut meta = ClientMeta::new(Timestamp::from_second(1_764_000_000).unwrap());
+        meta.quota = Some("100000/month".parse().unwrap());
+        meta.label = Some("Acme, gold".into());
+        let record = ClientRecord { id: "acme".into(), meta };
+        let fields = raw(encode_client(&record));
+        assert!(!fields.contains_key(b"rate".as_slice()), "unset fields are absent");
+        assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap(), Some(record));
+        assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &HashMap::new()).unwrap(), None);
+        let err = decode_client_checked("kg:{other}:client", "other", &fields).unwrap_err().to_string();
+        assert!(err.contains("kg:{other}:client") && err.contains("field `id`"), "{err}");
+    }
+
+    #[test]
     fn none_fields_are_left_out() {
         let mut record = record();
         record.meta.label = None;
@@ -836,6 +1057,7 @@ mod tests {
         assert_eq!(names.id("acme", "k1"), "kg:{acme}:id:k1");
         assert_eq!(names.client_keys("acme"), "kg:{acme}:keys");
         assert_eq!(names.clients(), "kg:clients");
+        assert_eq!(names.client("acme"), "kg:{acme}:client");
         assert_eq!(names.channel(), "kg:invalidate");
     }
 
@@ -857,6 +1079,8 @@ mod tests {
         let issued = format!("+{}", hash.to_hex());
         assert_eq!(parse_invalidation(issued.as_bytes()), Invalidation::Issued(hash));
         assert_eq!(parse_invalidation(b"+nothex"), Invalidation::All);
+        assert_eq!(parse_invalidation(b"client:acme-1"), Invalidation::Client("acme-1".into()));
+        assert_eq!(parse_invalidation(b"client:a{b}"), Invalidation::All, "not a client id");
         assert_eq!(parse_invalidation(b"garbage"), Invalidation::All);
     }
 }

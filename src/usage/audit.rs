@@ -1,5 +1,6 @@
-//! The audit trail of key operations: who issued, updated, rotated or
-//! revoked which key, when. A capped Redis stream, `<prefix>audit`, read by
+//! The audit trail of key and client operations: who issued, updated,
+//! rotated or revoked which key, or created, updated or revoked which
+//! client record, when. A capped Redis stream, `<prefix>audit`, read by
 //! `keygate keys audit` (and by anyone with `redis-cli XRANGE`).
 //!
 //! Entries hold IDs and operator names only: never a key or a secret.
@@ -27,6 +28,12 @@ pub enum AuditAction {
     Update,
     Rotate,
     Revoke,
+    #[serde(rename = "client-create")]
+    ClientCreate,
+    #[serde(rename = "client-update")]
+    ClientUpdate,
+    #[serde(rename = "client-revoke")]
+    ClientRevoke,
 }
 
 impl AuditAction {
@@ -36,6 +43,9 @@ impl AuditAction {
             Self::Update => "update",
             Self::Rotate => "rotate",
             Self::Revoke => "revoke",
+            Self::ClientCreate => "client-create",
+            Self::ClientUpdate => "client-update",
+            Self::ClientRevoke => "client-revoke",
         }
     }
 }
@@ -54,21 +64,45 @@ impl FromStr for AuditAction {
             "update" => Ok(Self::Update),
             "rotate" => Ok(Self::Rotate),
             "revoke" => Ok(Self::Revoke),
+            "client-create" => Ok(Self::ClientCreate),
+            "client-update" => Ok(Self::ClientUpdate),
+            "client-revoke" => Ok(Self::ClientRevoke),
             other => Err(format!("unknown audit action `{other}`")),
         }
     }
 }
 
-/// One key operation.
+/// One key or client operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
     /// Who: `cli:<user>` or `admin:<token name>`.
     pub actor: String,
     pub action: AuditAction,
-    pub key_id: KeyId,
+    /// The client acted on, or the client of the key acted on.
+    pub client: String,
+    /// The key acted on; `None` for a client operation.
+    pub key_id: Option<KeyId>,
     pub at: Timestamp,
     /// Free text, e.g. `new key acme.k2, grace 24h`. Never a secret.
     pub detail: String,
+}
+
+impl AuditEntry {
+    /// An entry about one key.
+    pub fn key(actor: String, action: AuditAction, key_id: &KeyId, at: Timestamp, detail: String) -> Self {
+        let client = key_id.client().to_owned();
+        Self { actor, action, client, key_id: Some(key_id.clone()), at, detail }
+    }
+
+    /// An entry about a client's record.
+    pub fn client(actor: String, action: AuditAction, client: &str, at: Timestamp, detail: String) -> Self {
+        Self { actor, action, client: client.to_owned(), key_id: None, at, detail }
+    }
+
+    /// What was acted on, for a table: the key ID, or the client ID.
+    pub fn subject(&self) -> &str {
+        self.key_id.as_ref().map_or(&self.client, KeyId::as_str)
+    }
 }
 
 /// An entry as read back, with its stream ID (`<ms>-<seq>`).
@@ -99,9 +133,9 @@ pub async fn append_audit(
         .arg("action")
         .arg(entry.action.as_str())
         .arg("key_id")
-        .arg(entry.key_id.as_str())
+        .arg(entry.key_id.as_ref().map_or("", KeyId::as_str))
         .arg("client")
-        .arg(entry.key_id.client())
+        .arg(&entry.client)
         .arg("detail")
         .arg(&entry.detail)
         .query_async(conn)
@@ -129,13 +163,22 @@ pub async fn read_audit(
         .into_iter()
         .filter_map(|item| {
             let text = |name: &str| -> Option<String> { item.get::<String>(name) };
-            let key_id: KeyId = text("key_id")?.parse().ok()?;
-            if client.is_some_and(|c| c != key_id.client()) {
+            // A client operation has an empty `key_id` and names its client.
+            let key_id: Option<KeyId> = match text("key_id").unwrap_or_default() {
+                id if id.is_empty() => None,
+                id => Some(id.parse().ok()?),
+            };
+            let subject_client = match &key_id {
+                Some(id) => id.client().to_owned(),
+                None => text("client").filter(|c| !c.is_empty())?,
+            };
+            if client.is_some_and(|c| c != subject_client) {
                 return None;
             }
             let entry = AuditEntry {
                 actor: text("actor")?,
                 action: text("action")?.parse().ok()?,
+                client: subject_client,
                 key_id,
                 at: Timestamp::from_second(text("at")?.parse().ok()?).ok()?,
                 detail: text("detail").unwrap_or_default(),

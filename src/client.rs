@@ -1,0 +1,139 @@
+//! Client records: the customer behind a set of keys, as a record of its own.
+//!
+//! A key ID is `<client>.<kid>`, so every key names its client. A client may
+//! also have a record, holding what is shared by all of its keys: limits and a
+//! quota (applied on top of each key's own, which can only be tighter), a
+//! label, and a status. Revoking the client refuses every one of its keys at
+//! once, without touching the key records. A key whose client has no record
+//! works as it always did (no client limits).
+//!
+//! Operators write a client with the same flags and the same `--meta` syntax
+//! as a key ([`MetaChanges`]); fields that only make sense on a key (scopes,
+//! expiry) are refused with a clear error by [`ClientMeta::apply`].
+
+use std::num::NonZeroU32;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{KeyStatus, MetaChanges, MetaError, Quota, Rate, whole_seconds};
+
+/// A client as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// The client ID as it appears in key strings and key IDs,
+    /// `[A-Za-z0-9-]{1,64}`; safe to log and to show.
+    pub id: String,
+    pub meta: ClientMeta,
+}
+
+/// Everything a store keeps about a client besides its ID.
+///
+/// Later fields (credits) join here and in [`ClientMeta::apply`]; the
+/// destructuring there makes a new [`MetaChanges`] field a compile error
+/// until someone decides whether a client takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientMeta {
+    /// Sustained request rate shared by all the client's keys; `None`: unlimited.
+    pub rate: Option<Rate>,
+    /// Requests allowed at once above the shared rate; defaults to its count.
+    pub burst: Option<NonZeroU32>,
+    /// Requests per window shared by all the client's keys; `None`: no quota.
+    pub quota: Option<Quota>,
+    /// Free text for operators ("Acme Corp, gold plan").
+    pub label: Option<String>,
+    /// `revoked` refuses every key of the client; never set back to active.
+    pub status: KeyStatus,
+    pub created_at: Timestamp,
+    /// When the record was last written (create, update or revoke).
+    pub updated_at: Timestamp,
+}
+
+impl ClientMeta {
+    /// Fresh metadata for a client created now: active, no limits.
+    pub fn new(now: Timestamp) -> Self {
+        let now = whole_seconds(now);
+        Self {
+            rate: None,
+            burst: None,
+            quota: None,
+            label: None,
+            status: KeyStatus::Active,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.status == KeyStatus::Revoked
+    }
+
+    /// Applies key-style changes to a client. Scopes and expiry belong to
+    /// keys: asking for them on a client is refused, naming the field, and
+    /// nothing is applied.
+    pub fn apply(&mut self, changes: MetaChanges) -> Result<(), MetaError> {
+        let MetaChanges { scopes, rate, burst, quota, expires_at, label } = changes;
+        if let Some(scopes) = scopes {
+            return Err(MetaError::new(
+                "scopes",
+                &scopes.join(","),
+                "scopes belong to keys, not to clients; set them on each key (keys issue/update --scopes)",
+            ));
+        }
+        if let Some(at) = expires_at {
+            return Err(MetaError::new(
+                "expires",
+                &at.map_or_else(|| "never".to_owned(), |at| at.to_string()),
+                "expiry belongs to keys, not to clients; to end a client, revoke it (clients revoke)",
+            ));
+        }
+        if let Some(v) = rate {
+            self.rate = v;
+        }
+        if let Some(v) = burst {
+            self.burst = v;
+        }
+        if let Some(v) = quota {
+            self.quota = v;
+        }
+        if let Some(v) = label {
+            self.label = v;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        "2026-11-24T12:00:00.7Z".parse().unwrap()
+    }
+
+    #[test]
+    fn meta_query_means_the_same_for_a_client_as_for_a_key() {
+        let mut meta = ClientMeta::new(now());
+        let changes = MetaChanges::from_query("rate_limit=100&burst=20&quota=10000/day&label=gold", now());
+        meta.apply(changes.unwrap()).unwrap();
+        assert_eq!(meta.rate.unwrap().to_string(), "100/s");
+        assert_eq!(meta.burst.unwrap().get(), 20);
+        assert_eq!(meta.quota.unwrap().to_string(), "10000/day");
+        assert_eq!(meta.label.as_deref(), Some("gold"));
+        assert_eq!(meta.created_at, "2026-11-24T12:00:00Z".parse::<Timestamp>().unwrap(), "whole seconds");
+
+        meta.apply(MetaChanges::from_query("rate=&label=", now()).unwrap()).unwrap();
+        assert_eq!((meta.rate, meta.label), (None, None), "an empty value clears");
+    }
+
+    #[test]
+    fn key_only_fields_are_refused_on_a_client_and_nothing_is_applied() {
+        for (query, field) in [("scope=read&rate=5/s", "scopes"), ("expires=30d&label=x", "expires")] {
+            let mut meta = ClientMeta::new(now());
+            let error = meta.apply(MetaChanges::from_query(query, now()).unwrap()).unwrap_err();
+            assert_eq!(error.field, field, "{query}");
+            assert!(error.why.contains("belong"), "{error}");
+            assert_eq!(meta, ClientMeta::new(now()), "{query}: nothing applied");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Client operations shared by the `keygate clients` CLI and the admin API,
+//! and the JSON view both print.
+//!
+//! Same rules as the key operations beside them: validate, read and write
+//! records, return a typed result or an [`OpsError`]; nothing here prints or
+//! knows about HTTP. A client's changes are written like a key's
+//! ([`MetaChanges`], from flags or `--meta`); key-only fields are refused.
+
+use std::num::NonZeroU32;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use super::OpsError;
+use crate::client::{ClientMeta, ClientRecord};
+use crate::key::{self, KeyId};
+use crate::meta::{KeyStatus, MetaChanges, Quota, Rate, whole_seconds};
+use crate::store::{KeyRecord, KeyStore};
+
+/// A client's record and its keys, as `clients show` presents them.
+#[derive(Debug, Clone)]
+pub struct ClientDetail {
+    pub record: ClientRecord,
+    /// The client's keys, sorted by ID.
+    pub keys: Vec<KeyRecord>,
+}
+
+/// The result of a client revoke.
+#[derive(Debug, Clone)]
+pub struct RevokedClient {
+    pub record: ClientRecord,
+    /// The client was already revoked (the call still succeeded).
+    pub already: bool,
+}
+
+// === Operations ===
+
+/// Creates a record for `id` with `changes` applied. The client may already
+/// have keys (they get the client's limits from now on); it must not have a
+/// record yet.
+pub async fn create(
+    store: &dyn KeyStore,
+    id: &str,
+    changes: MetaChanges,
+    now: Timestamp,
+) -> Result<ClientRecord, OpsError> {
+    validate_id(id)?;
+    let mut meta = ClientMeta::new(now);
+    meta.apply(changes)?;
+    check_meta(&meta)?;
+    let record = ClientRecord { id: id.to_owned(), meta };
+    store.insert_client(&record).await?;
+    Ok(record)
+}
+
+/// Every client record, sorted by ID.
+pub async fn list(store: &dyn KeyStore) -> Result<Vec<ClientRecord>, OpsError> {
+    Ok(store.list_clients().await?)
+}
+
+/// The client's record and its keys.
+pub async fn show(store: &dyn KeyStore, id: &str) -> Result<ClientDetail, OpsError> {
+    let record = get(store, id).await?;
+    let keys = store.list(Some(id)).await?;
+    Ok(ClientDetail { record, keys })
+}
+
+/// Applies `changes` to a client's record.
+pub async fn update(
+    store: &dyn KeyStore,
+    id: &str,
+    changes: MetaChanges,
+    now: Timestamp,
+) -> Result<ClientRecord, OpsError> {
+    let mut record = get(store, id).await?;
+    record.meta.apply(changes)?;
+    check_meta(&record.meta)?;
+    record.meta.updated_at = whole_seconds(now);
+    store.update_client(&record).await?;
+    Ok(record)
+}
+
+/// Revokes a client: every one of its keys is refused from now on, on every
+/// gateway, and no key can be issued for it. The key records are left as
+/// they are (the client's status is what refuses them).
+///
+/// Idempotent, as a key revoke is: revoking again rewrites the record and
+/// so re-announces the invalidation.
+pub async fn revoke(store: &dyn KeyStore, id: &str, now: Timestamp) -> Result<RevokedClient, OpsError> {
+    let mut record = get(store, id).await?;
+    let already = record.meta.is_revoked();
+    if !already {
+        record.meta.status = KeyStatus::Revoked;
+        record.meta.updated_at = whole_seconds(now);
+    }
+    store.update_client(&record).await?;
+    Ok(RevokedClient { record, already })
+}
+
+/// Refuses a new key (issue, rotate) for a revoked client. A client
+/// without a record is fine: it works as clients always did.
+pub(super) async fn check_may_have_new_keys(store: &dyn KeyStore, id: &str) -> Result<(), OpsError> {
+    match store.get_client(id).await? {
+        Some(record) if record.meta.is_revoked() => Err(OpsError::ClientRevoked(id.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+async fn get(store: &dyn KeyStore, id: &str) -> Result<ClientRecord, OpsError> {
+    validate_id(id)?;
+    store.get_client(id).await?.ok_or_else(|| OpsError::ClientNotFound(id.to_owned()))
+}
+
+fn validate_id(id: &str) -> Result<(), OpsError> {
+    key::validate_client_id(id).map_err(|e| OpsError::invalid("client", e.to_string()))
+}
+
+/// Rules on the resulting metadata as a whole (as for keys).
+fn check_meta(meta: &ClientMeta) -> Result<(), OpsError> {
+    if meta.burst.is_some() && meta.rate.is_none() {
+        return Err(OpsError::invalid("burst", "a burst needs a rate (set --rate too)"));
+    }
+    Ok(())
+}
+
+// === Output ===
+
+/// A client as printed by `clients ... --json` and answered by the admin
+/// API. Absent optional fields print as `null`, so scripts see a fixed set
+/// of fields; `keys` is there only where the keys were asked for (`show`).
+#[derive(Debug, Serialize)]
+pub struct ClientView<'a> {
+    pub id: &'a str,
+    pub rate: Option<Rate>,
+    pub burst: Option<NonZeroU32>,
+    pub quota: Option<Quota>,
+    pub label: Option<&'a str>,
+    pub status: KeyStatus,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<ClientKeyView<'a>>>,
+}
+
+/// One key in a client's view: enough to pick it out, never its hash.
+#[derive(Debug, Serialize)]
+pub struct ClientKeyView<'a> {
+    pub id: &'a KeyId,
+    /// The key's own status; a revoked client refuses its keys whatever this says.
+    pub status: KeyStatus,
+    pub expires_at: Option<Timestamp>,
+    pub label: Option<&'a str>,
+}
+
+impl<'a> ClientView<'a> {
+    pub fn new(record: &'a ClientRecord) -> Self {
+        let meta = &record.meta;
+        Self {
+            id: &record.id,
+            rate: meta.rate,
+            burst: meta.burst,
+            quota: meta.quota,
+            label: meta.label.as_deref(),
+            status: meta.status,
+            created_at: meta.created_at,
+            updated_at: meta.updated_at,
+            keys: None,
+        }
+    }
+
+    /// The view with the client's keys listed.
+    pub fn with_keys(detail: &'a ClientDetail) -> Self {
+        let keys = detail
+            .keys
+            .iter()
+            .map(|k| ClientKeyView {
+                id: &k.id,
+                status: k.meta.status,
+                expires_at: k.meta.expires_at,
+                label: k.meta.label.as_deref(),
+            })
+            .collect();
+        Self { keys: Some(keys), ..Self::new(&detail.record) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_store::MemStore;
+    use super::*;
+    use crate::key::DEFAULT_PREFIX as P;
+    use crate::store::Invalidation;
+
+    fn now() -> Timestamp {
+        "2026-11-24T12:00:00Z".parse().unwrap()
+    }
+
+    fn changes(query: &str) -> MetaChanges {
+        MetaChanges::from_query(query, now()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_show_update_and_list() {
+        let store = MemStore::new();
+        let created = create(&store, "acme", changes("quota=1000/day&label=gold"), now()).await.unwrap();
+        assert_eq!(created.meta.quota.unwrap().to_string(), "1000/day");
+        assert_eq!(store.get_client("acme").await.unwrap(), Some(created.clone()));
+
+        let key = super::super::issue(&store, P, "acme", MetaChanges::default(), now()).await.unwrap();
+        let detail = show(&store, "acme").await.unwrap();
+        assert_eq!(detail.keys, vec![key.record.clone()]);
+
+        let later = now() + jiff::SignedDuration::from_hours(1);
+        let updated = update(&store, "acme", changes("rate=10/s&label="), later).await.unwrap();
+        assert_eq!(updated.meta.rate.unwrap().to_string(), "10/s");
+        assert_eq!(updated.meta.label, None);
+        assert_eq!(updated.meta.quota, created.meta.quota, "untouched");
+        assert_eq!((updated.meta.created_at, updated.meta.updated_at), (now(), later));
+
+        create(&store, "beta", MetaChanges::default(), now()).await.unwrap();
+        let ids: Vec<String> = list(&store).await.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, ["acme", "beta"]);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
+        let store = MemStore::new();
+        let field = |r: Result<ClientRecord, OpsError>| match r {
+            Err(OpsError::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert_eq!(field(create(&store, "a.b", MetaChanges::default(), now()).await), "client");
+        assert_eq!(field(create(&store, "_anonymous", MetaChanges::default(), now()).await), "client");
+        assert_eq!(field(create(&store, "c", changes("scope=read"), now()).await), "scopes");
+        assert_eq!(field(create(&store, "c", changes("expires=30d"), now()).await), "expires");
+        assert_eq!(field(create(&store, "c", changes("burst=5"), now()).await), "burst");
+        assert!(store.list_clients().await.unwrap().is_empty());
+
+        create(&store, "c", MetaChanges::default(), now()).await.unwrap();
+        let err = create(&store, "c", MetaChanges::default(), now()).await.unwrap_err();
+        assert!(matches!(err, OpsError::ClientExists(ref id) if id == "c"), "{err:?}");
+        for err in [
+            update(&store, "nobody", changes("label=x"), now()).await.unwrap_err(),
+            revoke(&store, "nobody", now()).await.unwrap_err(),
+            show(&store, "nobody").await.map(drop).unwrap_err(),
+        ] {
+            assert_eq!(err.to_string(), "no client record for nobody", "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn revoke_announces_is_idempotent_and_stops_new_keys() {
+        let store = MemStore::new();
+        let old = super::super::issue(&store, P, "acme", MetaChanges::default(), now()).await.unwrap();
+        create(&store, "acme", MetaChanges::default(), now()).await.unwrap();
+        let mut events = store.subscribe();
+        let first = revoke(&store, "acme", now()).await.unwrap();
+        assert!(!first.already && first.record.meta.is_revoked());
+        assert_eq!(events.try_recv().unwrap(), Invalidation::Client("acme".into()));
+        assert!(revoke(&store, "acme", now()).await.unwrap().already);
+
+        let err = super::super::issue(&store, P, "acme", MetaChanges::default(), now()).await.unwrap_err();
+        assert!(matches!(err, OpsError::ClientRevoked(ref id) if id == "acme"), "{err:?}");
+        let grace = std::time::Duration::from_secs(60);
+        let err = super::super::rotate(&store, &old.record.id, grace, P, now()).await.unwrap_err();
+        assert!(matches!(err, OpsError::ClientRevoked(_)), "{err:?}");
+        super::super::issue(&store, P, "other", MetaChanges::default(), now()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_view_lists_keys_only_when_asked_and_never_a_hash() {
+        let store = MemStore::new();
+        create(&store, "acme", changes("quota=5/day"), now()).await.unwrap();
+        let key = super::super::issue(&store, P, "acme", MetaChanges::default(), now()).await.unwrap();
+        let detail = show(&store, "acme").await.unwrap();
+        let plain = serde_json::to_value(ClientView::new(&detail.record)).unwrap();
+        assert!(plain.get("keys").is_none());
+        assert_eq!(plain["quota"], "5/day");
+        assert_eq!(plain["rate"], serde_json::Value::Null);
+        let full = serde_json::to_value(ClientView::with_keys(&detail)).unwrap();
+        assert_eq!(full["keys"][0]["id"], key.record.id.as_str());
+        assert_eq!(full["keys"][0]["status"], "active");
+        assert!(!full.to_string().contains(&key.record.secret_hash.to_hex()));
+    }
+}
