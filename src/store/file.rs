@@ -50,7 +50,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 
 use super::{Invalidation, KeyRecord, KeyStore, StoreError};
 use crate::key::{KeyId, SecretHash};
-use crate::meta::{KeyMeta, KeyStatus, Quota, Rate};
+use crate::meta::{CreditGrant, KeyMeta, KeyStatus, Quota, Rate, Refill};
 
 /// Quiet time after the last change event before reloading: an editor's save
 /// or a `cp` of many files arrives as a burst of events.
@@ -383,12 +383,30 @@ struct KeyFile {
     created_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotated_at: Option<Timestamp>,
+    /// Usage credits granted (the count left is kept apart, in
+    /// `.credits/`, so spending does not rewrite this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_refill: Option<Refill>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_granted_at: Option<Timestamp>,
 }
 
 impl From<&KeyRecord> for KeyFile {
     fn from(r: &KeyRecord) -> Self {
-        let KeyMeta { scopes, rate, burst, quota, expires_at, label, status, created_at, rotated_at } =
-            r.meta.clone();
+        let KeyMeta {
+            scopes,
+            rate,
+            burst,
+            quota,
+            expires_at,
+            label,
+            status,
+            created_at,
+            rotated_at,
+            credits,
+        } = r.meta.clone();
         Self {
             id: r.id.clone(),
             secret_hash: r.secret_hash,
@@ -401,12 +419,28 @@ impl From<&KeyRecord> for KeyFile {
             status,
             created_at,
             rotated_at,
+            credits: credits.map(|c| c.uses),
+            credits_refill: credits.and_then(|c| c.refill),
+            credits_granted_at: credits.map(|c| c.granted_at),
         }
     }
 }
 
-impl From<KeyFile> for KeyRecord {
-    fn from(f: KeyFile) -> Self {
+impl TryFrom<KeyFile> for KeyRecord {
+    type Error = String;
+    fn try_from(f: KeyFile) -> Result<Self, String> {
+        let credits = match (f.credits, f.credits_refill, f.credits_granted_at) {
+            (Some(uses), refill, granted_at) => Some(CreditGrant {
+                uses,
+                refill,
+                // A hand-written grant without a stamp counts as the oldest one.
+                granted_at: granted_at.unwrap_or(Timestamp::UNIX_EPOCH),
+            }),
+            (None, Some(_), _) => {
+                return Err("`credits_refill` needs `credits` (the uses granted)".to_owned());
+            }
+            (None, None, _) => None,
+        };
         let meta = KeyMeta {
             scopes: f.scopes,
             rate: f.rate,
@@ -417,8 +451,9 @@ impl From<KeyFile> for KeyRecord {
             status: f.status,
             created_at: f.created_at,
             rotated_at: f.rotated_at,
+            credits,
         };
-        Self { id: f.id, secret_hash: f.secret_hash, meta }
+        Ok(Self { id: f.id, secret_hash: f.secret_hash, meta })
     }
 }
 
@@ -446,7 +481,7 @@ fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
     if file.id != *expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
     }
-    Ok(file.into())
+    file.try_into()
 }
 
 fn file_name(id: &KeyId) -> String {

@@ -539,6 +539,9 @@ fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
         ("expires_at", meta.expires_at.map(|t| t.as_second().to_string())),
         ("label", meta.label.clone()),
         ("rotated_at", meta.rotated_at.map(|t| t.as_second().to_string())),
+        ("credits", meta.credits.map(|c| c.uses.to_string())),
+        ("credits_refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
+        ("credits_granted_at", meta.credits.map(|c| c.granted_at.as_millisecond().to_string())),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
     fields
@@ -568,6 +571,14 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
         status: fields.parse("status", str::parse::<KeyStatus>)?,
         created_at: fields.parse("created_at", unix_seconds)?,
         rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
+        credits: match fields.parse_optional("credits", crate::meta::parse_uses)? {
+            None => None,
+            Some(uses) => Some(crate::meta::CreditGrant {
+                uses,
+                refill: fields.parse_optional("credits_refill", str::parse::<crate::meta::Refill>)?,
+                granted_at: fields.parse("credits_granted_at", unix_millis)?,
+            }),
+        },
     };
     Ok(KeyRecord { id, secret_hash, meta })
 }
@@ -575,6 +586,11 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
 fn unix_seconds(s: &str) -> Result<Timestamp, String> {
     let secs: i64 = s.parse().map_err(|_| "expected Unix seconds".to_owned())?;
     Timestamp::from_second(secs).map_err(|e| e.to_string())
+}
+
+fn unix_millis(s: &str) -> Result<Timestamp, String> {
+    let ms: i64 = s.parse().map_err(|_| "expected Unix milliseconds".to_owned())?;
+    Timestamp::from_millisecond(ms).map_err(|e| e.to_string())
 }
 
 /// One record's raw fields, with the Redis key for error messages.
