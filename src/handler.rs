@@ -227,11 +227,12 @@ async fn serve(
         }
     };
 
-    // 7. Tell the client where it stands against its limits.
-    if let Some((_, admission)) = &caller
-        && live.config.limits.headers
-    {
-        limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
+    // 7. Tell the client where it stands against its limits and credits.
+    if let Some((_, admission)) = &caller {
+        if live.config.limits.headers {
+            limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
+        }
+        limit::write_credits_header(response.headers_mut(), admission);
     }
     Ok(response)
 }
