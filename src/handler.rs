@@ -41,6 +41,9 @@ struct Trail {
     route: Option<Arc<RouteConfig>>,
     caller: Option<Arc<Caller>>,
     upstream_latency: Option<std::time::Duration>,
+    /// Usage credits spent at admission (kept when the upstream then fails:
+    /// credits pay for admission, as Unkey's do).
+    credits: u64,
     /// The client's address: the peer's, or behind trusted proxies the one
     /// they forwarded for.
     client_ip: Option<std::net::IpAddr>,
@@ -110,6 +113,7 @@ pub async fn handle(
         status: response.status().as_u16(),
         refusal,
         bytes_in,
+        credits: trail.credits,
         upstream_latency: trail.upstream_latency,
         started,
     };
@@ -177,8 +181,11 @@ async fn serve(
         scope::check(&record.meta.scopes, route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
-        // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
+        // 5. Limits: quota, credits and rate, all or nothing; refusals carry the headers.
         let admission = gateway.limits.admit(&record, route.cost, &live.config.limits).await?;
+        if admission.credits.is_some() {
+            trail.credits = u64::from(route.cost.get());
+        }
 
         caller = Some((record, admission));
     }
@@ -242,6 +249,7 @@ fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Ref
     match refusal {
         crate::usage::Refusal::RateLimited => Some(crate::metrics::Refusal::RateLimited),
         crate::usage::Refusal::QuotaExceeded => Some(crate::metrics::Refusal::QuotaExceeded),
+        crate::usage::Refusal::CreditsExhausted => Some(crate::metrics::Refusal::CreditsExhausted),
         crate::usage::Refusal::Unauthorized | crate::usage::Refusal::Forbidden => None,
     }
 }

@@ -600,6 +600,46 @@ mod tests {
     }
 
     #[test]
+    fn uses_and_refills_parse_and_bad_ones_name_the_field() {
+        assert_eq!(parse_uses("0").unwrap(), 0);
+        assert_eq!(parse_uses("1000").unwrap(), 1000);
+        for bad in ["-1", "x", "1.5", "1000000000000001"] {
+            assert_eq!(parse_uses(bad).unwrap_err().field, "uses", "{bad}");
+        }
+        for (text, printed) in
+            [("1000/month", "1000/month"), ("5/d", "5/day"), ("50/12h", "50/12h"), ("1/1m", "1/min")]
+        {
+            assert_eq!(text.parse::<Refill>().unwrap().to_string(), printed);
+            assert_eq!(printed.parse::<Refill>().unwrap(), text.parse::<Refill>().unwrap());
+        }
+        for bad in ["0/day", "5/30s", "5", "5/fortnight", "5/rolling-1d", "x/day"] {
+            assert_eq!(bad.parse::<Refill>().unwrap_err().field, "refill", "{bad}");
+        }
+    }
+
+    #[test]
+    fn uses_makes_a_new_grant_and_refill_alone_keeps_the_count() {
+        let t0 = now();
+        let one = credits_after(None, Some(Some(10)), None, t0).unwrap();
+        assert_eq!((one.uses, one.refill, one.granted_at), (10, None, t0));
+        // Refill alone: same grant (the count goes on).
+        let refill: Refill = "5/day".parse().unwrap();
+        let two = credits_after(Some(one), None, Some(Some(refill)), t0).unwrap();
+        assert_eq!((two.uses, two.refill, two.granted_at), (10, Some(refill), t0));
+        // The same uses again, even in the same millisecond: a newer grant.
+        let three = credits_after(Some(two), Some(Some(10)), None, t0).unwrap();
+        assert!(three.granted_at > two.granted_at);
+        assert_eq!(three.refill, Some(refill), "kept");
+        assert_eq!(credits_after(Some(three), Some(None), None, t0), None, "--uses none");
+        // A refill on a key without credits grants its amount.
+        let four = credits_after(None, None, Some(Some(refill)), t0).unwrap();
+        assert_eq!(four.uses, 5);
+        let query = MetaChanges::from_query("uses=7&refill=7/month", t0).unwrap();
+        assert_eq!(query.uses, Some(Some(7)));
+        assert_eq!(MetaChanges::from_query("uses=", t0).unwrap().uses, Some(None));
+    }
+
+    #[test]
     fn rates_parse_and_print_round_trip() {
         for (text, count, secs, printed) in [
             ("100/s", 100, 1, "100/s"),

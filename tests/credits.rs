@@ -170,6 +170,32 @@ async fn a_route_of_cost_five_spends_five_credits_and_the_header_counts_down() {
 }
 
 #[tokio::test]
+async fn usage_counts_the_credits_spent_and_the_credits_refusals() {
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, "").replace("[usage]\nenabled = false", "[usage]\nenabled = true");
+    let gateway = TestGateway::start(&config).await;
+    let recorder = gateway.gateway.usage.clone().expect("usage is on");
+    let (key, _) = issue(&gateway, "uses=11").await;
+    assert_eq!(call(&gateway, &key, "/costly/x").await.status, 200);
+    assert_eq!(call(&gateway, &key, "/costly/x").await.status, 200);
+    assert_eq!(call(&gateway, &key, "/costly/x").await.status, 429);
+    assert_eq!(call(&gateway, &key, "/x").await.status, 200);
+    // Each request is recorded when its response body ends: wait for all four.
+    let mut total = keygate::usage::Counts::default();
+    common::wait::within(10, "four requests recorded", async {
+        while total.requests < 4 {
+            for series in recorder.drain().values() {
+                total.add(&series.counts());
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(total.credits, 11, "5 + 5 + 1, the refused request spent none");
+    assert_eq!(total.refused_429_credits, 1);
+}
+
+#[tokio::test]
 async fn keys_without_credits_get_no_credits_header() {
     let redis = RedisServer::start();
     let gateway = TestGateway::start(&redis_config(&redis, "")).await;

@@ -596,6 +596,24 @@ mod tests {
     }
 
     #[test]
+    fn credits_round_trip_and_a_refill_without_credits_is_refused() {
+        let mut record = record();
+        record.meta.credits = Some(CreditGrant {
+            uses: 1000,
+            refill: Some("500/day".parse().unwrap()),
+            granted_at: "2026-11-24T00:00:00.123Z".parse().unwrap(),
+        });
+        let text = to_toml(&record).unwrap();
+        assert!(
+            text.contains("credits = 1000\n") && text.contains("credits_refill = \"500/day\"\n"),
+            "{text}"
+        );
+        assert_eq!(from_toml(&text, &record.id).unwrap(), record);
+        let orphan = text.replace("credits = 1000\n", "");
+        assert!(from_toml(&orphan, &record.id).unwrap_err().contains("credits_refill"));
+    }
+
+    #[test]
     fn unknown_fields_and_mismatched_ids_are_refused() {
         let text = to_toml(&record()).unwrap().replace("rate =", "rate_limit =");
         let why = from_toml(&text, &record().id).unwrap_err();

@@ -811,6 +811,11 @@ mod tests {
         meta.rate = Some("100/s".parse().unwrap());
         meta.quota = Some("10000/day".parse().unwrap());
         meta.label = Some("mobile app".into());
+        meta.credits = Some(crate::meta::CreditGrant {
+            uses: 1000,
+            refill: Some("1000/month".parse().unwrap()),
+            granted_at: Timestamp::from_millisecond(1_764_000_000_123).unwrap(),
+        });
         KeyRecord { id: "acme.k1".parse().unwrap(), secret_hash: SecretHash([7; 32]), meta }
     }
 
