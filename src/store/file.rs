@@ -11,7 +11,14 @@
 //! quota = "10000/day"
 //! status = "active"
 //! created_at = "2026-11-24T00:00:00Z"
+//! credits = 1000                 # optional usage credits granted, with
+//! credits_refill = "1000/month"  # an optional refill and the grant's stamp
+//! credits_granted_at = "2026-11-24T00:00:00.123Z"
 //! ```
+//!
+//! The credits *left* are not in the key file (spending would rewrite it and
+//! reload the folder on every request): `limit::credits` keeps them in the
+//! hidden `.credits/` folder beside the keys.
 //!
 //! The whole folder is loaded into memory at [`FileStore::open`]; verification
 //! is a `HashMap` lookup on a snapshot read without locks. Writes go to a
