@@ -20,6 +20,7 @@ fn event(at: Timestamp) -> UsageEvent<'static> {
         refusal: None,
         bytes_in: 512,
         bytes_out: 4096,
+        credits: 0,
         upstream_latency: Some(Duration::from_micros(1800)),
         at,
     }

@@ -35,6 +35,10 @@ pub enum GatewayError {
     RateLimited { retry_after: Duration },
     #[error("quota exceeded")]
     QuotaExceeded { retry_after: Duration },
+    /// The key's usage credits are spent. `retry_after`: until the next
+    /// refill, if the grant has one (without, waiting does not help).
+    #[error("credits exhausted")]
+    CreditsExhausted { remaining: u64, retry_after: Option<Duration> },
     /// The store could not be asked about a key the gateway had not cached.
     #[error("key store unavailable: {0}")]
     StoreUnavailable(String),
@@ -99,6 +103,12 @@ impl GatewayError {
             Self::MissingScope(scope) => format!("this API key lacks the scope `{scope}`"),
             Self::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
             Self::QuotaExceeded { .. } => "quota exhausted for the current window".to_owned(),
+            Self::CreditsExhausted { retry_after: Some(_), .. } => {
+                "this API key's credits are used up until the next refill".to_owned()
+            }
+            Self::CreditsExhausted { retry_after: None, .. } => {
+                "this API key's credits are used up".to_owned()
+            }
             Self::StoreUnavailable(_) => "the key store is unavailable; retry later".to_owned(),
             Self::TooManyAuthFailures { .. } => {
                 "too many failed authentications from this address; retry later".to_owned()
@@ -131,6 +141,7 @@ impl GatewayError {
             Self::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Self::CreditsExhausted { .. } => (StatusCode::TOO_MANY_REQUESTS, "credits_exhausted"),
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::TooManyAuthFailures { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures"),
             Self::LookupsThrottled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_busy"),
@@ -172,7 +183,8 @@ impl GatewayError {
             Self::RateLimited { retry_after }
             | Self::QuotaExceeded { retry_after }
             | Self::TooManyAuthFailures { retry_after }
-            | Self::LookupsThrottled { retry_after } => {
+            | Self::LookupsThrottled { retry_after }
+            | Self::CreditsExhausted { retry_after: Some(retry_after), .. } => {
                 // Round up: retrying after a truncated value would be refused again.
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
@@ -293,6 +305,24 @@ mod tests {
         assert_eq!(status, 429);
         assert_eq!(body["error"], "rate_limited");
         assert_eq!(headers[header::RETRY_AFTER], "2");
+    }
+
+    #[tokio::test]
+    async fn credits_exhausted_is_429_with_retry_after_only_when_a_refill_is_due() {
+        let (status, headers, body) =
+            answer(GatewayError::CreditsExhausted { remaining: 0, retry_after: None }).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"], "credits_exhausted");
+        assert!(!headers.contains_key(header::RETRY_AFTER), "waiting does not bring credits back");
+        let (status, headers, body) = answer(GatewayError::CreditsExhausted {
+            remaining: 2,
+            retry_after: Some(Duration::from_millis(3_600_500)),
+        })
+        .await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"], "credits_exhausted");
+        assert_eq!(headers[header::RETRY_AFTER], "3601");
+        assert!(body["message"].as_str().unwrap().contains("refill"));
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::limit::Limits;
+use crate::limit::credits::Credits;
 use crate::proxy::Upstreams;
 use crate::route::RouteTable;
 use crate::server::limits::ConnectionLimits;
@@ -63,7 +64,8 @@ impl Gateway {
         let verifier = Verifier::new(Arc::clone(&store), &config.keys);
         verifier.spawn_invalidation_listener();
         let redis = store.redis();
-        let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())));
+        let limits = Limits::new(&config.limits, redis.as_ref().map(|r| (r.conn.clone(), r.prefix.as_str())))
+            .with_credits(Credits::for_store(&*store, &config.store));
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         let connections = ConnectionLimits::new(&config.server.edge);
         Arc::new(Self {

@@ -37,6 +37,9 @@ struct Trail {
     route: Option<Arc<RouteConfig>>,
     caller: Option<Arc<Caller>>,
     upstream_latency: Option<std::time::Duration>,
+    /// Usage credits spent at admission (kept when the upstream then fails:
+    /// credits pay for admission, as Unkey's do).
+    credits: u64,
     /// The client's address: the peer's, or behind trusted proxies the one
     /// they forwarded for.
     client_ip: Option<std::net::IpAddr>,
@@ -106,6 +109,7 @@ pub async fn handle(
         status: response.status().as_u16(),
         refusal,
         bytes_in,
+        credits: trail.credits,
         upstream_latency: trail.upstream_latency,
         started,
     };
@@ -173,8 +177,11 @@ async fn serve(
         scope::check(&record.meta.scopes, route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
-        // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
+        // 5. Limits: quota, credits and rate, all or nothing; refusals carry the headers.
         let admission = gateway.limits.admit(&record, route.cost, &live.config.limits).await?;
+        if admission.credits.is_some() {
+            trail.credits = u64::from(route.cost.get());
+        }
 
         caller = Some((record, admission));
     }
@@ -223,11 +230,12 @@ async fn serve(
         }
     };
 
-    // 7. Tell the client where it stands against its limits.
-    if let Some((_, admission)) = &caller
-        && live.config.limits.headers
-    {
-        limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
+    // 7. Tell the client where it stands against its limits and credits.
+    if let Some((_, admission)) = &caller {
+        if live.config.limits.headers {
+            limit::write_headers(response.headers_mut(), admission, live.config.limits.legacy_headers);
+        }
+        limit::write_credits_header(response.headers_mut(), admission);
     }
     Ok(response)
 }
@@ -237,6 +245,7 @@ fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Ref
     match refusal {
         crate::usage::Refusal::RateLimited => Some(crate::metrics::Refusal::RateLimited),
         crate::usage::Refusal::QuotaExceeded => Some(crate::metrics::Refusal::QuotaExceeded),
+        crate::usage::Refusal::CreditsExhausted => Some(crate::metrics::Refusal::CreditsExhausted),
         crate::usage::Refusal::Unauthorized | crate::usage::Refusal::Forbidden => None,
     }
 }

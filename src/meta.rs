@@ -32,6 +32,11 @@ pub struct KeyMeta {
     pub created_at: Timestamp,
     /// When this key was last rotated (it is then the old key, living out its grace).
     pub rotated_at: Option<Timestamp>,
+    /// Usage credits (`--uses 1000`): a number of uses spent by admitted
+    /// requests (the route's cost each), optionally refilled per window.
+    /// `None`: unmetered. The count left lives with the credit authority
+    /// (`limit::credits`), not here.
+    pub credits: Option<CreditGrant>,
 }
 
 impl KeyMeta {
@@ -49,6 +54,7 @@ impl KeyMeta {
             status: KeyStatus::Active,
             created_at: now,
             rotated_at: None,
+            credits: None,
         }
     }
 
@@ -194,6 +200,117 @@ impl FromStr for Quota {
     }
 }
 
+// === Credits ===
+
+/// A grant of usage credits, as the key's (or client's) record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditGrant {
+    /// Uses granted (`--uses N`); the count starts here.
+    pub uses: u64,
+    /// Optional periodic refill (`--refill 1000/month`).
+    pub refill: Option<Refill>,
+    /// When this grant was given, to the millisecond. It names the grant:
+    /// the authority starts a fresh count when it sees a newer grant (so
+    /// `keys update --uses N` resets the count on every gateway at once), and
+    /// ignores an older one (a gateway whose cache still holds the previous
+    /// record does not undo the reset).
+    pub granted_at: Timestamp,
+}
+
+/// A refill: at the start of every window the count is set to `amount`
+/// (not added to: unused credits do not pile up), e.g. `1000/month`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refill {
+    pub amount: u64,
+    pub window: RefillWindow,
+}
+
+/// When credits are refilled: UTC calendar day or month, or a fixed length
+/// of at least a minute aligned to the Unix epoch (as quota windows are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefillWindow {
+    Day,
+    Month,
+    Every(Duration),
+}
+
+impl RefillWindow {
+    /// The same window, as quotas count them (which share the window arithmetic).
+    pub fn as_quota_window(self) -> QuotaWindow {
+        match self {
+            Self::Day => QuotaWindow::Day,
+            Self::Month => QuotaWindow::Month,
+            Self::Every(length) => QuotaWindow::Every(length),
+        }
+    }
+}
+
+impl fmt::Display for Refill {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.window {
+            RefillWindow::Day => write!(f, "{}/day", self.amount),
+            RefillWindow::Month => write!(f, "{}/month", self.amount),
+            RefillWindow::Every(d) => write!(f, "{}/{}", self.amount, period_to_str(d)),
+        }
+    }
+}
+
+impl FromStr for Refill {
+    type Err = MetaError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| MetaError::new("refill", s, why);
+        let (amount, window) =
+            s.split_once('/').ok_or_else(|| bad("expected AMOUNT/WINDOW, e.g. 1000/month or 100/day"))?;
+        let amount: u64 = amount.trim().parse().map_err(|_| bad("amount must be a whole number"))?;
+        if amount == 0 {
+            return Err(bad("amount must be at least 1"));
+        }
+        check_credit_count("refill", s, amount)?;
+        let window = match window.trim() {
+            "day" | "d" => RefillWindow::Day,
+            "month" | "mo" => RefillWindow::Month,
+            other => RefillWindow::Every(
+                parse_period(other).ok_or_else(|| bad("window must be day, month or a duration like 1h"))?,
+            ),
+        };
+        if let RefillWindow::Every(period) = window
+            && period < Duration::from_secs(60)
+        {
+            return Err(bad("a refill window must be at least a minute"));
+        }
+        Ok(Self { amount, window })
+    }
+}
+
+/// `--uses N`: a whole number of uses (0 is allowed: a key that starts
+/// empty and waits for its refill).
+pub fn parse_uses(value: &str) -> Result<u64, MetaError> {
+    let uses = value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| MetaError::new("uses", value, "must be a whole number (0 or more)"))?;
+    check_credit_count("uses", value, uses)
+}
+
+/// The largest count of credits: the Redis script counts in Lua numbers
+/// (doubles), exact to 2^53; 10^15 leaves room for any cost on top.
+pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
+
+fn check_credit_count(field: &str, value: &str, count: u64) -> Result<u64, MetaError> {
+    if count > MAX_CREDITS {
+        return Err(MetaError::new(field, value, "at most 10^15 (1000000000000000)"));
+    }
+    Ok(count)
+}
+
+/// A stamp for a new grant: now to the millisecond, and always after
+/// `previous` (two updates within one millisecond still name two grants).
+pub fn grant_stamp(now: Timestamp, previous: Option<Timestamp>) -> Timestamp {
+    let ms = now.as_millisecond();
+    let ms = previous.map_or(ms, |p| ms.max(p.as_millisecond().saturating_add(1)));
+    Timestamp::from_millisecond(ms).unwrap_or(now)
+}
+
 fn parse_period(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -251,6 +368,7 @@ macro_rules! serde_as_text {
 }
 serde_as_text!(Rate);
 serde_as_text!(Quota);
+serde_as_text!(Refill);
 
 // === Changes ===
 
@@ -264,6 +382,10 @@ pub struct MetaChanges {
     pub quota: Option<Option<Quota>>,
     pub expires_at: Option<Option<Timestamp>>,
     pub label: Option<Option<String>>,
+    /// `--uses N` (a new grant: the count starts again at N) or `none`.
+    pub uses: Option<Option<u64>>,
+    /// `--refill N/WINDOW` or `none`; keeps the current count.
+    pub refill: Option<Option<Refill>>,
 }
 
 impl MetaChanges {
@@ -271,7 +393,8 @@ impl MetaChanges {
     ///
     /// Accepted names: `scope`/`scopes` (comma-separated), `rate_limit`/`rate`,
     /// `burst`, `quota`, `expires`/`expires_at` (RFC 3339 or a duration from
-    /// `now` like `30d`), `label`. An empty value clears an optional field.
+    /// `now` like `30d`), `label`, `uses`, `refill`. An empty value clears an
+    /// optional field.
     pub fn from_query(query: &str, now: Timestamp) -> Result<Self, MetaError> {
         let mut changes = Self::default();
         let mut seen: Vec<&str> = Vec::new();
@@ -307,11 +430,13 @@ impl MetaChanges {
                     changes.expires_at = Some(optional(value, |v| parse_expiry(v, now))?)
                 }
                 "label" => changes.label = Some((!value.is_empty()).then(|| value.to_owned())),
+                "uses" => changes.uses = Some(optional(value, parse_uses)?),
+                "refill" => changes.refill = Some(optional(value, str::parse)?),
                 other => {
                     return Err(MetaError::new(
                         other,
                         value,
-                        "unknown field; known: scope, rate_limit, burst, quota, expires, label",
+                        "unknown field; known: scope, rate_limit, burst, quota, expires, label, uses, refill",
                     ));
                 }
             }
@@ -327,6 +452,8 @@ impl MetaChanges {
         self.quota = other.quota.or(self.quota);
         self.expires_at = other.expires_at.or(self.expires_at);
         self.label = other.label.or(self.label);
+        self.uses = other.uses.or(self.uses);
+        self.refill = other.refill.or(self.refill);
         self
     }
 
@@ -349,6 +476,36 @@ impl MetaChanges {
         if let Some(v) = self.label {
             meta.label = v;
         }
+        meta.credits = credits_after(meta.credits, self.uses, self.refill, Timestamp::now());
+    }
+}
+
+/// A record's credits after `uses` and `refill` changes. `uses` makes a new
+/// grant (stamped `now`: the count restarts); `refill` alone keeps the grant
+/// and its count; a refill on a key without credits grants its amount.
+fn credits_after(
+    current: Option<CreditGrant>,
+    uses: Option<Option<u64>>,
+    refill: Option<Option<Refill>>,
+    now: Timestamp,
+) -> Option<CreditGrant> {
+    let previous = current.map(|c| c.granted_at);
+    match (uses, current) {
+        (Some(None), _) => None,
+        (Some(Some(uses)), current) => Some(CreditGrant {
+            uses,
+            refill: refill.unwrap_or(current.and_then(|c| c.refill)),
+            granted_at: grant_stamp(now, previous),
+        }),
+        (None, Some(current)) => Some(CreditGrant { refill: refill.unwrap_or(current.refill), ..current }),
+        (None, None) => match refill {
+            Some(Some(refill)) => Some(CreditGrant {
+                uses: refill.amount,
+                refill: Some(refill),
+                granted_at: grant_stamp(now, None),
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -440,6 +597,46 @@ mod tests {
 
     fn now() -> Timestamp {
         "2026-11-24T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn uses_and_refills_parse_and_bad_ones_name_the_field() {
+        assert_eq!(parse_uses("0").unwrap(), 0);
+        assert_eq!(parse_uses("1000").unwrap(), 1000);
+        for bad in ["-1", "x", "1.5", "1000000000000001"] {
+            assert_eq!(parse_uses(bad).unwrap_err().field, "uses", "{bad}");
+        }
+        for (text, printed) in
+            [("1000/month", "1000/month"), ("5/d", "5/day"), ("50/12h", "50/12h"), ("1/1m", "1/min")]
+        {
+            assert_eq!(text.parse::<Refill>().unwrap().to_string(), printed);
+            assert_eq!(printed.parse::<Refill>().unwrap(), text.parse::<Refill>().unwrap());
+        }
+        for bad in ["0/day", "5/30s", "5", "5/fortnight", "5/rolling-1d", "x/day"] {
+            assert_eq!(bad.parse::<Refill>().unwrap_err().field, "refill", "{bad}");
+        }
+    }
+
+    #[test]
+    fn uses_makes_a_new_grant_and_refill_alone_keeps_the_count() {
+        let t0 = now();
+        let one = credits_after(None, Some(Some(10)), None, t0).unwrap();
+        assert_eq!((one.uses, one.refill, one.granted_at), (10, None, t0));
+        // Refill alone: same grant (the count goes on).
+        let refill: Refill = "5/day".parse().unwrap();
+        let two = credits_after(Some(one), None, Some(Some(refill)), t0).unwrap();
+        assert_eq!((two.uses, two.refill, two.granted_at), (10, Some(refill), t0));
+        // The same uses again, even in the same millisecond: a newer grant.
+        let three = credits_after(Some(two), Some(Some(10)), None, t0).unwrap();
+        assert!(three.granted_at > two.granted_at);
+        assert_eq!(three.refill, Some(refill), "kept");
+        assert_eq!(credits_after(Some(three), Some(None), None, t0), None, "--uses none");
+        // A refill on a key without credits grants its amount.
+        let four = credits_after(None, None, Some(Some(refill)), t0).unwrap();
+        assert_eq!(four.uses, 5);
+        let query = MetaChanges::from_query("uses=7&refill=7/month", t0).unwrap();
+        assert_eq!(query.uses, Some(Some(7)));
+        assert_eq!(MetaChanges::from_query("uses=", t0).unwrap().uses, Some(None));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Meter {
     pub status: u16,
     pub refusal: Option<usage::Refusal>,
     pub bytes_in: u64,
+    /// Usage credits the request spent at admission.
+    pub credits: u64,
     pub upstream_latency: Option<Duration>,
     pub started: Instant,
 }
@@ -53,6 +55,7 @@ impl Meter {
                 refusal: self.refusal,
                 bytes_in: self.bytes_in,
                 bytes_out,
+                credits: self.credits,
                 upstream_latency: self.upstream_latency,
                 at: jiff::Timestamp::now(),
             });
@@ -67,6 +70,7 @@ pub fn refusal_of(error: &GatewayError) -> Option<usage::Refusal> {
         GatewayError::MissingScope(_) => Some(usage::Refusal::Forbidden),
         GatewayError::RateLimited { .. } => Some(usage::Refusal::RateLimited),
         GatewayError::QuotaExceeded { .. } => Some(usage::Refusal::QuotaExceeded),
+        GatewayError::CreditsExhausted { .. } => Some(usage::Refusal::CreditsExhausted),
         _ => None,
     }
 }

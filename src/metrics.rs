@@ -46,6 +46,7 @@ pub const MAX_ROUTES: usize = 512;
 pub enum Refusal {
     RateLimited,
     QuotaExceeded,
+    CreditsExhausted,
 }
 
 impl Refusal {
@@ -54,6 +55,7 @@ impl Refusal {
         match self {
             Self::RateLimited => "rate_limited",
             Self::QuotaExceeded => "quota_exceeded",
+            Self::CreditsExhausted => "credits_exhausted",
         }
     }
 }
@@ -161,7 +163,11 @@ impl Metrics {
         let redis_latency = latency_histogram();
         registry.register("redis_latency_seconds", "Redis round-trip time", redis_latency.clone());
         let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register("refused", "Requests refused by rate limit or quota, by kind", refusals.clone());
+        registry.register(
+            "refused",
+            "Requests refused by rate limit, quota or credits, by kind",
+            refusals.clone(),
+        );
         let usage_flush_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "usage_flush_lag_seconds",

@@ -264,6 +264,9 @@ fn check_changes(changes: &MetaChanges, now: Timestamp) -> Result<(), OpsError> 
             format!("{at} is not in the future; to end a key now, revoke it"),
         ));
     }
+    if changes.uses == Some(None) && matches!(changes.refill, Some(Some(_))) {
+        return Err(OpsError::invalid("refill", "a refill needs credits, and `--uses none` removes them"));
+    }
     if changes.scopes.as_ref().is_some_and(Vec::is_empty) {
         return Err(OpsError::invalid("scopes", "at least one scope is needed"));
     }

@@ -26,6 +26,7 @@ fn event(client: &str, at: Timestamp) -> UsageEvent<'_> {
         refusal: None,
         bytes_in: 3,
         bytes_out: 10,
+        credits: 0,
         upstream_latency: Some(Duration::from_micros(100)),
         at,
     }

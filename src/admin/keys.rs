@@ -30,7 +30,8 @@ use crate::usage::{AuditAction, AuditEntry};
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Metadata fields `issue` and `update` accept.
-const META_FIELDS: &[&str] = &["scopes", "rate", "burst", "quota", "expires", "expires_at", "label", "meta"];
+const META_FIELDS: &[&str] =
+    &["scopes", "rate", "burst", "quota", "expires", "expires_at", "label", "uses", "refill", "meta"];
 
 /// What a key call needs from the running gateway.
 pub struct KeyCall<'a> {
@@ -40,6 +41,8 @@ pub struct KeyCall<'a> {
     /// Who acts, for the audit log: the admin token's `token_name`.
     pub actor: &'a str,
     pub now: Timestamp,
+    /// Where the keys' remaining credits are read (the gateway's authority).
+    pub credits: &'a crate::limit::credits::Credits,
 }
 
 /// `POST /admin/keys`: `{"client": ID, ...metadata}`; 201 with the key, shown once.
@@ -84,7 +87,12 @@ pub async fn list(call: &KeyCall<'_>, query: Option<&str>) -> Result<Response<Fu
 /// `GET /admin/keys/{id}`.
 pub async fn show(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>>, AdminError> {
     let record = ops::show(call.store, &key_id(id)?).await?;
-    json(StatusCode::OK, &RecordView::new(&record, None, call.now))
+    let view = RecordView::new(&record, None, call.now);
+    let view = match crate::cli::keys::remaining_credits(call.credits, &record).await {
+        Some(remaining) => view.credits_remaining(remaining),
+        None => view,
+    };
+    json(StatusCode::OK, &view)
 }
 
 /// `PATCH /admin/keys/{id}`: metadata changes; answers the updated record.
@@ -188,6 +196,11 @@ pub(super) fn changes(fields: Map<String, Value>, now: Timestamp) -> Result<Meta
                 explicit.burst = Some(clearable::<NonZeroU32>(&name, &value, meta::parse_burst)?);
             }
             "quota" => explicit.quota = Some(clearable(&name, &value, |t| t.parse::<Quota>())?),
+            // `uses` resets the remaining count (a new grant); null removes credits.
+            "uses" => explicit.uses = Some(clearable(&name, &value, meta::parse_uses)?),
+            "refill" => {
+                explicit.refill = Some(clearable(&name, &value, |t| t.parse::<meta::Refill>())?);
+            }
             "expires" | "expires_at" => {
                 if explicit.expires_at.is_some() {
                     return Err(invalid(&name, "give `expires` or `expires_at`, not both"));

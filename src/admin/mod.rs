@@ -275,6 +275,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         prefix: &admin.prefix,
         actor: &actor,
         now: jiff::Timestamp::now(),
+        credits: admin.gateway.limits.credits(),
     };
     let id = id.unwrap_or_default();
     match endpoint {

@@ -23,6 +23,7 @@ use serde::Serialize;
 use redis::aio::ConnectionManager;
 
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
+use crate::limit::credits::{Credits, Owner};
 use crate::meta::{self, KeyStatus, MetaChanges, MetaError, Quota, Rate};
 use crate::ops::{self, OpsError, RevokeTarget};
 use crate::store::{KeyRecord, KeyStore, SharedStore};
@@ -160,6 +161,16 @@ pub struct MetaFlags {
     /// Free text for operators; an empty string removes it.
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
+    /// Usage credits: N uses, each admitted request spending its route's cost;
+    /// at zero requests get 429 credits_exhausted. On `update`, resets the
+    /// remaining count to N (a new grant); `none` removes credits.
+    #[arg(long, value_name = "N", value_parser = uses_flag)]
+    pub uses: Option<Clearable<u64>>,
+    /// Refill the credits to N at the start of every window: N/day, N/month or
+    /// N/DURATION (at least 1min, e.g. 500/12h); keeps the current count on
+    /// `update`; `none` removes it. Without --uses, grants N to start with.
+    #[arg(long, value_name = "N/WINDOW", value_parser = refill_flag)]
+    pub refill: Option<Clearable<meta::Refill>>,
     /// Metadata in query syntax, e.g. "scope=read-write&rate_limit=1000"; explicit flags win.
     #[arg(long, value_name = "QUERY", value_parser = meta_flag)]
     pub meta: Option<MetaQuery>,
@@ -221,6 +232,14 @@ pub(super) fn quota_flag(s: &str) -> Result<Clearable<Quota>, MetaError> {
     clearable(s, str::parse)
 }
 
+fn uses_flag(s: &str) -> Result<Clearable<u64>, MetaError> {
+    clearable(s, meta::parse_uses)
+}
+
+fn refill_flag(s: &str) -> Result<Clearable<meta::Refill>, MetaError> {
+    clearable(s, str::parse)
+}
+
 fn expires_flag(s: &str) -> Result<Expires, MetaError> {
     if s != "never" {
         meta::parse_expiry(s, Timestamp::now())?;
@@ -256,6 +275,8 @@ impl MetaFlags {
             quota: self.quota.map(|Clearable(v)| v),
             expires_at,
             label: self.label.as_ref().map(|l| (!l.is_empty()).then(|| l.clone())),
+            uses: self.uses.map(|Clearable(v)| v),
+            refill: self.refill.map(|Clearable(v)| v),
         };
         Ok(base.merge(flags))
     }
@@ -272,7 +293,7 @@ pub enum CliError {
     Io { what: &'static str, source: io::Error },
     /// `keys update` without a single metadata flag.
     #[error(
-        "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --expires, --label, --meta"
+        "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --expires, --label, --uses, --refill, --meta"
     )]
     NothingToChange,
     #[error("{0}")]
@@ -291,17 +312,20 @@ pub async fn run(
     store: SharedStore,
     prefix: &str,
     redis: Option<RedisExtras>,
+    credits: &Credits,
 ) -> Result<(), CliError> {
     let (mut out, mut err) = (io::stdout(), io::stderr());
-    run_with(cmd, &*store, prefix, redis.as_ref(), Timestamp::now(), &mut out, &mut err).await
+    run_with(cmd, &*store, prefix, redis.as_ref(), credits, Timestamp::now(), &mut out, &mut err).await
 }
 
 /// [`run`] with the clock and the output streams passed in, for tests.
+#[expect(clippy::too_many_arguments, reason = "run's inputs, plus the clock and streams tests pass in")]
 async fn run_with(
     cmd: KeysCommand,
     store: &dyn KeyStore,
     prefix: &str,
     redis: Option<&RedisExtras>,
+    credits: &Credits,
     now: Timestamp,
     out: &mut (impl Write + Send),
     err: &mut (impl Write + Send),
@@ -336,7 +360,8 @@ async fn run_with(
         KeysCommand::Show(args) => {
             let record = ops::show(store, &args.id).await?;
             let used = last_used_of(redis, std::slice::from_ref(&record)).await.get(&record.id).copied();
-            print_record(&record, used, args.json, now, out)?;
+            let remaining = remaining_credits(credits, &record).await;
+            print_record(&record, used, remaining, args.json, now, out)?;
         }
         KeysCommand::Update(args) => {
             let changes = args.meta.changes(now)?;
@@ -345,7 +370,8 @@ async fn run_with(
             }
             let record = ops::update(store, &args.id, changes, now).await?;
             audit(redis, AuditAction::Update, &record.id, summary(&record), now, err).await?;
-            print_record(&record, None, args.json, now, out)?;
+            let remaining = remaining_credits(credits, &record).await;
+            print_record(&record, None, remaining, args.json, now, out)?;
             writeln!(err, "Updated key {}.", record.id).map_err(CliError::write)?;
         }
         KeysCommand::Revoke(args) => {
@@ -432,6 +458,8 @@ fn summary(record: &KeyRecord) -> String {
         ("burst", meta.burst.map(|v| v.to_string())),
         ("quota", meta.quota.map(|v| v.to_string())),
         ("expires", meta.expires_at.map(|v| v.to_string())),
+        ("uses", meta.credits.map(|c| c.uses.to_string())),
+        ("refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
     ];
     parts.extend(optional.into_iter().filter_map(|(name, value)| Some(format!("{name}={}", value?))));
     parts.join(" ")
@@ -495,6 +523,19 @@ pub struct RecordView<'a> {
     rotated_at: Option<Timestamp>,
     /// Approximate time of the last request with this key (Redis store only).
     last_used: Option<Timestamp>,
+    /// Usage credits, `null` for a key without.
+    credits: Option<CreditsView>,
+}
+
+/// A key's credits: what was granted, the refill, and (in `show`) what is
+/// left, read from the credit authority (`null` if it could not be asked).
+#[derive(Serialize)]
+pub struct CreditsView {
+    uses: u64,
+    refill: Option<meta::Refill>,
+    granted_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<Option<u64>>,
 }
 
 impl<'a> RecordView<'a> {
@@ -515,12 +556,39 @@ impl<'a> RecordView<'a> {
             created_at: meta.created_at,
             rotated_at: meta.rotated_at,
             last_used: None,
+            credits: meta.credits.map(|grant| CreditsView {
+                uses: grant.uses,
+                refill: grant.refill,
+                granted_at: grant.granted_at,
+                remaining: None,
+            }),
         }
     }
 
     fn last_used(mut self, at: Option<Timestamp>) -> Self {
         self.last_used = at;
         self
+    }
+
+    /// Adds the credits left (`None`: the authority could not say).
+    pub fn credits_remaining(mut self, remaining: Option<u64>) -> Self {
+        if let Some(view) = &mut self.credits {
+            view.remaining = Some(remaining);
+        }
+        self
+    }
+}
+
+/// The credits `record` has left, if it has credits: `Some(None)` when the
+/// authority cannot be asked (the reason goes to the log).
+pub async fn remaining_credits(credits: &Credits, record: &KeyRecord) -> Option<Option<u64>> {
+    let grant = record.meta.credits?;
+    match credits.remaining(Owner::Key(record.id.as_str()), &grant).await {
+        Ok(remaining) => Some(Some(remaining)),
+        Err(error) => {
+            tracing::warn!(key = %record.id, %error, "cannot read the key's remaining credits");
+            Some(None)
+        }
     }
 }
 
@@ -560,12 +628,18 @@ fn print_json(value: &impl Serialize, out: &mut impl Write) -> Result<(), CliErr
 fn print_record(
     record: &KeyRecord,
     last_used: Option<Timestamp>,
+    remaining: Option<Option<u64>>,
     json: bool,
     now: Timestamp,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     if json {
-        return print_json(&RecordView::new(record, None, now).last_used(last_used), out);
+        let view = RecordView::new(record, None, now).last_used(last_used);
+        let view = match remaining {
+            Some(remaining) => view.credits_remaining(remaining),
+            None => view,
+        };
+        return print_json(&view, out);
     }
     let meta = &record.meta;
     let lines = [
@@ -581,11 +655,26 @@ fn print_record(
         ("created", meta.created_at.to_string()),
         ("rotated", or_dash(meta.rotated_at)),
         ("last use", or_dash(last_used)),
+        ("credits", credits_line(meta.credits, remaining)),
     ];
     for (name, value) in lines {
         writeln!(out, "{name:<8} {value}").map_err(CliError::write)?;
     }
     Ok(())
+}
+
+/// `997 left of 1000, refill 1000/month` (or `-` without credits).
+fn credits_line(grant: Option<meta::CreditGrant>, remaining: Option<Option<u64>>) -> String {
+    let Some(grant) = grant else { return "-".to_owned() };
+    let left = match remaining {
+        Some(Some(n)) => format!("{n} left of {}", grant.uses),
+        Some(None) => format!("? left (unavailable) of {}", grant.uses),
+        None => format!("{} granted", grant.uses),
+    };
+    match grant.refill {
+        Some(refill) => format!("{left}, refill {refill}"),
+        None => left,
+    }
 }
 
 fn print_table(
@@ -672,7 +761,7 @@ mod tests {
     /// Runs a command; returns (stdout, stderr).
     async fn exec(store: &MemStore, cmd: KeysCommand) -> Result<(String, String), CliError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        run_with(cmd, store, P, None, now(), &mut out, &mut err).await?;
+        run_with(cmd, store, P, None, &Credits::memory(), now(), &mut out, &mut err).await?;
         Ok((String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap()))
     }
 
@@ -817,7 +906,8 @@ mod tests {
     fn run_is_send_so_it_can_be_spawned() {
         fn assert_send<T: Send>(_: &T) {}
         let store: SharedStore = std::sync::Arc::new(MemStore::new());
-        let fut = run(cmd("list"), store, P, None);
+        let credits = Credits::memory();
+        let fut = run(cmd("list"), store, P, None, &credits);
         assert_send(&fut);
     }
 }

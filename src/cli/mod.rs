@@ -110,7 +110,8 @@ pub fn main() -> ExitCode {
                     Err(code) => return code,
                 };
                 let redis = key_redis_extras(&config, store_args_redis.as_deref());
-                match keys::run(*command, store, &config.keys.prefix, redis).await {
+                let credits = crate::limit::credits::Credits::for_store(&*store, &config.store);
+                match keys::run(*command, store, &config.keys.prefix, redis, &credits).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("error: {error}");

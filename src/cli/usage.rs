@@ -122,7 +122,7 @@ fn print_json(report: &UsageReport, out: &mut impl Write) -> io::Result<()> {
     writeln!(out)
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; 14] = [
     "BUCKET",
     "CLIENT",
     "REQUESTS",
@@ -133,6 +133,7 @@ const HEADER: [&str; 13] = [
     "401",
     "403",
     "429",
+    "CREDITS",
     "BYTES_IN",
     "BYTES_OUT",
     "AVG_UPSTREAM",
@@ -140,7 +141,7 @@ const HEADER: [&str; 13] = [
 
 /// One row per client and bucket, then a `TOTAL` row (client `*`).
 pub fn print_table(report: &UsageReport, out: &mut impl Write) -> io::Result<()> {
-    let mut rows: Vec<[String; 13]> = Vec::new();
+    let mut rows: Vec<[String; 14]> = Vec::new();
     for client in &report.clients {
         for bucket in &client.buckets {
             rows.push(row(bucket_label(report.by, bucket.start), &client.client, &bucket.counts));
@@ -170,7 +171,7 @@ pub fn print_table(report: &UsageReport, out: &mut impl Write) -> io::Result<()>
     Ok(())
 }
 
-fn row(bucket: String, client: &str, c: &Counts) -> [String; 13] {
+fn row(bucket: String, client: &str, c: &Counts) -> [String; 14] {
     let latency =
         c.mean_latency_us().map_or_else(|| "-".to_owned(), |us| format!("{:.1}ms", us as f64 / 1000.0));
     [
@@ -183,7 +184,8 @@ fn row(bucket: String, client: &str, c: &Counts) -> [String; 13] {
         c.status_5xx.to_string(),
         c.refused_401.to_string(),
         c.refused_403.to_string(),
-        (c.refused_429_rate + c.refused_429_quota).to_string(),
+        (c.refused_429_rate + c.refused_429_quota + c.refused_429_credits).to_string(),
+        c.credits.to_string(),
         c.bytes_in.to_string(),
         c.bytes_out.to_string(),
         latency,

@@ -10,12 +10,14 @@
 //!   Redis token bucket, and the Redis quota authority.
 //! - `quota.rs`: quota windows and exact leasing.
 //! - `outage.rs`: when Redis is unreachable, decide locally for a while.
+//! - `credits.rs`: usage credits, spent exactly (never leased) per request.
 //!
 //! While Redis is unreachable (`fail_open = true`), a quota spends what this
 //! instance leased plus `outage_allowance` of it, then answers 503; a shared
 //! rate limit falls back to a local limiter at `rate / instances`. The bound
 //! this gives is in `docs/limits.md`.
 
+pub mod credits;
 pub mod outage;
 pub mod quota;
 pub mod rate;
@@ -52,6 +54,8 @@ enum Rates {
 pub struct Limits {
     rates: Rates,
     quotas: Quotas,
+    /// Where usage credits are counted (the store's Redis or key folder).
+    credits: credits::Credits,
 }
 
 /// What an admitted request may report in its headers.
@@ -59,6 +63,8 @@ pub struct Limits {
 pub struct Admission {
     pub rate: Option<PolicyState>,
     pub quota: Option<PolicyState>,
+    /// Credits left after this request, for a key with credits.
+    pub credits: Option<u64>,
 }
 
 /// One policy's numbers, as the RateLimit headers give them.
@@ -80,7 +86,8 @@ impl Limits {
     pub fn new(config: &LimitsConfig, redis: Option<(redis::aio::ConnectionManager, &str)>) -> Self {
         let max_keys = config.max_tracked_keys;
         let (rates, authority): (Rates, Arc<dyn QuotaAuthority>) = match redis {
-            Some((conn, prefix)) => {
+            Some((ref conn, prefix)) => {
+                let conn = conn.clone();
                 let keys = LimitKeys::new(prefix);
                 let authority = Arc::new(RedisQuotaAuthority::new(conn.clone(), keys.clone()));
                 let rates = match config.mode {
@@ -97,7 +104,23 @@ impl Limits {
                 Arc::new(ProcessAuthority::default()),
             ),
         };
-        Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys) }
+        let credits = match redis {
+            Some((conn, prefix)) => credits::Credits::redis(conn, prefix),
+            None => credits::Credits::memory(),
+        };
+        Self { rates, quotas: Quotas::new(authority, config.quota_lease, max_keys), credits }
+    }
+
+    /// Where this gateway counts usage credits (`keys show` reads them here).
+    pub fn credits(&self) -> &credits::Credits {
+        &self.credits
+    }
+
+    /// The same limits with credits counted by `credits` (e.g. the file
+    /// store's folder, which [`Limits::new`] does not know).
+    pub fn with_credits(mut self, credits: credits::Credits) -> Self {
+        self.credits = credits;
+        self
     }
 
     /// Admits a request of `cost` units for `record`, or refuses it with 429
@@ -115,6 +138,9 @@ impl Limits {
             let mut headers = HeaderMap::new();
             if live.headers {
                 write_refusal_headers(&mut headers, record, &error, live.legacy_headers);
+            }
+            if let GatewayError::CreditsExhausted { remaining, .. } = &error {
+                headers.insert(CREDITS_REMAINING, HeaderValue::from(*remaining));
             }
             Refusal { error, headers }
         })
@@ -155,7 +181,31 @@ impl Limits {
             }
         }
 
-        // 2. Rate: a refusal returns the quota units taken above.
+        // 2. Credits: spent exactly; a refusal returns the quota units.
+        let mut spent = None;
+        if let Some(grant) = &meta.credits {
+            let owner = credits::Owner::Key(key_id);
+            let refused = match self.credits.take(owner, grant, cost).await {
+                Ok(credits::Take::Taken(taken)) => {
+                    admission.credits = Some(taken.remaining);
+                    spent = Some(taken);
+                    None
+                }
+                Ok(credits::Take::Exhausted { remaining, retry_after }) => {
+                    Some(GatewayError::CreditsExhausted { remaining, retry_after })
+                }
+                // Credits cannot be vouched for: neither spent nor refused.
+                Err(error) => Some(GatewayError::StoreUnavailable(format!("credits: {error}"))),
+            };
+            if let Some(error) = refused {
+                if let Some((quota, now)) = quota {
+                    self.quotas.refund(key_id, quota, cost, now);
+                }
+                return Err(error);
+            }
+        }
+
+        // 3. Rate: a refusal returns the quota units and credits taken above.
         if let Some(rate) = meta.rate {
             let burst = meta.burst.unwrap_or(rate.count);
             let decision = match &self.rates {
@@ -182,11 +232,17 @@ impl Limits {
                     if let Some((quota, now)) = quota {
                         self.quotas.refund(key_id, quota, cost, now);
                     }
+                    if let Some(taken) = &spent {
+                        self.credits.refund(credits::Owner::Key(key_id), taken).await;
+                    }
                     return Err(GatewayError::RateLimited { retry_after });
                 }
                 Err(error) => {
                     if let Some((quota, now)) = quota {
                         self.quotas.refund(key_id, quota, cost, now);
+                    }
+                    if let Some(taken) = &spent {
+                        self.credits.refund(credits::Owner::Key(key_id), taken).await;
                     }
                     return Err(GatewayError::StoreUnavailable(format!("rate limit: {error}")));
                 }
@@ -219,6 +275,18 @@ fn instance_share(rate: Rate, burst: NonZeroU32, instances: NonZeroU32) -> (Rate
 /// panic, so a poisoned lock still holds consistent numbers.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `Keygate-Credits-Remaining: N`: the credits a key has left, on every
+/// admitted response of a key with credits (and `0` on its refusal).
+pub const CREDITS_REMAINING: HeaderName = HeaderName::from_static("keygate-credits-remaining");
+
+/// Writes [`CREDITS_REMAINING`] for a key with credits. Not switched off by
+/// `[limits] headers`: a client spending credits needs its balance.
+pub fn write_credits_header(headers: &mut HeaderMap, admission: &Admission) {
+    if let Some(remaining) = admission.credits {
+        headers.insert(CREDITS_REMAINING, HeaderValue::from(remaining));
+    }
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -335,9 +403,9 @@ fn write_refusal_headers(headers: &mut HeaderMap, record: &KeyRecord, error: &Ga
     let reset_secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
     let state = PolicyState { limit, window_secs, remaining: 0, reset_secs };
     let admission = if name == "rate" {
-        Admission { rate: Some(state), quota: None }
+        Admission { rate: Some(state), quota: None, credits: None }
     } else {
-        Admission { rate: None, quota: Some(state) }
+        Admission { rate: None, quota: Some(state), credits: None }
     };
     write_headers(headers, &admission, legacy);
 }
@@ -352,6 +420,7 @@ mod tests {
         let admission = Admission {
             rate: Some(PolicyState { limit: 10, window_secs: 1, remaining: 7, reset_secs: 1 }),
             quota: Some(PolicyState { limit: 10000, window_secs: 86400, remaining: 9993, reset_secs: 51000 }),
+            credits: None,
         };
         write_headers(&mut headers, &admission, true);
         assert_eq!(headers["ratelimit-policy"], "\"rate\";q=10;w=1, \"quota\";q=10000;w=86400");
@@ -366,6 +435,7 @@ mod tests {
         let admission = Admission {
             rate: Some(PolicyState { limit: 100, window_secs: 60, remaining: 99, reset_secs: 60 }),
             quota: Some(PolicyState { limit: 5, window_secs: 3600, remaining: 0, reset_secs: 1200 }),
+            credits: None,
         };
         write_headers(&mut headers, &admission, true);
         assert_eq!(headers["x-ratelimit-limit"], "5");
@@ -373,7 +443,7 @@ mod tests {
         assert_eq!(headers["x-ratelimit-reset"], "1200");
 
         let mut headers = HeaderMap::new();
-        let admission = Admission { rate: None, quota: admission.quota };
+        let admission = Admission { rate: None, quota: admission.quota, credits: None };
         write_headers(&mut headers, &admission, false);
         assert_eq!(headers["ratelimit-policy"], "\"quota\";q=5;w=3600");
         assert_eq!(headers["ratelimit"], "\"quota\";r=0;t=1200");
@@ -385,7 +455,7 @@ mod tests {
         let max =
             PolicyState { limit: u64::MAX, window_secs: u64::MAX, remaining: u64::MAX, reset_secs: u64::MAX };
         let mut headers = HeaderMap::new();
-        write_headers(&mut headers, &Admission { rate: Some(max), quota: Some(max) }, false);
+        write_headers(&mut headers, &Admission { rate: Some(max), quota: Some(max), credits: None }, false);
         let m = u64::MAX;
         assert_eq!(headers["ratelimit-policy"], format!("\"rate\";q={m};w={m}, \"quota\";q={m};w={m}"));
         assert_eq!(headers["ratelimit"], format!("\"rate\";r={m};t={m}, \"quota\";r={m};t={m}"));

@@ -11,6 +11,9 @@
 //! quota = "10000/day"
 //! status = "active"
 //! created_at = "2026-11-24T00:00:00Z"
+//! credits = 1000                 # optional usage credits granted, with
+//! credits_refill = "1000/month"  # an optional refill and the grant's stamp
+//! credits_granted_at = "2026-11-24T00:00:00.123Z"
 //! ```
 //!
 //! A client's record, if it has one, is `<client>.toml` beside its keys
@@ -24,6 +27,10 @@
 //! created_at = "2026-11-24T00:00:00Z"
 //! updated_at = "2026-11-24T00:00:00Z"
 //! ```
+//!
+//! The credits *left* are not in the key file (spending would rewrite it and
+//! reload the folder on every request): `limit::credits` keeps them in the
+//! hidden `.credits/` folder beside the keys.
 //!
 //! The whole folder is loaded into memory at [`FileStore::open`]; verification
 //! is a `HashMap` lookup on a snapshot read without locks. Writes go to a
@@ -63,7 +70,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
-use crate::meta::{KeyMeta, KeyStatus, Quota, Rate};
+use crate::meta::{CreditGrant, KeyMeta, KeyStatus, Quota, Rate, Refill};
 
 /// Quiet time after the last change event before reloading: an editor's save
 /// or a `cp` of many files arrives as a burst of events.
@@ -461,12 +468,30 @@ struct KeyFile {
     created_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotated_at: Option<Timestamp>,
+    /// Usage credits granted (the count left is kept apart, in
+    /// `.credits/`, so spending does not rewrite this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_refill: Option<Refill>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_granted_at: Option<Timestamp>,
 }
 
 impl From<&KeyRecord> for KeyFile {
     fn from(r: &KeyRecord) -> Self {
-        let KeyMeta { scopes, rate, burst, quota, expires_at, label, status, created_at, rotated_at } =
-            r.meta.clone();
+        let KeyMeta {
+            scopes,
+            rate,
+            burst,
+            quota,
+            expires_at,
+            label,
+            status,
+            created_at,
+            rotated_at,
+            credits,
+        } = r.meta.clone();
         Self {
             id: r.id.clone(),
             secret_hash: r.secret_hash,
@@ -479,12 +504,28 @@ impl From<&KeyRecord> for KeyFile {
             status,
             created_at,
             rotated_at,
+            credits: credits.map(|c| c.uses),
+            credits_refill: credits.and_then(|c| c.refill),
+            credits_granted_at: credits.map(|c| c.granted_at),
         }
     }
 }
 
-impl From<KeyFile> for KeyRecord {
-    fn from(f: KeyFile) -> Self {
+impl TryFrom<KeyFile> for KeyRecord {
+    type Error = String;
+    fn try_from(f: KeyFile) -> Result<Self, String> {
+        let credits = match (f.credits, f.credits_refill, f.credits_granted_at) {
+            (Some(uses), refill, granted_at) => Some(CreditGrant {
+                uses,
+                refill,
+                // A hand-written grant without a stamp counts as the oldest one.
+                granted_at: granted_at.unwrap_or(Timestamp::UNIX_EPOCH),
+            }),
+            (None, Some(_), _) => {
+                return Err("`credits_refill` needs `credits` (the uses granted)".to_owned());
+            }
+            (None, None, _) => None,
+        };
         let meta = KeyMeta {
             scopes: f.scopes,
             rate: f.rate,
@@ -495,8 +536,9 @@ impl From<KeyFile> for KeyRecord {
             status: f.status,
             created_at: f.created_at,
             rotated_at: f.rotated_at,
+            credits,
         };
-        Self { id: f.id, secret_hash: f.secret_hash, meta }
+        Ok(Self { id: f.id, secret_hash: f.secret_hash, meta })
     }
 }
 
@@ -597,7 +639,7 @@ fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
     if file.id != *expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
     }
-    Ok(file.into())
+    file.try_into()
 }
 
 fn file_name(id: &KeyId) -> String {
@@ -735,6 +777,24 @@ mod tests {
         assert!(text.contains("quota = \"10000/day\"\n"), "{text}");
         assert!(!text.contains("[meta]") && !text.contains("burst"), "{text}");
         assert_eq!(from_toml(&text, &record.id).unwrap(), record);
+    }
+
+    #[test]
+    fn credits_round_trip_and_a_refill_without_credits_is_refused() {
+        let mut record = record();
+        record.meta.credits = Some(CreditGrant {
+            uses: 1000,
+            refill: Some("500/day".parse().unwrap()),
+            granted_at: "2026-11-24T00:00:00.123Z".parse().unwrap(),
+        });
+        let text = to_toml(&record).unwrap();
+        assert!(
+            text.contains("credits = 1000\n") && text.contains("credits_refill = \"500/day\"\n"),
+            "{text}"
+        );
+        assert_eq!(from_toml(&text, &record.id).unwrap(), record);
+        let orphan = text.replace("credits = 1000\n", "");
+        assert!(from_toml(&orphan, &record.id).unwrap_err().contains("credits_refill"));
     }
 
     #[test]

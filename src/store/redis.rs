@@ -696,6 +696,9 @@ fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
         ("expires_at", meta.expires_at.map(|t| t.as_second().to_string())),
         ("label", meta.label.clone()),
         ("rotated_at", meta.rotated_at.map(|t| t.as_second().to_string())),
+        ("credits", meta.credits.map(|c| c.uses.to_string())),
+        ("credits_refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
+        ("credits_granted_at", meta.credits.map(|c| c.granted_at.as_millisecond().to_string())),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
     fields
@@ -725,6 +728,14 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
         status: fields.parse("status", str::parse::<KeyStatus>)?,
         created_at: fields.parse("created_at", unix_seconds)?,
         rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
+        credits: match fields.parse_optional("credits", crate::meta::parse_uses)? {
+            None => None,
+            Some(uses) => Some(crate::meta::CreditGrant {
+                uses,
+                refill: fields.parse_optional("credits_refill", str::parse::<crate::meta::Refill>)?,
+                granted_at: fields.parse("credits_granted_at", unix_millis)?,
+            }),
+        },
     };
     Ok(KeyRecord { id, secret_hash, meta })
 }
@@ -778,6 +789,11 @@ fn decode_client_checked(
 fn unix_seconds(s: &str) -> Result<Timestamp, String> {
     let secs: i64 = s.parse().map_err(|_| "expected Unix seconds".to_owned())?;
     Timestamp::from_second(secs).map_err(|e| e.to_string())
+}
+
+fn unix_millis(s: &str) -> Result<Timestamp, String> {
+    let ms: i64 = s.parse().map_err(|_| "expected Unix milliseconds".to_owned())?;
+    Timestamp::from_millisecond(ms).map_err(|e| e.to_string())
 }
 
 /// One record's raw fields, with the Redis key for error messages.
@@ -1002,6 +1018,11 @@ mod tests {
         meta.rate = Some("100/s".parse().unwrap());
         meta.quota = Some("10000/day".parse().unwrap());
         meta.label = Some("mobile app".into());
+        meta.credits = Some(crate::meta::CreditGrant {
+            uses: 1000,
+            refill: Some("1000/month".parse().unwrap()),
+            granted_at: Timestamp::from_millisecond(1_764_000_000_123).unwrap(),
+        });
         KeyRecord { id: "acme.k1".parse().unwrap(), secret_hash: SecretHash([7; 32]), meta }
     }
 

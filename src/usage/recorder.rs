@@ -26,6 +26,8 @@ pub enum Refusal {
     RateLimited,
     /// 429: the key's quota.
     QuotaExceeded,
+    /// 429: the key's usage credits.
+    CreditsExhausted,
 }
 
 /// One finished request, as the handler reports it.
@@ -46,6 +48,8 @@ pub struct UsageEvent<'a> {
     pub refusal: Option<Refusal>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Usage credits this request spent (0 for a key without credits).
+    pub credits: u64,
     /// Time to the upstream's response head; `None` when no upstream answered.
     pub upstream_latency: Option<Duration>,
     /// When the request happened (picks the minute bucket).
@@ -62,12 +66,14 @@ pub struct Series {
     requests: u32,
     /// By status class: 2xx, 3xx, 4xx, 5xx.
     status: [u32; 4],
-    /// The gateway's refusals: 401, 403, 429 rate, 429 quota.
-    refused: [u32; 4],
+    /// The gateway's refusals: 401, 403, 429 rate, 429 quota, 429 credits.
+    refused: [u32; 5],
     upstream_requests: u32,
     bytes_in: u64,
     bytes_out: u64,
     upstream_latency_us: u64,
+    /// Usage credits spent.
+    credits: u64,
     /// Seconds past the series' minute of its latest event (0 to 59).
     last_second: u8,
 }
@@ -85,8 +91,10 @@ impl Series {
                 counts.refused_403,
                 counts.refused_429_rate,
                 counts.refused_429_quota,
+                counts.refused_429_credits,
             ]
             .map(narrow),
+            credits: counts.credits,
             upstream_requests: narrow(counts.upstream_requests),
             bytes_in: counts.bytes_in,
             bytes_out: counts.bytes_out,
@@ -98,7 +106,8 @@ impl Series {
     /// The counters, widened to the form Redis and reports use.
     pub fn counts(&self) -> Counts {
         let [status_2xx, status_3xx, status_4xx, status_5xx] = self.status.map(u64::from);
-        let [refused_401, refused_403, refused_429_rate, refused_429_quota] = self.refused.map(u64::from);
+        let [refused_401, refused_403, refused_429_rate, refused_429_quota, refused_429_credits] =
+            self.refused.map(u64::from);
         Counts {
             requests: u64::from(self.requests),
             status_2xx,
@@ -109,6 +118,8 @@ impl Series {
             refused_403,
             refused_429_rate,
             refused_429_quota,
+            refused_429_credits,
+            credits: self.credits,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             upstream_requests: u64::from(self.upstream_requests),
@@ -138,6 +149,7 @@ impl Series {
         sum(&mut self.upstream_requests, other.upstream_requests);
         self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
         self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+        self.credits = self.credits.saturating_add(other.credits);
         self.upstream_latency_us = self.upstream_latency_us.saturating_add(other.upstream_latency_us);
         self.last_second = self.last_second.max(other.last_second);
     }
@@ -158,7 +170,9 @@ impl Series {
             Some(Refusal::Forbidden) => one(&mut self.refused[1]),
             Some(Refusal::RateLimited) => one(&mut self.refused[2]),
             Some(Refusal::QuotaExceeded) => one(&mut self.refused[3]),
+            Some(Refusal::CreditsExhausted) => one(&mut self.refused[4]),
         }
+        self.credits = self.credits.saturating_add(event.credits);
         self.bytes_in = self.bytes_in.saturating_add(event.bytes_in);
         self.bytes_out = self.bytes_out.saturating_add(event.bytes_out);
         if let Some(latency) = event.upstream_latency {
@@ -438,6 +452,7 @@ mod tests {
             refusal: None,
             bytes_in: 10,
             bytes_out: 100,
+            credits: 0,
             upstream_latency: Some(Duration::from_micros(250)),
             at: "2026-11-24T12:00:30Z".parse().unwrap(),
         }
@@ -497,8 +512,9 @@ mod tests {
 
     #[test]
     fn keys_and_series_are_compact() {
-        // Map entries of 104 bytes plus one small allocation per series.
-        assert_eq!(std::mem::size_of::<SeriesKey>() + std::mem::size_of::<Series>(), 104);
+        // Map entries of 112 bytes plus one small allocation per series
+        // (104 before the credits counters: a refusal count and credits spent).
+        assert_eq!(std::mem::size_of::<SeriesKey>() + std::mem::size_of::<Series>(), 112);
         let key = SeriesKey::new("acme", "k1", "/api:v2", 60);
         assert_eq!((key.client(), key.key_id(), key.route(), key.minute), ("acme", "k1", "/api:v2", 60));
         let empty = SeriesKey::new("", "", "", 0);
@@ -514,6 +530,8 @@ mod tests {
             status_2xx: 5,
             status_4xx: 2,
             refused_429_quota: 1,
+            refused_429_credits: 1,
+            credits: 35,
             bytes_out: u64::MAX,
             upstream_requests: 5,
             upstream_latency_us: 1 << 40,

@@ -148,6 +148,10 @@ pub struct Counts {
     pub refused_429_rate: u64,
     /// Quota exhausted.
     pub refused_429_quota: u64,
+    /// Usage credits exhausted.
+    pub refused_429_credits: u64,
+    /// Usage credits spent by admitted requests (the routes' costs).
+    pub credits: u64,
     /// Request body bytes received from the client.
     pub bytes_in: u64,
     /// Response body bytes sent to the client.
@@ -160,7 +164,7 @@ pub struct Counts {
 
 impl Counts {
     /// The counters with their Redis field names, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 13] {
+    pub fn fields(&self) -> [(&'static str, u64); 15] {
         [
             ("requests", self.requests),
             ("status_2xx", self.status_2xx),
@@ -171,6 +175,8 @@ impl Counts {
             ("refused_403", self.refused_403),
             ("refused_429_rate", self.refused_429_rate),
             ("refused_429_quota", self.refused_429_quota),
+            ("refused_429_credits", self.refused_429_credits),
+            ("credits", self.credits),
             ("bytes_in", self.bytes_in),
             ("bytes_out", self.bytes_out),
             ("upstream_requests", self.upstream_requests),
@@ -191,6 +197,8 @@ impl Counts {
             "refused_403" => &mut self.refused_403,
             "refused_429_rate" => &mut self.refused_429_rate,
             "refused_429_quota" => &mut self.refused_429_quota,
+            "refused_429_credits" => &mut self.refused_429_credits,
+            "credits" => &mut self.credits,
             "bytes_in" => &mut self.bytes_in,
             "bytes_out" => &mut self.bytes_out,
             "upstream_requests" => &mut self.upstream_requests,
@@ -214,6 +222,8 @@ impl Counts {
             refused_403,
             refused_429_rate,
             refused_429_quota,
+            refused_429_credits,
+            credits,
             bytes_in,
             bytes_out,
             upstream_requests,
@@ -229,6 +239,8 @@ impl Counts {
         add(&mut self.refused_403, refused_403);
         add(&mut self.refused_429_rate, refused_429_rate);
         add(&mut self.refused_429_quota, refused_429_quota);
+        add(&mut self.refused_429_credits, refused_429_credits);
+        add(&mut self.credits, credits);
         add(&mut self.bytes_in, bytes_in);
         add(&mut self.bytes_out, bytes_out);
         add(&mut self.upstream_requests, upstream_requests);
