@@ -14,6 +14,7 @@
 //! - [`key`]: the key string format, parsing, generation and hashing.
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
+//! - [`redis_target`]: a Redis URL and its TLS files, checked; every Redis client is built there.
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
 //! - [`meter`]: the last phase: usage and metrics once the response has ended.
@@ -51,6 +52,7 @@ pub mod meter;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;
+pub mod redis_target;
 pub mod reload;
 pub mod route;
 pub mod sanitize;
