@@ -16,9 +16,9 @@ use std::time::Duration;
 use http::{HeaderName, Uri};
 use serde::Deserialize;
 
+pub use crate::redis_target::RedisTls;
 /// A Redis URL with any password replaced, for messages and logs.
 pub use crate::redis_target::redact_url;
-pub use crate::redis_target::RedisTls;
 
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
@@ -951,9 +951,14 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             if raw.url.is_some() {
                 p.push("store.url", "`url` belongs to kind = \"redis\"; the file store uses `dir`");
             }
-            for (field, set) in [("tls_ca", &raw.tls_ca), ("tls_cert", &raw.tls_cert), ("tls_key", &raw.tls_key)] {
+            for (field, set) in
+                [("tls_ca", &raw.tls_ca), ("tls_cert", &raw.tls_cert), ("tls_key", &raw.tls_key)]
+            {
                 if set.is_some() {
-                    p.push(format!("store.{field}"), format!("`{field}` belongs to kind = \"redis\" (rediss://)"));
+                    p.push(
+                        format!("store.{field}"),
+                        format!("`{field}` belongs to kind = \"redis\" (rediss://)"),
+                    );
                 }
             }
             let dir = PathBuf::from(raw.dir.unwrap_or_else(|| "keys".to_owned()));
@@ -1346,7 +1351,8 @@ mod tests {
     #[test]
     fn redis_tls_files_resolve_against_the_config_folder_and_are_checked_by_check() {
         let store = |lines: &str| format!("[store]\nkind = \"redis\"\n{lines}\n{MINIMAL}");
-        let found = problems(&store("url = \"rediss://:hunter2@127.0.0.1:6380\"\ntls_ca = \"certs/redis-ca.pem\""));
+        let found =
+            problems(&store("url = \"rediss://:hunter2@127.0.0.1:6380\"\ntls_ca = \"certs/redis-ca.pem\""));
         assert_eq!((found[0].field.as_str(), found[0].line), ("store.tls_ca", Some(4)), "{found:?}");
         assert!(found[0].message.contains("cannot read /etc/keygate/certs/redis-ca.pem"), "{found:?}");
         assert!(!found[0].message.contains("hunter2"));

@@ -130,7 +130,10 @@ pub fn client(url: &str, tls: &RedisTls) -> Result<redis::Client, TargetError> {
     let info = url.into_connection_info().map_err(|e| {
         TargetError::new(
             Field::Url,
-            scrub(url, format!("`{}` is not a Redis URL: {}", redact_url(url), e.detail().unwrap_or("invalid"))),
+            scrub(
+                url,
+                format!("`{}` is not a Redis URL: {}", redact_url(url), e.detail().unwrap_or("invalid")),
+            ),
         )
     })?;
     let insecure = match info.addr() {
@@ -170,7 +173,10 @@ pub fn client(url: &str, tls: &RedisTls) -> Result<redis::Client, TargetError> {
         (None, None) => None,
         // Named by the field that is there, so the message points at a line.
         (Some(_), None) => {
-            return Err(TargetError::new(Field::Cert, "store.tls_cert needs store.tls_key (its private key)"));
+            return Err(TargetError::new(
+                Field::Cert,
+                "store.tls_cert needs store.tls_key (its private key)",
+            ));
         }
         (None, Some(_)) => {
             return Err(TargetError::new(Field::Key, "store.tls_key needs store.tls_cert (its certificate)"));
@@ -191,6 +197,19 @@ pub fn explain(error: &redis::RedisError) -> String {
     let text = error.to_string();
     let hint = tls_hint(&text);
     if hint.is_empty() { text } else { format!("{text} ({hint})") }
+}
+
+/// What a connection attempt that got no answer within `waited` means. A
+/// plain Redis port given a TLS handshake never answers at all (it waits
+/// for the end of an inline command), so over TLS that is the likely cause.
+pub fn no_answer(client: &redis::Client, waited: std::time::Duration) -> String {
+    match client.get_connection_info().addr() {
+        ConnectionAddr::TcpTls { .. } => format!(
+            "no answer within {waited:?} (TLS: a plain Redis port never answers a TLS handshake; is this \
+             the server's tls-port, or a plain port that needs redis://?)"
+        ),
+        _ => format!("no answer within {waited:?}"),
+    }
 }
 
 fn tls_hint(text: &str) -> &'static str {
@@ -255,7 +274,9 @@ pub fn password(url: &str) -> Option<&str> {
         Some(password)
     });
     let query_password = url.split_once('?').and_then(|(_, query)| {
-        query.split('&').find_map(|pair| pair.strip_prefix("pass=").or_else(|| pair.strip_prefix("password=")))
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("pass=").or_else(|| pair.strip_prefix("password=")))
     });
     userinfo_password.or(query_password).filter(|p| !p.is_empty())
 }
@@ -340,7 +361,8 @@ fn certificates(field: Field, path: &Path, pem: &[u8]) -> Result<Vec<Certificate
 
 /// A regular file's contents, at most [`MAX_PEM_BYTES`].
 fn read_pem(field: Field, path: &Path) -> Result<Vec<u8>, TargetError> {
-    let cannot = |why: &dyn fmt::Display| TargetError::new(field, format!("cannot read {}: {why}", path.display()));
+    let cannot =
+        |why: &dyn fmt::Display| TargetError::new(field, format!("cannot read {}: {why}", path.display()));
     // Checked before opening: opening a FIFO would wait for a writer.
     let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
     if !meta.is_file() {
@@ -394,10 +416,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+            let ca =
+                rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
             let leaf_key = rcgen::KeyPair::generate().unwrap();
-            let leaf =
-                rcgen::CertificateParams::new(vec!["client".to_owned()]).unwrap().signed_by(&leaf_key, &*ca).unwrap();
+            let leaf = rcgen::CertificateParams::new(vec!["client".to_owned()])
+                .unwrap()
+                .signed_by(&leaf_key, &*ca)
+                .unwrap();
             let other_key = rcgen::KeyPair::generate().unwrap();
             std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
             std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
@@ -425,7 +450,8 @@ mod tests {
     #[test]
     fn a_ca_and_a_client_identity_build_a_client() {
         let pki = Pki::new();
-        let tls = RedisTls { ca: pki.path("ca.pem"), cert: pki.path("leaf.pem"), key: pki.path("leaf-key.pem") };
+        let tls =
+            RedisTls { ca: pki.path("ca.pem"), cert: pki.path("leaf.pem"), key: pki.path("leaf-key.pem") };
         let built = client(TLS_URL, &tls).unwrap();
         assert!(matches!(built.get_connection_info().addr(), ConnectionAddr::TcpTls { insecure: false, .. }));
         client("redis://127.0.0.1:6379/", &RedisTls::default()).unwrap();
@@ -480,8 +506,12 @@ mod tests {
     fn a_certificate_that_is_not_a_ca_is_refused_as_one() {
         let pki = Pki::new();
         let garbage_der = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        let error = refused(TLS_URL, &RedisTls { ca: pki.write("bad.pem", garbage_der), ..RedisTls::default() });
-        assert!(error.message.contains("certificate 1") && error.message.contains("not usable as a CA"), "{error}");
+        let error =
+            refused(TLS_URL, &RedisTls { ca: pki.write("bad.pem", garbage_der), ..RedisTls::default() });
+        assert!(
+            error.message.contains("certificate 1") && error.message.contains("not usable as a CA"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -493,7 +523,8 @@ mod tests {
         let only_key = RedisTls { ca: ca.clone(), cert: None, key: pki.path("leaf-key.pem") };
         assert_eq!(refused(TLS_URL, &only_key).field, Field::Key);
 
-        let wrong_key = RedisTls { ca: ca.clone(), cert: pki.path("leaf.pem"), key: pki.path("other-key.pem") };
+        let wrong_key =
+            RedisTls { ca: ca.clone(), cert: pki.path("leaf.pem"), key: pki.path("other-key.pem") };
         let error = refused(TLS_URL, &wrong_key);
         assert_eq!(error.field, Field::Key);
         assert!(error.message.contains("not a certificate and its key"), "{error}");
@@ -505,7 +536,9 @@ mod tests {
 
     #[test]
     fn url_errors_never_show_the_password() {
-        for url in ["rediss://:hunter2@/", "rediss://u:hunter2@127.0.0.1:6380/#bogus", "rediss://u:hunter2@0.0.0.0/"] {
+        for url in
+            ["rediss://:hunter2@/", "rediss://u:hunter2@127.0.0.1:6380/#bogus", "rediss://u:hunter2@0.0.0.0/"]
+        {
             let error = refused(url, &RedisTls::default());
             assert_eq!(error.field, Field::Url);
             assert!(!error.message.contains("hunter2"), "{error}");

@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use crate::admin::{self, Admin};
 use crate::config::StoreConfig;
 use crate::config::{Config, ConfigError};
-use crate::redis_target::RedisTls;
 use crate::gateway::Gateway;
+use crate::redis_target::RedisTls;
 use crate::reload::{self, Reloader};
 use crate::server;
 use crate::store::{self, SharedStore};
@@ -187,7 +187,8 @@ fn with_store_overrides(mut config: Config, args: &StoreArgs) -> Result<Config, 
                 .to_owned());
         }
     };
-    for (given, file) in [(&args.redis_ca, &mut tls.ca), (&args.redis_cert, &mut tls.cert), (&args.redis_key, &mut tls.key)]
+    for (given, file) in
+        [(&args.redis_ca, &mut tls.ca), (&args.redis_cert, &mut tls.cert), (&args.redis_key, &mut tls.key)]
     {
         if given.is_some() {
             file.clone_from(given);

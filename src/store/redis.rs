@@ -44,9 +44,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{Invalidation, KeyRecord, KeyStore, StoreError};
-use crate::redis_target::RedisTls;
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{KeyMeta, KeyStatus};
+use crate::redis_target::RedisTls;
 
 /// How many invalidations a slow subscriber may fall behind before it sees
 /// `RecvError::Lagged` (which it must treat like [`Invalidation::All`]).
@@ -170,9 +170,10 @@ impl RedisStore {
         {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(unavailable(format!("cannot connect: {}", crate::redis_target::explain(&e)))),
-            Err(_) => {
-                Err(unavailable(format!("cannot connect: no answer within {:?}", options.call_timeout)))
-            }
+            Err(_) => Err(unavailable(format!(
+                "cannot connect: {}",
+                crate::redis_target::no_answer(&client, options.call_timeout)
+            ))),
         };
         let conn = match connected {
             Ok(conn) => conn,
@@ -677,7 +678,10 @@ impl Subscriber {
         let pubsub = match connect.await {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(e)) => return (false, format!("cannot connect: {}", crate::redis_target::explain(&e))),
-            Err(_) => return (false, "cannot connect: timed out".to_owned()),
+            Err(_) => {
+                let why = crate::redis_target::no_answer(&self.client, self.options.connect_timeout);
+                return (false, format!("cannot connect: {why}"));
+            }
         };
         let (mut sink, mut stream) = pubsub.split();
         match tokio::time::timeout(self.options.response_timeout, sink.subscribe(&self.channel)).await {

@@ -39,7 +39,8 @@ impl TestCa {
         params.distinguished_name.push(DnType::CommonName, format!("keygate test CA {name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert");
+        let issuer =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert");
         std::fs::write(dir.path().join("ca.pem"), issuer.pem()).expect("write ca.pem");
         TestCa { dir, issuer }
     }
@@ -73,8 +74,10 @@ impl TestCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let key = KeyPair::generate().expect("certificate key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign certificate");
-        let issued =
-            Issued { cert: self.dir.path().join(format!("{stem}.pem")), key: self.dir.path().join(format!("{stem}-key.pem")) };
+        let issued = Issued {
+            cert: self.dir.path().join(format!("{stem}.pem")),
+            key: self.dir.path().join(format!("{stem}-key.pem")),
+        };
         std::fs::write(&issued.cert, cert.pem()).expect("write certificate");
         std::fs::write(&issued.key, key.serialize_pem()).expect("write key");
         issued

@@ -100,11 +100,12 @@ impl RedisServer {
         let client = auth_clients.then(|| ca.issue_client("redis-harness"));
         let tls = ServerTls {
             ca: copy(&ca.ca_pem(), "ca.pem"),
-            server: Issued { cert: copy(&server.cert, "server.pem"), key: copy(&server.key, "server-key.pem") },
-            client: client.map(|c| Issued {
-                cert: copy(&c.cert, "harness.pem"),
-                key: copy(&c.key, "harness-key.pem"),
-            }),
+            server: Issued {
+                cert: copy(&server.cert, "server.pem"),
+                key: copy(&server.key, "server-key.pem"),
+            },
+            client: client
+                .map(|c| Issued { cert: copy(&c.cert, "harness.pem"), key: copy(&c.key, "harness-key.pem") }),
         };
         Self::start_in(dir, Some(tls))
     }
