@@ -16,6 +16,10 @@ use std::time::Duration;
 use http::{HeaderName, Uri};
 use serde::Deserialize;
 
+pub use crate::redis_target::RedisTls;
+/// A Redis URL with any password replaced, for messages and logs.
+pub use crate::redis_target::redact_url;
+
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -141,9 +145,9 @@ pub enum StoreConfig {
     /// The embedded store: TOML files in a folder, relative paths resolved
     /// against the config file's folder.
     File { dir: PathBuf },
-    /// Redis (single node): `url` like `redis://127.0.0.1:6379/0`, every Redis
-    /// key under `prefix`.
-    Redis { url: String, prefix: String },
+    /// Redis (single node): `url` like `redis://127.0.0.1:6379/0` (or
+    /// `rediss://` for TLS, with `tls`), every Redis key under `prefix`.
+    Redis { url: String, prefix: String, tls: RedisTls },
 }
 
 #[derive(Debug, Clone)]
@@ -389,6 +393,9 @@ struct RawStore {
     url: Option<String>,
     dir: Option<String>,
     prefix: Option<String>,
+    tls_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -944,6 +951,16 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             if raw.url.is_some() {
                 p.push("store.url", "`url` belongs to kind = \"redis\"; the file store uses `dir`");
             }
+            for (field, set) in
+                [("tls_ca", &raw.tls_ca), ("tls_cert", &raw.tls_cert), ("tls_key", &raw.tls_key)]
+            {
+                if set.is_some() {
+                    p.push(
+                        format!("store.{field}"),
+                        format!("`{field}` belongs to kind = \"redis\" (rediss://)"),
+                    );
+                }
+            }
             let dir = PathBuf::from(raw.dir.unwrap_or_else(|| "keys".to_owned()));
             StoreConfig::File { dir: if dir.is_absolute() { dir } else { base.join(dir) } }
         }
@@ -962,7 +979,21 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             if prefix.contains(['{', '}', ' ']) {
                 p.push("store.prefix", "may not contain braces (reserved for cluster hash tags) or spaces");
             }
-            StoreConfig::Redis { url, prefix }
+            let path = |file: Option<String>| {
+                file.map(|file| {
+                    let file = PathBuf::from(file);
+                    if file.is_absolute() { file } else { base.join(file) }
+                })
+            };
+            let tls = RedisTls { ca: path(raw.tls_ca), cert: path(raw.tls_cert), key: path(raw.tls_key) };
+            // The checks every connection makes (URL, `#insecure`, TLS
+            // files), made now so that `check` and `serve` refuse them first.
+            if p.0.iter().all(|problem| problem.field != "store.url")
+                && let Err(error) = crate::redis_target::client(&url, &tls)
+            {
+                p.push(error.field.config_name(), error.message);
+            }
+            StoreConfig::Redis { url, prefix, tls }
         }
         other => {
             p.push("store.kind", format!("`{other}` is not a store kind; use \"file\" or \"redis\""));
@@ -1220,16 +1251,6 @@ fn check_scopes(p: &mut Problems, at: &str, scopes: &[String]) {
     }
 }
 
-/// A Redis URL with any password replaced, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1325,6 +1346,28 @@ mod tests {
         let text = "[store]\nkind = \"redis\"\nurl = \"http://user:hunter2@host\"\n".to_owned() + MINIMAL;
         let found = problems(&text);
         assert!(!found[0].message.contains("hunter2"), "{}", found[0].message);
+    }
+
+    #[test]
+    fn redis_tls_files_resolve_against_the_config_folder_and_are_checked_by_check() {
+        let store = |lines: &str| format!("[store]\nkind = \"redis\"\n{lines}\n{MINIMAL}");
+        let found =
+            problems(&store("url = \"rediss://:hunter2@127.0.0.1:6380\"\ntls_ca = \"certs/redis-ca.pem\""));
+        assert_eq!((found[0].field.as_str(), found[0].line), ("store.tls_ca", Some(4)), "{found:?}");
+        assert!(found[0].message.contains("cannot read /etc/keygate/certs/redis-ca.pem"), "{found:?}");
+        assert!(!found[0].message.contains("hunter2"));
+
+        let found = problems(&store("url = \"rediss://127.0.0.1:6380/#insecure\""));
+        assert_eq!((found[0].field.as_str(), found[0].line), ("store.url", Some(3)), "{found:?}");
+        assert!(found[0].message.contains("#insecure"), "{found:?}");
+
+        let found = problems(&store("url = \"redis://127.0.0.1:6379\"\ntls_cert = \"/etc/ssl/redis.pem\""));
+        assert_eq!(found[0].field, "store.tls_cert", "{found:?}");
+        assert!(found[0].message.contains("clear"), "{found:?}");
+
+        let found = problems(&format!("[store]\ntls_ca = \"ca.pem\"\n{MINIMAL}"));
+        assert_eq!(found[0].field, "store.tls_ca", "{found:?}");
+        assert!(found[0].message.contains("kind = \"redis\""), "{found:?}");
     }
 
     fn load_admin(text: &str, env: &[(&str, &str)]) -> (Option<AdminConfig>, Vec<ConfigProblem>) {

@@ -16,6 +16,7 @@
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
 //! - [`client`]: client records: limits, quota and status shared by a client's keys.
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
+//! - [`redis_target`]: a Redis URL and its TLS files, checked; every Redis client is built there.
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
 //! - [`meter`]: the last phase: usage and metrics once the response has ended.
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod ops;
 pub mod path;
 pub mod proxy;
+pub mod redis_target;
 pub mod reload;
 pub mod route;
 pub mod sanitize;

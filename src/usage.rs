@@ -67,9 +67,14 @@ pub enum UsageError {
 /// without connecting: the first command connects, so a gateway can start
 /// (and count) while Redis is down. Must run inside a tokio runtime.
 pub fn connect(url: &str) -> Result<ConnectionManager, UsageError> {
-    // The URL may hold a password: the error never repeats it.
-    let client = redis::Client::open(url)
-        .map_err(|e| UsageError::Invalid(format!("invalid Redis URL ({:?})", e.kind())))?;
+    connect_tls(url, &crate::redis_target::RedisTls::default())
+}
+
+/// [`connect`] to a `rediss://` Redis with TLS files (`[store] tls_ca`, ...).
+pub fn connect_tls(url: &str, tls: &crate::redis_target::RedisTls) -> Result<ConnectionManager, UsageError> {
+    // The one constructor of Redis clients; its errors never repeat the
+    // URL's password.
+    let client = crate::redis_target::client(url, tls).map_err(|e| UsageError::Invalid(e.to_string()))?;
     connect_client(client)
 }
 

@@ -20,6 +20,7 @@ use crate::admin::{self, Admin};
 use crate::config::StoreConfig;
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
+use crate::redis_target::RedisTls;
 use crate::reload::{self, Reloader};
 use crate::server;
 use crate::store::{self, SharedStore};
@@ -77,6 +78,16 @@ pub struct StoreArgs {
     /// Use this Redis instead of the config's store.
     #[arg(long = "redis", env = "KEYGATE_REDIS_URL", global = true, value_name = "URL")]
     pub redis: Option<String>,
+    /// CA certificates (PEM) a rediss:// Redis must be signed by, instead of
+    /// the config's store.tls_ca (without either: the system's roots).
+    #[arg(long = "redis-ca", env = "KEYGATE_REDIS_CA", global = true, value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that requires one, instead of store.tls_cert.
+    #[arg(long = "redis-cert", env = "KEYGATE_REDIS_CERT", global = true, value_name = "FILE")]
+    pub redis_cert: Option<PathBuf>,
+    /// Private key (PEM) of --redis-cert, instead of store.tls_key.
+    #[arg(long = "redis-key", env = "KEYGATE_REDIS_KEY", global = true, value_name = "FILE")]
+    pub redis_key: Option<PathBuf>,
 }
 
 /// Exit code for an invalid config or usage, distinct from runtime failures.
@@ -99,17 +110,20 @@ pub fn main() -> ExitCode {
         },
         Command::Serve(args) => serve(&args.config),
         Command::Keys { store, command } => {
-            let store_args_redis = store.redis.clone();
             let config = match store_config(&store) {
                 Ok(config) => config,
                 Err(error) => return invalid_config(&error),
+            };
+            let config = match with_store_overrides(config, &store) {
+                Ok(config) => config,
+                Err(why) => return invalid_usage(&why),
             };
             block_on(async move {
                 let store = match open_store(&config, store.redis.as_deref()).await {
                     Ok(store) => store,
                     Err(code) => return code,
                 };
-                let redis = key_redis_extras(&config, store_args_redis.as_deref());
+                let redis = key_redis_extras(&store);
                 let credits = crate::limit::credits::Credits::for_store(&*store, &config.store);
                 match keys::run(*command, store, &config.keys.prefix, redis, &credits).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -145,32 +159,87 @@ pub fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(error) => return invalid_config(&error),
             };
+            let config = match with_store_overrides(config, &args.store) {
+                Ok(config) => config,
+                Err(why) => return invalid_usage(&why),
+            };
             block_on(usage::run(args, &config))
         }
     }
 }
 
-/// The Redis (URL and key prefix) that usage and the audit trail live in:
-/// `--redis`/`KEYGATE_REDIS_URL`, else the config's Redis store. `None` when
-/// the store is the file store and no Redis is given.
-pub fn redis_target(config: &Config, redis: Option<&str>) -> Option<(String, String)> {
-    let prefix = match &config.store {
-        StoreConfig::Redis { prefix, .. } => prefix.clone(),
-        StoreConfig::File { .. } => store::redis::DEFAULT_PREFIX.to_owned(),
+/// The Redis that usage and the audit trail live in.
+#[derive(Debug)]
+pub struct RedisTarget {
+    pub url: String,
+    pub tls: RedisTls,
+    /// The store's Redis key prefix (`kg:`).
+    pub prefix: String,
+}
+
+/// The Redis (URL, TLS files and key prefix) that usage and the audit trail
+/// live in: `--redis`/`KEYGATE_REDIS_URL`, else the config's Redis store.
+/// `None` when the store is the file store and no Redis is given.
+pub fn redis_target(config: &Config, redis: Option<&str>) -> Option<RedisTarget> {
+    let (prefix, tls) = match &config.store {
+        StoreConfig::Redis { prefix, tls, .. } => (prefix.clone(), tls.clone()),
+        StoreConfig::File { .. } => (store::redis::DEFAULT_PREFIX.to_owned(), RedisTls::default()),
     };
     match (redis, &config.store) {
-        (Some(url), _) => Some((url.to_owned(), prefix)),
-        (None, StoreConfig::Redis { url, .. }) => Some((url.clone(), prefix)),
+        (Some(url), _) => Some(RedisTarget { url: url.to_owned(), tls, prefix }),
+        (None, StoreConfig::Redis { url, .. }) => Some(RedisTarget { url: url.clone(), tls, prefix }),
         (None, StoreConfig::File { .. }) => None,
     }
 }
 
+/// `config` with the command line's Redis overrides in its `[store]`:
+/// `--redis` replaces the URL, `--redis-ca`, `--redis-cert` and
+/// `--redis-key` (or their variables) the TLS files, each on its own; the
+/// config's TLS files apply to a `--redis` URL. The result is checked as
+/// `keygate check` checks a config, so a bad override is refused (exit 2)
+/// before anything connects.
+fn with_store_overrides(mut config: Config, args: &StoreArgs) -> Result<Config, String> {
+    let tls_given = args.redis_ca.is_some() || args.redis_cert.is_some() || args.redis_key.is_some();
+    if args.redis.is_none() && !tls_given {
+        return Ok(config);
+    }
+    let (url, prefix, mut tls) = match (&config.store, &args.redis) {
+        (StoreConfig::Redis { url, prefix, tls }, redis) => {
+            (redis.clone().unwrap_or_else(|| url.clone()), prefix.clone(), tls.clone())
+        }
+        (StoreConfig::File { .. }, Some(url)) => {
+            (url.clone(), store::redis::DEFAULT_PREFIX.to_owned(), RedisTls::default())
+        }
+        (StoreConfig::File { .. }, None) => {
+            return Err("--redis-ca, --redis-cert and --redis-key (KEYGATE_REDIS_CA, KEYGATE_REDIS_CERT, \
+                        KEYGATE_REDIS_KEY) are for a Redis store: give --redis URL, or a config whose \
+                        [store] is kind = \"redis\""
+                .to_owned());
+        }
+    };
+    for (given, file) in
+        [(&args.redis_ca, &mut tls.ca), (&args.redis_cert, &mut tls.cert), (&args.redis_key, &mut tls.key)]
+    {
+        if given.is_some() {
+            file.clone_from(given);
+        }
+    }
+    if let Err(error) = crate::redis_target::client(&url, &tls) {
+        return Err(format!("{} or {}: {}", error.field.flag(), error.field.config_name(), error.message));
+    }
+    config.store = StoreConfig::Redis { url, prefix, tls };
+    Ok(config)
+}
+
 /// The audit trail and `last_used` connection for the key commands, when
-/// the store is Redis. Lazy: connects on first use.
-fn key_redis_extras(config: &Config, redis: Option<&str>) -> Option<keys::RedisExtras> {
-    let (url, prefix) = redis_target(config, redis)?;
-    match crate::usage::connect(&url) {
-        Ok(conn) => Some(keys::RedisExtras { conn, prefix, actor: crate::usage::audit::cli_actor() }),
+/// the store is Redis: a connection of its own to the store's Redis (same
+/// client, so the same TLS set-up). Lazy: connects on first use.
+fn key_redis_extras(store: &SharedStore) -> Option<keys::RedisExtras> {
+    let redis = store.redis()?;
+    match crate::usage::connect_client(redis.client) {
+        Ok(conn) => {
+            Some(keys::RedisExtras { conn, prefix: redis.prefix, actor: crate::usage::audit::cli_actor() })
+        }
         Err(error) => {
             eprintln!("warning: no audit trail: {error}");
             None
@@ -180,6 +249,11 @@ fn key_redis_extras(config: &Config, redis: Option<&str>) -> Option<keys::RedisE
 
 fn invalid_config(error: &ConfigError) -> ExitCode {
     eprintln!("error: {error}");
+    ExitCode::from(EXIT_INVALID_CONFIG)
+}
+
+fn invalid_usage(why: &str) -> ExitCode {
+    eprintln!("error: {why}");
     ExitCode::from(EXIT_INVALID_CONFIG)
 }
 

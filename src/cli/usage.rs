@@ -76,7 +76,7 @@ pub(crate) fn client_flag(s: &str) -> Result<String, String> {
 
 /// Runs `keygate usage`: reads the report from the store's Redis and prints it.
 pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
-    let Some((url, prefix)) = super::redis_target(config, args.store.redis.as_deref()) else {
+    let Some(target) = super::redis_target(config, args.store.redis.as_deref()) else {
         eprintln!(
             "error: usage is kept in Redis; give --redis URL (or KEYGATE_REDIS_URL), or a config whose [store] is Redis"
         );
@@ -91,8 +91,8 @@ pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
         }
     };
     let query = UsageQuery { client: args.client, since, until: now, by: args.by };
-    let report = match usage::connect(&url) {
-        Ok(mut conn) => usage::query(&mut conn, &prefix, &query).await,
+    let report = match usage::connect_tls(&target.url, &target.tls) {
+        Ok(mut conn) => usage::query(&mut conn, &target.prefix, &query).await,
         Err(error) => Err(error),
     };
     let report = match report {

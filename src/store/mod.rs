@@ -169,7 +169,8 @@ pub trait KeyStore: Send + Sync + 'static {
 pub struct RedisHandle {
     pub conn: ::redis::aio::ConnectionManager,
     /// The same Redis, for a part that needs a connection of its own (its
-    /// connection info may hold a password: never log it).
+    /// connection info may hold a password: never log it). Built by
+    /// [`crate::redis_target::client`], so it carries the store's TLS set-up.
     pub client: ::redis::Client,
     pub prefix: String,
 }
@@ -184,8 +185,12 @@ pub type SharedStore = Arc<dyn KeyStore>;
 pub async fn open_for_serving(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
     use crate::config::StoreConfig;
     match config {
-        StoreConfig::Redis { url, prefix } => {
-            let options = redis::RedisStoreOptions { connect_lazily_if_down: true, ..Default::default() };
+        StoreConfig::Redis { url, prefix, tls } => {
+            let options = redis::RedisStoreOptions {
+                connect_lazily_if_down: true,
+                tls: tls.clone(),
+                ..Default::default()
+            };
             Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options).await?))
         }
         StoreConfig::File { .. } => open(config, None).await,
@@ -194,22 +199,25 @@ pub async fn open_for_serving(config: &crate::config::StoreConfig) -> Result<Sha
 
 /// Opens the store a config names: the file store's folder, or a Redis
 /// connection (`redis_url` overrides the config's URL, as `--redis` and
-/// `KEYGATE_REDIS_URL` do).
+/// `KEYGATE_REDIS_URL` do; the config's TLS files still apply to it).
 pub async fn open(
     config: &crate::config::StoreConfig,
     redis_url: Option<&str>,
 ) -> Result<SharedStore, StoreError> {
     use crate::config::StoreConfig;
+    let options = |tls: &crate::redis_target::RedisTls| redis::RedisStoreOptions {
+        tls: tls.clone(),
+        ..Default::default()
+    };
     match (config, redis_url) {
-        (_, Some(url)) => {
-            let prefix = match config {
-                StoreConfig::Redis { prefix, .. } => prefix.as_str(),
-                StoreConfig::File { .. } => redis::DEFAULT_PREFIX,
-            };
-            Ok(Arc::new(redis::RedisStore::connect(url, prefix).await?))
+        (StoreConfig::Redis { prefix, tls, .. }, Some(url)) => {
+            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options(tls)).await?))
         }
-        (StoreConfig::Redis { url, prefix }, None) => {
-            Ok(Arc::new(redis::RedisStore::connect(url, prefix).await?))
+        (StoreConfig::File { .. }, Some(url)) => {
+            Ok(Arc::new(redis::RedisStore::connect(url, redis::DEFAULT_PREFIX).await?))
+        }
+        (StoreConfig::Redis { url, prefix, tls }, None) => {
+            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options(tls)).await?))
         }
         (StoreConfig::File { dir }, None) => {
             // A newcomer who deleted `keys/` gets an empty store, not an error.

@@ -51,6 +51,7 @@ use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{KeyMeta, KeyStatus};
+use crate::redis_target::RedisTls;
 
 /// How many invalidations a slow subscriber may fall behind before it sees
 /// `RecvError::Lagged` (which it must treat like [`Invalidation::All`]).
@@ -87,6 +88,9 @@ pub struct RedisStoreOptions {
     /// answers `Unavailable` until then (`keygate serve`, which must come
     /// up and serve what needs no store even while Redis is down).
     pub connect_lazily_if_down: bool,
+    /// TLS files for a `rediss://` URL (`[store] tls_ca`, ...); none: the
+    /// system's roots, no client certificate.
+    pub tls: RedisTls,
 }
 
 impl Default for RedisStoreOptions {
@@ -100,6 +104,7 @@ impl Default for RedisStoreOptions {
             resubscribe_max_delay: Duration::from_secs(5),
             pubsub_ping_interval: Duration::from_secs(5),
             connect_lazily_if_down: false,
+            tls: RedisTls::default(),
         }
     }
 }
@@ -151,9 +156,10 @@ impl RedisStore {
         options: RedisStoreOptions,
     ) -> Result<RedisStore, StoreError> {
         let redactor = Redactor::from_url(url);
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::Unavailable(redactor.scrub(format!("invalid Redis URL {}: {e}", redactor.url(url))))
-        })?;
+        // The one constructor every Redis connection goes through (URL,
+        // `rediss://` and its TLS files, `#insecure` refused).
+        let client = crate::redis_target::client(url, &options.tls)
+            .map_err(|e| StoreError::Unavailable(redactor.scrub(format!("invalid Redis target: {e}"))))?;
         let addr = client.get_connection_info().addr().to_string();
 
         let config = ConnectionManagerConfig::new()
@@ -171,10 +177,11 @@ impl RedisStore {
         .await
         {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
-            Err(_) => {
-                Err(unavailable(format!("cannot connect: no answer within {:?}", options.call_timeout)))
-            }
+            Ok(Err(e)) => Err(unavailable(format!("cannot connect: {}", crate::redis_target::explain(&e)))),
+            Err(_) => Err(unavailable(format!(
+                "cannot connect: {}",
+                crate::redis_target::no_answer(&client, options.call_timeout)
+            ))),
         };
         let conn = match connected {
             Ok(conn) => conn,
@@ -244,7 +251,7 @@ impl RedisStore {
                 what: format!("redis key `{redis_key}`"),
                 why: "holds a value of the wrong Redis type".to_owned(),
             }),
-            Ok(Err(e)) => Err(self.unavailable(what, e)),
+            Ok(Err(e)) => Err(self.unavailable(what, crate::redis_target::explain(&e))),
             Err(_) => {
                 Err(self.unavailable(what, format!("no answer within {:?}", self.options.call_timeout)))
             }
@@ -889,8 +896,11 @@ impl Subscriber {
         let connect = tokio::time::timeout(self.options.connect_timeout, self.client.get_async_pubsub());
         let pubsub = match connect.await {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => return (false, format!("cannot connect: {e}")),
-            Err(_) => return (false, "cannot connect: timed out".to_owned()),
+            Ok(Err(e)) => return (false, format!("cannot connect: {}", crate::redis_target::explain(&e))),
+            Err(_) => {
+                let why = crate::redis_target::no_answer(&self.client, self.options.connect_timeout);
+                return (false, format!("cannot connect: {why}"));
+            }
         };
         let (mut sink, mut stream) = pubsub.split();
         match tokio::time::timeout(self.options.response_timeout, sink.subscribe(&self.channel)).await {
@@ -976,35 +986,16 @@ impl Redactor {
     /// Finds the password in `redis://user:password@host/...` or in a
     /// `?pass=...` query (the redis crate's Unix-socket form).
     fn from_url(url: &str) -> Self {
-        let userinfo_password = url.split_once("://").and_then(|(_, rest)| {
-            let authority = rest.split(['/', '?']).next().unwrap_or("");
-            let (userinfo, _) = authority.rsplit_once('@')?;
-            let (_, password) = userinfo.split_once(':')?;
-            Some(password)
-        });
-        let query_password = url.split_once('?').and_then(|(_, query)| {
-            query
-                .split('&')
-                .find_map(|pair| pair.strip_prefix("pass=").or_else(|| pair.strip_prefix("password=")))
-        });
-        let password = userinfo_password.or(query_password).filter(|p| !p.is_empty()).map(str::to_owned);
-        Self { password }
-    }
-
-    /// `url` with its password replaced by `***`.
-    fn url(&self, url: &str) -> String {
-        self.scrub(url.to_owned())
+        Self { password: crate::redis_target::password(url).map(str::to_owned) }
     }
 
     /// `text` with every occurrence of the password (raw and percent-decoded)
     /// replaced by `***`.
     fn scrub(&self, text: String) -> String {
-        let Some(password) = &self.password else {
-            return text;
-        };
-        let decoded = percent_encoding::percent_decode_str(password).decode_utf8_lossy().into_owned();
-        let text = text.replace(password.as_str(), "***");
-        if decoded.is_empty() { text } else { text.replace(&decoded, "***") }
+        match &self.password {
+            Some(password) => crate::redis_target::scrub_password(password, text),
+            None => text,
+        }
     }
 }
 
@@ -1085,11 +1076,11 @@ mod tests {
     #[test]
     fn passwords_are_redacted() {
         let r = Redactor::from_url("redis://user:s3cr%40t@db:6380/0");
-        assert_eq!(r.url("redis://user:s3cr%40t@db:6380/0"), "redis://user:***@db:6380/0");
+        assert_eq!(r.scrub("redis://user:s3cr%40t@db:6380/0".into()), "redis://user:***@db:6380/0");
         assert_eq!(r.scrub("auth s3cr@t failed".into()), "auth *** failed");
         let r = Redactor::from_url("redis+unix:///run/redis.sock?db=1&pass=hunter2");
-        assert!(!r.url("redis+unix:///run/redis.sock?db=1&pass=hunter2").contains("hunter2"));
-        assert_eq!(Redactor::from_url("redis://db:6380").url("redis://db:6380"), "redis://db:6380");
+        assert!(!r.scrub("redis+unix:///run/redis.sock?db=1&pass=hunter2".into()).contains("hunter2"));
+        assert_eq!(Redactor::from_url("redis://db:6380").scrub("redis://db:6380".into()), "redis://db:6380");
     }
 
     #[test]

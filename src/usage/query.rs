@@ -188,5 +188,5 @@ fn timestamp(secs: i64) -> Timestamp {
 }
 
 pub(super) fn redis_error(error: redis::RedisError) -> UsageError {
-    UsageError::Redis(error.to_string())
+    UsageError::Redis(crate::redis_target::explain(&error))
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod binary;
 pub mod gateway;
+pub mod pki;
 pub mod raw;
 pub mod redis;
 pub mod relay;

@@ -24,10 +24,20 @@
 //! The binary is `redis-server` from `PATH`, or `$REDIS_SERVER_BIN`. The
 //! helpers talk to Redis with the redis crate's blocking client: they are
 //! called from test code between awaits, briefly, and never from a store.
+//!
+//! Over TLS (`RedisServer::start_tls(&ca)`, `start_mtls`): the server listens
+//! only on `--tls-port` (`--port 0`), with a certificate for `127.0.0.1` and
+//! `localhost` from a [`TestCa`] made in the test; [`url`](RedisServer::url)
+//! is then `rediss://`. The certificate files are copied into the server's
+//! own folder, so a restart finds them even after the CA is dropped. The
+//! helpers connect over TLS too, trusting that CA (with a client certificate
+//! from it when the server demands one).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::pki::{Issued, TestCa};
 
 /// How long a starting server may take to answer PING.
 const START_DEADLINE: Duration = Duration::from_secs(10);
@@ -41,6 +51,20 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// `None` while stopped.
     child: Option<Child>,
+    /// `Some`: the server speaks only TLS.
+    tls: Option<ServerTls>,
+}
+
+/// A TLS server's files, inside its `--dir`.
+#[derive(Debug, Clone)]
+struct ServerTls {
+    /// The CA that signed the server certificate; client certificates must
+    /// chain to it too.
+    ca: PathBuf,
+    server: Issued,
+    /// The harness's own client certificate, when clients must present one
+    /// (`--tls-auth-clients yes`).
+    client: Option<Issued>,
 }
 
 impl RedisServer {
@@ -49,20 +73,60 @@ impl RedisServer {
     pub fn start() -> Self {
         let dir =
             tempfile::Builder::new().prefix("keygate-redis-").tempdir().expect("create a temp dir for redis");
+        Self::start_in(dir, None)
+    }
+
+    /// A server speaking only TLS, with a certificate for `127.0.0.1` and
+    /// `localhost` signed by `ca`; clients need no certificate.
+    pub fn start_tls(ca: &TestCa) -> Self {
+        Self::start_tls_with(ca, false)
+    }
+
+    /// [`start_tls`](Self::start_tls), and every client must present a
+    /// certificate signed by `ca` (`--tls-auth-clients yes`).
+    pub fn start_mtls(ca: &TestCa) -> Self {
+        Self::start_tls_with(ca, true)
+    }
+
+    fn start_tls_with(ca: &TestCa, auth_clients: bool) -> Self {
+        let dir =
+            tempfile::Builder::new().prefix("keygate-redis-").tempdir().expect("create a temp dir for redis");
+        let copy = |from: &Path, name: &str| {
+            let to = dir.path().join(name);
+            std::fs::copy(from, &to).expect("copy a TLS file into the redis dir");
+            to
+        };
+        let server = ca.issue_server("redis-server", &["127.0.0.1", "localhost"]);
+        let client = auth_clients.then(|| ca.issue_client("redis-harness"));
+        let tls = ServerTls {
+            ca: copy(&ca.ca_pem(), "ca.pem"),
+            server: Issued {
+                cert: copy(&server.cert, "server.pem"),
+                key: copy(&server.key, "server-key.pem"),
+            },
+            client: client
+                .map(|c| Issued { cert: copy(&c.cert, "harness.pem"), key: copy(&c.key, "harness-key.pem") }),
+        };
+        Self::start_in(dir, Some(tls))
+    }
+
+    fn start_in(dir: tempfile::TempDir, tls: Option<ServerTls>) -> Self {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match spawn_ready(port, dir.path()) {
-                Ok(child) => return Self { port, dir, child: Some(child) },
+            match spawn_ready(port, dir.path(), tls.as_ref()) {
+                Ok(child) => return Self { port, dir, child: Some(child), tls },
                 Err(why) => failures.push(format!("port {port}: {why}")),
             }
         }
         panic!("redis-server did not start:\n{}", failures.join("\n"));
     }
 
-    /// `redis://127.0.0.1:<port>/`, for `RedisStore::connect` and friends.
+    /// `redis://127.0.0.1:<port>/` (`rediss://` over TLS), for
+    /// `RedisStore::connect` and friends.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -101,7 +165,7 @@ impl RedisServer {
     /// (`SAVE`, [`shutdown_saving`](Self::shutdown_saving)).
     pub fn restart(&mut self) {
         self.stop();
-        match spawn_ready(self.port, self.dir.path()) {
+        match spawn_ready(self.port, self.dir.path(), self.tls.as_ref()) {
             Ok(child) => self.child = Some(child),
             Err(why) => panic!("redis-server did not restart on port {}: {why}", self.port),
         }
@@ -109,7 +173,7 @@ impl RedisServer {
 
     /// A blocking connection, for a test's own inspection of Redis.
     pub fn connection(&self) -> redis::Connection {
-        let client = redis::Client::open(self.url()).expect("valid redis url");
+        let client = harness_client(&self.url(), self.tls.as_ref()).expect("valid redis url");
         let conn = client.get_connection_with_timeout(Duration::from_secs(2)).expect("connect to test redis");
         conn.set_read_timeout(Some(Duration::from_secs(5))).expect("set read timeout");
         conn
@@ -196,12 +260,38 @@ fn log_path(dir: &std::path::Path) -> PathBuf {
     dir.join("redis.log")
 }
 
+/// The harness's own client: over TLS it trusts the server's CA (and
+/// presents the harness's certificate when the server demands one).
+fn harness_client(url: &str, tls: Option<&ServerTls>) -> redis::RedisResult<redis::Client> {
+    let Some(tls) = tls else { return redis::Client::open(url) };
+    let read = |path: &Path| std::fs::read(path).expect("read a TLS file of the test redis");
+    let client_tls = tls
+        .client
+        .as_ref()
+        .map(|c| redis::ClientTlsConfig { client_cert: read(&c.cert), client_key: read(&c.key) });
+    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert: Some(read(&tls.ca)) })
+}
+
 /// Starts `redis-server` on `port` and waits until *it* answers PING.
-fn spawn_ready(port: u16, dir: &std::path::Path) -> Result<Child, String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(|e| e.to_string())?;
+fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Result<Child, String> {
+    let scheme = if tls.is_some() { "rediss" } else { "redis" };
+    let client = harness_client(&format!("{scheme}://127.0.0.1:{port}/"), tls).map_err(|e| e.to_string())?;
     let binary = std::env::var_os("REDIS_SERVER_BIN").unwrap_or_else(|| "redis-server".into());
-    let mut child = Command::new(&binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    let mut command = Command::new(&binary);
+    match tls {
+        None => command.args(["--port", &port.to_string()]),
+        Some(tls) => command
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&tls.server.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.server.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca)
+            .args(["--tls-auth-clients", if tls.client.is_some() { "yes" } else { "no" }]),
+    };
+    let mut child = command
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
