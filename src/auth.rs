@@ -31,6 +31,12 @@
 //! [`Invalidation::Client`] drops every cached key of that client at once.
 //! A key whose client has no record carries `client: None` and works as
 //! before.
+//! A store that versions its records (the file store, whose writers may be
+//! other processes: see `KeyStore::version`) is asked where it stands on
+//! every verification, before the cache is trusted; an entry filled at
+//! another version is checked with the store again, in front of the
+//! request. A CLI revocation on the file store thus holds for the very next
+//! request, not only once the folder watch has reloaded.
 //!
 //! After an invalidation of everything ([`Invalidation::All`], sent on a
 //! Redis reconnect), a cached record still within `cache_ttl` is served as
@@ -59,7 +65,7 @@ use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
 use crate::meta::Rate;
 use crate::proxy::Identity;
-use crate::store::{Found, Invalidation, KeyRecord, SharedStore, StoreError};
+use crate::store::{Found, Invalidation, KeyRecord, SharedStore, StoreError, StoreVersion};
 
 /// A verified key as the request path uses it: the store's record, plus
 /// what is derived from it once per cache fill instead of on every request.
@@ -97,6 +103,9 @@ struct Cached {
     fetched_at: Instant,
     /// The cache epoch it was fetched in; an older epoch must be re-checked.
     epoch: u64,
+    /// The store's version it was fetched at (`None`: the store keeps
+    /// none); another version must be re-checked before it is served.
+    store_version: Option<u64>,
     /// Set by the request that starts this entry's background refresh, so
     /// the requests behind it do not start another: one refresh per key.
     /// The refresh replaces (or drops) the entry, which clears it.
@@ -116,11 +125,13 @@ pub struct Verifier {
     /// answer is keyed by (client, hash) while invalidations (which carry
     /// only the hash) still find it. Another client's miss overwrites it,
     /// which costs at most a lookup, never a wrong refusal.
-    unknown: Cache<SecretHash, Arc<str>, RandomState>,
+    unknown: Cache<SecretHash, Missing, RandomState>,
     /// Store lookups under way: requests that miss the cache for the same
     /// key at the same moment share one lookup instead of each asking the
     /// store (a popular key after an invalidation, a cold start).
-    in_flight: Cache<(String, SecretHash), Lookup>,
+    /// Keyed by store version too: a request that comes after a write
+    /// must not join a lookup that may have read the store before it.
+    in_flight: Cache<(String, SecretHash, Option<u64>), Lookup>,
     /// Failed authentications per source IP; `None` when switched off.
     failures: Option<AuthFailures>,
     /// The global cap on store lookups for keys not cached; `None`: off.
@@ -146,6 +157,20 @@ pub struct Verifier {
     changes: AtomicU64,
     /// This verifier, for the background refreshes it spawns.
     me: Weak<Verifier>,
+}
+
+/// A "not found" answer as the negative cache holds it: whose, and at
+/// which store version (see [`Cached::store_version`]).
+#[derive(Debug, Clone)]
+struct Missing {
+    client: Arc<str>,
+    store_version: Option<u64>,
+}
+
+impl Missing {
+    fn holds_for(&self, client: &str, store_version: Option<u64>) -> bool {
+        *self.client == *client && self.store_version == store_version
+    }
 }
 
 /// One store lookup, awaited by every request that needs its answer.
@@ -291,7 +316,17 @@ impl Verifier {
     async fn verify_key(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
         let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
         let hash = parsed.secret_hash();
-        let record = self.lookup(parsed.client, &hash, arrived).await?;
+        let store_version = match self.store.version() {
+            StoreVersion::Untracked => None,
+            StoreVersion::At(version) => Some(version),
+            // Another process wrote: read that before answering (boxed: rare).
+            StoreVersion::Behind => Some(
+                Box::pin(self.store.catch_up())
+                    .await
+                    .map_err(|e| GatewayError::StoreUnavailable(e.to_string()))?,
+            ),
+        };
+        let record = self.lookup(parsed.client, &hash, store_version, arrived).await?;
         if record.client() != parsed.client {
             return Err(Rejection::ClientMismatch.into());
         }
@@ -303,12 +338,16 @@ impl Verifier {
         &self,
         client: &str,
         hash: &SecretHash,
+        store_version: Option<u64>,
         arrived: Instant,
     ) -> Result<Arc<Caller>, GatewayError> {
         let epoch = self.epoch.load(Ordering::Acquire);
+        // An entry from another store version counts as expired: checked
+        // in front of this request, and not against the lookup cap.
         let cached = self.known.get(hash);
         if let Some(cached) = &cached {
-            let young = arrived.saturating_duration_since(cached.fetched_at) < self.cache_ttl;
+            let young = cached.store_version == store_version
+                && arrived.saturating_duration_since(cached.fetched_at) < self.cache_ttl;
             if young && cached.epoch == epoch {
                 crate::metrics::cache_hit();
                 return Ok(Arc::clone(&cached.record));
@@ -329,14 +368,14 @@ impl Verifier {
             }
         }
         crate::metrics::cache_miss();
-        if cached.is_none() && self.unknown.get(hash).is_some_and(|owner| *owner == *client) {
+        if cached.is_none() && self.unknown.get(hash).is_some_and(|m| m.holds_for(client, store_version)) {
             return Err(Rejection::Unknown.into());
         }
         // Boxed: a miss is the rare path, and every connection's request
         // future would otherwise be sized for the store lookup. Only keys
         // not cached at all count against the lookup cap: re-checking a
         // cached key is bounded by the cache itself.
-        match Box::pin(self.ask_store(client, hash, epoch, cached.is_none())).await {
+        match Box::pin(self.ask_store(client, hash, epoch, store_version, cached.is_none())).await {
             Ok(Some(record)) => Ok(record),
             Ok(None) => Err(Rejection::Unknown.into()),
             Err(LookupError::Throttled(retry_after)) => Err(GatewayError::LookupsThrottled { retry_after }),
@@ -375,7 +414,7 @@ impl Verifier {
             let mut epoch = epoch;
             let mut warned = false;
             loop {
-                match me.ask_store(&client, &hash, epoch, false).await {
+                match me.ask_store(&client, &hash, epoch, entry.store_version, false).await {
                     Err(LookupError::Unavailable(error)) if entry.fetched_at.elapsed() < me.cache_ttl => {
                         if !warned {
                             tracing::warn!(%error, key_id = %entry.record.id, "key store unavailable; re-checking the cached key in the background");
@@ -407,9 +446,10 @@ impl Verifier {
         client: &str,
         hash: &SecretHash,
         epoch: u64,
+        store_version: Option<u64>,
         capped: bool,
     ) -> Result<Option<Arc<Caller>>, LookupError> {
-        let key = (client.to_owned(), *hash);
+        let key = (client.to_owned(), *hash, store_version);
         let lookup = self.in_flight.get_with_by_ref(&key, || Arc::new(tokio::sync::OnceCell::new()));
         let answer = lookup
             .get_or_init(|| async {
@@ -417,11 +457,12 @@ impl Verifier {
                 // and now has already answered: read that, not the store.
                 if let Some(hit) = self.known.get(hash)
                     && hit.epoch == epoch
+                    && hit.store_version == store_version
                     && hit.fetched_at.elapsed() < self.cache_ttl
                 {
                     return Ok(Some(Arc::clone(&hit.record)));
                 }
-                if self.unknown.get(hash).is_some_and(|owner| *owner == *client) {
+                if self.unknown.get(hash).is_some_and(|m| m.holds_for(client, store_version)) {
                     return Ok(None);
                 }
                 if capped
@@ -452,6 +493,7 @@ impl Verifier {
                                 record: Arc::clone(&record),
                                 fetched_at: Instant::now(),
                                 epoch,
+                                store_version,
                                 refreshing: AtomicBool::new(false),
                             };
                             self.known.insert(*hash, Arc::new(entry));
@@ -461,7 +503,7 @@ impl Verifier {
                     Ok(None) => {
                         self.drop_known(client, hash);
                         if cache_missing {
-                            self.unknown.insert(*hash, Arc::from(client));
+                            self.unknown.insert(*hash, Missing { client: Arc::from(client), store_version });
                         }
                         Ok(None)
                     }

@@ -72,7 +72,7 @@ impl ClientMeta {
     /// keys: asking for them on a client is refused, naming the field, and
     /// nothing is applied.
     pub fn apply(&mut self, changes: MetaChanges) -> Result<(), MetaError> {
-        let MetaChanges { scopes, rate, burst, quota, expires_at, label } = changes;
+        let MetaChanges { scopes, rate, burst, quota, expires_at, label, uses: _, refill: _ } = changes;
         if let Some(scopes) = scopes {
             return Err(MetaError::new(
                 "scopes",

@@ -514,14 +514,33 @@ fn list(problems: &[ConfigProblem]) -> String {
 
 // === Loading ===
 
+/// What a config is loaded for, which decides whether the process
+/// environment is read. Only serving needs the admin token that
+/// `[admin] token_env` names; a command that only reads the file (`check`,
+/// `keys`, `usage`) must work where that variable is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `serve`, a reload, `check --env`: `token_env` must be set.
+    Serve,
+    /// Every other command: the variable is not read, and the loaded
+    /// config has no `admin` when the token would come from it.
+    Inspect,
+}
+
 impl Config {
-    /// Reads, parses and validates a config file. Relative paths in it (the
-    /// file store's `dir`) are resolved against the file's folder.
+    /// Reads, parses and validates a config file to serve it (see
+    /// [`Purpose::Serve`]). Relative paths in it (the file store's `dir`)
+    /// are resolved against the file's folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_for(path, Purpose::Serve)
+    }
+
+    /// [`Config::load`] for `purpose`.
+    pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml(&text, base).map_err(|e| e.at(path))
+        Self::from_toml_for(&text, base, purpose).map_err(|e| e.at(path))
     }
 
     /// The configuration of an empty file plus one echo route: what store
@@ -549,10 +568,33 @@ impl Config {
             .unwrap_or_else(|problems| unreachable!("defaults are invalid: {problems:?}"))
     }
 
-    /// Parses and validates config text; `base` resolves relative paths.
+    /// Makes the store the Redis at `url`, whatever the file says: what
+    /// `--redis URL` and `KEYGATE_REDIS_URL` do, for every command (`serve`
+    /// and a reload included), so that one rule holds everywhere: the flag
+    /// or the variable over the file. The file's Redis `prefix` is kept;
+    /// over a file store it is the default `kg:`. The message of a URL that
+    /// does not parse names no password.
+    pub fn use_redis(&mut self, url: &str) -> Result<(), String> {
+        check_redis_url(url)?;
+        // The config's TLS files stay with the store they were written for.
+        let (prefix, tls) = match &self.store {
+            StoreConfig::Redis { prefix, tls, .. } => (prefix.clone(), tls.clone()),
+            StoreConfig::File { .. } => ("kg:".to_owned(), RedisTls::default()),
+        };
+        self.store = StoreConfig::Redis { url: url.to_owned(), prefix, tls };
+        Ok(())
+    }
+
+    /// Parses and validates config text to serve it; `base` resolves
+    /// relative paths.
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, TextError> {
+        Self::from_toml_for(text, base, Purpose::Serve)
+    }
+
+    /// [`Config::from_toml`] for `purpose`.
+    pub fn from_toml_for(text: &str, base: &Path, purpose: Purpose) -> Result<Config, TextError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| TextError::Syntax(e.to_string()))?;
-        raw.validate(base).map_err(|mut problems| {
+        raw.validate_for(base, purpose).map_err(|mut problems| {
             locate_lines(text, &mut problems);
             TextError::Invalid(problems)
         })
@@ -717,6 +759,10 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 impl RawConfig {
     pub fn validate(self, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+        self.validate_for(base, Purpose::Serve)
+    }
+
+    pub fn validate_for(self, base: &Path, purpose: Purpose) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
 
         let listen_text = self.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -793,7 +839,12 @@ impl RawConfig {
             p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
         }
 
-        let admin = validate_admin(&mut p, self.admin, &|name| std::env::var(name).ok());
+        let env = |name: &str| std::env::var(name).ok();
+        let env: Option<&dyn Fn(&str) -> Option<String>> = match purpose {
+            Purpose::Serve => Some(&env),
+            Purpose::Inspect => None,
+        };
+        let admin = validate_admin(&mut p, self.admin, env);
 
         if p.0.is_empty() {
             Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin })
@@ -805,11 +856,12 @@ impl RawConfig {
 
 /// `[admin]`: off without `listen`; with it, exactly one of `token` and
 /// `token_env` (read through `env`, so tests need not touch the process
-/// environment). Messages never quote the token.
+/// environment; `None`: not read at all, see [`Purpose::Inspect`]).
+/// Messages never quote the token.
 fn validate_admin(
     p: &mut Problems,
     raw: RawAdmin,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: Option<&dyn Fn(&str) -> Option<String>>,
 ) -> Option<AdminConfig> {
     let Some(listen_text) = raw.listen else {
         for (field, set) in [
@@ -830,6 +882,10 @@ fn validate_admin(
         p.push("admin.listen", format!("`{listen_text}` is not an address like \"127.0.0.1:9090\""));
         SocketAddr::from(([127, 0, 0, 1], 9090))
     });
+    let token_name = raw.token_name.unwrap_or_else(|| "admin".to_owned());
+    if token_name.is_empty() || token_name.len() > 64 || token_name.chars().any(char::is_control) {
+        p.push("admin.token_name", "must be 1-64 printable characters");
+    }
     let token = match (raw.token, raw.token_env) {
         (Some(_), Some(_)) => {
             p.push("admin.token_env", "give either `token` or `token_env`, not both");
@@ -844,11 +900,18 @@ fn validate_admin(
             None
         }
         (Some(token), None) => Some(("admin.token", token)),
-        (None, Some(name)) => match env(&name) {
-            Some(token) => Some(("admin.token_env", token)),
-            None => {
+        (None, Some(name)) => match env.map(|env| env(&name)) {
+            Some(Some(token)) => Some(("admin.token_env", token)),
+            Some(None) => {
                 p.push("admin.token_env", format!("the environment variable `{name}` is not set"));
                 None
+            }
+            // Not reading the environment: the name is all there is to check.
+            None => {
+                if name.is_empty() {
+                    p.push("admin.token_env", "must name an environment variable");
+                }
+                return None;
             }
         },
     };
@@ -865,10 +928,6 @@ fn validate_admin(
         }
         Some(AdminToken::new(token.trim()))
     })?;
-    let token_name = raw.token_name.unwrap_or_else(|| "admin".to_owned());
-    if token_name.is_empty() || token_name.len() > 64 || token_name.chars().any(char::is_control) {
-        p.push("admin.token_name", "must be 1-64 printable characters");
-    }
     Some(AdminConfig { listen, token, token_name })
 }
 
@@ -969,11 +1028,8 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
                 p.push("store.dir", "`dir` belongs to kind = \"file\"; the Redis store uses `url`");
             }
             let url = raw.url.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                p.push(
-                    "store.url",
-                    format!("`{}` must start with redis://, rediss:// or unix://", redact_url(&url)),
-                );
+            if let Err(why) = check_redis_url(&url) {
+                p.push("store.url", why);
             }
             let prefix = raw.prefix.unwrap_or_else(|| "kg:".to_owned());
             if prefix.contains(['{', '}', ' ']) {
@@ -1251,6 +1307,26 @@ fn check_scopes(p: &mut Problems, at: &str, scopes: &[String]) {
     }
 }
 
+/// Whether `url` is a Redis URL keygate can connect with: the scheme, then
+/// the redis crate's own parse (a bad port, a bad database number). The
+/// message shows the URL with any password replaced.
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+        return Err(format!("`{}` must start with redis://, rediss:// or unix://", redact_url(url)));
+    }
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Ok(_) => Ok(()),
+        // The crate's message describes the problem, not the URL; it is
+        // still checked, since a password must never be echoed.
+        Err(error) => {
+            let why = error.to_string();
+            let quotes_url = why.contains(url) || why.contains('@') || why.contains("://");
+            let why = if quotes_url { "it does not parse".to_owned() } else { why };
+            Err(format!("`{}` is not a usable Redis URL: {why}", redact_url(url)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1374,7 +1450,7 @@ mod tests {
         let raw: RawConfig = toml::from_str(text).unwrap();
         let mut p = Problems::default();
         let lookup = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned());
-        let admin = validate_admin(&mut p, raw.admin, &lookup);
+        let admin = validate_admin(&mut p, raw.admin, Some(&lookup));
         (admin, p.0)
     }
 

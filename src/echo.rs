@@ -8,10 +8,10 @@
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
 use crate::config::BodyLimits;
 use crate::error::{GatewayError, json_response};
+use crate::proxy::CountedBody;
 
 /// Bodies larger than this are counted but not echoed back.
 const ECHOED_BODY_LIMIT: usize = 64 * 1024;
@@ -20,7 +20,7 @@ const ECHOED_BODY_LIMIT: usize = 64 * 1024;
 /// limits hold here as on the way to an upstream: a body over `max_body` is
 /// 413, a pause longer than its idle timeout 408, a malformed one 400.
 pub async fn answer(
-    request: Request<Incoming>,
+    request: Request<CountedBody>,
     limits: &BodyLimits,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
     let (parts, body) = request.into_parts();

@@ -68,9 +68,11 @@ pub async fn handle(
 ) -> Response<MeteredBody> {
     let started = Instant::now();
     let method = request.method().clone();
-    // Content-Length when given; for chunked uploads, what hyper knows so far.
-    let hint = request.body().size_hint();
-    let bytes_in = hint.exact().unwrap_or(hint.lower());
+    // The body's bytes as read from the client, whatever it declared
+    // (a chunked upload declares nothing): counted as they pass.
+    let (parts, body) = request.into_parts();
+    let (body, bytes_in) = proxy::CountedBody::new(body);
+    let request = Request::from_parts(parts, body);
     let mut trail = Trail::default();
 
     let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, started, &mut trail)).catch_unwind().await;
@@ -118,7 +120,7 @@ pub async fn handle(
 
 async fn serve(
     gateway: &Gateway,
-    mut request: Request<Incoming>,
+    mut request: Request<proxy::CountedBody>,
     peer: &proxy::Peer,
     started: Instant,
     trail: &mut Trail,
@@ -206,8 +208,18 @@ async fn serve(
     // instructions per new connection).
     headers.reserve(proxy::ADDED_REQUEST_HEADERS);
     proxy::remove_hop_by_hop(headers);
+    // An upstream gets its own target's `Host` (set by the pool); the echo,
+    // standing in for an upstream served at the gateway's own address,
+    // shows the one the client asked for, as such an upstream would get it.
+    let echo_host = match route.target {
+        RouteTarget::Echo => host.clone(),
+        RouteTarget::Upstream(_) => None,
+    };
     proxy::set_forwarded(headers, peer, behind_proxy, "http", host);
-    headers.remove(header::HOST);
+    match echo_host {
+        Some(host) => headers.insert(header::HOST, host),
+        None => headers.remove(header::HOST),
+    };
     proxy::set_identity(headers, keys, caller.as_ref().map(|(caller, _)| &caller.identity));
 
     let mut response = match &route.target {

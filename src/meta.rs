@@ -39,13 +39,17 @@ pub struct KeyMeta {
     pub credits: Option<CreditGrant>,
 }
 
+/// The scope of a key issued without any (CLI `--scopes` omitted, admin API
+/// body without `scopes`): `read`, least privilege. Writing needs asking for.
+pub const DEFAULT_SCOPE: &str = "read";
+
 impl KeyMeta {
-    /// Fresh metadata for a key issued now: scope `read-write`, no limits.
-    /// Times are kept to whole seconds, as the Redis layout stores them.
+    /// Fresh metadata for a key issued now: scope [`DEFAULT_SCOPE`], no
+    /// limits. Times are kept to whole seconds, as the Redis layout stores them.
     pub fn new(now: Timestamp) -> Self {
         let now = whole_seconds(now);
         Self {
-            scopes: vec!["read-write".to_owned()],
+            scopes: vec![DEFAULT_SCOPE.to_owned()],
             rate: None,
             burst: None,
             quota: None,

@@ -8,6 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,10 @@ pub struct Meter {
     pub caller: Option<Arc<Caller>>,
     pub status: u16,
     pub refusal: Option<usage::Refusal>,
-    pub bytes_in: u64,
+    /// The request body's bytes read from the client so far, counted by
+    /// [`crate::proxy::CountedBody`] and read when the response ends (by
+    /// then the upload is over, or was cut short). `None`: no body.
+    pub bytes_in: Option<Arc<AtomicU64>>,
     /// Usage credits the request spent at admission.
     pub credits: u64,
     pub upstream_latency: Option<Duration>,
@@ -53,7 +57,7 @@ impl Meter {
                 route,
                 status: self.status,
                 refusal: self.refusal,
-                bytes_in: self.bytes_in,
+                bytes_in: self.bytes_in.as_ref().map_or(0, |read| read.load(Ordering::Relaxed)),
                 bytes_out,
                 credits: self.credits,
                 upstream_latency: self.upstream_latency,

@@ -27,6 +27,9 @@ pub struct Reloader {
     /// restart warnings compare against the config actually replaced. A std
     /// Mutex: nothing awaits while it is held.
     lock: Mutex<()>,
+    /// `--redis`/`KEYGATE_REDIS_URL` as `serve` started with it: applied
+    /// to every reload too, so a reload reads the store the same way.
+    store_override: Option<String>,
 }
 
 /// What a successful reload installed.
@@ -40,7 +43,16 @@ pub struct Reloaded {
 
 impl Reloader {
     pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Arc<Self> {
-        Arc::new(Self { path, gateway, lock: Mutex::new(()) })
+        Self::with_store_override(path, gateway, None)
+    }
+
+    /// A reloader for a gateway started with `--redis URL` (or the variable).
+    pub fn with_store_override(
+        path: PathBuf,
+        gateway: Arc<Gateway>,
+        store_override: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self { path, gateway, lock: Mutex::new(()), store_override })
     }
 
     /// The config file reloads read.
@@ -60,7 +72,20 @@ impl Reloader {
     /// than a blocking-pool round trip.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let config = match Config::load(&self.path) {
+        let loaded = Config::load(&self.path).and_then(|mut config| match &self.store_override {
+            // Checked when serve started; a failure here cannot happen, but
+            // is refused like any invalid file if it does.
+            Some(url) => config.use_redis(url).map(|()| config).map_err(|why| ConfigError::Invalid {
+                path: self.path.clone(),
+                problems: vec![crate::config::ConfigProblem {
+                    field: "store.url".into(),
+                    line: None,
+                    message: why,
+                }],
+            }),
+            None => Ok(config),
+        });
+        let config = match loaded {
             Ok(config) => config,
             Err(error) => {
                 tracing::error!(

@@ -347,3 +347,20 @@ async fn metrics_count_requests_through_the_public_listener() {
     assert!(count(r#"keygate_requests_total{route="(none)",status="404"}"#) >= 1, "{text}");
     assert!(!text.contains("/open/x"), "the request path is never a label");
 }
+
+/// Regression (issue 16, defect 3): a key issued without scopes got
+/// `read-write`. Least privilege: `read`, through the admin API as through
+/// the CLI, so such a key may read but not write.
+#[tokio::test]
+async fn a_key_issued_without_scopes_may_only_read() {
+    let (gateway, admin) = admin::start(&config("")).await;
+    let issued = admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"acme"}"#)).await;
+    assert_eq!(issued.status, 201, "{}", issued.text());
+    let body = issued.json();
+    assert_eq!(body["scopes"], serde_json::json!(["read"]));
+    let key = body["key"].as_str().unwrap();
+    assert_eq!(public_get(&gateway, "/api/x", key).await.status, 200);
+    let post = Request::post(gateway.url("/api/x")).header("x-api-key", key).body(Full::default()).unwrap();
+    let answer = send(&http1_client(), post).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text());
+}

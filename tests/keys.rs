@@ -810,7 +810,7 @@ async fn the_keys_cli_fails_clearly_on_unknown_ids_bad_flags_and_unreachable_red
 
     // KEYGATE_REDIS_URL works like --redis.
     let out = keygate_env(&["keys", "show", "nosuch.ID"], &[("KEYGATE_REDIS_URL", &url)]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "not found (the exit code table, README)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no key with id nosuch.ID"), "{stderr}");
     assert!(out.stdout.is_empty());

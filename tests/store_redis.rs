@@ -81,7 +81,7 @@ async fn the_layout_is_the_documented_one() {
     assert_eq!(fields["id"], "acme.k1");
     assert_eq!(fields["client"], "acme");
     assert_eq!(fields["secret_hash"], hex);
-    assert_eq!(fields["scopes"], "read-write");
+    assert_eq!(fields["scopes"], "read", "the default scope (least privilege)");
     assert_eq!(fields["status"], "active");
     assert_eq!(fields["created_at"], "1764000000");
     assert!(!fields.contains_key("label"), "None fields are absent");

@@ -563,7 +563,8 @@ async fn key_operations_are_audited_and_listed_in_order() {
     assert_eq!(all[4]["key_id"].as_str().unwrap().split('.').next(), Some("globex"));
 
     let table = keygate(&redis, &["keys", "audit"]);
-    assert_eq!(table.lines().count(), 5, "{table}");
+    assert_eq!(table.lines().count(), 6, "a header and five entries: {table}");
+    assert!(table.starts_with("AT "), "{table}");
     // No key string reaches the trail.
     let dump = format!("{:?}", redis.dump());
     for secret in [key.trim(), new_key.trim()] {

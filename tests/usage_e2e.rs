@@ -116,3 +116,50 @@ async fn a_redis_restart_mid_run_loses_no_count() {
     tokio::task::spawn_blocking(move || stop(served)).await.unwrap();
     assert_eq!(report(&redis, "acme").await.totals.requests, 300);
 }
+
+/// Regression (issue 16, defect 4): a chunked upload (no Content-Length)
+/// was counted as the size hint's lower bound (a 40-byte body counted 14).
+/// `bytes_in` is now what was read from the client, through a real
+/// upstream and through the echo alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_count_the_bytes_read_from_the_client() {
+    let redis = RedisServer::start();
+    let upstream = common::upstream::Upstream::mirror().await;
+    let store = RedisStore::connect(&redis.url(), "kg:").await.unwrap();
+    let changes = MetaChanges::from_query("scope=read-write", Timestamp::now()).unwrap();
+    let key = keygate::ops::issue(&store, "kg_", "acme", changes, Timestamp::now()).await.unwrap().key;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nkind = \"redis\"\nurl = \"{}\"\n\n\
+         [[route]]\npath = \"/up\"\nupstream = \"mirror\"\n\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n\n\
+         [upstream.mirror]\ntargets = [\"{}\"]\n",
+        redis.url(),
+        upstream.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut served = Served::start(&path, &[]);
+    let addr: std::net::SocketAddr = served.gateway_address().parse().unwrap();
+
+    // 40 bytes in three chunks of 10, 20 and 10.
+    let chunked = "a\r\n0123456789\r\n14\r\nabcdefghijklmnopqrst\r\na\r\nABCDEFGHIJ\r\n0\r\n\r\n";
+    for target in ["/up/orders", "/orders"] {
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nHost: gw\r\nx-api-key: {}\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n{chunked}",
+            key.expose()
+        );
+        let answer = common::raw::exchange(addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        assert!(
+            answer.contains("0123456789abcdefghijklmnopqrstABCDEFGHIJ"),
+            "the whole body passed: {answer}"
+        );
+    }
+    tokio::task::spawn_blocking(move || stop(served)).await.unwrap();
+
+    let acme = report(&redis, "acme").await;
+    assert_eq!(acme.clients[0].routes["/up"].bytes_in, 40, "through an upstream");
+    assert_eq!(acme.clients[0].routes["/"].bytes_in, 40, "through the echo");
+    assert_eq!(acme.totals.bytes_in, 80);
+}

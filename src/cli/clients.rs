@@ -9,9 +9,10 @@
 //! to stderr. With a Redis store every write appends to the audit trail, as
 //! key writes do.
 //!
-//! Exit codes: 0 success; 1 runtime failure (store unreachable, no such
-//! client, a record already there); 2 usage (a bad flag, a key-only field,
-//! nothing to change).
+//! Exit codes are the table in [`super::exit`]: 0 success; 1 runtime
+//! failure (store unreachable, a record already there, a revoked client);
+//! 2 usage (a bad flag, a key-only field, nothing to change); 3 no such
+//! client.
 
 use std::io::{self, Write};
 use std::num::NonZeroU32;
@@ -147,14 +148,10 @@ impl ClientFlags {
 
 // === Running ===
 
-/// The exit code for a failed `clients` command (see the module doc).
+/// The exit code for a failed `clients` command: the one table of
+/// [`super::exit`], as for `keys`.
 pub fn exit_code(error: &CliError) -> u8 {
-    match error {
-        CliError::Ops(OpsError::Invalid { .. }) | CliError::NothingToChange | CliError::Usage(_) => {
-            super::EXIT_INVALID_CONFIG
-        }
-        _ => 1,
-    }
+    error.exit().code()
 }
 
 /// Runs a `clients` subcommand against `store`, printing to stdout and stderr.

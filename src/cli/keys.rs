@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use redis::aio::ConnectionManager;
 
+use super::table::{self, printable};
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
 use crate::limit::credits::{Credits, Owner};
 use crate::meta::{self, KeyStatus, MetaChanges, MetaError, Quota, Rate};
@@ -143,7 +144,8 @@ pub struct RotateArgs {
 /// Metadata flags shared by `issue` and `update`. Explicit flags win over `--meta`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct MetaFlags {
-    /// Comma-separated scopes: read, write, read-write, or named ones like orders:write.
+    /// Comma-separated scopes: read, write, read-write, or named ones like
+    /// orders:write. Default when issuing: read (least privilege).
     #[arg(long, value_name = "A,B", value_parser = scopes_flag)]
     pub scopes: Option<Scopes>,
     /// Sustained rate, e.g. 100/s, 1000/min, 10/30s; `none` removes it.
@@ -296,6 +298,15 @@ pub enum CliError {
         "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --expires, --label, --uses, --refill, --meta"
     )]
     NothingToChange,
+    /// A command the file store cannot serve (what it needs is in Redis).
+    #[error(
+        "{0} is kept in Redis; give --redis URL (or KEYGATE_REDIS_URL), or a config whose [store] is Redis"
+    )]
+    NeedsRedis(&'static str),
+    /// Reading the audit trail from Redis failed.
+    #[error("cannot read the audit trail: {0}")]
+    Audit(String),
+    /// A flag or value refused before anything changed (exit 2).
     #[error("{0}")]
     Usage(String),
 }
@@ -368,8 +379,9 @@ async fn run_with(
             if changes == MetaChanges::default() {
                 return Err(CliError::NothingToChange);
             }
+            let detail = describe_changes(&changes);
             let record = ops::update(store, &args.id, changes, now).await?;
-            audit(redis, AuditAction::Update, &record.id, summary(&record), now, err).await?;
+            audit(redis, AuditAction::Update, &record.id, detail, now, err).await?;
             let remaining = remaining_credits(credits, &record).await;
             print_record(&record, None, remaining, args.json, now, out)?;
             writeln!(err, "Updated key {}.", record.id).map_err(CliError::write)?;
@@ -410,15 +422,12 @@ async fn run_with(
         }
         KeysCommand::Audit(args) => {
             let Some(redis) = redis else {
-                return Err(CliError::Ops(OpsError::Invalid {
-                    field: "store".into(),
-                    reason: "the audit trail is kept in Redis; give --redis URL or a Redis [store]".into(),
-                }));
+                return Err(CliError::NeedsRedis("the audit trail"));
             };
             let records =
                 usage::read_audit(&mut redis.conn.clone(), &redis.prefix, args.client.as_deref(), args.limit)
                     .await
-                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                    .map_err(|e| CliError::Audit(e.to_string()))?;
             if args.json {
                 print_json(&records, out)?;
             } else {
@@ -449,7 +458,7 @@ async fn audit(
     Ok(())
 }
 
-/// A record's metadata in one line, for the audit trail.
+/// A record's metadata in one line, for the audit trail of `issue`.
 fn summary(record: &KeyRecord) -> String {
     let meta = &record.meta;
     let mut parts = vec![format!("scopes={}", meta.scopes.join(","))];
@@ -460,9 +469,41 @@ fn summary(record: &KeyRecord) -> String {
         ("expires", meta.expires_at.map(|v| v.to_string())),
         ("uses", meta.credits.map(|c| c.uses.to_string())),
         ("refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
+        ("label", meta.label.as_deref().map(quoted)),
     ];
     parts.extend(optional.into_iter().filter_map(|(name, value)| Some(format!("{name}={}", value?))));
     parts.join(" ")
+}
+
+/// What an `update` changed, in one line for the audit trail: each field
+/// given, with its new value, `none` where it was removed. Destructured, so
+/// a field added to [`MetaChanges`] must be described here to compile.
+fn describe_changes(changes: &MetaChanges) -> String {
+    let MetaChanges { scopes, rate, burst, quota, expires_at, label, uses, refill } = changes;
+    fn or_none<T: std::fmt::Display>(value: &Option<T>) -> String {
+        value.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string)
+    }
+    let parts = [
+        ("scopes", scopes.as_ref().map(|s| s.join(","))),
+        ("rate", rate.as_ref().map(or_none)),
+        ("burst", burst.as_ref().map(or_none)),
+        ("quota", quota.as_ref().map(or_none)),
+        ("expires", expires_at.as_ref().map(or_none)),
+        ("label", label.as_ref().map(|l| l.as_deref().map_or_else(|| "none".to_owned(), quoted))),
+        ("uses", uses.as_ref().map(or_none)),
+        ("refill", refill.as_ref().map(or_none)),
+    ];
+    parts
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name}={}", value?)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Free text in an audit detail: quoted, so `label="a b"` reads as one
+/// value and `label=none` (removed) differs from `label="none"`.
+fn quoted(text: &str) -> String {
+    format!("{:?}", text)
 }
 
 /// `last_used` of `records`, when the store is Redis (one `HGETALL` per
@@ -490,13 +531,14 @@ async fn last_used_of(
 }
 
 fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> {
-    for record in records {
-        let e = &record.entry;
-        let detail: String = e.detail.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
-        let line = format!("{}  {:<16}  {:<6}  {}  {detail}", e.at, e.actor, e.action, e.subject());
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|record| {
+            let e = &record.entry;
+            vec![e.at.to_string(), printable(&e.actor), e.action.to_string(), e.subject().to_owned(), printable(&e.detail)]
+        })
+        .collect();
+    table::write(out, &["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows, &[])
 }
 
 // === Output ===
@@ -683,13 +725,12 @@ fn print_table(
     now: Timestamp,
     out: &mut impl Write,
 ) -> io::Result<()> {
-    let header =
-        ["ID", "STATE", "SCOPES", "RATE", "QUOTA", "EXPIRES", "LAST_USED", "LABEL"].map(str::to_owned);
-    let rows: Vec<[String; 8]> = records
+    let header = ["ID", "STATE", "SCOPES", "RATE", "QUOTA", "EXPIRES", "LAST_USED", "LABEL"];
+    let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
             let meta = &r.meta;
-            [
+            vec![
                 r.id.to_string(),
                 state(r, now).to_owned(),
                 meta.scopes.join(","),
@@ -701,35 +742,11 @@ fn print_table(
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    for row in std::iter::once(&header).chain(&rows) {
-        let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            // The last column is not padded, so lines carry no trailing spaces.
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}  "));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
+    table::write(out, &header, &rows, &[])
 }
 
 fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
-}
-
-/// Labels are free text: keep control characters (a stray escape sequence or
-/// newline) from reaching the operator's terminal or breaking the table.
-fn printable(label: &str) -> String {
-    label.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -797,7 +814,7 @@ mod tests {
         let key = json["key"].as_str().unwrap();
         assert_eq!(parse(key, P).unwrap().client, "acme");
         assert_eq!(json["client"], "acme");
-        assert_eq!(json["scopes"], serde_json::json!(["read-write"]));
+        assert_eq!(json["scopes"], serde_json::json!(["read"]), "least privilege when --scopes is omitted");
         assert_eq!(json["quota"], "10000/day");
         assert_eq!(json["rate"], serde_json::Value::Null);
         assert_eq!(json["label"], "ci");

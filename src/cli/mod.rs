@@ -2,11 +2,17 @@
 //! store options) lives here; each group of subcommands has its own file.
 //!
 //! Everything a script may capture goes to stdout; messages go to stderr.
-//! Exit codes: 0 success, 1 runtime failure (store unreachable, unknown key),
-//! 2 invalid config or usage.
+//! Exit codes are one table for every command: see [`exit`].
+//!
+//! The store: every command that touches it (`serve` included) reads the
+//! config file's `[store]`, and `--redis URL` or `KEYGATE_REDIS_URL`
+//! replaces it (the flag winning over the variable). Only `serve` and
+//! `check --env` read the admin token's variable (`[admin] token_env`).
 
 pub mod clients;
+pub mod exit;
 pub mod keys;
+mod table;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -16,9 +22,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use self::exit::Exit;
 use crate::admin::{self, Admin};
-use crate::config::StoreConfig;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Purpose, StoreConfig, redact_url};
 use crate::gateway::Gateway;
 use crate::redis_target::RedisTls;
 use crate::reload::{self, Reloader};
@@ -29,7 +35,9 @@ use crate::store::{self, SharedStore};
 #[command(
     name = "keygate",
     version,
-    about = "An API-key gateway: verifies, scopes, rate-limits and meters API keys."
+    about = "An API-key gateway: verifies, scopes, rate-limits and meters API keys.",
+    after_help = "Exit codes: 0 done, 1 failed while running (store unreachable, ...), \
+                  2 usage or config error, 3 key not found."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,9 +47,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve(ConfigArg),
+    Serve(ServeArgs),
     /// Validate a config file and exit (0 valid, 2 invalid).
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Issue, list, show, update, revoke and rotate keys in the configured store.
     Keys {
         #[command(flatten)]
@@ -68,6 +76,34 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// `--redis URL`, or `KEYGATE_REDIS_URL`: replaces the config's `[store]`.
+#[derive(Debug, clap::Args)]
+pub struct RedisArg {
+    /// Use this Redis as the store instead of the config's [store].
+    #[arg(long = "redis", env = "KEYGATE_REDIS_URL", value_name = "URL", hide_env_values = true)]
+    pub redis: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(flatten)]
+    pub store: RedisArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(flatten)]
+    pub store: RedisArg,
+    /// Also check what `serve` reads from the environment: the variable
+    /// named by [admin] token_env must be set (and long enough).
+    #[arg(long)]
+    pub env: bool,
+}
+
 /// How commands that touch the store find it: the config's `[store]`,
 /// overridden by `--redis` or `KEYGATE_REDIS_URL`.
 #[derive(Debug, clap::Args)]
@@ -76,7 +112,13 @@ pub struct StoreArgs {
     #[arg(short = 'c', long = "config", global = true)]
     pub config: Option<PathBuf>,
     /// Use this Redis instead of the config's store.
-    #[arg(long = "redis", env = "KEYGATE_REDIS_URL", global = true, value_name = "URL")]
+    #[arg(
+        long = "redis",
+        env = "KEYGATE_REDIS_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
     /// CA certificates (PEM) a rediss:// Redis must be signed by, instead of
     /// the config's store.tls_ca (without either: the system's roots).
@@ -90,36 +132,22 @@ pub struct StoreArgs {
     pub redis_key: Option<PathBuf>,
 }
 
-/// Exit code for an invalid config or usage, distinct from runtime failures.
-pub const EXIT_INVALID_CONFIG: u8 = 2;
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check(args) => match Config::load(&args.config) {
-            Ok(config) => {
-                eprintln!(
-                    "{}: OK ({} routes, {} upstreams)",
-                    args.config.display(),
-                    config.routes.len(),
-                    config.upstreams.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(error) => invalid_config(&error),
-        },
-        Command::Serve(args) => serve(&args.config),
+        Command::Check(args) => check(&args),
+        Command::Serve(args) => serve(&args),
         Command::Keys { store, command } => {
             let config = match store_config(&store) {
                 Ok(config) => config,
-                Err(error) => return invalid_config(&error),
+                Err(code) => return code,
             };
             let config = match with_store_overrides(config, &store) {
                 Ok(config) => config,
                 Err(why) => return invalid_usage(&why),
             };
             block_on(async move {
-                let store = match open_store(&config, store.redis.as_deref()).await {
+                let store = match open_store(&config).await {
                     Ok(store) => store,
                     Err(code) => return code,
                 };
@@ -129,7 +157,7 @@ pub fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("error: {error}");
-                        ExitCode::FAILURE
+                        error.exit().into()
                     }
                 }
             })
@@ -137,14 +165,18 @@ pub fn main() -> ExitCode {
         Command::Clients { store, command } => {
             let config = match store_config(&store) {
                 Ok(config) => config,
-                Err(error) => return invalid_config(&error),
+                Err(code) => return code,
+            };
+            let config = match with_store_overrides(config, &store) {
+                Ok(config) => config,
+                Err(why) => return invalid_usage(&why),
             };
             block_on(async move {
-                let opened = match open_store(&config, store.redis.as_deref()).await {
+                let opened = match open_store(&config).await {
                     Ok(opened) => opened,
                     Err(code) => return code,
                 };
-                let redis = key_redis_extras(&config, store.redis.as_deref());
+                let redis = key_redis_extras(&opened);
                 match clients::run(command, opened, redis).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
@@ -157,7 +189,7 @@ pub fn main() -> ExitCode {
         Command::Usage(args) => {
             let config = match store_config(&args.store) {
                 Ok(config) => config,
-                Err(error) => return invalid_config(&error),
+                Err(code) => return code,
             };
             let config = match with_store_overrides(config, &args.store) {
                 Ok(config) => config,
@@ -165,6 +197,48 @@ pub fn main() -> ExitCode {
             };
             block_on(usage::run(args, &config))
         }
+    }
+}
+
+/// `keygate check`: the file, the store override, and with `--env` what
+/// `serve` reads from the environment.
+fn check(args: &CheckArgs) -> ExitCode {
+    let purpose = if args.env { Purpose::Serve } else { Purpose::Inspect };
+    let path = &args.config.config;
+    let config = match load(path, purpose, args.store.redis.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    eprintln!(
+        "{}: OK ({} routes, {} upstreams; store: {}){}",
+        path.display(),
+        config.routes.len(),
+        config.upstreams.len(),
+        describe_store(&config.store),
+        if args.env { "" } else { "; the environment was not checked (--env checks it)" },
+    );
+    ExitCode::SUCCESS
+}
+
+/// Loads `path` for `purpose` and applies `--redis`/`KEYGATE_REDIS_URL`;
+/// either failing is a usage error (exit 2), reported here.
+fn load(path: &Path, purpose: Purpose, redis: Option<&str>) -> Result<Config, ExitCode> {
+    let mut config = Config::load_for(path, purpose).map_err(|error| invalid_config(&error))?;
+    if let Some(url) = redis {
+        config.use_redis(url).map_err(|why| {
+            eprintln!("error: --redis / KEYGATE_REDIS_URL: {why}");
+            ExitCode::from(Exit::Usage)
+        })?;
+    }
+    Ok(config)
+}
+
+/// The store in a line for people: the kind, and where (a Redis URL with
+/// its password replaced).
+fn describe_store(store: &StoreConfig) -> String {
+    match store {
+        StoreConfig::File { dir } => format!("file {}", dir.display()),
+        StoreConfig::Redis { url, prefix, .. } => format!("redis {} prefix {prefix}", redact_url(url)),
     }
 }
 
@@ -178,17 +252,14 @@ pub struct RedisTarget {
 }
 
 /// The Redis (URL, TLS files and key prefix) that usage and the audit trail
-/// live in: `--redis`/`KEYGATE_REDIS_URL`, else the config's Redis store.
-/// `None` when the store is the file store and no Redis is given.
-pub fn redis_target(config: &Config, redis: Option<&str>) -> Option<RedisTarget> {
-    let (prefix, tls) = match &config.store {
-        StoreConfig::Redis { prefix, tls, .. } => (prefix.clone(), tls.clone()),
-        StoreConfig::File { .. } => (store::redis::DEFAULT_PREFIX.to_owned(), RedisTls::default()),
-    };
-    match (redis, &config.store) {
-        (Some(url), _) => Some(RedisTarget { url: url.to_owned(), tls, prefix }),
-        (None, StoreConfig::Redis { url, .. }) => Some(RedisTarget { url: url.clone(), tls, prefix }),
-        (None, StoreConfig::File { .. }) => None,
+/// live in: the store's, once `--redis`/`KEYGATE_REDIS_URL` and the TLS
+/// overrides have been applied. `None` for the file store.
+pub fn redis_target(config: &Config) -> Option<RedisTarget> {
+    match &config.store {
+        StoreConfig::Redis { url, prefix, tls } => {
+            Some(RedisTarget { url: url.clone(), tls: tls.clone(), prefix: prefix.clone() })
+        }
+        StoreConfig::File { .. } => None,
     }
 }
 
@@ -249,30 +320,41 @@ fn key_redis_extras(store: &SharedStore) -> Option<keys::RedisExtras> {
 
 fn invalid_config(error: &ConfigError) -> ExitCode {
     eprintln!("error: {error}");
-    ExitCode::from(EXIT_INVALID_CONFIG)
+    ExitCode::from(Exit::Usage)
 }
 
 fn invalid_usage(why: &str) -> ExitCode {
     eprintln!("error: {why}");
-    ExitCode::from(EXIT_INVALID_CONFIG)
+    ExitCode::from(Exit::Usage)
 }
 
 /// The config a store command runs with: the named file, or `./gateway.toml`,
-/// or (with `--redis` and no file at all) the defaults.
-fn store_config(args: &StoreArgs) -> Result<Config, ConfigError> {
+/// or (with `--redis` and no file at all) the defaults; then the override.
+/// The environment is not read: these commands do not serve.
+fn store_config(args: &StoreArgs) -> Result<Config, ExitCode> {
+    let redis = args.redis.as_deref();
     match &args.config {
-        Some(path) => Config::load(path),
-        None if Path::new("gateway.toml").exists() || args.redis.is_none() => {
-            Config::load(Path::new("gateway.toml"))
+        Some(path) => load(path, Purpose::Inspect, redis),
+        None if Path::new("gateway.toml").exists() || redis.is_none() => {
+            load(Path::new("gateway.toml"), Purpose::Inspect, redis)
         }
-        None => Ok(Config::defaults()),
+        None => {
+            let mut config = Config::defaults();
+            if let Some(url) = redis {
+                config.use_redis(url).map_err(|why| {
+                    eprintln!("error: --redis / KEYGATE_REDIS_URL: {why}");
+                    ExitCode::from(Exit::Usage)
+                })?;
+            }
+            Ok(config)
+        }
     }
 }
 
-async fn open_store(config: &Config, redis: Option<&str>) -> Result<SharedStore, ExitCode> {
-    store::open(&config.store, redis).await.map_err(|error| {
+async fn open_store(config: &Config) -> Result<SharedStore, ExitCode> {
+    store::open(&config.store, None).await.map_err(|error| {
         eprintln!("error: {error}");
-        ExitCode::FAILURE
+        ExitCode::from(Exit::Failure)
     })
 }
 
@@ -286,13 +368,31 @@ fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-fn serve(path: &Path) -> ExitCode {
+fn serve(args: &ServeArgs) -> ExitCode {
+    let path = args.config.config.as_path();
+    let redis = args.store.redis.as_deref();
     // Validate before anything else: an invalid config never binds a port.
-    let config = match Config::load(path) {
+    let config = match load(path, Purpose::Serve, redis) {
         Ok(config) => config,
-        Err(error) => return invalid_config(&error),
+        Err(code) => return code,
     };
     crate::telemetry::init(&config.log);
+    // What this process runs, in one line an operator can check: the
+    // version, the file, and the store (where it came from, its URL with
+    // any password replaced).
+    let store_from = match redis {
+        None => "config",
+        Some(url) if std::env::var("KEYGATE_REDIS_URL").is_ok_and(|env| env == url) => "KEYGATE_REDIS_URL",
+        Some(_) => "--redis",
+    };
+    let store = describe_store(&config.store);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %path.display(),
+        store = store.as_str(),
+        store_from,
+        "keygate starting"
+    );
     // Every connection is a file descriptor: lift the soft limit to the hard
     // one, as nginx's worker_rlimit_nofile does, so a default of 1024 does
     // not cap the gateway's connections.
@@ -355,7 +455,8 @@ fn serve(path: &Path) -> ExitCode {
             None => None,
         };
         let gateway = Gateway::new(config, store);
-        let reloader = Reloader::new(path.to_owned(), Arc::clone(&gateway));
+        let reloader =
+            Reloader::with_store_override(path.to_owned(), Arc::clone(&gateway), redis.map(str::to_owned));
         // The bound address, not the configured one: port 0 picks a free
         // port, and tests read the address from this line.
         let address = listeners[0].local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());

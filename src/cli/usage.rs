@@ -12,6 +12,8 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 
 use super::StoreArgs;
+use super::exit::Exit;
+use super::table::Align;
 use crate::config::Config;
 use crate::usage::{self, ANONYMOUS, Counts, Granularity, UsageQuery, UsageReport};
 
@@ -76,18 +78,17 @@ pub(crate) fn client_flag(s: &str) -> Result<String, String> {
 
 /// Runs `keygate usage`: reads the report from the store's Redis and prints it.
 pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
-    let Some(target) = super::redis_target(config, args.store.redis.as_deref()) else {
-        eprintln!(
-            "error: usage is kept in Redis; give --redis URL (or KEYGATE_REDIS_URL), or a config whose [store] is Redis"
-        );
-        return ExitCode::from(super::EXIT_INVALID_CONFIG);
+    // The same usage error (exit 2) as `keys audit` on the file store.
+    let Some(target) = super::redis_target(config) else {
+        eprintln!("error: {}", super::keys::CliError::NeedsRedis("usage"));
+        return Exit::Usage.into();
     };
     let now = Timestamp::now();
     let since = match args.since.resolve(now) {
         Ok(since) => since,
         Err(why) => {
             eprintln!("error: --since: {why}");
-            return ExitCode::from(super::EXIT_INVALID_CONFIG);
+            return Exit::Usage.into();
         }
     };
     let query = UsageQuery { client: args.client, since, until: now, by: args.by };
@@ -99,7 +100,7 @@ pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
         Ok(report) => report,
         Err(usage::UsageError::Invalid(why)) => {
             eprintln!("error: {why}");
-            return ExitCode::from(super::EXIT_INVALID_CONFIG);
+            return Exit::Usage.into();
         }
         Err(error) => {
             eprintln!("error: cannot read usage: {error}");
@@ -141,34 +142,17 @@ const HEADER: [&str; 14] = [
 
 /// One row per client and bucket, then a `TOTAL` row (client `*`).
 pub fn print_table(report: &UsageReport, out: &mut impl Write) -> io::Result<()> {
-    let mut rows: Vec<[String; 14]> = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for client in &report.clients {
         for bucket in &client.buckets {
-            rows.push(row(bucket_label(report.by, bucket.start), &client.client, &bucket.counts));
+            rows.push(row(bucket_label(report.by, bucket.start), &client.client, &bucket.counts).into());
         }
     }
-    rows.push(row("TOTAL".to_owned(), "*", &report.totals));
-
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let header = HEADER.map(str::to_owned);
-    for row in std::iter::once(&header).chain(&rows) {
-        let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            // Text left, numbers right.
-            if i < 2 {
-                line.push_str(&format!("{cell:<width$}  "));
-            } else {
-                line.push_str(&format!("{cell:>width$}  "));
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
+    rows.push(row("TOTAL".to_owned(), "*", &report.totals).into());
+    // Text left, numbers right.
+    let mut align = [Align::Right; HEADER.len()];
+    align[..2].fill(Align::Left);
+    super::table::write(out, &HEADER, &rows, &align)
 }
 
 fn row(bucket: String, client: &str, c: &Counts) -> [String; 14] {

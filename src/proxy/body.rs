@@ -11,6 +11,10 @@
 //! upstream's response timeout starts once the request is sent in full, so a
 //! slow but steady upload is not cut off as an upstream timeout.
 //!
+//! Under it, [`CountedBody`] counts the bytes actually read from the client,
+//! for usage's `bytes_in`: a chunked upload declares no length, and what
+//! hyper knows of it when the head arrives is only a lower bound.
+//!
 //! A request with no body (the common GET) costs nothing extra: no timer,
 //! no shared state; both are made only when a body actually has to wait.
 
@@ -83,9 +87,54 @@ impl Progress {
     }
 }
 
+/// The client's body as read from the connection, counting its data bytes
+/// into a counter the metering phase reads once the request is over.
+#[derive(Debug)]
+pub struct CountedBody {
+    body: Incoming,
+    /// `None` for a request that has no body: nothing to count, and no
+    /// allocation for the common GET.
+    read: Option<Arc<AtomicU64>>,
+}
+
+impl CountedBody {
+    /// Wraps `body`; the counter is `None` when the body is empty from the start.
+    pub fn new(body: Incoming) -> (Self, Option<Arc<AtomicU64>>) {
+        let read = (!body.is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
+        (Self { body, read: read.clone() }, read)
+    }
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Both fields are `Unpin`, so no projection is needed.
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(read)) = (&polled, &self.read)
+            && let Some(data) = frame.data_ref()
+        {
+            read.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The request body as forwarded upstream; see the module doc.
 pub struct RequestBody {
-    body: Incoming,
+    body: CountedBody,
     /// Bytes still allowed under `max_body` (`u64::MAX` when unlimited).
     left: u64,
     limits: BodyLimits,
@@ -99,7 +148,7 @@ pub struct RequestBody {
 impl RequestBody {
     /// Wraps `body`; the [`Progress`] is `None` when there is no body to send
     /// (the request is sent once its head is).
-    pub fn new(body: Incoming, limits: &BodyLimits, started: Instant) -> (Self, Option<Arc<Progress>>) {
+    pub fn new(body: CountedBody, limits: &BodyLimits, started: Instant) -> (Self, Option<Arc<Progress>>) {
         let progress = (!body.is_end_stream()).then(|| Arc::new(Progress::new(started)));
         let wrapped = Self {
             body,

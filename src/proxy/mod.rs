@@ -14,11 +14,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 
 use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
 use crate::error::GatewayError;
-pub use body::{ClientBodyError, RequestBody};
+pub use body::{ClientBodyError, CountedBody, RequestBody};
 pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
 pub mod body;
@@ -276,7 +275,7 @@ impl UpstreamPool {
     /// here, before anything is sent; a chunked one is cut off when it crosses it.
     pub async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<CountedBody>,
         sent: tokio::time::Instant,
         limits: &BodyLimits,
     ) -> Result<Response<PooledBody>, GatewayError> {

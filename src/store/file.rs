@@ -45,6 +45,22 @@
 //! looks again, so a key issued by the CLI a moment ago is served on its first
 //! request. A flood of unknown keys costs one `stat` of the folder each.
 //!
+//! A write through this store (the CLI, the admin API) must hold for the very
+//! next request on every gateway sharing the folder, which neither the
+//! watcher (debounced, asynchronous) nor the folder's modification time (a
+//! coarse clock tick: two writes in one tick look like one) can promise. So
+//! every write, once its file is renamed into place, appends one byte to the
+//! hidden marker file [`MARKER`]: its length only grows, and one `stat` of it
+//! tells whether anyone wrote since this process last read the folder.
+//! [`KeyStore::version`] does that `stat` on every verification and answers
+//! [`StoreVersion::Behind`] if the marker moved; the verifier then calls
+//! [`KeyStore::catch_up`], which reloads the folder before the request is
+//! answered, and re-checks every cached record filled at an older version.
+//! The marker grows by one byte per write; deleting it is harmless while no
+//! `keygate keys` command runs (it is recreated by the next write). Hand
+//! edits do not touch it: they take effect through the watcher, within about
+//! [`DEBOUNCE`].
+//!
 //! A file that does not parse is skipped with a warning naming it; the rest
 //! keep being served. Files that do not end in `.toml`, hidden files
 //! (including our temporaries) and `README*` are ignored.
@@ -58,6 +74,7 @@ use std::io::Write;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -67,7 +84,7 @@ use notify::Watcher;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast, mpsc};
 
-use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
+use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError, StoreVersion};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{CreditGrant, KeyMeta, KeyStatus, Quota, Rate, Refill};
@@ -75,6 +92,10 @@ use crate::meta::{CreditGrant, KeyMeta, KeyStatus, Quota, Rate, Refill};
 /// Quiet time after the last change event before reloading: an editor's save
 /// or a `cp` of many files arrives as a burst of events.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The marker file every write appends one byte to (see the module doc).
+/// Hidden, so loads and the watcher ignore it.
+pub const MARKER: &str = ".keygate-writes";
 
 /// See the Redis store: a receiver this far behind sees `Lagged`.
 const INVALIDATION_BUFFER: usize = 1024;
@@ -110,6 +131,33 @@ struct Shared {
     /// listing it, so a change made during a load is seen as a change).
     /// `None` if the file system gives none: then only the watcher reloads.
     loaded_modified: std::sync::Mutex<Option<SystemTime>>,
+    /// The path of [`MARKER`] in `dir`.
+    marker: PathBuf,
+    /// The marker's stamp when the folder was last read (taken before
+    /// listing it). Stored only after the index it led to, so a reader that
+    /// finds the marker unchanged also finds that index. An `ArcSwap`: read
+    /// on every verification, without a lock.
+    loaded_marker: ArcSwap<Option<Stamp>>,
+    /// Moves whenever the index changes (a write here, a reload that found
+    /// changes): cache entries filled at another version are re-checked.
+    version: AtomicU64,
+}
+
+/// What one `stat` of the marker tells: its length grows with every write;
+/// the inode and time catch a marker deleted and written anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+/// What is read before listing the folder, so that a change made during the
+/// listing is seen as a change the next time.
+#[derive(Debug, Clone, Copy)]
+struct Before {
+    modified: Option<SystemTime>,
+    marker: Option<Stamp>,
 }
 
 /// All records, by hash (verification) and by ID (administration), and
@@ -147,7 +195,8 @@ impl FileStore {
     /// Must be called within a Tokio runtime (it spawns the reload task).
     pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir = dir.into();
-        let modified = folder_modified(&dir).await;
+        let marker = dir.join(MARKER);
+        let before = Before { modified: folder_modified(&dir).await, marker: marker_stamp(&marker) };
         let (index, skipped) = load_dir_blocking(&dir).await?;
         warn_skipped(&skipped);
         tracing::debug!(dir = %dir.display(), keys = index.by_hash.len(), "file key store loaded");
@@ -158,7 +207,10 @@ impl FileStore {
             index: ArcSwap::from_pointee(index),
             write_lock: Mutex::new(()),
             invalidations,
-            loaded_modified: std::sync::Mutex::new(modified),
+            loaded_modified: std::sync::Mutex::new(before.modified),
+            marker,
+            loaded_marker: ArcSwap::from_pointee(before.marker),
+            version: AtomicU64::new(0),
         });
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -184,8 +236,9 @@ impl FileStore {
         self.shared.reload().await
     }
 
-    /// Writes `record`'s file and swaps the new index in; the caller has
-    /// checked the write is allowed and holds the write lock.
+    /// Writes `record`'s file, announces the write in the marker, and swaps
+    /// the new index in; the caller has checked the write is allowed and
+    /// holds the write lock.
     async fn write_locked(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let text = to_toml(record)?;
         let dir = self.shared.dir.clone();
@@ -194,10 +247,21 @@ impl FileStore {
             .await
             .map_err(|e| self.unavailable(format!("writing {}: {e}", record.id)))?;
         written.map_err(|e| self.unavailable(format!("writing {}: {e}", file_name(&record.id))))?;
+        // After the rename: a reader that sees the marker move then finds
+        // the file. Failing here is an error although the file is written:
+        // other gateways would otherwise serve the old record until the
+        // watcher's reload, and the caller must hear of that.
+        bump_marker(&self.shared.marker).map_err(|e| {
+            self.unavailable(format!(
+                "{} is written, but {MARKER} could not be updated ({e}); running gateways see the change only once their folder watch reloads",
+                file_name(&record.id)
+            ))
+        })?;
 
         let mut index = Index::clone(&self.shared.index.load());
         index.add(record.clone());
         self.shared.index.store(Arc::new(index));
+        self.shared.version.fetch_add(1, Ordering::AcqRel);
         let _ = self.shared.invalidations.send(Invalidation::Key(record.secret_hash));
         Ok(())
     }
@@ -345,6 +409,29 @@ impl KeyStore for FileStore {
             Err(e) => Err(self.unavailable(e.to_string())),
         }
     }
+
+    /// One `stat` of the marker, a load of the stamp it is compared with,
+    /// and (when current) of the version: the cost every request with a key
+    /// pays on this store (`cargo bench --bench verify`).
+    fn version(&self) -> StoreVersion {
+        let shared = &self.shared;
+        if marker_stamp(&shared.marker) != **shared.loaded_marker.load() {
+            return StoreVersion::Behind;
+        }
+        StoreVersion::At(shared.version.load(Ordering::Acquire))
+    }
+
+    async fn catch_up(&self) -> Result<u64, StoreError> {
+        let shared = &self.shared;
+        let _writer = shared.write_lock.lock().await;
+        // Checked again under the lock: of many requests that saw the same
+        // write, the first reloads and the others find it done.
+        let before = shared.before().await;
+        if before.marker != **shared.loaded_marker.load() {
+            shared.reload_locked(before).await?;
+        }
+        Ok(shared.version.load(Ordering::Acquire))
+    }
 }
 
 // === Reloading ===
@@ -352,7 +439,13 @@ impl KeyStore for FileStore {
 impl Shared {
     async fn reload(&self) -> Result<Vec<SkippedFile>, StoreError> {
         let _writer = self.write_lock.lock().await;
-        self.reload_locked(folder_modified(&self.dir).await).await
+        let before = self.before().await;
+        self.reload_locked(before).await
+    }
+
+    /// The folder's modification time and the marker's stamp, read now.
+    async fn before(&self) -> Before {
+        Before { modified: folder_modified(&self.dir).await, marker: marker_stamp(&self.marker) }
     }
 
     /// Reloads if the folder's modification time moved since the last load;
@@ -364,25 +457,27 @@ impl Shared {
             return Ok(false);
         }
         let _writer = self.write_lock.lock().await;
-        let now = folder_modified(&self.dir).await;
-        if !changed(now) {
+        let before = self.before().await;
+        if !changed(before.modified) {
             return Ok(true); // another lookup reloaded meanwhile
         }
-        self.reload_locked(now).await.map(|_| true)
+        self.reload_locked(before).await.map(|_| true)
     }
 
-    /// Reads the folder and swaps the new index in if it differs; `modified`
-    /// is the folder's modification time read before. The caller holds the
-    /// write lock.
-    async fn reload_locked(&self, modified: Option<SystemTime>) -> Result<Vec<SkippedFile>, StoreError> {
+    /// Reads the folder and swaps the new index in if it differs; `before`
+    /// was read before. The caller holds the write lock.
+    async fn reload_locked(&self, before: Before) -> Result<Vec<SkippedFile>, StoreError> {
         let (index, skipped) = load_dir_blocking(&self.dir).await?;
-        *self.modified_lock() = modified;
+        *self.modified_lock() = before.modified;
         warn_skipped(&skipped);
         if **self.index.load() != index {
             tracing::info!(dir = %self.dir.display(), keys = index.by_hash.len(), "key folder changed; reloaded");
             self.index.store(Arc::new(index));
+            self.version.fetch_add(1, Ordering::AcqRel);
             let _ = self.invalidations.send(Invalidation::All);
         }
+        // Last: whoever finds the marker current must find this index.
+        self.loaded_marker.store(Arc::new(before.marker));
         Ok(skipped)
     }
 
@@ -395,6 +490,26 @@ impl Shared {
 /// The folder's modification time, if the file system keeps one.
 async fn folder_modified(dir: &Path) -> Option<SystemTime> {
     tokio::fs::metadata(dir).await.and_then(|meta| meta.modified()).ok()
+}
+
+/// The marker's stamp, `None` while it does not exist. A synchronous
+/// `stat`: it runs on every verification, where a trip through the blocking
+/// pool would cost far more than the call.
+fn marker_stamp(marker: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(marker).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp { len: meta.len(), modified: meta.modified().ok(), inode })
+}
+
+/// Appends one byte to the marker, creating it if needed. An append is one
+/// `write` at the end whatever other processes do, so two writers never
+/// leave it at a length a reader has already seen.
+fn bump_marker(marker: &Path) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new().append(true).create(true).open(marker)?;
+    file.write_all(b".")
 }
 
 /// Watches `dir` (not recursively); every relevant event becomes a `()` on `events`.

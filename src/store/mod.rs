@@ -62,6 +62,19 @@ pub enum Invalidation {
     All,
 }
 
+/// What [`KeyStore::version`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreVersion {
+    /// The store keeps no version: changes arrive as invalidations only.
+    Untracked,
+    /// The records are at this version; a cache entry filled at another
+    /// version must be checked again.
+    At(u64),
+    /// Another writer changed the records since this process last read
+    /// them: call [`KeyStore::catch_up`] before answering from a cache.
+    Behind,
+}
+
 /// Why a store call failed. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -155,6 +168,25 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Cheap liveness probe for `/readyz` and for recovery after an outage.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Where this store's records stand, asked on every verification before
+    /// the verifier trusts its cache. A store whose writers reach readers
+    /// only through [`KeyStore::subscribe`] (Redis: pub/sub) answers
+    /// [`StoreVersion::Untracked`], the default, at no cost. The file store
+    /// answers a number that moves with every change to its records, and
+    /// [`StoreVersion::Behind`] when another process wrote since it last
+    /// read the folder: its readers then [`KeyStore::catch_up`] first, so a
+    /// CLI revocation holds for the very next request. Synchronous and
+    /// cheap (the file store: one `stat`), since every request pays it.
+    fn version(&self) -> StoreVersion {
+        StoreVersion::Untracked
+    }
+
+    /// Reads what [`KeyStore::version`] said this store is behind on, and
+    /// returns the version it is at now. Concurrent callers share one reload.
+    async fn catch_up(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 
     /// The Redis this store lives in, if any. Quotas, shared rate limits and
     /// usage counters are kept beside the keys, under the same prefix.

@@ -191,9 +191,21 @@ pub async fn read_audit(
     Ok(records)
 }
 
-/// The CLI's actor name: `cli:$USER` (or `cli:unknown`).
+/// The CLI's actor name: `cli:$USER` (or `$LOGNAME`); where neither is set
+/// (cron, systemd units, containers), the account name the OS has for the
+/// process's user ID; failing that, `cli:uid:N`.
 pub fn cli_actor() -> String {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    let user: String = user.chars().filter(|c| !c.is_control()).collect();
-    if user.is_empty() { "cli:unknown".to_owned() } else { format!("cli:{user}") }
+    let env = |name| std::env::var(name).ok().map(|v| clean(&v)).filter(|v| !v.is_empty());
+    let account = || {
+        let uid = nix::unistd::getuid();
+        let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|user| clean(&user.name));
+        name.filter(|n| !n.is_empty()).unwrap_or_else(|| format!("uid:{uid}"))
+    };
+    let user = env("USER").or_else(|| env("LOGNAME")).unwrap_or_else(account);
+    format!("cli:{user}")
+}
+
+/// A user name as the trail holds it: no control characters.
+fn clean(name: &str) -> String {
+    name.chars().filter(|c| !c.is_control()).collect()
 }
