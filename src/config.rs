@@ -840,7 +840,7 @@ impl RawConfig {
         }
 
         let env = |name: &str| std::env::var(name).ok();
-        let env: Option<&dyn Fn(&str) -> Option<String>> = match purpose {
+        let env: Option<&EnvLookup<'_>> = match purpose {
             Purpose::Serve => Some(&env),
             Purpose::Inspect => None,
         };
@@ -854,15 +854,14 @@ impl RawConfig {
     }
 }
 
+/// Reads one environment variable (the process's, or a test's table).
+type EnvLookup<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
 /// `[admin]`: off without `listen`; with it, exactly one of `token` and
 /// `token_env` (read through `env`, so tests need not touch the process
 /// environment; `None`: not read at all, see [`Purpose::Inspect`]).
 /// Messages never quote the token.
-fn validate_admin(
-    p: &mut Problems,
-    raw: RawAdmin,
-    env: Option<&dyn Fn(&str) -> Option<String>>,
-) -> Option<AdminConfig> {
+fn validate_admin(p: &mut Problems, raw: RawAdmin, env: Option<&EnvLookup<'_>>) -> Option<AdminConfig> {
     let Some(listen_text) = raw.listen else {
         for (field, set) in [
             ("token", raw.token.is_some()),
