@@ -177,8 +177,10 @@ async fn serve(
         scope::check(&record.meta.scopes, route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
-        // 5. Limits: quota and rate, all or nothing; refusals carry the headers.
-        let admission = gateway.limits.admit(&record, route.cost, &live.config.limits).await?;
+        // 5. Limits: quota and rate of every subject (the key; its client's
+        // shared limits join here), all or nothing; refusals carry the headers.
+        let subjects = [limit::Subject::key(&record)];
+        let admission = gateway.limits.admit(&subjects, route.cost, &live.config.limits).await?;
 
         caller = Some((record, admission));
     }

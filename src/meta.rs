@@ -13,6 +13,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::key::KeyId;
+
 /// Everything a store keeps about a key besides its identity and hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyMeta {
@@ -32,6 +34,11 @@ pub struct KeyMeta {
     pub created_at: Timestamp,
     /// When this key was last rotated (it is then the old key, living out its grace).
     pub rotated_at: Option<Timestamp>,
+    /// The key ID whose counters this key spends (its quota, rate and
+    /// credits): set by a rotation to the old key's counter identity, so the
+    /// old and the new key share one budget, during the grace and after.
+    /// `None` means the key's own ID. Always a key of the same client.
+    pub counts_as: Option<KeyId>,
 }
 
 impl KeyMeta {
@@ -49,6 +56,7 @@ impl KeyMeta {
             status: KeyStatus::Active,
             created_at: now,
             rotated_at: None,
+            counts_as: None,
         }
     }
 

@@ -383,12 +383,24 @@ struct KeyFile {
     created_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotated_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counts_as: Option<KeyId>,
 }
 
 impl From<&KeyRecord> for KeyFile {
     fn from(r: &KeyRecord) -> Self {
-        let KeyMeta { scopes, rate, burst, quota, expires_at, label, status, created_at, rotated_at } =
-            r.meta.clone();
+        let KeyMeta {
+            scopes,
+            rate,
+            burst,
+            quota,
+            expires_at,
+            label,
+            status,
+            created_at,
+            rotated_at,
+            counts_as,
+        } = r.meta.clone();
         Self {
             id: r.id.clone(),
             secret_hash: r.secret_hash,
@@ -401,6 +413,7 @@ impl From<&KeyRecord> for KeyFile {
             status,
             created_at,
             rotated_at,
+            counts_as,
         }
     }
 }
@@ -417,6 +430,7 @@ impl From<KeyFile> for KeyRecord {
             status: f.status,
             created_at: f.created_at,
             rotated_at: f.rotated_at,
+            counts_as: f.counts_as,
         };
         Self { id: f.id, secret_hash: f.secret_hash, meta }
     }
@@ -445,6 +459,12 @@ fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
     })?;
     if file.id != *expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
+    }
+    // A key spends only its own client's budgets.
+    if let Some(counts_as) = &file.counts_as
+        && counts_as.client() != file.id.client()
+    {
+        return Err(format!("`counts_as = \"{counts_as}\"` names a key of another client"));
     }
     Ok(file.into())
 }

@@ -539,6 +539,7 @@ fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
         ("expires_at", meta.expires_at.map(|t| t.as_second().to_string())),
         ("label", meta.label.clone()),
         ("rotated_at", meta.rotated_at.map(|t| t.as_second().to_string())),
+        ("counts_as", meta.counts_as.as_ref().map(KeyId::to_string)),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
     fields
@@ -568,6 +569,11 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
         status: fields.parse("status", str::parse::<KeyStatus>)?,
         created_at: fields.parse("created_at", unix_seconds)?,
         rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
+        counts_as: fields.parse_optional("counts_as", |s| match s.parse::<KeyId>() {
+            Ok(counts_as) if counts_as.client() == id.client() => Ok(counts_as),
+            Ok(_) => Err("names a key of another client".to_owned()),
+            Err(e) => Err(e.to_string()),
+        })?,
     };
     Ok(KeyRecord { id, secret_hash, meta })
 }
