@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use keygate::config::Config;
 use keygate::key::{KeyId, SecretHash};
-use keygate::limit::{Limits, Subject};
 use keygate::limit::rate::LocalRates;
+use keygate::limit::{Limits, Subject};
 use keygate::meta::{KeyMeta, Rate};
 use keygate::store::KeyRecord;
 

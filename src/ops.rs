@@ -521,10 +521,12 @@ mod tests {
     async fn rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the_old_exactly_the_new_grace() {
         let store = MemStore::new();
         let first = issue(&store, P, "c", changes("quota=100/day"), now()).await.unwrap();
-        let second = rotate(&store, &first.record.id, Duration::from_secs(3600), None, P, now()).await.unwrap();
+        let second =
+            rotate(&store, &first.record.id, Duration::from_secs(3600), None, P, now()).await.unwrap();
         // The first key is in its one-hour grace; rotate it again, with a day.
         let later = now() + SignedDuration::from_mins(10);
-        let third = rotate(&store, &first.record.id, Duration::from_secs(86_400), None, P, later).await.unwrap();
+        let third =
+            rotate(&store, &first.record.id, Duration::from_secs(86_400), None, P, later).await.unwrap();
         assert_eq!(third.record.meta.expires_at, None);
         let first_now = store.get(&first.record.id).await.unwrap().unwrap();
         assert_eq!(first_now.meta.expires_at, Some(later + SignedDuration::from_hours(24)));
@@ -548,7 +550,8 @@ mod tests {
         let at = now() + SignedDuration::from_hours(48);
         let new = rotate(&store, &old.record.id, Duration::from_secs(60), Some(at), P, now()).await.unwrap();
         assert_eq!(new.record.meta.expires_at, Some(at));
-        let err = rotate(&store, &new.record.id, Duration::from_secs(60), Some(now()), P, now()).await.unwrap_err();
+        let err =
+            rotate(&store, &new.record.id, Duration::from_secs(60), Some(now()), P, now()).await.unwrap_err();
         assert!(matches!(&err, OpsError::Invalid { field, .. } if field == "expires"), "{err:?}");
         assert_eq!(store.len(), 2, "nothing was written");
     }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use jiff::Timestamp;
-use keygate::limit::quota::{QuotaDecision, Quotas};
 use keygate::limit::SubjectKind;
+use keygate::limit::quota::{QuotaDecision, Quotas};
 use keygate::limit::rate::RateDecision;
 use keygate::limit::shared::{LimitKeys, MicrosClock, RedisQuotaAuthority, SharedRates};
 use keygate::meta::{Quota, Rate};
@@ -163,7 +163,8 @@ async fn quota_is_exact_across_three_instances_under_concurrent_clients() {
         clients.push(tokio::spawn(async move {
             let mut taken = 0u64;
             for _ in 0..50 {
-                if let QuotaDecision::Taken { .. } = quotas.take(SubjectKind::Key, "acme.k1", quota, nz(1), now).await.unwrap()
+                if let QuotaDecision::Taken { .. } =
+                    quotas.take(SubjectKind::Key, "acme.k1", quota, nz(1), now).await.unwrap()
                 {
                     taken += 1;
                 }

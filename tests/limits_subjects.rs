@@ -25,14 +25,18 @@ fn config(mode: LimitMode) -> LimitsConfig {
     config
 }
 
+/// A connection whose replies may take up to 5 s (not the crate's 500 ms):
+/// these tests run three redis-servers and 90 tasks at once on a shared
+/// machine, and a slow reply must not turn into an outage decision.
 async fn connection(redis: &RedisServer) -> ConnectionManager {
     let client = redis::Client::open(redis.url()).unwrap();
-    ConnectionManager::new(client).await.unwrap()
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(5)));
+    ConnectionManager::new_with_config(client, config).await.unwrap()
 }
 
 /// `n` gateway instances' limits, sharing `redis`.
 async fn instances(redis: &RedisServer, n: usize, mode: LimitMode) -> Vec<Arc<Limits>> {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
     let mut all = Vec::new();
     for _ in 0..n {
         all.push(Arc::new(Limits::new(&config(mode), Some((connection(redis).await, "kg:")))));
@@ -125,12 +129,14 @@ async fn a_client_quota_shared_by_its_keys(mode: LimitMode) {
 }
 
 #[tokio::test]
-async fn one_instance_local_mode_a_client_quota_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other() {
+async fn one_instance_local_mode_a_client_quota_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other()
+ {
     a_client_quota_shared_by_its_keys(LimitMode::Local).await;
 }
 
 #[tokio::test]
-async fn one_instance_shared_mode_a_client_quota_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other() {
+async fn one_instance_shared_mode_a_client_quota_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other()
+ {
     a_client_quota_shared_by_its_keys(LimitMode::Redis).await;
 }
 
@@ -157,12 +163,14 @@ async fn a_client_rate_shared_by_its_keys(mode: LimitMode) {
 }
 
 #[tokio::test]
-async fn one_instance_local_mode_a_client_rate_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other() {
+async fn one_instance_local_mode_a_client_rate_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other()
+{
     a_client_rate_shared_by_its_keys(LimitMode::Local).await;
 }
 
 #[tokio::test]
-async fn one_instance_shared_mode_a_client_rate_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other() {
+async fn one_instance_shared_mode_a_client_rate_is_shared_and_a_refusal_by_either_spends_nothing_of_the_other()
+ {
     a_client_rate_shared_by_its_keys(LimitMode::Redis).await;
 }
 
@@ -236,10 +244,8 @@ async fn three_instances_a_client_quota_is_exact_and_its_keys_refusals_spend_non
     // Exactly the client's quota: the keys' refusals took none of it, and
     // the instances together took no more.
     assert_eq!(per_key.iter().sum::<usize>(), 120, "{per_key:?}");
-    let window = keygate::limit::quota::Window::containing(
-        keygate::meta::QuotaWindow::Day,
-        jiff::Timestamp::now(),
-    );
+    let window =
+        keygate::limit::quota::Window::containing(keygate::meta::QuotaWindow::Day, jiff::Timestamp::now());
     let counter: std::collections::HashMap<String, u64> =
         redis.query(redis::cmd("HGETALL").arg(format!("kg:{{acme}}:quota:_client:{}", window.id)));
     assert_eq!((counter["limit"], counter["granted"]), (120, 120));
@@ -249,8 +255,10 @@ async fn three_instances_a_client_quota_is_exact_and_its_keys_refusals_spend_non
 async fn three_instances_a_client_quota_refusal_spends_nothing_of_its_keys() {
     let redis = RedisServer::start();
     let limits = instances(&redis, 3, LimitMode::Redis).await;
-    let keys: Vec<Subject<'static>> =
-        six_keys(None, quota("30/day")).into_iter().map(|k| Subject { quota: quota("30/day"), ..k }).collect();
+    let keys: Vec<Subject<'static>> = six_keys(None, quota("30/day"))
+        .into_iter()
+        .map(|k| Subject { quota: quota("30/day"), ..k })
+        .collect();
     let per_key = hammer(&limits, &keys, acme(None, quota("60/day")), 40).await;
     assert_eq!(per_key.iter().sum::<usize>(), 60, "{per_key:?}");
     // The client's quota raised: each key has exactly 30 minus what it got,

@@ -88,7 +88,8 @@ async fn the_cli_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the
 
     // A shorter grace is honoured too, and `--expires` gives the new key one.
     let third_id = third["id"].as_str().unwrap().to_owned();
-    let fourth = json(&run(keys(&["rotate", &third_id, "--grace", "10m", "--expires", "30d", "--json"])).await);
+    let fourth =
+        json(&run(keys(&["rotate", &third_id, "--grace", "10m", "--expires", "30d", "--json"])).await);
     assert!(about(at(&fourth["expires_at"]), Timestamp::now() + SignedDuration::from_hours(30 * 24)));
     assert_eq!(fourth["counts_as"], first_id.as_str(), "the whole line counts as the first key");
     let third_now = json(&run(keys(&["show", &third_id, "--json"])).await);
@@ -101,7 +102,8 @@ async fn the_cli_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the
 
 /// Regression (issue 16, defect 1), through the admin API.
 #[tokio::test]
-async fn the_admin_api_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the_old_exactly_the_new_grace() {
+async fn the_admin_api_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the_old_exactly_the_new_grace()
+ {
     let redis = RedisServer::start();
     let config = format!(
         "[store]\nkind = \"redis\"\nurl = \"{}\"\n{}\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
@@ -109,7 +111,8 @@ async fn the_admin_api_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_a
         common::admin::admin_section()
     );
     let (_gateway, admin) = common::admin::start(&config).await;
-    let issued = admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"acme","quota":"100/day"}"#)).await;
+    let issued =
+        admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"acme","quota":"100/day"}"#)).await;
     assert_eq!(issued.status, 201, "{}", issued.text());
     let id = issued.json()["id"].as_str().unwrap().to_owned();
     let rotate = |body: &'static str| {
@@ -128,7 +131,10 @@ async fn the_admin_api_rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_a
 
     let with_expiry = rotate(r#"{"grace":"5m","expires":"7d"}"#).await;
     assert_eq!(with_expiry.status, 201, "{}", with_expiry.text());
-    assert!(about(at(&with_expiry.json()["expires_at"]), Timestamp::now() + SignedDuration::from_hours(7 * 24)));
+    assert!(about(
+        at(&with_expiry.json()["expires_at"]),
+        Timestamp::now() + SignedDuration::from_hours(7 * 24)
+    ));
     let old = admin.call(Method::GET, &format!("/admin/keys/{id}"), None).await.json();
     assert!(about(at(&old["expires_at"]), Timestamp::now() + SignedDuration::from_mins(5)), "{old}");
 

@@ -135,7 +135,8 @@ pub async fn rotate(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
                 ("expires", Value::Null) => expires_at = None,
                 ("expires", Value::String(text)) if text == "never" => expires_at = None,
                 ("expires", Value::String(text)) => {
-                    expires_at = Some(meta::parse_expiry(&text, call.now).map_err(|e| meta_error("expires", e))?);
+                    expires_at =
+                        Some(meta::parse_expiry(&text, call.now).map_err(|e| meta_error("expires", e))?);
                 }
                 ("expires", _) => {
                     return Err(invalid("expires", "must be a string like \"30d\" or an RFC 3339 time"));

@@ -133,7 +133,8 @@ enum Rates {
     /// Shared through Redis, and this instance's share of each rate,
     /// enforced locally while Redis is unreachable.
     Shared {
-        shared: SharedRates,
+        /// Boxed: much larger than a local map, and only one per gateway.
+        shared: Box<SharedRates>,
         fallback: LocalRates,
     },
 }
@@ -231,7 +232,12 @@ impl Limits {
                 let rates = match config.mode {
                     LimitMode::Local => Rates::Local(LocalRates::new(max_keys, config.idle_eviction)),
                     LimitMode::Redis => Rates::Shared {
-                        shared: SharedRates::new(conn, keys, config.lease_fraction, config.lease_ttl),
+                        shared: Box::new(SharedRates::new(
+                            conn,
+                            keys,
+                            config.lease_fraction,
+                            config.lease_ttl,
+                        )),
                         fallback: LocalRates::new(max_keys, config.idle_eviction),
                     },
                 };
@@ -374,7 +380,8 @@ impl Limits {
                     tracing::debug!(%error, "shared rate unavailable; local share decides");
                     let mut shares = [rated[0]; MAX_SUBJECTS];
                     for (share, subject) in shares.iter_mut().zip(rated) {
-                        (share.rate, share.burst) = instance_share(subject.rate, subject.burst, live.instances);
+                        (share.rate, share.burst) =
+                            instance_share(subject.rate, subject.burst, live.instances);
                     }
                     Ok(fallback.check(&shares[..count], cost))
                 }
@@ -572,7 +579,13 @@ mod tests {
         let one = NonZeroU32::MIN;
         let key_quota: Quota = "5/day".parse().unwrap();
         let client_quota: Quota = "2/day".parse().unwrap();
-        let key = Subject { kind: SubjectKind::Key, id: "acme.k1", rate: None, burst: None, quota: Some(key_quota) };
+        let key = Subject {
+            kind: SubjectKind::Key,
+            id: "acme.k1",
+            rate: None,
+            burst: None,
+            quota: Some(key_quota),
+        };
         let client = Subject::client("acme", None, None, Some(client_quota));
         for _ in 0..2 {
             assert!(limits.admit(&[key, client], one, &live).await.is_ok());

@@ -122,6 +122,9 @@ impl Window {
 
 /// Where leases come from: hands out units of one subject's quota window
 /// (a key's, or a client's shared by its keys), each once.
+// The lease's inputs are distinct numbers each documented below; a struct
+// would only rename them.
+#[allow(clippy::too_many_arguments)]
 #[async_trait::async_trait]
 pub trait QuotaAuthority: Send + Sync + 'static {
     /// First counts `settle` units as granted (spent by this instance beyond
@@ -211,7 +214,8 @@ struct KeyQuota {
 
 impl Quotas {
     pub fn new(authority: Arc<dyn QuotaAuthority>, max_lease: u64, max_subjects: u64) -> Self {
-        let cache = || Cache::builder().max_capacity(max_subjects).time_to_idle(Duration::from_secs(3600)).build();
+        let cache =
+            || Cache::builder().max_capacity(max_subjects).time_to_idle(Duration::from_secs(3600)).build();
         Self {
             subjects: [cache(), cache()],
             authority,
@@ -273,18 +277,18 @@ impl Quotas {
             // Ask for at least what is missing, so a grant always completes
             // the request; a refusal (0) records how little is left.
             let want = self.max_lease.max(missing);
-            let lease = match self.authority.lease(kind, id, &window, quota.count, missing, want, settle).await
-            {
-                Ok(lease) => {
-                    self.outage.succeeded();
-                    lease
-                }
-                Err(LeaseError::Unreachable(error)) => {
-                    self.outage.failed(&error);
-                    return outage_spend(&state.local, &window, cost, allowance, now);
-                }
-                Err(LeaseError::Broken(error)) => return Err(error),
-            };
+            let lease =
+                match self.authority.lease(kind, id, &window, quota.count, missing, want, settle).await {
+                    Ok(lease) => {
+                        self.outage.succeeded();
+                        lease
+                    }
+                    Err(LeaseError::Unreachable(error)) => {
+                        self.outage.failed(&error);
+                        return outage_spend(&state.local, &window, cost, allowance, now);
+                    }
+                    Err(LeaseError::Broken(error)) => return Err(error),
+                };
             let mut local = lock(&state.local);
             if local.window_id == window.id {
                 local.available += lease.granted;
@@ -394,6 +398,9 @@ pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
 
 // === The in-process authority (file store, single instance) ===
 
+/// A rolling counter's units granted, by sub-bucket index.
+type SubBuckets = std::collections::BTreeMap<i64, u64>;
+
 /// Counts quota in this process only: the file store's single-instance mode.
 /// Counters start again when the process restarts.
 #[derive(Default)]
@@ -401,9 +408,7 @@ pub struct ProcessAuthority {
     /// Units granted per (subject, window).
     granted: Mutex<std::collections::HashMap<(SubjectKind, String, String), u64>>,
     /// Rolling windows: units granted per (subject, counter), by sub-bucket.
-    rolling: Mutex<
-        std::collections::HashMap<(SubjectKind, String, String), std::collections::BTreeMap<i64, u64>>,
-    >,
+    rolling: Mutex<std::collections::HashMap<(SubjectKind, String, String), SubBuckets>>,
 }
 
 #[async_trait::async_trait]
@@ -502,7 +507,8 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut taken = 0;
                 for _ in 0..100 {
-                    if let QuotaDecision::Taken { .. } = quotas.take(KEY, "k.1", quota, one(), now).await.unwrap()
+                    if let QuotaDecision::Taken { .. } =
+                        quotas.take(KEY, "k.1", quota, one(), now).await.unwrap()
                     {
                         taken += 1;
                     }
@@ -574,7 +580,10 @@ mod tests {
         let quotas = quotas();
         let now = at("2026-11-24T12:00:00Z");
         let small: Quota = "1/day".parse().unwrap();
-        assert!(matches!(quotas.take(KEY, "k.1", small, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
+        assert!(matches!(
+            quotas.take(KEY, "k.1", small, one(), now).await.unwrap(),
+            QuotaDecision::Taken { .. }
+        ));
         assert!(matches!(
             quotas.take(KEY, "k.1", small, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
@@ -622,7 +631,9 @@ mod tests {
         // only the 6 from midnight, while the 4 from 06:00 still count.
         let mut taken = 0;
         for _ in 0..10 {
-            if let QuotaDecision::Taken { .. } = quotas.take(KEY, "k.1", quota, one(), hours(24)).await.unwrap() {
+            if let QuotaDecision::Taken { .. } =
+                quotas.take(KEY, "k.1", quota, one(), hours(24)).await.unwrap()
+            {
                 taken += 1;
             }
         }
@@ -639,7 +650,10 @@ mod tests {
             QuotaDecision::Taken { remaining: 0, .. }
         ));
         quotas.refund(KEY, "k.1", quota, one(), now);
-        assert!(matches!(quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
+        assert!(matches!(
+            quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
+            QuotaDecision::Taken { .. }
+        ));
         assert!(matches!(
             quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }

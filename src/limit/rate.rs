@@ -127,8 +127,11 @@ impl<C: Clock> SubjectLimiter<C> {
         let quota =
             Quota::with_period(per_cell).unwrap_or_else(|| Quota::per_second(rate.count)).allow_burst(burst);
         let state = StagedState::default();
-        let limiter =
-            RateLimiter::<NotKeyed, StagedState, C, StateInformationMiddleware>::new(quota, state.clone(), clock);
+        let limiter = RateLimiter::<NotKeyed, StagedState, C, StateInformationMiddleware>::new(
+            quota,
+            state.clone(),
+            clock,
+        );
         Self { rate, burst, gate: Mutex::new(()), state, limiter }
     }
 
@@ -238,7 +241,7 @@ where
         let mut refused: Option<(usize, Duration)> = None;
         for (i, limiter) in limiters.iter().enumerate() {
             let Some(limiter) = limiter else { continue };
-            match limiter.decide(cost, now.clone()) {
+            match limiter.decide(cost, now) {
                 RateDecision::Allowed { remaining, reset } => allowed[i] = Some(Allowed { remaining, reset }),
                 RateDecision::Refused { retry_after } => {
                     if refused.is_none_or(|(_, longest)| retry_after > longest) {
@@ -356,7 +359,8 @@ mod tests {
     #[test]
     fn exactly_the_burst_passes_out_of_twenty_simultaneous_requests() {
         let (rates, _clock) = rates();
-        let passed = (0..20).filter(|_| allowed(rates.check_one("k.1", ten_per_second(), nz(10), nz(1)))).count();
+        let passed =
+            (0..20).filter(|_| allowed(rates.check_one("k.1", ten_per_second(), nz(10), nz(1)))).count();
         assert_eq!(passed, 10);
     }
 
@@ -411,9 +415,15 @@ mod tests {
         let (rates, _clock) = rates();
         let two: Rate = "2/s".parse().unwrap();
         assert_eq!((0..5).filter(|_| allowed(rates.check_one("a.1", two, nz(2), nz(1)))).count(), 2);
-        assert_eq!((0..5).filter(|_| allowed(rates.check_one("b.1", ten_per_second(), nz(5), nz(1)))).count(), 5);
+        assert_eq!(
+            (0..5).filter(|_| allowed(rates.check_one("b.1", ten_per_second(), nz(5), nz(1)))).count(),
+            5
+        );
         // `keys update` raised a.1's limit: its next request sees the new one.
-        assert_eq!((0..5).filter(|_| allowed(rates.check_one("a.1", ten_per_second(), nz(4), nz(1)))).count(), 4);
+        assert_eq!(
+            (0..5).filter(|_| allowed(rates.check_one("a.1", ten_per_second(), nz(4), nz(1)))).count(),
+            4
+        );
     }
 
     #[test]

@@ -344,7 +344,8 @@ impl SharedRates {
         lease_ttl: Duration,
         clock: Arc<dyn MicrosClock>,
     ) -> Self {
-        let cache = || Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(600)).build();
+        let cache =
+            || Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(600)).build();
         Self {
             conn,
             keys,
@@ -380,7 +381,11 @@ impl SharedRates {
     /// the local slices when they can, else from Redis. An error (Redis
     /// unreachable, or a bucket it cannot count) leaves every slice as it
     /// was, for the caller's fallback to decide.
-    pub async fn check(&self, subjects: &[RateSubject<'_>], cost: NonZeroU32) -> Result<RatesDecision, String> {
+    pub async fn check(
+        &self,
+        subjects: &[RateSubject<'_>],
+        cost: NonZeroU32,
+    ) -> Result<RatesDecision, String> {
         let n = subjects.len();
         if n > MAX_SUBJECTS {
             return Err(format!("rate lease: {n} limit subjects, at most {MAX_SUBJECTS}"));
@@ -429,8 +434,9 @@ impl SharedRates {
             let subject = &subjects[i];
             let per_token_us = per_token_us(subject.rate);
             let per_second = 1e6 / per_token_us;
-            let want =
-                ((per_second * self.lease_fraction) as u64).clamp(1, u64::from(subject.burst.get())).max(cost);
+            let want = ((per_second * self.lease_fraction) as u64)
+                .clamp(1, u64::from(subject.burst.get()))
+                .max(cost);
             let name = self.keys.rate(subject.kind, subject.id);
             script.key(&name).arg(subject.burst.get()).arg(per_token_us).arg(want).arg(cost);
             names.push(name);
