@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use keygate::config::Config;
 use keygate::key::{KeyId, SecretHash};
-use keygate::limit::Limits;
 use keygate::limit::rate::LocalRates;
+use keygate::limit::{Limits, Subject};
 use keygate::meta::{KeyMeta, Rate};
 use keygate::store::KeyRecord;
 
@@ -26,10 +26,10 @@ fn limit_benches(c: &mut Criterion) {
     let one = NonZeroU32::MIN;
     // 10k other keys in the map, as on a busy gateway.
     for i in 0..10_000 {
-        rates.check(&format!("client{i}.kid"), rate, burst, one);
+        rates.check_one(&format!("client{i}.kid"), rate, burst, one);
     }
     c.bench_function("local rate check (cached limiter)", |b| {
-        b.iter(|| black_box(rates.check(black_box("acme.Qf3k9ZpA"), rate, burst, one)))
+        b.iter(|| black_box(rates.check_one(black_box("acme.Qf3k9ZpA"), rate, burst, one)))
     });
 
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
@@ -46,7 +46,7 @@ fn limit_benches(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    black_box(limits.admit(black_box(&record), one, &config).await).ok();
+                    black_box(limits.admit(black_box(&[Subject::key(&record)]), one, &config).await).ok();
                 }
                 start.elapsed()
             })

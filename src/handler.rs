@@ -24,7 +24,6 @@ use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
 use crate::{credential, echo, limit, path, proxy, route, sanitize, scope};
-use http_body::Body as _;
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
@@ -179,8 +178,19 @@ async fn serve(
         scope::check(&record.meta.scopes, route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
-        // 5. Limits: quota, credits and rate, all or nothing; refusals carry the headers.
-        let admission = gateway.limits.admit(&record, route.cost, &live.config.limits).await?;
+        // 5. Limits: the key's own, then its client's (shared by all of the
+        // client's keys): quota, credits and rate, all or nothing; refusals
+        // carry the headers.
+        let key = limit::Subject::key(&record);
+        let limits = &live.config.limits;
+        let admission = match record.client.as_deref() {
+            Some(client) => {
+                let meta = &client.meta;
+                let client = limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota);
+                gateway.limits.admit(&[key, client], route.cost, limits).await?
+            }
+            None => gateway.limits.admit(&[key], route.cost, limits).await?,
+        };
         if admission.credits.is_some() {
             trail.credits = u64::from(route.cost.get());
         }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::key::KeyId;
+
 /// Everything a store keeps about a key besides its identity and hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyMeta {
@@ -37,6 +39,11 @@ pub struct KeyMeta {
     /// `None`: unmetered. The count left lives with the credit authority
     /// (`limit::credits`), not here.
     pub credits: Option<CreditGrant>,
+    /// The key ID whose counters this key spends (its quota, rate and
+    /// credits): set by a rotation to the old key's counter identity, so the
+    /// old and the new key share one budget, during the grace and after.
+    /// `None` means the key's own ID. Always a key of the same client.
+    pub counts_as: Option<KeyId>,
 }
 
 /// The scope of a key issued without any (CLI `--scopes` omitted, admin API
@@ -59,6 +66,7 @@ impl KeyMeta {
             created_at: now,
             rotated_at: None,
             credits: None,
+            counts_as: None,
         }
     }
 

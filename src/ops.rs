@@ -191,8 +191,17 @@ pub async fn revoke(store: &dyn KeyStore, target: &RevokeTarget, prefix: &str) -
 }
 
 /// Replaces a key by a new one with the same metadata (new ID, new secret),
-/// and lets the old key live on for `grace`: its expiry becomes
-/// `min(existing expiry, now + grace)` and its `rotated_at` is set to `now`.
+/// and lets the old key live on for exactly `grace` from `now`.
+///
+/// - The new key has no expiry unless `expires_at` asks for one: in
+///   particular it never inherits the old key's expiry, which for a key
+///   already in its grace period is that grace's end (issue 16, defect 1).
+/// - The old key expires at `now + grace`, whatever its expiry was (a
+///   second rotation of a key in its grace sets the grace asked for now),
+///   and its `rotated_at` is set to `now`.
+/// - The new key counts as the old one (`counts_as`, inherited along a
+///   chain of rotations): both spend one quota, one rate and one credit
+///   budget, so a rotation doubles nothing.
 ///
 /// The new record is written first: if that fails nothing has changed, and if
 /// the old record's update then fails the old key simply stays valid as before.
@@ -200,11 +209,14 @@ pub async fn rotate(
     store: &dyn KeyStore,
     id: &KeyId,
     grace: Duration,
+    expires_at: Option<Timestamp>,
     prefix: &str,
     now: Timestamp,
 ) -> Result<Issued, OpsError> {
     // Stores keep whole seconds; so do the times written here.
     let now = crate::meta::whole_seconds(now);
+    let expires_at = expires_at.map(crate::meta::whole_seconds);
+    check_changes(&MetaChanges { expires_at: Some(expires_at), ..MetaChanges::default() }, now)?;
     let mut old = show(store, id).await?;
     if old.meta.status == KeyStatus::Revoked {
         return Err(OpsError::NotUsable { id: id.clone(), why: "revoked" });
@@ -217,10 +229,16 @@ pub async fn rotate(
         .and_then(|g| now.checked_add(g).ok())
         .ok_or_else(|| OpsError::invalid("grace", "too long"))?;
 
-    let new_meta = KeyMeta { created_at: now, rotated_at: None, ..old.meta.clone() };
+    let new_meta = KeyMeta {
+        created_at: now,
+        rotated_at: None,
+        expires_at,
+        counts_as: Some(old.counts_as().clone()),
+        ..old.meta.clone()
+    };
     let issued = insert_new(store, prefix, old.client(), new_meta).await?;
 
-    old.meta.expires_at = Some(old.meta.expires_at.map_or(grace_end, |at| at.min(grace_end)));
+    old.meta.expires_at = Some(grace_end);
     old.meta.rotated_at = Some(now);
     store.update(&old).await?;
     Ok(issued)
@@ -460,7 +478,7 @@ mod tests {
             show(&store, &id).await.map(drop),
             update(&store, &id, MetaChanges::default(), now()).await.map(drop),
             revoke(&store, &RevokeTarget::Id(id.clone()), P).await.map(drop),
-            rotate(&store, &id, Duration::from_secs(60), P, now()).await.map(drop),
+            rotate(&store, &id, Duration::from_secs(60), None, P, now()).await.map(drop),
         ] {
             let err = result.unwrap_err();
             assert!(matches!(&err, OpsError::NotFound(missing) if *missing == id), "{err:?}");
@@ -521,47 +539,88 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rotate_copies_metadata_and_shortens_the_old_keys_life() {
+    async fn rotate_copies_metadata_gives_the_old_key_exactly_the_grace_and_the_new_one_no_expiry() {
         let store = MemStore::new();
-        let expires = "2027-01-01T00:00:00Z".parse::<Timestamp>().unwrap();
         let old = issue(&store, P, "c", changes("scope=read&rate=7/s&expires=2027-01-01T00:00:00Z"), now())
             .await
             .unwrap();
         let later = now() + SignedDuration::from_hours(1);
-        let new = rotate(&store, &old.record.id, Duration::from_secs(24 * 3600), P, later).await.unwrap();
+        let new =
+            rotate(&store, &old.record.id, Duration::from_secs(24 * 3600), None, P, later).await.unwrap();
 
         assert_ne!(new.record.id, old.record.id);
         assert_ne!(new.record.secret_hash, old.record.secret_hash);
         assert_eq!(parse(new.key.expose(), P).unwrap().secret_hash(), new.record.secret_hash);
         assert_eq!(new.record.meta.scopes, ["read"]);
         assert_eq!(new.record.meta.rate, old.record.meta.rate);
-        assert_eq!(new.record.meta.expires_at, Some(expires), "the new key keeps the old expiry");
+        assert_eq!(new.record.meta.expires_at, None, "no expiry unless asked");
         assert_eq!(new.record.meta.created_at, later);
         assert_eq!(new.record.meta.rotated_at, None);
+        assert_eq!(new.record.meta.counts_as.as_ref(), Some(&old.record.id), "one budget for both");
+        assert_eq!(new.record.counts_as(), &old.record.id);
 
         let old_now = store.get(&old.record.id).await.unwrap().unwrap();
         assert_eq!(old_now.meta.expires_at, Some(later + SignedDuration::from_hours(24)));
         assert_eq!(old_now.meta.rotated_at, Some(later));
         assert_eq!(old_now.meta.status, KeyStatus::Active, "still valid during the grace period");
+        assert_eq!(old_now.counts_as(), &old.record.id);
+    }
+
+    /// Regression (issue 16, defect 1): rotating a key already in its grace
+    /// gave the new key the earlier grace's expiry, and ignored `--grace`.
+    #[tokio::test]
+    async fn rotating_a_key_in_its_grace_gives_the_new_key_no_expiry_and_the_old_exactly_the_new_grace() {
+        let store = MemStore::new();
+        let first = issue(&store, P, "c", changes("quota=100/day"), now()).await.unwrap();
+        let second =
+            rotate(&store, &first.record.id, Duration::from_secs(3600), None, P, now()).await.unwrap();
+        // The first key is in its one-hour grace; rotate it again, with a day.
+        let later = now() + SignedDuration::from_mins(10);
+        let third =
+            rotate(&store, &first.record.id, Duration::from_secs(86_400), None, P, later).await.unwrap();
+        assert_eq!(third.record.meta.expires_at, None);
+        let first_now = store.get(&first.record.id).await.unwrap().unwrap();
+        assert_eq!(first_now.meta.expires_at, Some(later + SignedDuration::from_hours(24)));
+        // A shorter grace is honoured as well.
+        let fourth = rotate(&store, &first.record.id, Duration::from_secs(60), None, P, later).await.unwrap();
+        let first_now = store.get(&first.record.id).await.unwrap().unwrap();
+        assert_eq!(first_now.meta.expires_at, Some(later + SignedDuration::from_mins(1)));
+        // Every key of the line counts as the first.
+        for key in [&second, &third, &fourth] {
+            assert_eq!(key.record.counts_as(), &first.record.id);
+        }
+        // And a rotation of the second key keeps counting as the first.
+        let fifth = rotate(&store, &second.record.id, Duration::from_secs(60), None, P, later).await.unwrap();
+        assert_eq!(fifth.record.counts_as(), &first.record.id);
     }
 
     #[tokio::test]
-    async fn rotate_keeps_an_earlier_expiry_and_refuses_dead_keys() {
+    async fn a_rotation_may_give_the_new_key_an_expiry_in_the_future_only() {
+        let store = MemStore::new();
+        let old = issue(&store, P, "c", MetaChanges::default(), now()).await.unwrap();
+        let at = now() + SignedDuration::from_hours(48);
+        let new = rotate(&store, &old.record.id, Duration::from_secs(60), Some(at), P, now()).await.unwrap();
+        assert_eq!(new.record.meta.expires_at, Some(at));
+        let err =
+            rotate(&store, &new.record.id, Duration::from_secs(60), Some(now()), P, now()).await.unwrap_err();
+        assert!(matches!(&err, OpsError::Invalid { field, .. } if field == "expires"), "{err:?}");
+        assert_eq!(store.len(), 2, "nothing was written");
+    }
+
+    #[tokio::test]
+    async fn rotate_refuses_dead_keys() {
         let store = MemStore::new();
         let soon = now() + SignedDuration::from_mins(5);
         let old =
             issue(&store, P, "c", MetaChanges { expires_at: Some(Some(soon)), ..Default::default() }, now())
                 .await
                 .unwrap();
-        rotate(&store, &old.record.id, Duration::from_secs(3600), P, now()).await.unwrap();
-        assert_eq!(store.get(&old.record.id).await.unwrap().unwrap().meta.expires_at, Some(soon));
-
-        let err = rotate(&store, &old.record.id, Duration::ZERO, P, soon).await.unwrap_err();
+        let err = rotate(&store, &old.record.id, Duration::ZERO, None, P, soon).await.unwrap_err();
         assert!(matches!(err, OpsError::NotUsable { why: "expired", .. }), "{err:?}");
 
         let revoked = issue(&store, P, "c", MetaChanges::default(), now()).await.unwrap();
         revoke(&store, &RevokeTarget::Id(revoked.record.id.clone()), P).await.unwrap();
-        let err = rotate(&store, &revoked.record.id, Duration::ZERO, P, now()).await.unwrap_err();
+        let err = rotate(&store, &revoked.record.id, Duration::ZERO, None, P, now()).await.unwrap_err();
         assert!(matches!(err, OpsError::NotUsable { why: "revoked", .. }), "{err:?}");
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use jiff::Timestamp;
+use keygate::limit::SubjectKind;
 use keygate::limit::quota::{QuotaDecision, Quotas};
 use keygate::limit::rate::RateDecision;
 use keygate::limit::shared::{LimitKeys, MicrosClock, RedisQuotaAuthority, SharedRates};
@@ -66,7 +67,7 @@ async fn three_instances_at_three_times_the_limit_admit_the_ideal_within_five_pe
     // 300 requests a second for 10 s, spread round robin over the instances.
     let mut admitted = 0u64;
     for i in 0..3000 {
-        let decision = instances[i % 3].check("acme.k1", rate, burst, nz(1)).await.unwrap();
+        let decision = instances[i % 3].check_one("acme.k1", rate, burst, nz(1)).await.unwrap();
         if matches!(decision, RateDecision::Allowed { .. }) {
             admitted += 1;
         }
@@ -99,7 +100,7 @@ async fn at_1000_requests_a_second_per_key_at_least_95_percent_need_no_redis_cal
     let mut admitted = 0;
     for _ in 0..2000 {
         if matches!(
-            rates.check("acme.k1", rate, nz(1000), nz(1)).await.unwrap(),
+            rates.check_one("acme.k1", rate, nz(1000), nz(1)).await.unwrap(),
             RateDecision::Allowed { .. }
         ) {
             admitted += 1;
@@ -128,12 +129,12 @@ async fn a_refused_instance_does_not_ask_redis_again_until_tokens_are_due() {
     );
     let rate: Rate = "1/min".parse().unwrap();
     assert!(matches!(
-        rates.check("acme.k1", rate, nz(1), nz(1)).await.unwrap(),
+        rates.check_one("acme.k1", rate, nz(1), nz(1)).await.unwrap(),
         RateDecision::Allowed { .. }
     ));
     redis.reset_stats();
     for _ in 0..100 {
-        match rates.check("acme.k1", rate, nz(1), nz(1)).await.unwrap() {
+        match rates.check_one("acme.k1", rate, nz(1), nz(1)).await.unwrap() {
             RateDecision::Refused { retry_after } => assert!(retry_after <= Duration::from_secs(60)),
             other => panic!("{other:?}"),
         }
@@ -141,7 +142,7 @@ async fn a_refused_instance_does_not_ask_redis_again_until_tokens_are_due() {
     assert!(lease_calls(&redis) <= 1, "a flood of refused requests costs at most one Redis call");
     clock.advance(Duration::from_secs(60));
     assert!(matches!(
-        rates.check("acme.k1", rate, nz(1), nz(1)).await.unwrap(),
+        rates.check_one("acme.k1", rate, nz(1), nz(1)).await.unwrap(),
         RateDecision::Allowed { .. }
     ));
 }
@@ -162,7 +163,8 @@ async fn quota_is_exact_across_three_instances_under_concurrent_clients() {
         clients.push(tokio::spawn(async move {
             let mut taken = 0u64;
             for _ in 0..50 {
-                if let QuotaDecision::Taken { .. } = quotas.take("acme.k1", quota, nz(1), now).await.unwrap()
+                if let QuotaDecision::Taken { .. } =
+                    quotas.take(SubjectKind::Key, "acme.k1", quota, nz(1), now).await.unwrap()
                 {
                     taken += 1;
                 }
@@ -245,7 +247,7 @@ async fn a_rolling_quota_is_exact_across_instances_and_frees_units_as_they_age_o
                     let mut taken = 0u64;
                     for _ in 0..each {
                         if let QuotaDecision::Taken { .. } =
-                            quotas.take("acme.k1", quota, nz(1), now).await.unwrap()
+                            quotas.take(SubjectKind::Key, "acme.k1", quota, nz(1), now).await.unwrap()
                         {
                             taken += 1;
                         }
@@ -264,7 +266,7 @@ async fn a_rolling_quota_is_exact_across_instances_and_frees_units_as_they_age_o
     // left unspent (leases may strand at most one per instance otherwise).
     assert_eq!(take_all(at(1), 30, 40).await, 300);
     // Still inside the day: nothing more, and the refusal says when room frees.
-    match instances[0].take("acme.k1", quota, nz(1), at(20)).await.unwrap() {
+    match instances[0].take(SubjectKind::Key, "acme.k1", quota, nz(1), at(20)).await.unwrap() {
         QuotaDecision::Exhausted { retry_after } => assert_eq!(retry_after, Duration::from_secs(5 * 3600)),
         other => panic!("{other:?}"),
     }

@@ -123,11 +123,14 @@ pub async fn revoke(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>
     json(StatusCode::OK, &view)
 }
 
-/// `POST /admin/keys/{id}/rotate`, body `{"grace": "24h"}` (optional): 201
-/// with the new key, shown once; the old key works for the grace period.
+/// `POST /admin/keys/{id}/rotate`, body `{"grace": "24h", "expires": "30d"}`
+/// (both optional): 201 with the new key, shown once. The old key works for
+/// exactly the grace from now; the new key counts as the old one and has no
+/// expiry unless `expires` gives one.
 pub async fn rotate(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Response<Full<Bytes>>, AdminError> {
     let id = key_id(id)?;
     let mut grace = DEFAULT_GRACE;
+    let mut expires_at = None;
     if !body.iter().all(u8::is_ascii_whitespace) {
         for (name, value) in object(body)? {
             match (name.as_str(), value) {
@@ -137,11 +140,20 @@ pub async fn rotate(call: &KeyCall<'_>, id: &str, body: &Bytes) -> Result<Respon
                     })?;
                 }
                 ("grace", _) => return Err(invalid("grace", "must be a string like \"24h\"")),
-                (other, _) => return Err(invalid(other, "unknown field; known: grace")),
+                ("expires", Value::Null) => expires_at = None,
+                ("expires", Value::String(text)) if text == "never" => expires_at = None,
+                ("expires", Value::String(text)) => {
+                    expires_at =
+                        Some(meta::parse_expiry(&text, call.now).map_err(|e| meta_error("expires", e))?);
+                }
+                ("expires", _) => {
+                    return Err(invalid("expires", "must be a string like \"30d\" or an RFC 3339 time"));
+                }
+                (other, _) => return Err(invalid(other, "unknown field; known: grace, expires")),
             }
         }
     }
-    let issued = ops::rotate(call.store, &id, grace, call.prefix, call.now).await?;
+    let issued = ops::rotate(call.store, &id, grace, expires_at, call.prefix, call.now).await?;
     audit(call, AuditAction::Rotate, &id).await;
 
     #[derive(Serialize)]

@@ -43,8 +43,10 @@ pub enum KeysCommand {
     Update(UpdateArgs),
     /// Revoke a key, given its ID or the full key string (`-` reads the key from stdin).
     Revoke(RevokeArgs),
-    /// Replace a key by a new one with the same metadata. Prints the new key
-    /// alone on stdout; the old key keeps working for the grace period.
+    /// Replace a key by a new one with the same metadata and the same
+    /// budgets (it counts as the old key). Prints the new key alone on
+    /// stdout; the old key keeps working for exactly the grace period, and
+    /// the new key has no expiry unless --expires gives one.
     Rotate(RotateArgs),
     /// Show the audit trail of key operations, oldest first (Redis store only).
     Audit(AuditArgs),
@@ -133,9 +135,14 @@ pub struct RevokeArgs {
 pub struct RotateArgs {
     /// Key ID, CLIENT.KID.
     pub id: KeyId,
-    /// How long the old key keeps working, e.g. 24h, 30m, 7d.
+    /// How long the old key keeps working from now, e.g. 24h, 30m, 7d (also
+    /// when it is already in the grace of an earlier rotation).
     #[arg(long, default_value = "24h", value_parser = grace_flag)]
     pub grace: Duration,
+    /// The new key's expiry (a duration from now like 30d, or RFC 3339); by
+    /// default it has none, whatever the old key's was.
+    #[arg(long, value_name = "30d|RFC3339", value_parser = expires_flag)]
+    pub expires: Option<Expires>,
     /// Print the new record, key included, as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -408,14 +415,19 @@ async fn run_with(
             writeln!(err, "Key {id} {msg}.").map_err(CliError::write)?;
         }
         KeysCommand::Rotate(args) => {
-            let issued = ops::rotate(store, &args.id, args.grace, prefix, now).await?;
+            let expires_at = match &args.expires {
+                None => None,
+                Some(Expires(s)) if s == "never" => None,
+                Some(Expires(s)) => Some(meta::parse_expiry(s, now).map_err(OpsError::from)?),
+            };
+            let issued = ops::rotate(store, &args.id, args.grace, expires_at, prefix, now).await?;
             print_new_key(&issued.key, &issued.record, args.json, now, out)?;
             let grace = humantime::format_duration(args.grace);
             let detail = format!("new key {}, grace {grace}", issued.record.id);
             audit(redis, AuditAction::Rotate, &args.id, detail, now, err).await?;
             writeln!(
                 err,
-                "Rotated {} to {}. The old key keeps working for {grace} at most; the new key is shown once.",
+                "Rotated {} to {}. The old key keeps working for {grace}; the new key is shown once.",
                 args.id, issued.record.id,
             )
             .map_err(CliError::write)?;
@@ -563,6 +575,9 @@ pub struct RecordView<'a> {
     state: &'static str,
     created_at: Timestamp,
     rotated_at: Option<Timestamp>,
+    /// The key ID whose quota, rate and credit counters this key spends
+    /// (itself unless it came from a rotation).
+    counts_as: &'a KeyId,
     /// Approximate time of the last request with this key (Redis store only).
     last_used: Option<Timestamp>,
     /// Usage credits, `null` for a key without.
@@ -597,6 +612,7 @@ impl<'a> RecordView<'a> {
             state: state(record, now),
             created_at: meta.created_at,
             rotated_at: meta.rotated_at,
+            counts_as: record.counts_as(),
             last_used: None,
             credits: meta.credits.map(|grant| CreditsView {
                 uses: grant.uses,
@@ -625,7 +641,7 @@ impl<'a> RecordView<'a> {
 /// authority cannot be asked (the reason goes to the log).
 pub async fn remaining_credits(credits: &Credits, record: &KeyRecord) -> Option<Option<u64>> {
     let grant = record.meta.credits?;
-    match credits.remaining(Owner::Key(record.id.as_str()), &grant).await {
+    match credits.remaining(Owner::Key(record.counts_as().as_str()), &grant).await {
         Ok(remaining) => Some(Some(remaining)),
         Err(error) => {
             tracing::warn!(key = %record.id, %error, "cannot read the key's remaining credits");
@@ -696,11 +712,12 @@ fn print_record(
         ("label", meta.label.as_deref().map_or_else(|| "-".to_owned(), printable)),
         ("created", meta.created_at.to_string()),
         ("rotated", or_dash(meta.rotated_at)),
+        ("counts as", record.counts_as().to_string()),
         ("last use", or_dash(last_used)),
         ("credits", credits_line(meta.credits, remaining)),
     ];
     for (name, value) in lines {
-        writeln!(out, "{name:<8} {value}").map_err(CliError::write)?;
+        writeln!(out, "{name:<9} {value}").map_err(CliError::write)?;
     }
     Ok(())
 }
@@ -880,7 +897,7 @@ mod tests {
         let id = store.list(None).await.unwrap()[0].id.to_string();
 
         let (out, _) = exec(&store, cmd(&format!("show {id}"))).await.unwrap();
-        assert!(out.contains("rate     5/s"), "{out}");
+        assert!(out.contains("rate      5/s"), "{out}");
 
         let (out, _) =
             exec(&store, cmd(&format!("update {id} --rate none --label new --json"))).await.unwrap();
@@ -896,6 +913,12 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(json["state"], "rotating");
         assert_eq!(json["expires_at"], "2026-11-24T13:00:00Z");
+        assert_eq!(json["counts_as"], id.as_str());
+        let new_id = parse(new_key, P).unwrap();
+        let new_record = store.find_by_hash("c", &new_id.secret_hash()).await.unwrap().unwrap();
+        let (out, _) = exec(&store, cmd(&format!("show {}", new_record.id))).await.unwrap();
+        assert!(out.contains(&format!("counts as {id}\n")), "the new key spends the old one's budget: {out}");
+        assert!(out.contains("expires   -\n"), "no expiry unless asked: {out}");
 
         let (out, err) = exec(&store, cmd(&format!("revoke {id}"))).await.unwrap();
         assert_eq!(out, "", "revoke prints nothing on stdout");

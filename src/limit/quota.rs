@@ -24,8 +24,8 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use moka::sync::Cache;
 
-use super::lock;
 use super::outage::Outage;
+use super::{SubjectKind, lock};
 use crate::meta::{Quota, QuotaWindow};
 
 /// One window of a quota: where it starts, where it ends, and its stable name
@@ -120,7 +120,11 @@ impl Window {
     }
 }
 
-/// Where leases come from: hands out units of one key's quota window, each once.
+/// Where leases come from: hands out units of one subject's quota window
+/// (a key's, or a client's shared by its keys), each once.
+// The lease's inputs are distinct numbers each documented below; a struct
+// would only rename them.
+#[allow(clippy::too_many_arguments)]
 #[async_trait::async_trait]
 pub trait QuotaAuthority: Send + Sync + 'static {
     /// First counts `settle` units as granted (spent by this instance beyond
@@ -130,7 +134,8 @@ pub trait QuotaAuthority: Send + Sync + 'static {
     /// to anyone) remain unspent in the authority afterwards.
     async fn lease(
         &self,
-        key_id: &str,
+        kind: SubjectKind,
+        id: &str,
         window: &Window,
         limit: u64,
         min: u64,
@@ -191,9 +196,10 @@ pub enum QuotaDecision {
     Exhausted { retry_after: Duration },
 }
 
-/// Per-key quota state on one instance, backed by an authority.
+/// Per-subject quota state on one instance, backed by an authority.
 pub struct Quotas {
-    keys: Cache<String, Arc<KeyQuota>>,
+    /// One map per [`SubjectKind`]: a key and a client never share a state.
+    subjects: [Cache<String, Arc<KeyQuota>>; SubjectKind::COUNT],
     authority: Arc<dyn QuotaAuthority>,
     max_lease: u64,
     /// While set, leases are not asked for: the outage allowance decides.
@@ -207,30 +213,38 @@ struct KeyQuota {
 }
 
 impl Quotas {
-    pub fn new(authority: Arc<dyn QuotaAuthority>, max_lease: u64, max_keys: u64) -> Self {
-        let keys = Cache::builder().max_capacity(max_keys).time_to_idle(Duration::from_secs(3600)).build();
-        Self { keys, authority, max_lease: max_lease.max(1), outage: Outage::new("quotas") }
+    pub fn new(authority: Arc<dyn QuotaAuthority>, max_lease: u64, max_subjects: u64) -> Self {
+        let cache =
+            || Cache::builder().max_capacity(max_subjects).time_to_idle(Duration::from_secs(3600)).build();
+        Self {
+            subjects: [cache(), cache()],
+            authority,
+            max_lease: max_lease.max(1),
+            outage: Outage::new("quotas"),
+        }
     }
 
-    /// Takes `cost` units of the key's quota, all or nothing, with no
+    /// Takes `cost` units of the subject's quota, all or nothing, with no
     /// outage allowance: once the leases are spent, an unreachable
     /// authority is an error.
     pub async fn take(
         &self,
-        key_id: &str,
+        kind: SubjectKind,
+        id: &str,
         quota: Quota,
         cost: NonZeroU32,
         now: Timestamp,
     ) -> Result<QuotaDecision, String> {
-        self.take_within(key_id, quota, cost, now, 0).await
+        self.take_within(kind, id, quota, cost, now, 0).await
     }
 
-    /// Takes `cost` units of the key's quota, all or nothing. While the
+    /// Takes `cost` units of the subject's quota, all or nothing. While the
     /// authority is unreachable, at most `allowance` units per window may be
     /// spent beyond what this instance leased; past that, an error.
     pub async fn take_within(
         &self,
-        key_id: &str,
+        kind: SubjectKind,
+        id: &str,
         quota: Quota,
         cost: NonZeroU32,
         now: Timestamp,
@@ -238,7 +252,7 @@ impl Quotas {
     ) -> Result<QuotaDecision, String> {
         let cost = u64::from(cost.get());
         let window = Window::containing(quota.window, now);
-        let state = self.keys.get_with(key_id.to_owned(), || {
+        let state = self.subjects[kind.index()].get_with(id.to_owned(), || {
             Arc::new(KeyQuota { local: Mutex::new(Local::default()), refill: tokio::sync::Mutex::new(()) })
         });
         loop {
@@ -263,18 +277,18 @@ impl Quotas {
             // Ask for at least what is missing, so a grant always completes
             // the request; a refusal (0) records how little is left.
             let want = self.max_lease.max(missing);
-            let lease = match self.authority.lease(key_id, &window, quota.count, missing, want, settle).await
-            {
-                Ok(lease) => {
-                    self.outage.succeeded();
-                    lease
-                }
-                Err(LeaseError::Unreachable(error)) => {
-                    self.outage.failed(&error);
-                    return outage_spend(&state.local, &window, cost, allowance, now);
-                }
-                Err(LeaseError::Broken(error)) => return Err(error),
-            };
+            let lease =
+                match self.authority.lease(kind, id, &window, quota.count, missing, want, settle).await {
+                    Ok(lease) => {
+                        self.outage.succeeded();
+                        lease
+                    }
+                    Err(LeaseError::Unreachable(error)) => {
+                        self.outage.failed(&error);
+                        return outage_spend(&state.local, &window, cost, allowance, now);
+                    }
+                    Err(LeaseError::Broken(error)) => return Err(error),
+                };
             let mut local = lock(&state.local);
             if local.window_id == window.id {
                 local.available += lease.granted;
@@ -287,9 +301,9 @@ impl Quotas {
 
     /// Gives back units taken for a request that another limit refused, so a
     /// refused request spends nothing.
-    pub fn refund(&self, key_id: &str, quota: Quota, cost: NonZeroU32, now: Timestamp) {
+    pub fn refund(&self, kind: SubjectKind, id: &str, quota: Quota, cost: NonZeroU32, now: Timestamp) {
         let window = Window::containing(quota.window, now);
-        if let Some(state) = self.keys.get(key_id) {
+        if let Some(state) = self.subjects[kind.index()].get(id) {
             let mut local = lock(&state.local);
             if local.window_id == window.id {
                 local.available += u64::from(cost.get());
@@ -384,21 +398,25 @@ pub fn lease_size(left: u64, min: u64, want: u64) -> u64 {
 
 // === The in-process authority (file store, single instance) ===
 
+/// A rolling counter's units granted, by sub-bucket index.
+type SubBuckets = std::collections::BTreeMap<i64, u64>;
+
 /// Counts quota in this process only: the file store's single-instance mode.
 /// Counters start again when the process restarts.
 #[derive(Default)]
 pub struct ProcessAuthority {
-    /// Units granted per (key, window).
-    granted: Mutex<std::collections::HashMap<(String, String), u64>>,
-    /// Rolling windows: units granted per (key, counter), by sub-bucket.
-    rolling: Mutex<std::collections::HashMap<(String, String), std::collections::BTreeMap<i64, u64>>>,
+    /// Units granted per (subject, window).
+    granted: Mutex<std::collections::HashMap<(SubjectKind, String, String), u64>>,
+    /// Rolling windows: units granted per (subject, counter), by sub-bucket.
+    rolling: Mutex<std::collections::HashMap<(SubjectKind, String, String), SubBuckets>>,
 }
 
 #[async_trait::async_trait]
 impl QuotaAuthority for ProcessAuthority {
     async fn lease(
         &self,
-        key_id: &str,
+        kind: SubjectKind,
+        id: &str,
         window: &Window,
         limit: u64,
         min: u64,
@@ -407,7 +425,7 @@ impl QuotaAuthority for ProcessAuthority {
     ) -> Result<Lease, LeaseError> {
         if let Some(rolling) = &window.rolling {
             let mut counters = lock(&self.rolling);
-            let buckets = counters.entry((key_id.to_owned(), rolling.counter_id.clone())).or_default();
+            let buckets = counters.entry((kind, id.to_owned(), rolling.counter_id.clone())).or_default();
             // Sub-buckets that left the window no longer count.
             buckets.retain(|&bucket, _| bucket > rolling.bucket - ROLLING_BUCKETS);
             if settle > 0 {
@@ -423,9 +441,9 @@ impl QuotaAuthority for ProcessAuthority {
             return Ok(Lease { granted: grant, left: limit.saturating_sub(used + grant), frees_at });
         }
         let mut granted = lock(&self.granted);
-        // Forget other windows of this key: they are over.
-        granted.retain(|(k, w), _| k != key_id || *w == window.id);
-        let used = granted.entry((key_id.to_owned(), window.id.clone())).or_insert(0);
+        // Forget other windows of this subject: they are over.
+        granted.retain(|(k, s, w), _| *k != kind || s != id || *w == window.id);
+        let used = granted.entry((kind, id.to_owned(), window.id.clone())).or_insert(0);
         *used += settle;
         let grant = lease_size(limit.saturating_sub(*used), min, want);
         *used += grant;
@@ -468,6 +486,8 @@ mod tests {
         assert_eq!(lease_size(2, 3, 100), 0);
     }
 
+    const KEY: SubjectKind = SubjectKind::Key;
+
     fn quotas() -> Quotas {
         Quotas::new(Arc::new(ProcessAuthority::default()), 100, 1000)
     }
@@ -487,7 +507,8 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut taken = 0;
                 for _ in 0..100 {
-                    if let QuotaDecision::Taken { .. } = quotas.take("k.1", quota, one(), now).await.unwrap()
+                    if let QuotaDecision::Taken { .. } =
+                        quotas.take(KEY, "k.1", quota, one(), now).await.unwrap()
                     {
                         taken += 1;
                     }
@@ -500,7 +521,7 @@ mod tests {
             total += task.await.unwrap();
         }
         assert_eq!(total, 1000);
-        let refused = quotas.take("k.1", quota, one(), now).await.unwrap();
+        let refused = quotas.take(KEY, "k.1", quota, one(), now).await.unwrap();
         assert_eq!(refused, QuotaDecision::Exhausted { retry_after: Duration::from_secs(12 * 3600) });
     }
 
@@ -511,17 +532,17 @@ mod tests {
         let today = at("2026-11-24T23:00:00Z");
         for _ in 0..2 {
             assert!(matches!(
-                quotas.take("k.1", quota, one(), today).await.unwrap(),
+                quotas.take(KEY, "k.1", quota, one(), today).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         assert!(matches!(
-            quotas.take("k.1", quota, one(), today).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, one(), today).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
         let tomorrow = at("2026-11-25T00:00:01Z");
         assert!(matches!(
-            quotas.take("k.1", quota, one(), tomorrow).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, one(), tomorrow).await.unwrap(),
             QuotaDecision::Taken { .. }
         ));
     }
@@ -534,22 +555,22 @@ mod tests {
         let five = NonZeroU32::new(5).unwrap();
         for _ in 0..2 {
             assert!(matches!(
-                quotas.take("k.1", quota, five, now).await.unwrap(),
+                quotas.take(KEY, "k.1", quota, five, now).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         assert!(matches!(
-            quotas.take("k.1", quota, five, now).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, five, now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
         for _ in 0..2 {
             assert!(matches!(
-                quotas.take("k.1", quota, one(), now).await.unwrap(),
+                quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         assert!(matches!(
-            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
     }
@@ -559,20 +580,23 @@ mod tests {
         let quotas = quotas();
         let now = at("2026-11-24T12:00:00Z");
         let small: Quota = "1/day".parse().unwrap();
-        assert!(matches!(quotas.take("k.1", small, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
         assert!(matches!(
-            quotas.take("k.1", small, one(), now).await.unwrap(),
+            quotas.take(KEY, "k.1", small, one(), now).await.unwrap(),
+            QuotaDecision::Taken { .. }
+        ));
+        assert!(matches!(
+            quotas.take(KEY, "k.1", small, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
         let raised: Quota = "3/day".parse().unwrap();
         for _ in 0..2 {
             assert!(matches!(
-                quotas.take("k.1", raised, one(), now).await.unwrap(),
+                quotas.take(KEY, "k.1", raised, one(), now).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         assert!(matches!(
-            quotas.take("k.1", raised, one(), now).await.unwrap(),
+            quotas.take(KEY, "k.1", raised, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
     }
@@ -586,18 +610,18 @@ mod tests {
         // 6 at midnight, 4 at 06:00: the budget is spent.
         for _ in 0..6 {
             assert!(matches!(
-                quotas.take("k.1", quota, one(), start).await.unwrap(),
+                quotas.take(KEY, "k.1", quota, one(), start).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         for _ in 0..4 {
             assert!(matches!(
-                quotas.take("k.1", quota, one(), hours(6)).await.unwrap(),
+                quotas.take(KEY, "k.1", quota, one(), hours(6)).await.unwrap(),
                 QuotaDecision::Taken { .. }
             ));
         }
         // At 12:00 nothing has left the window; room frees at midnight.
-        match quotas.take("k.1", quota, one(), hours(12)).await.unwrap() {
+        match quotas.take(KEY, "k.1", quota, one(), hours(12)).await.unwrap() {
             QuotaDecision::Exhausted { retry_after } => {
                 assert_eq!(retry_after, Duration::from_secs(12 * 3600))
             }
@@ -607,7 +631,9 @@ mod tests {
         // only the 6 from midnight, while the 4 from 06:00 still count.
         let mut taken = 0;
         for _ in 0..10 {
-            if let QuotaDecision::Taken { .. } = quotas.take("k.1", quota, one(), hours(24)).await.unwrap() {
+            if let QuotaDecision::Taken { .. } =
+                quotas.take(KEY, "k.1", quota, one(), hours(24)).await.unwrap()
+            {
                 taken += 1;
             }
         }
@@ -620,13 +646,16 @@ mod tests {
         let quota: Quota = "1/day".parse().unwrap();
         let now = at("2026-11-24T12:00:00Z");
         assert!(matches!(
-            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
             QuotaDecision::Taken { remaining: 0, .. }
         ));
-        quotas.refund("k.1", quota, one(), now);
-        assert!(matches!(quotas.take("k.1", quota, one(), now).await.unwrap(), QuotaDecision::Taken { .. }));
+        quotas.refund(KEY, "k.1", quota, one(), now);
         assert!(matches!(
-            quotas.take("k.1", quota, one(), now).await.unwrap(),
+            quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
+            QuotaDecision::Taken { .. }
+        ));
+        assert!(matches!(
+            quotas.take(KEY, "k.1", quota, one(), now).await.unwrap(),
             QuotaDecision::Exhausted { .. }
         ));
     }

@@ -262,7 +262,7 @@ mod tests {
         let err = super::super::issue(&store, P, "acme", MetaChanges::default(), now()).await.unwrap_err();
         assert!(matches!(err, OpsError::ClientRevoked(ref id) if id == "acme"), "{err:?}");
         let grace = std::time::Duration::from_secs(60);
-        let err = super::super::rotate(&store, &old.record.id, grace, P, now()).await.unwrap_err();
+        let err = super::super::rotate(&store, &old.record.id, grace, None, P, now()).await.unwrap_err();
         assert!(matches!(err, OpsError::ClientRevoked(_)), "{err:?}");
         super::super::issue(&store, P, "other", MetaChanges::default(), now()).await.unwrap();
     }

@@ -591,6 +591,8 @@ struct KeyFile {
     credits_refill: Option<Refill>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     credits_granted_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counts_as: Option<KeyId>,
 }
 
 impl From<&KeyRecord> for KeyFile {
@@ -606,6 +608,7 @@ impl From<&KeyRecord> for KeyFile {
             created_at,
             rotated_at,
             credits,
+            counts_as,
         } = r.meta.clone();
         Self {
             id: r.id.clone(),
@@ -622,6 +625,7 @@ impl From<&KeyRecord> for KeyFile {
             credits: credits.map(|c| c.uses),
             credits_refill: credits.and_then(|c| c.refill),
             credits_granted_at: credits.map(|c| c.granted_at),
+            counts_as,
         }
     }
 }
@@ -652,6 +656,7 @@ impl TryFrom<KeyFile> for KeyRecord {
             created_at: f.created_at,
             rotated_at: f.rotated_at,
             credits,
+            counts_as: f.counts_as,
         };
         Ok(Self { id: f.id, secret_hash: f.secret_hash, meta })
     }
@@ -753,6 +758,12 @@ fn from_toml(text: &str, expected: &KeyId) -> Result<KeyRecord, String> {
     let file: KeyFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     if file.id != *expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
+    }
+    // A key spends only its own client's budgets.
+    if let Some(counts_as) = &file.counts_as
+        && counts_as.client() != file.id.client()
+    {
+        return Err(format!("`counts_as = \"{counts_as}\"` names a key of another client"));
     }
     file.try_into()
 }

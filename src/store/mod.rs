@@ -43,6 +43,17 @@ impl KeyRecord {
     pub fn client(&self) -> &str {
         self.id.client()
     }
+
+    /// The key ID its limit counters are kept under: `counts_as` (set by a
+    /// rotation), or its own ID. A `counts_as` of another client is never
+    /// followed (the stores refuse to read one): a key spends only its own
+    /// client's budgets.
+    pub fn counts_as(&self) -> &KeyId {
+        match &self.meta.counts_as {
+            Some(id) if id.client() == self.client() => id,
+            _ => &self.id,
+        }
+    }
 }
 
 /// What changed in a store, as announced to every running gateway.

@@ -706,6 +706,7 @@ fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
         ("credits", meta.credits.map(|c| c.uses.to_string())),
         ("credits_refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
         ("credits_granted_at", meta.credits.map(|c| c.granted_at.as_millisecond().to_string())),
+        ("counts_as", meta.counts_as.as_ref().map(KeyId::to_string)),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
     fields
@@ -743,6 +744,11 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
                 granted_at: fields.parse("credits_granted_at", unix_millis)?,
             }),
         },
+        counts_as: fields.parse_optional("counts_as", |s| match s.parse::<KeyId>() {
+            Ok(counts_as) if counts_as.client() == id.client() => Ok(counts_as),
+            Ok(_) => Err("names a key of another client".to_owned()),
+            Err(e) => Err(e.to_string()),
+        })?,
     };
     Ok(KeyRecord { id, secret_hash, meta })
 }
