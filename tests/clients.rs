@@ -423,3 +423,21 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     let refused = admin.call(Method::POST, &format!("/admin/keys/{key_id}/rotate"), None).await;
     assert_eq!((refused.status.as_u16(), refused.json()["error"].clone()), (409, "client_revoked".into()));
 }
+
+/// Regression: a pipelined lookup's `WRONGTYPE` came back as a pipeline
+/// error without a code, so a hand-broken record read as a Redis outage.
+#[tokio::test]
+async fn a_client_record_of_the_wrong_type_refuses_its_keys_as_unreadable_not_as_an_outage() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let store = redis_store(&redis).await;
+    let key = issue(&*store, "acme").await;
+    let healthy = issue(&*store, "other").await;
+    let _: () = redis.query(redis::cmd("SET").arg("kg:{acme}:client").arg("not a hash"));
+    let gateway = TestGateway::start(&redis_config(&redis, &upstream)).await;
+
+    let refused = get_with_key(&gateway, &key).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "key_record_unreadable");
+    assert_eq!(status(&gateway, &healthy).await, 200, "other clients are served");
+}

@@ -245,10 +245,22 @@ impl RedisStore {
         redis_key: &str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        self.run_pipeline(what, &[redis_key], call).await
+    }
+
+    /// [`Self::run`] for a pipeline whose commands act on `redis_keys` in
+    /// order: a `WRONGTYPE` names the key of the command that failed (the
+    /// redis crate reports a pipeline's server errors by index).
+    async fn run_pipeline<T>(
+        &self,
+        what: &str,
+        redis_keys: &[&str],
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.options.call_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => Err(StoreError::Corrupt {
-                what: format!("redis key `{redis_key}`"),
+            Ok(Err(e)) if let Some(index) = wrong_type_at(&e) => Err(StoreError::Corrupt {
+                what: format!("redis key `{}`", redis_keys.get(index).or(redis_keys.first()).unwrap_or(&"?")),
                 why: "holds a value of the wrong Redis type".to_owned(),
             }),
             Ok(Err(e)) => Err(self.unavailable(what, crate::redis_target::explain(&e))),
@@ -489,7 +501,7 @@ impl KeyStore for RedisStore {
         pipe.cmd("HGETALL").arg(&record_key).cmd("HGETALL").arg(&client_key);
         let mut conn = self.conn.clone();
         let (key_fields, client_fields): (HashMap<Vec<u8>, Vec<u8>>, HashMap<Vec<u8>, Vec<u8>>) =
-            self.run("HGETALL", &record_key, pipe.query_async(&mut conn)).await?;
+            self.run_pipeline("HGETALL", &[&record_key, &client_key], pipe.query_async(&mut conn)).await?;
         if key_fields.is_empty() {
             return Ok(None);
         }
@@ -574,6 +586,16 @@ impl KeyStore for RedisStore {
             prefix: self.names.prefix.clone(),
         })
     }
+}
+
+/// Where a call failed with `WRONGTYPE`: 0 for a single command, the
+/// command's index for a pipeline (whose errors carry no top-level code).
+fn wrong_type_at(error: &redis::RedisError) -> Option<usize> {
+    if error.code() == Some("WRONGTYPE") {
+        return Some(0);
+    }
+    let failed = error.clone().into_server_errors()?;
+    failed.iter().find(|(_, e)| e.code() == "WRONGTYPE").map(|(index, _)| *index)
 }
 
 /// Client IDs as the key format allows them: `[A-Za-z0-9-]{1,64}`.
