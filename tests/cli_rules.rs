@@ -232,7 +232,7 @@ fn the_audit_trail_is_a_table_with_every_change_and_a_real_actor() {
     assert_eq!(lines.len(), 4, "a header and three entries: {}", audit.stdout);
     assert!(lines[0].starts_with("AT") && lines[0].ends_with("DETAIL"), "{}", audit.stdout);
     // Aligned: every column starts where its header does.
-    for header in ["ACTOR", "ACTION", "KEY", "DETAIL"] {
+    for header in ["ACTOR", "ACTION", "SUBJECT", "DETAIL"] {
         let at = lines[0].find(header).unwrap();
         for line in &lines[1..] {
             let before = line.as_bytes()[at - 1];

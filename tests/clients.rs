@@ -285,7 +285,7 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already has a record"));
     let out = keygate(&["clients", "--redis", &url, "show", "nobody"]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "not found, as for keys");
 
     // Client writes are in the audit trail beside key writes.
     keygate_ok(&["clients", "--redis", &url, "revoke", "beta"]).await;

@@ -375,7 +375,8 @@ async fn keys_show_prints_the_remaining_credits_from_the_cli() {
     };
     let out = run(args(&["show", id.as_str()])).await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("credits  0 left of 5, refill 5/day"), "{text}");
+    let credits = text.lines().find(|line| line.starts_with("credits ")).unwrap_or_default();
+    assert!(credits.ends_with(" 0 left of 5, refill 5/day"), "{text}");
     let out = run(args(&["show", id.as_str(), "--json"])).await.unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["credits"]["remaining"], 0);

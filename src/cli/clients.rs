@@ -419,7 +419,7 @@ mod tests {
         let error = exec(&store, &["create", "c"]).await.unwrap_err();
         assert_eq!((exit_code(&error), error.to_string().contains("already has a record")), (1, true));
         let error = exec(&store, &["show", "nobody"]).await.unwrap_err();
-        assert_eq!(exit_code(&error), 1);
+        assert_eq!(exit_code(&error), 3, "not found, as for keys");
         assert!(Cli::try_parse_from(["clients", "create", "a.b"]).is_err(), "bad IDs are refused by clap");
     }
 
