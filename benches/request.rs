@@ -41,7 +41,7 @@ fn request_benches(c: &mut Criterion) {
         headers.insert(name, HeaderValue::from_static(value));
     }
     // Made once per verified key and once per connection, as the gateway does.
-    let identity = proxy::Identity::of(&record);
+    let identity = proxy::Identity::new(record.client(), record.id.as_str(), &record.meta.scopes);
     let peer = proxy::Peer::new(std::net::SocketAddr::from(([127, 0, 0, 1], 40000)));
     let host = HeaderValue::from_static("api.example.com");
     c.bench_function("header rewrite (hop-by-hop, forwarded, identity)", |b| {

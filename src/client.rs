@@ -1,9 +1,9 @@
 //! Client records: the customer behind a set of keys, as a record of its own.
 //!
 //! A key ID is `<client>.<kid>`, so every key names its client. A client may
-//! also have a record, holding what is shared by all of its keys: limits and a
-//! quota (applied on top of each key's own, which can only be tighter), a
-//! label, and a status. Revoking the client refuses every one of its keys at
+//! also have a record, holding what is shared by all of its keys: limits, a
+//! quota and usage credits (applied on top of each key's own, which can only
+//! be tighter), a label, and a status. Revoking the client refuses every one of its keys at
 //! once, without touching the key records. A key whose client has no record
 //! works as it always did (no client limits).
 //!
@@ -16,7 +16,9 @@ use std::num::NonZeroU32;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{KeyStatus, MetaChanges, MetaError, Quota, Rate, whole_seconds};
+use crate::meta::{
+    CreditGrant, KeyStatus, MetaChanges, MetaError, Quota, Rate, credits_after, whole_seconds,
+};
 
 /// A client as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,9 +31,9 @@ pub struct ClientRecord {
 
 /// Everything a store keeps about a client besides its ID.
 ///
-/// Later fields (credits) join here and in [`ClientMeta::apply`]; the
-/// destructuring there makes a new [`MetaChanges`] field a compile error
-/// until someone decides whether a client takes it.
+/// A new field joins here and in [`ClientMeta::apply`]; the destructuring
+/// there makes a new [`MetaChanges`] field a compile error until someone
+/// decides whether a client takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientMeta {
     /// Sustained request rate shared by all the client's keys; `None`: unlimited.
@@ -42,6 +44,11 @@ pub struct ClientMeta {
     pub quota: Option<Quota>,
     /// Free text for operators ("Acme Corp, gold plan").
     pub label: Option<String>,
+    /// Usage credits shared by all the client's keys (`--uses 100000`),
+    /// spent on top of each key's own; `None`: unmetered. As for a key, the
+    /// count left lives with the credit authority (`limit::credits`, under
+    /// `Owner::Client`), not here.
+    pub credits: Option<CreditGrant>,
     /// `revoked` refuses every key of the client; never set back to active.
     pub status: KeyStatus,
     pub created_at: Timestamp,
@@ -58,6 +65,7 @@ impl ClientMeta {
             burst: None,
             quota: None,
             label: None,
+            credits: None,
             status: KeyStatus::Active,
             created_at: now,
             updated_at: now,
@@ -72,7 +80,7 @@ impl ClientMeta {
     /// keys: asking for them on a client is refused, naming the field, and
     /// nothing is applied.
     pub fn apply(&mut self, changes: MetaChanges) -> Result<(), MetaError> {
-        let MetaChanges { scopes, rate, burst, quota, expires_at, label, uses: _, refill: _ } = changes;
+        let MetaChanges { scopes, rate, burst, quota, expires_at, label, uses, refill } = changes;
         if let Some(scopes) = scopes {
             return Err(MetaError::new(
                 "scopes",
@@ -99,6 +107,9 @@ impl ClientMeta {
         if let Some(v) = label {
             self.label = v;
         }
+        // Same semantics as a key's: `uses` is a new grant (the count
+        // restarts), `refill` alone keeps the count, `none` clears.
+        self.credits = credits_after(self.credits, uses, refill, Timestamp::now());
         Ok(())
     }
 }
@@ -135,5 +146,21 @@ mod tests {
             assert!(error.why.contains("belong"), "{error}");
             assert_eq!(meta, ClientMeta::new(now()), "{query}: nothing applied");
         }
+    }
+
+    #[test]
+    fn credits_apply_to_a_client_as_to_a_key() {
+        let mut meta = ClientMeta::new(now());
+        meta.apply(MetaChanges::from_query("uses=100&refill=100/month", now()).unwrap()).unwrap();
+        let grant = meta.credits.unwrap();
+        assert_eq!((grant.uses, grant.refill.unwrap().to_string()), (100, "100/month".to_owned()));
+        meta.apply(MetaChanges::from_query("refill=50/day", now()).unwrap()).unwrap();
+        let kept = meta.credits.unwrap();
+        assert_eq!((kept.uses, kept.granted_at), (100, grant.granted_at), "refill alone keeps the grant");
+        meta.apply(MetaChanges::from_query("uses=", now()).unwrap()).unwrap();
+        assert_eq!(meta.credits, None, "an empty value clears");
+        // A refused change applies nothing, credits included.
+        let error = meta.apply(MetaChanges::from_query("uses=5&scope=read", now()).unwrap()).unwrap_err();
+        assert_eq!((error.field.as_str(), meta.credits), ("scopes", None));
     }
 }

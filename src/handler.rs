@@ -186,7 +186,8 @@ async fn serve(
         let admission = match record.client.as_deref() {
             Some(client) => {
                 let meta = &client.meta;
-                let client = limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota);
+                let client = limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota)
+                    .with_credits(meta.credits.as_ref());
                 gateway.limits.admit(&[key, client], route.cost, limits).await?
             }
             None => gateway.limits.admit(&[key], route.cost, limits).await?,

@@ -495,7 +495,8 @@ impl MetaChanges {
 /// A record's credits after `uses` and `refill` changes. `uses` makes a new
 /// grant (stamped `now`: the count restarts); `refill` alone keeps the grant
 /// and its count; a refill on a key without credits grants its amount.
-fn credits_after(
+/// Shared by keys and client records ([`crate::client::ClientMeta::apply`]).
+pub fn credits_after(
     current: Option<CreditGrant>,
     uses: Option<Option<u64>>,
     refill: Option<Option<Refill>>,

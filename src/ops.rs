@@ -282,11 +282,18 @@ fn check_changes(changes: &MetaChanges, now: Timestamp) -> Result<(), OpsError> 
             format!("{at} is not in the future; to end a key now, revoke it"),
         ));
     }
-    if changes.uses == Some(None) && matches!(changes.refill, Some(Some(_))) {
-        return Err(OpsError::invalid("refill", "a refill needs credits, and `--uses none` removes them"));
-    }
+    check_credit_changes(changes)?;
     if changes.scopes.as_ref().is_some_and(Vec::is_empty) {
         return Err(OpsError::invalid("scopes", "at least one scope is needed"));
+    }
+    Ok(())
+}
+
+/// `--uses none --refill N/W` asks for two contradicting things: refused,
+/// for keys and clients alike.
+pub(crate) fn check_credit_changes(changes: &MetaChanges) -> Result<(), OpsError> {
+    if changes.uses == Some(None) && matches!(changes.refill, Some(Some(_))) {
+        return Err(OpsError::invalid("refill", "a refill needs credits, and `--uses none` removes them"));
     }
     Ok(())
 }

@@ -311,6 +311,100 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
     assert_eq!(audit.lines().filter(|l| l.contains("client-")).count(), 2, "{audit}");
 }
 
+/// Client credits from the real binary: granted by `create --uses/--refill`,
+/// stored in the client hash with the key records' field names, spent
+/// through the credit authority as `Owner::Client` (as admission does),
+/// shown by `show` with the count left, reset by `update --uses` (or
+/// `--meta uses=`), kept by `--refill` alone, cleared by `none`; a bad
+/// value exits 2 naming the flag and changes nothing.
+#[tokio::test]
+async fn the_clients_cli_grants_shows_resets_and_clears_client_credits_and_refuses_bad_values_with_exit_2() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = |rest: &[&str]| -> Vec<String> {
+        ["clients", "--redis", url.as_str()].iter().chain(rest).map(|s| s.to_string()).collect()
+    };
+    let run = |rest: &[&str]| {
+        let all = args(rest);
+        async move { keygate(&all.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let json_of = |out: &Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    let created =
+        json_of(&run(&["create", "acme", "--uses", "1000", "--refill", "1000/month", "--json"]).await);
+    assert_eq!(created["credits"]["uses"], 1000);
+    assert_eq!(created["credits"]["refill"], "1000/month");
+    let granted_at = created["credits"]["granted_at"].clone();
+    let field =
+        |name: &str| -> Option<String> { redis.query(redis::cmd("HGET").arg("kg:{acme}:client").arg(name)) };
+    assert_eq!(field("credits").as_deref(), Some("1000"));
+    assert_eq!(field("credits_refill").as_deref(), Some("1000/month"));
+    assert!(field("credits_granted_at").is_some_and(|ms| ms.parse::<i64>().is_ok()));
+
+    // Spend three as admission will, under the client's name.
+    let store = redis_store(&redis).await;
+    let grant = store.get_client("acme").await.unwrap().unwrap().meta.credits.unwrap();
+    let conn = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str()).unwrap()).await.unwrap();
+    let credits = keygate::limit::credits::Credits::redis(conn, "kg:");
+    for _ in 0..3 {
+        let owner = keygate::limit::credits::Owner::Client("acme");
+        credits.take(owner, &grant, std::num::NonZeroU32::MIN).await.unwrap();
+    }
+    let out = run(&["show", "acme"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("credits  997 left of 1000, refill 1000/month"), "{text}");
+    let shown = json_of(&run(&["show", "acme", "--json"]).await);
+    assert_eq!(
+        (shown["credits"]["remaining"].clone(), shown["credits"]["uses"].clone()),
+        (997.into(), 1000.into())
+    );
+
+    // Bad values: exit 2, the flag (or field) named, nothing changed.
+    for (bad, needle) in [
+        (&["update", "acme", "--uses=-1"][..], "--uses"),
+        (&["update", "acme", "--uses=lots"], "--uses"),
+        (&["update", "acme", "--uses=1000000000000001"], "--uses"),
+        (&["update", "acme", "--refill=5/10s"], "--refill"),
+        (&["update", "acme", "--refill=0/day"], "--refill"),
+        (&["update", "acme", "--meta", "uses=lots"], "uses"),
+        (&["update", "acme", "--uses", "none", "--refill", "5/day"], "refill"),
+        (&["create", "beta", "--refill", "5/fortnight"], "--refill"),
+    ] {
+        let out = run(bad).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains(needle), "{bad:?}: {stderr}");
+    }
+    let exists: bool = redis.query(redis::cmd("EXISTS").arg("kg:{beta}:client"));
+    assert!(!exists, "a refused create wrote nothing");
+    let shown = json_of(&run(&["show", "acme", "--json"]).await);
+    assert_eq!(shown["credits"]["remaining"], 997, "a refused update changed nothing");
+
+    // `--refill` alone keeps the grant; `--uses N` is a new grant, shown at once.
+    let refilled = json_of(&run(&["update", "acme", "--refill", "2000/month", "--json"]).await);
+    assert_eq!(
+        (refilled["credits"]["uses"].clone(), refilled["credits"]["granted_at"].clone()),
+        (1000.into(), granted_at)
+    );
+    let reset = json_of(&run(&["update", "acme", "--uses", "5", "--json"]).await);
+    assert_eq!(
+        (reset["credits"]["remaining"].clone(), reset["credits"]["refill"].clone()),
+        (5.into(), "2000/month".into())
+    );
+    let reset = json_of(&run(&["update", "acme", "--meta", "uses=7", "--json"]).await);
+    assert_eq!(reset["credits"]["remaining"], 7);
+
+    let cleared = json_of(&run(&["update", "acme", "--uses", "none", "--json"]).await);
+    assert!(cleared["credits"].is_null(), "{cleared}");
+    assert_eq!(field("credits"), None, "the hash lost the field");
+    assert_eq!(field("credits_refill"), None);
+    let out = run(&["show", "acme"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("credits  -"));
+}
+
 // === File store ===
 
 #[tokio::test]
@@ -401,6 +495,19 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
         (patched.json()["quota"].clone(), patched.json()["rate"].clone()),
         (serde_json::Value::Null, "10/s".into())
     );
+    let granted =
+        admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"uses":50,"refill":"50/day"}"#)).await;
+    assert_eq!(granted.status, 200, "{}", granted.text());
+    assert_eq!(
+        (granted.json()["credits"]["uses"].clone(), granted.json()["credits"]["refill"].clone()),
+        (50.into(), "50/day".into())
+    );
+    let shown = admin.call(Method::GET, "/admin/clients/acme", None).await;
+    assert_eq!(shown.json()["credits"]["remaining"], 50, "{}", shown.text());
+    let refused = admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"uses":-1}"#)).await;
+    assert_eq!((refused.status.as_u16(), refused.json()["field"].clone()), (400, "uses".into()));
+    let cleared = admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"uses":null}"#)).await;
+    assert!(cleared.json()["credits"].is_null(), "{}", cleared.text());
     let missing = admin.call(Method::PATCH, "/admin/clients/nobody", Some(r#"{"label":"x"}"#)).await;
     assert_eq!((missing.status.as_u16(), missing.json()["error"].clone()), (404, "not_found".into()));
 

@@ -3,7 +3,7 @@
 //! Every call goes through [`crate::ops::clients`], and records come back
 //! in the CLI's `--json` shape ([`ClientView`]). Metadata fields are the
 //! key calls' (parsed by the same code): `rate`, `burst`, `quota`, `label`,
-//! `meta`; absent leaves a field unchanged, `null` clears it. Key-only
+//! `uses`, `refill`, `meta`; absent leaves a field unchanged, `null` clears it. Key-only
 //! fields (`scopes`, `expires`) are refused naming the field.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -46,10 +46,16 @@ pub async fn list(call: &KeyCall<'_>, query: Option<&str>) -> Result<Response<Fu
     json(StatusCode::OK, &views)
 }
 
-/// `GET /admin/clients/{id}`: the record and the client's keys.
+/// `GET /admin/clients/{id}`: the record, the client's keys and, if it has
+/// credits, the count left (`credits.remaining`, from the credit authority).
 pub async fn show(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>>, AdminError> {
     let detail = ops::show(call.store, id).await?;
-    json(StatusCode::OK, &ClientView::with_keys(&detail))
+    let view = ClientView::with_keys(&detail);
+    let view = match crate::cli::clients::remaining_credits(call.credits, &detail.record).await {
+        Some(remaining) => view.credits_remaining(remaining),
+        None => view,
+    };
+    json(StatusCode::OK, &view)
 }
 
 /// `PATCH /admin/clients/{id}`: metadata changes; answers the updated record.

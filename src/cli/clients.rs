@@ -9,6 +9,9 @@
 //! to stderr. With a Redis store every write appends to the audit trail, as
 //! key writes do.
 //!
+//! `show` reads the client's remaining credits from the credit authority
+//! (`Owner::Client`), as `keys show` does for a key.
+//!
 //! Exit codes are the table in [`super::exit`]: 0 success; 1 runtime
 //! failure (store unreachable, a record already there, a revoked client);
 //! 2 usage (a bad flag, a key-only field, nothing to change); 3 no such
@@ -21,10 +24,12 @@ use clap::{Args, Subcommand};
 use jiff::Timestamp;
 
 use super::keys::{
-    Clearable, CliError, MetaQuery, RedisExtras, burst_flag, meta_flag, quota_flag, rate_flag,
+    Clearable, CliError, MetaQuery, RedisExtras, burst_flag, credits_line, meta_flag, quota_flag, rate_flag,
+    refill_flag, uses_flag,
 };
 use crate::client::ClientRecord;
-use crate::meta::{MetaChanges, Quota, Rate};
+use crate::limit::credits::{Credits, Owner};
+use crate::meta::{MetaChanges, Quota, Rate, Refill};
 use crate::ops::OpsError;
 use crate::ops::clients::{self as ops, ClientView};
 use crate::store::{KeyStore, SharedStore};
@@ -97,6 +102,16 @@ pub struct ClientFlags {
     /// Free text for operators; an empty string removes it.
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
+    /// Usage credits shared by all the client's keys (spent on top of each
+    /// key's own): N uses. On `update`, resets the count left to N (a new
+    /// grant); `none` removes them.
+    #[arg(long, value_name = "N", value_parser = uses_flag)]
+    pub uses: Option<Clearable<u64>>,
+    /// Refill the client's credits to N at the start of every window: N/day,
+    /// N/month or N/DURATION (at least 1min); keeps the count on `update`;
+    /// `none` removes it. Without --uses, grants N to start with.
+    #[arg(long, value_name = "N/WINDOW", value_parser = refill_flag)]
+    pub refill: Option<Clearable<Refill>>,
     /// Metadata in query syntax, e.g. "rate_limit=1000&quota=100000/month"; explicit flags win.
     #[arg(long, value_name = "QUERY", value_parser = meta_flag)]
     pub meta: Option<MetaQuery>,
@@ -140,6 +155,8 @@ impl ClientFlags {
             burst: self.burst.map(|Clearable(v)| v),
             quota: self.quota.map(|Clearable(v)| v),
             label: self.label.as_ref().map(|l| (!l.is_empty()).then(|| l.clone())),
+            uses: self.uses.map(|Clearable(v)| v),
+            refill: self.refill.map(|Clearable(v)| v),
             ..MetaChanges::default()
         };
         Ok(base.merge(flags))
@@ -159,9 +176,23 @@ pub async fn run(
     cmd: ClientsCommand,
     store: SharedStore,
     redis: Option<RedisExtras>,
+    credits: &Credits,
 ) -> Result<(), CliError> {
     let (mut out, mut err) = (io::stdout(), io::stderr());
-    run_with(cmd, &*store, redis.as_ref(), Timestamp::now(), &mut out, &mut err).await
+    run_with(cmd, &*store, redis.as_ref(), credits, Timestamp::now(), &mut out, &mut err).await
+}
+
+/// The credits `record` has left, if it has credits: `Some(None)` when the
+/// authority cannot be asked (the reason goes to the log), as for keys.
+pub async fn remaining_credits(credits: &Credits, record: &ClientRecord) -> Option<Option<u64>> {
+    let grant = record.meta.credits?;
+    match credits.remaining(Owner::Client(&record.id), &grant).await {
+        Ok(remaining) => Some(Some(remaining)),
+        Err(error) => {
+            tracing::warn!(client = %record.id, %error, "cannot read the client's remaining credits");
+            Some(None)
+        }
+    }
 }
 
 /// [`run`] with the clock and the output streams passed in, for tests.
@@ -169,6 +200,7 @@ async fn run_with(
     cmd: ClientsCommand,
     store: &dyn KeyStore,
     redis: Option<&RedisExtras>,
+    credits: &Credits,
     now: Timestamp,
     out: &mut (impl Write + Send),
     err: &mut (impl Write + Send),
@@ -178,7 +210,7 @@ async fn run_with(
             let changes = args.meta.changes(now)?;
             let record = ops::create(store, &args.id, changes, now).await?;
             audit(redis, AuditAction::ClientCreate, &record, now, err).await?;
-            print_record(&record, args.json, out)?;
+            print_record(&record, None, args.json, out)?;
             writeln!(err, "Created client {}.", record.id).map_err(write_error)?;
         }
         ClientsCommand::List(args) => {
@@ -192,10 +224,11 @@ async fn run_with(
         }
         ClientsCommand::Show(args) => {
             let detail = ops::show(store, &args.id).await?;
+            let remaining = remaining_credits(credits, &detail.record).await;
             if args.json {
-                print_json(&ClientView::with_keys(&detail), out)?;
+                print_json(&with_remaining(ClientView::with_keys(&detail), remaining), out)?;
             } else {
-                print_lines(&detail.record, out)?;
+                print_lines(&detail.record, remaining, out)?;
                 let keys = if detail.keys.is_empty() {
                     "-".to_owned()
                 } else {
@@ -213,13 +246,15 @@ async fn run_with(
             let changes = args.meta.changes(now)?;
             if changes == MetaChanges::default() {
                 return Err(CliError::Usage(
-                    "nothing to change: pass at least one of --rate, --burst, --quota, --label, --meta"
+                    "nothing to change: pass at least one of --rate, --burst, --quota, --label, --uses, --refill, --meta"
                         .to_owned(),
                 ));
             }
             let record = ops::update(store, &args.id, changes, now).await?;
             audit(redis, AuditAction::ClientUpdate, &record, now, err).await?;
-            print_record(&record, args.json, out)?;
+            // As `keys update`: after `--uses N` the count shown is the new one.
+            let remaining = remaining_credits(credits, &record).await;
+            print_record(&record, remaining, args.json, out)?;
             writeln!(err, "Updated client {}.", record.id).map_err(write_error)?;
         }
         ClientsCommand::Revoke(args) => {
@@ -272,6 +307,8 @@ fn summary(record: &ClientRecord) -> String {
         ("burst", meta.burst.map(|v| v.to_string())),
         ("quota", meta.quota.map(|v| v.to_string())),
         ("label", meta.label.as_deref().map(printable)),
+        ("uses", meta.credits.map(|c| c.uses.to_string())),
+        ("refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
     ];
     parts.extend(optional.into_iter().filter_map(|(name, value)| Some(format!("{name}={}", value?))));
     parts.join(" ")
@@ -288,11 +325,32 @@ fn print_json(value: &impl serde::Serialize, out: &mut impl Write) -> Result<(),
     writeln!(out).map_err(write_error)
 }
 
-fn print_record(record: &ClientRecord, json: bool, out: &mut impl Write) -> Result<(), CliError> {
-    if json { print_json(&ClientView::new(record), out) } else { print_lines(record, out) }
+/// `remaining`: as [`remaining_credits`] answers, `None` where not asked.
+fn print_record(
+    record: &ClientRecord,
+    remaining: Option<Option<u64>>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    if json {
+        print_json(&with_remaining(ClientView::new(record), remaining), out)
+    } else {
+        print_lines(record, remaining, out)
+    }
 }
 
-fn print_lines(record: &ClientRecord, out: &mut impl Write) -> Result<(), CliError> {
+fn with_remaining(view: ClientView<'_>, remaining: Option<Option<u64>>) -> ClientView<'_> {
+    match remaining {
+        Some(remaining) => view.credits_remaining(remaining),
+        None => view,
+    }
+}
+
+fn print_lines(
+    record: &ClientRecord,
+    remaining: Option<Option<u64>>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
     let meta = &record.meta;
     let lines = [
         ("client", record.id.clone()),
@@ -301,6 +359,7 @@ fn print_lines(record: &ClientRecord, out: &mut impl Write) -> Result<(), CliErr
         ("burst", or_dash(meta.burst)),
         ("quota", or_dash(meta.quota)),
         ("label", meta.label.as_deref().map_or_else(|| "-".to_owned(), printable)),
+        ("credits", credits_line(meta.credits, remaining)),
         ("created", meta.created_at.to_string()),
         ("updated", meta.updated_at.to_string()),
     ];
@@ -372,7 +431,7 @@ mod tests {
 
     async fn exec(store: &MemStore, args: &[&str]) -> Result<(String, String), CliError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        run_with(cmd(args), store, None, now(), &mut out, &mut err).await?;
+        run_with(cmd(args), store, None, &Credits::memory(), now(), &mut out, &mut err).await?;
         Ok((String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap()))
     }
 

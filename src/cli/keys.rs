@@ -241,11 +241,11 @@ pub(super) fn quota_flag(s: &str) -> Result<Clearable<Quota>, MetaError> {
     clearable(s, str::parse)
 }
 
-fn uses_flag(s: &str) -> Result<Clearable<u64>, MetaError> {
+pub(super) fn uses_flag(s: &str) -> Result<Clearable<u64>, MetaError> {
     clearable(s, meta::parse_uses)
 }
 
-fn refill_flag(s: &str) -> Result<Clearable<meta::Refill>, MetaError> {
+pub(super) fn refill_flag(s: &str) -> Result<Clearable<meta::Refill>, MetaError> {
     clearable(s, str::parse)
 }
 
@@ -586,13 +586,26 @@ pub struct RecordView<'a> {
 
 /// A key's credits: what was granted, the refill, and (in `show`) what is
 /// left, read from the credit authority (`null` if it could not be asked).
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct CreditsView {
     uses: u64,
     refill: Option<meta::Refill>,
     granted_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     remaining: Option<Option<u64>>,
+}
+
+impl CreditsView {
+    /// The grant as recorded, without the count left.
+    pub fn new(grant: meta::CreditGrant) -> Self {
+        Self { uses: grant.uses, refill: grant.refill, granted_at: grant.granted_at, remaining: None }
+    }
+
+    /// Adds the credits left (`None`: the authority could not say).
+    pub fn with_remaining(mut self, remaining: Option<u64>) -> Self {
+        self.remaining = Some(remaining);
+        self
+    }
 }
 
 impl<'a> RecordView<'a> {
@@ -614,12 +627,7 @@ impl<'a> RecordView<'a> {
             rotated_at: meta.rotated_at,
             counts_as: record.counts_as(),
             last_used: None,
-            credits: meta.credits.map(|grant| CreditsView {
-                uses: grant.uses,
-                refill: grant.refill,
-                granted_at: grant.granted_at,
-                remaining: None,
-            }),
+            credits: meta.credits.map(CreditsView::new),
         }
     }
 
@@ -630,9 +638,7 @@ impl<'a> RecordView<'a> {
 
     /// Adds the credits left (`None`: the authority could not say).
     pub fn credits_remaining(mut self, remaining: Option<u64>) -> Self {
-        if let Some(view) = &mut self.credits {
-            view.remaining = Some(remaining);
-        }
+        self.credits = self.credits.map(|view| view.with_remaining(remaining));
         self
     }
 }
@@ -723,7 +729,7 @@ fn print_record(
 }
 
 /// `997 left of 1000, refill 1000/month` (or `-` without credits).
-fn credits_line(grant: Option<meta::CreditGrant>, remaining: Option<Option<u64>>) -> String {
+pub(super) fn credits_line(grant: Option<meta::CreditGrant>, remaining: Option<Option<u64>>) -> String {
     let Some(grant) = grant else { return "-".to_owned() };
     let left = match remaining {
         Some(Some(n)) => format!("{n} left of {}", grant.uses),

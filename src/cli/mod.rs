@@ -177,7 +177,8 @@ pub fn main() -> ExitCode {
                     Err(code) => return code,
                 };
                 let redis = key_redis_extras(&opened);
-                match clients::run(command, opened, redis).await {
+                let credits = crate::limit::credits::Credits::for_store(&*opened, &config.store);
+                match clients::run(command, opened, redis, &credits).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("error: {error}");

@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use super::OpsError;
+use crate::cli::keys::CreditsView;
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{self, KeyId};
 use crate::meta::{KeyStatus, MetaChanges, Quota, Rate, whole_seconds};
@@ -45,6 +46,7 @@ pub async fn create(
     now: Timestamp,
 ) -> Result<ClientRecord, OpsError> {
     validate_id(id)?;
+    super::check_credit_changes(&changes)?;
     let mut meta = ClientMeta::new(now);
     meta.apply(changes)?;
     check_meta(&meta)?;
@@ -72,6 +74,7 @@ pub async fn update(
     changes: MetaChanges,
     now: Timestamp,
 ) -> Result<ClientRecord, OpsError> {
+    super::check_credit_changes(&changes)?;
     let mut record = get(store, id).await?;
     record.meta.apply(changes)?;
     check_meta(&record.meta)?;
@@ -135,6 +138,9 @@ pub struct ClientView<'a> {
     pub burst: Option<NonZeroU32>,
     pub quota: Option<Quota>,
     pub label: Option<&'a str>,
+    /// Usage credits shared by the client's keys, `null` without; in
+    /// `show`, with what is left ([`ClientView::credits_remaining`]).
+    pub credits: Option<CreditsView>,
     pub status: KeyStatus,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -161,11 +167,19 @@ impl<'a> ClientView<'a> {
             burst: meta.burst,
             quota: meta.quota,
             label: meta.label.as_deref(),
+            credits: meta.credits.map(CreditsView::new),
             status: meta.status,
             created_at: meta.created_at,
             updated_at: meta.updated_at,
             keys: None,
         }
+    }
+
+    /// Adds the credits left (`None`: the authority could not say); no
+    /// change for a client without credits.
+    pub fn credits_remaining(mut self, remaining: Option<u64>) -> Self {
+        self.credits = self.credits.map(|view| view.with_remaining(remaining));
+        self
     }
 
     /// The view with the client's keys listed.
@@ -281,5 +295,43 @@ mod tests {
         assert_eq!(full["keys"][0]["id"], key.record.id.as_str());
         assert_eq!(full["keys"][0]["status"], "active");
         assert!(!full.to_string().contains(&key.record.secret_hash.to_hex()));
+    }
+
+    #[tokio::test]
+    async fn credits_are_granted_refilled_and_cleared_as_on_a_key() {
+        let store = MemStore::new();
+        let created = create(&store, "acme", changes("uses=1000"), now()).await.unwrap();
+        let grant = created.meta.credits.unwrap();
+        assert_eq!((grant.uses, grant.refill), (1000, None));
+        assert_eq!(store.get_client("acme").await.unwrap(), Some(created.clone()), "stored");
+
+        // `refill` alone keeps the grant (and so the count left).
+        let refilled = update(&store, "acme", changes("refill=500/day"), now()).await.unwrap();
+        let kept = refilled.meta.credits.unwrap();
+        assert_eq!((kept.uses, kept.granted_at), (1000, grant.granted_at));
+        assert_eq!(kept.refill.unwrap().to_string(), "500/day");
+
+        // `uses` again is a new grant: a newer stamp, the refill kept.
+        let regranted = update(&store, "acme", changes("uses=1000"), now()).await.unwrap();
+        let new = regranted.meta.credits.unwrap();
+        assert!(new.granted_at > grant.granted_at, "{new:?}");
+        assert_eq!(new.refill, kept.refill);
+
+        let view = serde_json::to_value(ClientView::new(&regranted).credits_remaining(Some(7))).unwrap();
+        assert_eq!(
+            (view["credits"]["uses"].clone(), view["credits"]["remaining"].clone()),
+            (1000.into(), 7.into())
+        );
+
+        let cleared = update(&store, "acme", changes("uses="), now()).await.unwrap();
+        assert_eq!(cleared.meta.credits, None);
+        let view = serde_json::to_value(ClientView::new(&cleared).credits_remaining(Some(7))).unwrap();
+        assert_eq!(view["credits"], serde_json::Value::Null);
+
+        let err = update(&store, "acme", changes("uses=&refill=5/day"), now()).await.unwrap_err();
+        assert!(matches!(err, OpsError::Invalid { ref field, .. } if field == "refill"), "{err:?}");
+        let err = create(&store, "beta", changes("uses=&refill=5/day"), now()).await.unwrap_err();
+        assert!(matches!(err, OpsError::Invalid { ref field, .. } if field == "refill"), "{err:?}");
+        assert_eq!(store.get_client("beta").await.unwrap(), None, "nothing written");
     }
 }

@@ -23,12 +23,13 @@
 //! id = "acme"
 //! quota = "100000/month"
 //! label = "Acme Corp"
+//! credits = 100000               # optional, spelt as in a key file
 //! status = "active"
 //! created_at = "2026-11-24T00:00:00Z"
 //! updated_at = "2026-11-24T00:00:00Z"
 //! ```
 //!
-//! The credits *left* are not in the key file (spending would rewrite it and
+//! The credits *left* are not in the key or client file (spending would rewrite it and
 //! reload the folder on every request): `limit::credits` keeps them in the
 //! hidden `.credits/` folder beside the keys.
 //!
@@ -633,18 +634,7 @@ impl From<&KeyRecord> for KeyFile {
 impl TryFrom<KeyFile> for KeyRecord {
     type Error = String;
     fn try_from(f: KeyFile) -> Result<Self, String> {
-        let credits = match (f.credits, f.credits_refill, f.credits_granted_at) {
-            (Some(uses), refill, granted_at) => Some(CreditGrant {
-                uses,
-                refill,
-                // A hand-written grant without a stamp counts as the oldest one.
-                granted_at: granted_at.unwrap_or(Timestamp::UNIX_EPOCH),
-            }),
-            (None, Some(_), _) => {
-                return Err("`credits_refill` needs `credits` (the uses granted)".to_owned());
-            }
-            (None, None, _) => None,
-        };
+        let credits = grant_from_file(f.credits, f.credits_refill, f.credits_granted_at)?;
         let meta = KeyMeta {
             scopes: f.scopes,
             rate: f.rate,
@@ -662,6 +652,25 @@ impl TryFrom<KeyFile> for KeyRecord {
     }
 }
 
+/// A credit grant from a file's three `credits*` fields (key and client
+/// files spell them alike).
+fn grant_from_file(
+    credits: Option<u64>,
+    refill: Option<Refill>,
+    granted_at: Option<Timestamp>,
+) -> Result<Option<CreditGrant>, String> {
+    match (credits, refill, granted_at) {
+        (Some(uses), refill, granted_at) => Ok(Some(CreditGrant {
+            uses,
+            refill,
+            // A hand-written grant without a stamp counts as the oldest one.
+            granted_at: granted_at.unwrap_or(Timestamp::UNIX_EPOCH),
+        })),
+        (None, Some(_), _) => Err("`credits_refill` needs `credits` (the uses granted)".to_owned()),
+        (None, None, _) => Ok(None),
+    }
+}
+
 /// A client file's content: a [`ClientRecord`] flattened, strict about
 /// field names as key files are.
 #[derive(Debug, Serialize, Deserialize)]
@@ -676,6 +685,14 @@ struct ClientFile {
     quota: Option<Quota>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     label: Option<String>,
+    /// Usage credits shared by the client's keys, as in a key file (the
+    /// count left is in `.credits/`, under the client's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_refill: Option<Refill>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credits_granted_at: Option<Timestamp>,
     status: KeyStatus,
     created_at: Timestamp,
     updated_at: Timestamp,
@@ -683,23 +700,38 @@ struct ClientFile {
 
 impl From<&ClientRecord> for ClientFile {
     fn from(r: &ClientRecord) -> Self {
-        let ClientMeta { rate, burst, quota, label, status, created_at, updated_at } = r.meta.clone();
-        Self { id: r.id.clone(), rate, burst, quota, label, status, created_at, updated_at }
+        let ClientMeta { rate, burst, quota, label, credits, status, created_at, updated_at } =
+            r.meta.clone();
+        Self {
+            id: r.id.clone(),
+            rate,
+            burst,
+            quota,
+            label,
+            credits: credits.map(|c| c.uses),
+            credits_refill: credits.and_then(|c| c.refill),
+            credits_granted_at: credits.map(|c| c.granted_at),
+            status,
+            created_at,
+            updated_at,
+        }
     }
 }
 
-impl From<ClientFile> for ClientRecord {
-    fn from(f: ClientFile) -> Self {
+impl TryFrom<ClientFile> for ClientRecord {
+    type Error = String;
+    fn try_from(f: ClientFile) -> Result<Self, String> {
         let meta = ClientMeta {
             rate: f.rate,
             burst: f.burst,
             quota: f.quota,
             label: f.label,
+            credits: grant_from_file(f.credits, f.credits_refill, f.credits_granted_at)?,
             status: f.status,
             created_at: f.created_at,
             updated_at: f.updated_at,
         };
-        Self { id: f.id, meta }
+        Ok(Self { id: f.id, meta })
     }
 }
 
@@ -719,7 +751,7 @@ fn client_from_toml(text: &str, expected: &str) -> Result<ClientRecord, String> 
     if file.id != expected {
         return Err(format!("`id = \"{}\"` does not match the file name", file.id));
     }
-    Ok(file.into())
+    file.try_into()
 }
 
 fn client_file_name(client: &str) -> String {
@@ -944,6 +976,34 @@ mod tests {
         let why = client_from_toml(&format!("{text}scopes = [\"read\"]\n"), "acme").unwrap_err();
         assert!(why.contains("scopes"), "{why}");
         assert!(client_from_toml(&text, "other").unwrap_err().contains("file name"));
+    }
+
+    #[test]
+    fn client_credits_round_trip_and_a_refill_without_credits_is_refused() {
+        let mut meta = ClientMeta::new("2026-11-24T00:00:00Z".parse().unwrap());
+        meta.credits = Some(CreditGrant {
+            uses: 100_000,
+            refill: Some("100000/month".parse().unwrap()),
+            granted_at: "2026-11-24T00:00:00.123Z".parse().unwrap(),
+        });
+        let record = ClientRecord { id: "acme".into(), meta };
+        let text = client_to_toml(&record).unwrap();
+        assert!(
+            text.contains("credits = 100000\n") && text.contains("credits_refill = \"100000/month\"\n"),
+            "{text}"
+        );
+        assert_eq!(client_from_toml(&text, "acme").unwrap(), record);
+        // Hand-written: no stamp counts as the oldest grant.
+        let unstamped = text.lines().filter(|l| !l.starts_with("credits_granted_at")).collect::<Vec<_>>();
+        let back = client_from_toml(&unstamped.join("\n"), "acme").unwrap();
+        assert_eq!(back.meta.credits.unwrap().granted_at, Timestamp::UNIX_EPOCH);
+        let orphan = text.replace("credits = 100000\n", "");
+        assert!(client_from_toml(&orphan, "acme").unwrap_err().contains("credits_refill"));
+        let bad = text.replace("credits = 100000", "credits = -1");
+        assert!(
+            client_from_toml(&bad, "acme").unwrap_err().starts_with("line "),
+            "a negative count is refused"
+        );
     }
 
     #[test]

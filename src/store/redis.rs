@@ -50,7 +50,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
-use crate::meta::{KeyMeta, KeyStatus};
+use crate::meta::{CreditGrant, KeyMeta, KeyStatus};
 use crate::redis_target::RedisTls;
 
 /// How many invalidations a slow subscriber may fall behind before it sees
@@ -725,13 +725,38 @@ fn encode(record: &KeyRecord) -> Vec<(&'static str, String)> {
         ("expires_at", meta.expires_at.map(|t| t.as_second().to_string())),
         ("label", meta.label.clone()),
         ("rotated_at", meta.rotated_at.map(|t| t.as_second().to_string())),
-        ("credits", meta.credits.map(|c| c.uses.to_string())),
-        ("credits_refill", meta.credits.and_then(|c| c.refill).map(|r| r.to_string())),
-        ("credits_granted_at", meta.credits.map(|c| c.granted_at.as_millisecond().to_string())),
         ("counts_as", meta.counts_as.as_ref().map(KeyId::to_string)),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
+    fields.extend(encode_credits(meta.credits));
     fields
+}
+
+/// A credit grant as hash fields (`credits`, `credits_refill`,
+/// `credits_granted_at` in ms), spelt alike in key and client records;
+/// nothing without a grant.
+fn encode_credits(credits: Option<CreditGrant>) -> Vec<(&'static str, String)> {
+    let Some(grant) = credits else { return Vec::new() };
+    let mut fields = vec![
+        ("credits", grant.uses.to_string()),
+        ("credits_granted_at", grant.granted_at.as_millisecond().to_string()),
+    ];
+    if let Some(refill) = grant.refill {
+        fields.push(("credits_refill", refill.to_string()));
+    }
+    fields
+}
+
+/// The credit grant in a key or client record's fields, if it has one.
+fn decode_credits(fields: &Fields<'_>) -> Result<Option<CreditGrant>, StoreError> {
+    match fields.parse_optional("credits", crate::meta::parse_uses)? {
+        None => Ok(None),
+        Some(uses) => Ok(Some(CreditGrant {
+            uses,
+            refill: fields.parse_optional("credits_refill", str::parse::<crate::meta::Refill>)?,
+            granted_at: fields.parse("credits_granted_at", unix_millis)?,
+        })),
+    }
 }
 
 /// A record from its hash fields. Unknown fields are ignored (room for later
@@ -758,14 +783,7 @@ fn decode(redis_key: &str, raw: &HashMap<Vec<u8>, Vec<u8>>) -> Result<KeyRecord,
         status: fields.parse("status", str::parse::<KeyStatus>)?,
         created_at: fields.parse("created_at", unix_seconds)?,
         rotated_at: fields.parse_optional("rotated_at", unix_seconds)?,
-        credits: match fields.parse_optional("credits", crate::meta::parse_uses)? {
-            None => None,
-            Some(uses) => Some(crate::meta::CreditGrant {
-                uses,
-                refill: fields.parse_optional("credits_refill", str::parse::<crate::meta::Refill>)?,
-                granted_at: fields.parse("credits_granted_at", unix_millis)?,
-            }),
-        },
+        credits: decode_credits(&fields)?,
         counts_as: fields.parse_optional("counts_as", |s| match s.parse::<KeyId>() {
             Ok(counts_as) if counts_as.client() == id.client() => Ok(counts_as),
             Ok(_) => Err("names a key of another client".to_owned()),
@@ -791,6 +809,7 @@ fn encode_client(record: &ClientRecord) -> Vec<(&'static str, String)> {
         ("label", meta.label.clone()),
     ];
     fields.extend(optional.into_iter().filter_map(|(name, value)| Some((name, value?))));
+    fields.extend(encode_credits(meta.credits));
     fields
 }
 
@@ -814,6 +833,7 @@ fn decode_client_checked(
         burst: fields.parse_optional("burst", str::parse::<std::num::NonZeroU32>)?,
         quota: fields.parse_optional("quota", str::parse)?,
         label: fields.optional("label")?.map(str::to_owned),
+        credits: decode_credits(&fields)?,
         status: fields.parse("status", str::parse::<KeyStatus>)?,
         created_at: fields.parse("created_at", unix_seconds)?,
         updated_at: fields.parse("updated_at", unix_seconds)?,
@@ -1037,7 +1057,7 @@ mod tests {
         meta.rate = Some("100/s".parse().unwrap());
         meta.quota = Some("10000/day".parse().unwrap());
         meta.label = Some("mobile app".into());
-        meta.credits = Some(crate::meta::CreditGrant {
+        meta.credits = Some(CreditGrant {
             uses: 1000,
             refill: Some("1000/month".parse().unwrap()),
             granted_at: Timestamp::from_millisecond(1_764_000_000_123).unwrap(),
@@ -1067,6 +1087,37 @@ mod tests {
         assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &HashMap::new()).unwrap(), None);
         let err = decode_client_checked("kg:{other}:client", "other", &fields).unwrap_err().to_string();
         assert!(err.contains("kg:{other}:client") && err.contains("field `id`"), "{err}");
+    }
+
+    #[test]
+    fn client_credits_survive_encoding_with_the_keys_field_names() {
+        let mut meta = ClientMeta::new(Timestamp::from_second(1_764_000_000).unwrap());
+        meta.credits = Some(CreditGrant {
+            uses: 100_000,
+            refill: Some("100000/month".parse().unwrap()),
+            granted_at: Timestamp::from_millisecond(1_764_000_000_123).unwrap(),
+        });
+        let record = ClientRecord { id: "acme".into(), meta };
+        let fields = raw(encode_client(&record));
+        assert_eq!(fields[b"credits".as_slice()], b"100000");
+        assert_eq!(fields[b"credits_refill".as_slice()], b"100000/month");
+        assert_eq!(fields[b"credits_granted_at".as_slice()], b"1764000000123");
+        assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap(), Some(record.clone()));
+
+        let mut no_refill = record.clone();
+        no_refill.meta.credits = Some(CreditGrant { refill: None, ..record.meta.credits.unwrap() });
+        let fields = raw(encode_client(&no_refill));
+        assert!(!fields.contains_key(b"credits_refill".as_slice()));
+        assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap(), Some(no_refill));
+
+        let mut fields = raw(encode_client(&record));
+        fields.remove(b"credits_granted_at".as_slice());
+        let err = decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap_err().to_string();
+        assert!(err.contains("field `credits_granted_at`: missing"), "{err}");
+        let mut fields = raw(encode_client(&record));
+        fields.insert(b"credits".to_vec(), b"-5".to_vec());
+        let err = decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap_err().to_string();
+        assert!(err.contains("field `credits`"), "{err}");
     }
 
     #[test]
