@@ -547,7 +547,13 @@ fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> 
         .iter()
         .map(|record| {
             let e = &record.entry;
-            vec![e.at.to_string(), printable(&e.actor), e.action.to_string(), e.subject().to_owned(), printable(&e.detail)]
+            vec![
+                e.at.to_string(),
+                printable(&e.actor),
+                e.action.to_string(),
+                e.subject().to_owned(),
+                printable(&e.detail),
+            ]
         })
         .collect();
     table::write(out, &["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows, &[])
