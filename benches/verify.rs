@@ -114,6 +114,18 @@ impl KeyStore for Unversioned {
     async fn ping(&self) -> Result<(), StoreError> {
         self.0.ping().await
     }
+    async fn get_client(&self, id: &str) -> Result<Option<keygate::client::ClientRecord>, StoreError> {
+        self.0.get_client(id).await
+    }
+    async fn list_clients(&self) -> Result<Vec<keygate::client::ClientRecord>, StoreError> {
+        self.0.list_clients().await
+    }
+    async fn insert_client(&self, record: &keygate::client::ClientRecord) -> Result<(), StoreError> {
+        self.0.insert_client(record).await
+    }
+    async fn update_client(&self, record: &keygate::client::ClientRecord) -> Result<(), StoreError> {
+        self.0.update_client(record).await
+    }
 }
 
 criterion_group!(benches, verify_benches);
