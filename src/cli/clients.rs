@@ -165,12 +165,6 @@ impl ClientFlags {
 
 // === Running ===
 
-/// The exit code for a failed `clients` command: the one table of
-/// [`super::exit`], as for `keys`.
-pub fn exit_code(error: &CliError) -> u8 {
-    error.exit().code()
-}
-
 /// Runs a `clients` subcommand against `store`, printing to stdout and stderr.
 pub async fn run(
     cmd: ClientsCommand,
@@ -468,17 +462,17 @@ mod tests {
             &["create", "c", "--meta", "scope=read"],
         ] {
             let error = exec(&store, args).await.unwrap_err();
-            assert_eq!(exit_code(&error), 2, "{args:?}: {error}");
+            assert_eq!(error.exit().code(), 2, "{args:?}: {error}");
             assert!(error.to_string().contains("belong"), "{args:?}: {error}");
         }
         assert!(store.list_clients().await.unwrap().is_empty(), "nothing written");
         exec(&store, &["create", "c"]).await.unwrap();
         let error = exec(&store, &["update", "c"]).await.unwrap_err();
-        assert_eq!(exit_code(&error), 2);
+        assert_eq!(error.exit().code(), 2);
         let error = exec(&store, &["create", "c"]).await.unwrap_err();
-        assert_eq!((exit_code(&error), error.to_string().contains("already has a record")), (1, true));
+        assert_eq!((error.exit().code(), error.to_string().contains("already has a record")), (1, true));
         let error = exec(&store, &["show", "nobody"]).await.unwrap_err();
-        assert_eq!(exit_code(&error), 3, "not found, as for keys");
+        assert_eq!(error.exit().code(), 3, "not found, as for keys");
         assert!(Cli::try_parse_from(["clients", "create", "a.b"]).is_err(), "bad IDs are refused by clap");
     }
 

@@ -142,10 +142,6 @@ pub fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            let config = match with_store_overrides(config, &store) {
-                Ok(config) => config,
-                Err(why) => return invalid_usage(&why),
-            };
             block_on(async move {
                 let store = match open_store(&config).await {
                     Ok(store) => store,
@@ -167,10 +163,6 @@ pub fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            let config = match with_store_overrides(config, &store) {
-                Ok(config) => config,
-                Err(why) => return invalid_usage(&why),
-            };
             block_on(async move {
                 let opened = match open_store(&config).await {
                     Ok(opened) => opened,
@@ -182,7 +174,7 @@ pub fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("error: {error}");
-                        ExitCode::from(clients::exit_code(&error))
+                        error.exit().into()
                     }
                 }
             })
@@ -191,10 +183,6 @@ pub fn main() -> ExitCode {
             let config = match store_config(&args.store) {
                 Ok(config) => config,
                 Err(code) => return code,
-            };
-            let config = match with_store_overrides(config, &args.store) {
-                Ok(config) => config,
-                Err(why) => return invalid_usage(&why),
             };
             block_on(usage::run(args, &config))
         }
@@ -330,9 +318,16 @@ fn invalid_usage(why: &str) -> ExitCode {
 }
 
 /// The config a store command runs with: the named file, or `./gateway.toml`,
-/// or (with `--redis` and no file at all) the defaults; then the override.
+/// or (with `--redis` and no file at all) the defaults; then the store
+/// overrides (`--redis`, the TLS files), refused with exit 2 when bad.
 /// The environment is not read: these commands do not serve.
 fn store_config(args: &StoreArgs) -> Result<Config, ExitCode> {
+    let config = file_store_config(args)?;
+    with_store_overrides(config, args).map_err(|why| invalid_usage(&why))
+}
+
+/// [`store_config`] before the TLS overrides.
+fn file_store_config(args: &StoreArgs) -> Result<Config, ExitCode> {
     let redis = args.redis.as_deref();
     match &args.config {
         Some(path) => load(path, Purpose::Inspect, redis),
