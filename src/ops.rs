@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod clients;
+pub mod view;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -51,7 +51,7 @@ pub async fn list(call: &KeyCall<'_>, query: Option<&str>) -> Result<Response<Fu
 pub async fn show(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>>, AdminError> {
     let detail = ops::show(call.store, id).await?;
     let view = ClientView::with_keys(&detail);
-    let view = match crate::cli::clients::remaining_credits(call.credits, &detail.record).await {
+    let view = match crate::ops::view::client_remaining_credits(call.credits, &detail.record).await {
         Some(remaining) => view.credits_remaining(remaining),
         None => view,
     };

@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::error::AdminError;
-use crate::cli::keys::RecordView;
+use crate::ops::view::{RecordView, remaining_credits};
 use crate::key::KeyId;
 use crate::meta::{self, MetaChanges, Quota, Rate};
 use crate::ops::{self, RevokeTarget};
@@ -88,7 +88,7 @@ pub async fn list(call: &KeyCall<'_>, query: Option<&str>) -> Result<Response<Fu
 pub async fn show(call: &KeyCall<'_>, id: &str) -> Result<Response<Full<Bytes>>, AdminError> {
     let record = ops::show(call.store, &key_id(id)?).await?;
     let view = RecordView::new(&record, None, call.now);
-    let view = match crate::cli::keys::remaining_credits(call.credits, &record).await {
+    let view = match remaining_credits(call.credits, &record).await {
         Some(remaining) => view.credits_remaining(remaining),
         None => view,
     };

@@ -301,7 +301,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
 /// `GET /admin/usage?client=ID&since=1h&by=hour`: the same report as
 /// `keygate usage --json`, read from the store's Redis.
 async fn usage(admin: &Admin, query: Option<&str>) -> Result<Response<Full<Bytes>>, AdminError> {
-    use crate::cli::usage::{client_flag, since_flag};
+    use crate::usage::query::{client_flag, since_flag};
     let invalid = |field: &str, reason: String| AdminError::Invalid { field: field.to_owned(), reason };
     let (mut client, mut since, mut by) = (None, "1h".to_owned(), crate::usage::Granularity::Hour);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {

@@ -28,9 +28,10 @@ use super::keys::{
     refill_flag, uses_flag,
 };
 use crate::client::ClientRecord;
-use crate::limit::credits::{Credits, Owner};
+use crate::limit::credits::Credits;
 use crate::meta::{MetaChanges, Quota, Rate, Refill};
 use crate::ops::OpsError;
+use crate::ops::view::client_remaining_credits;
 use crate::ops::clients::{self as ops, ClientView};
 use crate::store::{KeyStore, SharedStore};
 use crate::usage::{self, AuditAction, AuditEntry};
@@ -176,19 +177,6 @@ pub async fn run(
     run_with(cmd, &*store, redis.as_ref(), credits, Timestamp::now(), &mut out, &mut err).await
 }
 
-/// The credits `record` has left, if it has credits: `Some(None)` when the
-/// authority cannot be asked (the reason goes to the log), as for keys.
-pub async fn remaining_credits(credits: &Credits, record: &ClientRecord) -> Option<Option<u64>> {
-    let grant = record.meta.credits?;
-    match credits.remaining(Owner::Client(&record.id), &grant).await {
-        Ok(remaining) => Some(Some(remaining)),
-        Err(error) => {
-            tracing::warn!(client = %record.id, %error, "cannot read the client's remaining credits");
-            Some(None)
-        }
-    }
-}
-
 /// [`run`] with the clock and the output streams passed in, for tests.
 async fn run_with(
     cmd: ClientsCommand,
@@ -218,7 +206,7 @@ async fn run_with(
         }
         ClientsCommand::Show(args) => {
             let detail = ops::show(store, &args.id).await?;
-            let remaining = remaining_credits(credits, &detail.record).await;
+            let remaining = client_remaining_credits(credits, &detail.record).await;
             if args.json {
                 print_json(&with_remaining(ClientView::with_keys(&detail), remaining), out)?;
             } else {
@@ -247,7 +235,7 @@ async fn run_with(
             let record = ops::update(store, &args.id, changes, now).await?;
             audit(redis, AuditAction::ClientUpdate, &record, now, err).await?;
             // As `keys update`: after `--uses N` the count shown is the new one.
-            let remaining = remaining_credits(credits, &record).await;
+            let remaining = client_remaining_credits(credits, &record).await;
             print_record(&record, remaining, args.json, out)?;
             writeln!(err, "Updated client {}.", record.id).map_err(write_error)?;
         }
@@ -319,7 +307,7 @@ fn print_json(value: &impl serde::Serialize, out: &mut impl Write) -> Result<(),
     writeln!(out).map_err(write_error)
 }
 
-/// `remaining`: as [`remaining_credits`] answers, `None` where not asked.
+/// `remaining`: as [`client_remaining_credits`] answers, `None` where not asked.
 fn print_record(
     record: &ClientRecord,
     remaining: Option<Option<u64>>,

@@ -24,8 +24,9 @@ use redis::aio::ConnectionManager;
 
 use super::table::{self, printable};
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
-use crate::limit::credits::{Credits, Owner};
-use crate::meta::{self, KeyStatus, MetaChanges, MetaError, Quota, Rate};
+use crate::limit::credits::Credits;
+use crate::meta::{self, MetaChanges, MetaError, Quota, Rate};
+use crate::ops::view::{RecordView, remaining_credits, state};
 use crate::ops::{self, OpsError, RevokeTarget};
 use crate::store::{KeyRecord, KeyStore, SharedStore};
 use crate::usage::{self, AuditAction, AuditEntry, AuditRecord};
@@ -560,120 +561,6 @@ fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> 
 }
 
 // === Output ===
-
-/// A record as printed by `--json` and answered by the admin API. Never holds
-/// the secret hash; holds the key only right after `issue`/`rotate`. Absent
-/// optional fields print as `null` so scripts see a fixed set of fields.
-#[derive(Serialize)]
-pub struct RecordView<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-    id: &'a KeyId,
-    client: &'a str,
-    scopes: &'a [String],
-    rate: Option<Rate>,
-    burst: Option<NonZeroU32>,
-    quota: Option<Quota>,
-    expires_at: Option<Timestamp>,
-    label: Option<&'a str>,
-    status: KeyStatus,
-    /// `active`, `rotating` (old key in its grace period), `expired` or `revoked`.
-    state: &'static str,
-    created_at: Timestamp,
-    rotated_at: Option<Timestamp>,
-    /// The key ID whose quota, rate and credit counters this key spends
-    /// (itself unless it came from a rotation).
-    counts_as: &'a KeyId,
-    /// Approximate time of the last request with this key (Redis store only).
-    last_used: Option<Timestamp>,
-    /// Usage credits, `null` for a key without.
-    credits: Option<CreditsView>,
-}
-
-/// A key's credits: what was granted, the refill, and (in `show`) what is
-/// left, read from the credit authority (`null` if it could not be asked).
-#[derive(Debug, Serialize)]
-pub struct CreditsView {
-    uses: u64,
-    refill: Option<meta::Refill>,
-    granted_at: Timestamp,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    remaining: Option<Option<u64>>,
-}
-
-impl CreditsView {
-    /// The grant as recorded, without the count left.
-    pub fn new(grant: meta::CreditGrant) -> Self {
-        Self { uses: grant.uses, refill: grant.refill, granted_at: grant.granted_at, remaining: None }
-    }
-
-    /// Adds the credits left (`None`: the authority could not say).
-    pub fn with_remaining(mut self, remaining: Option<u64>) -> Self {
-        self.remaining = Some(remaining);
-        self
-    }
-}
-
-impl<'a> RecordView<'a> {
-    pub fn new(record: &'a KeyRecord, key: Option<&'a SecretString>, now: Timestamp) -> Self {
-        let meta = &record.meta;
-        Self {
-            key: key.map(SecretString::expose),
-            id: &record.id,
-            client: record.client(),
-            scopes: &meta.scopes,
-            rate: meta.rate,
-            burst: meta.burst,
-            quota: meta.quota,
-            expires_at: meta.expires_at,
-            label: meta.label.as_deref(),
-            status: meta.status,
-            state: state(record, now),
-            created_at: meta.created_at,
-            rotated_at: meta.rotated_at,
-            counts_as: record.counts_as(),
-            last_used: None,
-            credits: meta.credits.map(CreditsView::new),
-        }
-    }
-
-    fn last_used(mut self, at: Option<Timestamp>) -> Self {
-        self.last_used = at;
-        self
-    }
-
-    /// Adds the credits left (`None`: the authority could not say).
-    pub fn credits_remaining(mut self, remaining: Option<u64>) -> Self {
-        self.credits = self.credits.map(|view| view.with_remaining(remaining));
-        self
-    }
-}
-
-/// The credits `record` has left, if it has credits: `Some(None)` when the
-/// authority cannot be asked (the reason goes to the log).
-pub async fn remaining_credits(credits: &Credits, record: &KeyRecord) -> Option<Option<u64>> {
-    let grant = record.meta.credits?;
-    match credits.remaining(Owner::Key(record.counts_as().as_str()), &grant).await {
-        Ok(remaining) => Some(Some(remaining)),
-        Err(error) => {
-            tracing::warn!(key = %record.id, %error, "cannot read the key's remaining credits");
-            Some(None)
-        }
-    }
-}
-
-fn state(record: &KeyRecord, now: Timestamp) -> &'static str {
-    let meta = &record.meta;
-    if meta.status == KeyStatus::Revoked {
-        "revoked"
-    } else if !meta.is_usable_at(now) {
-        "expired"
-    } else if meta.rotated_at.is_some() {
-        "rotating"
-    } else {
-        "active"
-    }
-}
 
 /// The one place a clear key is printed: alone on its line, or inside `--json`.
 fn print_new_key(

@@ -4,18 +4,17 @@
 
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
 use jiff::Timestamp;
-use jiff::civil::Date;
 use jiff::tz::TimeZone;
 
 use super::StoreArgs;
 use super::exit::Exit;
 use super::table::Align;
 use crate::config::Config;
-use crate::usage::{self, ANONYMOUS, Counts, Granularity, UsageQuery, UsageReport};
+use crate::usage::query::{Since, client_flag, since_flag};
+use crate::usage::{self, Counts, Granularity, UsageQuery, UsageReport};
 
 #[derive(Debug, Args)]
 pub struct UsageArgs {
@@ -34,46 +33,6 @@ pub struct UsageArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `--since`, kept relative until the command's `now` is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Since {
-    Ago(Duration),
-    At(Timestamp),
-}
-
-impl Since {
-    pub fn resolve(self, now: Timestamp) -> Result<Timestamp, String> {
-        match self {
-            Self::At(at) => Ok(at),
-            Self::Ago(ago) => {
-                let ago = jiff::SignedDuration::try_from(ago).map_err(|e| e.to_string())?;
-                now.checked_sub(ago).map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
-pub(crate) fn since_flag(s: &str) -> Result<Since, String> {
-    if let Ok(ago) = humantime::parse_duration(s) {
-        return Ok(Since::Ago(ago));
-    }
-    if let Ok(at) = s.parse::<Timestamp>() {
-        return Ok(Since::At(at));
-    }
-    s.parse::<Date>()
-        .ok()
-        .and_then(|date| date.to_zoned(TimeZone::UTC).ok())
-        .map(|zoned| Since::At(zoned.timestamp()))
-        .ok_or_else(|| "expected a duration (1h, 7d) or a date (2026-11-01) or RFC 3339 time".to_owned())
-}
-
-pub(crate) fn client_flag(s: &str) -> Result<String, String> {
-    if s == ANONYMOUS {
-        return Ok(s.to_owned());
-    }
-    crate::key::validate_client_id(s).map(|()| s.to_owned()).map_err(|e| e.to_string())
 }
 
 /// Runs `keygate usage`: reads the report from the store's Redis and prints it.
@@ -187,19 +146,6 @@ fn bucket_label(by: Granularity, start: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn since_takes_durations_dates_and_times() {
-        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
-        assert_eq!(since_flag("1h").unwrap().resolve(now).unwrap().to_string(), "2026-11-24T11:00:00Z");
-        assert_eq!(
-            since_flag("2026-11-01").unwrap().resolve(now).unwrap().to_string(),
-            "2026-11-01T00:00:00Z"
-        );
-        let at = since_flag("2026-11-01T06:30:00Z").unwrap().resolve(now).unwrap();
-        assert_eq!(at.to_string(), "2026-11-01T06:30:00Z");
-        assert!(since_flag("yesterday-ish").is_err());
-    }
 
     #[test]
     fn the_table_has_a_row_per_bucket_and_a_total() {

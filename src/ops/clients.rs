@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use super::OpsError;
-use crate::cli::keys::CreditsView;
+use super::view::CreditsView;
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{self, KeyId};
 use crate::meta::{KeyStatus, MetaChanges, Quota, Rate, whole_seconds};

@@ -7,12 +7,58 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use std::time::Duration;
+
 use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
 use serde::Serialize;
 
 use super::UsageError;
-use super::schema::{Counts, Dimension, Granularity, UsageKeys, parse_field, valid_client};
+use super::schema::{ANONYMOUS, Counts, Dimension, Granularity, UsageKeys, parse_field, valid_client};
 use crate::key::KeyId;
+
+/// `--since`, kept relative until the command's `now` is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    Ago(Duration),
+    At(Timestamp),
+}
+
+impl Since {
+    pub fn resolve(self, now: Timestamp) -> Result<Timestamp, String> {
+        match self {
+            Self::At(at) => Ok(at),
+            Self::Ago(ago) => {
+                let ago = jiff::SignedDuration::try_from(ago).map_err(|e| e.to_string())?;
+                now.checked_sub(ago).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Parses `--since` / `?since=`: a duration ago, a date (UTC midnight) or an RFC 3339 time.
+pub fn since_flag(s: &str) -> Result<Since, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(Since::Ago(ago));
+    }
+    if let Ok(at) = s.parse::<Timestamp>() {
+        return Ok(Since::At(at));
+    }
+    s.parse::<Date>()
+        .ok()
+        .and_then(|date| date.to_zoned(TimeZone::UTC).ok())
+        .map(|zoned| Since::At(zoned.timestamp()))
+        .ok_or_else(|| "expected a duration (1h, 7d) or a date (2026-11-01) or RFC 3339 time".to_owned())
+}
+
+/// Parses `--client` / `?client=`: a client ID, or the anonymous bucket's name.
+pub fn client_flag(s: &str) -> Result<String, String> {
+    if s == ANONYMOUS {
+        return Ok(s.to_owned());
+    }
+    crate::key::validate_client_id(s).map(|()| s.to_owned()).map_err(|e| e.to_string())
+}
 
 /// The most buckets one query may read per client (e.g. 7 days by minute is
 /// 10 080): keeps a typo like `--since 2020-01-01 --by minute` cheap.
@@ -189,4 +235,22 @@ fn timestamp(secs: i64) -> Timestamp {
 
 pub(super) fn redis_error(error: redis::RedisError) -> UsageError {
     UsageError::Redis(crate::redis_target::explain(&error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_durations_dates_and_times() {
+        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        assert_eq!(since_flag("1h").unwrap().resolve(now).unwrap().to_string(), "2026-11-24T11:00:00Z");
+        assert_eq!(
+            since_flag("2026-11-01").unwrap().resolve(now).unwrap().to_string(),
+            "2026-11-01T00:00:00Z"
+        );
+        let at = since_flag("2026-11-01T06:30:00Z").unwrap().resolve(now).unwrap();
+        assert_eq!(at.to_string(), "2026-11-01T06:30:00Z");
+        assert!(since_flag("yesterday-ish").is_err());
+    }
 }
