@@ -88,6 +88,20 @@ struct EdgeLabels {
     limit: &'static str,
 }
 
+/// A TLS listener's certificate: the listener's configured address and the
+/// certificate file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct CertLabels {
+    listener: String,
+    cert: String,
+}
+
+/// Why a TLS handshake failed (`tls::HandshakeFailure`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 0.5 ms to about 16 s, doubling.
@@ -114,6 +128,14 @@ pub struct Metrics {
     auth_failures_refused: Counter,
     store_lookups_throttled: Counter,
     cache_refreshes: Counter,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Seconds until each listener certificate expires, computed from
+    /// `tls_not_after` when the page is rendered (a stored countdown would
+    /// go stale between reloads).
+    tls_expiry: Family<CertLabels, Gauge>,
+    /// Each certificate's expiry (Unix seconds); replaced per listener when
+    /// its certificates load. A std Mutex: nothing awaits while it is held.
+    tls_not_after: std::sync::Mutex<std::collections::BTreeMap<CertLabels, i64>>,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
     routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
@@ -226,8 +248,26 @@ impl Metrics {
              everything, while still being served",
             cache_refreshes.clone(),
         );
+        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed on a TLS listener, by reason (not_tls: plain HTTP or other \
+             bytes sent to a TLS port; refused: an old version or nothing in common; \
+             client_certificate; timeout; io)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "Seconds until a TLS listener's certificate expires (negative once expired), by listener \
+             address and certificate file",
+            tls_expiry.clone(),
+        );
         Self {
             registry,
+            tls_handshake_failures,
+            tls_expiry,
+            tls_not_after: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             connections_refused,
             connections_expired,
             connections_open,
@@ -348,8 +388,30 @@ impl Metrics {
         self.usage_dropped.inc_by(n);
     }
 
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures.get_or_create(&HandshakeLabels { reason }).inc();
+    }
+
+    /// Replaces what is known of `listener`'s certificates: `(file, expiry)`.
+    pub fn tls_certificates(&self, listener: &str, certs: impl IntoIterator<Item = (String, i64)>) {
+        let mut known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
+        known.retain(|labels, _| labels.listener != listener);
+        for (cert, not_after) in certs {
+            known.insert(CertLabels { listener: listener.to_owned(), cert }, not_after);
+        }
+    }
+
     /// The OpenMetrics text exposition (Prometheus scrapes it as is).
     pub fn render(&self) -> String {
+        {
+            let now = jiff::Timestamp::now().as_second();
+            let known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
+            // Cleared first: a certificate no longer configured disappears.
+            self.tls_expiry.clear();
+            for (labels, not_after) in known.iter() {
+                self.tls_expiry.get_or_create(labels).set(not_after - now);
+            }
+        }
         let mut text = String::new();
         // Writing into a String cannot fail; an encoder error would only mean
         // a bug in a metric's encoding, and a partial page is still useful.
@@ -445,6 +507,16 @@ pub fn usage_flush_lag(lag: Duration) {
 /// `n` usage records dropped (buffer full while Redis was unreachable).
 pub fn usage_dropped(n: u64) {
     METRICS.usage_dropped(n);
+}
+
+/// A TLS handshake failed for `reason` (`tls::HandshakeFailure::as_str`).
+pub fn tls_handshake_failed(reason: &'static str) {
+    METRICS.tls_handshake_failed(reason);
+}
+
+/// The certificates `listener` serves now, for the expiry gauge.
+pub fn tls_certificates(listener: &str, certs: &[crate::tls::certs::LoadedCert]) {
+    METRICS.tls_certificates(listener, certs.iter().map(|c| (c.path.display().to_string(), c.not_after)));
 }
 
 /// The process-wide metrics as Prometheus text.
