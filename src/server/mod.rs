@@ -21,6 +21,7 @@
 
 pub mod detect;
 pub mod limits;
+pub mod transport;
 pub mod watchdog;
 
 use std::future::Future;
@@ -42,17 +43,7 @@ use detect::{Protocol, Replay};
 use watchdog::{Activity, Deadlines, Ended, Tracked, Watched};
 
 pub use crate::worker::worker_index;
-
-/// What a listener puts between accept and HTTP.
-#[derive(Debug, Clone)]
-pub enum Transport {
-    /// Cleartext: HTTP/1.1, or h2c with prior knowledge (told by the first bytes).
-    Plain,
-    /// A TLS handshake first; ALPN then says HTTP/2 or HTTP/1.1, and the
-    /// verified client certificate (mTLS) goes on each request's
-    /// [`proxy::Peer`].
-    Tls(Arc<crate::tls::TlsListener>),
-}
+pub use transport::Transport;
 
 /// How the drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,33 +251,16 @@ impl Connection {
     /// refused cleanly whatever goes wrong (plain HTTP sent here included):
     /// a debug line, a count in `/metrics`, the connection closed.
     async fn serve_tls(mut self, stream: TcpStream, tls: Arc<crate::tls::TlsListener>) {
-        use crate::tls::HandshakeFailure;
         let limit = self.protocols.edge.header_read_timeout.min(tls.handshake_timeout);
-        let accepted = tokio::select! {
-            accepted = tokio::time::timeout(limit, tls.acceptor().accept(stream)) => accepted,
+        let handshaken = tokio::select! {
+            handshaken = transport::handshake(&tls, stream, self.peer, limit) => handshaken,
             // Nothing served yet: close at once on drain.
             _ = self.draining.wait_for(|draining| *draining) => return,
         };
-        let failure = match accepted {
-            Ok(Ok(stream)) => {
-                let (_, session) = stream.get_ref();
-                let protocol =
-                    if session.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
-                let client_certs = session.peer_certificates().map(Arc::from);
-                let client = proxy::Peer::over_tls(self.peer, client_certs);
-                return self.serve_http(protocol, stream, client).await;
-            }
-            Ok(Err(error)) => {
-                let failure = HandshakeFailure::of(&error);
-                tracing::debug!(peer = %self.peer, %error, reason = failure.as_str(), "TLS handshake failed; closing");
-                failure
-            }
-            Err(_elapsed) => {
-                tracing::debug!(peer = %self.peer, ?limit, "no TLS handshake within the timeout; closing");
-                HandshakeFailure::Timeout
-            }
-        };
-        crate::metrics::tls_handshake_failed(failure.as_str());
+        match handshaken {
+            Ok(done) => self.serve_http(done.protocol, done.stream, done.peer).await,
+            Err(failure) => crate::metrics::tls_handshake_failed(failure.as_str()),
+        }
     }
 
     /// HTTP/1.1 or HTTP/2 over `io`, held to the deadlines of `[server]`.

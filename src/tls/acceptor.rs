@@ -82,6 +82,9 @@ impl HandshakeFailure {
 pub struct TlsListener {
     /// The configured address: how reloads find this listener in a new file.
     pub listen: SocketAddr,
+    /// Its position among `[[server.listener]]` (with `listen`, how a
+    /// reload finds it: two listeners may both be on port 0).
+    pub index: usize,
     pub handshake_timeout: Duration,
     resolver: Arc<SniResolver>,
     config: Arc<rustls::ServerConfig>,
@@ -129,6 +132,7 @@ impl TlsListener {
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
         Ok(Arc::new(Self {
             listen,
+            index,
             handshake_timeout: tls.handshake_timeout,
             resolver,
             config: Arc::new(config),
@@ -151,8 +155,8 @@ impl TlsListener {
     }
 
     /// Loads `tls`'s certificates without installing them.
-    pub(super) fn load(&self, index: usize, tls: &ListenerTls) -> Result<CertSet, TlsError> {
-        load_set(&format!("server.listener[{index}]"), tls, &crate::redis_target::provider())
+    pub(super) fn load(&self, tls: &ListenerTls) -> Result<CertSet, TlsError> {
+        load_set(&format!("server.listener[{}]", self.index), tls, &crate::redis_target::provider())
     }
 
     /// New handshakes get `set` from now on; open connections keep theirs.

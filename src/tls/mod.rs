@@ -30,21 +30,18 @@ pub struct TlsEdge {
 impl TlsEdge {
     /// Loads the certificates `config` names for each listener and swaps them
     /// in, all or nothing: if any listener's files fail, none changes.
-    /// Listeners are matched by configured address (addresses do not reload).
+    /// A listener is matched by its position and configured address
+    /// (listeners themselves do not reload).
     pub fn reload(&self, config: &crate::config::ServerConfig) -> Result<usize, TlsError> {
         let mut staged = Vec::new();
         for listener in &self.listeners {
-            let Some((index, tls)) = config
-                .listeners
-                .iter()
-                .enumerate()
-                .find_map(|(i, l)| (l.listen == listener.listen).then_some((i, l.tls.as_ref()?)))
-            else {
-                // Gone from the file or no longer TLS: only a restart changes
-                // listeners, so the running certificates stay.
+            let configured = config.listeners.get(listener.index).filter(|l| l.listen == listener.listen);
+            let Some(tls) = configured.and_then(|l| l.tls.as_ref()) else {
+                // Moved, gone from the file or no longer TLS: only a restart
+                // changes listeners, so the running certificates stay.
                 continue;
             };
-            staged.push((listener, listener.load(index, tls)?));
+            staged.push((listener, listener.load(tls)?));
         }
         let swapped = staged.len();
         for (listener, set) in staged {
