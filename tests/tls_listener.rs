@@ -323,8 +323,29 @@ async fn a_certificate_renewed_on_disk_reaches_new_handshakes_while_open_connect
     );
     // The connection made before the renewal was never dropped.
     assert_eq!(open.get("api.test", "/after").await.json()["path"], "/after");
-    let gauge = keygate::metrics::render();
-    assert!(gauge.contains("keygate_tls_certificate_expiry_seconds{"), "{gauge}");
+}
+
+#[tokio::test]
+async fn returning_clients_resume_their_session_and_the_expiry_gauge_counts_down_to_the_certificate() {
+    let ca = TestCa::new("resume");
+    let server = ca.issue_server("api", &["api.test"]);
+    let gateway = TestGateway::start_listeners(&tls_config(&one_cert(&server), "")).await;
+    let config = client_config(&ca.ca_pem(), &[b"http/1.1"], None);
+
+    let mut first = TlsHttp::over(connect(gateway.listeners[0], "api.test", &config).await.unwrap(), false).await;
+    // TLS 1.3 tickets arrive after the handshake: one exchange takes them in.
+    assert_eq!(first.get("api.test", "/").await.status, StatusCode::OK);
+    let again = connect(gateway.listeners[0], "api.test", &config).await.unwrap();
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+
+    // rcgen's certificates run to 4096: thousands of years of seconds left.
+    let prefix = format!(
+        "keygate_tls_certificate_expiry_seconds{{listener=\"127.0.0.1:0\",cert=\"{}\"}}",
+        server.cert.display()
+    );
+    let left = metric(&prefix).unwrap_or_else(|| panic!("no {prefix} in\n{}", keygate::metrics::render()));
+    let years = left / (365.25 * 86_400.0);
+    assert!((2000.0..2100.0).contains(&years), "{years} years left");
 }
 
 #[tokio::test]
