@@ -316,6 +316,26 @@ mod tests {
     }
 
     #[test]
+    fn cleartext_on_a_tls_only_route_is_redirected_to_the_tls_port_or_refused() {
+        let uri: Uri = "/v1/orders?page=2".parse().unwrap();
+        let host = HeaderValue::from_static("api.example:8080");
+        let location = |port| match plain_refusal(PlainHttp::Redirect, Some(&host), Some(port), &uri) {
+            GatewayError::RedirectToHttps { location } => location,
+            other => panic!("not a redirect: {other:?}"),
+        };
+        assert_eq!(location(8443), "https://api.example:8443/v1/orders?page=2");
+        assert_eq!(location(443), "https://api.example/v1/orders?page=2", "the default port is left out");
+        for (plain, host, port) in [
+            (PlainHttp::Refused, Some(&host), Some(8443)),
+            (PlainHttp::Redirect, None, Some(8443)),
+            (PlainHttp::Redirect, Some(&host), None),
+        ] {
+            let refusal = plain_refusal(plain, host, port, &uri);
+            assert!(matches!(refusal, GatewayError::TlsRequired), "{plain:?} {host:?} {port:?}: {refusal:?}");
+        }
+    }
+
+    #[test]
     fn the_access_log_names_the_target_only_once_the_request_reached_it() {
         let to_orders = route(RouteTarget::Upstream("orders".into()));
         let refused = Trail { route: Some(Arc::clone(&to_orders)), ..Trail::default() };

@@ -251,15 +251,17 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     [
         ("server.listen", old.server.listen != new.server.listen),
         // Addresses, TLS on or off, handshake timeouts and client CAs are
-        // built into the bound listeners; certificates and keys reload.
+        // built into the bound listeners; certificates and keys reload. The
+        // first address is `server.listen` above.
         ("server.listener", {
             let shape = |c: &Config| {
                 c.server
                     .listeners
                     .iter()
-                    .map(|l| {
+                    .enumerate()
+                    .map(|(i, l)| {
                         let tls = l.tls.as_ref().map(|t| (t.handshake_timeout, t.client_auth.clone()));
-                        (l.listen, tls)
+                        ((i > 0).then_some(l.listen), tls)
                     })
                     .collect::<Vec<_>>()
             };
@@ -359,5 +361,14 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:2\"\n[keys]\nprefix = \"xx_\"\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
         );
         assert_eq!(restart_needed(&old, &moved), ["server.listen", "keys.prefix"]);
+        let listeners = |second: &str| {
+            config(&format!(
+                "[[server.listener]]\nlisten = \"127.0.0.1:1\"\n[[server.listener]]\nlisten = \"{second}\"\n\
+                 [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n"
+            ))
+        };
+        let two = listeners("127.0.0.1:2");
+        assert!(restart_needed(&two, &listeners("127.0.0.1:2")).is_empty());
+        assert_eq!(restart_needed(&two, &listeners("127.0.0.1:3")), ["server.listener"]);
     }
 }

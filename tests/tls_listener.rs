@@ -332,7 +332,8 @@ async fn returning_clients_resume_their_session_and_the_expiry_gauge_counts_down
     let gateway = TestGateway::start_listeners(&tls_config(&one_cert(&server), "")).await;
     let config = client_config(&ca.ca_pem(), &[b"http/1.1"], None);
 
-    let mut first = TlsHttp::over(connect(gateway.listeners[0], "api.test", &config).await.unwrap(), false).await;
+    let mut first =
+        TlsHttp::over(connect(gateway.listeners[0], "api.test", &config).await.unwrap(), false).await;
     // TLS 1.3 tickets arrive after the handshake: one exchange takes them in.
     assert_eq!(first.get("api.test", "/").await.status, StatusCode::OK);
     let again = connect(gateway.listeners[0], "api.test", &config).await.unwrap();
