@@ -120,8 +120,9 @@ pub struct ListenerTls {
     /// Chosen by SNI (the names in each certificate); the first also answers
     /// clients that send no name, or a name no certificate has.
     pub certs: Vec<CertFiles>,
-    /// From accept to a finished TLS handshake (also within the header read
-    /// timeout, which covers the whole way to the first request head).
+    /// From accept to a finished TLS handshake; the smaller of this and
+    /// `header_read_timeout` applies. The first request head then has its
+    /// own `header_read_timeout`, as after h2c detection.
     pub handshake_timeout: Duration,
     /// mTLS: client certificates are verified against this CA.
     pub client_auth: Option<ClientAuth>,

@@ -354,11 +354,14 @@ async fn a_broken_new_certificate_keeps_the_running_one_and_the_reload_says_why(
     let ca = TestCa::new("broken");
     let good = ca.issue_server("api", &["api.test"]);
     let good_der = der_of(&good.cert);
-    let gateway = TestGateway::start_listeners(&tls_config(&one_cert(&good), "")).await;
+    let text = tls_config(&one_cert(&good), "") + &common::admin::admin_section();
+    let gateway = TestGateway::start_listeners(&text).await;
     let config_path = gateway.dir.path().join("gateway.toml");
-    std::fs::write(&config_path, tls_config(&one_cert(&good), "")).unwrap();
+    std::fs::write(&config_path, &text).unwrap();
+    let admin = common::admin::TestAdmin::start(&gateway, config_path.clone()).await;
     let reloader = keygate::reload::Reloader::new(config_path, Arc::clone(&gateway.gateway));
     let config = client_config(&ca.ca_pem(), &[b"http/1.1"], None);
+    let addr = gateway.listeners[0];
 
     // The key file now holds another certificate's key.
     let other = ca.issue_server("other", &["api.test"]);
@@ -366,12 +369,23 @@ async fn a_broken_new_certificate_keeps_the_running_one_and_the_reload_says_why(
     let error = reloader.reload_certificates().expect_err("a key that is not the certificate's");
     assert_eq!(error.field, "server.listener[0].tls.key");
     assert!(error.message.contains(&good.key.display().to_string()), "{error}");
-    let refused = reloader.reload().expect_err("the config reload is refused too");
-    let text = refused.to_string();
-    assert!(text.contains("server.listener[0].tls.key") && text.contains("is not the key"), "{text}");
-
-    let stream = connect(gateway.listeners[0], "api.test", &config).await.expect("the old cert still serves");
+    let refused = admin.call(http::Method::POST, "/admin/reload", None).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text());
+    let problems = refused.json()["problems"].to_string();
+    assert!(
+        problems.contains("server.listener[0].tls.key") && problems.contains("is not the key"),
+        "{problems}"
+    );
+    let stream = connect(addr, "api.test", &config).await.expect("the old cert still serves");
     assert_eq!(presented(&stream).as_ref(), good_der.as_ref());
+
+    // Repaired (renewed): the admin reload installs it for new handshakes.
+    let renewed = ca.issue_server("api", &["api.test"]);
+    let answer = admin.call(http::Method::POST, "/admin/reload", None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["certificates"], 1);
+    let stream = connect(addr, "api.test", &config).await.unwrap();
+    assert_eq!(presented(&stream).as_ref(), der_of(&renewed.cert).as_ref());
 }
 
 /// A TLS listener requiring (or accepting) client certificates from `clients`.

@@ -246,8 +246,9 @@ impl Connection {
         self.serve_http(protocol, Replay::new(first, stream), client).await;
     }
 
-    /// TLS: the handshake, bounded by the listener's `handshake_timeout`
-    /// and the header read timeout (the whole way to a first request), and
+    /// TLS: the handshake, bounded by the smaller of the listener's
+    /// `handshake_timeout` and the header read timeout (which the first
+    /// request head then gets afresh, as after plain detection), and
     /// refused cleanly whatever goes wrong (plain HTTP sent here included):
     /// a debug line, a count in `/metrics`, the connection closed.
     async fn serve_tls(mut self, stream: TcpStream, tls: Arc<crate::tls::TlsListener>) {
