@@ -133,9 +133,12 @@ pub struct Metrics {
     /// `tls_not_after` when the page is rendered (a stored countdown would
     /// go stale between reloads).
     tls_expiry: Family<CertLabels, Gauge>,
-    /// Each certificate's expiry (Unix seconds); replaced per listener when
-    /// its certificates load. A std Mutex: nothing awaits while it is held.
-    tls_not_after: std::sync::Mutex<std::collections::BTreeMap<CertLabels, i64>>,
+    /// Each certificate's expiry (Unix seconds) by the id of the listener
+    /// that loaded it (two listeners, or two gateways in one test process,
+    /// may share an address label such as `127.0.0.1:0`); replaced per
+    /// listener when its certificates load. A std Mutex: nothing awaits
+    /// while it is held.
+    tls_not_after: std::sync::Mutex<std::collections::BTreeMap<(u64, CertLabels), i64>>,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
     routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
@@ -392,12 +395,13 @@ impl Metrics {
         self.tls_handshake_failures.get_or_create(&HandshakeLabels { reason }).inc();
     }
 
-    /// Replaces what is known of `listener`'s certificates: `(file, expiry)`.
-    pub fn tls_certificates(&self, listener: &str, certs: impl IntoIterator<Item = (String, i64)>) {
+    /// Replaces what is known of listener `id`'s certificates (labelled
+    /// `listener`): `(file, expiry)`.
+    pub fn tls_certificates(&self, id: u64, listener: &str, certs: impl IntoIterator<Item = (String, i64)>) {
         let mut known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
-        known.retain(|labels, _| labels.listener != listener);
+        known.retain(|(owner, _), _| *owner != id);
         for (cert, not_after) in certs {
-            known.insert(CertLabels { listener: listener.to_owned(), cert }, not_after);
+            known.insert((id, CertLabels { listener: listener.to_owned(), cert }), not_after);
         }
     }
 
@@ -408,7 +412,7 @@ impl Metrics {
             let known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
             // Cleared first: a certificate no longer configured disappears.
             self.tls_expiry.clear();
-            for (labels, not_after) in known.iter() {
+            for ((_, labels), not_after) in known.iter() {
                 self.tls_expiry.get_or_create(labels).set(not_after - now);
             }
         }
@@ -514,9 +518,10 @@ pub fn tls_handshake_failed(reason: &'static str) {
     METRICS.tls_handshake_failed(reason);
 }
 
-/// The certificates `listener` serves now, for the expiry gauge.
-pub fn tls_certificates(listener: &str, certs: &[crate::tls::certs::LoadedCert]) {
-    METRICS.tls_certificates(listener, certs.iter().map(|c| (c.path.display().to_string(), c.not_after)));
+/// The certificates listener `id` (labelled `listener`) serves now, for the
+/// expiry gauge.
+pub fn tls_certificates(id: u64, listener: &str, certs: &[crate::tls::certs::LoadedCert]) {
+    METRICS.tls_certificates(id, listener, certs.iter().map(|c| (c.path.display().to_string(), c.not_after)));
 }
 
 /// The process-wide metrics as Prometheus text.
@@ -530,6 +535,28 @@ mod tests {
 
     fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+    }
+
+    #[test]
+    fn certificate_expiry_is_seconds_left_per_listener_and_replaced_when_its_certificates_reload() {
+        let metrics = Metrics::new();
+        let now = jiff::Timestamp::now().as_second();
+        // Two listeners (ids) with the same address label each keep theirs.
+        metrics.tls_certificates(1, "0.0.0.0:443", [("a.pem".to_owned(), now + 86_400)]);
+        metrics.tls_certificates(2, "0.0.0.0:443", [("b.pem".to_owned(), now - 10)]);
+        let value = |text: &str, cert: &str| -> i64 {
+            let prefix = format!(
+                "keygate_tls_certificate_expiry_seconds{{listener=\"0.0.0.0:443\",cert=\"{cert}\"}} "
+            );
+            line(text, &prefix)[prefix.len()..].parse().unwrap()
+        };
+        let text = metrics.render();
+        assert!((86_390..=86_400).contains(&value(&text, "a.pem")), "{text}");
+        assert!(value(&text, "b.pem") < 0, "expired: negative");
+        metrics.tls_certificates(1, "0.0.0.0:443", [("c.pem".to_owned(), now + 100)]);
+        let text = metrics.render();
+        assert!(!text.contains("a.pem"), "a replaced certificate disappears: {text}");
+        assert!(text.contains("c.pem") && text.contains("b.pem"), "{text}");
     }
 
     #[test]

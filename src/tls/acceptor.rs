@@ -86,6 +86,8 @@ pub struct TlsListener {
     /// reload finds it: two listeners may both be on port 0).
     pub index: usize,
     pub handshake_timeout: Duration,
+    /// Unique in the process: whose certificates the expiry gauge shows.
+    id: u64,
     resolver: Arc<SniResolver>,
     config: Arc<rustls::ServerConfig>,
 }
@@ -130,9 +132,11 @@ impl TlsListener {
         // every 6 h, and a bounded cache for clients that use session IDs.
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(setup)?;
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Arc::new(Self {
             listen,
             index,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             handshake_timeout: tls.handshake_timeout,
             resolver,
             config: Arc::new(config),
@@ -161,14 +165,13 @@ impl TlsListener {
 
     /// New handshakes get `set` from now on; open connections keep theirs.
     pub(super) fn install(&self, set: CertSet) {
-        let label = self.listen.to_string();
-        crate::metrics::tls_certificates(&label, &set.loaded);
+        crate::metrics::tls_certificates(self.id, &self.listen.to_string(), &set.loaded);
         self.resolver.set.store(Arc::new(set));
     }
 
     /// Registers the current certificates' expiry with `/metrics`.
     pub fn publish_metrics(&self) {
-        crate::metrics::tls_certificates(&self.listen.to_string(), &self.resolver.set.load().loaded);
+        crate::metrics::tls_certificates(self.id, &self.listen.to_string(), &self.resolver.set.load().loaded);
     }
 }
 
