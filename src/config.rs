@@ -84,7 +84,12 @@ pub enum LimitMode {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The first listener's address (`server.listen`, or the first
+    /// `[[server.listener]]`): where the log says the gateway listens.
     pub listen: SocketAddr,
+    /// Every listener, plain or TLS; never empty (`server.listen` alone is
+    /// one plain listener). Bound once at start: not reloadable.
+    pub listeners: Vec<ListenerConfig>,
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     pub drain_timeout: Duration,
     /// Worker threads, each a single-threaded runtime with its own listener
@@ -98,6 +103,51 @@ pub struct ServerConfig {
     /// Connection deadlines and sizes: every state a connection can be in
     /// has a deadline, every buffer a limit.
     pub edge: EdgeConfig,
+}
+
+/// One `[[server.listener]]`: an address, plain HTTP or TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// `None`: cleartext HTTP/1.1 and h2c.
+    pub tls: Option<ListenerTls>,
+}
+
+/// A TLS listener's certificates and client-certificate rule. The files are
+/// checked when the config validates, and read again on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Chosen by SNI (the names in each certificate); the first also answers
+    /// clients that send no name, or a name no certificate has.
+    pub certs: Vec<CertFiles>,
+    /// From accept to a finished TLS handshake; the smaller of this and
+    /// `header_read_timeout` applies. The first request head then has its
+    /// own `header_read_timeout`, as after h2c detection.
+    pub handshake_timeout: Duration,
+    /// mTLS: client certificates are verified against this CA.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// One certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `client_ca` and `client_auth` of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    pub mode: ClientAuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// A client without a valid certificate fails the handshake.
+    Required,
+    /// A client may send none; one it sends must be valid.
+    Optional,
 }
 
 /// What one client may hold of the gateway: deadlines for every connection
@@ -203,6 +253,21 @@ pub struct RouteConfig {
     pub cost: std::num::NonZeroU32,
     /// Limits on the request body forwarded upstream.
     pub body: BodyLimits,
+    /// What a request that did not come over TLS gets (`tls_only`).
+    pub plain: PlainHttp,
+}
+
+/// A route's answer to requests over cleartext HTTP (`tls_only`,
+/// `tls_redirect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlainHttp {
+    /// Served like any other (the default).
+    #[default]
+    Served,
+    /// 308 to the same URL on `https://` (at the first TLS listener's port).
+    Redirect,
+    /// 403 `tls_required`.
+    Refused,
 }
 
 /// A route's limits on request bodies (`max_body`, `upload_idle_timeout`),
@@ -368,6 +433,8 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
     drain_timeout: Option<String>,
     workers: Option<usize>,
     reuse_port: Option<bool>,
@@ -384,6 +451,32 @@ struct RawServer {
     trusted_proxies: Option<Vec<String>>,
     strict_paths: Option<bool>,
     strip_override_headers: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: String,
+    tls: Option<RawTls>,
+    handshake_timeout: Option<String>,
+    client_ca: Option<String>,
+    client_auth: Option<String>,
+}
+
+/// `tls = { cert, key }`, or `tls = { certs = [{ cert, key }, ...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    certs: Option<Vec<RawCertFiles>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertFiles {
+    cert: String,
+    key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +528,9 @@ struct RawRoute {
     cost: Option<u32>,
     max_body: Option<String>,
     upload_idle_timeout: Option<String>,
+    #[serde(default)]
+    tls_only: bool,
+    tls_redirect: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -559,6 +655,8 @@ impl Config {
                 cost: None,
                 max_body: None,
                 upload_idle_timeout: None,
+                tls_only: false,
+                tls_redirect: None,
             }],
             ..RawConfig::default()
         };
@@ -765,13 +863,11 @@ impl RawConfig {
     pub fn validate_for(self, base: &Path, purpose: Purpose) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
 
-        let listen_text = self.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
-        let listen = listen_text.parse().unwrap_or_else(|_| {
-            p.push("server.listen", format!("`{listen_text}` is not an address like \"127.0.0.1:8080\""));
-            SocketAddr::from(([127, 0, 0, 1], 8080))
-        });
+        let listeners = validate_listeners(&mut p, &self.server, base);
+        let listen = listeners[0].listen;
         let server = ServerConfig {
             listen,
+            listeners,
             drain_timeout: p.duration(
                 "server.drain_timeout",
                 self.server.drain_timeout.as_deref(),
@@ -805,9 +901,10 @@ impl RawConfig {
         if self.routes.is_empty() {
             p.push("route", "at least one [[route]] is needed");
         }
+        let has_tls = server.listeners.iter().any(|l| l.tls.is_some());
         for (i, raw) in self.routes.into_iter().enumerate() {
             let at = format!("route[{i}]");
-            let route = validate_route(&mut p, &at, raw, &upstreams);
+            let route = validate_route(&mut p, &at, raw, &upstreams, has_tls);
             if routes.iter().any(|r| r.path == route.path && r.host == route.host) {
                 p.push(
                     format!("{at}.path"),
@@ -928,6 +1025,148 @@ fn validate_admin(p: &mut Problems, raw: RawAdmin, env: Option<&EnvLookup<'_>>) 
         Some(AdminToken::new(token.trim()))
     })?;
     Some(AdminConfig { listen, token, token_name })
+}
+
+/// `server.listen` or the `[[server.listener]]` entries (never both), each
+/// TLS listener's files loaded to prove they serve. Never empty: on a
+/// problem, a placeholder listener stands in (the config is refused anyway).
+fn validate_listeners(p: &mut Problems, raw: &RawServer, base: &Path) -> Vec<ListenerConfig> {
+    let address = |p: &mut Problems, field: &str, text: &str| {
+        text.parse::<SocketAddr>().map_err(|_| {
+            p.push(field, format!("`{text}` is not an address like \"127.0.0.1:8080\""));
+        })
+    };
+    let fallback = || vec![ListenerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), tls: None }];
+    if raw.listeners.is_empty() {
+        let text = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        return match address(p, "server.listen", text) {
+            Ok(listen) => vec![ListenerConfig { listen, tls: None }],
+            Err(()) => fallback(),
+        };
+    }
+    if raw.listen.is_some() {
+        p.push(
+            "server.listen",
+            "give either `server.listen` (one plain listener) or `[[server.listener]]` entries, not both; \
+             move this address into a `[[server.listener]]`",
+        );
+    }
+    let provider = crate::redis_target::provider();
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    for (i, raw) in raw.listeners.iter().enumerate() {
+        let at = format!("server.listener[{i}]");
+        let Ok(listen) = address(p, &format!("{at}.listen"), &raw.listen) else { continue };
+        // Port 0 picks a free port for each (tests): never the same one.
+        if listen.port() != 0 && listeners.iter().any(|l| l.listen == listen) {
+            p.push(
+                format!("{at}.listen"),
+                format!("another [[server.listener]] already listens on {listen}"),
+            );
+        }
+        let tls = match &raw.tls {
+            None => {
+                for (field, set) in [
+                    ("handshake_timeout", raw.handshake_timeout.is_some()),
+                    ("client_ca", raw.client_ca.is_some()),
+                    ("client_auth", raw.client_auth.is_some()),
+                ] {
+                    if set {
+                        p.push(format!("{at}.{field}"), "only applies to a listener with `tls`");
+                    }
+                }
+                None
+            }
+            Some(tls) => validate_listener_tls(p, &at, raw, tls, base, &provider),
+        };
+        listeners.push(ListenerConfig { listen, tls });
+    }
+    if listeners.is_empty() { fallback() } else { listeners }
+}
+
+/// One listener's `tls`, `handshake_timeout`, `client_ca` and `client_auth`;
+/// every file is loaded, so `keygate check` finds a broken one.
+fn validate_listener_tls(
+    p: &mut Problems,
+    at: &str,
+    raw: &RawListener,
+    tls: &RawTls,
+    base: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Option<ListenerTls> {
+    use crate::tls::certs;
+    let mut entries: Vec<(String, CertFiles)> = Vec::new();
+    let mut pair =
+        |p: &mut Problems, field: String, cert: Option<&String>, key: Option<&String>| match (cert, key) {
+            (Some(cert), Some(key)) => {
+                entries.push((field, CertFiles { cert: base.join(cert), key: base.join(key) }));
+            }
+            (Some(_), None) => p.push(format!("{field}.key"), "a `cert` needs its `key`"),
+            (None, Some(_)) => p.push(format!("{field}.cert"), "a `key` needs its `cert`"),
+            (None, None) => {}
+        };
+    let field = format!("{at}.tls");
+    match &tls.certs {
+        Some(list) => {
+            if tls.cert.is_some() || tls.key.is_some() {
+                p.push(&field, "give either `cert` and `key`, or `certs = [{ cert, key }, ...]`, not both");
+            }
+            for (i, entry) in list.iter().enumerate() {
+                pair(p, format!("{field}.certs[{i}]"), Some(&entry.cert), Some(&entry.key));
+            }
+        }
+        None => pair(p, field.clone(), tls.cert.as_ref(), tls.key.as_ref()),
+    }
+    if entries.is_empty() {
+        p.push(&field, "a TLS listener needs a certificate: `tls = { cert = \"...\", key = \"...\" }`");
+        return None;
+    }
+    for (field, files) in &entries {
+        if let Err(error) = certs::load(&files.cert, &files.key, provider) {
+            p.push(format!("{field}.{}", error.file.field()), error.message);
+        }
+    }
+    let handshake_timeout = p.duration(
+        &format!("{at}.handshake_timeout"),
+        raw.handshake_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    if handshake_timeout.is_zero() {
+        p.push(
+            format!("{at}.handshake_timeout"),
+            "must be above zero: every connection state keeps a deadline",
+        );
+    }
+    let mode = match raw.client_auth.as_deref() {
+        None | Some("required") => ClientAuthMode::Required,
+        Some("optional") => ClientAuthMode::Optional,
+        Some(other) => {
+            p.push(format!("{at}.client_auth"), format!("`{other}` is not \"required\" or \"optional\""));
+            ClientAuthMode::Required
+        }
+    };
+    let client_auth = match &raw.client_ca {
+        None => {
+            if raw.client_auth.is_some() {
+                p.push(
+                    format!("{at}.client_auth"),
+                    "needs `client_ca`: the CA client certificates must chain to",
+                );
+            }
+            None
+        }
+        Some(ca) => {
+            let ca = base.join(ca);
+            if let Err(error) = certs::load_roots(&ca) {
+                p.push(format!("{at}.client_ca"), error.message);
+            }
+            Some(ClientAuth { ca, mode })
+        }
+    };
+    Some(ListenerTls {
+        certs: entries.into_iter().map(|(_, files)| files).collect(),
+        handshake_timeout,
+        client_auth,
+    })
 }
 
 /// The `[server]` deadlines and limits. Zero is refused where it would mean
@@ -1217,6 +1456,7 @@ fn validate_route(
     at: &str,
     raw: RawRoute,
     upstreams: &BTreeMap<String, UpstreamConfig>,
+    has_tls: bool,
 ) -> RouteConfig {
     let path = match crate::path::normalize_path(&raw.path) {
         Ok(path) if raw.path.starts_with('/') => {
@@ -1273,6 +1513,23 @@ fn validate_route(
     if raw.public && (!raw.scopes.is_empty() || !method_scopes.is_empty()) {
         p.push(format!("{at}.public"), "a public route takes no key, so it cannot require scopes");
     }
+    let plain = match (raw.tls_only, raw.tls_redirect) {
+        (false, None) => PlainHttp::Served,
+        (false, Some(_)) => {
+            p.push(format!("{at}.tls_redirect"), "only means something with `tls_only = true`");
+            PlainHttp::Served
+        }
+        (true, Some(false)) => PlainHttp::Refused,
+        (true, redirect) => {
+            if !has_tls {
+                p.push(
+                    format!("{at}.tls_only"),
+                    "no [[server.listener]] has `tls`, so this route could never be reached",
+                );
+            }
+            if redirect.is_some() { PlainHttp::Redirect } else { PlainHttp::Refused }
+        }
+    };
     let cost = std::num::NonZeroU32::new(raw.cost.unwrap_or(1)).unwrap_or_else(|| {
         p.push(format!("{at}.cost"), "must be at least 1");
         std::num::NonZeroU32::MIN
@@ -1295,6 +1552,7 @@ fn validate_route(
                 DEFAULT_UPLOAD_IDLE_TIMEOUT,
             ),
         },
+        plain,
     }
 }
 

@@ -78,6 +78,12 @@ pub enum GatewayError {
     /// The client paused mid-body longer than the route's `upload_idle_timeout`.
     #[error("request body stalled for {after:?}")]
     RequestBodyTimeout { after: Duration },
+    /// A `tls_only` route asked over cleartext HTTP (`tls_redirect = false`).
+    #[error("this route is served over HTTPS only")]
+    TlsRequired,
+    /// A `tls_only` route with `tls_redirect`: the same URL on `https://`.
+    #[error("redirected to HTTPS")]
+    RedirectToHttps { location: HeaderValue },
     /// A bug or an impossible state; details go to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -126,6 +132,8 @@ impl GatewayError {
                 format!("the request body exceeds this route's limit of {limit} bytes")
             }
             Self::RequestBodyTimeout { .. } => "the request body stopped arriving".to_owned(),
+            Self::TlsRequired => "this route is served over HTTPS only".to_owned(),
+            Self::RedirectToHttps { .. } => "this route is served over HTTPS; follow the Location".to_owned(),
             Self::Internal(_) => "internal gateway error".to_owned(),
         };
         ErrorAnswer { status, code, message }
@@ -153,6 +161,8 @@ impl GatewayError {
             Self::BadRequestBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::RequestBodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            Self::TlsRequired => (StatusCode::FORBIDDEN, "tls_required"),
+            Self::RedirectToHttps { .. } => (StatusCode::PERMANENT_REDIRECT, "tls_required"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -192,6 +202,9 @@ impl GatewayError {
             // Connections free up as fast as the upstream answers: soon.
             Self::UpstreamBusy { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::RedirectToHttps { location } => {
+                headers.insert(header::LOCATION, location.clone());
             }
             // The rest of the body is not read: this connection cannot carry another request.
             Self::BadRequestBody(_) | Self::BodyTooLarge { .. } | Self::RequestBodyTimeout { .. } => {
@@ -425,6 +438,19 @@ mod tests {
             assert_eq!(body["error"], want_code);
             assert_eq!(headers[header::CONNECTION], "close");
         }
+    }
+
+    #[tokio::test]
+    async fn tls_only_refusals_are_403_or_a_308_with_its_location() {
+        let (status, headers, body) = answer(GatewayError::TlsRequired).await;
+        assert_eq!(status, 403);
+        assert_eq!(body["error"], "tls_required");
+        assert!(!headers.contains_key(header::LOCATION));
+        let location = HeaderValue::from_static("https://api.example:8443/v1?q=1");
+        let (status, headers, body) = answer(GatewayError::RedirectToHttps { location }).await;
+        assert_eq!(status, 308);
+        assert_eq!(body["error"], "tls_required");
+        assert_eq!(headers[header::LOCATION], "https://api.example:8443/v1?q=1");
     }
 
     #[tokio::test]

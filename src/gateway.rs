@@ -55,6 +55,10 @@ pub struct Gateway {
     /// Open connections, capped globally and per source address; shared by
     /// every worker's listener. Sized at start (listeners do not reload).
     pub connections: Arc<ConnectionLimits>,
+    /// The TLS listeners, set once they are bound (none: cleartext only).
+    /// Reloads swap their certificates; `tls_only` routes redirect to the
+    /// first one's port.
+    pub tls: std::sync::OnceLock<crate::tls::TlsEdge>,
 }
 
 impl Gateway {
@@ -75,6 +79,7 @@ impl Gateway {
             usage,
             store,
             connections,
+            tls: std::sync::OnceLock::new(),
         })
     }
 

@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{Request, Response, Uri, header};
+use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::auth::Caller;
-use crate::config::{RouteConfig, RouteTarget};
+use crate::config::{PlainHttp, RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
@@ -158,6 +158,12 @@ async fn serve(
     let route = &route;
     let keys = &live.config.keys;
 
+    // 1b. TLS: a `tls_only` route answers cleartext before any key is read.
+    if !peer.tls && route.plain != PlainHttp::Served {
+        let https_port = gateway.tls.get().and_then(|edge| edge.https_port);
+        return Err(plain_refusal(route.plain, host.as_ref(), https_port, request.uri()).into());
+    }
+
     // 2. Key: bearer token, key header, or (where the route allows) query.
     let mut caller = None;
     if !route.public {
@@ -226,7 +232,7 @@ async fn serve(
         RouteTarget::Echo => host.clone(),
         RouteTarget::Upstream(_) => None,
     };
-    proxy::set_forwarded(headers, peer, behind_proxy, "http", host);
+    proxy::set_forwarded(headers, peer, behind_proxy, peer.scheme(), host);
     match echo_host {
         Some(host) => headers.insert(header::HOST, host),
         None => headers.remove(header::HOST),
@@ -263,6 +269,34 @@ async fn serve(
     Ok(response)
 }
 
+/// What a `tls_only` route answers a cleartext request: with `tls_redirect`,
+/// a 308 to the same path and query on `https://` at the TLS listener's port
+/// (left out when 443); a 403 when redirecting is off, or impossible (no TLS
+/// listener bound, no host to send the client to).
+fn plain_refusal(
+    plain: PlainHttp,
+    host: Option<&HeaderValue>,
+    https_port: Option<u16>,
+    uri: &Uri,
+) -> GatewayError {
+    let (PlainHttp::Redirect, Some(host), Some(port)) =
+        (plain, host.and_then(|h| h.to_str().ok()), https_port)
+    else {
+        return GatewayError::TlsRequired;
+    };
+    let name = sanitize::route_name(host);
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{name}{target}")
+    } else {
+        format!("https://{name}:{port}{target}")
+    };
+    // The host passed `request_host`'s character check and the target is
+    // the request's own: the value is valid; a 403 if it were not.
+    HeaderValue::from_str(&location)
+        .map_or(GatewayError::TlsRequired, |location| GatewayError::RedirectToHttps { location })
+}
+
 /// Rate and quota refusals, as the metrics count them.
 fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Refusal> {
     match refusal {
@@ -279,6 +313,26 @@ mod tests {
 
     fn route(target: RouteTarget) -> Arc<RouteConfig> {
         Arc::new(RouteConfig { target, ..crate::config::Config::defaults().routes[0].clone() })
+    }
+
+    #[test]
+    fn cleartext_on_a_tls_only_route_is_redirected_to_the_tls_port_or_refused() {
+        let uri: Uri = "/v1/orders?page=2".parse().unwrap();
+        let host = HeaderValue::from_static("api.example:8080");
+        let location = |port| match plain_refusal(PlainHttp::Redirect, Some(&host), Some(port), &uri) {
+            GatewayError::RedirectToHttps { location } => location,
+            other => panic!("not a redirect: {other:?}"),
+        };
+        assert_eq!(location(8443), "https://api.example:8443/v1/orders?page=2");
+        assert_eq!(location(443), "https://api.example/v1/orders?page=2", "the default port is left out");
+        for (plain, host, port) in [
+            (PlainHttp::Refused, Some(&host), Some(8443)),
+            (PlainHttp::Redirect, None, Some(8443)),
+            (PlainHttp::Redirect, Some(&host), None),
+        ] {
+            let refusal = plain_refusal(plain, host, port, &uri);
+            assert!(matches!(refusal, GatewayError::TlsRequired), "{plain:?} {host:?} {port:?}: {refusal:?}");
+        }
     }
 
     #[test]

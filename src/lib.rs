@@ -8,6 +8,7 @@
 //! Components, in the order a request meets them:
 //! - [`server`]: listeners and connections (HTTP/1.1 + HTTP/2): connection caps,
 //!   protocol detection, a deadline for every connection state, graceful shutdown.
+//! - [`tls`]: TLS listeners: certificates by SNI, ALPN, client certificates, reloads.
 //! - [`handler`]: the request path, top to bottom; the table of contents.
 //! - [`sanitize`]: the request's one host, and override headers removed.
 //! - [`path`]: the canonical form of a request path (and strict refusals).
@@ -64,5 +65,6 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod usage;
 pub mod worker;

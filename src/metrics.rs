@@ -88,6 +88,20 @@ struct EdgeLabels {
     limit: &'static str,
 }
 
+/// A TLS listener's certificate: the listener's configured address and the
+/// certificate file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct CertLabels {
+    listener: String,
+    cert: String,
+}
+
+/// Why a TLS handshake failed (`tls::HandshakeFailure`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 0.5 ms to about 16 s, doubling.
@@ -114,6 +128,17 @@ pub struct Metrics {
     auth_failures_refused: Counter,
     store_lookups_throttled: Counter,
     cache_refreshes: Counter,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Seconds until each listener certificate expires, computed from
+    /// `tls_not_after` when the page is rendered (a stored countdown would
+    /// go stale between reloads).
+    tls_expiry: Family<CertLabels, Gauge>,
+    /// Each certificate's expiry (Unix seconds) by the id of the listener
+    /// that loaded it (two listeners, or two gateways in one test process,
+    /// may share an address label such as `127.0.0.1:0`); replaced per
+    /// listener when its certificates load. A std Mutex: nothing awaits
+    /// while it is held.
+    tls_not_after: std::sync::Mutex<std::collections::BTreeMap<(u64, CertLabels), i64>>,
     /// Handles per route, found by `&str` without allocating. A std RwLock:
     /// nothing awaits while it is held, and writes happen once per new route.
     routes: RwLock<HashMap<Box<str>, Arc<RouteSeries>, foldhash::fast::RandomState>>,
@@ -226,8 +251,26 @@ impl Metrics {
              everything, while still being served",
             cache_refreshes.clone(),
         );
+        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed on a TLS listener, by reason (not_tls: plain HTTP or other \
+             bytes sent to a TLS port; refused: an old version or nothing in common; \
+             client_certificate; timeout; io)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "Seconds until a TLS listener's certificate expires (negative once expired), by listener \
+             address and certificate file",
+            tls_expiry.clone(),
+        );
         Self {
             registry,
+            tls_handshake_failures,
+            tls_expiry,
+            tls_not_after: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             connections_refused,
             connections_expired,
             connections_open,
@@ -348,8 +391,31 @@ impl Metrics {
         self.usage_dropped.inc_by(n);
     }
 
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures.get_or_create(&HandshakeLabels { reason }).inc();
+    }
+
+    /// Replaces what is known of listener `id`'s certificates (labelled
+    /// `listener`): `(file, expiry)`.
+    pub fn tls_certificates(&self, id: u64, listener: &str, certs: impl IntoIterator<Item = (String, i64)>) {
+        let mut known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
+        known.retain(|(owner, _), _| *owner != id);
+        for (cert, not_after) in certs {
+            known.insert((id, CertLabels { listener: listener.to_owned(), cert }), not_after);
+        }
+    }
+
     /// The OpenMetrics text exposition (Prometheus scrapes it as is).
     pub fn render(&self) -> String {
+        {
+            let now = jiff::Timestamp::now().as_second();
+            let known = self.tls_not_after.lock().unwrap_or_else(PoisonError::into_inner);
+            // Cleared first: a certificate no longer configured disappears.
+            self.tls_expiry.clear();
+            for ((_, labels), not_after) in known.iter() {
+                self.tls_expiry.get_or_create(labels).set(not_after - now);
+            }
+        }
         let mut text = String::new();
         // Writing into a String cannot fail; an encoder error would only mean
         // a bug in a metric's encoding, and a partial page is still useful.
@@ -447,6 +513,17 @@ pub fn usage_dropped(n: u64) {
     METRICS.usage_dropped(n);
 }
 
+/// A TLS handshake failed for `reason` (`tls::HandshakeFailure::as_str`).
+pub fn tls_handshake_failed(reason: &'static str) {
+    METRICS.tls_handshake_failed(reason);
+}
+
+/// The certificates listener `id` (labelled `listener`) serves now, for the
+/// expiry gauge.
+pub fn tls_certificates(id: u64, listener: &str, certs: &[crate::tls::certs::LoadedCert]) {
+    METRICS.tls_certificates(id, listener, certs.iter().map(|c| (c.path.display().to_string(), c.not_after)));
+}
+
 /// The process-wide metrics as Prometheus text.
 pub fn render() -> String {
     METRICS.render()
@@ -458,6 +535,28 @@ mod tests {
 
     fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+    }
+
+    #[test]
+    fn certificate_expiry_is_seconds_left_per_listener_and_replaced_when_its_certificates_reload() {
+        let metrics = Metrics::new();
+        let now = jiff::Timestamp::now().as_second();
+        // Two listeners (ids) with the same address label each keep theirs.
+        metrics.tls_certificates(1, "0.0.0.0:443", [("a.pem".to_owned(), now + 86_400)]);
+        metrics.tls_certificates(2, "0.0.0.0:443", [("b.pem".to_owned(), now - 10)]);
+        let value = |text: &str, cert: &str| -> i64 {
+            let prefix = format!(
+                "keygate_tls_certificate_expiry_seconds{{listener=\"0.0.0.0:443\",cert=\"{cert}\"}} "
+            );
+            line(text, &prefix)[prefix.len()..].parse().unwrap()
+        };
+        let text = metrics.render();
+        assert!((86_390..=86_400).contains(&value(&text, "a.pem")), "{text}");
+        assert!(value(&text, "b.pem") < 0, "expired: negative");
+        metrics.tls_certificates(1, "0.0.0.0:443", [("c.pem".to_owned(), now + 100)]);
+        let text = metrics.render();
+        assert!(!text.contains("a.pem"), "a replaced certificate disappears: {text}");
+        assert!(text.contains("c.pem") && text.contains("b.pem"), "{text}");
     }
 
     #[test]

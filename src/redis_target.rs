@@ -295,11 +295,11 @@ fn first_set(tls: &RedisTls) -> Option<Field> {
 /// compiled in. Installing it explicitly keeps `ClientConfig::builder()` in
 /// the redis crate from panicking if another crate ever enables a second
 /// provider. A provider installed earlier (by anyone) stays.
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))

@@ -10,6 +10,12 @@
 //! are read once at start (listen addresses, the store, the key cache, the
 //! log format); a reload that changes them applies the rest and says which
 //! ones need a restart.
+//!
+//! TLS listeners' certificates and keys reload with the config, and also
+//! alone when their files change on disk ([`watch_certificates`]). Either
+//! way a file that does not load leaves the running certificates in place
+//! and says why (in the log, and in the admin reload's answer); open
+//! connections keep the certificate they were made with.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::future::Future;
@@ -37,6 +43,8 @@ pub struct Reloader {
 pub struct Reloaded {
     pub routes: usize,
     pub upstreams: usize,
+    /// TLS listeners whose certificates were loaded again.
+    pub certificates: usize,
     /// Changed settings that only take effect after a restart, e.g. `server.listen`.
     pub restart_needed: Vec<&'static str>,
 }
@@ -104,18 +112,127 @@ impl Reloader {
                 "config reload: this setting changed but only takes effect after a restart"
             );
         }
+        // Certificates first: if a file broke since validation read it,
+        // nothing of the new config is installed.
+        let certificates = match self.gateway.tls.get() {
+            Some(edge) => edge.reload(&config.server).map_err(|error| {
+                tracing::error!(path = %self.path.display(), %error, "config reload refused; the running config and certificates stay");
+                ConfigError::Invalid {
+                    path: self.path.clone(),
+                    problems: vec![crate::config::ConfigProblem {
+                        field: error.field,
+                        line: None,
+                        message: error.message,
+                    }],
+                }
+            })?,
+            None => 0,
+        };
         crate::telemetry::set_filter(&config.log);
-        let reloaded =
-            Reloaded { routes: config.routes.len(), upstreams: config.upstreams.len(), restart_needed };
+        let reloaded = Reloaded {
+            routes: config.routes.len(),
+            upstreams: config.upstreams.len(),
+            certificates,
+            restart_needed,
+        };
         self.gateway.reload(config);
         tracing::info!(
             path = %self.path.display(),
             routes = reloaded.routes,
             upstreams = reloaded.upstreams,
+            certificates = reloaded.certificates,
             "config reloaded"
         );
         Ok(reloaded)
     }
+
+    /// Loads the running config's certificate files again and swaps them in
+    /// (what a change on disk triggers); on an error logs it and keeps the
+    /// running certificates. Returns how many listeners were reloaded.
+    pub fn reload_certificates(&self) -> Result<usize, crate::tls::TlsError> {
+        let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(edge) = self.gateway.tls.get() else { return Ok(0) };
+        let live = self.gateway.live.load_full();
+        match edge.reload(&live.config.server) {
+            Ok(reloaded) => {
+                tracing::info!(listeners = reloaded, "TLS certificates reloaded from disk");
+                Ok(reloaded)
+            }
+            Err(error) => {
+                tracing::error!(%error, "TLS certificate reload failed; the running certificates stay");
+                Err(error)
+            }
+        }
+    }
+}
+
+/// How long certificate file events must be quiet before a reload: a
+/// renewal writes the certificate and the key one after the other.
+const CERTIFICATE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches the folders of the TLS listeners' certificate and key files (as
+/// the file store watches `keys/`) and reloads the certificates after each
+/// burst of changes. Any change in those folders counts, so a renewal by
+/// rename or a symlink swap (Kubernetes secrets) is seen as well as a
+/// rewrite. The folders are those of the config at start; a reload that
+/// names files elsewhere reloads them then, but their changes are watched
+/// only after a restart. `None`: no TLS listener, or the OS refused the
+/// watch (logged). Must be called within a Tokio runtime; the watch ends
+/// when the returned watcher is dropped.
+pub fn watch_certificates(reloader: &Arc<Reloader>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let live = reloader.gateway.live.load_full();
+    let mut folders: Vec<PathBuf> = live
+        .config
+        .server
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.tls.as_ref())
+        .flat_map(|tls| tls.certs.iter().flat_map(|files| [&files.cert, &files.key]))
+        .map(|file| match file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    folders.sort();
+    folders.dedup();
+    if folders.is_empty() {
+        return None;
+    }
+    let (events, mut changed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads change nothing; a lost event (queue overflow) may hide any change.
+        if event.is_err() || event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            let _ = events.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch certificate files; they reload on SIGHUP or /admin/reload only");
+            return None;
+        }
+    };
+    for folder in &folders {
+        if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(folder = %folder.display(), %error, "cannot watch a certificate folder; its files reload on SIGHUP or /admin/reload only");
+        }
+    }
+    let reloader = Arc::clone(reloader);
+    tokio::spawn(async move {
+        while changed.recv().await.is_some() {
+            loop {
+                match tokio::time::timeout(CERTIFICATE_DEBOUNCE, changed.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_quiet) => break,
+                }
+            }
+            // The outcome is logged inside; the old certificates stay on error.
+            let _logged = reloader.reload_certificates();
+        }
+    });
+    Some(watcher)
 }
 
 /// A refused config's problems on one log line.
@@ -133,6 +250,23 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let keys = (&old.keys, &new.keys);
     [
         ("server.listen", old.server.listen != new.server.listen),
+        // Addresses, TLS on or off, handshake timeouts and client CAs are
+        // built into the bound listeners; certificates and keys reload. The
+        // first address is `server.listen` above.
+        ("server.listener", {
+            let shape = |c: &Config| {
+                c.server
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let tls = l.tls.as_ref().map(|t| (t.handshake_timeout, t.client_auth.clone()));
+                        ((i > 0).then_some(l.listen), tls)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            shape(old) != shape(new)
+        }),
         ("server.drain_timeout", old.server.drain_timeout != new.server.drain_timeout),
         ("store", old.store != new.store),
         ("keys.prefix", keys.0.prefix != keys.1.prefix),
@@ -227,5 +361,14 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:2\"\n[keys]\nprefix = \"xx_\"\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
         );
         assert_eq!(restart_needed(&old, &moved), ["server.listen", "keys.prefix"]);
+        let listeners = |second: &str| {
+            config(&format!(
+                "[[server.listener]]\nlisten = \"127.0.0.1:1\"\n[[server.listener]]\nlisten = \"{second}\"\n\
+                 [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n"
+            ))
+        };
+        let two = listeners("127.0.0.1:2");
+        assert!(restart_needed(&two, &listeners("127.0.0.1:2")).is_empty());
+        assert_eq!(restart_needed(&two, &listeners("127.0.0.1:3")), ["server.listener"]);
     }
 }

@@ -66,6 +66,7 @@ mod tests {
             allow_query_key: false,
             cost: std::num::NonZeroU32::MIN,
             body: crate::config::BodyLimits::default(),
+            plain: crate::config::PlainHttp::default(),
         }
     }
 

@@ -385,6 +385,7 @@ fn reload(admin: &Admin, actor: &str) -> Result<Response<Full<Bytes>>, AdminErro
         "status": "reloaded",
         "routes": reloaded.routes,
         "upstreams": reloaded.upstreams,
+        "certificates": reloaded.certificates,
         "restart_needed": reloaded.restart_needed,
     })))
 }

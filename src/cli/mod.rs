@@ -206,7 +206,53 @@ fn check(args: &CheckArgs) -> ExitCode {
         describe_store(&config.store),
         if args.env { "" } else { "; the environment was not checked (--env checks it)" },
     );
+    for line in describe_listeners(&config) {
+        eprintln!("{line}");
+    }
     ExitCode::SUCCESS
+}
+
+/// One line per listener and one per certificate: its names and expiry, so
+/// an operator sees what each TLS listener will present, and when it lapses.
+fn describe_listeners(config: &Config) -> Vec<String> {
+    let provider = crate::redis_target::provider();
+    let now = jiff::Timestamp::now().as_second();
+    let mut lines = Vec::new();
+    for listener in &config.server.listeners {
+        let Some(tls) = &listener.tls else {
+            lines.push(format!("listener {}: plain HTTP", listener.listen));
+            continue;
+        };
+        let mtls = match &tls.client_auth {
+            None => String::new(),
+            Some(auth) => format!(
+                "; client certificates {} (CA {})",
+                match auth.mode {
+                    crate::config::ClientAuthMode::Required => "required",
+                    crate::config::ClientAuthMode::Optional => "optional",
+                },
+                auth.ca.display()
+            ),
+        };
+        lines.push(format!("listener {}: TLS{mtls}", listener.listen));
+        for (i, files) in tls.certs.iter().enumerate() {
+            // Validation loaded each file already; a failure here means it
+            // changed in between.
+            let line = match crate::tls::certs::load(&files.cert, &files.key, &provider) {
+                Ok(cert) => format!(
+                    "  certificate {}{}: names {}; expires {} (in {} days)",
+                    files.cert.display(),
+                    if i == 0 { " (default)" } else { "" },
+                    cert.names.join(", "),
+                    cert.expires(),
+                    (cert.not_after - now).div_euclid(86_400),
+                ),
+                Err(error) => format!("  certificate {}: {error}", files.cert.display()),
+            };
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 /// Loads `path` for `purpose` and applies `--redis`/`KEYGATE_REDIS_URL`;
@@ -421,12 +467,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     control.block_on(async move {
-        let (listen, drain_timeout, workers, reuse_port) = (
-            config.server.listen,
-            config.server.drain_timeout,
-            config.server.workers,
-            config.server.reuse_port,
-        );
+        let (drain_timeout, workers, reuse_port) =
+            (config.server.drain_timeout, config.server.workers, config.server.reuse_port);
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         // A Redis down at start is waited for in the background, not fatal.
         let store = match store::open_for_serving(&config.store).await {
@@ -436,13 +478,47 @@ fn serve(args: &ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listeners = match server::bind_workers(listen, workers, reuse_port) {
-            Ok(listeners) => listeners,
-            Err(error) => {
-                tracing::error!(%listen, %error, "cannot listen");
-                return ExitCode::FAILURE;
-            }
-        };
+        // Every listener's certificates load before any port is bound.
+        let mut transports = Vec::with_capacity(config.server.listeners.len());
+        for (index, listener) in config.server.listeners.iter().enumerate() {
+            transports.push(match &listener.tls {
+                None => server::Transport::Plain,
+                Some(tls) => match crate::tls::TlsListener::build(index, listener.listen, tls) {
+                    Ok(tls) => server::Transport::Tls(tls),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot set up TLS");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            });
+        }
+        let mut bound = Vec::with_capacity(transports.len());
+        let mut tls_edge = crate::tls::TlsEdge::default();
+        for (listener, transport) in config.server.listeners.iter().zip(transports) {
+            let listen = listener.listen;
+            let sockets = match server::bind_workers(listen, workers, reuse_port) {
+                Ok(sockets) => sockets,
+                Err(error) => {
+                    tracing::error!(%listen, %error, "cannot listen");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // The bound address, not the configured one: port 0 picks a
+            // free port, and tests read the address from this line.
+            let address = sockets[0].local_addr().map_or(listen, |a| a);
+            let tls = match &transport {
+                server::Transport::Plain => false,
+                server::Transport::Tls(tls) => {
+                    tls.publish_metrics();
+                    tls_edge.https_port.get_or_insert(address.port());
+                    tls_edge.listeners.push(Arc::clone(tls));
+                    true
+                }
+            };
+            tracing::info!(%address, workers, tls, "keygate listening");
+            bound.push((sockets, transport));
+        }
+        let listeners = server::per_worker(bound);
         let admin_listener = match admin_listen {
             Some(at) => match bind(at, "admin API listening").await {
                 Ok(listener) => Some(listener),
@@ -451,12 +527,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
             None => None,
         };
         let gateway = Gateway::new(config, store);
+        let _ = gateway.tls.set(tls_edge);
         let reloader =
             Reloader::with_store_override(path.to_owned(), Arc::clone(&gateway), redis.map(str::to_owned));
-        // The bound address, not the configured one: port 0 picks a free
-        // port, and tests read the address from this line.
-        let address = listeners[0].local_addr().map_or_else(|_| listen.to_string(), |a| a.to_string());
-        tracing::info!(%address, workers, "keygate listening");
+        // Certificate files changing on disk reload the certificates (only).
+        let _certificate_watch = reload::watch_certificates(&reloader);
 
         // One shutdown signal for the workers, the admin listener and the
         // SIGHUP task; usage gets its final flush only once workers drained.

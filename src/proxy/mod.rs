@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
+use rustls::pki_types::CertificateDer;
 
 use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
 use crate::error::GatewayError;
@@ -87,6 +88,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Peer {
     pub addr: SocketAddr,
     forwarded_for: HeaderValue,
+    /// Whether the connection is TLS (`X-Forwarded-Proto: https`, `tls_only`).
+    pub tls: bool,
+    /// mTLS: the client's certificate chain (DER, leaf first) as the
+    /// listener's `client_ca` verified it during the handshake; `None` on
+    /// plain connections and for clients that sent none (`client_auth =
+    /// "optional"`). Shared by every request of the connection.
+    pub client_certs: Option<Arc<[CertificateDer<'static>]>>,
 }
 
 impl Peer {
@@ -98,7 +106,18 @@ impl Peer {
         };
         // An IP address's text is always a valid header value.
         let forwarded_for = value.unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, forwarded_for }
+        Self { addr, forwarded_for, tls: false, client_certs: None }
+    }
+
+    /// A peer on a TLS connection, with the client certificate chain the
+    /// handshake verified, if any.
+    pub fn over_tls(addr: SocketAddr, client_certs: Option<Arc<[CertificateDer<'static>]>>) -> Self {
+        Self { tls: true, client_certs, ..Self::new(addr) }
+    }
+
+    /// The scheme the client used: what `X-Forwarded-Proto` says.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     /// Whether this peer is a proxy whose `X-Forwarded-For` is believed

@@ -1,13 +1,16 @@
 //! Listeners and connections: accept, serve HTTP/1.1 and HTTP/2, drain on shutdown.
 //!
 //! [`serve`] takes an already-bound listener (tests bind `127.0.0.1:0` and pass
-//! it in, as mini-redis does) and a shutdown future. On shutdown it stops
-//! accepting, lets in-flight requests finish within the drain timeout, and returns.
-//! TLS will slot in between `accept` and protocol detection.
+//! it in, as mini-redis does), its [`Transport`] and a shutdown future. On
+//! shutdown it stops accepting, lets in-flight requests finish within the
+//! drain timeout, and returns.
 //!
 //! The parts, in the order a connection meets them:
 //! - [`limits`]: the global and per-address connection caps, taken at accept;
-//! - [`detect`]: the first bytes tell HTTP/1.1 from h2c, within the header timeout;
+//! - [`Transport`]: on a TLS listener, the handshake (within the listener's
+//!   `handshake_timeout` and the header timeout); ALPN then names the protocol;
+//! - [`detect`]: on a plain one, the first bytes tell HTTP/1.1 from h2c,
+//!   within the header timeout;
 //! - [`watchdog`]: a deadline for every later state of the connection;
 //! - hyper's HTTP/1 or HTTP/2 server, with every size and limit set explicitly.
 //!
@@ -18,6 +21,7 @@
 
 pub mod detect;
 pub mod limits;
+pub mod transport;
 pub mod watchdog;
 
 use std::future::Future;
@@ -28,6 +32,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -38,6 +43,7 @@ use detect::{Protocol, Replay};
 use watchdog::{Activity, Deadlines, Ended, Tracked, Watched};
 
 pub use crate::worker::worker_index;
+pub use transport::Transport;
 
 /// How the drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,9 +93,22 @@ impl Protocols {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` completes, then drains.
+/// Serves cleartext connections from `listener` until `shutdown` completes,
+/// then drains.
 pub async fn serve(
     listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> Drained {
+    serve_transport(listener, Transport::Plain, gateway, shutdown, drain_timeout).await
+}
+
+/// Serves connections from `listener` over `transport` until `shutdown`
+/// completes, then drains.
+pub async fn serve_transport(
+    listener: TcpListener,
+    transport: Transport,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
@@ -129,6 +148,7 @@ pub async fn serve(
             }
         };
         let connection = Connection {
+            transport: transport.clone(),
             protocols: Arc::clone(&protocols),
             draining: draining.subscribe(),
             gateway: Arc::clone(&gateway),
@@ -177,6 +197,7 @@ impl AcceptBackoff {
 
 /// One accepted connection, before it is known which protocol it speaks.
 struct Connection {
+    transport: Transport,
     protocols: Arc<Protocols>,
     draining: watch::Receiver<bool>,
     gateway: Arc<Gateway>,
@@ -186,11 +207,21 @@ struct Connection {
 impl Connection {
     /// Serves the connection with the protocol its first bytes announce,
     /// holding it to the deadlines of `[server]`.
-    async fn serve(mut self, stream: TcpStream) {
+    async fn serve(self, stream: TcpStream) {
         // Small request/response exchanges must not wait for Nagle.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "set_nodelay failed");
         }
+        match self.transport.clone() {
+            Transport::Plain => self.serve_plain(stream).await,
+            // Boxed: a TLS stream's state would otherwise size every plain
+            // connection's task too.
+            Transport::Tls(tls) => Box::pin(self.serve_tls(stream, tls)).await,
+        }
+    }
+
+    /// Cleartext: the first bytes tell HTTP/1.1 from h2c, and are replayed.
+    async fn serve_plain(mut self, stream: TcpStream) {
         let edge = &self.protocols.edge;
         let detected = tokio::select! {
             detected = tokio::time::timeout(edge.header_read_timeout, detect::read_protocol(&stream)) => detected,
@@ -211,9 +242,35 @@ impl Connection {
             }
         };
 
-        let Self { protocols, draining, gateway, peer } = self;
+        let client = proxy::Peer::new(self.peer);
+        self.serve_http(protocol, Replay::new(first, stream), client).await;
+    }
+
+    /// TLS: the handshake, bounded by the smaller of the listener's
+    /// `handshake_timeout` and the header read timeout (which the first
+    /// request head then gets afresh, as after plain detection), and
+    /// refused cleanly whatever goes wrong (plain HTTP sent here included):
+    /// a debug line, a count in `/metrics`, the connection closed.
+    async fn serve_tls(mut self, stream: TcpStream, tls: Arc<crate::tls::TlsListener>) {
+        let limit = self.protocols.edge.header_read_timeout.min(tls.handshake_timeout);
+        let handshaken = tokio::select! {
+            handshaken = transport::handshake(&tls, stream, self.peer, limit) => handshaken,
+            // Nothing served yet: close at once on drain.
+            _ = self.draining.wait_for(|draining| *draining) => return,
+        };
+        match handshaken {
+            Ok(done) => self.serve_http(done.protocol, done.stream, done.peer).await,
+            Err(failure) => crate::metrics::tls_handshake_failed(failure.as_str()),
+        }
+    }
+
+    /// HTTP/1.1 or HTTP/2 over `io`, held to the deadlines of `[server]`.
+    async fn serve_http<S>(self, protocol: Protocol, io: S, client: proxy::Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self { protocols, draining, gateway, peer, transport: _ } = self;
         let activity = Arc::new(Activity::default());
-        let client = proxy::Peer::new(peer);
         let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
@@ -227,7 +284,7 @@ impl Connection {
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             })
         });
-        let io = TokioIo::new(Watched::new(Replay::new(first, stream), Arc::clone(&activity)));
+        let io = TokioIo::new(Watched::new(io, Arc::clone(&activity)));
         let deadlines = Deadlines::new(&protocols.edge, protocol == Protocol::Http2);
         let ended = match protocol {
             Protocol::Http1 => {
@@ -310,30 +367,64 @@ pub fn bind_workers(
     Ok(listeners)
 }
 
-/// Runs one [`serve`] per listener, each on its own thread and
-/// single-threaded runtime, until `shutdown` turns true; returns how each
-/// worker drained.
+/// One worker's share of the listeners: one `SO_REUSEPORT` socket per
+/// configured listener, with what it speaks.
+pub type WorkerListeners = Vec<(std::net::TcpListener, Transport)>;
+
+/// Regroups [`bind_workers`]' sockets (one `Vec` per configured listener,
+/// one socket per worker in each) into one group per worker.
+pub fn per_worker(bound: Vec<(Vec<std::net::TcpListener>, Transport)>) -> Vec<WorkerListeners> {
+    let mut workers: Vec<WorkerListeners> = Vec::new();
+    for (sockets, transport) in bound {
+        for (index, socket) in sockets.into_iter().enumerate() {
+            if workers.len() <= index {
+                workers.push(Vec::new());
+            }
+            workers[index].push((socket, transport.clone()));
+        }
+    }
+    workers
+}
+
+/// Runs one worker per group, each on its own thread and single-threaded
+/// runtime serving every listener of its group (so the thread count stays
+/// `server.workers` however many listeners there are, and a worker's
+/// upstream pools serve all of them), until `shutdown` turns true; returns
+/// how each worker drained (timed out if any of its listeners did).
 pub fn run_workers(
-    listeners: Vec<std::net::TcpListener>,
+    workers: Vec<WorkerListeners>,
     gateway: &Arc<Gateway>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     drain_timeout: Duration,
 ) -> std::io::Result<Vec<Drained>> {
     let mut threads = Vec::new();
-    for (index, listener) in listeners.into_iter().enumerate() {
+    for (index, listeners) in workers.into_iter().enumerate() {
         let gateway = Arc::clone(gateway);
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
         let thread =
             std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
                 crate::worker::set_worker_index(index);
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?;
-                    let stop = async move {
-                        // Err: the sender is gone, which also means stop.
-                        let _ = shutdown.wait_for(|stop| *stop).await;
-                    };
-                    Ok::<_, std::io::Error>(serve(listener, gateway, stop, drain_timeout).await)
+                    let mut serving = Vec::with_capacity(listeners.len());
+                    for (listener, transport) in listeners {
+                        let listener = TcpListener::from_std(listener)?;
+                        let mut shutdown = shutdown.clone();
+                        let stop = async move {
+                            // Err: the sender is gone, which also means stop.
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        };
+                        serving.push(serve_transport(
+                            listener,
+                            transport,
+                            Arc::clone(&gateway),
+                            stop,
+                            drain_timeout,
+                        ));
+                    }
+                    let drained = futures_util::future::join_all(serving).await;
+                    let clean = drained.iter().all(|d| *d == Drained::Clean);
+                    Ok::<_, std::io::Error>(if clean { Drained::Clean } else { Drained::TimedOut })
                 })
             })?;
         threads.push(thread);

@@ -19,7 +19,10 @@ use tokio::sync::oneshot;
 
 /// A gateway serving on an ephemeral port until `shutdown` or drop.
 pub struct TestGateway {
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener's bound address, in `[[server.listener]]` order.
+    pub listeners: Vec<SocketAddr>,
     pub gateway: Arc<Gateway>,
     /// The folder relative config paths resolve against (the file store's
     /// `keys/` lives here unless the config says otherwise).
@@ -60,7 +63,61 @@ impl TestGateway {
             },
             drain,
         ));
-        TestGateway { addr, gateway, dir, stop: Some(stop), task: Some(task) }
+        TestGateway { addr, listeners: vec![addr], gateway, dir, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Starts a gateway on every `[[server.listener]]` of `toml` (plain or
+    /// TLS, each bound where it says: `127.0.0.1:0` picks a free port), as
+    /// `keygate serve` does on one worker.
+    pub async fn start_listeners(toml: &str) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config = match Config::from_toml(toml, dir.path()) {
+            Ok(config) => config,
+            Err(e) => panic!("test config is invalid: {e:?}\n{toml}"),
+        };
+        let store = keygate::store::open(&config.store, None).await.expect("test store opens");
+        let drain = config.server.drain_timeout;
+        let gateway = Gateway::new(config.clone(), store);
+        let mut edge = keygate::tls::TlsEdge::default();
+        let mut serving = Vec::new();
+        let mut listeners = Vec::new();
+        for (index, listener) in config.server.listeners.iter().enumerate() {
+            let socket = TcpListener::bind(listener.listen).await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            let transport = match &listener.tls {
+                None => server::Transport::Plain,
+                Some(tls) => {
+                    let tls =
+                        keygate::tls::TlsListener::build(index, listener.listen, tls).expect("TLS set-up");
+                    tls.publish_metrics();
+                    edge.https_port.get_or_insert(addr.port());
+                    edge.listeners.push(Arc::clone(&tls));
+                    server::Transport::Tls(tls)
+                }
+            };
+            listeners.push(addr);
+            serving.push((socket, transport));
+        }
+        gateway.tls.set(edge).expect("TLS listeners set once");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (stopping, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = stopped.await;
+            let _ = stopping.send(true);
+        });
+        let served = Arc::clone(&gateway);
+        let task = tokio::spawn(async move {
+            let serves = serving.into_iter().map(|(socket, transport)| {
+                let mut stop = stop_rx.clone();
+                let stop = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                server::serve_transport(socket, transport, Arc::clone(&served), stop, drain)
+            });
+            let drained = futures_util::future::join_all(serves).await;
+            if drained.iter().all(|d| *d == Drained::Clean) { Drained::Clean } else { Drained::TimedOut }
+        });
+        TestGateway { addr: listeners[0], listeners, gateway, dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {

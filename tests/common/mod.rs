@@ -9,5 +9,6 @@ pub mod pki;
 pub mod raw;
 pub mod redis;
 pub mod relay;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
