@@ -1,4 +1,6 @@
-//! Per-worker pools of HTTP/1.1 connections to one upstream target.
+//! Per-worker pools of connections to one upstream target: HTTP/1.1 over
+//! TCP or TLS, and HTTP/2 (over TLS when the upstream picks `h2` by ALPN, or
+//! h2c with `protocol = "http2"` on `http://`).
 //!
 //! Each worker thread keeps its own idle list of `hyper::client::conn::http1`
 //! senders, whose connection tasks run on that worker's runtime: a request
@@ -21,6 +23,22 @@
 //! A response body that stops arriving for `body_idle_timeout` ends as an
 //! error ([`UpstreamBodyError::Stalled`]): the client sees an aborted
 //! response, never a complete one, and the connection is closed.
+//!
+//! TLS (`https://` targets) is a branch taken when connecting only: the
+//! handshake uses the upstream's one rustls config (built at config load),
+//! and a TLS HTTP/1.1 connection is pooled exactly like a plain one. A
+//! certificate the config does not trust is [`SendError::Tls`] with rustls'
+//! reason; nothing is ever sent on such a connection.
+//!
+//! HTTP/2: each worker keeps at most one connection per target and every
+//! request of that worker multiplexes on it (a clone of its `SendRequest`);
+//! a connection that closed (GOAWAY, reset) is replaced on the next request.
+//! It holds one `max_connections` permit like an HTTP/1.1 connection, so
+//! `max_connections` caps open sockets either way; concurrent requests on
+//! one HTTP/2 connection are bounded by the upstream's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` instead (hyper waits for a free stream).
+//! Plain `http://` pools have no HTTP/2 slots: their request path is one
+//! branch longer than before and allocates nothing more.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,12 +52,16 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
 use super::body::RequestBody;
+use crate::upstream_tls::Protocol;
 
 /// Why a request could not be sent; the caller maps these to 502.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +72,25 @@ pub enum SendError {
     ConnectTimeout(Authority, Duration),
     #[error("{0}: all {1} connections busy")]
     Busy(Authority, usize),
+    /// The TLS handshake failed: an untrusted, expired or wrong-host
+    /// certificate, a refused client certificate... (rustls' reason).
+    #[error("TLS to {0}: {1}")]
+    Tls(Authority, String),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+}
+
+/// How a target is reached over TLS: the upstream's shared config and the
+/// name its certificate must carry.
+pub struct TargetTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: ServerName<'static>,
+}
+
+/// A new connection: HTTP/1.1 (pooled per request) or HTTP/2 (shared).
+enum Connected {
+    H1(SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 struct Idle {
@@ -73,6 +112,14 @@ pub struct ConnPool {
     max_connections: usize,
     /// How long a response body may pause between frames.
     body_idle_timeout: Duration,
+    /// `Some` for `https://` targets.
+    tls: Option<TargetTls>,
+    /// Each worker's shared HTTP/2 connection; `None` (no slots at all) when
+    /// this target never speaks HTTP/2 (plain `http://` unless `http2`).
+    h2: Option<Vec<Mutex<Option<http2::SendRequest<RequestBody>>>>>,
+    /// `https` or `http`, for the absolute URI HTTP/2 requests carry.
+    scheme: http::uri::Scheme,
+    protocol: Protocol,
 }
 
 /// The limits of one target's pool, from its `[upstream.NAME]`.
@@ -86,8 +133,28 @@ pub struct PoolLimits {
 }
 
 impl ConnPool {
+    /// A plain `http://` target speaking HTTP/1.1.
     pub fn new(authority: Authority, workers: usize, limits: PoolLimits) -> Arc<Self> {
-        let per_worker = (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect();
+        Self::with_tls(authority, workers, limits, None, Protocol::Http1)
+    }
+
+    /// A target reached over TLS when `tls` is given, speaking `protocol`.
+    pub fn with_tls(
+        authority: Authority,
+        workers: usize,
+        limits: PoolLimits,
+        tls: Option<TargetTls>,
+        protocol: Protocol,
+    ) -> Arc<Self> {
+        let workers = workers.max(1);
+        let per_worker = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
+        let speaks_h2 = match protocol {
+            Protocol::Http1 => false,
+            Protocol::Http2 => true,
+            Protocol::Auto => tls.is_some(),
+        };
+        let h2 = speaks_h2.then(|| (0..workers).map(|_| Mutex::new(None)).collect());
+        let scheme = if tls.is_some() { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
         let host = http::HeaderValue::from_str(authority.as_str()).ok();
         let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(Self {
@@ -100,7 +167,16 @@ impl ConnPool {
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             body_idle_timeout: limits.body_idle_timeout,
+            tls,
+            h2,
+            scheme,
+            protocol,
         })
+    }
+
+    /// The target's `host:port`.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
     }
 
     /// How long a response body from this target may pause between frames.
@@ -130,6 +206,17 @@ impl ConnPool {
         now: Instant,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut request = request;
+        if let Some(slots) = &self.h2
+            && let Some(sender) = self.checkout_h2(slots)
+        {
+            // Boxed: only HTTP/2 requests pay for the HTTP/2 future's size.
+            match Box::pin(self.send_h2(sender, request)).await {
+                Ok(sent) => return Ok(sent),
+                // Closed before it took the request: connect anew below.
+                Err((error, None)) => return Err(error),
+                Err((_, Some(unsent))) => request = unsent,
+            }
+        }
         if let Some(mut sender) = self.checkout(now)
             && sender.ready().await.is_ok()
         {
@@ -143,9 +230,67 @@ impl ConnPool {
         }
         // Boxed: connecting is the rare path, and every connection's request
         // future would otherwise be sized for it (dhat: bytes per idle connection).
-        let mut sender = Box::pin(self.connect()).await?;
-        let response = sender.send_request(request).await?;
-        Ok((response, self.lease(sender)))
+        match Box::pin(self.connect()).await? {
+            Connected::H1(mut sender) => {
+                let response = sender.send_request(request).await?;
+                Ok((response, self.lease(sender)))
+            }
+            Connected::H2(sender) => {
+                if let Some(slots) = &self.h2 {
+                    *self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                }
+                Box::pin(self.send_h2(sender, request)).await.map_err(|(error, _)| error)
+            }
+        }
+    }
+
+    fn h2_slot<'a>(
+        &self,
+        slots: &'a [Mutex<Option<http2::SendRequest<RequestBody>>>],
+    ) -> &'a Mutex<Option<http2::SendRequest<RequestBody>>> {
+        &slots[crate::worker::worker_index() % slots.len()]
+    }
+
+    /// This worker's HTTP/2 connection, if it has one still open.
+    fn checkout_h2(
+        &self,
+        slots: &[Mutex<Option<http2::SendRequest<RequestBody>>>],
+    ) -> Option<http2::SendRequest<RequestBody>> {
+        let mut slot = self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Sends on an HTTP/2 connection; a request it never took is handed
+    /// back. The lease holds no sender: the connection stays shared.
+    async fn send_h2(
+        self: &Arc<Self>,
+        mut sender: http2::SendRequest<RequestBody>,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
+        // HTTP/2 carries the scheme and authority as pseudo-headers, taken
+        // from an absolute URI.
+        let mut parts = std::mem::take(request.uri_mut()).into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *request.uri_mut() = http::Uri::from_parts(parts).unwrap_or_default();
+        *request.version_mut() = http::Version::HTTP_2;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok((response, Lease { sender: None, pool: Arc::clone(self) })),
+            Err(mut failed) => {
+                let unsent = failed.take_message();
+                Err((SendError::Http(failed.into_error()), unsent))
+            }
+        }
     }
 
     /// The most recently used idle connection still open and not too old.
@@ -161,7 +306,7 @@ impl ConnPool {
         None
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
+    async fn connect(&self) -> Result<Connected, SendError> {
         let authority = &self.authority;
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => permit,
@@ -180,7 +325,8 @@ impl ConnPool {
                 }
             }
         };
-        let address = (authority.host(), authority.port_u16().unwrap_or(80));
+        let default_port = if self.tls.is_some() { 443 } else { 80 };
+        let address = (authority.host(), authority.port_u16().unwrap_or(default_port));
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
             Err(_) => return Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
             Ok(Err(error)) => return Err(SendError::Connect(authority.clone(), error.to_string())),
@@ -188,22 +334,36 @@ impl ConnPool {
         };
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        // Vectored writes, unlike the server side (see `server.rs`): a request
-        // body goes out as the chunks hyper read from the client, not copied
-        // into one buffer first. Measured (alternating 4 s `wrk -t1 -c32`
-        // runs, 5 rounds, CPU µs per request from /proc): POST 16 KiB 18.2
-        // -> 16.7 and 17.9 -> 17.0 µs; small GETs unchanged within noise
-        // (callgrind: +350 instructions, 0.75 %, for the one-slice `writev`).
-        let (sender, connection) = http1::Builder::new().writev(true).handshake(TokioIo::new(stream)).await?;
-        // The connection task runs on this worker's runtime for its whole life.
-        // It holds its permit until it ends, idle or busy.
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
+        let Some(tls) = &self.tls else {
+            return if self.protocol == Protocol::Http2 {
+                // h2c: HTTP/2 with prior knowledge on a plain connection.
+                start_h2(stream, permit).await.map(Connected::H2)
+            } else {
+                start_h1(stream, permit).await.map(Connected::H1)
+            };
+        };
+        // The handshake shares the connect timeout: a target that accepts
+        // TCP and never answers TLS costs no more than one that never answers.
+        let handshake = tls.connector.connect(tls.name.clone(), stream);
+        let stream = match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Err(_) => return Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
+            Ok(Err(error)) => {
+                let reason = crate::upstream_tls::rustls_reason(&error).unwrap_or_else(|| error.to_string());
+                return Err(SendError::Tls(authority.clone(), reason));
             }
-            drop(permit);
-        });
-        Ok(sender)
+            Ok(Ok(stream)) => stream,
+        };
+        let h2 = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => true,
+            // No ALPN answer: `http2` means prior knowledge, else HTTP/1.1.
+            None => self.protocol == Protocol::Http2,
+            Some(_) => false,
+        };
+        if h2 {
+            start_h2(stream, permit).await.map(Connected::H2)
+        } else {
+            start_h1(stream, permit).await.map(Connected::H1)
+        }
     }
 
     /// Closes the oldest idle connection of the first worker that has one.
@@ -235,7 +395,53 @@ impl ConnPool {
     }
 }
 
+/// Starts an HTTP/1.1 connection on `io`. Its task runs on this worker's
+/// runtime for its whole life and holds `permit` until it ends, idle or busy.
+async fn start_h1<IO>(
+    io: IO,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<SendRequest<RequestBody>, SendError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Vectored writes, unlike the server side (see `server.rs`): a request
+    // body goes out as the chunks hyper read from the client, not copied
+    // into one buffer first. Measured (alternating 4 s `wrk -t1 -c32`
+    // runs, 5 rounds, CPU µs per request from /proc): POST 16 KiB 18.2
+    // -> 16.7 and 17.9 -> 17.0 µs; small GETs unchanged within noise
+    // (callgrind: +350 instructions, 0.75 %, for the one-slice `writev`).
+    let (sender, connection) = http1::Builder::new().writev(true).handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+        drop(permit);
+    });
+    Ok(sender)
+}
+
+/// Starts an HTTP/2 connection on `io`, its task holding `permit` like an
+/// HTTP/1.1 connection's.
+async fn start_h2<IO>(
+    io: IO,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<http2::SendRequest<RequestBody>, SendError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) =
+        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
+        }
+        drop(permit);
+    });
+    Ok(sender)
+}
+
 /// A connection in use by one response; back to the pool only if released.
+/// An HTTP/2 lease holds no sender: its connection is never checked out.
 pub struct Lease {
     sender: Option<SendRequest<RequestBody>>,
     pool: Arc<ConnPool>,
