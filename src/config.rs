@@ -13,10 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::upstream_tls::Protocol;
+use crate::upstream_tls::{TlsFiles, UpstreamTls};
 use http::{HeaderName, Uri};
 use serde::Deserialize;
-use crate::upstream_tls::{TlsFiles, UpstreamTls};
-pub use crate::upstream_tls::Protocol;
 
 pub use crate::redis_target::RedisTls;
 /// A Redis URL with any password replaced, for messages and logs.
@@ -1180,7 +1180,10 @@ fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream, base: &Path) 
         None => Protocol::Auto,
         Some((_, Some(protocol))) => protocol,
         Some((text, None)) => {
-            p.push(format!("{at}.protocol"), format!("`{text}` is not a protocol; use \"auto\", \"http1\" or \"http2\""));
+            p.push(
+                format!("{at}.protocol"),
+                format!("`{text}` is not a protocol; use \"auto\", \"http1\" or \"http2\""),
+            );
             Protocol::Auto
         }
     };
@@ -1253,14 +1256,25 @@ fn validate_upstream_tls(
             if file.is_absolute() { file } else { base.join(file) }
         })
     };
-    let files =
-        TlsFiles { ca: path(&raw.ca), client_cert: path(&raw.client_cert), client_key: path(&raw.client_key) };
+    let files = TlsFiles {
+        ca: path(&raw.ca),
+        client_cert: path(&raw.client_cert),
+        client_key: path(&raw.client_key),
+    };
     let any_https = targets.iter().any(|uri| uri.scheme_str() == Some("https"));
     if !any_https {
-        let named = [("ca", &raw.ca), ("client_cert", &raw.client_cert), ("client_key", &raw.client_key), ("server_name", &raw.server_name)];
+        let named = [
+            ("ca", &raw.ca),
+            ("client_cert", &raw.client_cert),
+            ("client_key", &raw.client_key),
+            ("server_name", &raw.server_name),
+        ];
         for (field, set) in named {
             if set.is_some() {
-                p.push(format!("{at}.{field}"), format!("`{field}` applies to https:// targets, and this upstream has none"));
+                p.push(
+                    format!("{at}.{field}"),
+                    format!("`{field}` applies to https:// targets, and this upstream has none"),
+                );
             }
         }
         return None;

@@ -117,7 +117,11 @@ pub fn client_config(files: &TlsFiles, protocol: Protocol) -> Result<Arc<ClientC
             builder.with_client_auth_cert(chain, key_der).map_err(|e| {
                 TlsError::new(
                     "client_key",
-                    format!("{} and {} are not a certificate and its key: {e}", cert.display(), key.display()),
+                    format!(
+                        "{} and {} are not a certificate and its key: {e}",
+                        cert.display(),
+                        key.display()
+                    ),
                 )
             })?
         }
@@ -161,21 +165,29 @@ fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
 /// IPv6 literal removed).
 pub fn server_name_for(host: &str) -> Result<ServerName<'static>, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_owned()).map_err(|e| format!("`{host}` is not a DNS name or IP address: {e}"))
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("`{host}` is not a DNS name or IP address: {e}"))
 }
 
-/// The TLS reason inside an I/O error, if rustls raised it: rustls' own
-/// text ("invalid peer certificate: UnknownIssuer", ...).
+/// The TLS reason inside an error from a TLS connection (only ask for
+/// those), if rustls raised it: rustls' own text ("invalid peer certificate: UnknownIssuer",
+/// "received fatal alert: CertificateRequired", ...).
 pub fn rustls_reason(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut source = Some(error);
     while let Some(error) = source {
         if let Some(tls) = error.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                return Some(tls.to_string());
+            }
+            // hyper's HTTP/2 side keeps an I/O error's kind and text only
+            // (the rustls error inside becomes a string). On a TLS stream,
+            // tokio-rustls reports exactly rustls' errors as `InvalidData`.
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return Some(io.to_string());
+            }
         }
         source = error.source();
     }

@@ -19,9 +19,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::error::AdminError;
-use crate::ops::view::{RecordView, remaining_credits};
 use crate::key::KeyId;
 use crate::meta::{self, MetaChanges, Quota, Rate};
+use crate::ops::view::{RecordView, remaining_credits};
 use crate::ops::{self, RevokeTarget};
 use crate::store::KeyStore;
 use crate::usage::{AuditAction, AuditEntry};

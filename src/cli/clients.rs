@@ -31,8 +31,8 @@ use crate::client::ClientRecord;
 use crate::limit::credits::Credits;
 use crate::meta::{MetaChanges, Quota, Rate, Refill};
 use crate::ops::OpsError;
-use crate::ops::view::client_remaining_credits;
 use crate::ops::clients::{self as ops, ClientView};
+use crate::ops::view::client_remaining_credits;
 use crate::store::{KeyStore, SharedStore};
 use crate::usage::{self, AuditAction, AuditEntry};
 

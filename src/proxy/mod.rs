@@ -328,7 +328,7 @@ impl UpstreamPool {
         };
         match outcome {
             None => Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout }),
-            Some(Err(error)) => Err(self.send_failure(error, target.authority())),
+            Some(Err(error)) => Err(self.send_failure(error, target)),
             Some(Ok((response, lease))) => {
                 // Dropping `lease` unreleased closes the connection: after a
                 // response framed two ways, its next bytes mean nothing.
@@ -345,15 +345,16 @@ impl UpstreamPool {
 
     /// The error a failed send is answered with: the client's, when its
     /// body is what failed; the upstream's otherwise.
-    fn send_failure(&self, error: pool::SendError, target: &http::uri::Authority) -> GatewayError {
+    fn send_failure(&self, error: pool::SendError, target: &ConnPool) -> GatewayError {
         let upstream = self.name.clone();
         // A TLS failure after the handshake (TLS 1.3 servers refuse a
         // missing client certificate on the first read) is named as one.
         if let pool::SendError::Http(error) = &error
+            && target.is_tls()
             && body::client_fault(error).is_none()
             && let Some(reason) = crate::upstream_tls::rustls_reason(error)
         {
-            return GatewayError::UpstreamTls { upstream, target: target.to_string(), reason };
+            return GatewayError::UpstreamTls { upstream, target: target.authority().to_string(), reason };
         }
         match error {
             pool::SendError::Busy(..) => GatewayError::UpstreamBusy { upstream },

@@ -174,6 +174,11 @@ impl ConnPool {
         })
     }
 
+    /// Whether this target is reached over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The target's `host:port`.
     pub fn authority(&self) -> &Authority {
         &self.authority
@@ -237,7 +242,8 @@ impl ConnPool {
             }
             Connected::H2(sender) => {
                 if let Some(slots) = &self.h2 {
-                    *self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                    *self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(sender.clone());
                 }
                 Box::pin(self.send_h2(sender, request)).await.map_err(|(error, _)| error)
             }
@@ -429,8 +435,10 @@ async fn start_h2<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) =
-        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(TokioIo::new(io)).await?;
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
