@@ -198,6 +198,45 @@ async fn sequential_requests_reuse_one_tls_connection_over_http1_and_http2() {
 }
 
 #[tokio::test]
+async fn a_closed_http2_connection_is_replaced_by_the_next_request() {
+    let ca = TestCa::new("upstream");
+    let upstream = TlsUpstream::start(&server_for(&ca, &["127.0.0.1"]), TlsOptions::default()).await;
+    let gateway = TestGateway::start(&config(&section(&upstream.url(), &ca_line(&ca)))).await;
+    assert_eq!(get(&gateway, "/one").await.status, 200);
+    upstream.cut_connections();
+    // The gateway learns of the close when its connection task reads EOF;
+    // either way the next request must not fail: a closed connection takes
+    // no request, and one that never took it is sent on a new connection.
+    let answer = get(&gateway, "/two").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["version"], "HTTP/2.0");
+    assert_eq!(upstream.connections(), 2, "one new connection replaced the cut one");
+
+    // A burst after another cut shares one new connection (the gateway's
+    // in-process server is one worker here).
+    upstream.cut_connections();
+    let paths: Vec<String> = (0..10).map(|i| format!("/burst/{i}")).collect();
+    let burst = paths.iter().map(|path| get(&gateway, path));
+    for answer in futures_util::future::join_all(burst).await {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(upstream.connections(), 3, "ten concurrent requests, one new HTTP/2 connection");
+}
+
+#[tokio::test]
+async fn http2_on_a_plain_target_is_h2c_with_prior_knowledge() {
+    let plain = common::upstream::Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        let version = format!("{:?}", req.version());
+        http::Response::new(common::upstream::full(version))
+    })
+    .await;
+    let h2c = TestGateway::start(&config(&section(&plain.url(), "protocol = \"http2\"\n"))).await;
+    assert_eq!(get(&h2c, "/").await.text(), "HTTP/2.0");
+    let default = TestGateway::start(&config(&section(&plain.url(), ""))).await;
+    assert_eq!(get(&default, "/").await.text(), "HTTP/1.1", "plain targets stay HTTP/1.1 under auto");
+}
+
+#[tokio::test]
 async fn large_bodies_stream_both_ways_over_tls() {
     let ca = TestCa::new("upstream");
     let upstream = TlsUpstream::start(&server_for(&ca, &["127.0.0.1"]), TlsOptions::default()).await;

@@ -30,9 +30,14 @@
 //! certificate the config does not trust is [`SendError::Tls`] with rustls'
 //! reason; nothing is ever sent on such a connection.
 //!
-//! HTTP/2: each worker keeps at most one connection per target and every
-//! request of that worker multiplexes on it (a clone of its `SendRequest`);
-//! a connection that closed (GOAWAY, reset) is replaced on the next request.
+//! HTTP/2: each worker keeps one connection per target and every request
+//! of that worker multiplexes on it (a clone of its `SendRequest`); a
+//! connection that closed (GOAWAY, reset) is replaced on the next request.
+//! Once a target is known to speak HTTP/2 (`http2`, or `auto` after its
+//! first `h2` answer) a worker connects one request at a time, so a burst
+//! shares one new connection; only the very first burst under `auto`, before
+//! ALPN has answered once, may open a few (the extra ones close when their
+//! requests end).
 //! It holds one `max_connections` permit like an HTTP/1.1 connection, so
 //! `max_connections` caps open sockets either way; concurrent requests on
 //! one HTTP/2 connection are bounded by the upstream's
@@ -42,6 +47,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -116,10 +122,43 @@ pub struct ConnPool {
     tls: Option<TargetTls>,
     /// Each worker's shared HTTP/2 connection; `None` (no slots at all) when
     /// this target never speaks HTTP/2 (plain `http://` unless `http2`).
-    h2: Option<Vec<Mutex<Option<http2::SendRequest<RequestBody>>>>>,
+    h2: Option<Vec<H2Slot>>,
     /// `https` or `http`, for the absolute URI HTTP/2 requests carry.
     scheme: http::uri::Scheme,
     protocol: Protocol,
+}
+
+/// One worker's HTTP/2 connection to a target.
+#[derive(Default)]
+struct H2Slot {
+    /// The shared connection; cloned for each request. A std Mutex: held
+    /// for a clone or a swap, never across an await.
+    sender: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Held while this worker connects once the target is known to speak
+    /// HTTP/2, so a burst opens one connection, not one per request.
+    connecting: tokio::sync::Mutex<()>,
+    /// The target has picked `h2` before (`auto` learns it from ALPN).
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl H2Slot {
+    /// The connection, if there is one still open.
+    fn checkout(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let mut slot = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn install(&self, sender: http2::SendRequest<RequestBody>) {
+        self.seen.store(true, Ordering::Relaxed);
+        *self.sender.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+    }
 }
 
 /// The limits of one target's pool, from its `[upstream.NAME]`.
@@ -153,7 +192,7 @@ impl ConnPool {
             Protocol::Http2 => true,
             Protocol::Auto => tls.is_some(),
         };
-        let h2 = speaks_h2.then(|| (0..workers).map(|_| Mutex::new(None)).collect());
+        let h2 = speaks_h2.then(|| (0..workers).map(|_| H2Slot::default()).collect());
         let scheme = if tls.is_some() { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
         let host = http::HeaderValue::from_str(authority.as_str()).ok();
         let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
@@ -211,15 +250,19 @@ impl ConnPool {
         now: Instant,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut request = request;
-        if let Some(slots) = &self.h2
-            && let Some(sender) = self.checkout_h2(slots)
-        {
-            // Boxed: only HTTP/2 requests pay for the HTTP/2 future's size.
-            match Box::pin(self.send_h2(sender, request)).await {
-                Ok(sent) => return Ok(sent),
-                // Closed before it took the request: connect anew below.
-                Err((error, None)) => return Err(error),
-                Err((_, Some(unsent))) => request = unsent,
+        if let Some(slots) = &self.h2 {
+            let slot = self.h2_slot(slots);
+            if let Some(sender) = slot.checkout() {
+                // Boxed: only HTTP/2 requests pay for the HTTP/2 future's size.
+                match Box::pin(self.send_h2(sender, request)).await {
+                    Ok(sent) => return Ok(sent),
+                    Err((error, None)) => return Err(error),
+                    // Closed before it took the request: connect anew below.
+                    Err((_, Some(unsent))) => request = unsent,
+                }
+            }
+            if self.protocol == Protocol::Http2 || slot.seen.load(Ordering::Relaxed) {
+                return Box::pin(self.connect_h2_once(slot, request)).await;
             }
         }
         if let Some(mut sender) = self.checkout(now)
@@ -235,42 +278,49 @@ impl ConnPool {
         }
         // Boxed: connecting is the rare path, and every connection's request
         // future would otherwise be sized for it (dhat: bytes per idle connection).
-        match Box::pin(self.connect()).await? {
+        let connected = Box::pin(self.connect()).await?;
+        self.send_on_new(connected, request).await
+    }
+
+    /// Sends the first request on a new connection; an HTTP/2 one becomes
+    /// this worker's shared connection.
+    async fn send_on_new(
+        self: &Arc<Self>,
+        connected: Connected,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        match connected {
             Connected::H1(mut sender) => {
                 let response = sender.send_request(request).await?;
                 Ok((response, self.lease(sender)))
             }
             Connected::H2(sender) => {
                 if let Some(slots) = &self.h2 {
-                    *self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some(sender.clone());
+                    self.h2_slot(slots).install(sender.clone());
                 }
                 Box::pin(self.send_h2(sender, request)).await.map_err(|(error, _)| error)
             }
         }
     }
 
-    fn h2_slot<'a>(
-        &self,
-        slots: &'a [Mutex<Option<http2::SendRequest<RequestBody>>>],
-    ) -> &'a Mutex<Option<http2::SendRequest<RequestBody>>> {
-        &slots[crate::worker::worker_index() % slots.len()]
+    /// Connects for a target known to speak HTTP/2, one request at a time
+    /// per worker: requests that arrive while the connection is being made
+    /// wait for it and share it, instead of each opening its own.
+    async fn connect_h2_once(
+        self: &Arc<Self>,
+        slot: &H2Slot,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let _connecting = slot.connecting.lock().await;
+        if let Some(sender) = slot.checkout() {
+            return self.send_h2(sender, request).await.map_err(|(error, _)| error);
+        }
+        let connected = self.connect().await?;
+        self.send_on_new(connected, request).await
     }
 
-    /// This worker's HTTP/2 connection, if it has one still open.
-    fn checkout_h2(
-        &self,
-        slots: &[Mutex<Option<http2::SendRequest<RequestBody>>>],
-    ) -> Option<http2::SendRequest<RequestBody>> {
-        let mut slot = self.h2_slot(slots).lock().unwrap_or_else(PoisonError::into_inner);
-        match slot.as_ref() {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
-        }
+    fn h2_slot<'a>(&self, slots: &'a [H2Slot]) -> &'a H2Slot {
+        &slots[crate::worker::worker_index() % slots.len()]
     }
 
     /// Sends on an HTTP/2 connection; a request it never took is handed

@@ -50,6 +50,8 @@ pub struct TlsUpstream {
     /// TCP connections accepted so far (handshakes that fail count too).
     pub connections: Arc<AtomicUsize>,
     versions: Arc<Mutex<Vec<Version>>>,
+    /// Each accepted connection's task, so a test can cut them all.
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -96,13 +98,14 @@ impl TlsUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let versions = Arc::new(Mutex::new(Vec::new()));
-        let (accepted, seen) = (Arc::clone(&connections), Arc::clone(&versions));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (accepted, seen, tracked) = (Arc::clone(&connections), Arc::clone(&versions), Arc::clone(&open));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     // A refused handshake (the gateway distrusts us, or we it) just ends.
                     let Ok(stream) = acceptor.accept(stream).await else { return };
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -113,9 +116,10 @@ impl TlsUpstream {
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
+                tracked.lock().unwrap().push(connection.abort_handle());
             }
         });
-        TlsUpstream { addr, connections, versions, task }
+        TlsUpstream { addr, connections, versions, open, task }
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -126,6 +130,14 @@ impl TlsUpstream {
     /// The HTTP version of every request served so far, in order.
     pub fn versions(&self) -> Vec<Version> {
         self.versions.lock().unwrap().clone()
+    }
+
+    /// Cuts every open connection (no GOAWAY, no close_notify: the
+    /// sockets just close, as when an upstream restarts).
+    pub fn cut_connections(&self) {
+        for connection in self.open.lock().unwrap().drain(..) {
+            connection.abort();
+        }
     }
 
     pub fn connections(&self) -> usize {
