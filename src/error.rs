@@ -68,8 +68,10 @@ pub enum GatewayError {
     /// TLS to an `https://` target failed: its certificate is not trusted,
     /// expired or for another name, or it refused ours. `reason` is rustls'
     /// (for the log line, which names upstream and target; never the client).
-    #[error("upstream {upstream} target {target}: TLS failed: {reason}")]
-    UpstreamTls { upstream: String, target: String, reason: String },
+    /// Boxed: the variant is rare, and with three strings inline it made
+    /// every `GatewayError` 72 bytes instead of 56.
+    #[error("upstream {upstream} target {}: TLS failed: {}", .failure.target, .failure.reason)]
+    UpstreamTls { upstream: String, failure: Box<TlsFailure> },
     /// Every connection the upstream's `max_connections` allows was busy for
     /// the whole connect timeout.
     #[error("upstream {upstream} has all its connections busy")]
@@ -86,6 +88,13 @@ pub enum GatewayError {
     /// A bug or an impossible state; details go to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Which target a TLS failure was with, and rustls' reason.
+#[derive(Debug)]
+pub struct TlsFailure {
+    pub target: String,
+    pub reason: String,
 }
 
 /// What the client sees for an error: status, a stable code for scripts,
@@ -415,11 +424,11 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_tls_failure_is_502_without_the_reason() {
-        let error = GatewayError::UpstreamTls {
-            upstream: "api".into(),
+        let failure = TlsFailure {
             target: "10.1.1.1:443".into(),
             reason: "invalid peer certificate: UnknownIssuer".into(),
         };
+        let error = GatewayError::UpstreamTls { upstream: "api".into(), failure: Box::new(failure) };
         assert!(error.to_string().contains("api") && error.to_string().contains("UnknownIssuer"));
         let (status, _, body) = answer(error).await;
         assert_eq!(status, 502);

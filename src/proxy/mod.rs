@@ -16,7 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 
 use crate::config::{BodyLimits, KeysConfig, Protocol, UpstreamConfig};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, TlsFailure};
 pub use body::{ClientBodyError, CountedBody, RequestBody};
 pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
@@ -354,12 +354,14 @@ impl UpstreamPool {
             && body::client_fault(error).is_none()
             && let Some(reason) = crate::upstream_tls::rustls_reason(error)
         {
-            return GatewayError::UpstreamTls { upstream, target: target.authority().to_string(), reason };
+            let failure = TlsFailure { target: target.authority().to_string(), reason };
+            return GatewayError::UpstreamTls { upstream, failure: Box::new(failure) };
         }
         match error {
             pool::SendError::Busy(..) => GatewayError::UpstreamBusy { upstream },
             pool::SendError::Tls(target, reason) => {
-                GatewayError::UpstreamTls { upstream, target: target.to_string(), reason }
+                let failure = TlsFailure { target: target.to_string(), reason };
+                GatewayError::UpstreamTls { upstream, failure: Box::new(failure) }
             }
             pool::SendError::Http(error) => match body::client_fault(&error) {
                 Some(ClientBodyError::Read(cause)) => GatewayError::BadRequestBody(cause.to_string()),
