@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::upstream_tls::Protocol;
+use crate::upstream_tls::{TlsFiles, UpstreamTls};
 use http::{HeaderName, Uri};
 use serde::Deserialize;
 
@@ -312,6 +314,11 @@ pub struct UpstreamConfig {
     /// Open connections allowed to each target (idle or busy), so a hanging
     /// upstream cannot make the gateway open one connection per waiting request.
     pub max_connections: std::num::NonZeroUsize,
+    /// `protocol`: the HTTP version spoken to the targets.
+    pub protocol: Protocol,
+    /// For `https://` targets: the rustls config (built at load, shared by
+    /// every worker) and the name to verify. `None` when every target is `http://`.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -543,6 +550,12 @@ struct RawUpstream {
     pool_max_idle_per_host: Option<usize>,
     body_idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    /// CA certificates (PEM) for `https://` targets instead of the system's roots.
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+    server_name: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -894,7 +907,7 @@ impl RawConfig {
             if name.starts_with("builtin:") || name.is_empty() {
                 p.push(&at, "upstream names may not be empty or start with `builtin:`");
             }
-            upstreams.insert(name, validate_upstream(&mut p, &at, raw));
+            upstreams.insert(name, validate_upstream(&mut p, &at, raw, base));
         }
 
         let mut routes: Vec<RouteConfig> = Vec::new();
@@ -1398,31 +1411,44 @@ fn validate_limits(p: &mut Problems, raw: RawLimits, store: &StoreConfig) -> Lim
     }
 }
 
-fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream) -> UpstreamConfig {
+fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream, base: &Path) -> UpstreamConfig {
     if raw.targets.is_empty() {
         p.push(format!("{at}.targets"), "at least one target is needed");
     }
+    let protocol = match raw.protocol.as_deref().map(|text| (text, Protocol::parse(text))) {
+        None => Protocol::Auto,
+        Some((_, Some(protocol))) => protocol,
+        Some((text, None)) => {
+            p.push(
+                format!("{at}.protocol"),
+                format!("`{text}` is not a protocol; use \"auto\", \"http1\" or \"http2\""),
+            );
+            Protocol::Auto
+        }
+    };
     let mut targets = Vec::new();
     for (i, text) in raw.targets.iter().enumerate() {
         match text.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {
                 if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
                     p.push(format!("{at}.targets[{i}]"), format!("`{text}`: give only scheme://host:port; use a route's `strip_prefix` to change paths"));
                 }
+                // The name each https target's certificate must carry.
+                if uri.scheme_str() == Some("https")
+                    && raw.server_name.is_none()
+                    && let Err(why) = crate::upstream_tls::server_name_for(uri.host().unwrap_or(""))
+                {
+                    p.push(format!("{at}.targets[{i}]"), format!("`{text}`: {why}; or set `server_name`"));
+                }
                 targets.push(uri);
-            }
-            Ok(uri) if uri.scheme_str() == Some("https") => {
-                p.push(
-                    format!("{at}.targets[{i}]"),
-                    format!("`{text}`: https upstreams are not supported yet"),
-                );
             }
             _ => p.push(
                 format!("{at}.targets[{i}]"),
-                format!("`{text}` is not a URL like \"http://127.0.0.1:9001\""),
+                format!("`{text}` is not a URL like \"http://127.0.0.1:9001\" or \"https://api.internal\""),
             ),
         }
     }
+    let tls = validate_upstream_tls(p, at, &raw, &targets, protocol, base);
     UpstreamConfig {
         targets,
         connect_timeout: p.duration(
@@ -1448,6 +1474,66 @@ fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream) -> UpstreamCo
                 std::num::NonZeroUsize::MIN
             },
         ),
+        protocol,
+        tls,
+    }
+}
+
+/// The TLS half of an `[upstream.NAME]`: its files read and checked into one
+/// rustls config now, so `check` refuses what every handshake would.
+fn validate_upstream_tls(
+    p: &mut Problems,
+    at: &str,
+    raw: &RawUpstream,
+    targets: &[Uri],
+    protocol: Protocol,
+    base: &Path,
+) -> Option<UpstreamTls> {
+    let path = |file: &Option<String>| {
+        file.as_ref().map(|file| {
+            let file = PathBuf::from(file);
+            if file.is_absolute() { file } else { base.join(file) }
+        })
+    };
+    let files = TlsFiles {
+        ca: path(&raw.ca),
+        client_cert: path(&raw.client_cert),
+        client_key: path(&raw.client_key),
+    };
+    let any_https = targets.iter().any(|uri| uri.scheme_str() == Some("https"));
+    if !any_https {
+        let named = [
+            ("ca", &raw.ca),
+            ("client_cert", &raw.client_cert),
+            ("client_key", &raw.client_key),
+            ("server_name", &raw.server_name),
+        ];
+        for (field, set) in named {
+            if set.is_some() {
+                p.push(
+                    format!("{at}.{field}"),
+                    format!("`{field}` applies to https:// targets, and this upstream has none"),
+                );
+            }
+        }
+        return None;
+    }
+    let server_name = match &raw.server_name {
+        None => None,
+        Some(name) => match crate::upstream_tls::server_name_for(name) {
+            Ok(name) => Some(name),
+            Err(why) => {
+                p.push(format!("{at}.server_name"), why);
+                None
+            }
+        },
+    };
+    match crate::upstream_tls::client_config(&files, protocol) {
+        Ok(config) => Some(UpstreamTls { config, server_name }),
+        Err(error) => {
+            p.push(format!("{at}.{}", error.field), error.message);
+            None
+        }
     }
 }
 

@@ -65,6 +65,13 @@ pub enum GatewayError {
     /// faithfully (framed two ways, an unknown transfer coding, unparseable).
     #[error("upstream {upstream} sent a bad response: {reason}")]
     UpstreamBadResponse { upstream: String, reason: String },
+    /// TLS to an `https://` target failed: its certificate is not trusted,
+    /// expired or for another name, or it refused ours. `reason` is rustls'
+    /// (for the log line, which names upstream and target; never the client).
+    /// Boxed: the variant is rare, and with three strings inline it made
+    /// every `GatewayError` 72 bytes instead of 56.
+    #[error("upstream {upstream} target {}: TLS failed: {}", .failure.target, .failure.reason)]
+    UpstreamTls { upstream: String, failure: Box<TlsFailure> },
     /// Every connection the upstream's `max_connections` allows was busy for
     /// the whole connect timeout.
     #[error("upstream {upstream} has all its connections busy")]
@@ -87,6 +94,13 @@ pub enum GatewayError {
     /// A bug or an impossible state; details go to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Which target a TLS failure was with, and rustls' reason.
+#[derive(Debug)]
+pub struct TlsFailure {
+    pub target: String,
+    pub reason: String,
 }
 
 /// What the client sees for an error: status, a stable code for scripts,
@@ -126,6 +140,9 @@ impl GatewayError {
             Self::UpstreamUnreachable { .. } => "the upstream service is unreachable".to_owned(),
             Self::UpstreamTimeout { .. } => "the upstream service did not answer in time".to_owned(),
             Self::UpstreamBadResponse { .. } => "the upstream service sent an invalid response".to_owned(),
+            Self::UpstreamTls { .. } => {
+                "the upstream service could not be reached securely (TLS failed)".to_owned()
+            }
             Self::UpstreamBusy { .. } => "the upstream service is busy; retry later".to_owned(),
             Self::BadRequestBody(_) => "the request body is malformed or incomplete".to_owned(),
             Self::BodyTooLarge { limit } => {
@@ -157,6 +174,7 @@ impl GatewayError {
             Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::UpstreamBadResponse { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
+            Self::UpstreamTls { .. } => (StatusCode::BAD_GATEWAY, "upstream_tls_failed"),
             Self::UpstreamBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
             Self::BadRequestBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
@@ -415,6 +433,20 @@ mod tests {
         assert_eq!(status, 502);
         assert_eq!(body["error"], "upstream_bad_response");
         assert!(!body.to_string().contains("10.1.1.1"));
+    }
+
+    #[tokio::test]
+    async fn upstream_tls_failure_is_502_without_the_reason() {
+        let failure = TlsFailure {
+            target: "10.1.1.1:443".into(),
+            reason: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        let error = GatewayError::UpstreamTls { upstream: "api".into(), failure: Box::new(failure) };
+        assert!(error.to_string().contains("api") && error.to_string().contains("UnknownIssuer"));
+        let (status, _, body) = answer(error).await;
+        assert_eq!(status, 502);
+        assert_eq!(body["error"], "upstream_tls_failed");
+        assert!(!body.to_string().contains("10.1.1.1") && !body.to_string().contains("UnknownIssuer"));
     }
 
     #[tokio::test]

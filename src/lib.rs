@@ -18,6 +18,8 @@
 //! - [`client`]: client records: limits, quota and status shared by a client's keys.
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
 //! - [`redis_target`]: a Redis URL and its TLS files, checked; every Redis client is built there.
+//! - [`upstream_tls`]: the rustls client config of an `https://` upstream, built at config load.
+//! - [`pem`]: reading the PEM files TLS settings name, the same way for every field.
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
 //! - [`meter`]: the last phase: usage and metrics once the response has ended.
@@ -56,6 +58,7 @@ pub mod meter;
 pub mod metrics;
 pub mod ops;
 pub mod path;
+pub mod pem;
 pub mod proxy;
 pub mod redis_target;
 pub mod reload;
@@ -66,5 +69,6 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream_tls;
 pub mod usage;
 pub mod worker;

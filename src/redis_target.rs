@@ -40,19 +40,13 @@
 //! Messages never hold the URL's password: [`redact_url`] and [`scrub`]
 //! replace it with `***`.
 
-use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redis::{ConnectionAddr, IntoConnectionInfo, TlsCertificates};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Larger files are refused: a CA bundle of every public root is about
-/// 220 KiB, and a path to something huge (or endless, like `/dev/zero`)
-/// must not be read into memory.
-pub const MAX_PEM_BYTES: u64 = 1 << 20;
+/// Larger files are refused (see [`crate::pem`]).
+pub use crate::pem::MAX_PEM_BYTES;
 
 /// TLS files for a `rediss://` Redis, as configured (`[store] tls_ca`,
 /// `tls_cert`, `tls_key`, or `--redis-ca` / `KEYGATE_REDIS_CA` and friends).
@@ -299,6 +293,7 @@ pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The process's crypto provider (ring), for every rustls config keygate builds.
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
@@ -309,16 +304,7 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// to be usable as a trust anchor.
 fn read_ca(path: &Path) -> Result<Vec<u8>, TargetError> {
     let pem = read_pem(Field::Ca, path)?;
-    let certs = certificates(Field::Ca, path, &pem)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| {
-            TargetError::new(
-                Field::Ca,
-                format!("certificate {} in {} is not usable as a CA: {e}", i + 1, path.display()),
-            )
-        })?;
-    }
+    crate::pem::roots(path, &pem).map_err(|e| TargetError::new(Field::Ca, e))?;
     Ok(pem)
 }
 
@@ -326,11 +312,9 @@ fn read_ca(path: &Path) -> Result<Vec<u8>, TargetError> {
 /// certificate's (rustls checks the pair as the redis crate will use it).
 fn read_client_identity(cert: &Path, key: &Path) -> Result<redis::ClientTlsConfig, TargetError> {
     let cert_pem = read_pem(Field::Cert, cert)?;
-    let chain = certificates(Field::Cert, cert, &cert_pem)?;
+    let chain = crate::pem::certificates(cert, &cert_pem).map_err(|e| TargetError::new(Field::Cert, e))?;
     let key_pem = read_pem(Field::Key, key)?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        TargetError::new(Field::Key, format!("{} holds no usable PEM private key: {e}", key.display()))
-    })?;
+    let key_der = crate::pem::private_key(key, &key_pem).map_err(|e| TargetError::new(Field::Key, e))?;
     rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TargetError::new(Field::Cert, format!("TLS set-up: {e}")))?
@@ -345,37 +329,9 @@ fn read_client_identity(cert: &Path, key: &Path) -> Result<redis::ClientTlsConfi
     Ok(redis::ClientTlsConfig { client_cert: cert_pem, client_key: key_pem })
 }
 
-/// Every certificate in a PEM file; at least one.
-fn certificates(field: Field, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TargetError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TargetError::new(field, format!("{} is not valid PEM: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(TargetError::new(
-            field,
-            format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()),
-        ));
-    }
-    Ok(certs)
-}
-
 /// A regular file's contents, at most [`MAX_PEM_BYTES`].
 fn read_pem(field: Field, path: &Path) -> Result<Vec<u8>, TargetError> {
-    let cannot =
-        |why: &dyn fmt::Display| TargetError::new(field, format!("cannot read {}: {why}", path.display()));
-    // Checked before opening: opening a FIFO would wait for a writer.
-    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
-    if !meta.is_file() {
-        return Err(cannot(&"not a regular file"));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| cannot(&e))?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(cannot(&format_args!("larger than {} KiB", MAX_PEM_BYTES >> 10)));
-    }
-    Ok(bytes)
+    crate::pem::read(path).map_err(|e| TargetError::new(field, e))
 }
 
 /// The system's roots load, and there is at least one: the redis crate

@@ -16,8 +16,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
-use crate::error::GatewayError;
+use crate::config::{BodyLimits, KeysConfig, Protocol, UpstreamConfig};
+use crate::error::{GatewayError, TlsFailure};
 pub use body::{ClientBodyError, CountedBody, RequestBody};
 pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
@@ -259,8 +259,8 @@ impl UpstreamPool {
         let targets = config
             .targets
             .iter()
-            .filter_map(|uri| uri.authority().cloned())
-            .map(|authority| {
+            .filter_map(|uri| Some((uri.scheme_str() == Some("https"), uri.authority()?.clone())))
+            .map(|(https, authority)| {
                 let limits = PoolLimits {
                     connect_timeout: config.connect_timeout,
                     idle_timeout: config.pool_idle_timeout,
@@ -268,7 +268,21 @@ impl UpstreamPool {
                     max_connections: config.max_connections.get(),
                     body_idle_timeout: config.body_idle_timeout,
                 };
-                ConnPool::new(authority, workers, limits)
+                // Validated at load: an https target has a TLS config and a name.
+                let tls = config.tls.as_ref().filter(|_| https).and_then(|tls| {
+                    let name = match &tls.server_name {
+                        Some(name) => name.clone(),
+                        None => crate::upstream_tls::server_name_for(authority.host()).ok()?,
+                    };
+                    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+                    Some(pool::TargetTls { connector, name })
+                });
+                let protocol = if https || config.protocol == Protocol::Http2 {
+                    config.protocol
+                } else {
+                    Protocol::Http1
+                };
+                ConnPool::with_tls(authority, workers, limits, tls, protocol)
             })
             .collect();
         Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), timeout: config.timeout }
@@ -333,7 +347,7 @@ impl UpstreamPool {
         };
         match outcome {
             None => Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout }),
-            Some(Err(error)) => Err(self.send_failure(error)),
+            Some(Err(error)) => Err(self.send_failure(error, target)),
             Some(Ok((response, lease))) => {
                 // Dropping `lease` unreleased closes the connection: after a
                 // response framed two ways, its next bytes mean nothing.
@@ -350,10 +364,24 @@ impl UpstreamPool {
 
     /// The error a failed send is answered with: the client's, when its
     /// body is what failed; the upstream's otherwise.
-    fn send_failure(&self, error: pool::SendError) -> GatewayError {
+    fn send_failure(&self, error: pool::SendError, target: &ConnPool) -> GatewayError {
         let upstream = self.name.clone();
+        // A TLS failure after the handshake (TLS 1.3 servers refuse a
+        // missing client certificate on the first read) is named as one.
+        if let pool::SendError::Http(error) = &error
+            && target.is_tls()
+            && body::client_fault(error).is_none()
+            && let Some(reason) = crate::upstream_tls::rustls_reason(error)
+        {
+            let failure = TlsFailure { target: target.authority().to_string(), reason };
+            return GatewayError::UpstreamTls { upstream, failure: Box::new(failure) };
+        }
         match error {
             pool::SendError::Busy(..) => GatewayError::UpstreamBusy { upstream },
+            pool::SendError::Tls(target, reason) => {
+                let failure = TlsFailure { target: target.to_string(), reason };
+                GatewayError::UpstreamTls { upstream, failure: Box::new(failure) }
+            }
             pool::SendError::Http(error) => match body::client_fault(&error) {
                 Some(ClientBodyError::Read(cause)) => GatewayError::BadRequestBody(cause.to_string()),
                 Some(ClientBodyError::TooLarge(limit)) => GatewayError::BodyTooLarge { limit: *limit },

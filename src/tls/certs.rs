@@ -7,17 +7,11 @@
 //! every error names the file (the caller adds the field).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
-
-/// PEM files larger than this are refused: a certificate chain or key is a few
-/// KiB, and a CA bundle (the system's is ~200 KiB) fits with room to spare.
-const MAX_PEM_BYTES: u64 = 1 << 20;
 
 /// Which of a certificate entry's files a problem is with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +79,8 @@ pub fn load(
 ) -> Result<LoadedCert, CertError> {
     let chain = certificates(File::Cert, cert, &read_pem(File::Cert, cert)?)?;
     let key_pem = read_pem(File::Key, key)?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        CertError::new(File::Key, format!("{} holds no usable PEM private key: {e}", key.display()))
-    })?;
+    let key_der =
+        crate::pem::private_key(key, &key_pem).map_err(|message| CertError::new(File::Key, message))?;
     let (names, not_after, serial) = describe(&chain[0])
         .map_err(|why| CertError::new(File::Cert, format!("{}: {why}", cert.display())))?;
     if names.is_empty() {
@@ -117,17 +110,8 @@ pub fn load(
 
 /// The CA certificates client certificates must chain to (mTLS).
 pub fn load_roots(ca: &Path) -> Result<rustls::RootCertStore, CertError> {
-    let certs = certificates(File::ClientCa, ca, &read_pem(File::ClientCa, ca)?)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| {
-            CertError::new(
-                File::ClientCa,
-                format!("certificate {} in {} is not usable as a CA: {e}", i + 1, ca.display()),
-            )
-        })?;
-    }
-    Ok(roots)
+    let pem = read_pem(File::ClientCa, ca)?;
+    crate::pem::roots(ca, &pem).map_err(|message| CertError::new(File::ClientCa, message))
 }
 
 /// The leaf's names, expiry and serial.
@@ -156,35 +140,13 @@ fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64, String), Str
     Ok((names, not_after, parsed.raw_serial_as_string().replace(':', "")))
 }
 
-/// Every certificate in a PEM file; at least one.
-fn certificates(file: File, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::new(file, format!("{} is not valid PEM: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(CertError::new(
-            file,
-            format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()),
-        ));
-    }
-    Ok(certs)
+/// A file's contents through [`crate::pem::read`] (size-capped, regular
+/// files only), its error tagged with the field.
+fn read_pem(file: File, path: &Path) -> Result<Vec<u8>, CertError> {
+    crate::pem::read(path).map_err(|message| CertError::new(file, message))
 }
 
-/// A regular file's contents, at most [`MAX_PEM_BYTES`].
-fn read_pem(file: File, path: &Path) -> Result<Vec<u8>, CertError> {
-    let cannot =
-        |why: &dyn std::fmt::Display| CertError::new(file, format!("cannot read {}: {why}", path.display()));
-    // Checked before opening: opening a FIFO would wait for a writer.
-    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
-    if !meta.is_file() {
-        return Err(cannot(&"not a regular file"));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| cannot(&e))?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(cannot(&format_args!("larger than {} KiB", MAX_PEM_BYTES >> 10)));
-    }
-    Ok(bytes)
+/// Every certificate in a PEM file; at least one ([`crate::pem::certificates`]).
+fn certificates(file: File, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    crate::pem::certificates(path, pem).map_err(|message| CertError::new(file, message))
 }

@@ -5,10 +5,12 @@
 pub mod admin;
 pub mod binary;
 pub mod gateway;
+pub mod logs;
 pub mod pki;
 pub mod raw;
 pub mod redis;
 pub mod relay;
 pub mod tls;
+pub mod tls_upstream;
 pub mod upstream;
 pub mod wait;

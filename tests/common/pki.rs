@@ -62,13 +62,34 @@ impl TestCa {
         self.issue(stem, names, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A server certificate for `names` whose validity ended in 2021
+    /// (`not_after` in the past): a TLS client must refuse it.
+    pub fn issue_expired_server(&self, stem: &str, names: &[&str]) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        self.issue_with(stem, names, ExtendedKeyUsagePurpose::ServerAuth, |params| {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })
+    }
+
     /// A client certificate (for a Redis with `tls-auth-clients yes`).
     pub fn issue_client(&self, stem: &str) -> Issued {
         self.issue(stem, vec![format!("{stem}.clients.test")], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
     fn issue(&self, stem: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose) -> Issued {
+        self.issue_with(stem, names, usage, |_| {})
+    }
+
+    fn issue_with(
+        &self,
+        stem: &str,
+        names: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Issued {
         let mut params = CertificateParams::new(names).expect("certificate params");
+        adjust(&mut params);
         params.distinguished_name.push(DnType::CommonName, stem);
         params.extended_key_usages = vec![usage];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
