@@ -90,14 +90,14 @@ us_per_request() { awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2
 # a key that already ends in `x` gets `y`), so it fails the checksum.
 wrong_key() { if [[ $1 == *x ]]; then echo "${1%?}y"; else echo "${1%?}x"; fi; }
 
-# start_nginx TEMPLATE NAME URL: renders $HERE/TEMPLATE to $WORK/NAME.conf,
+# start_nginx TEMPLATE NAME URL [CURL ARGS...]: renders $HERE/TEMPLATE to $WORK/NAME.conf,
 # starts nginx with it (error log $WORK/NAME-error.log) and waits until URL
 # answers. `$!` is nginx's PID afterwards.
 start_nginx() {
     render "$HERE/$1" "$WORK/$2.conf"
     nginx -p "$WORK" -c "$WORK/$2.conf" -e "$WORK/$2-error.log" -g 'daemon off;' &
     PIDS+=($!)
-    wait_http "$3"
+    wait_http "$3" "${@:4}"
 }
 
 # parse OUT: "REQUESTS RATE BAD", BAD counting non-2xx answers and errors.
