@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
+use rustls::pki_types::CertificateDer;
 
 use crate::config::{BodyLimits, KeysConfig, UpstreamConfig};
 use crate::error::GatewayError;
@@ -87,6 +88,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Peer {
     pub addr: SocketAddr,
     forwarded_for: HeaderValue,
+    /// The end-entity certificate the client presented on a TLS listener
+    /// with `client_ca`, already verified by the handshake; `None` on plain
+    /// listeners and for clients that sent none. Shared: a `Peer` is cloned
+    /// per request, the certificate (a kilobyte or two) is not.
+    client_cert: Option<Arc<CertificateDer<'static>>>,
 }
 
 impl Peer {
@@ -98,7 +104,20 @@ impl Peer {
         };
         // An IP address's text is always a valid header value.
         let forwarded_for = value.unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, forwarded_for }
+        Self { addr, forwarded_for, client_cert: None }
+    }
+
+    /// The same peer with the connection's verified client certificate (end
+    /// entity, DER). Only the TLS listener calls this, once per connection,
+    /// after rustls' client verifier accepted the chain: a certificate here
+    /// is trusted as a credential (`auth = ["cert"]` routes).
+    pub fn with_client_certificate(self, cert: CertificateDer<'static>) -> Self {
+        Self { client_cert: Some(Arc::new(cert)), ..self }
+    }
+
+    /// The connection's verified client certificate (end entity, DER), if any.
+    pub fn client_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.client_cert.as_deref()
     }
 
     /// Whether this peer is a proxy whose `X-Forwarded-For` is believed
@@ -206,6 +225,16 @@ impl Identity {
             key_id: value(key_id.to_owned()),
             scopes: value(scopes.join(" ")),
         }
+    }
+
+    /// The headers for a caller known by its client alone (a client
+    /// certificate): client ID and the client's scopes, and no key ID
+    /// header at all, so an upstream cannot mistake it for a key's. Nothing
+    /// from the certificate itself is forwarded.
+    /// A client without scopes sends no scopes header.
+    pub fn for_client(client: &str, scopes: &[String]) -> Self {
+        let identity = Self::new(client, "", scopes);
+        Self { key_id: None, scopes: identity.scopes.filter(|_| !scopes.is_empty()), ..identity }
     }
 }
 
