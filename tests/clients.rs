@@ -266,8 +266,8 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
     assert_eq!((json["quota"].clone(), json["label"].clone()), (serde_json::Value::Null, "gold".into()));
 
     for (args, needle) in [
-        (&["create", "gamma", "--scopes", "read"][..], "scopes"),
-        (&["create", "gamma", "--meta", "scope=read"], "scopes"),
+        (&["create", "gamma", "--scopes", "a b"][..], "scope"),
+        (&["create", "gamma", "--meta", "scope=read&expires=1d"], "expires"),
         (&["create", "gamma", "--quota", "10/s"], "at least a minute"),
         (&["create", "a.b"], "client"),
         (&["update", "acme"], "nothing to change"),
@@ -462,12 +462,19 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     assert_eq!(created.json()["quota"], "1000/day");
     assert_eq!(created.json()["rate"], serde_json::Value::Null);
 
+    // Scopes on a client are its certificate callers' (none by default).
+    assert_eq!(created.json()["scopes"], serde_json::json!([]));
+    let scoped =
+        admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"scopes":["read","orders:write"]}"#)).await;
+    assert_eq!(scoped.status, 200, "{}", scoped.text());
+    assert_eq!(scoped.json()["scopes"], serde_json::json!(["read", "orders:write"]));
+
     let again = admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"acme"}"#)).await;
     assert_eq!((again.status.as_u16(), again.json()["error"].clone()), (409, "client_exists".into()));
     for (body, field) in [
-        (r#"{"id":"b","scopes":["read"]}"#, "scopes"),
+        (r#"{"id":"b","scopes":["a b"]}"#, "scopes"),
         (r#"{"id":"b","expires":"30d"}"#, "expires"),
-        (r#"{"id":"b","meta":"scope=read"}"#, "scopes"),
+        (r#"{"id":"b","meta":"scope=read&expires=1d"}"#, "expires"),
         (r#"{"id":"b.c"}"#, "client"),
         (r#"{"quota":"5/day"}"#, "id"),
     ] {

@@ -441,6 +441,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn scopes_are_set_with_flag_or_meta_and_shown_for_certificate_callers() {
+        let store = MemStore::new();
+        let (out, _) = exec(&store, &["create", "acme"]).await.unwrap();
+        assert!(out.contains("scopes   -"), "none by default: {out}");
+        let (out, _) = exec(&store, &["update", "acme", "--scopes", "read,orders:write"]).await.unwrap();
+        assert!(out.contains("scopes   read,orders:write"), "{out}");
+        exec(&store, &["update", "acme", "--meta", "scope=write"]).await.unwrap();
+        let (out, _) = exec(&store, &["show", "acme", "--json"]).await.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["scopes"], serde_json::json!(["write"]));
+        assert!(
+            Cli::try_parse_from(["clients", "update", "acme", "--scopes", "a b"]).is_err(),
+            "bad scope names"
+        );
+    }
+
+    #[tokio::test]
     async fn key_only_fields_and_empty_updates_are_usage_errors() {
         let store = MemStore::new();
         for args in [&["create", "c", "--expires", "30d"][..], &["create", "c", "--meta", "expires=1d"]] {
