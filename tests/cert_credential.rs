@@ -19,6 +19,7 @@ use bytes::Bytes;
 use common::gateway::{Answer, http1_client, send};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
+use common::wait::eventually;
 use http::Request;
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -305,6 +306,34 @@ async fn a_revoked_client_is_refused_and_a_revocation_while_cached_holds_for_the
     let answer = get(acme, "/cert/x", None).await;
     assert_eq!(answer.status, 401, "the very next request");
     assert_eq!(answer.json()["error"], "invalid_key");
+}
+
+#[tokio::test]
+async fn on_redis_a_client_revoked_by_another_process_is_refused_once_its_invalidation_arrives() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"{}\"\n", redis.url());
+    let mut gateway = CertGateway::start(&config(&upstream, &store)).await;
+    let ca = Ca::new();
+    let acme = gateway.listener(Some(ca.cn("acme"))).await;
+    let cli = keygate::store::redis::RedisStore::connect(&redis.url(), "kg:").await.unwrap();
+
+    // Unknown, then created elsewhere: the "no record" answer is dropped too.
+    assert_eq!(get(acme, "/cert/x", None).await.status, 401);
+    ops::clients::create(&cli, "acme", changes("scope=read"), Timestamp::now()).await.unwrap();
+    let deadline = std::time::Duration::from_secs(5);
+    eventually(deadline, "the new client reaches the gateway", || async {
+        get(acme, "/cert/x", None).await.status == 200
+    })
+    .await;
+    assert_eq!(get(acme, "/cert/x", None).await.status, 200, "cached now");
+
+    ops::clients::revoke(&cli, "acme", Timestamp::now()).await.unwrap();
+    eventually(deadline, "the revocation reaches the gateway", || async {
+        get(acme, "/cert/x", None).await.status == 401
+    })
+    .await;
+    assert_eq!(get(acme, "/cert/x", None).await.status, 401, "and stays refused");
 }
 
 #[tokio::test]

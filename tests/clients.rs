@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use common::admin::{self, admin_section};
 use common::gateway::{Answer, TestGateway, http1_client, send};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
+use common::wait::eventually;
 use http::{Method, Request};
 use http_body_util::Full;
 use jiff::Timestamp;
@@ -75,22 +75,6 @@ async fn get_with_key(gateway: &TestGateway, key: &str) -> Answer {
 
 async fn status(gateway: &TestGateway, key: &str) -> u16 {
     get_with_key(gateway, key).await.status.as_u16()
-}
-
-/// Polls `check` until it holds or `deadline` passes.
-async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
-        tokio::task::yield_now().await;
-    }
 }
 
 async fn redis_store(redis: &RedisServer) -> SharedStore {
