@@ -337,6 +337,25 @@ async fn on_redis_a_client_revoked_by_another_process_is_refused_once_its_invali
 }
 
 #[tokio::test]
+async fn a_certificate_the_gateway_cannot_vouch_for_while_redis_is_down_gets_503() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::mirror().await;
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"{}\"\n", redis.url());
+    let mut gateway = CertGateway::start(&config(&upstream, &store)).await;
+    gateway.create_client("acme", "scope=read").await;
+    let ca = Ca::new();
+    let acme = gateway.listener(Some(ca.cn("acme"))).await;
+    let beta = gateway.listener(Some(ca.cn("beta"))).await;
+    assert_eq!(get(acme, "/cert/x", None).await.status, 200);
+
+    redis.stop();
+    assert_eq!(get(acme, "/cert/x", None).await.status, 200, "cached: no store round trip");
+    let answer = get(beta, "/cert/x", None).await;
+    assert_eq!(answer.status, 503, "never a silent allow, never a 401 for an outage");
+    assert_eq!(answer.json()["error"], "store_unavailable");
+}
+
+#[tokio::test]
 async fn on_a_key_and_cert_route_a_presented_key_wins_and_a_key_route_ignores_certificates() {
     let upstream = Upstream::mirror().await;
     let mut gateway = CertGateway::start(&config(&upstream, "")).await;
@@ -353,6 +372,13 @@ async fn on_a_key_and_cert_route_a_presented_key_wins_and_a_key_route_ignores_ce
     assert_eq!(by_key.json()["headers"]["x-keygate-client"], "beta", "the key wins over the certificate");
     let bad_key = get(acme, "/both/x", Some("kg_acme_forgedforgedforged")).await;
     assert_eq!(bad_key.status, 401, "a presented key is verified, never skipped for the certificate");
+
+    // A certificate-only route does not look at keys, and never forwards one.
+    let cert_route = get(acme, "/cert/x", Some(&key)).await;
+    assert_eq!(cert_route.status, 200);
+    let seen = &cert_route.json()["headers"];
+    assert_eq!(seen["x-keygate-client"], "acme");
+    assert!(seen.get("x-api-key").is_none(), "the key is stripped: {seen}");
 
     let key_route = get(acme, "/key/x", None).await;
     assert_eq!(key_route.status, 401, "`auth` defaults to keys only");
