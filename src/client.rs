@@ -8,8 +8,11 @@
 //! works as it always did (no client limits).
 //!
 //! Operators write a client with the same flags and the same `--meta` syntax
-//! as a key ([`MetaChanges`]); fields that only make sense on a key (scopes,
-//! expiry) are refused with a clear error by [`ClientMeta::apply`].
+//! as a key ([`MetaChanges`]); expiry, which only makes sense on a key, is
+//! refused with a clear error by [`ClientMeta::apply`]. A client's `scopes`
+//! apply only when the client itself is the credential (a client
+//! certificate): a key's scopes are the key's own, never widened or
+//! narrowed by its client's.
 
 use std::num::NonZeroU32;
 
@@ -36,6 +39,11 @@ pub struct ClientRecord {
 /// decides whether a client takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientMeta {
+    /// Scopes of the client's certificate callers (`auth = ["cert"]`
+    /// routes); none by default, so a certificate opens nothing until the
+    /// operator grants it. Keys of the client keep their own scopes.
+    #[serde(default)]
+    pub scopes: Vec<String>,
     /// Sustained request rate shared by all the client's keys; `None`: unlimited.
     pub rate: Option<Rate>,
     /// Requests allowed at once above the shared rate; defaults to its count.
@@ -61,6 +69,7 @@ impl ClientMeta {
     pub fn new(now: Timestamp) -> Self {
         let now = whole_seconds(now);
         Self {
+            scopes: Vec::new(),
             rate: None,
             burst: None,
             quota: None,
@@ -76,24 +85,20 @@ impl ClientMeta {
         self.status == KeyStatus::Revoked
     }
 
-    /// Applies key-style changes to a client. Scopes and expiry belong to
-    /// keys: asking for them on a client is refused, naming the field, and
-    /// nothing is applied.
+    /// Applies key-style changes to a client. Expiry belongs to keys:
+    /// asking for it on a client is refused, naming the field, and nothing
+    /// is applied. Scopes are the client certificate's (see [`Self::scopes`]).
     pub fn apply(&mut self, changes: MetaChanges) -> Result<(), MetaError> {
         let MetaChanges { scopes, rate, burst, quota, expires_at, label, uses, refill } = changes;
-        if let Some(scopes) = scopes {
-            return Err(MetaError::new(
-                "scopes",
-                &scopes.join(","),
-                "scopes belong to keys, not to clients; set them on each key (keys issue/update --scopes)",
-            ));
-        }
         if let Some(at) = expires_at {
             return Err(MetaError::new(
                 "expires",
                 &at.map_or_else(|| "never".to_owned(), |at| at.to_string()),
                 "expiry belongs to keys, not to clients; to end a client, revoke it (clients revoke)",
             ));
+        }
+        if let Some(v) = scopes {
+            self.scopes = v;
         }
         if let Some(v) = rate {
             self.rate = v;
@@ -138,14 +143,13 @@ mod tests {
     }
 
     #[test]
-    fn key_only_fields_are_refused_on_a_client_and_nothing_is_applied() {
-        for (query, field) in [("scope=read&rate=5/s", "scopes"), ("expires=30d&label=x", "expires")] {
-            let mut meta = ClientMeta::new(now());
-            let error = meta.apply(MetaChanges::from_query(query, now()).unwrap()).unwrap_err();
-            assert_eq!(error.field, field, "{query}");
-            assert!(error.why.contains("belong"), "{error}");
-            assert_eq!(meta, ClientMeta::new(now()), "{query}: nothing applied");
-        }
+    fn expiry_is_refused_on_a_client_and_nothing_is_applied() {
+        let mut meta = ClientMeta::new(now());
+        let changes = MetaChanges::from_query("expires=30d&label=x", now()).unwrap();
+        let error = meta.apply(changes).unwrap_err();
+        assert_eq!(error.field, "expires");
+        assert!(error.why.contains("belong"), "{error}");
+        assert_eq!(meta, ClientMeta::new(now()), "nothing applied");
     }
 
     #[test]
@@ -160,7 +164,17 @@ mod tests {
         meta.apply(MetaChanges::from_query("uses=", now()).unwrap()).unwrap();
         assert_eq!(meta.credits, None, "an empty value clears");
         // A refused change applies nothing, credits included.
-        let error = meta.apply(MetaChanges::from_query("uses=5&scope=read", now()).unwrap()).unwrap_err();
-        assert_eq!((error.field.as_str(), meta.credits), ("scopes", None));
+        let error = meta.apply(MetaChanges::from_query("uses=5&expires=1d", now()).unwrap()).unwrap_err();
+        assert_eq!((error.field.as_str(), meta.credits), ("expires", None));
+    }
+
+    #[test]
+    fn a_client_has_no_scopes_until_granted_and_keeps_them_across_other_changes() {
+        let mut meta = ClientMeta::new(now());
+        assert!(meta.scopes.is_empty(), "least privilege: a certificate opens nothing by default");
+        meta.apply(MetaChanges::from_query("scope=read,orders:write", now()).unwrap()).unwrap();
+        assert_eq!(meta.scopes, ["read", "orders:write"]);
+        meta.apply(MetaChanges::from_query("rate=5/s", now()).unwrap()).unwrap();
+        assert_eq!(meta.scopes, ["read", "orders:write"], "unchanged when not named");
     }
 }

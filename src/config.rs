@@ -35,6 +35,71 @@ pub struct Config {
     pub log: LogConfig,
     /// The admin listener; `None` (no `[admin] listen`) keeps it off.
     pub admin: Option<AdminConfig>,
+    /// How client certificates name their client (`[client_certs]`).
+    pub client_certs: ClientCertsConfig,
+}
+
+/// `[client_certs]`: client certificates as credentials, on routes with
+/// `auth = ["cert"]` (the TLS listener's `client_ca` verifies them).
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertsConfig {
+    /// Where a verified certificate names its client ID.
+    pub id_from: crate::client_cert::IdFrom,
+}
+
+/// A kind of credential a route may accept (`[[route]] auth`). Access
+/// tokens (issue 20) join as `Jwt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// An API key (bearer, key header, or query where allowed).
+    Key,
+    /// A client certificate verified by the TLS listener.
+    Cert,
+}
+
+impl CredentialKind {
+    pub const ALL: [CredentialKind; 2] = [Self::Key, Self::Cert];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Cert => "cert",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// The set of credential kinds a route accepts; `["key"]` by default.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CredentialKinds(u8);
+
+impl CredentialKinds {
+    pub const KEY: CredentialKinds = CredentialKinds(1);
+
+    pub fn of(kinds: &[CredentialKind]) -> Self {
+        Self(kinds.iter().fold(0, |set, kind| set | kind.bit()))
+    }
+
+    pub fn accepts(self, kind: CredentialKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+}
+
+impl Default for CredentialKinds {
+    fn default() -> Self {
+        Self::KEY
+    }
+}
+
+impl fmt::Debug for CredentialKinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries(CredentialKind::ALL.iter().filter(|k| self.accepts(**k)).map(|k| k.as_str()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +316,9 @@ pub struct RouteConfig {
     pub method_scopes: BTreeMap<String, Vec<String>>,
     /// Whether the key may come in the query string (`?api_key=`).
     pub allow_query_key: bool,
+    /// The credentials this route accepts (`auth`): keys, client
+    /// certificates, or both (a presented key then wins).
+    pub auth: CredentialKinds,
     /// Units of rate limit and quota one request here costs.
     pub cost: std::num::NonZeroU32,
     /// Limits on the request body forwarded upstream.
@@ -410,6 +478,14 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    client_certs: RawClientCerts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientCerts {
+    id_from: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -532,6 +608,7 @@ struct RawRoute {
     method_scopes: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     allow_query_key: bool,
+    auth: Option<Vec<String>>,
     cost: Option<u32>,
     max_body: Option<String>,
     upload_idle_timeout: Option<String>,
@@ -665,6 +742,7 @@ impl Config {
                 scopes: vec![],
                 method_scopes: BTreeMap::new(),
                 allow_query_key: false,
+                auth: None,
                 cost: None,
                 max_body: None,
                 upload_idle_timeout: None,
@@ -956,8 +1034,19 @@ impl RawConfig {
         };
         let admin = validate_admin(&mut p, self.admin, env);
 
+        let client_certs = ClientCertsConfig {
+            id_from: match self.client_certs.id_from.as_deref().map(str::parse) {
+                None => Default::default(),
+                Some(Ok(id_from)) => id_from,
+                Some(Err(why)) => {
+                    p.push("client_certs.id_from", why);
+                    Default::default()
+                }
+            },
+        };
+
         if p.0.is_empty() {
-            Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin })
+            Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin, client_certs })
         } else {
             Err(p.0)
         }
@@ -1616,6 +1705,28 @@ fn validate_route(
             if redirect.is_some() { PlainHttp::Redirect } else { PlainHttp::Refused }
         }
     };
+    let auth = match raw.auth {
+        None => CredentialKinds::default(),
+        Some(names) => {
+            if raw.public {
+                p.push(format!("{at}.auth"), "a public route takes no credential, so it cannot name one");
+            }
+            if names.is_empty() {
+                p.push(format!("{at}.auth"), "name at least one credential: \"key\", \"cert\"");
+            }
+            let mut kinds = Vec::new();
+            for name in &names {
+                match CredentialKind::ALL.into_iter().find(|kind| kind.as_str() == name) {
+                    Some(kind) => kinds.push(kind),
+                    None => p.push(
+                        format!("{at}.auth"),
+                        format!("`{name}` is not a credential kind; known: \"key\", \"cert\""),
+                    ),
+                }
+            }
+            CredentialKinds::of(&kinds)
+        }
+    };
     let cost = std::num::NonZeroU32::new(raw.cost.unwrap_or(1)).unwrap_or_else(|| {
         p.push(format!("{at}.cost"), "must be at least 1");
         std::num::NonZeroU32::MIN
@@ -1629,6 +1740,7 @@ fn validate_route(
         scopes: raw.scopes,
         method_scopes,
         allow_query_key: raw.allow_query_key,
+        auth,
         cost,
         body: BodyLimits {
             max: max_body(p, &format!("{at}.max_body"), raw.max_body.as_deref()),
@@ -1714,6 +1826,36 @@ mod tests {
         assert_eq!(found[0].field, "route[1].upstream");
         assert_eq!(found[0].line, Some(7));
         assert!(found[0].message.contains("no [upstream.nope]"));
+    }
+
+    #[test]
+    fn route_auth_is_a_set_of_known_credentials_defaulting_to_keys() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        let auth = config.routes[0].auth;
+        assert!(auth.accepts(CredentialKind::Key) && !auth.accepts(CredentialKind::Cert), "{auth:?}");
+        assert_eq!(config.client_certs.id_from, crate::client_cert::IdFrom::Cn);
+
+        let text = format!("{MINIMAL}auth = [\"cert\", \"key\"]\n[client_certs]\nid_from = \"san-uri\"\n");
+        let config = Config::from_toml(&text, Path::new(".")).unwrap();
+        let auth = config.routes[0].auth;
+        assert!(auth.accepts(CredentialKind::Key) && auth.accepts(CredentialKind::Cert), "{auth:?}");
+        assert_eq!(config.client_certs.id_from, crate::client_cert::IdFrom::SanUri);
+        let certs_only = Config::from_toml(&format!("{MINIMAL}auth = [\"cert\"]\n"), Path::new(".")).unwrap();
+        assert!(!certs_only.routes[0].auth.accepts(CredentialKind::Key));
+    }
+
+    #[test]
+    fn unknown_or_empty_auth_and_a_bad_id_from_are_refused_naming_the_field() {
+        let found = problems(&format!(
+            "{MINIMAL}auth = [\"key\", \"jwt\"]\n[[route]]\npath = \"/b\"\nupstream = \"builtin:echo\"\nauth = []\n\
+             [[route]]\npath = \"/c\"\nupstream = \"builtin:echo\"\npublic = true\nauth = [\"cert\"]\n\
+             [client_certs]\nid_from = \"serial\"\n"
+        ));
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["route[0].auth", "route[1].auth", "route[2].auth", "client_certs.id_from"]);
+        assert!(found[0].message.contains("`jwt`"), "{}", found[0].message);
+        assert!(found[3].message.contains("san-dns"), "{}", found[3].message);
+        assert_eq!(found[0].line, Some(4));
     }
 
     #[test]

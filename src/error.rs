@@ -25,6 +25,10 @@ pub enum GatewayError {
     BadHost(#[from] crate::sanitize::HostError),
     #[error("no API key in the request")]
     MissingKey,
+    /// A route that takes client certificates only (`auth = ["cert"]`)
+    /// was reached without a verified one.
+    #[error("no verified client certificate on the connection")]
+    MissingCertificate,
     /// The key is malformed, unknown, expired or revoked. The reason is for the
     /// log only: all of them answer the same, so nobody can learn which keys exist.
     #[error("API key rejected: {0}")]
@@ -119,6 +123,7 @@ impl GatewayError {
             Self::BadPath(e) => format!("bad request path: {e}"),
             Self::BadHost(e) => format!("bad host: {e}"),
             Self::MissingKey => "an API key is required".to_owned(),
+            Self::MissingCertificate => "a verified client certificate is required".to_owned(),
             Self::KeyRejected(_) => "the API key is not valid".to_owned(),
             Self::MissingScope(scope) => format!("this API key lacks the scope `{scope}`"),
             Self::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
@@ -162,6 +167,7 @@ impl GatewayError {
             Self::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
             Self::BadHost(_) => (StatusCode::BAD_REQUEST, "bad_host"),
             Self::MissingKey => (StatusCode::UNAUTHORIZED, "missing_key"),
+            Self::MissingCertificate => (StatusCode::UNAUTHORIZED, "missing_certificate"),
             Self::KeyRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_key"),
             Self::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -197,7 +203,11 @@ impl GatewayError {
         let mut response = json_response(answer.status, body);
         let headers = response.headers_mut();
         match &self {
-            Self::MissingKey | Self::KeyRejected(_) => {
+            // RFC 9110 asks a 401 for a challenge; no HTTP scheme names a
+            // TLS client certificate, so certificate-only routes send the
+            // same realm (a client reading it learns only that it must
+            // authenticate).
+            Self::MissingKey | Self::MissingCertificate | Self::KeyRejected(_) => {
                 headers
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
             }
@@ -307,9 +317,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn missing_certificate_is_401_with_the_contract_body_and_challenge() {
+        let (status, headers, body) = answer(GatewayError::MissingCertificate).await;
+        assert_eq!(status, 401);
+        assert_eq!(body["error"], "missing_certificate");
+        assert!(body["message"].as_str().unwrap().contains("client certificate"));
+        assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[tokio::test]
     async fn every_key_rejection_reason_answers_identically() {
         let mut seen = Vec::new();
-        for reason in ["malformed", "unknown", "expired", "revoked", "client mismatch"] {
+        for reason in
+            ["malformed", "unknown", "expired", "revoked", "client mismatch", "certificate names no client"]
+        {
             let (status, headers, body) = answer(GatewayError::KeyRejected(reason)).await;
             assert_eq!(status, 401);
             assert!(headers.contains_key(header::WWW_AUTHENTICATE));

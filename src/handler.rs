@@ -1,7 +1,7 @@
 //! The request path, top to bottom: the gateway's table of contents.
 //!
 //! ```text
-//! route -> key -> verify -> scope -> limit -> proxy -> usage
+//! route -> credential (key or client certificate) -> verify -> scope -> limit -> proxy -> usage
 //! ```
 //!
 //! [`handle`] turns every outcome into a response (errors through
@@ -19,7 +19,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::auth::Caller;
-use crate::config::{PlainHttp, RouteConfig, RouteTarget};
+use crate::config::{CredentialKind, PlainHttp, RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
@@ -97,7 +97,8 @@ pub async fn handle(
         status = response.status().as_u16(),
         upstream = trail.target(),
         client = trail.caller.as_ref().map_or("-", |c| c.client()),
-        key_id = trail.caller.as_ref().map_or("-", |c| c.id.as_str()),
+        key_id = trail.caller.as_ref().and_then(|c| c.key_id()).unwrap_or("-"),
+        credential = trail.caller.as_ref().map_or("-", |c| c.kind().as_str()),
         duration_us = started.elapsed().as_micros() as u64,
         peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
     );
@@ -164,40 +165,64 @@ async fn serve(
         return Err(plain_refusal(route.plain, host.as_ref(), https_port, request.uri()).into());
     }
 
-    // 2. Key: bearer token, key header, or (where the route allows) query.
+    // 2. Credential: a key (bearer token, key header, or where the route
+    // allows the query) on routes that take keys; else, on routes that take
+    // them, the client certificate the TLS listener verified. A presented
+    // key always wins: it is verified (and refused) as on a key-only route.
     let mut caller = None;
     if !route.public {
-        let presented =
-            match credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key) {
-                credential::Presented::Key(key) => key,
-                credential::Presented::Missing => return Err(GatewayError::MissingKey.into()),
-                credential::Presented::Ambiguous => {
-                    return Err(GatewayError::KeyRejected("two different keys presented").into());
-                }
-            };
+        let takes_keys = route.auth.accepts(CredentialKind::Key);
+        let presented = match takes_keys {
+            true => credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key),
+            false => credential::Presented::Missing,
+        };
+        let certificate = peer.client_certificate().filter(|_| route.auth.accepts(CredentialKind::Cert));
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
-        let record = gateway.verifier.verify(&presented, client_ip, started).await?;
+        let record = match (presented, certificate) {
+            (credential::Presented::Key(key), _) => gateway.verifier.verify(&key, client_ip, started).await?,
+            (credential::Presented::Ambiguous, _) => {
+                return Err(GatewayError::KeyRejected("two different keys presented").into());
+            }
+            (credential::Presented::Missing, Some(cert)) => {
+                let id_from = live.config.client_certs.id_from;
+                gateway.verifier.verify_certificate(cert, id_from, started).await?
+            }
+            (credential::Presented::Missing, None) if takes_keys => {
+                return Err(GatewayError::MissingKey.into());
+            }
+            (credential::Presented::Missing, None) => return Err(GatewayError::MissingCertificate.into()),
+        };
         trail.caller = Some(Arc::clone(&record));
 
-        // 4. Scope: the key must cover this route and method.
-        scope::check(&record.meta.scopes, route, request.method())
+        // 4. Scope: the caller (key, or certificate's client) must cover
+        // this route and method.
+        scope::check(record.scopes(), route, request.method())
             .map_err(|missing| GatewayError::MissingScope(missing.to_owned()))?;
 
         // 5. Limits: the key's own, then its client's (shared by all of the
-        // client's keys): quota, credits and rate, all or nothing; refusals
-        // carry the headers.
-        let key = limit::Subject::key(&record);
+        // client's keys and certificates): quota, credits and rate, all or
+        // nothing; refusals carry the headers.
+        let key = record.key().map(limit::Subject::key);
+        let client = record.client.as_deref().map(|client| {
+            let meta = &client.meta;
+            limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota)
+                .with_credits(meta.credits.as_ref())
+        });
         let limits = &live.config.limits;
-        let admission = match record.client.as_deref() {
-            Some(client) => {
-                let meta = &client.meta;
-                let client = limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota)
-                    .with_credits(meta.credits.as_ref());
-                gateway.limits.admit(&[key, client], route.cost, limits).await?
+        let (both, one);
+        let subjects: &[limit::Subject<'_>] = match (key, client) {
+            (Some(key), Some(client)) => {
+                both = [key, client];
+                &both
             }
-            None => gateway.limits.admit(&[key], route.cost, limits).await?,
+            (Some(subject), None) | (None, Some(subject)) => {
+                one = [subject];
+                &one
+            }
+            (None, None) => &[],
         };
+        let admission = gateway.limits.admit(subjects, route.cost, limits).await?;
         if admission.credits.is_some() {
             trail.credits = u64::from(route.cost.get());
         }

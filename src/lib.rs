@@ -16,6 +16,7 @@
 //! - [`key`]: the key string format, parsing, generation and hashing.
 //! - [`meta`]: a key's scope metadata (scopes, limits, quota, expiry).
 //! - [`client`]: client records: limits, quota and status shared by a client's keys.
+//! - [`client_cert`]: which client a verified client certificate names (`[client_certs] id_from`).
 //! - [`store`]: where key records live (Redis, the `keys/` file store).
 //! - [`redis_target`]: a Redis URL and its TLS files, checked; every Redis client is built there.
 //! - [`upstream_tls`]: the rustls client config of an `https://` upstream, built at config load.
@@ -45,6 +46,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod client_cert;
 pub mod config;
 pub mod credential;
 pub mod echo;

@@ -53,7 +53,9 @@ impl Meter {
             let caller = self.caller.as_deref();
             recorder.record(&UsageEvent {
                 client: caller.map(|c| c.client()),
-                key_id: caller.map(|r| r.id.as_str()),
+                // A certificate caller has no key: counted for its client
+                // (totals and routes), with no key series.
+                key_id: caller.and_then(|c| c.key_id()),
                 route,
                 status: self.status,
                 refusal: self.refusal,
@@ -70,7 +72,9 @@ impl Meter {
 /// The gateway's refusals as usage counts them.
 pub fn refusal_of(error: &GatewayError) -> Option<usage::Refusal> {
     match error {
-        GatewayError::MissingKey | GatewayError::KeyRejected(_) => Some(usage::Refusal::Unauthorized),
+        GatewayError::MissingKey | GatewayError::MissingCertificate | GatewayError::KeyRejected(_) => {
+            Some(usage::Refusal::Unauthorized)
+        }
         GatewayError::MissingScope(_) => Some(usage::Refusal::Forbidden),
         GatewayError::RateLimited { .. } => Some(usage::Refusal::RateLimited),
         GatewayError::QuotaExceeded { .. } => Some(usage::Refusal::QuotaExceeded),

@@ -64,6 +64,7 @@ mod tests {
             scopes: vec![],
             method_scopes: BTreeMap::new(),
             allow_query_key: false,
+            auth: Default::default(),
             cost: std::num::NonZeroU32::MIN,
             body: crate::config::BodyLimits::default(),
             plain: crate::config::PlainHttp::default(),

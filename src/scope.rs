@@ -52,6 +52,7 @@ mod tests {
                 .map(|(m, s)| (m.to_string(), s.iter().map(|s| s.to_string()).collect()))
                 .collect::<BTreeMap<_, _>>(),
             allow_query_key: false,
+            auth: Default::default(),
             cost: std::num::NonZeroU32::MIN,
             body: crate::config::BodyLimits::default(),
             plain: crate::config::PlainHttp::default(),

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use common::admin::{self, admin_section};
 use common::gateway::{Answer, TestGateway, http1_client, send};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
+use common::wait::eventually;
 use http::{Method, Request};
 use http_body_util::Full;
 use jiff::Timestamp;
@@ -75,22 +75,6 @@ async fn get_with_key(gateway: &TestGateway, key: &str) -> Answer {
 
 async fn status(gateway: &TestGateway, key: &str) -> u16 {
     get_with_key(gateway, key).await.status.as_u16()
-}
-
-/// Polls `check` until it holds or `deadline` passes.
-async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
-        tokio::task::yield_now().await;
-    }
 }
 
 async fn redis_store(redis: &RedisServer) -> SharedStore {
@@ -266,8 +250,8 @@ async fn the_clients_cli_creates_lists_shows_updates_and_refuses_bad_input_with_
     assert_eq!((json["quota"].clone(), json["label"].clone()), (serde_json::Value::Null, "gold".into()));
 
     for (args, needle) in [
-        (&["create", "gamma", "--scopes", "read"][..], "scopes"),
-        (&["create", "gamma", "--meta", "scope=read"], "scopes"),
+        (&["create", "gamma", "--scopes", "a b"][..], "scope"),
+        (&["create", "gamma", "--meta", "scope=read&expires=1d"], "expires"),
         (&["create", "gamma", "--quota", "10/s"], "at least a minute"),
         (&["create", "a.b"], "client"),
         (&["update", "acme"], "nothing to change"),
@@ -462,12 +446,19 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     assert_eq!(created.json()["quota"], "1000/day");
     assert_eq!(created.json()["rate"], serde_json::Value::Null);
 
+    // Scopes on a client are its certificate callers' (none by default).
+    assert_eq!(created.json()["scopes"], serde_json::json!([]));
+    let scoped =
+        admin.call(Method::PATCH, "/admin/clients/acme", Some(r#"{"scopes":["read","orders:write"]}"#)).await;
+    assert_eq!(scoped.status, 200, "{}", scoped.text());
+    assert_eq!(scoped.json()["scopes"], serde_json::json!(["read", "orders:write"]));
+
     let again = admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"acme"}"#)).await;
     assert_eq!((again.status.as_u16(), again.json()["error"].clone()), (409, "client_exists".into()));
     for (body, field) in [
-        (r#"{"id":"b","scopes":["read"]}"#, "scopes"),
+        (r#"{"id":"b","scopes":["a b"]}"#, "scopes"),
         (r#"{"id":"b","expires":"30d"}"#, "expires"),
-        (r#"{"id":"b","meta":"scope=read"}"#, "scopes"),
+        (r#"{"id":"b","meta":"scope=read&expires=1d"}"#, "expires"),
         (r#"{"id":"b.c"}"#, "client"),
         (r#"{"quota":"5/day"}"#, "id"),
     ] {

@@ -574,3 +574,66 @@ fn curl_fetches_over_https_from_the_binary_trusting_the_test_ca() {
     assert_eq!(echoed["path"], "/via-curl");
     assert_eq!(echoed["headers"]["x-forwarded-proto"], "https");
 }
+
+/// The whole mTLS path: the listener verifies the client certificate, the
+/// route takes it as the credential, and the client it names (its CN here)
+/// must have an active record whose scopes cover the route.
+#[tokio::test]
+async fn a_verified_client_certificate_is_the_credential_of_cert_routes() {
+    use keygate::meta::MetaChanges;
+    let ca = TestCa::new("cred-server");
+    let clients = TestCa::new("cred-clients");
+    let server = ca.issue_server("api", &["api.test"]);
+    let tls =
+        format!("{}\nclient_ca = {:?}\nclient_auth = \"optional\"", one_cert(&server), clients.ca_pem());
+    let routes = "[[route]]\npath = \"/cert\"\nupstream = \"builtin:echo\"\nauth = [\"cert\"]\nscopes = [\"read\"]\n\n\
+                  [[route]]\npath = \"/both\"\nupstream = \"builtin:echo\"\nauth = [\"key\", \"cert\"]\nscopes = [\"read\"]\n";
+    let gateway = TestGateway::start_listeners(&tls_config(&tls, routes)).await;
+    let addr = gateway.listeners[0];
+    let now = jiff::Timestamp::now();
+    let store = &*gateway.gateway.store;
+    let scopes = MetaChanges::from_query("scope=read", now).unwrap();
+    keygate::ops::clients::create(store, "alice", scopes, now).await.unwrap();
+    keygate::ops::clients::create(
+        store,
+        "bob",
+        MetaChanges::from_query("label=no-scopes", now).unwrap(),
+        now,
+    )
+    .await
+    .unwrap();
+
+    let over = |identity: Option<&Issued>, http2: bool| {
+        let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let config = client_config(&ca.ca_pem(), alpn, identity);
+        async move { TlsHttp::over(connect(addr, "api.test", &config).await.expect("handshake"), http2).await }
+    };
+
+    let alice = clients.issue_client("alice");
+    for http2 in [false, true] {
+        let mut client = over(Some(&alice), http2).await;
+        let answer = client.get("api.test", "/cert/orders").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        assert_eq!(answer.json()["headers"]["x-keygate-client"], "alice");
+        assert!(answer.json()["headers"].get("x-keygate-key-id").is_none(), "a certificate has no key ID");
+        assert_eq!(client.get("api.test", "/both/orders").await.status, StatusCode::OK);
+    }
+
+    // No certificate on an optional listener: a cert-only route says so.
+    let answer = over(None, false).await.get("api.test", "/cert/orders").await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.json()["error"], "missing_certificate", "{}", answer.text());
+
+    // A client without the route's scope, and one the store does not know.
+    let answer = over(Some(&clients.issue_client("bob")), false).await.get("api.test", "/cert/x").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text());
+    let answer = over(Some(&clients.issue_client("carol")), false).await.get("api.test", "/cert/x").await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text());
+
+    // Revoking the client ends its certificate's access on the next request,
+    // even on a connection that is already open and verified.
+    let mut open = over(Some(&alice), false).await;
+    assert_eq!(open.get("api.test", "/cert/before").await.status, StatusCode::OK);
+    keygate::ops::clients::revoke(store, "alice", jiff::Timestamp::now()).await.unwrap();
+    assert_eq!(open.get("api.test", "/cert/after").await.status, StatusCode::UNAUTHORIZED);
+}

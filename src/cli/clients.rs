@@ -24,8 +24,8 @@ use clap::{Args, Subcommand};
 use jiff::Timestamp;
 
 use super::keys::{
-    Clearable, CliError, MetaQuery, RedisExtras, burst_flag, credits_line, meta_flag, quota_flag, rate_flag,
-    refill_flag, uses_flag,
+    Clearable, CliError, MetaQuery, RedisExtras, Scopes, burst_flag, credits_line, meta_flag, quota_flag,
+    rate_flag, refill_flag, scopes_flag, uses_flag,
 };
 use crate::client::ClientRecord;
 use crate::limit::credits::Credits;
@@ -116,9 +116,11 @@ pub struct ClientFlags {
     /// Metadata in query syntax, e.g. "rate_limit=1000&quota=100000/month"; explicit flags win.
     #[arg(long, value_name = "QUERY", value_parser = meta_flag)]
     pub meta: Option<MetaQuery>,
-    /// Key-only: accepted only to explain that scopes go on keys.
-    #[arg(long, hide = true, value_name = "A,B")]
-    pub scopes: Option<String>,
+    /// Scopes of the client's certificate callers (routes with
+    /// `auth = ["cert"]`), e.g. read,orders:write; none until given. The
+    /// client's keys keep their own scopes (keys issue/update --scopes).
+    #[arg(long, value_name = "A,B", value_parser = scopes_flag)]
+    pub scopes: Option<Scopes>,
     /// Key-only: accepted only to explain that a client is ended by revoking it.
     #[arg(long, hide = true)]
     pub expires: Option<String>,
@@ -135,12 +137,6 @@ impl ClientFlags {
     pub fn changes(&self, now: Timestamp) -> Result<MetaChanges, OpsError> {
         let refuse =
             |field: &str, why: &str| OpsError::Invalid { field: field.to_owned(), reason: why.to_owned() };
-        if self.scopes.is_some() {
-            return Err(refuse(
-                "scopes",
-                "scopes belong to keys, not to clients; set them with keys issue/update",
-            ));
-        }
         if self.expires.is_some() {
             return Err(refuse(
                 "expires",
@@ -152,6 +148,7 @@ impl ClientFlags {
             None => MetaChanges::default(),
         };
         let flags = MetaChanges {
+            scopes: self.scopes.clone().map(|Scopes(s)| s),
             rate: self.rate.map(|Clearable(v)| v),
             burst: self.burst.map(|Clearable(v)| v),
             quota: self.quota.map(|Clearable(v)| v),
@@ -228,7 +225,7 @@ async fn run_with(
             let changes = args.meta.changes(now)?;
             if changes == MetaChanges::default() {
                 return Err(CliError::Usage(
-                    "nothing to change: pass at least one of --rate, --burst, --quota, --label, --uses, --refill, --meta"
+                    "nothing to change: pass at least one of --scopes, --rate, --burst, --quota, --label, --uses, --refill, --meta"
                         .to_owned(),
                 ));
             }
@@ -285,6 +282,7 @@ fn summary(record: &ClientRecord) -> String {
     let meta = &record.meta;
     let mut parts = vec![format!("status={}", meta.status.as_str())];
     let optional = [
+        ("scopes", (!meta.scopes.is_empty()).then(|| meta.scopes.join(","))),
         ("rate", meta.rate.map(|v| v.to_string())),
         ("burst", meta.burst.map(|v| v.to_string())),
         ("quota", meta.quota.map(|v| v.to_string())),
@@ -337,6 +335,7 @@ fn print_lines(
     let lines = [
         ("client", record.id.clone()),
         ("status", meta.status.as_str().to_owned()),
+        ("scopes", if meta.scopes.is_empty() { "-".to_owned() } else { meta.scopes.join(",") }),
         ("rate", or_dash(meta.rate)),
         ("burst", or_dash(meta.burst)),
         ("quota", or_dash(meta.quota)),
@@ -442,13 +441,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn scopes_are_set_with_flag_or_meta_and_shown_for_certificate_callers() {
+        let store = MemStore::new();
+        let (out, _) = exec(&store, &["create", "acme"]).await.unwrap();
+        assert!(out.contains("scopes   -"), "none by default: {out}");
+        let (out, _) = exec(&store, &["update", "acme", "--scopes", "read,orders:write"]).await.unwrap();
+        assert!(out.contains("scopes   read,orders:write"), "{out}");
+        exec(&store, &["update", "acme", "--meta", "scope=write"]).await.unwrap();
+        let (out, _) = exec(&store, &["show", "acme", "--json"]).await.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["scopes"], serde_json::json!(["write"]));
+        assert!(
+            Cli::try_parse_from(["clients", "update", "acme", "--scopes", "a b"]).is_err(),
+            "bad scope names"
+        );
+    }
+
+    #[tokio::test]
     async fn key_only_fields_and_empty_updates_are_usage_errors() {
         let store = MemStore::new();
-        for args in [
-            &["create", "c", "--scopes", "read"][..],
-            &["create", "c", "--expires", "30d"],
-            &["create", "c", "--meta", "scope=read"],
-        ] {
+        for args in [&["create", "c", "--expires", "30d"][..], &["create", "c", "--meta", "expires=1d"]] {
             let error = exec(&store, args).await.unwrap_err();
             assert_eq!(error.exit().code(), 2, "{args:?}: {error}");
             assert!(error.to_string().contains("belong"), "{args:?}: {error}");

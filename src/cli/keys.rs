@@ -219,7 +219,7 @@ fn client_flag(s: &str) -> Result<String, KeyFormatError> {
     key::validate_client_id(s).map(|()| s.to_owned())
 }
 
-fn scopes_flag(s: &str) -> Result<Scopes, MetaError> {
+pub(super) fn scopes_flag(s: &str) -> Result<Scopes, MetaError> {
     meta::parse_scopes(s).map(Scopes)
 }
 

@@ -134,6 +134,8 @@ fn check_meta(meta: &ClientMeta) -> Result<(), OpsError> {
 #[derive(Debug, Serialize)]
 pub struct ClientView<'a> {
     pub id: &'a str,
+    /// Scopes of the client's certificate callers; `[]`: none.
+    pub scopes: &'a [String],
     pub rate: Option<Rate>,
     pub burst: Option<NonZeroU32>,
     pub quota: Option<Quota>,
@@ -163,6 +165,7 @@ impl<'a> ClientView<'a> {
         let meta = &record.meta;
         Self {
             id: &record.id,
+            scopes: &meta.scopes,
             rate: meta.rate,
             burst: meta.burst,
             quota: meta.quota,
@@ -245,7 +248,6 @@ mod tests {
         };
         assert_eq!(field(create(&store, "a.b", MetaChanges::default(), now()).await), "client");
         assert_eq!(field(create(&store, "_anonymous", MetaChanges::default(), now()).await), "client");
-        assert_eq!(field(create(&store, "c", changes("scope=read"), now()).await), "scopes");
         assert_eq!(field(create(&store, "c", changes("expires=30d"), now()).await), "expires");
         assert_eq!(field(create(&store, "c", changes("burst=5"), now()).await), "burst");
         assert!(store.list_clients().await.unwrap().is_empty());

@@ -120,6 +120,13 @@ impl Peer {
         if self.tls { "https" } else { "http" }
     }
 
+    /// The connection's verified client certificate (end entity, DER), if
+    /// any: what `auth = ["cert"]` routes take as the credential. Set only by
+    /// the TLS listener, after rustls' client verifier accepted the chain.
+    pub fn client_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.client_certs.as_deref().and_then(<[_]>::first)
+    }
+
     /// Whether this peer is a proxy whose `X-Forwarded-For` is believed
     /// (`server.trusted_proxies`; none by default, which costs nothing).
     pub fn is_trusted(&self, trusted_proxies: &[ipnet::IpNet]) -> bool {
@@ -225,6 +232,16 @@ impl Identity {
             key_id: value(key_id.to_owned()),
             scopes: value(scopes.join(" ")),
         }
+    }
+
+    /// The headers for a caller known by its client alone (a client
+    /// certificate): client ID and the client's scopes, and no key ID
+    /// header at all, so an upstream cannot mistake it for a key's. Nothing
+    /// from the certificate itself is forwarded.
+    /// A client without scopes sends no scopes header.
+    pub fn for_client(client: &str, scopes: &[String]) -> Self {
+        let identity = Self::new(client, "", scopes);
+        Self { key_id: None, scopes: identity.scopes.filter(|_| !scopes.is_empty()), ..identity }
     }
 }
 

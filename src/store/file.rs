@@ -278,10 +278,20 @@ impl FileStore {
             .await
             .map_err(|e| self.unavailable(format!("writing {shown}: {e}")))?;
         written.map_err(|e| self.unavailable(format!("writing {shown}: {e}")))?;
+        // Announced in the marker as a key write is: a client revocation by
+        // the CLI must hold for the very next request on a gateway sharing
+        // the folder (its keys' and its certificates'), not only once the
+        // folder watch has reloaded.
+        bump_marker(&self.shared.marker).map_err(|e| {
+            self.unavailable(format!(
+                "{shown} is written, but {MARKER} could not be updated ({e}); running gateways see the change only once their folder watch reloads"
+            ))
+        })?;
 
         let mut index = Index::clone(&self.shared.index.load());
         index.clients.insert(record.id.clone(), record.clone());
         self.shared.index.store(Arc::new(index));
+        self.shared.version.fetch_add(1, Ordering::AcqRel);
         let _ = self.shared.invalidations.send(Invalidation::Client(record.id.clone()));
         Ok(())
     }
@@ -677,6 +687,9 @@ fn grant_from_file(
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     id: String,
+    /// The client certificate's scopes; absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rate: Option<Rate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -700,10 +713,11 @@ struct ClientFile {
 
 impl From<&ClientRecord> for ClientFile {
     fn from(r: &ClientRecord) -> Self {
-        let ClientMeta { rate, burst, quota, label, credits, status, created_at, updated_at } =
+        let ClientMeta { scopes, rate, burst, quota, label, credits, status, created_at, updated_at } =
             r.meta.clone();
         Self {
             id: r.id.clone(),
+            scopes,
             rate,
             burst,
             quota,
@@ -722,6 +736,7 @@ impl TryFrom<ClientFile> for ClientRecord {
     type Error = String;
     fn try_from(f: ClientFile) -> Result<Self, String> {
         let meta = ClientMeta {
+            scopes: f.scopes,
             rate: f.rate,
             burst: f.burst,
             quota: f.quota,
@@ -973,8 +988,15 @@ mod tests {
         let text = client_to_toml(&record).unwrap();
         assert!(text.contains("quota = \"100000/month\"\n") && !text.contains("rate"), "{text}");
         assert_eq!(client_from_toml(&text, "acme").unwrap(), record);
-        let why = client_from_toml(&format!("{text}scopes = [\"read\"]\n"), "acme").unwrap_err();
-        assert!(why.contains("scopes"), "{why}");
+        let why =
+            client_from_toml(&format!("{text}expires_at = 2027-01-01T00:00:00Z\n"), "acme").unwrap_err();
+        assert!(why.contains("expires_at"), "{why}");
+        // The certificate's scopes are written when there are some, and read back.
+        let record =
+            ClientRecord { meta: ClientMeta { scopes: vec!["read".into()], ..record.meta }, ..record };
+        let text = client_to_toml(&record).unwrap();
+        assert!(text.contains("scopes = [\"read\"]\n"), "{text}");
+        assert_eq!(client_from_toml(&text, "acme").unwrap(), record);
         assert!(client_from_toml(&text, "other").unwrap_err().contains("file name"));
     }
 

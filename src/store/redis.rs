@@ -803,6 +803,7 @@ fn encode_client(record: &ClientRecord) -> Vec<(&'static str, String)> {
         ("updated_at", meta.updated_at.as_second().to_string()),
     ];
     let optional = [
+        ("scopes", (!meta.scopes.is_empty()).then(|| meta.scopes.join(","))),
         ("rate", meta.rate.map(|r| r.to_string())),
         ("burst", meta.burst.map(|b| b.to_string())),
         ("quota", meta.quota.map(|q| q.to_string())),
@@ -829,6 +830,10 @@ fn decode_client_checked(
         return Err(fields.corrupt("id", "differs from the client in the key's name"));
     }
     let meta = ClientMeta {
+        scopes: fields
+            .optional("scopes")?
+            .map(|s| s.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
         rate: fields.parse_optional("rate", str::parse)?,
         burst: fields.parse_optional("burst", str::parse::<std::num::NonZeroU32>)?,
         quota: fields.parse_optional("quota", str::parse)?,
@@ -1087,6 +1092,18 @@ mod tests {
         assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &HashMap::new()).unwrap(), None);
         let err = decode_client_checked("kg:{other}:client", "other", &fields).unwrap_err().to_string();
         assert!(err.contains("kg:{other}:client") && err.contains("field `id`"), "{err}");
+    }
+
+    #[test]
+    fn client_scopes_are_a_comma_separated_field_absent_when_none() {
+        let mut meta = ClientMeta::new(Timestamp::from_second(1_764_000_000).unwrap());
+        let record = ClientRecord { id: "acme".into(), meta: meta.clone() };
+        assert!(!raw(encode_client(&record)).contains_key(b"scopes".as_slice()), "no scopes, no field");
+        meta.scopes = vec!["read".into(), "orders:write".into()];
+        let record = ClientRecord { id: "acme".into(), meta };
+        let fields = raw(encode_client(&record));
+        assert_eq!(fields[b"scopes".as_slice()], b"read,orders:write");
+        assert_eq!(decode_client_checked("kg:{acme}:client", "acme", &fields).unwrap(), Some(record));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Waiting on conditions with a deadline, never on a fixed sleep.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keygate::store::Invalidation;
 use tokio::sync::broadcast;
@@ -25,4 +25,22 @@ pub async fn wait_for(rx: &mut broadcast::Receiver<Invalidation>, wanted: Invali
         }
     })
     .await
+}
+
+/// Polls `check` (yielding between tries, no sleep) until it holds or
+/// `deadline` passes; returns how long it took. For effects that travel
+/// asynchronously, such as a pub/sub invalidation reaching a gateway.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
+        tokio::task::yield_now().await;
+    }
 }

@@ -43,6 +43,18 @@
 //! is and re-checked in the background, one refresh per key: a slow store
 //! then costs those requests nothing. A revocation ([`Invalidation::Key`])
 //! still drops its entry at once.
+//!
+//! Credentials are plural, and each resolves to one [`Caller`]: a key
+//! ([`Credential::Key`], the above), or a client certificate the TLS
+//! listener verified ([`Credential::ClientCert`], in `cert.rs`, see
+//! [`Verifier::verify_certificate`]): the certificate names a client
+//! ([`crate::client_cert`]) whose record must exist and be active. Client
+//! records are cached by client ID like keys (`cache_ttl`, "no record" for
+//! `negative_ttl`, the same stale window), dropped at once by
+//! [`Invalidation::Client`] and re-checked in front of the request after an
+//! [`Invalidation::All`] or a file-store version change. Certificates come
+//! from the operator's client CA, not from guesses, so their refusals do not
+//! count against the source's failed-authentication budget.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
@@ -59,40 +71,98 @@ use jiff::Timestamp;
 use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 
+mod cert;
+
 use crate::client::ClientRecord;
-use crate::config::KeysConfig;
+use crate::config::{CredentialKind, KeysConfig};
 use crate::error::GatewayError;
 use crate::key::{self, SecretHash};
 use crate::meta::Rate;
 use crate::proxy::Identity;
 use crate::store::{Found, Invalidation, KeyRecord, SharedStore, StoreError, StoreVersion};
 
-/// A verified key as the request path uses it: the store's record, plus
-/// what is derived from it once per cache fill instead of on every request.
+/// A verified caller as the request path uses it, whatever credential it
+/// presented: the credential, its client's record, and what is derived
+/// from them once per cache fill instead of on every request. Scopes,
+/// limits, quotas, credits and usage all read it the same way.
 #[derive(Debug)]
 pub struct Caller {
-    pub record: KeyRecord,
-    /// The key's client's record, read with the key; `None` if the client
-    /// has none (no client limits). Shared, so limits keyed by client can
-    /// hold on to it.
+    pub credential: Credential,
+    /// The caller's client's record: for a key, read with it, `None` if the
+    /// client has none (no client limits); for a client certificate, always
+    /// there (the client is the caller). Shared, so limits keyed by client
+    /// can hold on to it.
     pub client: Option<Arc<ClientRecord>>,
-    /// The identity headers sent upstream for this key.
+    /// The identity headers sent upstream for this caller.
     pub identity: Identity,
+}
+
+/// What a caller presented, verified.
+// A `Caller` is built once per cache fill and lives behind an `Arc`: the
+// size of the key variant costs nothing per request, and boxing it would
+// add a pointer chase to every cached verification.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Credential {
+    /// An API key: its record carries the scopes and the key's own limits.
+    Key(KeyRecord),
+    /// A client certificate verified by the TLS listener: the client itself
+    /// is the caller, with the client record's scopes and limits, no key.
+    ClientCert { client: Arc<ClientRecord> },
+    // Issue 20 adds `Jwt { .. }`: an access token, checked against the key
+    // it was issued from (that key's record supplies limits and usage).
 }
 
 impl Caller {
     fn new(found: Found) -> Self {
         let Found { key: record, client } = found;
         let identity = Identity::new(record.client(), record.id.as_str(), &record.meta.scopes);
-        Self { identity, client: client.map(Arc::new), record }
+        Self { identity, client: client.map(Arc::new), credential: Credential::Key(record) }
     }
-}
 
-impl std::ops::Deref for Caller {
-    type Target = KeyRecord;
+    /// A client certificate's caller: the client, by its record.
+    fn for_client(record: ClientRecord) -> Self {
+        let identity = Identity::for_client(&record.id, &record.meta.scopes);
+        let client = Arc::new(record);
+        Self { identity, client: Some(Arc::clone(&client)), credential: Credential::ClientCert { client } }
+    }
 
-    fn deref(&self) -> &KeyRecord {
-        &self.record
+    /// The client this caller is or belongs to.
+    pub fn client(&self) -> &str {
+        match &self.credential {
+            Credential::Key(record) => record.client(),
+            Credential::ClientCert { client } => &client.id,
+        }
+    }
+
+    /// The key presented, if the credential is one.
+    pub fn key(&self) -> Option<&KeyRecord> {
+        match &self.credential {
+            Credential::Key(record) => Some(record),
+            Credential::ClientCert { .. } => None,
+        }
+    }
+
+    /// The key's ID (`<client>.<kid>`); `None` for a certificate.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key().map(|record| record.id.as_str())
+    }
+
+    /// The scopes the route is checked against: the key's, or for a
+    /// certificate the client record's (none unless granted).
+    pub fn scopes(&self) -> &[String] {
+        match &self.credential {
+            Credential::Key(record) => &record.meta.scopes,
+            Credential::ClientCert { client } => &client.meta.scopes,
+        }
+    }
+
+    /// Which kind of credential this caller presented (the access log's `credential`).
+    pub fn kind(&self) -> CredentialKind {
+        match &self.credential {
+            Credential::Key(_) => CredentialKind::Key,
+            Credential::ClientCert { .. } => CredentialKind::Cert,
+        }
     }
 }
 
@@ -132,12 +202,17 @@ pub struct Verifier {
     /// Keyed by store version too: a request that comes after a write
     /// must not join a lookup that may have read the store before it.
     in_flight: Cache<(String, SecretHash, Option<u64>), Lookup>,
+    /// Certificate callers by client ID (see the module doc). Separate
+    /// from `known`: a key entry is found by its secret's hash, a client by
+    /// its name, and a client's record must not be mistaken for a key's.
+    clients: Cache<String, Arc<cert::CachedClient>, RandomState>,
     /// Failed authentications per source IP; `None` when switched off.
     failures: Option<AuthFailures>,
     /// The global cap on store lookups for keys not cached; `None`: off.
     /// A direct governor limiter is one atomic compare-and-swap, no lock.
     lookups: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
     cache_ttl: Duration,
+    negative_ttl: Duration,
     stale_window: Duration,
     /// Bumped by [`Invalidation::All`]: every entry from an older epoch is
     /// re-checked with the store (in the background while it is within
@@ -235,6 +310,10 @@ impl Verifier {
             .max_capacity(keys.cache_capacity)
             .time_to_live(keys.negative_ttl)
             .build_with_hasher(RandomState::default());
+        let clients = Cache::builder()
+            .max_capacity(keys.cache_capacity)
+            .time_to_live(keys.cache_ttl + keys.stale_window)
+            .build_with_hasher(RandomState::default());
         // An entry lives only while its lookup runs (it is removed when the
         // answer is in); the TTL only cleans up after a cancelled request.
         let in_flight =
@@ -248,10 +327,12 @@ impl Verifier {
             prefix: keys.prefix.clone(),
             known,
             unknown,
+            clients,
             in_flight,
             failures,
             lookups,
             cache_ttl: keys.cache_ttl,
+            negative_ttl: keys.negative_ttl,
             stale_window: keys.stale_window,
             epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
@@ -313,10 +394,9 @@ impl Verifier {
         })
     }
 
-    async fn verify_key(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
-        let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
-        let hash = parsed.secret_hash();
-        let store_version = match self.store.version() {
+    /// Where the store stands, caught up first if another process wrote.
+    async fn store_version(&self) -> Result<Option<u64>, GatewayError> {
+        Ok(match self.store.version() {
             StoreVersion::Untracked => None,
             StoreVersion::At(version) => Some(version),
             // Another process wrote: read that before answering (boxed: rare).
@@ -325,7 +405,13 @@ impl Verifier {
                     .await
                     .map_err(|e| GatewayError::StoreUnavailable(e.to_string()))?,
             ),
-        };
+        })
+    }
+
+    async fn verify_key(&self, presented: &str, arrived: Instant) -> Result<Arc<Caller>, GatewayError> {
+        let parsed = key::parse(presented, &self.prefix).map_err(Rejection::Malformed)?;
+        let hash = parsed.secret_hash();
+        let store_version = self.store_version().await?;
         let record = self.lookup(parsed.client, &hash, store_version, arrived).await?;
         if record.client() != parsed.client {
             return Err(Rejection::ClientMismatch.into());
@@ -383,7 +469,7 @@ impl Verifier {
             Err(LookupError::Unavailable(error)) => match cached {
                 // The store is down, but it vouched for this key recently enough.
                 Some(cached) if cached.fetched_at.elapsed() < self.cache_ttl + self.stale_window => {
-                    tracing::warn!(%error, key_id = %cached.record.id, "key store unavailable; serving cached key");
+                    tracing::warn!(%error, key_id = cached.record.key_id().unwrap_or("-"), "key store unavailable; serving cached key");
                     Ok(Arc::clone(&cached.record))
                 }
                 _ => Err(GatewayError::StoreUnavailable(error)),
@@ -417,7 +503,7 @@ impl Verifier {
                 match me.ask_store(&client, &hash, epoch, entry.store_version, false).await {
                     Err(LookupError::Unavailable(error)) if entry.fetched_at.elapsed() < me.cache_ttl => {
                         if !warned {
-                            tracing::warn!(%error, key_id = %entry.record.id, "key store unavailable; re-checking the cached key in the background");
+                            tracing::warn!(%error, key_id = entry.record.key_id().unwrap_or("-"), "key store unavailable; re-checking the cached key in the background");
                             warned = true;
                         }
                         tokio::time::sleep(pause).await;
@@ -550,6 +636,7 @@ impl Verifier {
             // no unknown key known.
             Invalidation::Client(client) => {
                 self.changes.fetch_add(1, Ordering::AcqRel);
+                self.clients.invalidate(client);
                 let client = client.clone();
                 let dropped =
                     self.known.invalidate_entries_if(move |_, cached| cached.record.client() == client);
@@ -609,20 +696,20 @@ impl Verifier {
     }
 }
 
-/// Refuses a revoked or expired key, and any key of a revoked client.
+/// Refuses a revoked or expired key, and any caller of a revoked client.
 ///
 /// `now` is called only for a key that expires: most keys never do, and a
 /// clock read is a measurable part of a cached verification.
 fn check_usable(caller: &Caller, now: impl FnOnce() -> Timestamp) -> Result<(), Rejection> {
     use crate::meta::KeyStatus;
-    let record = &caller.record;
-    if record.meta.status == KeyStatus::Revoked {
+    let key = caller.key();
+    if key.is_some_and(|record| record.meta.status == KeyStatus::Revoked) {
         return Err(Rejection::Revoked);
     }
     if caller.client.as_ref().is_some_and(|client| client.meta.is_revoked()) {
         return Err(Rejection::ClientRevoked);
     }
-    if record.meta.expires_at.is_some_and(|at| now() >= at) {
+    if key.and_then(|record| record.meta.expires_at).is_some_and(|at| now() >= at) {
         return Err(Rejection::Expired);
     }
     Ok(())
