@@ -1004,6 +1004,7 @@ impl RawConfig {
             }
             routes.push(route);
         }
+        check_certificates_cover_hosts(&mut p, &server.listeners, &routes);
 
         let limits = validate_limits(&mut p, self.limits, &store);
         let usage = UsageConfig {
@@ -1187,6 +1188,41 @@ fn validate_listeners(p: &mut Problems, raw: &RawServer, base: &Path) -> Vec<Lis
 
 /// One listener's `tls`, `handshake_timeout`, `client_ca` and `client_auth`;
 /// every file is loaded, so `keygate check` finds a broken one.
+/// A TLS listener whose certificates name none of the routes' hosts could
+/// only ever hand clients a certificate for some other name: refused. (With
+/// no route naming a host, any certificate may be the right one.) A file
+/// that does not load was already reported where it is named.
+fn check_certificates_cover_hosts(p: &mut Problems, listeners: &[ListenerConfig], routes: &[RouteConfig]) {
+    let hosts: std::collections::BTreeSet<&str> = routes.iter().filter_map(|r| r.host.as_deref()).collect();
+    if hosts.is_empty() {
+        return;
+    }
+    let provider = crate::redis_target::provider();
+    for (i, listener) in listeners.iter().enumerate() {
+        let Some(tls) = &listener.tls else { continue };
+        let loaded: Vec<_> = tls
+            .certs
+            .iter()
+            .filter_map(|files| crate::tls::certs::load(&files.cert, &files.key, &provider).ok())
+            .collect();
+        if loaded.len() < tls.certs.len() {
+            continue;
+        }
+        if !hosts.iter().any(|host| loaded.iter().any(|cert| cert.covers(host))) {
+            let names: Vec<&str> = loaded.iter().flat_map(|c| c.names.iter().map(String::as_str)).collect();
+            let hosts: Vec<&str> = hosts.iter().copied().collect();
+            p.push(
+                format!("server.listener[{i}].tls"),
+                format!(
+                    "its certificates name {} but no route host ({}): clients would get a certificate for another name",
+                    names.join(", "),
+                    hosts.join(", ")
+                ),
+            );
+        }
+    }
+}
+
 fn validate_listener_tls(
     p: &mut Problems,
     at: &str,

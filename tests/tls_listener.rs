@@ -519,6 +519,27 @@ fn config_errors_name_the_field_and_the_file() {
     assert!(no_ca.contains("`server.listener[0].client_ca`") && no_ca.contains("none.pem"), "{no_ca}");
     let tls_only = problems(&format!("{route}tls_only = true\n"), base);
     assert!(tls_only.contains("`route[0].tls_only`"), "{tls_only}");
+
+    // Route hosts the certificates do not cover: refused, naming both.
+    let hosted = |host: &str| {
+        format!(
+            "[[server.listener]]\nlisten = \"127.0.0.1:8443\"\n{}\n[[route]]\npath = \"/\"\nhost = \"{host}\"\nupstream = \"builtin:echo\"\n",
+            one_cert(&server)
+        )
+    };
+    let uncovered = problems(&hosted("shop.example"), base);
+    assert!(
+        uncovered.contains("`server.listener[0].tls`")
+            && uncovered.contains("api.test")
+            && uncovered.contains("shop.example"),
+        "{uncovered}"
+    );
+    assert!(Config::from_toml(&hosted("api.test"), base).is_ok(), "an exact name covers its host");
+    let wildcard = ca.issue_server("wild", &["*.shop.example"]);
+    let wild = hosted("eu.shop.example").replace(&one_cert(&server), &one_cert(&wildcard));
+    assert!(Config::from_toml(&wild, base).is_ok(), "a wildcard covers a host one label down");
+    let too_deep = hosted("a.eu.shop.example").replace(&one_cert(&server), &one_cert(&wildcard));
+    assert!(problems(&too_deep, base).contains("`server.listener[0].tls`"), "but not two labels down");
 }
 
 #[test]
