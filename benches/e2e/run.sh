@@ -3,11 +3,13 @@
 # HAProxy (each configured to the closest equivalent of keygate's key check and
 # per-key limit) in front of the same nginx `return 200` upstream.
 #
-#   benches/e2e/run.sh            # full run, about 15 minutes
-#   benches/e2e/run.sh --quick    # short runs, about 4 minutes
+#   benches/e2e/run.sh            # full run, about 25 minutes (15 + the TLS run's 10)
+#   benches/e2e/run.sh --quick    # short runs, about 7 minutes
 #
 # Options: --quick, --no-install (use what is on PATH), --no-build (use the
-# existing target/release/keygate), --keep (keep the temp dir with the logs).
+# existing target/release/keygate), --keep (keep the temp dir with the logs),
+# --no-tls (skip the TLS workloads: tls.sh, run at the end with the same
+# options, keygate, nginx and HAProxy terminating TLS on one certificate).
 # Environment: WORKERS=N runs every proxy with N workers/threads (default 1).
 #
 # Runs alternate (direct, keygate, nginx, haproxy, then again: 3 rounds) and
@@ -16,14 +18,15 @@
 # (apt-get) and oha from crates.io; builds keygate in release mode.
 set -euo pipefail
 
-QUICK=0 INSTALL=1 BUILD=1 KEEP=0
+QUICK=0 INSTALL=1 BUILD=1 KEEP=0 TLS=1
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
+        --no-tls) TLS=0 ;;
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -368,3 +371,17 @@ mkdir -p "$ROOT/bench-results"
 RESULT="$ROOT/bench-results/e2e-$(date '+%Y%m%d-%H%M%S').md"
 report | tee "$RESULT"
 log "written to $RESULT"
+
+# === 5. The TLS workloads (their own script and report; the build is reused) ===
+
+if ((TLS)); then
+    tls_args=(--no-build)
+    ((QUICK)) && tls_args+=(--quick)
+    ((INSTALL)) || tls_args+=(--no-install)
+    ((KEEP)) && tls_args+=(--keep)
+    # This run's servers go first, so nothing idles beside the TLS run.
+    cleanup
+    PIDS=() WORK=""
+    log "TLS workloads: benches/e2e/tls.sh ${tls_args[*]}"
+    "$HERE/tls.sh" "${tls_args[@]}"
+fi
