@@ -188,7 +188,10 @@ pub fn watch_certificates(reloader: &Arc<Reloader>) -> Option<notify::Recommende
         .listeners
         .iter()
         .filter_map(|listener| listener.tls.as_ref())
-        .flat_map(|tls| tls.certs.iter().flat_map(|files| [&files.cert, &files.key]))
+        .flat_map(|tls| {
+            let pairs = tls.certs.iter().flat_map(|files| [&files.cert, &files.key]);
+            pairs.chain(tls.client_auth.as_ref().map(|auth| &auth.ca))
+        })
         .map(|file| match file.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
             _ => PathBuf::from("."),
@@ -250,9 +253,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let keys = (&old.keys, &new.keys);
     [
         ("server.listen", old.server.listen != new.server.listen),
-        // Addresses, TLS on or off, handshake timeouts and client CAs are
-        // built into the bound listeners; certificates and keys reload. The
-        // first address is `server.listen` above.
+        // Addresses, TLS on or off and handshake timeouts are built into
+        // the bound listeners; certificates, keys and client CAs (with
+        // their mode) reload. The first address is `server.listen` above.
         ("server.listener", {
             let shape = |c: &Config| {
                 c.server
@@ -260,7 +263,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
                     .iter()
                     .enumerate()
                     .map(|(i, l)| {
-                        let tls = l.tls.as_ref().map(|t| (t.handshake_timeout, t.client_auth.clone()));
+                        let tls = l.tls.as_ref().map(|t| t.handshake_timeout);
                         ((i > 0).then_some(l.listen), tls)
                     })
                     .collect::<Vec<_>>()

@@ -658,3 +658,43 @@ async fn a_verified_client_certificate_is_the_credential_of_cert_routes() {
     keygate::ops::clients::revoke(store, "alice", jiff::Timestamp::now()).await.unwrap();
     assert_eq!(open.get("api.test", "/cert/after").await.status, StatusCode::UNAUTHORIZED);
 }
+
+/// The client CA is a certificate file like the others: replaced on disk,
+/// it changes who may connect for new handshakes, with no restart. A
+/// session verified under the old CA does not resume past the change (the
+/// `alice` config below holds one from its first connection).
+#[tokio::test]
+async fn a_client_ca_replaced_on_disk_changes_which_client_certificates_are_accepted() {
+    let ca = TestCa::new("ca-swap-server");
+    let first = TestCa::new("ca-swap-first");
+    let second = TestCa::new("ca-swap-second");
+    let server = ca.issue_server("api", &["api.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = dir.path().join("clients-ca.pem");
+    std::fs::copy(first.ca_pem(), &client_ca).unwrap();
+    let text = tls_config(
+        &format!("{}\nclient_ca = {:?}\nclient_auth = \"required\"", one_cert(&server), client_ca),
+        "",
+    );
+    let gateway = TestGateway::start_listeners(&text).await;
+    let config_path = gateway.dir.path().join("gateway.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let reloader = keygate::reload::Reloader::new(config_path, Arc::clone(&gateway.gateway));
+    let _watch = keygate::reload::watch_certificates(&reloader).expect("the CA's folder is watched");
+    let addr = gateway.listeners[0];
+    let alice = client_config(&ca.ca_pem(), &[b"http/1.1"], Some(&first.issue_client("alice")));
+    let bob = client_config(&ca.ca_pem(), &[b"http/1.1"], Some(&second.issue_client("bob")));
+    assert!(served(addr, &alice).await && !served(addr, &bob).await);
+
+    std::fs::copy(second.ca_pem(), &client_ca).unwrap();
+    let mut swapped = false;
+    for _ in 0..100 {
+        if served(addr, &bob).await {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(swapped, "the new client CA reaches new handshakes");
+    assert!(!served(addr, &alice).await, "and the old one no longer admits anyone");
+}

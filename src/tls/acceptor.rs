@@ -89,7 +89,58 @@ pub struct TlsListener {
     /// Unique in the process: whose certificates the expiry gauge shows.
     id: u64,
     resolver: Arc<SniResolver>,
-    config: Arc<rustls::ServerConfig>,
+    /// Tickets and cached sessions, kept across reloads (a renewed
+    /// certificate does not cost returning clients a full handshake)
+    /// unless the client CA or its mode changed: a session remembers the
+    /// client certificate it verified, so one verified under the old CA must
+    /// not resume (as nginx ties its session context to the client CA).
+    resumption: ArcSwap<Resumption>,
+    /// Swapped whole by a reload that changes the client CA or its mode;
+    /// a handshake holds the config it started with.
+    config: ArcSwap<rustls::ServerConfig>,
+}
+
+/// A reload's new certificates and server config for one listener, loaded
+/// and checked but not yet in force.
+pub struct Staged {
+    set: CertSet,
+    config: rustls::ServerConfig,
+    resumption: Arc<Resumption>,
+}
+
+/// Where a listener's sessions resume from, and the client authentication
+/// they were verified under.
+#[derive(Debug)]
+struct Resumption {
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    /// The mode and the CA file's bytes (`None`: no client certificates).
+    client_auth: Option<(ClientAuthMode, Vec<u8>)>,
+}
+
+impl Resumption {
+    /// Stateless tickets (TLS 1.3 and 1.2), rotated every 6 h, and a
+    /// bounded cache for clients that use session IDs.
+    fn new(at: &str, client_auth: Option<(ClientAuthMode, Vec<u8>)>) -> Result<Self, TlsError> {
+        Ok(Self {
+            ticketer: rustls::crypto::ring::Ticketer::new().map_err(|e| setup(at, e))?,
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+            client_auth,
+        })
+    }
+}
+
+/// What decides whether sessions may outlive a reload: the client CA's mode
+/// and contents (a CA replaced in place keeps its path).
+fn client_auth_identity(at: &str, tls: &ListenerTls) -> Result<Option<(ClientAuthMode, Vec<u8>)>, TlsError> {
+    tls.client_auth
+        .as_ref()
+        .map(|auth| {
+            crate::pem::read(&auth.ca)
+                .map(|pem| (auth.mode, pem))
+                .map_err(|message| TlsError { field: format!("{at}.client_ca"), message })
+        })
+        .transpose()
 }
 
 impl TlsListener {
@@ -99,39 +150,9 @@ impl TlsListener {
         crate::redis_target::install_crypto_provider();
         let provider = crate::redis_target::provider();
         let at = format!("server.listener[{index}]");
-        let setup =
-            |e: rustls::Error| TlsError { field: format!("{at}.tls"), message: format!("TLS set-up: {e}") };
         let resolver = Arc::new(SniResolver { set: ArcSwap::from_pointee(load_set(&at, tls, &provider)?) });
-        let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&versions)
-            .map_err(setup)?;
-        let builder = match &tls.client_auth {
-            None => builder.with_no_client_auth(),
-            Some(auth) => {
-                let roots = certs::load_roots(&auth.ca)
-                    .map_err(|e| TlsError { field: format!("{at}.client_ca"), message: e.message })?;
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
-                let verifier = match auth.mode {
-                    ClientAuthMode::Required => verifier,
-                    ClientAuthMode::Optional => verifier.allow_unauthenticated(),
-                };
-                let verifier = verifier.build().map_err(|e| TlsError {
-                    field: format!("{at}.client_ca"),
-                    message: format!("{}: {e}", auth.ca.display()),
-                })?;
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let mut config = builder.with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
-        // ALPN decides the protocol: no preface sniffing on TLS. A client
-        // offering neither (or no ALPN at all) gets HTTP/1.1.
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // Resumption both ways: stateless tickets (TLS 1.3 and 1.2), rotated
-        // every 6 h, and a bounded cache for clients that use session IDs.
-        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(setup)?;
-        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+        let resumption = Resumption::new(&at, client_auth_identity(&at, tls)?)?;
+        let config = server_config(&at, tls, &provider, &resolver, &resumption)?;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Arc::new(Self {
             listen,
@@ -139,18 +160,19 @@ impl TlsListener {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             handshake_timeout: tls.handshake_timeout,
             resolver,
-            config: Arc::new(config),
+            resumption: ArcSwap::from_pointee(resumption),
+            config: ArcSwap::from_pointee(config),
         }))
     }
 
-    /// Accepts with the shared server config (an `Arc` clone).
+    /// Accepts with the current server config (an `Arc` clone).
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
     }
 
-    /// The server config every handshake on this listener uses.
-    pub fn server_config(&self) -> &Arc<rustls::ServerConfig> {
-        &self.config
+    /// The server config new handshakes on this listener use.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.load_full()
     }
 
     /// The certificates new handshakes get, in configured order.
@@ -158,21 +180,77 @@ impl TlsListener {
         self.resolver.set.load().loaded.clone()
     }
 
-    /// Loads `tls`'s certificates without installing them.
-    pub(super) fn load(&self, tls: &ListenerTls) -> Result<CertSet, TlsError> {
-        load_set(&format!("server.listener[{}]", self.index), tls, &crate::redis_target::provider())
+    /// Loads `tls`'s certificates and client CA without installing them.
+    pub(super) fn load(&self, tls: &ListenerTls) -> Result<Staged, TlsError> {
+        let at = format!("server.listener[{}]", self.index);
+        let provider = crate::redis_target::provider();
+        let set = load_set(&at, tls, &provider)?;
+        let client_auth = client_auth_identity(&at, tls)?;
+        let current = self.resumption.load_full();
+        let resumption = if current.client_auth == client_auth {
+            current
+        } else {
+            Arc::new(Resumption::new(&at, client_auth)?)
+        };
+        let config = server_config(&at, tls, &provider, &self.resolver, &resumption)?;
+        Ok(Staged { set, config, resumption })
     }
 
-    /// New handshakes get `set` from now on; open connections keep theirs.
-    pub(super) fn install(&self, set: CertSet) {
-        crate::metrics::tls_certificates(self.id, &self.listen.to_string(), &set.loaded);
-        self.resolver.set.store(Arc::new(set));
+    /// New handshakes get `staged` from now on; open connections keep theirs.
+    pub(super) fn install(&self, staged: Staged) {
+        crate::metrics::tls_certificates(self.id, &self.listen.to_string(), &staged.set.loaded);
+        self.resolver.set.store(Arc::new(staged.set));
+        self.resumption.store(staged.resumption);
+        self.config.store(Arc::new(staged.config));
     }
 
     /// Registers the current certificates' expiry with `/metrics`.
     pub fn publish_metrics(&self) {
         crate::metrics::tls_certificates(self.id, &self.listen.to_string(), &self.resolver.set.load().loaded);
     }
+}
+
+/// The rustls config for `tls`'s client authentication, on a listener's
+/// certificate resolver and resumption state.
+fn server_config(
+    at: &str,
+    tls: &ListenerTls,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    resolver: &Arc<SniResolver>,
+    resumption: &Resumption,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_protocol_versions(&versions)
+        .map_err(|e| setup(at, e))?;
+    let builder = match &tls.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let roots = certs::load_roots(&auth.ca)
+                .map_err(|e| TlsError { field: format!("{at}.client_ca"), message: e.message })?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+            let verifier = match auth.mode {
+                ClientAuthMode::Required => verifier,
+                ClientAuthMode::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier.build().map_err(|e| TlsError {
+                field: format!("{at}.client_ca"),
+                message: format!("{}: {e}", auth.ca.display()),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::clone(resolver) as Arc<dyn ResolvesServerCert>);
+    // ALPN decides the protocol: no preface sniffing on TLS. A client
+    // offering neither (or no ALPN at all) gets HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = Arc::clone(&resumption.ticketer);
+    config.session_storage = Arc::clone(&resumption.sessions);
+    Ok(config)
+}
+
+fn setup(at: &str, error: rustls::Error) -> TlsError {
+    TlsError { field: format!("{at}.tls"), message: format!("TLS set-up: {error}") }
 }
 
 /// Every certificate of a listener, loaded; the first problem names its field.
