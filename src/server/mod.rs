@@ -288,7 +288,10 @@ impl Connection {
         let deadlines = Deadlines::new(&protocols.edge, protocol == Protocol::Http2);
         let ended = match protocol {
             Protocol::Http1 => {
-                let connection = protocols.http1.serve_connection(io, service);
+                // With upgrades: on a `101` hyper hands the connection to
+                // the WebSocket tunnel and this future ends (the watchdog
+                // with it), so HTTP deadlines never cut a tunnel.
+                let connection = protocols.http1.serve_connection(io, service).with_upgrades();
                 describe(watchdog::drive(connection, &activity, deadlines, draining).await)
             }
             // Boxed: an HTTP/2 connection's state is several times an
