@@ -42,6 +42,9 @@ struct Trail {
     /// The client's address: the peer's, or behind trusted proxies the one
     /// they forwarded for.
     client_ip: Option<std::net::IpAddr>,
+    /// The request is gRPC: refusals take gRPC's form, and `TE: trailers`
+    /// is forwarded (gRPC servers may require it).
+    grpc: bool,
     /// A WebSocket upgrade the upstream accepted (`101`), run once the
     /// client's `101` is on its way.
     tunnel: Option<proxy::upgrade::Tunnel>,
@@ -75,7 +78,7 @@ pub async fn handle(
     let (parts, body) = request.into_parts();
     let (body, bytes_in) = proxy::CountedBody::new(body);
     let request = Request::from_parts(parts, body);
-    let mut trail = Trail::default();
+    let mut trail = Trail { grpc: crate::error::is_grpc(request.headers()), ..Trail::default() };
 
     let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, started, &mut trail)).catch_unwind().await;
     let mut refusal = None;
@@ -86,10 +89,17 @@ pub async fn handle(
             if let Some(kind) = refusal.and_then(metrics_refusal) {
                 crate::metrics::refused(kind);
             }
-            refused.into_response().map(Either::Right)
+            match trail.grpc {
+                true => refused.into_grpc_response().map(Either::Right),
+                false => refused.into_response().map(Either::Right),
+            }
         }
         Err(_panic) => {
-            GatewayError::Internal("request handler panicked".into()).into_response().map(Either::Right)
+            let refused = Refusal::from(GatewayError::Internal("request handler panicked".into()));
+            match trail.grpc {
+                true => refused.into_grpc_response().map(Either::Right),
+                false => refused.into_response().map(Either::Right),
+            }
         }
     };
 
@@ -301,6 +311,9 @@ async fn serve(
     proxy::remove_hop_by_hop(headers);
     if client_upgrade.is_some() {
         proxy::upgrade::restore_upgrade_headers(headers);
+    }
+    if trail.grpc {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // An upstream gets its own target's `Host` (set by the pool); the echo,
     // standing in for an upstream served at the gateway's own address,
