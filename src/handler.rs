@@ -48,6 +48,8 @@ struct Trail {
     /// A WebSocket upgrade the upstream accepted (`101`), run once the
     /// client's `101` is on its way.
     tunnel: Option<proxy::upgrade::Tunnel>,
+    /// The client connection's hold, kept by the tunnel while it runs.
+    tunnel_hold: Option<proxy::upgrade::ConnectionHold>,
 }
 
 impl Trail {
@@ -137,7 +139,7 @@ pub async fn handle(
     };
     match (tunnel, tunnel_log) {
         (Some(tunnel), Some(log)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            tokio::spawn(run_tunnel(tunnel, meter, log));
+            tokio::spawn(run_tunnel(tunnel, meter, log, trail.tunnel_hold.take()));
             response.map(MeteredBody::unmetered)
         }
         _ => response.map(|body| MeteredBody::new(body, meter)),
@@ -154,7 +156,12 @@ struct TunnelLog {
 /// Runs an upgraded connection's tunnel to its end, then meters the request
 /// (one request, the bytes both ways, its whole duration) and writes a
 /// second access-log line for it.
-async fn run_tunnel(tunnel: proxy::upgrade::Tunnel, meter: Meter, log: TunnelLog) {
+async fn run_tunnel(
+    tunnel: proxy::upgrade::Tunnel,
+    meter: Meter,
+    log: TunnelLog,
+    hold: Option<proxy::upgrade::ConnectionHold>,
+) {
     let started = meter.started;
     let end = tunnel.run().await;
     tracing::info!(
@@ -169,6 +176,7 @@ async fn run_tunnel(tunnel: proxy::upgrade::Tunnel, meter: Meter, log: TunnelLog
         duration_us = started.elapsed().as_micros() as u64,
     );
     meter.finish_tunnel(end.bytes_in, end.bytes_out);
+    drop(hold);
 }
 
 async fn serve(
@@ -299,6 +307,9 @@ async fn serve(
     let client_upgrade = (matches!(route.target, RouteTarget::Upstream(_))
         && proxy::upgrade::is_websocket(&request))
     .then(|| hyper::upgrade::on(&mut request));
+    if client_upgrade.is_some() {
+        trail.tunnel_hold = request.extensions_mut().remove::<proxy::upgrade::ConnectionHold>();
+    }
     *request.uri_mut() = Uri::from_maybe_shared(Bytes::from(path_and_query))
         .map_err(|e| GatewayError::Internal(format!("rebuilding the upstream path: {e}")))?;
     let headers = request.headers_mut();

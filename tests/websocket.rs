@@ -254,3 +254,37 @@ async fn a_rate_limited_handshake_gets_the_json_429_and_no_upgrade() {
     assert_eq!(body["error"], "rate_limited");
     drop(first);
 }
+
+/// Whether the gateway serves a request on a new connection (a connection
+/// over `max_connections` is closed at accept, before any answer).
+async fn served_on_a_new_connection(gateway: &TestGateway) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let _ = stream.write_all(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    answer.starts_with(b"HTTP/1.1 ")
+}
+
+#[tokio::test]
+async fn an_open_tunnel_keeps_its_connection_counted_against_max_connections() {
+    let echo = echo_server().await;
+    let config = config(&echo.url, "")
+        .replace("[server]\n", "[server]\nmax_connections = 1\nmax_connections_per_ip = 1\n");
+    let gateway = TestGateway::start(&config).await;
+    let key = issue(&gateway, "scope=chat").await;
+    assert!(served_on_a_new_connection(&gateway).await, "room for one");
+
+    let mut socket = connect(&gateway, Some(&key)).await.unwrap();
+    round_trip(&mut socket, "holding the only slot").await;
+    assert!(!served_on_a_new_connection(&gateway).await, "the tunnel holds the one connection allowed");
+
+    socket.close(None).await.unwrap();
+    drop(socket);
+    common::wait::within(5, "the slot is free once the tunnel closed", async {
+        while !served_on_a_new_connection(&gateway).await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}

@@ -57,6 +57,21 @@ pub fn restore_upgrade_headers(headers: &mut HeaderMap) {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
+/// What keeps the client's connection counted while its tunnel runs (its
+/// `max_connections` slot, and the drain waiting for it): the server puts
+/// one in the extensions of every request that asks for an upgrade, and
+/// the tunnel holds it until it closes. Opaque here, so that forwarding
+/// knows nothing of the server above it. `Clone` because request
+/// extensions must be; the hold ends when its last clone is dropped.
+#[derive(Clone)]
+pub struct ConnectionHold(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+
+impl ConnectionHold {
+    pub fn new(hold: impl Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(hold))
+    }
+}
+
 /// An upgrade both sides agreed to (the upstream answered `101`), waiting
 /// for the client's `101` to be sent before bytes can flow.
 pub struct Tunnel {

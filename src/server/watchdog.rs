@@ -52,6 +52,10 @@ pub struct Activity {
     writes: AtomicU64,
     /// The last write found the socket's send buffer full.
     write_blocked: AtomicBool,
+    /// Upgraded (WebSocket) tunnels of this connection still open: the
+    /// connection's task waits for them after hyper handed the socket over.
+    tunnels: AtomicUsize,
+    tunnel_closed: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -61,6 +65,39 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
         RequestGuard(Arc::clone(self))
+    }
+}
+
+impl Activity {
+    /// Counts a tunnel as open until the returned hold is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelGuard(Arc::clone(self))
+    }
+
+    /// Resolves once no tunnel of this connection is open.
+    pub async fn tunnels_closed(&self) {
+        loop {
+            let closed = self.tunnel_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read: a close in between wakes it.
+            closed.as_mut().enable();
+            if self.tunnels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// An upgrade request's hold on its connection; see [`Activity::tunnel`].
+#[derive(Debug)]
+pub struct TunnelGuard(Arc<Activity>);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.0.tunnel_closed.notify_waiters();
     }
 }
 
