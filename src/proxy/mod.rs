@@ -487,7 +487,8 @@ impl UpstreamPool {
 /// as hop-by-hop, so a response carrying both (a smuggling attempt or a
 /// broken upstream), or a transfer coding other than a lone `chunked`
 /// (which would reach the client undeclared), is refused with 502. A `101`
-/// was never asked for: upgrades are not forwarded.
+/// to an ordinary request was never asked for (WebSocket handshakes go
+/// through [`UpstreamPool::forward_upgrade`]).
 fn check_framing<B>(response: &Response<B>) -> Result<(), String> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         return Err("101 Switching Protocols to a request that asked for no upgrade".to_owned());
