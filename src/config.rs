@@ -382,6 +382,10 @@ pub struct UpstreamConfig {
     /// Open connections allowed to each target (idle or busy), so a hanging
     /// upstream cannot make the gateway open one connection per waiting request.
     pub max_connections: std::num::NonZeroUsize,
+    /// `websocket_idle_timeout`: how long an upgraded (WebSocket) tunnel may
+    /// carry no byte either way before the gateway closes it. The
+    /// connection's HTTP idle timeout no longer applies once it is upgraded.
+    pub websocket_idle_timeout: Duration,
     /// `protocol`: the HTTP version spoken to the targets.
     pub protocol: Protocol,
     /// For `https://` targets: the rustls config (built at load, shared by
@@ -627,6 +631,7 @@ struct RawUpstream {
     pool_max_idle_per_host: Option<usize>,
     body_idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    websocket_idle_timeout: Option<String>,
     /// CA certificates (PEM) for `https://` targets instead of the system's roots.
     ca: Option<String>,
     client_cert: Option<String>,
@@ -1598,6 +1603,11 @@ fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream, base: &Path) 
                 p.push(format!("{at}.max_connections"), "must be at least 1");
                 std::num::NonZeroUsize::MIN
             },
+        ),
+        websocket_idle_timeout: p.duration(
+            &format!("{at}.websocket_idle_timeout"),
+            raw.websocket_idle_timeout.as_deref(),
+            Duration::from_secs(60),
         ),
         protocol,
         tls,

@@ -265,6 +265,67 @@ impl Refusal {
         response.headers_mut().extend(self.headers);
         response
     }
+
+    /// The refusal in gRPC's form, for a client that sent
+    /// `content-type: application/grpc*` (see [`is_grpc`]): a trailers-only
+    /// response (HTTP 200, headers and no body) whose `grpc-status` is what
+    /// the HTTP status means to gRPC and whose `grpc-message` is the JSON
+    /// answer's message, percent-encoded. `Retry-After`, the `RateLimit`
+    /// headers and the challenge stay, as metadata a client may read.
+    pub fn into_grpc_response(self) -> Response<Full<Bytes>> {
+        let message = self.error.answer().message;
+        let mut response = self.into_response();
+        let status = grpc_status(response.status());
+        *response.status_mut() = StatusCode::OK;
+        *response.body_mut() = Full::default();
+        let headers = response.headers_mut();
+        // HTTP/1-only framing hints mean nothing to gRPC (and HTTP/2 forbids `Connection`).
+        headers.remove(header::CONNECTION);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(GRPC_STATUS, HeaderValue::from(status));
+        if let Ok(message) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
+            headers.insert(GRPC_MESSAGE, message);
+        }
+        response
+    }
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
+/// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`,
+/// `application/grpc-web` ...): its refusals are answered in gRPC's form.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc")))
+}
+
+/// The gRPC status code (grpc/doc/statuscodes.md, and its HTTP mapping)
+/// for the gateway's HTTP status.
+fn grpc_status(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 5,        // NOT_FOUND: no route
+        429 => 8,        // RESOURCE_EXHAUSTED
+        502..=504 => 14, // UNAVAILABLE
+        _ => 13,         // INTERNAL
+    }
+}
+
+/// `grpc-message`'s encoding (gRPC over HTTP/2 spec): every byte outside
+/// printable ASCII, and `%` itself, as `%XX`.
+fn grpc_percent_encode(message: &str) -> String {
+    let mut encoded = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// A JSON response with the given status and body.
@@ -285,6 +346,47 @@ mod tests {
         let (parts, body) = response.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_grpc_refusal_is_a_trailers_only_200_with_the_grpc_status() {
+        let cases = [
+            (GatewayError::MissingKey, "16"),
+            (GatewayError::MissingScope("chat".into()), "7"),
+            (GatewayError::RateLimited { retry_after: Duration::from_secs(2) }, "8"),
+            (GatewayError::NoRoute, "5"),
+            (GatewayError::UpstreamUnreachable { upstream: "a".into(), cause: "x".into() }, "14"),
+            (GatewayError::UpstreamBusy { upstream: "a".into() }, "14"),
+            (GatewayError::UpstreamTimeout { upstream: "a".into(), after: Duration::from_secs(1) }, "14"),
+            (GatewayError::BodyTooLarge { limit: 1 }, "13"),
+        ];
+        for (error, code) in cases {
+            let what = format!("{error:?}");
+            let response = Refusal::from(error).into_grpc_response();
+            let (parts, body) = response.into_parts();
+            assert_eq!(parts.status, 200, "{what}");
+            assert_eq!(parts.headers["content-type"], "application/grpc", "{what}");
+            assert_eq!(parts.headers["grpc-status"], code, "{what}");
+            assert!(!parts.headers["grpc-message"].is_empty(), "{what}");
+            assert!(!parts.headers.contains_key(header::CONNECTION), "{what}");
+            assert!(body.collect().await.unwrap().to_bytes().is_empty(), "{what}: trailers-only");
+        }
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_and_grpc_content_types_recognised() {
+        assert_eq!(grpc_percent_encode("lacks `chat`: 100% é"), "lacks `chat`: 100%25 %C3%A9");
+        let with = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            is_grpc(&headers)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(with("Application/GRPC-web"));
+        assert!(!with("application/json"));
+        assert!(!with("application/gr"));
+        assert!(!is_grpc(&http::HeaderMap::new()));
     }
 
     #[tokio::test]

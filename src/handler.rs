@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderValue, Request, Response, Uri, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -42,6 +42,14 @@ struct Trail {
     /// The client's address: the peer's, or behind trusted proxies the one
     /// they forwarded for.
     client_ip: Option<std::net::IpAddr>,
+    /// The request is gRPC: refusals take gRPC's form, and `TE: trailers`
+    /// is forwarded (gRPC servers may require it).
+    grpc: bool,
+    /// A WebSocket upgrade the upstream accepted (`101`), run once the
+    /// client's `101` is on its way.
+    tunnel: Option<proxy::upgrade::Tunnel>,
+    /// The client connection's hold, kept by the tunnel while it runs.
+    tunnel_hold: Option<proxy::upgrade::ConnectionHold>,
 }
 
 impl Trail {
@@ -72,7 +80,7 @@ pub async fn handle(
     let (parts, body) = request.into_parts();
     let (body, bytes_in) = proxy::CountedBody::new(body);
     let request = Request::from_parts(parts, body);
-    let mut trail = Trail::default();
+    let mut trail = Trail { grpc: crate::error::is_grpc(request.headers()), ..Trail::default() };
 
     let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, started, &mut trail)).catch_unwind().await;
     let mut refusal = None;
@@ -83,10 +91,17 @@ pub async fn handle(
             if let Some(kind) = refusal.and_then(metrics_refusal) {
                 crate::metrics::refused(kind);
             }
-            refused.into_response().map(Either::Right)
+            match trail.grpc {
+                true => refused.into_grpc_response().map(Either::Right),
+                false => refused.into_response().map(Either::Right),
+            }
         }
         Err(_panic) => {
-            GatewayError::Internal("request handler panicked".into()).into_response().map(Either::Right)
+            let refused = Refusal::from(GatewayError::Internal("request handler panicked".into()));
+            match trail.grpc {
+                true => refused.into_grpc_response().map(Either::Right),
+                false => refused.into_response().map(Either::Right),
+            }
         }
     };
 
@@ -103,7 +118,14 @@ pub async fn handle(
         peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
     );
 
-    // 8. Usage and metrics: recorded when the response body ends.
+    // 8. Usage and metrics: recorded when the response body ends, or for
+    // an upgraded request when its tunnel closes.
+    let tunnel = trail.tunnel.take();
+    let tunnel_log = tunnel.as_ref().map(|_| TunnelLog {
+        path: trail.path.take().unwrap_or_default(),
+        upstream: trail.target().to_owned(),
+        client: trail.caller.as_ref().map_or("-", |c| c.client()).to_owned(),
+    });
     let meter = Meter {
         recorder: gateway.usage.clone(),
         route: trail.route,
@@ -115,7 +137,46 @@ pub async fn handle(
         upstream_latency: trail.upstream_latency,
         started,
     };
-    response.map(|body| MeteredBody::new(body, meter))
+    match (tunnel, tunnel_log) {
+        (Some(tunnel), Some(log)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            tokio::spawn(run_tunnel(tunnel, meter, log, trail.tunnel_hold.take()));
+            response.map(MeteredBody::unmetered)
+        }
+        _ => response.map(|body| MeteredBody::new(body, meter)),
+    }
+}
+
+/// What the tunnel's closing access-log line names.
+struct TunnelLog {
+    path: String,
+    upstream: String,
+    client: String,
+}
+
+/// Runs an upgraded connection's tunnel to its end, then meters the request
+/// (one request, the bytes both ways, its whole duration) and writes a
+/// second access-log line for it.
+async fn run_tunnel(
+    tunnel: proxy::upgrade::Tunnel,
+    meter: Meter,
+    log: TunnelLog,
+    hold: Option<proxy::upgrade::ConnectionHold>,
+) {
+    let started = meter.started;
+    let end = tunnel.run().await;
+    tracing::info!(
+        target: "keygate::access",
+        event = "tunnel_closed",
+        path = log.path,
+        upstream = log.upstream,
+        client = log.client,
+        bytes_in = end.bytes_in,
+        bytes_out = end.bytes_out,
+        ended = end.reason.as_str(),
+        duration_us = started.elapsed().as_micros() as u64,
+    );
+    meter.finish_tunnel(end.bytes_in, end.bytes_out);
+    drop(hold);
 }
 
 async fn serve(
@@ -239,7 +300,16 @@ async fn serve(
         sanitize::remove_override_headers(request.headers_mut());
     }
 
-    // 6. Proxy: rewrite headers, then forward (or answer from the echo).
+    // 6. Proxy: rewrite headers, then forward (or answer from the echo). A
+    // WebSocket handshake to an upstream is forwarded as one, the checks
+    // above passed; the client's connection is upgraded only on the
+    // upstream's `101`.
+    let client_upgrade = (matches!(route.target, RouteTarget::Upstream(_))
+        && proxy::upgrade::is_websocket(&request))
+    .then(|| hyper::upgrade::on(&mut request));
+    if client_upgrade.is_some() {
+        trail.tunnel_hold = request.extensions_mut().remove::<proxy::upgrade::ConnectionHold>();
+    }
     *request.uri_mut() = Uri::from_maybe_shared(Bytes::from(path_and_query))
         .map_err(|e| GatewayError::Internal(format!("rebuilding the upstream path: {e}")))?;
     let headers = request.headers_mut();
@@ -250,6 +320,12 @@ async fn serve(
     // instructions per new connection).
     headers.reserve(proxy::ADDED_REQUEST_HEADERS);
     proxy::remove_hop_by_hop(headers);
+    if client_upgrade.is_some() {
+        proxy::upgrade::restore_upgrade_headers(headers);
+    }
+    if trail.grpc {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // An upstream gets its own target's `Host` (set by the pool); the echo,
     // standing in for an upstream served at the gateway's own address,
     // shows the one the client asked for, as such an upstream would get it.
@@ -278,7 +354,16 @@ async fn serve(
             // tokio's clock, which the upstream timeout runs on (the same
             // as std's outside tests with a paused clock).
             let sent = tokio::time::Instant::now();
-            let response = pool.forward(request, sent, &route.body).await;
+            let response = match client_upgrade {
+                None => pool.forward(request, sent, &route.body).await,
+                Some(client) => match pool.forward_upgrade(request, sent, &route.body, client).await {
+                    Ok((response, tunnel)) => {
+                        trail.tunnel = tunnel;
+                        Ok(response)
+                    }
+                    Err(error) => Err(error),
+                },
+            };
             trail.upstream_latency = Some(sent.elapsed());
             response?.map(Either::Left)
         }

@@ -46,7 +46,15 @@ pub struct Meter {
 }
 
 impl Meter {
-    fn finish(self, bytes_out: u64) {
+    /// Records an upgraded request (WebSocket) once its tunnel has closed:
+    /// one request, with the tunnel's bytes each way and its whole duration.
+    pub fn finish_tunnel(self, bytes_in: u64, bytes_out: u64) {
+        self.finish(bytes_in, bytes_out);
+    }
+
+    /// `tunnel_in`: bytes read from the client after an upgrade, on top of
+    /// the request body's.
+    fn finish(self, tunnel_in: u64, bytes_out: u64) {
         let route = self.route.as_deref().map_or(crate::metrics::NO_ROUTE, |r| r.path.as_str());
         crate::metrics::record_request(route, self.status, self.started.elapsed());
         if let Some(recorder) = &self.recorder {
@@ -59,7 +67,7 @@ impl Meter {
                 route,
                 status: self.status,
                 refusal: self.refusal,
-                bytes_in: self.bytes_in.as_ref().map_or(0, |read| read.load(Ordering::Relaxed)),
+                bytes_in: self.bytes_in.as_ref().map_or(0, |read| read.load(Ordering::Relaxed)) + tunnel_in,
                 bytes_out,
                 credits: self.credits,
                 upstream_latency: self.upstream_latency,
@@ -96,9 +104,15 @@ impl MeteredBody {
         Self { inner, bytes_out: 0, meter: Some(meter) }
     }
 
+    /// The (empty) body of a `101` whose request is metered when its
+    /// tunnel closes ([`Meter::finish_tunnel`]), not when this body ends.
+    pub fn unmetered(inner: ResponseBody) -> Self {
+        Self { inner, bytes_out: 0, meter: None }
+    }
+
     fn finish(&mut self) {
         if let Some(meter) = self.meter.take() {
-            meter.finish(self.bytes_out);
+            meter.finish(0, self.bytes_out);
         }
     }
 }

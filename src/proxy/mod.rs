@@ -23,10 +23,12 @@ pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
 pub mod body;
 pub mod pool;
+pub mod upgrade;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
 /// the non-standard ones old clients still send. `Upgrade` is among them:
-/// protocol upgrades are not proxied (yet).
+/// a WebSocket handshake gets it back ([`upgrade::restore_upgrade_headers`]),
+/// no other request forwards it.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -269,6 +271,7 @@ pub struct UpstreamPool {
     targets: Vec<Arc<ConnPool>>,
     next: AtomicUsize,
     timeout: Duration,
+    websocket_idle_timeout: Duration,
 }
 
 impl UpstreamPool {
@@ -302,7 +305,13 @@ impl UpstreamPool {
                 ConnPool::with_tls(authority, workers, limits, tls, protocol)
             })
             .collect();
-        Self { name: name.to_owned(), targets, next: AtomicUsize::new(0), timeout: config.timeout }
+        Self {
+            name: name.to_owned(),
+            targets,
+            next: AtomicUsize::new(0),
+            timeout: config.timeout,
+            websocket_idle_timeout: config.websocket_idle_timeout,
+        }
     }
 
     /// The next target, round robin.
@@ -379,6 +388,65 @@ impl UpstreamPool {
         }
     }
 
+    /// Sends a WebSocket handshake (see [`upgrade::is_websocket`]; its
+    /// upgrade headers restored) to the next target on a connection of its
+    /// own. On `101` the response comes with the [`upgrade::Tunnel`] to run
+    /// once the client has its `101` (`client` is the client connection's
+    /// upgrade); any other answer is passed on as an ordinary response.
+    /// The upstream timeout bounds the wait for the answer's head.
+    pub async fn forward_upgrade(
+        &self,
+        request: Request<CountedBody>,
+        sent: tokio::time::Instant,
+        limits: &BodyLimits,
+        client: hyper::upgrade::OnUpgrade,
+    ) -> Result<(Response<PooledBody>, Option<upgrade::Tunnel>), GatewayError> {
+        let target = self
+            .pick()
+            .ok_or_else(|| GatewayError::Internal(format!("upstream {} has no targets", self.name)))?;
+        let (parts, body) = request.into_parts();
+        let (body, _) = RequestBody::new(body, limits, sent);
+        let mut request = Request::from_parts(parts, body);
+        if let Some(host) = target.host() {
+            request.headers_mut().insert(header::HOST, host.clone());
+        }
+        *request.version_mut() = Version::HTTP_11;
+        let exchange = target.send_upgrade(request);
+        let (mut response, permit) = match tokio::time::timeout_at(sent + self.timeout, exchange).await {
+            Err(_) => {
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: self.name.clone(),
+                    after: self.timeout,
+                });
+            }
+            Ok(Err(error)) => return Err(self.send_failure(error, target)),
+            Ok(Ok(answered)) => answered,
+        };
+        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Err(reason) = check_framing(&response) {
+                return Err(GatewayError::UpstreamBadResponse { upstream: self.name.clone(), reason });
+            }
+            let idle = target.body_idle_timeout();
+            let lease = pool::Lease::dedicated(target, Some(permit));
+            let mut response = response.map(|body| PooledBody::new(body, lease, idle));
+            remove_hop_by_hop(response.headers_mut());
+            return Ok((response, None));
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        let tunnel = upgrade::Tunnel { client, upstream, idle_timeout: self.websocket_idle_timeout, permit };
+        // The upstream's own `Upgrade` value and its `Sec-WebSocket-*`
+        // answer go back; the rest of its hop-by-hop headers do not.
+        let protocol = response.headers().get(header::UPGRADE).cloned();
+        remove_hop_by_hop(response.headers_mut());
+        upgrade::restore_upgrade_headers(response.headers_mut());
+        if let Some(protocol) = protocol {
+            response.headers_mut().insert(header::UPGRADE, protocol);
+        }
+        let idle = target.body_idle_timeout();
+        let lease = pool::Lease::dedicated(target, None);
+        Ok((response.map(|body| PooledBody::new(body, lease, idle)), Some(tunnel)))
+    }
+
     /// The error a failed send is answered with: the client's, when its
     /// body is what failed; the upstream's otherwise.
     fn send_failure(&self, error: pool::SendError, target: &ConnPool) -> GatewayError {
@@ -419,7 +487,8 @@ impl UpstreamPool {
 /// as hop-by-hop, so a response carrying both (a smuggling attempt or a
 /// broken upstream), or a transfer coding other than a lone `chunked`
 /// (which would reach the client undeclared), is refused with 502. A `101`
-/// was never asked for: upgrades are not forwarded.
+/// to an ordinary request was never asked for (WebSocket handshakes go
+/// through [`UpstreamPool::forward_upgrade`]).
 fn check_framing<B>(response: &Response<B>) -> Result<(), String> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         return Err("101 Switching Protocols to a request that asked for no upgrade".to_owned());

@@ -356,7 +356,7 @@ impl ConnPool {
         *request.uri_mut() = http::Uri::from_parts(parts).unwrap_or_default();
         *request.version_mut() = http::Version::HTTP_2;
         match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, Lease { sender: None, pool: Arc::clone(self) })),
+            Ok(response) => Ok((response, Lease { sender: None, pool: Arc::clone(self), _permit: None })),
             Err(mut failed) => {
                 let unsent = failed.take_message();
                 Err((SendError::Http(failed.into_error()), unsent))
@@ -378,33 +378,8 @@ impl ConnPool {
     }
 
     async fn connect(&self) -> Result<Connected, SendError> {
-        let authority = &self.authority;
-        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Full: an idle connection (on any worker) is worth less than
-                // a request waiting; closing one frees its permit shortly.
-                self.evict_one_idle();
-                match tokio::time::timeout(self.connect_timeout, Arc::clone(&self.permits).acquire_owned())
-                    .await
-                {
-                    Ok(Ok(permit)) => permit,
-                    // The semaphore is never closed; treat it as full if it were.
-                    Err(_) | Ok(Err(_)) => {
-                        return Err(SendError::Busy(authority.clone(), self.max_connections));
-                    }
-                }
-            }
-        };
-        let default_port = if self.tls.is_some() { 443 } else { 80 };
-        let address = (authority.host(), authority.port_u16().unwrap_or(default_port));
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
-            Err(_) => return Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
-            Ok(Err(error)) => return Err(SendError::Connect(authority.clone(), error.to_string())),
-            Ok(Ok(stream)) => stream,
-        };
-        // Small request/response exchanges must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
+        let permit = self.permit().await?;
+        let stream = self.tcp().await?;
         let Some(tls) = &self.tls else {
             return if self.protocol == Protocol::Http2 {
                 // h2c: HTTP/2 with prior knowledge on a plain connection.
@@ -413,17 +388,7 @@ impl ConnPool {
                 start_h1(stream, permit).await.map(Connected::H1)
             };
         };
-        // The handshake shares the connect timeout: a target that accepts
-        // TCP and never answers TLS costs no more than one that never answers.
-        let handshake = tls.connector.connect(tls.name.clone(), stream);
-        let stream = match tokio::time::timeout(self.connect_timeout, handshake).await {
-            Err(_) => return Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
-            Ok(Err(error)) => {
-                let reason = crate::upstream_tls::rustls_reason(&error).unwrap_or_else(|| error.to_string());
-                return Err(SendError::Tls(authority.clone(), reason));
-            }
-            Ok(Ok(stream)) => stream,
-        };
+        let stream = self.handshake(tls, stream).await?;
         let h2 = match stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => true,
             // No ALPN answer: `http2` means prior knowledge, else HTTP/1.1.
@@ -434,6 +399,87 @@ impl ConnPool {
             start_h2(stream, permit).await.map(Connected::H2)
         } else {
             start_h1(stream, permit).await.map(Connected::H1)
+        }
+    }
+
+    /// Sends an upgrade request (WebSocket) on a connection of its own,
+    /// never pooled and always HTTP/1.1 (`Upgrade` does not exist in
+    /// HTTP/2). The connection is made for hyper to hand over on `101`; the
+    /// returned permit counts it against `max_connections` for as long as
+    /// the caller holds it (the tunnel's life, or the refusal's body).
+    pub async fn send_upgrade(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, tokio::sync::OwnedSemaphorePermit), SendError> {
+        let permit = self.permit().await?;
+        let stream = self.tcp().await?;
+        let mut sender = match &self.tls {
+            None => start_upgradable(stream).await?,
+            Some(tls) => {
+                let stream = self.handshake(tls, stream).await?;
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let why = "chose HTTP/2 by ALPN; an upgrade needs HTTP/1.1 (set protocol = \"http1\")";
+                    return Err(SendError::Connect(self.authority.clone(), why.to_owned()));
+                }
+                start_upgradable(stream).await?
+            }
+        };
+        let response = sender.send_request(request).await?;
+        Ok((response, permit))
+    }
+
+    /// A permit for one more open connection to this target, waiting up to
+    /// the connect timeout when all are taken.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, SendError> {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                // Full: an idle connection (on any worker) is worth less than
+                // a request waiting; closing one frees its permit shortly.
+                self.evict_one_idle();
+                match tokio::time::timeout(self.connect_timeout, Arc::clone(&self.permits).acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => Ok(permit),
+                    // The semaphore is never closed; treat it as full if it were.
+                    Err(_) | Ok(Err(_)) => Err(SendError::Busy(self.authority.clone(), self.max_connections)),
+                }
+            }
+        }
+    }
+
+    /// A TCP connection to the target, within the connect timeout.
+    async fn tcp(&self) -> Result<TcpStream, SendError> {
+        let authority = &self.authority;
+        let default_port = if self.tls.is_some() { 443 } else { 80 };
+        let address = (authority.host(), authority.port_u16().unwrap_or(default_port));
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
+            Err(_) => return Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
+            Ok(Err(error)) => return Err(SendError::Connect(authority.clone(), error.to_string())),
+            Ok(Ok(stream)) => stream,
+        };
+        // Small request/response exchanges must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// The TLS handshake on a new connection. It shares the connect
+    /// timeout: a target that accepts TCP and never answers TLS costs no
+    /// more than one that never answers.
+    async fn handshake(
+        &self,
+        tls: &TargetTls,
+        stream: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SendError> {
+        let authority = &self.authority;
+        let handshake = tls.connector.connect(tls.name.clone(), stream);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Err(_) => Err(SendError::ConnectTimeout(authority.clone(), self.connect_timeout)),
+            Ok(Err(error)) => {
+                let reason = crate::upstream_tls::rustls_reason(&error).unwrap_or_else(|| error.to_string());
+                Err(SendError::Tls(authority.clone(), reason))
+            }
+            Ok(Ok(stream)) => Ok(stream),
         }
     }
 
@@ -452,7 +498,7 @@ impl ConnPool {
     }
 
     fn lease(self: &Arc<Self>, sender: SendRequest<RequestBody>) -> Lease {
-        Lease { sender: Some(sender), pool: Arc::clone(self) }
+        Lease { sender: Some(sender), pool: Arc::clone(self), _permit: None }
     }
 
     fn put_back(&self, sender: SendRequest<RequestBody>) {
@@ -491,6 +537,22 @@ where
     Ok(sender)
 }
 
+/// Starts an HTTP/1.1 connection for one upgrade request: hyper hands its
+/// IO over to the response's `OnUpgrade` on `101` (the task then ends),
+/// and the sender is dropped after that one request.
+async fn start_upgradable<IO>(io: IO) -> Result<SendRequest<RequestBody>, SendError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, "upstream upgrade connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
 /// Starts an HTTP/2 connection on `io`, its task holding `permit` like an
 /// HTTP/1.1 connection's.
 async fn start_h2<IO>(
@@ -518,9 +580,18 @@ where
 pub struct Lease {
     sender: Option<SendRequest<RequestBody>>,
     pool: Arc<ConnPool>,
+    /// A dedicated (upgrade) connection's `max_connections` permit, held
+    /// while its response streams; pooled connections' tasks hold theirs.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Lease {
+    /// The lease of a dedicated connection's response: never pooled, its
+    /// permit (if the tunnel did not take it) given back when the response ends.
+    pub fn dedicated(pool: &Arc<ConnPool>, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        Self { sender: None, pool: Arc::clone(pool), _permit: permit }
+    }
+
     /// The response was read to its end: the connection can serve another.
     pub fn release(mut self) {
         if let Some(sender) = self.sender.take() {

@@ -272,10 +272,16 @@ impl Connection {
         let Self { protocols, draining, gateway, peer, transport: _ } = self;
         let activity = Arc::new(Activity::default());
         let requests = Arc::clone(&activity);
-        let service = service_fn(move |request| {
+        let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
             let gateway = Arc::clone(&gateway);
             let client = client.clone();
             let guard = requests.request();
+            // Only a request asking for an upgrade pays for this (one allocation):
+            // its tunnel, if there is one, keeps the connection counted.
+            if request.headers().contains_key(http::header::UPGRADE) {
+                let hold = proxy::upgrade::ConnectionHold::new(requests.tunnel());
+                request.extensions_mut().insert(hold);
+            }
             // Boxed per request: hyper keeps one slot for the request future
             // per connection for the connection's whole life, so an unboxed
             // future (about 3.6 KiB) would be held by every idle connection.
@@ -288,8 +294,18 @@ impl Connection {
         let deadlines = Deadlines::new(&protocols.edge, protocol == Protocol::Http2);
         let ended = match protocol {
             Protocol::Http1 => {
-                let connection = protocols.http1.serve_connection(io, service);
-                describe(watchdog::drive(connection, &activity, deadlines, draining).await)
+                // With upgrades: on a `101` hyper hands the connection to
+                // the WebSocket tunnel and this future ends (the watchdog
+                // with it), so HTTP deadlines never cut a tunnel.
+                let connection = protocols.http1.serve_connection(io, service).with_upgrades();
+                // Kept past the HTTP connection: a drain waits for open tunnels too.
+                let drain = draining.clone();
+                let ended = describe(watchdog::drive(connection, &activity, deadlines, draining).await);
+                // An upgraded connection is still this task's: its
+                // `max_connections` slot and the drain last until its tunnel closes.
+                activity.tunnels_closed().await;
+                drop(drain);
+                ended
             }
             // Boxed: an HTTP/2 connection's state is several times an
             // HTTP/1.1 one's, and unboxed it would size every connection's

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -53,6 +52,10 @@ pub struct Activity {
     writes: AtomicU64,
     /// The last write found the socket's send buffer full.
     write_blocked: AtomicBool,
+    /// Upgraded (WebSocket) tunnels of this connection still open: the
+    /// connection's task waits for them after hyper handed the socket over.
+    tunnels: AtomicUsize,
+    tunnel_closed: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -62,6 +65,39 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
         RequestGuard(Arc::clone(self))
+    }
+}
+
+impl Activity {
+    /// Counts a tunnel as open until the returned hold is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelGuard(Arc::clone(self))
+    }
+
+    /// Resolves once no tunnel of this connection is open.
+    pub async fn tunnels_closed(&self) {
+        loop {
+            let closed = self.tunnel_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read: a close in between wakes it.
+            closed.as_mut().enable();
+            if self.tunnels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// An upgrade request's hold on its connection; see [`Activity::tunnel`].
+#[derive(Debug)]
+pub struct TunnelGuard(Arc<Activity>);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.0.tunnel_closed.notify_waiters();
     }
 }
 
@@ -298,6 +334,67 @@ impl Watchdog {
     }
 }
 
+/// A served connection the watchdog can drive and ask to shut down
+/// gracefully. hyper-util's `GracefulConnection` would do, but it has no
+/// impl for hyper's HTTP/1 `UpgradeableConnection` (what serves WebSocket
+/// upgrades) and is sealed, so the two kinds served are named here.
+pub trait Served: std::future::Future<Output = Result<(), Self::Error>> {
+    type Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Served for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        // After an upgrade there is no HTTP connection left to shut down:
+        // hyper makes this a no-op, and the tunnel has its own idle timeout.
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> Served for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// The admin listener's connections (HTTP/1.1 or HTTP/2, detected by hyper-util).
+impl<I, B, S, E> Served for hyper_util::server::conn::auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper_util::server::conn::auto::Connection::graceful_shutdown(self);
+    }
+}
+
 /// How a driven connection ended.
 #[derive(Debug)]
 pub enum Ended<E> {
@@ -312,7 +409,7 @@ pub enum Ended<E> {
 /// `draining` turns true) a graceful shutdown completes. A graceful shutdown,
 /// for the drain or for idleness, still has `send` to finish before the
 /// connection is dropped.
-pub async fn drive<C: GracefulConnection>(
+pub async fn drive<C: Served>(
     connection: C,
     activity: &Activity,
     deadlines: Deadlines,
