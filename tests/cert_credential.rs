@@ -455,16 +455,7 @@ async fn usage_of_certificate_callers_is_counted_for_their_client_without_a_key(
     // Usage is recorded when each response body ends; every body was read.
     flusher.flush_now().await.unwrap();
 
-    let mut conn =
-        redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let now = Timestamp::now();
-    let query = keygate::usage::UsageQuery {
-        client: Some("acme".to_owned()),
-        since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
-        until: now,
-        by: keygate::usage::Granularity::Day,
-    };
-    let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+    let report = redis.usage_report("acme").await;
     assert_eq!(report.totals.requests, 6, "{report:?}");
     let json = serde_json::to_value(&report).unwrap().to_string();
     assert!(json.contains("/cert") && json.contains("/orders"), "per route: {json}");

@@ -18,6 +18,7 @@ use common::binary::Served;
 use common::gateway::{Answer, TestGateway, http1_client, send};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
+use common::wait::eventually;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use jiff::{SignedDuration, Timestamp};
@@ -164,22 +165,6 @@ async fn request(gateway: &TestGateway, method: Method, path: &str, headers: &[(
 /// `GET path` with `Authorization: Bearer key`.
 async fn get_with_key(gateway: &TestGateway, path: &str, key: &str) -> Answer {
     request(gateway, Method::GET, path, &[("authorization", &format!("Bearer {key}"))]).await
-}
-
-/// Polls `check` until it returns true or `deadline` passes; returns how long it took.
-async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
-        tokio::task::yield_now().await;
-    }
 }
 
 async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> T {

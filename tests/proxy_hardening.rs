@@ -468,19 +468,10 @@ async fn a_client_gone_mid_stream_is_still_counted_in_usage() {
     within(10, "the upstream's response to be dropped", closed.recv()).await;
 
     let flusher = gateway.gateway.usage_flusher().expect("usage flushes to Redis");
-    let mut conn =
-        redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let requests = within(10, "the abandoned request in usage", async {
         loop {
             flusher.flush_now().await.unwrap();
-            let now = jiff::Timestamp::now();
-            let query = keygate::usage::UsageQuery {
-                client: Some("acme".to_owned()),
-                since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
-                until: now,
-                by: keygate::usage::Granularity::Day,
-            };
-            let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+            let report = redis.usage_report("acme").await;
             if report.totals.requests > 0 {
                 return report.totals.requests;
             }

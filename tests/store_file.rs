@@ -4,7 +4,6 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use common::wait::{wait_for, within};
 use jiff::Timestamp;
@@ -141,7 +140,7 @@ async fn a_key_written_a_moment_ago_is_found_on_its_first_lookup() {
 
 #[tokio::test]
 async fn malformed_files_are_skipped_with_a_warning_and_the_rest_served() {
-    let (logs, _capturing) = capture_logs();
+    let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let (_, good) = issue("acme", "k1");
     let (_, typo) = issue("acme", "k2");
@@ -154,7 +153,7 @@ async fn malformed_files_are_skipped_with_a_warning_and_the_rest_served() {
     let store = FileStore::open(dir.path()).await.unwrap();
     assert_eq!(store.list(None).await.unwrap().len(), 1);
     assert!(store.find_by_hash("acme", &good.secret_hash).await.unwrap().is_some());
-    let logged = logs.lock().unwrap().clone();
+    let logged = logs.text();
     assert!(logged.contains("acme.k2.toml") && logged.contains("rate_limit"), "{logged}");
     assert!(logged.contains("acme.k3.toml"), "{logged}");
     assert!(!logged.contains("README") && !logged.contains("notes.txt"), "ignored silently: {logged}");
@@ -186,24 +185,4 @@ async fn dropping_the_store_stops_watching() {
         while !matches!(invalidations.recv().await, Err(broadcast::error::RecvError::Closed)) {}
     })
     .await;
-}
-
-/// Routes this thread's `tracing` output into a buffer. Tokio's
-/// current-thread test runtime runs the store's tasks on this thread too.
-fn capture_logs() -> (Arc<Mutex<String>>, tracing::subscriber::DefaultGuard) {
-    #[derive(Clone)]
-    struct Buffer(Arc<Mutex<String>>);
-    impl Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().push_str(&String::from_utf8_lossy(bytes));
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buffer = Buffer(Arc::default());
-    let logs = Arc::clone(&buffer.0);
-    let subscriber = tracing_subscriber::fmt().with_writer(move || buffer.clone()).with_ansi(false).finish();
-    (logs, tracing::subscriber::set_default(subscriber))
 }

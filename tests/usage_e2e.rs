@@ -14,7 +14,6 @@ use http_body_util::Full;
 use jiff::Timestamp;
 use keygate::meta::MetaChanges;
 use keygate::store::redis::RedisStore;
-use keygate::usage::{Granularity, UsageQuery, UsageReport};
 
 fn config(redis: &RedisServer) -> String {
     format!(
@@ -45,19 +44,6 @@ async fn calls(addr: &str, key: &str, n: usize, expect: u16) {
     }
 }
 
-async fn report(redis: &RedisServer, client: &str) -> UsageReport {
-    let mut conn =
-        redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let now = Timestamp::now();
-    let query = UsageQuery {
-        client: Some(client.to_owned()),
-        since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
-        until: now,
-        by: Granularity::Day,
-    };
-    keygate::usage::query(&mut conn, "kg:", &query).await.unwrap()
-}
-
 /// `keygate serve` on the test Redis; returns its folder (keep it alive),
 /// the process and the address it listens on.
 fn serve(redis: &RedisServer) -> (tempfile::TempDir, Served, String) {
@@ -86,11 +72,11 @@ async fn every_request_is_in_redis_after_sigterm() {
     // No waiting for a periodic flush: the final flush on SIGTERM must carry all.
     tokio::task::spawn_blocking(move || stop(served)).await.unwrap();
 
-    let acme = report(&redis, "acme").await;
+    let acme = redis.usage_report("acme").await;
     assert_eq!(acme.totals.requests, 137);
     assert_eq!(acme.totals.status_2xx, 137);
     assert_eq!(acme.clients[0].routes["/"].requests, 137);
-    let anonymous = report(&redis, keygate::usage::ANONYMOUS).await;
+    let anonymous = redis.usage_report(keygate::usage::ANONYMOUS).await;
     assert_eq!(anonymous.totals.requests, 11);
     assert_eq!(anonymous.totals.refused_401, 11);
 }
@@ -110,11 +96,11 @@ async fn a_redis_restart_mid_run_loses_no_count() {
 
     // The flusher retries on its own once Redis is back: wait for it.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while report(&redis, "acme").await.totals.requests < 200 && Instant::now() < deadline {
+    while redis.usage_report("acme").await.totals.requests < 200 && Instant::now() < deadline {
         tokio::task::yield_now().await;
     }
     tokio::task::spawn_blocking(move || stop(served)).await.unwrap();
-    assert_eq!(report(&redis, "acme").await.totals.requests, 300);
+    assert_eq!(redis.usage_report("acme").await.totals.requests, 300);
 }
 
 /// Regression (issue 16, defect 4): a chunked upload (no Content-Length)
@@ -158,7 +144,7 @@ async fn chunked_uploads_count_the_bytes_read_from_the_client() {
     }
     tokio::task::spawn_blocking(move || stop(served)).await.unwrap();
 
-    let acme = report(&redis, "acme").await;
+    let acme = redis.usage_report("acme").await;
     assert_eq!(acme.clients[0].routes["/up"].bytes_in, 40, "through an upstream");
     assert_eq!(acme.clients[0].routes["/"].bytes_in, 40, "through the echo");
     assert_eq!(acme.totals.bytes_in, 80);

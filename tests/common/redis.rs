@@ -124,6 +124,21 @@ impl RedisServer {
 
     /// `redis://127.0.0.1:<port>/` (`rediss://` over TLS), for
     /// `RedisStore::connect` and friends.
+    /// The usage of `client` over the last two hours, by day, as
+    /// `keygate usage --json` reads it (prefix `kg:`, the default).
+    pub async fn usage_report(&self, client: &str) -> keygate::usage::UsageReport {
+        let mut conn =
+            redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let now = jiff::Timestamp::now();
+        let query = keygate::usage::UsageQuery {
+            client: Some(client.to_owned()),
+            since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
+            until: now,
+            by: keygate::usage::Granularity::Day,
+        };
+        keygate::usage::query(&mut conn, "kg:", &query).await.unwrap()
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
         format!("{scheme}://127.0.0.1:{}/", self.port)
