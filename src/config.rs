@@ -959,7 +959,8 @@ impl RawConfig {
     pub fn validate_for(self, base: &Path, purpose: Purpose) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
 
-        let listeners = validate_listeners(&mut p, &self.server, base);
+        let mut covered = Vec::new();
+        let listeners = validate_listeners(&mut p, &self.server, base, &mut covered);
         let listen = listeners[0].listen;
         let server = ServerConfig {
             listen,
@@ -1009,7 +1010,7 @@ impl RawConfig {
             }
             routes.push(route);
         }
-        check_certificates_cover_hosts(&mut p, &server.listeners, &routes);
+        check_certificates_cover_hosts(&mut p, &covered, &routes);
 
         let limits = validate_limits(&mut p, self.limits, &store);
         let usage = UsageConfig {
@@ -1138,7 +1139,14 @@ fn validate_admin(p: &mut Problems, raw: RawAdmin, env: Option<&EnvLookup<'_>>) 
 /// `server.listen` or the `[[server.listener]]` entries (never both), each
 /// TLS listener's files loaded to prove they serve. Never empty: on a
 /// problem, a placeholder listener stands in (the config is refused anyway).
-fn validate_listeners(p: &mut Problems, raw: &RawServer, base: &Path) -> Vec<ListenerConfig> {
+/// The listeners, and (in `covered`) the names each TLS listener's
+/// certificates cover, for [`check_certificates_cover_hosts`].
+fn validate_listeners(
+    p: &mut Problems,
+    raw: &RawServer,
+    base: &Path,
+    covered: &mut Vec<(String, Vec<String>)>,
+) -> Vec<ListenerConfig> {
     let address = |p: &mut Problems, field: &str, text: &str| {
         text.parse::<SocketAddr>().map_err(|_| {
             p.push(field, format!("`{text}` is not an address like \"127.0.0.1:8080\""));
@@ -1184,40 +1192,32 @@ fn validate_listeners(p: &mut Problems, raw: &RawServer, base: &Path) -> Vec<Lis
                 }
                 None
             }
-            Some(tls) => validate_listener_tls(p, &at, raw, tls, base, &provider),
+            Some(tls) => validate_listener_tls(p, &at, raw, tls, base, &provider, covered),
         };
         listeners.push(ListenerConfig { listen, tls });
     }
     if listeners.is_empty() { fallback() } else { listeners }
 }
 
-/// One listener's `tls`, `handshake_timeout`, `client_ca` and `client_auth`;
-/// every file is loaded, so `keygate check` finds a broken one.
 /// A TLS listener whose certificates name none of the routes' hosts could
 /// only ever hand clients a certificate for some other name: refused. (With
-/// no route naming a host, any certificate may be the right one.) A file
-/// that does not load was already reported where it is named.
-fn check_certificates_cover_hosts(p: &mut Problems, listeners: &[ListenerConfig], routes: &[RouteConfig]) {
+/// no route naming a host, any certificate may be the right one.) `covered`
+/// holds, per TLS listener whose files all loaded, its field and the names
+/// its certificates cover, as [`validate_listener_tls`] read them.
+fn check_certificates_cover_hosts(
+    p: &mut Problems,
+    covered: &[(String, Vec<String>)],
+    routes: &[RouteConfig],
+) {
     let hosts: std::collections::BTreeSet<&str> = routes.iter().filter_map(|r| r.host.as_deref()).collect();
     if hosts.is_empty() {
         return;
     }
-    let provider = crate::redis_target::provider();
-    for (i, listener) in listeners.iter().enumerate() {
-        let Some(tls) = &listener.tls else { continue };
-        let loaded: Vec<_> = tls
-            .certs
-            .iter()
-            .filter_map(|files| crate::tls::certs::load(&files.cert, &files.key, &provider).ok())
-            .collect();
-        if loaded.len() < tls.certs.len() {
-            continue;
-        }
-        if !hosts.iter().any(|host| loaded.iter().any(|cert| cert.covers(host))) {
-            let names: Vec<&str> = loaded.iter().flat_map(|c| c.names.iter().map(String::as_str)).collect();
+    for (field, names) in covered {
+        if !hosts.iter().any(|host| crate::tls::certs::names_cover(names, host)) {
             let hosts: Vec<&str> = hosts.iter().copied().collect();
             p.push(
-                format!("server.listener[{i}].tls"),
+                field,
                 format!(
                     "its certificates name {} but no route host ({}): clients would get a certificate for another name",
                     names.join(", "),
@@ -1228,6 +1228,8 @@ fn check_certificates_cover_hosts(p: &mut Problems, listeners: &[ListenerConfig]
     }
 }
 
+/// One listener's `tls`, `handshake_timeout`, `client_ca` and `client_auth`;
+/// every file is loaded, so `keygate check` finds a broken one.
 fn validate_listener_tls(
     p: &mut Problems,
     at: &str,
@@ -1235,6 +1237,7 @@ fn validate_listener_tls(
     tls: &RawTls,
     base: &Path,
     provider: &rustls::crypto::CryptoProvider,
+    covered: &mut Vec<(String, Vec<String>)>,
 ) -> Option<ListenerTls> {
     use crate::tls::certs;
     let mut entries: Vec<(String, CertFiles)> = Vec::new();
@@ -1263,10 +1266,22 @@ fn validate_listener_tls(
         p.push(&field, "a TLS listener needs a certificate: `tls = { cert = \"...\", key = \"...\" }`");
         return None;
     }
+    let mut names = Some(Vec::new());
     for (field, files) in &entries {
-        if let Err(error) = certs::load(&files.cert, &files.key, provider) {
-            p.push(format!("{field}.{}", error.file.field()), error.message);
+        match certs::load(&files.cert, &files.key, provider) {
+            Ok(loaded) => {
+                if let Some(names) = &mut names {
+                    names.extend(loaded.names);
+                }
+            }
+            Err(error) => {
+                p.push(format!("{field}.{}", error.file.field()), error.message);
+                names = None;
+            }
         }
+    }
+    if let Some(names) = names {
+        covered.push((format!("{at}.tls"), names));
     }
     let handshake_timeout = p.duration(
         &format!("{at}.handshake_timeout"),

@@ -226,8 +226,15 @@ fn server_config(
     let builder = match &tls.client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => {
-            let roots = certs::load_roots(&auth.ca)
-                .map_err(|e| TlsError { field: format!("{at}.client_ca"), message: e.message })?;
+            // The CA's bytes as `resumption` read them (they decide whether
+            // sessions carry over), so the file is read once per build. Both
+            // come from this `tls`; should they ever disagree, fail closed.
+            let Some((_, pem)) = &resumption.client_auth else {
+                let message = "the client CA was not read with the listener's sessions".to_owned();
+                return Err(TlsError { field: format!("{at}.client_ca"), message });
+            };
+            let roots = crate::pem::roots(&auth.ca, pem)
+                .map_err(|message| TlsError { field: format!("{at}.client_ca"), message })?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
             let verifier = match auth.mode {
                 ClientAuthMode::Required => verifier,

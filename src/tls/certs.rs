@@ -68,16 +68,17 @@ impl LoadedCert {
         jiff::Timestamp::from_second(self.not_after)
             .map_or_else(|_| self.not_after.to_string(), |t| t.to_string())
     }
+}
 
-    /// Whether a client asking for `host` (lowercase, no port) would get a
-    /// certificate valid for it: an exact name, or a wildcard one label up.
-    pub fn covers(&self, host: &str) -> bool {
-        let parent = host.split_once('.').map(|(_, parent)| parent);
-        self.names.iter().any(|name| match name.strip_prefix("*.") {
-            Some(wildcard) => parent == Some(wildcard),
-            None => name == host,
-        })
-    }
+/// Whether a client asking for `host` (lowercase, no port) would get a
+/// certificate valid for it from one naming `names`: an exact name, or a
+/// wildcard one label up.
+pub fn names_cover(names: &[String], host: &str) -> bool {
+    let parent = host.split_once('.').map(|(_, parent)| parent);
+    names.iter().any(|name| match name.strip_prefix("*.") {
+        Some(wildcard) => parent == Some(wildcard),
+        None => name == host,
+    })
 }
 
 /// Loads `cert` (a PEM chain, leaf first) and `key` (a PEM private key) and
