@@ -325,6 +325,9 @@ pub struct RouteConfig {
     pub body: BodyLimits,
     /// What a request that did not come over TLS gets (`tls_only`).
     pub plain: PlainHttp,
+    /// Methods whose failed attempts may be retried on another target
+    /// (`retry_methods`; the idempotent ones by default).
+    pub retry_methods: crate::proxy::retry::RetryMethods,
 }
 
 /// A route's answer to requests over cleartext HTTP (`tls_only`,
@@ -391,6 +394,20 @@ pub struct UpstreamConfig {
     /// For `https://` targets: the rustls config (built at load, shared by
     /// every worker) and the name to verify. `None` when every target is `http://`.
     pub tls: Option<UpstreamTls>,
+    /// `balance`: how a target is chosen.
+    pub balance: crate::proxy::balance::Policy,
+    /// `weights`: each target's share, in `targets` order (all 1 by default).
+    pub weights: Vec<u32>,
+    /// `passive = {...}`: ejection on consecutive failures.
+    pub passive: crate::proxy::health::PassiveSettings,
+    /// `health = {...}`: active checks, if configured.
+    pub health: Option<crate::proxy::health::ActiveSettings>,
+    /// `retries`, `retry_budget`, `retry_statuses`, `retry_buffer`, `try_timeout`.
+    pub retry: crate::proxy::retry::RetrySettings,
+    /// Circuit breaking: requests in flight allowed (`max_requests`) and
+    /// connection attempts pending (`max_pending`), all targets together.
+    pub max_requests: usize,
+    pub max_pending: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -408,6 +425,11 @@ pub struct AdminConfig {
     pub token: AdminToken,
     /// Who the audit trail says acted when a call used this token.
     pub token_name: String,
+    /// `readyz_requires_healthy_upstreams`: `/readyz` also answers 503
+    /// while some upstream has no target in rotation (off by default: a
+    /// gateway whose upstreams are all down can still answer its refusals,
+    /// and taking it out of a load balancer fixes nothing).
+    pub readyz_requires_healthy_upstreams: bool,
 }
 
 /// The admin bearer token. Only its SHA-256 digest is kept: comparing digests
@@ -619,6 +641,7 @@ struct RawRoute {
     #[serde(default)]
     tls_only: bool,
     tls_redirect: Option<bool>,
+    retry_methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -638,6 +661,38 @@ struct RawUpstream {
     client_key: Option<String>,
     server_name: Option<String>,
     protocol: Option<String>,
+    balance: Option<String>,
+    weights: Option<Vec<u32>>,
+    passive: Option<RawPassive>,
+    health: Option<RawActiveHealth>,
+    retries: Option<u32>,
+    retry_budget: Option<f64>,
+    retry_statuses: Option<Vec<u16>>,
+    retry_buffer: Option<String>,
+    try_timeout: Option<String>,
+    max_requests: Option<usize>,
+    max_pending: Option<usize>,
+}
+
+/// `passive = { failures = 5, count_5xx = true, ejection = "10s", max_ejection = "5m" }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassive {
+    failures: Option<u32>,
+    count_5xx: Option<bool>,
+    ejection: Option<String>,
+    max_ejection: Option<String>,
+}
+
+/// `health = { path = "/healthz", interval = "5s", timeout = "1s", healthy = 2, unhealthy = 3 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActiveHealth {
+    path: String,
+    interval: Option<String>,
+    timeout: Option<String>,
+    healthy: Option<u32>,
+    unhealthy: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -654,6 +709,7 @@ struct RawAdmin {
     token: Option<String>,
     token_env: Option<String>,
     token_name: Option<String>,
+    readyz_requires_healthy_upstreams: Option<bool>,
 }
 
 // Hand-written so a token written inline never reaches a log through `{:?}`.
@@ -664,6 +720,7 @@ impl fmt::Debug for RawAdmin {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_env", &self.token_env)
             .field("token_name", &self.token_name)
+            .field("readyz_requires_healthy_upstreams", &self.readyz_requires_healthy_upstreams)
             .finish()
     }
 }
@@ -753,6 +810,7 @@ impl Config {
                 upload_idle_timeout: None,
                 tls_only: false,
                 tls_redirect: None,
+                retry_methods: None,
             }],
             ..RawConfig::default()
         };
@@ -1073,6 +1131,7 @@ fn validate_admin(p: &mut Problems, raw: RawAdmin, env: Option<&EnvLookup<'_>>) 
             ("token", raw.token.is_some()),
             ("token_env", raw.token_env.is_some()),
             ("token_name", raw.token_name.is_some()),
+            ("readyz_requires_healthy_upstreams", raw.readyz_requires_healthy_upstreams.is_some()),
         ] {
             if set {
                 p.push(
@@ -1133,7 +1192,8 @@ fn validate_admin(p: &mut Problems, raw: RawAdmin, env: Option<&EnvLookup<'_>>) 
         }
         Some(AdminToken::new(token.trim()))
     })?;
-    Some(AdminConfig { listen, token, token_name })
+    let readyz_requires_healthy_upstreams = raw.readyz_requires_healthy_upstreams.unwrap_or(false);
+    Some(AdminConfig { listen, token, token_name, readyz_requires_healthy_upstreams })
 }
 
 /// `server.listen` or the `[[server.listener]]` entries (never both), each
@@ -1626,7 +1686,182 @@ fn validate_upstream(p: &mut Problems, at: &str, raw: RawUpstream, base: &Path) 
         ),
         protocol,
         tls,
+        balance: match raw.balance.as_deref().map(|text| (text, crate::proxy::balance::Policy::parse(text))) {
+            None => crate::proxy::balance::Policy::default(),
+            Some((_, Some(policy))) => policy,
+            Some((text, None)) => {
+                p.push(
+                    format!("{at}.balance"),
+                    format!("`{text}` is not a policy; use \"round_robin\", \"least_outstanding\" or \"client_hash\""),
+                );
+                crate::proxy::balance::Policy::default()
+            }
+        },
+        weights: validate_weights(p, at, raw.weights.as_deref(), raw.targets.len()),
+        passive: validate_passive(p, at, raw.passive),
+        health: raw.health.map(|raw| validate_active_health(p, at, raw)),
+        retry: validate_retry(
+            p,
+            at,
+            &raw.retry_budget,
+            raw.retries,
+            raw.retry_statuses,
+            raw.retry_buffer.as_deref(),
+            raw.try_timeout.as_deref(),
+        ),
+        max_requests: at_least_one(p, &format!("{at}.max_requests"), raw.max_requests, 4096),
+        max_pending: at_least_one(p, &format!("{at}.max_pending"), raw.max_pending, 1024),
     }
+}
+
+fn at_least_one(p: &mut Problems, field: &str, value: Option<usize>, default: usize) -> usize {
+    match value {
+        Some(0) => {
+            p.push(field, "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    }
+}
+
+/// `weights`: one per target, 0 to 1000, not all 0.
+fn validate_weights(p: &mut Problems, at: &str, weights: Option<&[u32]>, targets: usize) -> Vec<u32> {
+    let Some(weights) = weights else { return vec![1; targets] };
+    let field = format!("{at}.weights");
+    if weights.len() != targets {
+        p.push(
+            &field,
+            format!("{} weights for {targets} targets; give one per target, in order", weights.len()),
+        );
+        return vec![1; targets];
+    }
+    if let Some(i) = weights.iter().position(|&w| w > 1000) {
+        p.push(format!("{field}[{i}]"), "a weight is 0 (no requests) to 1000");
+        return vec![1; targets];
+    }
+    if weights.iter().all(|&w| w == 0) {
+        p.push(&field, "every weight is 0: no target would get a request");
+        return vec![1; targets];
+    }
+    weights.to_vec()
+}
+
+fn validate_passive(
+    p: &mut Problems,
+    at: &str,
+    raw: Option<RawPassive>,
+) -> crate::proxy::health::PassiveSettings {
+    let defaults = crate::proxy::health::PassiveSettings::default();
+    let raw = raw.unwrap_or_default();
+    let ejection = p.duration(&format!("{at}.passive.ejection"), raw.ejection.as_deref(), defaults.ejection);
+    let max_ejection =
+        p.duration(&format!("{at}.passive.max_ejection"), raw.max_ejection.as_deref(), defaults.max_ejection);
+    if ejection.is_zero() {
+        p.push(
+            format!("{at}.passive.ejection"),
+            "must be longer than 0s (set `failures = 0` to turn passive health off)",
+        );
+    }
+    if max_ejection < ejection {
+        p.push(format!("{at}.passive.max_ejection"), format!("is shorter than `ejection` ({ejection:?})"));
+    }
+    crate::proxy::health::PassiveSettings {
+        failures: raw.failures.unwrap_or(defaults.failures),
+        count_5xx: raw.count_5xx.unwrap_or(defaults.count_5xx),
+        ejection,
+        max_ejection,
+    }
+}
+
+fn validate_active_health(
+    p: &mut Problems,
+    at: &str,
+    raw: RawActiveHealth,
+) -> crate::proxy::health::ActiveSettings {
+    let at = format!("{at}.health");
+    let path = match raw.path.parse::<http::uri::PathAndQuery>() {
+        Ok(path) if raw.path.starts_with('/') => path,
+        _ => {
+            p.push(format!("{at}.path"), format!("`{}` is not a path like \"/healthz\"", raw.path));
+            http::uri::PathAndQuery::from_static("/")
+        }
+    };
+    let interval = p.duration(&format!("{at}.interval"), raw.interval.as_deref(), Duration::from_secs(5));
+    let timeout = p.duration(&format!("{at}.timeout"), raw.timeout.as_deref(), Duration::from_secs(1));
+    if interval.is_zero() {
+        p.push(format!("{at}.interval"), "must be longer than 0s");
+    }
+    if timeout.is_zero() || timeout > interval {
+        p.push(
+            format!("{at}.timeout"),
+            format!("must be longer than 0s and at most `interval` ({interval:?})"),
+        );
+    }
+    let mut count = |field: &str, value: Option<u32>, default: u32| match value {
+        Some(0) => {
+            p.push(format!("{at}.{field}"), "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let healthy = count("healthy", raw.healthy, 2);
+    let unhealthy = count("unhealthy", raw.unhealthy, 3);
+    crate::proxy::health::ActiveSettings { path, interval, timeout, healthy, unhealthy }
+}
+
+fn validate_retry(
+    p: &mut Problems,
+    at: &str,
+    budget: &Option<f64>,
+    retries: Option<u32>,
+    statuses: Option<Vec<u16>>,
+    buffer: Option<&str>,
+    try_timeout: Option<&str>,
+) -> crate::proxy::retry::RetrySettings {
+    use crate::proxy::upstream::MAX_RETRIES;
+    let defaults = crate::proxy::retry::RetrySettings::default();
+    let retries = match retries {
+        Some(n) if n > MAX_RETRIES => {
+            p.push(
+                format!("{at}.retries"),
+                format!("at most {MAX_RETRIES}; the retry budget bounds them anyway"),
+            );
+            defaults.retries
+        }
+        Some(n) => n,
+        None => defaults.retries,
+    };
+    let budget = match *budget {
+        Some(b) if !(0.0..=1.0).contains(&b) => {
+            p.push(
+                format!("{at}.retry_budget"),
+                "a fraction of requests, 0 to 1 (0.2: one retry per five requests)",
+            );
+            defaults.budget
+        }
+        Some(b) => b,
+        None => defaults.budget,
+    };
+    let statuses = statuses.unwrap_or(defaults.statuses);
+    if let Some(i) = statuses.iter().position(|s| !(500..=599).contains(s)) {
+        p.push(format!("{at}.retry_statuses[{i}]"), "only 5xx answers are retried");
+    }
+    let buffer = match buffer.map(|text| (text, parse_size(text))) {
+        None => defaults.buffer,
+        Some((_, Some(bytes))) if bytes <= 16 * 1024 * 1024 => bytes,
+        Some((text, _)) => {
+            p.push(
+                format!("{at}.retry_buffer"),
+                format!("`{text}` is not a size up to 16MiB, e.g. \"64KiB\""),
+            );
+            defaults.buffer
+        }
+    };
+    let try_timeout =
+        try_timeout.map(|text| p.duration(&format!("{at}.try_timeout"), Some(text), Duration::from_secs(30)));
+    crate::proxy::retry::RetrySettings { retries, budget, statuses, buffer, try_timeout }
 }
 
 /// The TLS half of an `[upstream.NAME]`: its files read and checked into one
@@ -1812,7 +2047,29 @@ fn validate_route(
             ),
         },
         plain,
+        retry_methods: validate_retry_methods(p, at, raw.retry_methods.as_deref()),
     }
+}
+
+/// `retry_methods = ["GET", "POST"]`: standard method names only.
+fn validate_retry_methods(
+    p: &mut Problems,
+    at: &str,
+    names: Option<&[String]>,
+) -> crate::proxy::retry::RetryMethods {
+    use crate::proxy::retry::RetryMethods;
+    let Some(names) = names else { return RetryMethods::default() };
+    let mut methods = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match RetryMethods::parse_method(name) {
+            Some(method) => methods.push(method),
+            None => p.push(
+                format!("{at}.retry_methods[{i}]"),
+                format!("`{name}` is not an HTTP method; use e.g. \"GET\", \"PUT\" or \"POST\""),
+            ),
+        }
+    }
+    RetryMethods::of(&methods)
 }
 
 fn check_scopes(p: &mut Problems, at: &str, scopes: &[String]) {

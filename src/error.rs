@@ -80,6 +80,10 @@ pub enum GatewayError {
     /// the whole connect timeout.
     #[error("upstream {upstream} has all its connections busy")]
     UpstreamBusy { upstream: String },
+    /// The upstream's circuit breaker is open: `limit` (`max_requests` or
+    /// `max_pending`) was full, so nothing was sent.
+    #[error("upstream {upstream} is over its {limit}")]
+    UpstreamOverloaded { upstream: String, limit: &'static str },
     /// The client's body did not parse or ended early: the client's fault,
     /// never blamed on the upstream.
     #[error("bad request body: {0}")]
@@ -149,6 +153,7 @@ impl GatewayError {
                 "the upstream service could not be reached securely (TLS failed)".to_owned()
             }
             Self::UpstreamBusy { .. } => "the upstream service is busy; retry later".to_owned(),
+            Self::UpstreamOverloaded { .. } => "the upstream service is overloaded; retry later".to_owned(),
             Self::BadRequestBody(_) => "the request body is malformed or incomplete".to_owned(),
             Self::BodyTooLarge { limit } => {
                 format!("the request body exceeds this route's limit of {limit} bytes")
@@ -182,6 +187,7 @@ impl GatewayError {
             Self::UpstreamBadResponse { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
             Self::UpstreamTls { .. } => (StatusCode::BAD_GATEWAY, "upstream_tls_failed"),
             Self::UpstreamBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
+            Self::UpstreamOverloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_overloaded"),
             Self::BadRequestBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::RequestBodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
@@ -228,7 +234,7 @@ impl GatewayError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             // Connections free up as fast as the upstream answers: soon.
-            Self::UpstreamBusy { .. } => {
+            Self::UpstreamBusy { .. } | Self::UpstreamOverloaded { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::RedirectToHttps { location } => {
@@ -578,6 +584,12 @@ mod tests {
         assert_eq!(status, 503);
         assert_eq!(body["error"], "upstream_busy");
         assert_eq!(headers[header::RETRY_AFTER], "1");
+        let overloaded = GatewayError::UpstreamOverloaded { upstream: "api".into(), limit: "max_requests" };
+        let (status, headers, body) = answer(overloaded).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "upstream_overloaded");
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(!body.to_string().contains("max_requests"), "the cap is the operator's business: {body}");
     }
 
     #[tokio::test]

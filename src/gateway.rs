@@ -28,12 +28,12 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn build(config: Config) -> Self {
-        Self {
-            routes: RouteTable::new(&config.routes),
-            upstreams: Upstreams::new(&config.upstreams, config.server.workers),
-            config: Arc::new(config),
-        }
+    /// Builds what `config` describes; targets `previous` also had keep
+    /// their health state (an ejection survives a reload).
+    pub fn build(config: Config, previous: Option<&Live>) -> Self {
+        let upstreams =
+            Upstreams::new(&config.upstreams, config.server.workers, previous.map(|live| &live.upstreams));
+        Self { routes: RouteTable::new(&config.routes), upstreams, config: Arc::new(config) }
     }
 }
 
@@ -73,7 +73,7 @@ impl Gateway {
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         let connections = ConnectionLimits::new(&config.server.edge);
         Arc::new(Self {
-            live: ArcSwap::from_pointee(Live::build(config)),
+            live: ArcSwap::from_pointee(Live::build(config, None)),
             verifier,
             limits,
             usage,
@@ -109,6 +109,7 @@ impl Gateway {
     /// Installs a new, already validated config. In-flight requests keep the
     /// one they started with.
     pub fn reload(&self, config: Config) {
-        self.live.store(Arc::new(Live::build(config)));
+        let live = Live::build(config, Some(&self.live.load()));
+        self.live.store(Arc::new(live));
     }
 }

@@ -354,9 +354,13 @@ async fn serve(
             // tokio's clock, which the upstream timeout runs on (the same
             // as std's outside tests with a paused clock).
             let sent = tokio::time::Instant::now();
+            // Whom `client_hash` keeps on one target: the API client, or
+            // on public routes the client's address.
+            let affinity =
+                proxy::Affinity { client: trail.caller.as_ref().map(|c| c.client()), ip: client_ip };
             let response = match client_upgrade {
-                None => pool.forward(request, sent, &route.body).await,
-                Some(client) => match pool.forward_upgrade(request, sent, &route.body, client).await {
+                None => pool.forward(request, sent, route, affinity).await,
+                Some(client) => match pool.forward_upgrade(request, sent, route, affinity, client).await {
                     Ok((response, tunnel)) => {
                         trail.tunnel = tunnel;
                         Ok(response)

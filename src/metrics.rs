@@ -102,6 +102,45 @@ struct HandshakeLabels {
     reason: &'static str,
 }
 
+/// One upstream target: the upstream's name and the target's `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TargetLabels {
+    upstream: String,
+    target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// A circuit breaker's refusal: the upstream and the `[upstream.NAME]`
+/// field whose cap was full.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OverloadLabels {
+    upstream: String,
+    limit: &'static str,
+}
+
+/// One target's handles, held by its health state so the request path
+/// updates them with plain atomic adds (no label lookup).
+#[derive(Debug, Clone)]
+pub struct TargetSeries {
+    labels: TargetLabels,
+    pub healthy: Gauge,
+    pub outstanding: Gauge,
+    pub ejections: Counter,
+    pub failures: Counter,
+}
+
+/// One upstream's handles, held by its pool.
+#[derive(Debug, Clone)]
+pub struct UpstreamSeries {
+    pub retries: Counter,
+    pub retries_refused: Counter,
+    pub panics: Counter,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latency buckets from 0.5 ms to about 16 s, doubling.
@@ -133,6 +172,14 @@ pub struct Metrics {
     /// `tls_not_after` when the page is rendered (a stored countdown would
     /// go stale between reloads).
     tls_expiry: Family<CertLabels, Gauge>,
+    target_healthy: Family<TargetLabels, Gauge>,
+    target_outstanding: Family<TargetLabels, Gauge>,
+    target_ejections: Family<TargetLabels, Counter>,
+    target_failures: Family<TargetLabels, Counter>,
+    upstream_retries: Family<UpstreamLabels, Counter>,
+    upstream_retries_refused: Family<UpstreamLabels, Counter>,
+    upstream_panics: Family<UpstreamLabels, Counter>,
+    upstream_overloaded: Family<OverloadLabels, Counter>,
     /// Each certificate's expiry (Unix seconds) by the id of the listener
     /// that loaded it (two listeners, or two gateways in one test process,
     /// may share an address label such as `127.0.0.1:0`); replaced per
@@ -266,8 +313,68 @@ impl Metrics {
              address and certificate file",
             tls_expiry.clone(),
         );
+        let target_healthy = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_target_healthy",
+            "1 while an upstream target is in rotation, 0 while it is ejected (passive health) or \
+             failing its health checks",
+            target_healthy.clone(),
+        );
+        let target_outstanding = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_target_outstanding",
+            "Requests sent to an upstream target whose response has not ended",
+            target_outstanding.clone(),
+        );
+        let target_ejections = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "upstream_target_ejections",
+            "Times an upstream target was ejected by passive health (consecutive failures)",
+            target_ejections.clone(),
+        );
+        let target_failures = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "upstream_target_failures",
+            "Exchanges with an upstream target that failed (connect error, reset, timeout, or a 5xx \
+             counted by passive health)",
+            target_failures.clone(),
+        );
+        let upstream_retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again to another target after a failed attempt",
+            upstream_retries.clone(),
+        );
+        let upstream_retries_refused = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_retries_refused",
+            "Failed attempts not retried because the upstream's retry budget was spent",
+            upstream_retries_refused.clone(),
+        );
+        let upstream_panics = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_panic_picks",
+            "Requests sent to an out-of-rotation target because every target of the upstream was out \
+             (panic mode: the least recently failed one)",
+            upstream_panics.clone(),
+        );
+        let upstream_overloaded = Family::<OverloadLabels, Counter>::default();
+        registry.register(
+            "upstream_overloaded",
+            "Requests answered 503 by an upstream's circuit breaker, by the cap that was full \
+             (max_requests, max_pending)",
+            upstream_overloaded.clone(),
+        );
         Self {
             registry,
+            target_healthy,
+            target_outstanding,
+            target_ejections,
+            target_failures,
+            upstream_retries,
+            upstream_retries_refused,
+            upstream_panics,
+            upstream_overloaded,
             tls_handshake_failures,
             tls_expiry,
             tls_not_after: std::sync::Mutex::new(std::collections::BTreeMap::new()),
@@ -405,6 +512,40 @@ impl Metrics {
         }
     }
 
+    pub fn target_series(&self, upstream: &str, target: &str) -> TargetSeries {
+        let labels = TargetLabels { upstream: upstream.to_owned(), target: target.to_owned() };
+        TargetSeries {
+            healthy: self.target_healthy.get_or_create_owned(&labels),
+            outstanding: self.target_outstanding.get_or_create_owned(&labels),
+            ejections: self.target_ejections.get_or_create_owned(&labels),
+            failures: self.target_failures.get_or_create_owned(&labels),
+            labels,
+        }
+    }
+
+    /// Drops a target's series once no config has it any more.
+    pub fn forget_target(&self, series: &TargetSeries) {
+        self.target_healthy.remove(&series.labels);
+        self.target_outstanding.remove(&series.labels);
+        self.target_ejections.remove(&series.labels);
+        self.target_failures.remove(&series.labels);
+    }
+
+    pub fn upstream_series(&self, upstream: &str) -> UpstreamSeries {
+        let labels = UpstreamLabels { upstream: upstream.to_owned() };
+        UpstreamSeries {
+            retries: self.upstream_retries.get_or_create_owned(&labels),
+            retries_refused: self.upstream_retries_refused.get_or_create_owned(&labels),
+            panics: self.upstream_panics.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn upstream_overloaded(&self, upstream: &str, limit: &'static str) {
+        self.upstream_overloaded
+            .get_or_create(&OverloadLabels { upstream: upstream.to_owned(), limit })
+            .inc();
+    }
+
     /// The OpenMetrics text exposition (Prometheus scrapes it as is).
     pub fn render(&self) -> String {
         {
@@ -527,6 +668,26 @@ pub fn tls_certificates(id: u64, listener: &str, certs: &[crate::tls::certs::Loa
 /// The process-wide metrics as Prometheus text.
 pub fn render() -> String {
     METRICS.render()
+}
+
+/// The handles of one upstream target's series (see [`TargetSeries`]).
+pub fn target_series(upstream: &str, target: &str) -> TargetSeries {
+    METRICS.target_series(upstream, target)
+}
+
+/// Removes a target's series: its health state is gone with the last config naming it.
+pub fn forget_target(series: &TargetSeries) {
+    METRICS.forget_target(series);
+}
+
+/// The handles of one upstream's retry series.
+pub fn upstream_series(upstream: &str) -> UpstreamSeries {
+    METRICS.upstream_series(upstream)
+}
+
+/// A request refused by `upstream`'s circuit breaker: `limit` was full.
+pub fn upstream_overloaded(upstream: &str, limit: &'static str) {
+    METRICS.upstream_overloaded(upstream, limit);
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ mod tests {
             cost: std::num::NonZeroU32::MIN,
             body: crate::config::BodyLimits::default(),
             plain: crate::config::PlainHttp::default(),
+            retry_methods: Default::default(),
         }
     }
 

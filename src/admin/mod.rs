@@ -371,6 +371,12 @@ async fn readyz(gateway: &Gateway) -> Result<Response<Full<Bytes>>, AdminError> 
         Err(_) => return Err(AdminError::NotReady(format!("no ping answer within {READY_TIMEOUT:?}"))),
     }
     let live = gateway.live.load();
+    if live.config.admin.as_ref().is_some_and(|admin| admin.readyz_requires_healthy_upstreams) {
+        let down = live.upstreams.without_healthy_target();
+        if !down.is_empty() {
+            return Err(AdminError::NotReady(format!("no healthy target in upstream {}", down.join(", "))));
+        }
+    }
     Ok(json_ok(serde_json::json!({
         "status": "ready",
         "store": "ok",

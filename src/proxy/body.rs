@@ -132,9 +132,18 @@ impl Body for CountedBody {
     }
 }
 
+/// Where a forwarded body's bytes come from.
+enum Source {
+    /// Streamed from the client as they arrive.
+    Client(CountedBody),
+    /// Read whole already (a body kept for retries, or none at all): sent
+    /// as one piece, with no limit or stall left to watch.
+    Buffered(Option<Bytes>),
+}
+
 /// The request body as forwarded upstream; see the module doc.
 pub struct RequestBody {
-    body: CountedBody,
+    body: Source,
     /// Bytes still allowed under `max_body` (`u64::MAX` when unlimited).
     left: u64,
     limits: BodyLimits,
@@ -151,7 +160,7 @@ impl RequestBody {
     pub fn new(body: CountedBody, limits: &BodyLimits, started: Instant) -> (Self, Option<Arc<Progress>>) {
         let progress = (!body.is_end_stream()).then(|| Arc::new(Progress::new(started)));
         let wrapped = Self {
-            body,
+            body: Source::Client(body),
             left: limits.max.unwrap_or(u64::MAX),
             limits: limits.clone(),
             stall: None,
@@ -159,6 +168,18 @@ impl RequestBody {
             progress: progress.clone(),
         };
         (wrapped, progress)
+    }
+
+    /// A body already read whole (or an empty one): what a retry sends.
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self {
+            body: Source::Buffered((!bytes.is_empty()).then_some(bytes)),
+            left: u64::MAX,
+            limits: BodyLimits::default(),
+            stall: None,
+            moved: false,
+            progress: None,
+        }
     }
 
     fn finish(&mut self) {
@@ -183,7 +204,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         // Every field is `Unpin` (the timer is boxed), so no projection is needed.
         let this = self.get_mut();
-        match Pin::new(&mut this.body).poll_frame(cx) {
+        let body = match &mut this.body {
+            Source::Client(body) => body,
+            Source::Buffered(bytes) => return Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
+        };
+        match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -193,7 +218,7 @@ impl Body for RequestBody {
                     this.left -= len;
                 }
                 this.moved = true;
-                if this.body.is_end_stream() {
+                if body.is_end_stream() {
                     this.finish();
                 } else if let Some(progress) = &this.progress {
                     progress.touch();
@@ -227,11 +252,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Source::Client(body) => body.is_end_stream(),
+            Source::Buffered(bytes) => bytes.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Source::Client(body) => body.size_hint(),
+            Source::Buffered(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 

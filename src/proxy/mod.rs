@@ -1,29 +1,41 @@
-//! Forwarding to upstreams: pooled clients, header rewriting, timeouts.
+//! Forwarding to upstreams: header rewriting here; the rest in one file per
+//! concern:
 //!
-//! Each `[upstream.NAME]` picks its targets round robin; each target has
-//! per-worker pools of keep-alive connections (`pool.rs`). Bodies stream both ways (hyper's `Incoming` is passed
-//! through, never collected), so a 1 GiB upload costs no more memory than a
-//! small one.
+//! - `upstream.rs`: one `[upstream.NAME]`, the forwarding loop (breaker,
+//!   pick, send, retry);
+//! - `balance.rs`: which target (`balance`, `weights`);
+//! - `health.rs` and `probe.rs`: passive and active health;
+//! - `retry.rs`: which requests are retried, and the retry budget;
+//! - `pool.rs`: per-worker pools of keep-alive connections to one target;
+//! - `body.rs`: the request body on its way up; `upgrade.rs`: WebSocket.
+//!
+//! Bodies stream both ways (hyper's `Incoming` is passed through, never
+//! collected, except a small body kept to be sent again on a retry), so a
+//! 1 GiB upload costs no more memory than a small one.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{BodyLimits, KeysConfig, Protocol, UpstreamConfig};
-use crate::error::{GatewayError, TlsFailure};
+use crate::config::KeysConfig;
 pub use body::{ClientBodyError, CountedBody, RequestBody};
 pub use pool::{ConnPool, PoolLimits, PooledBody, UpstreamBodyError};
 
+pub use balance::Affinity;
+pub use upstream::{UpstreamPool, Upstreams};
+
+pub mod balance;
 pub mod body;
+pub mod health;
 pub mod pool;
+pub mod probe;
+pub mod retry;
 pub mod upgrade;
+pub mod upstream;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
 /// the non-standard ones old clients still send. `Upgrade` is among them:
@@ -265,222 +277,6 @@ pub fn set_identity(headers: &mut HeaderMap, keys: &KeysConfig, caller: Option<&
     }
 }
 
-/// One upstream: its targets, each with per-worker connection pools.
-pub struct UpstreamPool {
-    name: String,
-    targets: Vec<Arc<ConnPool>>,
-    next: AtomicUsize,
-    timeout: Duration,
-    websocket_idle_timeout: Duration,
-}
-
-impl UpstreamPool {
-    pub fn new(name: &str, config: &UpstreamConfig, workers: usize) -> Self {
-        let targets = config
-            .targets
-            .iter()
-            .filter_map(|uri| Some((uri.scheme_str() == Some("https"), uri.authority()?.clone())))
-            .map(|(https, authority)| {
-                let limits = PoolLimits {
-                    connect_timeout: config.connect_timeout,
-                    idle_timeout: config.pool_idle_timeout,
-                    max_idle: config.pool_max_idle_per_host,
-                    max_connections: config.max_connections.get(),
-                    body_idle_timeout: config.body_idle_timeout,
-                };
-                // Validated at load: an https target has a TLS config and a name.
-                let tls = config.tls.as_ref().filter(|_| https).and_then(|tls| {
-                    let name = match &tls.server_name {
-                        Some(name) => name.clone(),
-                        None => crate::upstream_tls::server_name_for(authority.host()).ok()?,
-                    };
-                    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
-                    Some(pool::TargetTls { connector, name })
-                });
-                let protocol = if https || config.protocol == Protocol::Http2 {
-                    config.protocol
-                } else {
-                    Protocol::Http1
-                };
-                ConnPool::with_tls(authority, workers, limits, tls, protocol)
-            })
-            .collect();
-        Self {
-            name: name.to_owned(),
-            targets,
-            next: AtomicUsize::new(0),
-            timeout: config.timeout,
-            websocket_idle_timeout: config.websocket_idle_timeout,
-        }
-    }
-
-    /// The next target, round robin.
-    fn pick(&self) -> Option<&Arc<ConnPool>> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.targets.get(n % self.targets.len().max(1))
-    }
-
-    /// Sends a prepared request (headers already rewritten, URI holding only
-    /// path and query) to the next target and returns its response headers,
-    /// with the body still streaming.
-    ///
-    /// `sent` is when the caller started sending, read once for the request:
-    /// the upstream timeout and the pool count from it, so forwarding reads
-    /// no clock of its own (each read is some 25 ns on the request path).
-    /// For a request with a body, the timeout counts from when the body has
-    /// been sent (see [`body::response_deadline`]).
-    ///
-    /// `limits` are the route's: a declared body over `max_body` is refused
-    /// here, before anything is sent; a chunked one is cut off when it crosses it.
-    pub async fn forward(
-        &self,
-        request: Request<CountedBody>,
-        sent: tokio::time::Instant,
-        limits: &BodyLimits,
-    ) -> Result<Response<PooledBody>, GatewayError> {
-        let target = self
-            .pick()
-            .ok_or_else(|| GatewayError::Internal(format!("upstream {} has no targets", self.name)))?;
-        if let (Some(max), Some(declared)) = (limits.max, http_body::Body::size_hint(request.body()).exact())
-            && declared > max
-        {
-            return Err(GatewayError::BodyTooLarge { limit: max });
-        }
-        let (parts, body) = request.into_parts();
-        let (body, progress) = RequestBody::new(body, limits, sent);
-        let mut request = Request::from_parts(parts, body);
-        // Origin-form URI and the upstream's own Host, as an HTTP/1.1 server expects.
-        if request.uri().path_and_query().is_none() {
-            *request.uri_mut() = Uri::from_static("/");
-        }
-        if let Some(host) = target.host() {
-            request.headers_mut().insert(header::HOST, host.clone());
-        }
-        // Upstreams are spoken to over HTTP/1.1 whatever the client used.
-        *request.version_mut() = Version::HTTP_11;
-
-        let exchange = target.send(request, sent);
-        let outcome = match progress {
-            // No body: the request is sent with its head.
-            None => tokio::time::timeout_at(sent + self.timeout, exchange).await.ok(),
-            Some(progress) => {
-                tokio::select! {
-                    biased;
-                    outcome = exchange => Some(outcome),
-                    () = body::response_deadline(&progress, self.timeout) => None,
-                }
-            }
-        };
-        match outcome {
-            None => Err(GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout }),
-            Some(Err(error)) => Err(self.send_failure(error, target)),
-            Some(Ok((response, lease))) => {
-                // Dropping `lease` unreleased closes the connection: after a
-                // response framed two ways, its next bytes mean nothing.
-                if let Err(reason) = check_framing(&response) {
-                    return Err(GatewayError::UpstreamBadResponse { upstream: self.name.clone(), reason });
-                }
-                let idle = target.body_idle_timeout();
-                let mut response = response.map(|body| PooledBody::new(body, lease, idle));
-                remove_hop_by_hop(response.headers_mut());
-                Ok(response)
-            }
-        }
-    }
-
-    /// Sends a WebSocket handshake (see [`upgrade::is_websocket`]; its
-    /// upgrade headers restored) to the next target on a connection of its
-    /// own. On `101` the response comes with the [`upgrade::Tunnel`] to run
-    /// once the client has its `101` (`client` is the client connection's
-    /// upgrade); any other answer is passed on as an ordinary response.
-    /// The upstream timeout bounds the wait for the answer's head.
-    pub async fn forward_upgrade(
-        &self,
-        request: Request<CountedBody>,
-        sent: tokio::time::Instant,
-        limits: &BodyLimits,
-        client: hyper::upgrade::OnUpgrade,
-    ) -> Result<(Response<PooledBody>, Option<upgrade::Tunnel>), GatewayError> {
-        let target = self
-            .pick()
-            .ok_or_else(|| GatewayError::Internal(format!("upstream {} has no targets", self.name)))?;
-        let (parts, body) = request.into_parts();
-        let (body, _) = RequestBody::new(body, limits, sent);
-        let mut request = Request::from_parts(parts, body);
-        if let Some(host) = target.host() {
-            request.headers_mut().insert(header::HOST, host.clone());
-        }
-        *request.version_mut() = Version::HTTP_11;
-        let exchange = target.send_upgrade(request);
-        let (mut response, permit) = match tokio::time::timeout_at(sent + self.timeout, exchange).await {
-            Err(_) => {
-                return Err(GatewayError::UpstreamTimeout {
-                    upstream: self.name.clone(),
-                    after: self.timeout,
-                });
-            }
-            Ok(Err(error)) => return Err(self.send_failure(error, target)),
-            Ok(Ok(answered)) => answered,
-        };
-        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            if let Err(reason) = check_framing(&response) {
-                return Err(GatewayError::UpstreamBadResponse { upstream: self.name.clone(), reason });
-            }
-            let idle = target.body_idle_timeout();
-            let lease = pool::Lease::dedicated(target, Some(permit));
-            let mut response = response.map(|body| PooledBody::new(body, lease, idle));
-            remove_hop_by_hop(response.headers_mut());
-            return Ok((response, None));
-        }
-        let upstream = hyper::upgrade::on(&mut response);
-        let tunnel = upgrade::Tunnel { client, upstream, idle_timeout: self.websocket_idle_timeout, permit };
-        // The upstream's own `Upgrade` value and its `Sec-WebSocket-*`
-        // answer go back; the rest of its hop-by-hop headers do not.
-        let protocol = response.headers().get(header::UPGRADE).cloned();
-        remove_hop_by_hop(response.headers_mut());
-        upgrade::restore_upgrade_headers(response.headers_mut());
-        if let Some(protocol) = protocol {
-            response.headers_mut().insert(header::UPGRADE, protocol);
-        }
-        let idle = target.body_idle_timeout();
-        let lease = pool::Lease::dedicated(target, None);
-        Ok((response.map(|body| PooledBody::new(body, lease, idle)), Some(tunnel)))
-    }
-
-    /// The error a failed send is answered with: the client's, when its
-    /// body is what failed; the upstream's otherwise.
-    fn send_failure(&self, error: pool::SendError, target: &ConnPool) -> GatewayError {
-        let upstream = self.name.clone();
-        // A TLS failure after the handshake (TLS 1.3 servers refuse a
-        // missing client certificate on the first read) is named as one.
-        if let pool::SendError::Http(error) = &error
-            && target.is_tls()
-            && body::client_fault(error).is_none()
-            && let Some(reason) = crate::upstream_tls::rustls_reason(error)
-        {
-            let failure = TlsFailure { target: target.authority().to_string(), reason };
-            return GatewayError::UpstreamTls { upstream, failure: Box::new(failure) };
-        }
-        match error {
-            pool::SendError::Busy(..) => GatewayError::UpstreamBusy { upstream },
-            pool::SendError::Tls(target, reason) => {
-                let failure = TlsFailure { target: target.to_string(), reason };
-                GatewayError::UpstreamTls { upstream, failure: Box::new(failure) }
-            }
-            pool::SendError::Http(error) => match body::client_fault(&error) {
-                Some(ClientBodyError::Read(cause)) => GatewayError::BadRequestBody(cause.to_string()),
-                Some(ClientBodyError::TooLarge(limit)) => GatewayError::BodyTooLarge { limit: *limit },
-                Some(ClientBodyError::Stalled(after)) => GatewayError::RequestBodyTimeout { after: *after },
-                None if error.is_parse() => {
-                    GatewayError::UpstreamBadResponse { upstream, reason: error_chain(&error) }
-                }
-                None => GatewayError::UpstreamUnreachable { upstream, cause: error_chain(&error) },
-            },
-            error => GatewayError::UpstreamUnreachable { upstream, cause: error_chain(&error) },
-        }
-    }
-}
-
 /// Refuses responses whose framing the gateway cannot pass on faithfully.
 /// hyper's client reads `Transfer-Encoding` over `Content-Length` and any
 /// coding list ending in `chunked` as chunked; the gateway drops the header
@@ -516,29 +312,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// The upstream pools of one config, by name.
-#[derive(Default)]
-pub struct Upstreams {
-    pools: HashMap<String, Arc<UpstreamPool>, foldhash::fast::RandomState>,
-}
-
-impl Upstreams {
-    pub fn new<'a>(
-        configs: impl IntoIterator<Item = (&'a String, &'a UpstreamConfig)>,
-        workers: usize,
-    ) -> Self {
-        let pools = configs
-            .into_iter()
-            .map(|(name, c)| (name.clone(), Arc::new(UpstreamPool::new(name, c, workers))))
-            .collect();
-        Self { pools }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Arc<UpstreamPool>> {
-        self.pools.get(name)
-    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
 use super::body::RequestBody;
+use super::health::InFlight;
 use crate::upstream_tls::Protocol;
 
 /// Why a request could not be sent; the caller maps these to 502.
@@ -78,12 +79,46 @@ pub enum SendError {
     ConnectTimeout(Authority, Duration),
     #[error("{0}: all {1} connections busy")]
     Busy(Authority, usize),
+    /// The upstream's `max_pending` connection attempts were already under
+    /// way (circuit breaking): nothing was tried.
+    #[error("{0}: {1} connection attempts already pending")]
+    Overloaded(Authority, usize),
     /// The TLS handshake failed: an untrusted, expired or wrong-host
     /// certificate, a refused client certificate... (rustls' reason).
     #[error("TLS to {0}: {1}")]
     Tls(Authority, String),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+}
+
+/// Connection attempts under way to one upstream's targets (waiting for a
+/// `max_connections` permit, connecting, handshaking), capped at
+/// `max_pending`: past it a request is refused at once rather than queued
+/// behind connects that are not getting anywhere.
+#[derive(Debug)]
+pub struct PendingConnects {
+    count: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl PendingConnects {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { count: std::sync::atomic::AtomicUsize::new(0), max })
+    }
+
+    fn enter(self: &Arc<Self>) -> Option<PendingGuard> {
+        let before = self.count.fetch_add(1, Ordering::Relaxed);
+        let guard = PendingGuard(Arc::clone(self));
+        (before < self.max).then_some(guard)
+    }
+}
+
+struct PendingGuard(Arc<PendingConnects>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a target is reached over TLS: the upstream's shared config and the
@@ -126,6 +161,8 @@ pub struct ConnPool {
     /// `https` or `http`, for the absolute URI HTTP/2 requests carry.
     scheme: http::uri::Scheme,
     protocol: Protocol,
+    /// Shared by the upstream's targets: its `max_pending`.
+    pending: Arc<PendingConnects>,
 }
 
 /// One worker's HTTP/2 connection to a target.
@@ -172,18 +209,15 @@ pub struct PoolLimits {
 }
 
 impl ConnPool {
-    /// A plain `http://` target speaking HTTP/1.1.
-    pub fn new(authority: Authority, workers: usize, limits: PoolLimits) -> Arc<Self> {
-        Self::with_tls(authority, workers, limits, None, Protocol::Http1)
-    }
-
-    /// A target reached over TLS when `tls` is given, speaking `protocol`.
+    /// A target reached over TLS when `tls` is given, speaking `protocol`;
+    /// its connection attempts count in `pending`, its upstream's.
     pub fn with_tls(
         authority: Authority,
         workers: usize,
         limits: PoolLimits,
         tls: Option<TargetTls>,
         protocol: Protocol,
+        pending: Arc<PendingConnects>,
     ) -> Arc<Self> {
         let workers = workers.max(1);
         let per_worker = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
@@ -210,6 +244,7 @@ impl ConnPool {
             h2,
             scheme,
             protocol,
+            pending,
         })
     }
 
@@ -378,6 +413,7 @@ impl ConnPool {
     }
 
     async fn connect(&self) -> Result<Connected, SendError> {
+        let _pending = self.pending_slot()?;
         let permit = self.permit().await?;
         let stream = self.tcp().await?;
         let Some(tls) = &self.tls else {
@@ -411,6 +447,7 @@ impl ConnPool {
         &self,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, tokio::sync::OwnedSemaphorePermit), SendError> {
+        let pending = self.pending_slot()?;
         let permit = self.permit().await?;
         let stream = self.tcp().await?;
         let mut sender = match &self.tls {
@@ -424,8 +461,14 @@ impl ConnPool {
                 start_upgradable(stream).await?
             }
         };
+        drop(pending);
         let response = sender.send_request(request).await?;
         Ok((response, permit))
+    }
+
+    /// A place among the upstream's pending connection attempts.
+    fn pending_slot(&self) -> Result<PendingGuard, SendError> {
+        self.pending.enter().ok_or_else(|| SendError::Overloaded(self.authority.clone(), self.pending.max))
     }
 
     /// A permit for one more open connection to this target, waiting up to
@@ -621,11 +664,14 @@ pub struct PooledBody {
     stall: Option<Pin<Box<Sleep>>>,
     /// A frame arrived since the stall timer was last armed.
     moved: bool,
+    /// The request counts as outstanding on its target until the body ends.
+    in_flight: Option<InFlight>,
 }
 
 impl PooledBody {
-    pub fn new(body: Incoming, lease: Lease, idle_timeout: Duration) -> Self {
-        let mut pooled = Self { body, lease: Some(lease), idle_timeout, stall: None, moved: false };
+    pub fn new(body: Incoming, lease: Lease, idle_timeout: Duration, in_flight: Option<InFlight>) -> Self {
+        let mut pooled =
+            Self { body, lease: Some(lease), idle_timeout, stall: None, moved: false, in_flight };
         // An empty body (204, 304, HEAD) is already at its end.
         if pooled.body.is_end_stream() {
             pooled.release();
@@ -637,6 +683,7 @@ impl PooledBody {
         if let Some(lease) = self.lease.take() {
             lease.release();
         }
+        self.in_flight = None;
     }
 }
 
