@@ -13,6 +13,7 @@
 //! keys: one object for callers, and a verification reads a key and its
 //! client together ([`KeyStore::find_for_verification`]).
 
+pub mod conn;
 pub mod file;
 pub mod redis;
 

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod binary;
+pub mod cluster;
 pub mod gateway;
 pub mod logs;
 pub mod pki;

@@ -261,7 +261,7 @@ impl Drop for RedisServer {
 }
 
 /// A port the kernel considers free right now (never 6379).
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     loop {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
         let port = listener.local_addr().expect("bound address").port();
@@ -351,7 +351,7 @@ fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Res
 }
 
 /// PINGs the server on `client`'s port and returns its `process_id`.
-fn answering_pid(client: &redis::Client) -> redis::RedisResult<u32> {
+pub(super) fn answering_pid(client: &redis::Client) -> redis::RedisResult<u32> {
     let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
     conn.set_read_timeout(Some(Duration::from_millis(500)))?;
     let _: String = redis::cmd("PING").query(&mut conn)?;
