@@ -37,6 +37,49 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How client certificates name their client (`[client_certs]`).
     pub client_certs: ClientCertsConfig,
+    /// Access and refresh tokens (`[tokens]`, issue 20).
+    pub tokens: TokensConfig,
+}
+
+/// `[tokens]`: the token endpoint and the access tokens (JWTs) it signs,
+/// verified on routes with `auth = ["key", "jwt"]` (see `auth::jwt`).
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// Off unless set: no token endpoint, no JWKS document.
+    pub enabled: bool,
+    /// The token endpoint's path on the public listener.
+    pub path: String,
+    /// Lifetime of an access token (`exp - iat`).
+    pub access_ttl: Duration,
+    /// Lifetime of a refresh token.
+    pub refresh_ttl: Duration,
+    /// PKCS#8 PEM file with the Ed25519 signing key; `None`: one is
+    /// generated when the gateway starts.
+    pub signing_key: Option<PathBuf>,
+    /// The `iss` claim signed into, and required of, access tokens.
+    pub issuer: String,
+    /// The `aud` claim, if access tokens carry (and must carry) one.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Verified access tokens kept in process (by hash, until `exp`).
+    pub cache_capacity: u64,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/oauth/token".to_owned(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            signing_key: None,
+            issuer: "keygate".to_owned(),
+            audience: None,
+            leeway: Duration::from_secs(30),
+            cache_capacity: 100_000,
+        }
+    }
 }
 
 /// `[client_certs]`: client certificates as credentials, on routes with
@@ -484,6 +527,22 @@ pub struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     client_certs: RawClientCerts,
+    #[serde(default)]
+    tokens: RawTokens,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    enabled: Option<bool>,
+    path: Option<String>,
+    access_ttl: Option<String>,
+    refresh_ttl: Option<String>,
+    signing_key: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Option<String>,
+    cache_capacity: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1052,12 +1111,63 @@ impl RawConfig {
             },
         };
 
+        let tokens = validate_tokens(&mut p, self.tokens, base);
+
         if p.0.is_empty() {
-            Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin, client_certs })
+            Ok(Config {
+                server,
+                store,
+                keys,
+                routes,
+                upstreams,
+                limits,
+                usage,
+                log,
+                admin,
+                client_certs,
+                tokens,
+            })
         } else {
             Err(p.0)
         }
     }
+}
+
+/// `[tokens]`: durations above zero, an absolute path, and a signing key
+/// file that holds an Ed25519 PKCS#8 key (checked here, so a bad file
+/// stops the gateway before it binds; the message never quotes the key).
+fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfig {
+    let d = TokensConfig::default();
+    let tokens = TokensConfig {
+        enabled: raw.enabled.unwrap_or(d.enabled),
+        path: raw.path.unwrap_or(d.path),
+        access_ttl: p.duration("tokens.access_ttl", raw.access_ttl.as_deref(), d.access_ttl),
+        refresh_ttl: p.duration("tokens.refresh_ttl", raw.refresh_ttl.as_deref(), d.refresh_ttl),
+        signing_key: raw.signing_key.map(|file| base.join(file)),
+        issuer: raw.issuer.unwrap_or(d.issuer),
+        audience: raw.audience,
+        leeway: p.duration("tokens.leeway", raw.leeway.as_deref(), d.leeway),
+        cache_capacity: raw.cache_capacity.unwrap_or(d.cache_capacity),
+    };
+    if !tokens.path.starts_with('/') {
+        p.push("tokens.path", format!("`{}` must start with `/`", tokens.path));
+    }
+    for (field, value) in
+        [("tokens.access_ttl", tokens.access_ttl), ("tokens.refresh_ttl", tokens.refresh_ttl)]
+    {
+        if value.is_zero() {
+            p.push(field, "must be above zero");
+        }
+    }
+    if tokens.issuer.is_empty() {
+        p.push("tokens.issuer", "must not be empty");
+    }
+    if let Some(file) = &tokens.signing_key
+        && let Err(why) = crate::pem::ed25519_key(file)
+    {
+        p.push("tokens.signing_key", why);
+    }
+    tokens
 }
 
 /// Reads one environment variable (the process's, or a test's table).
@@ -1868,6 +1978,21 @@ mod tests {
         assert_eq!(config.store, StoreConfig::File { dir: "/etc/keygate/keys".into() });
         assert_eq!(config.keys.header, "x-api-key");
         assert_eq!(config.routes[0].target, RouteTarget::Echo);
+    }
+
+    #[test]
+    fn tokens_are_off_by_default_and_their_fields_are_checked() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert!(!config.tokens.enabled);
+        assert_eq!(config.tokens.path, "/oauth/token");
+        assert_eq!(config.tokens.access_ttl, Duration::from_secs(900));
+
+        let found = problems(&format!(
+            "{MINIMAL}[tokens]\nenabled = true\npath = \"oauth\"\naccess_ttl = \"0s\"\nsigning_key = \"nope.pem\"\n"
+        ));
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["tokens.path", "tokens.access_ttl", "tokens.signing_key"], "{found:?}");
+        assert!(found[2].message.contains("/etc/keygate/nope.pem"), "{found:?}");
     }
 
     #[test]

@@ -72,6 +72,7 @@ use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 
 mod cert;
+pub mod jwt;
 
 use crate::client::ClientRecord;
 use crate::config::{CredentialKind, KeysConfig};
