@@ -98,15 +98,18 @@ pub enum CredentialKind {
     Key,
     /// A client certificate verified by the TLS listener.
     Cert,
+    /// An access token (JWT) from the token endpoint (`[tokens]`).
+    Jwt,
 }
 
 impl CredentialKind {
-    pub const ALL: [CredentialKind; 2] = [Self::Key, Self::Cert];
+    pub const ALL: [CredentialKind; 3] = [Self::Key, Self::Cert, Self::Jwt];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Key => "key",
             Self::Cert => "cert",
+            Self::Jwt => "jwt",
         }
     }
 
@@ -1112,6 +1115,11 @@ impl RawConfig {
         };
 
         let tokens = validate_tokens(&mut p, self.tokens, base);
+        if !tokens.enabled
+            && let Some(i) = routes.iter().position(|r| r.auth.accepts(CredentialKind::Jwt))
+        {
+            p.push(format!("route[{i}].auth"), "\"jwt\" needs [tokens] enabled = true");
+        }
 
         if p.0.is_empty() {
             Ok(Config {
@@ -1883,7 +1891,7 @@ fn validate_route(
                 p.push(format!("{at}.auth"), "a public route takes no credential, so it cannot name one");
             }
             if names.is_empty() {
-                p.push(format!("{at}.auth"), "name at least one credential: \"key\", \"cert\"");
+                p.push(format!("{at}.auth"), "name at least one credential: \"key\", \"cert\", \"jwt\"");
             }
             let mut kinds = Vec::new();
             for name in &names {
@@ -1891,7 +1899,7 @@ fn validate_route(
                     Some(kind) => kinds.push(kind),
                     None => p.push(
                         format!("{at}.auth"),
-                        format!("`{name}` is not a credential kind; known: \"key\", \"cert\""),
+                        format!("`{name}` is not a credential kind; known: \"key\", \"cert\", \"jwt\""),
                     ),
                 }
             }
@@ -1993,6 +2001,11 @@ mod tests {
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["tokens.path", "tokens.access_ttl", "tokens.signing_key"], "{found:?}");
         assert!(found[2].message.contains("/etc/keygate/nope.pem"), "{found:?}");
+
+        let found = problems(&format!("{MINIMAL}auth = [\"key\", \"jwt\"]\n"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "route[0].auth");
+        assert!(found[0].message.contains("[tokens] enabled"), "{found:?}");
     }
 
     #[test]
@@ -2033,13 +2046,13 @@ mod tests {
     #[test]
     fn unknown_or_empty_auth_and_a_bad_id_from_are_refused_naming_the_field() {
         let found = problems(&format!(
-            "{MINIMAL}auth = [\"key\", \"jwt\"]\n[[route]]\npath = \"/b\"\nupstream = \"builtin:echo\"\nauth = []\n\
+            "{MINIMAL}auth = [\"key\", \"oidc\"]\n[[route]]\npath = \"/b\"\nupstream = \"builtin:echo\"\nauth = []\n\
              [[route]]\npath = \"/c\"\nupstream = \"builtin:echo\"\npublic = true\nauth = [\"cert\"]\n\
              [client_certs]\nid_from = \"serial\"\n"
         ));
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["route[0].auth", "route[1].auth", "route[2].auth", "client_certs.id_from"]);
-        assert!(found[0].message.contains("`jwt`"), "{}", found[0].message);
+        assert!(found[0].message.contains("`oidc`"), "{}", found[0].message);
         assert!(found[3].message.contains("san-dns"), "{}", found[3].message);
         assert_eq!(found[0].line, Some(4));
     }

@@ -34,6 +34,12 @@ use sha2::{Digest, Sha256};
 
 use crate::config::TokensConfig;
 
+/// Whether a bearer value is a JWT rather than a key: three dot-separated
+/// parts and not the key prefix (keys are refused as keys, not as tokens).
+pub fn looks_like_jwt(value: &str, key_prefix: &str) -> bool {
+    !value.starts_with(key_prefix) && value.bytes().filter(|b| *b == b'.').count() == 2
+}
+
 /// The claims of a keygate access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClaims {
@@ -79,6 +85,21 @@ pub enum TokenError {
     Expired,
     #[error("not yet valid")]
     NotYetValid,
+}
+
+impl TokenError {
+    /// For the log line (a `&'static str`, as key refusals give).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownKid => "unknown kid",
+            Self::Signature => "bad signature",
+            Self::Issuer => "wrong issuer",
+            Self::Audience => "wrong audience",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not yet valid",
+        }
+    }
 }
 
 /// Why a requested scope cannot be granted (RFC 6749 `invalid_scope`).
@@ -314,6 +335,22 @@ impl TokenVerifier {
         let cache =
             Cache::builder().max_capacity(capacity).time_to_live(ttl).support_invalidation_closures().build();
         Self { keys, cache }
+    }
+
+    /// The verifier `[tokens]` asks for; `None` when tokens are off, or
+    /// (logged) if the signing key cannot be set up, which validation has
+    /// ruled out for a key file.
+    pub fn for_config(config: &TokensConfig) -> Option<Self> {
+        if !config.enabled {
+            return None;
+        }
+        match TokenKeys::load(config) {
+            Ok(keys) => Some(Self::new(Arc::new(keys), config.cache_capacity)),
+            Err(error) => {
+                tracing::error!(%error, "access tokens are off: no signing key");
+                None
+            }
+        }
     }
 
     pub fn keys(&self) -> &Arc<TokenKeys> {
