@@ -214,3 +214,30 @@ async fn revoking_the_key_ends_its_tokens_on_another_gateway() {
     let answer = with_bearer(&b, http::Method::GET, "/x", &token).await;
     assert_eq!(answer.json()["error"], "invalid_token");
 }
+
+#[tokio::test]
+async fn forged_tokens_spend_the_addresses_failure_budget_but_not_a_verified_tokens() {
+    let text = config("[keys]\nauth_failures_per_ip = \"1/h\"\nauth_failures_burst = 3\n", "");
+    let gw = TestGateway::start(&text).await;
+    let (key, _) = issue(&gw.gateway.store, "acme", &["read"]).await;
+    let token = access_token(&gw, "acme", &key, "grant_type=client_credentials").await;
+    assert_eq!(with_bearer(&gw, http::Method::GET, "/x", &token).await.status, StatusCode::OK);
+
+    // Well-formed tokens under a kid this gateway never had.
+    let other = TestGateway::start(&config("", "")).await;
+    let (other_key, _) = issue(&other.gateway.store, "acme", &["read"]).await;
+    let forged = access_token(&other, "acme", &other_key, "grant_type=client_credentials").await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(with_bearer(&gw, http::Method::GET, "/x", &forged).await.status);
+    }
+    // The burst (plus the one failure that spends it) is verified and
+    // refused; every token after it is refused unverified.
+    let verified = statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    assert!((3..=4).contains(&verified), "{statuses:?}");
+    assert!(statuses[verified..].iter().all(|s| *s == StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    let answer = with_bearer(&gw, http::Method::GET, "/x", &forged).await;
+    assert_eq!(answer.json()["error"], "too_many_auth_failures");
+    // The token verified before still works from the same address.
+    assert_eq!(with_bearer(&gw, http::Method::GET, "/x", &token).await.status, StatusCode::OK);
+}

@@ -301,6 +301,10 @@ fn check_exp(claims: &AccessClaims, now: u64, leeway: u64) -> Result<(), TokenEr
     if claims.exp + leeway <= now { Err(TokenError::Expired) } else { Ok(()) }
 }
 
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
 fn generate_pkcs8() -> Result<Vec<u8>, KeySetupError> {
     let rng = ring::rand::SystemRandom::new();
     ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
@@ -357,9 +361,15 @@ impl TokenVerifier {
         &self.keys
     }
 
+    /// Whether `token` was verified before and is still cached (whatever
+    /// its `exp`); no signature check.
+    pub fn is_cached(&self, token: &str) -> bool {
+        self.cache.contains_key(&token_hash(token))
+    }
+
     /// The claims of `token` if it is valid at `now` (Unix seconds).
     pub fn verify(&self, token: &str, now: u64) -> Result<Arc<AccessClaims>, TokenError> {
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let hash = token_hash(token);
         if let Some(claims) = self.cache.get(&hash) {
             check_exp(&claims, now, self.keys.leeway)?;
             return Ok(claims);

@@ -8,7 +8,7 @@
 //! refused on every gateway as soon as its keys are, not only at `exp`.
 //! Refused tokens count against the source's failed-authentication budget
 //! like refused keys, and a source over it gets 429 before any signature
-//! check.
+//! check (unless the token is one the cache already verified).
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -36,7 +36,11 @@ impl super::Verifier {
             Some(failures) => failures.admit(source),
             None => Admission::Free,
         };
-        if let Admission::Refused(retry_after) = admission {
+        // As for keys: a token the cache knows is not made up, so a
+        // neighbour's flood behind the same address does not lock it out.
+        if let Admission::Refused(retry_after) = admission
+            && !tokens.is_cached(presented)
+        {
             crate::metrics::auth_failures_refused();
             return Err(GatewayError::TooManyAuthFailures { retry_after });
         }
