@@ -37,6 +37,49 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How client certificates name their client (`[client_certs]`).
     pub client_certs: ClientCertsConfig,
+    /// Access and refresh tokens (`[tokens]`, issue 20).
+    pub tokens: TokensConfig,
+}
+
+/// `[tokens]`: the token endpoint and the access tokens (JWTs) it signs,
+/// verified on routes with `auth = ["key", "jwt"]` (see `auth::jwt`).
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// Off unless set: no token endpoint, no JWKS document.
+    pub enabled: bool,
+    /// The token endpoint's path on the public listener.
+    pub path: String,
+    /// Lifetime of an access token (`exp - iat`).
+    pub access_ttl: Duration,
+    /// Lifetime of a refresh token.
+    pub refresh_ttl: Duration,
+    /// PKCS#8 PEM file with the Ed25519 signing key; `None`: one is
+    /// generated when the gateway starts.
+    pub signing_key: Option<PathBuf>,
+    /// The `iss` claim signed into, and required of, access tokens.
+    pub issuer: String,
+    /// The `aud` claim, if access tokens carry (and must carry) one.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Verified access tokens kept in process (by hash, until `exp`).
+    pub cache_capacity: u64,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/oauth/token".to_owned(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            signing_key: None,
+            issuer: "keygate".to_owned(),
+            audience: None,
+            leeway: Duration::from_secs(30),
+            cache_capacity: 100_000,
+        }
+    }
 }
 
 /// `[client_certs]`: client certificates as credentials, on routes with
@@ -55,15 +98,18 @@ pub enum CredentialKind {
     Key,
     /// A client certificate verified by the TLS listener.
     Cert,
+    /// An access token (JWT) from the token endpoint (`[tokens]`).
+    Jwt,
 }
 
 impl CredentialKind {
-    pub const ALL: [CredentialKind; 2] = [Self::Key, Self::Cert];
+    pub const ALL: [CredentialKind; 3] = [Self::Key, Self::Cert, Self::Jwt];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Key => "key",
             Self::Cert => "cert",
+            Self::Jwt => "jwt",
         }
     }
 
@@ -506,6 +552,22 @@ pub struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     client_certs: RawClientCerts,
+    #[serde(default)]
+    tokens: RawTokens,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    enabled: Option<bool>,
+    path: Option<String>,
+    access_ttl: Option<String>,
+    refresh_ttl: Option<String>,
+    signing_key: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Option<String>,
+    cache_capacity: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1110,12 +1172,68 @@ impl RawConfig {
             },
         };
 
+        let tokens = validate_tokens(&mut p, self.tokens, base);
+        if !tokens.enabled
+            && let Some(i) = routes.iter().position(|r| r.auth.accepts(CredentialKind::Jwt))
+        {
+            p.push(format!("route[{i}].auth"), "\"jwt\" needs [tokens] enabled = true");
+        }
+
         if p.0.is_empty() {
-            Ok(Config { server, store, keys, routes, upstreams, limits, usage, log, admin, client_certs })
+            Ok(Config {
+                server,
+                store,
+                keys,
+                routes,
+                upstreams,
+                limits,
+                usage,
+                log,
+                admin,
+                client_certs,
+                tokens,
+            })
         } else {
             Err(p.0)
         }
     }
+}
+
+/// `[tokens]`: durations above zero, an absolute path, and a signing key
+/// file that holds an Ed25519 PKCS#8 key (checked here, so a bad file
+/// stops the gateway before it binds; the message never quotes the key).
+fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfig {
+    let d = TokensConfig::default();
+    let tokens = TokensConfig {
+        enabled: raw.enabled.unwrap_or(d.enabled),
+        path: raw.path.unwrap_or(d.path),
+        access_ttl: p.duration("tokens.access_ttl", raw.access_ttl.as_deref(), d.access_ttl),
+        refresh_ttl: p.duration("tokens.refresh_ttl", raw.refresh_ttl.as_deref(), d.refresh_ttl),
+        signing_key: raw.signing_key.map(|file| base.join(file)),
+        issuer: raw.issuer.unwrap_or(d.issuer),
+        audience: raw.audience,
+        leeway: p.duration("tokens.leeway", raw.leeway.as_deref(), d.leeway),
+        cache_capacity: raw.cache_capacity.unwrap_or(d.cache_capacity),
+    };
+    if !tokens.path.starts_with('/') {
+        p.push("tokens.path", format!("`{}` must start with `/`", tokens.path));
+    }
+    for (field, value) in
+        [("tokens.access_ttl", tokens.access_ttl), ("tokens.refresh_ttl", tokens.refresh_ttl)]
+    {
+        if value.is_zero() {
+            p.push(field, "must be above zero");
+        }
+    }
+    if tokens.issuer.is_empty() {
+        p.push("tokens.issuer", "must not be empty");
+    }
+    if let Some(file) = &tokens.signing_key
+        && let Err(why) = crate::pem::ed25519_key(file)
+    {
+        p.push("tokens.signing_key", why);
+    }
+    tokens
 }
 
 /// Reads one environment variable (the process's, or a test's table).
@@ -2008,7 +2126,7 @@ fn validate_route(
                 p.push(format!("{at}.auth"), "a public route takes no credential, so it cannot name one");
             }
             if names.is_empty() {
-                p.push(format!("{at}.auth"), "name at least one credential: \"key\", \"cert\"");
+                p.push(format!("{at}.auth"), "name at least one credential: \"key\", \"cert\", \"jwt\"");
             }
             let mut kinds = Vec::new();
             for name in &names {
@@ -2016,7 +2134,7 @@ fn validate_route(
                     Some(kind) => kinds.push(kind),
                     None => p.push(
                         format!("{at}.auth"),
-                        format!("`{name}` is not a credential kind; known: \"key\", \"cert\""),
+                        format!("`{name}` is not a credential kind; known: \"key\", \"cert\", \"jwt\""),
                     ),
                 }
             }
@@ -2128,6 +2246,26 @@ mod tests {
     }
 
     #[test]
+    fn tokens_are_off_by_default_and_their_fields_are_checked() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert!(!config.tokens.enabled);
+        assert_eq!(config.tokens.path, "/oauth/token");
+        assert_eq!(config.tokens.access_ttl, Duration::from_secs(900));
+
+        let found = problems(&format!(
+            "{MINIMAL}[tokens]\nenabled = true\npath = \"oauth\"\naccess_ttl = \"0s\"\nsigning_key = \"nope.pem\"\n"
+        ));
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["tokens.path", "tokens.access_ttl", "tokens.signing_key"], "{found:?}");
+        assert!(found[2].message.contains("/etc/keygate/nope.pem"), "{found:?}");
+
+        let found = problems(&format!("{MINIMAL}auth = [\"key\", \"jwt\"]\n"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "route[0].auth");
+        assert!(found[0].message.contains("[tokens] enabled"), "{found:?}");
+    }
+
+    #[test]
     fn unknown_field_is_a_syntax_error_naming_it_and_its_line() {
         let err =
             Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", Path::new(".")).unwrap_err();
@@ -2165,13 +2303,13 @@ mod tests {
     #[test]
     fn unknown_or_empty_auth_and_a_bad_id_from_are_refused_naming_the_field() {
         let found = problems(&format!(
-            "{MINIMAL}auth = [\"key\", \"jwt\"]\n[[route]]\npath = \"/b\"\nupstream = \"builtin:echo\"\nauth = []\n\
+            "{MINIMAL}auth = [\"key\", \"oidc\"]\n[[route]]\npath = \"/b\"\nupstream = \"builtin:echo\"\nauth = []\n\
              [[route]]\npath = \"/c\"\nupstream = \"builtin:echo\"\npublic = true\nauth = [\"cert\"]\n\
              [client_certs]\nid_from = \"serial\"\n"
         ));
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["route[0].auth", "route[1].auth", "route[2].auth", "client_certs.id_from"]);
-        assert!(found[0].message.contains("`jwt`"), "{}", found[0].message);
+        assert!(found[0].message.contains("`oidc`"), "{}", found[0].message);
         assert!(found[3].message.contains("san-dns"), "{}", found[3].message);
         assert_eq!(found[0].line, Some(4));
     }

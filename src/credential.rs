@@ -75,6 +75,26 @@ pub fn find<'a>(
     }
 }
 
+/// Removes every `Authorization: Bearer <JWT>` (after an access token was
+/// verified); other `Authorization` values are left to [`strip`].
+pub fn strip_jwt_bearers(headers: &mut HeaderMap, key_prefix: &str) {
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| {
+            !v.to_str()
+                .ok()
+                .and_then(bearer_token)
+                .is_some_and(|token| crate::auth::jwt::looks_like_jwt(token, key_prefix))
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::AUTHORIZATION);
+    for value in kept {
+        headers.append(header::AUTHORIZATION, value);
+    }
+}
+
 /// The token of `Bearer <token>`, if that is what it is. The scheme is
 /// case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are the same.
 pub fn bearer_token(value: &str) -> Option<&str> {

@@ -33,6 +33,13 @@ pub enum GatewayError {
     /// log only: all of them answer the same, so nobody can learn which keys exist.
     #[error("API key rejected: {0}")]
     KeyRejected(&'static str),
+    /// An access token (JWT) is malformed, forged, expired, or its key is
+    /// revoked. As for keys, the reason is for the log only.
+    #[error("access token rejected: {0}")]
+    TokenRejected(&'static str),
+    /// The token endpoint refused a request, in RFC 6749 §5.2's terms.
+    #[error("token request refused: {0:?}")]
+    TokenRequest(OAuthError),
     #[error("key lacks scope {0}")]
     MissingScope(String),
     #[error("rate limit exceeded")]
@@ -104,6 +111,33 @@ pub enum GatewayError {
     Internal(String),
 }
 
+/// The token endpoint's refusals (RFC 6749 §5.2), each with its `error`
+/// code; the status is chosen in [`GatewayError::status_and_code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthError {
+    /// Not a form, a grant type missing, a parameter repeated.
+    InvalidRequest,
+    /// No key, or a key that is not valid (401 with a `Basic` challenge).
+    InvalidClient,
+    /// A refresh token that is unknown, expired, used or revoked.
+    InvalidGrant,
+    /// A scope the key does not hold.
+    InvalidScope,
+    UnsupportedGrantType,
+}
+
+impl OAuthError {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::InvalidGrant => "invalid_grant",
+            Self::InvalidScope => "invalid_scope",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+        }
+    }
+}
+
 /// Which target a TLS failure was with, and rustls' reason.
 #[derive(Debug)]
 pub struct TlsFailure {
@@ -129,6 +163,16 @@ impl GatewayError {
             Self::MissingKey => "an API key is required".to_owned(),
             Self::MissingCertificate => "a verified client certificate is required".to_owned(),
             Self::KeyRejected(_) => "the API key is not valid".to_owned(),
+            Self::TokenRejected(_) => "the access token is not valid".to_owned(),
+            Self::TokenRequest(OAuthError::InvalidRequest) => "the token request is malformed".to_owned(),
+            Self::TokenRequest(OAuthError::InvalidClient) => "client authentication failed".to_owned(),
+            Self::TokenRequest(OAuthError::InvalidGrant) => "the refresh token is not valid".to_owned(),
+            Self::TokenRequest(OAuthError::InvalidScope) => {
+                "the requested scope exceeds the key's scopes".to_owned()
+            }
+            Self::TokenRequest(OAuthError::UnsupportedGrantType) => {
+                "grant_type must be client_credentials".to_owned()
+            }
             Self::MissingScope(scope) => format!("this API key lacks the scope `{scope}`"),
             Self::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
             Self::QuotaExceeded { .. } => "quota exhausted for the current window".to_owned(),
@@ -174,6 +218,10 @@ impl GatewayError {
             Self::MissingKey => (StatusCode::UNAUTHORIZED, "missing_key"),
             Self::MissingCertificate => (StatusCode::UNAUTHORIZED, "missing_certificate"),
             Self::KeyRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_key"),
+            Self::TokenRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            // RFC 6749 §5.2: 401 for a failed client authentication, else 400.
+            Self::TokenRequest(e @ OAuthError::InvalidClient) => (StatusCode::UNAUTHORIZED, e.code()),
+            Self::TokenRequest(e) => (StatusCode::BAD_REQUEST, e.code()),
             Self::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
@@ -205,7 +253,15 @@ impl GatewayError {
         } else {
             tracing::debug!(status = answer.status.as_u16(), reason = %self, "request refused");
         }
-        let body = serde_json::json!({ "error": answer.code, "message": answer.message }).to_string();
+        let body = match &self {
+            // RFC 6749 §5.2 names the text `error_description`; `message`
+            // stays for the contract's clients.
+            Self::TokenRequest(_) => serde_json::json!({
+                "error": answer.code, "error_description": answer.message, "message": answer.message,
+            }),
+            _ => serde_json::json!({ "error": answer.code, "message": answer.message }),
+        }
+        .to_string();
         let mut response = json_response(answer.status, body);
         let headers = response.headers_mut();
         match &self {
@@ -216,6 +272,25 @@ impl GatewayError {
             Self::MissingKey | Self::MissingCertificate | Self::KeyRejected(_) => {
                 headers
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));
+            }
+            // RFC 6750 §3.
+            Self::TokenRejected(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
+                );
+            }
+            // RFC 6749 §5.2: a 401 challenges the scheme the client used;
+            // Basic is what the endpoint documents.
+            Self::TokenRequest(e) => {
+                // RFC 6749 §5.1: token endpoint answers are never cached.
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                if *e == OAuthError::InvalidClient {
+                    headers.insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"keygate\""),
+                    );
+                }
             }
             Self::MissingScope(scope) => {
                 if let Ok(v) = HeaderValue::from_str(&format!(
@@ -393,6 +468,34 @@ mod tests {
         assert!(!with("application/json"));
         assert!(!with("application/gr"));
         assert!(!is_grpc(&http::HeaderMap::new()));
+    }
+
+    #[tokio::test]
+    async fn a_rejected_token_is_401_invalid_token_with_the_rfc_6750_challenge() {
+        let (status, headers, body) = answer(GatewayError::TokenRejected("expired")).await;
+        assert_eq!(status, 401);
+        assert_eq!(body["error"], "invalid_token");
+        assert!(!body["message"].as_str().unwrap().contains("expired"), "the reason stays in the log");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer realm=\"keygate\", error=\"invalid_token\"");
+    }
+
+    #[tokio::test]
+    async fn token_request_refusals_are_rfc_6749_errors() {
+        let cases = [
+            (OAuthError::InvalidRequest, 400, "invalid_request"),
+            (OAuthError::InvalidClient, 401, "invalid_client"),
+            (OAuthError::InvalidGrant, 400, "invalid_grant"),
+            (OAuthError::InvalidScope, 400, "invalid_scope"),
+            (OAuthError::UnsupportedGrantType, 400, "unsupported_grant_type"),
+        ];
+        for (error, want_status, want_code) in cases {
+            let (status, headers, body) = answer(GatewayError::TokenRequest(error)).await;
+            assert_eq!((status.as_u16(), body["error"].as_str()), (want_status, Some(want_code)));
+            assert!(body["error_description"].is_string(), "{body}");
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+            let challenge = headers.get(header::WWW_AUTHENTICATE);
+            assert_eq!(challenge.is_some(), error == OAuthError::InvalidClient, "{error:?}");
+        }
     }
 
     #[tokio::test]

@@ -59,6 +59,10 @@ pub struct Gateway {
     /// Reloads swap their certificates; `tls_only` routes redirect to the
     /// first one's port.
     pub tls: std::sync::OnceLock<crate::tls::TlsEdge>,
+    /// Access tokens (`[tokens] enabled`): their signing keys and the
+    /// verified-token cache. Built at start (a reload keeps the keys, so
+    /// tokens issued before it stay valid); `None` when off.
+    pub tokens: Option<Arc<crate::auth::jwt::TokenVerifier>>,
 }
 
 impl Gateway {
@@ -72,6 +76,7 @@ impl Gateway {
             .with_credits(Credits::for_store(&*store, &config.store));
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         let connections = ConnectionLimits::new(&config.server.edge);
+        let tokens = crate::auth::jwt::TokenVerifier::for_config(&config.tokens).map(Arc::new);
         Arc::new(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)),
             verifier,
@@ -80,6 +85,7 @@ impl Gateway {
             store,
             connections,
             tls: std::sync::OnceLock::new(),
+            tokens,
         })
     }
 

@@ -19,11 +19,12 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::auth::Caller;
+use crate::auth::jwt;
 use crate::config::{CredentialKind, PlainHttp, RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::Gateway;
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
-use crate::{credential, echo, limit, path, proxy, route, sanitize, scope};
+use crate::{credential, echo, limit, path, proxy, route, sanitize, scope, tokens};
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
@@ -198,6 +199,19 @@ async fn serve(
         path::check_strict(request.uri().path()).map_err(GatewayError::from)?;
     }
     let path = path::normalize_path(request.uri().path()).map_err(GatewayError::from)?;
+    // 1a. Tokens: the token endpoint and JWKS are the gateway's own, ahead
+    // of the routes (`tokens.rs`).
+    if let Some(tokens) = gateway.tokens.as_deref() {
+        if path == live.config.tokens.path {
+            trail.path = Some(path);
+            let answer = tokens::token_endpoint(gateway, tokens, request, client_ip, started).await?;
+            return Ok(answer.map(Either::Right));
+        }
+        if path == tokens::JWKS_PATH {
+            trail.path = Some(path);
+            return Ok(tokens::jwks(tokens).map(Either::Right));
+        }
+    }
     let host = sanitize::request_host(request.headers(), request.uri()).map_err(GatewayError::from)?;
     let matched =
         live.routes.find(host.as_ref().and_then(|h| h.to_str().ok()).map(sanitize::route_name), &path);
@@ -227,20 +241,32 @@ async fn serve(
     }
 
     // 2. Credential: a key (bearer token, key header, or where the route
-    // allows the query) on routes that take keys; else, on routes that take
+    // allows the query) on routes that take keys, or an access token (a
+    // JWT as bearer) on routes that take those; else, on routes that take
     // them, the client certificate the TLS listener verified. A presented
     // key always wins: it is verified (and refused) as on a key-only route.
     let mut caller = None;
+    let mut token_presented = false;
     if !route.public {
         let takes_keys = route.auth.accepts(CredentialKind::Key);
-        let presented = match takes_keys {
+        let takes_tokens = route.auth.accepts(CredentialKind::Jwt);
+        let presented = match takes_keys || takes_tokens {
             true => credential::find(request.headers(), request.uri().query(), keys, route.allow_query_key),
             false => credential::Presented::Missing,
         };
         let certificate = peer.client_certificate().filter(|_| route.auth.accepts(CredentialKind::Cert));
 
         // 3. Verify: cache, then store; malformed keys never reach the store.
+        // A token's key supplies its limits and usage (`auth/token.rs`).
         let record = match (presented, certificate) {
+            (credential::Presented::Key(token), _)
+                if takes_tokens && (!takes_keys || jwt::looks_like_jwt(&token, &keys.prefix)) =>
+            {
+                let tokens =
+                    gateway.tokens.as_deref().ok_or(GatewayError::TokenRejected("tokens are off"))?;
+                token_presented = true;
+                gateway.verifier.verify_token(tokens, &token, client_ip).await?
+            }
             (credential::Presented::Key(key), _) => gateway.verifier.verify(&key, client_ip, started).await?,
             (credential::Presented::Ambiguous, _) => {
                 return Err(GatewayError::KeyRejected("two different keys presented").into());
@@ -249,7 +275,7 @@ async fn serve(
                 let id_from = live.config.client_certs.id_from;
                 gateway.verifier.verify_certificate(cert, id_from, started).await?
             }
-            (credential::Presented::Missing, None) if takes_keys => {
+            (credential::Presented::Missing, None) if takes_keys || takes_tokens => {
                 return Err(GatewayError::MissingKey.into());
             }
             (credential::Presented::Missing, None) => return Err(GatewayError::MissingCertificate.into()),
@@ -294,6 +320,11 @@ async fn serve(
     // Every key carrier goes, not only the one read: a second copy must not
     // leak, and a key sent to a public route is still nobody else's business.
     credential::strip(request.headers_mut(), &mut path_and_query, route, keys);
+    // An access token is a credential like a key: the upstream gets the
+    // identity headers, not the bearer (it can verify tokens by the JWKS).
+    if token_presented {
+        credential::strip_jwt_bearers(request.headers_mut(), &keys.prefix);
+    }
     // The scopes were checked against this method and path; no header may
     // make the upstream run another.
     if edge.strip_override_headers {

@@ -28,6 +28,7 @@
 //! - [`config`]: `gateway.toml`, parsed and validated into typed values.
 //! - [`credential`]: finding the key in a request and stripping it.
 //! - [`auth`]: verification through the in-process cache, invalidations.
+//! - [`tokens`]: the token endpoint and JWKS (access tokens, `auth::jwt`).
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
@@ -71,6 +72,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;
 pub mod upstream_tls;
 pub mod usage;
 pub mod worker;

@@ -52,6 +52,20 @@ pub fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, St
         .map_err(|e| format!("{} holds no usable PEM private key: {e}", path.display()))
 }
 
+/// The Ed25519 key in a PKCS#8 PEM file (`[tokens] signing_key`), as DER,
+/// checked by ring to be an Ed25519 key pair (`openssl genpkey -algorithm
+/// ed25519` writes one). The message never holds the key.
+pub fn ed25519_key(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = read(path)?;
+    let PrivateKeyDer::Pkcs8(der) = private_key(path, &pem)? else {
+        return Err(format!("{} holds a private key that is not PKCS#8", path.display()));
+    };
+    let der = der.secret_pkcs8_der().to_vec();
+    ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|_| format!("{} holds no Ed25519 key pair", path.display()))?;
+    Ok(der)
+}
+
 /// A root store of every certificate in a CA file (read with [`read`]),
 /// each checked to be usable as a trust anchor.
 pub fn roots(path: &Path, pem: &[u8]) -> Result<rustls::RootCertStore, String> {

@@ -72,6 +72,8 @@ use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 
 mod cert;
+pub mod jwt;
+mod token;
 
 use crate::client::ClientRecord;
 use crate::config::{CredentialKind, KeysConfig};
@@ -109,8 +111,9 @@ pub enum Credential {
     /// A client certificate verified by the TLS listener: the client itself
     /// is the caller, with the client record's scopes and limits, no key.
     ClientCert { client: Arc<ClientRecord> },
-    // Issue 20 adds `Jwt { .. }`: an access token, checked against the key
-    // it was issued from (that key's record supplies limits and usage).
+    // An access token (issue 20) becomes `Key` of its source key's record
+    // with the token's scopes (see `token.rs`): the key supplies limits,
+    // quota and usage exactly as when presented itself.
 }
 
 impl Caller {
@@ -206,6 +209,10 @@ pub struct Verifier {
     /// from `known`: a key entry is found by its secret's hash, a client by
     /// its name, and a client's record must not be mistaken for a key's.
     clients: Cache<String, Arc<cert::CachedClient>, RandomState>,
+    /// The source keys of access tokens, by key ID (see `token.rs`): a
+    /// token names its key by ID, not by secret, so it cannot use `known`.
+    /// Dropped with the key's or client's invalidation like `known`.
+    token_keys: Cache<String, Arc<Caller>, RandomState>,
     /// Failed authentications per source IP; `None` when switched off.
     failures: Option<AuthFailures>,
     /// The global cap on store lookups for keys not cached; `None`: off.
@@ -314,6 +321,11 @@ impl Verifier {
             .max_capacity(keys.cache_capacity)
             .time_to_live(keys.cache_ttl + keys.stale_window)
             .build_with_hasher(RandomState::default());
+        let token_keys = Cache::builder()
+            .max_capacity(keys.cache_capacity)
+            .support_invalidation_closures()
+            .time_to_live(keys.cache_ttl)
+            .build_with_hasher(RandomState::default());
         // An entry lives only while its lookup runs (it is removed when the
         // answer is in); the TTL only cleans up after a cancelled request.
         let in_flight =
@@ -328,6 +340,7 @@ impl Verifier {
             known,
             unknown,
             clients,
+            token_keys,
             in_flight,
             failures,
             lookups,
@@ -628,6 +641,8 @@ impl Verifier {
                 self.changes.fetch_add(1, Ordering::AcqRel);
                 self.known.invalidate(hash);
                 self.unknown.invalidate(hash);
+                let hash = *hash;
+                self.forget_token_key(move |caller| caller.key().is_some_and(|key| key.secret_hash == hash));
             }
             // Every cached key of the client carries the client's old record.
             // moka guarantees `get` no longer returns a matching entry once
@@ -637,6 +652,8 @@ impl Verifier {
             Invalidation::Client(client) => {
                 self.changes.fetch_add(1, Ordering::AcqRel);
                 self.clients.invalidate(client);
+                let of_client = client.clone();
+                self.forget_token_key(move |caller| caller.client() == of_client);
                 let client = client.clone();
                 let dropped =
                     self.known.invalidate_entries_if(move |_, cached| cached.record.client() == client);
@@ -656,6 +673,7 @@ impl Verifier {
             Invalidation::All => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.unknown.invalidate_all();
+                self.token_keys.invalidate_all();
             }
         }
     }

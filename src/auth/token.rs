@@ -1,0 +1,126 @@
+//! Access tokens as a route credential: a JWT (checked by `jwt.rs`)
+//! becomes the [`Caller`] of the key it was issued for, with the token's
+//! scopes.
+//!
+//! The key is found by the ID in the token's `kid` claim, once per
+//! `cache_ttl` (the `token_keys` cache), not per request; the store's
+//! invalidations drop it like a cached key, so a revoked key's tokens are
+//! refused on every gateway as soon as its keys are, not only at `exp`.
+//! Refused tokens count against the source's failed-authentication budget
+//! like refused keys, and a source over it gets 429 before any signature
+//! check (unless the token is one the cache already verified).
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+use super::jwt::{AccessClaims, TokenVerifier};
+use super::{Admission, Caller, check_usable};
+use crate::error::GatewayError;
+use crate::key::KeyId;
+use crate::store::Found;
+
+impl super::Verifier {
+    /// Verifies an access token from `source`: the source's failure
+    /// budget, the token (cache, header, signature, claims), then its key
+    /// (cache, then store) and the key's and client's state.
+    pub async fn verify_token(
+        &self,
+        tokens: &TokenVerifier,
+        presented: &str,
+        source: IpAddr,
+    ) -> Result<Arc<Caller>, GatewayError> {
+        let admission = match &self.failures {
+            Some(failures) => failures.admit(source),
+            None => Admission::Free,
+        };
+        // As for keys: a token the cache knows is not made up, so a
+        // neighbour's flood behind the same address does not lock it out.
+        if let Admission::Refused(retry_after) = admission
+            && !tokens.is_cached(presented)
+        {
+            crate::metrics::auth_failures_refused();
+            return Err(GatewayError::TooManyAuthFailures { retry_after });
+        }
+        let verified = self.verify_token_unbudgeted(tokens, presented).await;
+        if let Some(failures) = &self.failures {
+            match &verified {
+                Err(GatewayError::TokenRejected(_)) => failures.failed(source),
+                _ if admission == Admission::Trial => failures.passed(source),
+                _ => {}
+            }
+        }
+        if let Err(GatewayError::TokenRejected(_)) = &verified {
+            crate::metrics::auth_failure();
+        }
+        verified
+    }
+
+    async fn verify_token_unbudgeted(
+        &self,
+        tokens: &TokenVerifier,
+        presented: &str,
+    ) -> Result<Arc<Caller>, GatewayError> {
+        let now = Timestamp::now();
+        let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
+        let claims =
+            tokens.verify(presented, now_secs).map_err(|e| GatewayError::TokenRejected(e.reason()))?;
+        let caller = self.token_key(&claims).await?;
+        check_usable(&caller, || now).map_err(|r| GatewayError::TokenRejected(r.reason()))?;
+        Ok(narrowed(caller, &claims))
+    }
+
+    /// The caller of the token's source key, cached by key ID.
+    async fn token_key(&self, claims: &AccessClaims) -> Result<Arc<Caller>, GatewayError> {
+        if let Some(caller) = self.token_keys.get(&claims.kid) {
+            return Ok(caller);
+        }
+        let id = KeyId::from_str(&claims.kid).map_err(|_| GatewayError::TokenRejected("bad key id"))?;
+        // The token's subject is its key's client: checked, since the
+        // limits and usage of that client are what it spends.
+        if id.client() != claims.sub {
+            return Err(GatewayError::TokenRejected("subject is not the key's client"));
+        }
+        let unavailable = |e: crate::store::StoreError| GatewayError::StoreUnavailable(e.to_string());
+        let changes = self.changes.load(std::sync::atomic::Ordering::Acquire);
+        let Some(key) = self.store.get(&id).await.map_err(unavailable)? else {
+            return Err(GatewayError::TokenRejected("key gone"));
+        };
+        let client = self.store.get_client(key.client()).await.map_err(unavailable)?;
+        let caller = Arc::new(Caller::new(Found { key, client }));
+        // As for keys: a lookup that overlapped a change may have read the
+        // record before it, so it serves this request but is not cached.
+        if self.changes.load(std::sync::atomic::Ordering::Acquire) == changes {
+            self.token_keys.insert(claims.kid.clone(), Arc::clone(&caller));
+        }
+        Ok(caller)
+    }
+
+    /// Drops the cached token keys `matches` picks.
+    pub(super) fn forget_token_key(&self, matches: impl Fn(&Caller) -> bool + Send + Sync + 'static) {
+        // Fails only without `support_invalidation_closures`, which `new` sets.
+        if self.token_keys.invalidate_entries_if(move |_, caller| matches(caller)).is_err() {
+            self.token_keys.invalidate_all();
+        }
+    }
+}
+
+/// The key's caller with the token's scopes, which are the key's or fewer
+/// (the token endpoint narrowed them); the key's own caller when equal, so
+/// the common case allocates nothing.
+fn narrowed(caller: Arc<Caller>, claims: &AccessClaims) -> Arc<Caller> {
+    let scopes = claims.scopes();
+    if caller.scopes() == scopes.as_slice() {
+        return caller;
+    }
+    // Never wider than the key now, whatever the token says: a scope
+    // removed from the key since the token was issued is gone.
+    let scopes: Vec<String> = scopes.into_iter().filter(|s| caller.scopes().contains(s)).collect();
+    let Some(key) = caller.key() else { return caller };
+    let mut key = key.clone();
+    key.meta.scopes = scopes;
+    let client = caller.client.as_deref().cloned();
+    Arc::new(Caller::new(Found { key, client }))
+}
