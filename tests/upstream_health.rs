@@ -236,3 +236,38 @@ async fn get_after_release(url: &str, release: &tokio::sync::Semaphore) -> http:
     release.add_permits(1);
     get(url).await.status
 }
+
+/// The value of one series line in `/metrics`, or `None` when absent.
+fn metric(name_and_labels: &str) -> Option<f64> {
+    keygate::metrics::render()
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_ejected_target_ejected() {
+    let live = Upstream::start(|_req| async { Response::new(full("ok")) }).await;
+    let dead = common::upstream::closed_port_url().await;
+    let extra = "retries = 1\npassive = { failures = 1, ejection = \"5m\" }";
+    let text = config(&[live.url(), dead.clone()], extra);
+    let gateway = TestGateway::start(&text).await;
+    for _ in 0..4 {
+        assert_eq!(get(&gateway.url("/x")).await.status, 200, "the dead target's share is retried");
+    }
+    let failures = format!("keygate_upstream_target_failures_total{{upstream=\"api\",target=\"{dead}\"}}");
+    let healthy = format!("keygate_upstream_target_healthy{{upstream=\"api\",target=\"{dead}\"}}");
+    let failed_before = metric(&failures).expect("the dead target failed");
+    assert_eq!(metric(&healthy), Some(0.0), "ejected");
+
+    let config = keygate::config::Config::from_toml(&text, gateway.dir.path()).unwrap();
+    gateway.gateway.reload(config);
+    for _ in 0..20 {
+        assert_eq!(get(&gateway.url("/x")).await.status, 200);
+    }
+    assert_eq!(metric(&healthy), Some(0.0), "still ejected after the reload");
+    assert_eq!(
+        metric(&failures),
+        Some(failed_before),
+        "no request went to the ejected target after the reload"
+    );
+}
