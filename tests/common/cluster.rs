@@ -29,10 +29,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::redis::{answering_pid, free_port};
+use super::redis::{free_port, wait_until_answering};
 
-/// How long a starting node may take to answer PING.
-const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the cluster may take to agree (`cluster_state:ok` everywhere),
 /// and a failover to finish.
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(30);
@@ -397,7 +395,7 @@ fn spawn(
     } else {
         command.args(["--save", "", "--appendonly", "no"]);
     }
-    let mut child = command
+    let child = command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(dir)
@@ -409,25 +407,5 @@ fn spawn(
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {binary:?}: {e}. Install Redis or set REDIS_SERVER_BIN"));
-    let deadline = Instant::now() + START_DEADLINE;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
-            return Err(format!("exited with {status}; log:\n{}", tail(&log)));
-        }
-        if let Ok(pid) = answering_pid(&client) {
-            if pid == child.id() {
-                return Ok(child);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("port taken by another redis (pid {pid})"));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("no PING answer within {START_DEADLINE:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10)); // poll interval, bounded by the deadline
-    }
+    wait_until_answering(child, &client, &dir.join("redis.log"))
 }

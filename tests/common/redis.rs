@@ -305,7 +305,7 @@ fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Res
             .arg(&tls.ca)
             .args(["--tls-auth-clients", if tls.client.is_some() { "yes" } else { "no" }]),
     };
-    let mut child = command
+    let child = command
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir)
@@ -322,8 +322,19 @@ fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Res
             )
         });
 
+    wait_until_answering(child, &client, &log_path(dir))
+}
+
+/// Waits until the `redis-server` just started as `child` (its log at
+/// `log`) is the one answering PING on `client`'s port; kills it when it
+/// does not within [`START_DEADLINE`], or when another server holds the port.
+pub(super) fn wait_until_answering(
+    mut child: Child,
+    client: &redis::Client,
+    log: &std::path::Path,
+) -> Result<Child, String> {
     let log_tail = || {
-        let log = std::fs::read_to_string(log_path(dir)).unwrap_or_default();
+        let log = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(5)..].join("\n")
     };
@@ -332,7 +343,7 @@ fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Res
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited with {status}; log:\n{}", log_tail()));
         }
-        if let Ok(pid) = answering_pid(&client) {
+        if let Ok(pid) = answering_pid(client) {
             if pid == child.id() {
                 return Ok(child);
             }
@@ -351,7 +362,7 @@ fn spawn_ready(port: u16, dir: &std::path::Path, tls: Option<&ServerTls>) -> Res
 }
 
 /// PINGs the server on `client`'s port and returns its `process_id`.
-pub(super) fn answering_pid(client: &redis::Client) -> redis::RedisResult<u32> {
+fn answering_pid(client: &redis::Client) -> redis::RedisResult<u32> {
     let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
     conn.set_read_timeout(Some(Duration::from_millis(500)))?;
     let _: String = redis::cmd("PING").query(&mut conn)?;
