@@ -367,31 +367,50 @@ impl Verifier {
         source: IpAddr,
         arrived: Instant,
     ) -> Result<Arc<Caller>, GatewayError> {
+        let rejected = |error: &GatewayError| matches!(error, GatewayError::KeyRejected(_));
+        let verifying = self.verify_key(presented, arrived);
+        self.within_failure_budget(source, || self.is_cached(presented), rejected, verifying).await
+    }
+
+    /// Runs `verify` (a key's or a token's verification) under `source`'s
+    /// failed-authentication budget: a source over it is refused without
+    /// verification, unless `known` (the credential is in the cache); a
+    /// `rejected` outcome spends the budget, and a trial's success gives it
+    /// back.
+    ///
+    /// The budget keeps a flood of made-up credentials off the store and the
+    /// signature checks. One the cache knows is not made up: verifying it
+    /// (even a re-check with the store once its `cache_ttl` is up) is bounded
+    /// by the cache, not by the attacker, so it goes on as usual. A
+    /// misbehaving client behind the same address (an office NAT, a shared
+    /// egress) thus does not lock out its neighbours' working keys.
+    pub(crate) async fn within_failure_budget(
+        &self,
+        source: IpAddr,
+        known: impl FnOnce() -> bool,
+        rejected: impl Fn(&GatewayError) -> bool,
+        verify: impl std::future::Future<Output = Result<Arc<Caller>, GatewayError>>,
+    ) -> Result<Arc<Caller>, GatewayError> {
         let admission = match &self.failures {
             Some(failures) => failures.admit(source),
             None => Admission::Free,
         };
-        // The budget keeps a flood of made-up keys off the store. A key the
-        // cache knows is not made up: verifying it (even a re-check with the
-        // store once its `cache_ttl` is up) is bounded by the cache, not by
-        // the attacker, so it goes on as usual. A misbehaving client behind
-        // the same address (an office NAT, a shared egress) thus does not
-        // lock out its neighbours' working keys.
         if let Admission::Refused(retry_after) = admission
-            && !self.is_cached(presented)
+            && !known()
         {
             crate::metrics::auth_failures_refused();
             return Err(GatewayError::TooManyAuthFailures { retry_after });
         }
-        let verified = self.verify_key(presented, arrived).await;
+        let verified = verify.await;
+        let failed = verified.as_ref().err().is_some_and(&rejected);
         if let Some(failures) = &self.failures {
-            match &verified {
-                Err(GatewayError::KeyRejected(_)) => failures.failed(source),
-                _ if admission == Admission::Trial => failures.passed(source),
-                _ => {}
+            if failed {
+                failures.failed(source);
+            } else if admission == Admission::Trial {
+                failures.passed(source);
             }
         }
-        if let Err(GatewayError::KeyRejected(_)) = &verified {
+        if failed {
             crate::metrics::auth_failure();
         }
         verified

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use super::jwt::{AccessClaims, TokenVerifier};
-use super::{Admission, Caller, check_usable};
+use super::{Caller, check_usable};
 use crate::error::GatewayError;
 use crate::key::KeyId;
 use crate::store::Found;
@@ -32,30 +32,11 @@ impl super::Verifier {
         presented: &str,
         source: IpAddr,
     ) -> Result<Arc<Caller>, GatewayError> {
-        let admission = match &self.failures {
-            Some(failures) => failures.admit(source),
-            None => Admission::Free,
-        };
         // As for keys: a token the cache knows is not made up, so a
         // neighbour's flood behind the same address does not lock it out.
-        if let Admission::Refused(retry_after) = admission
-            && !tokens.is_cached(presented)
-        {
-            crate::metrics::auth_failures_refused();
-            return Err(GatewayError::TooManyAuthFailures { retry_after });
-        }
-        let verified = self.verify_token_unbudgeted(tokens, presented).await;
-        if let Some(failures) = &self.failures {
-            match &verified {
-                Err(GatewayError::TokenRejected(_)) => failures.failed(source),
-                _ if admission == Admission::Trial => failures.passed(source),
-                _ => {}
-            }
-        }
-        if let Err(GatewayError::TokenRejected(_)) = &verified {
-            crate::metrics::auth_failure();
-        }
-        verified
+        let rejected = |error: &GatewayError| matches!(error, GatewayError::TokenRejected(_));
+        let verifying = self.verify_token_unbudgeted(tokens, presented);
+        self.within_failure_budget(source, || tokens.is_cached(presented), rejected, verifying).await
     }
 
     async fn verify_token_unbudgeted(
