@@ -89,11 +89,14 @@ pub struct Balancer {
     /// which makes its draws weighted.
     schedule: Box<[usize]>,
     next: AtomicUsize,
+    /// Every target has the same weight: `client_hash` compares raw hashes.
+    equal_weights: bool,
 }
 
 impl Balancer {
     pub fn new(policy: Policy, weights: &[u32]) -> Self {
-        Self { policy, schedule: smooth_schedule(weights), next: AtomicUsize::new(0) }
+        let equal_weights = weights.windows(2).all(|pair| pair[0] == pair[1]);
+        Self { policy, schedule: smooth_schedule(weights), next: AtomicUsize::new(0), equal_weights }
     }
 
     pub fn policy(&self) -> Policy {
@@ -114,7 +117,9 @@ impl Balancer {
         let chosen = match self.policy {
             Policy::RoundRobin => self.round_robin(targets, &usable, now, passive),
             Policy::LeastOutstanding => self.least_outstanding(targets, &usable, now, passive),
-            Policy::ClientHash => client_hash(targets, affinity.hash(), &usable, now, passive),
+            Policy::ClientHash => {
+                client_hash(targets, affinity.hash(), self.equal_weights, &usable, now, passive)
+            }
         };
         match chosen {
             Some(index) => Some(Pick { index, panic: false }),
@@ -194,11 +199,11 @@ impl Balancer {
 fn client_hash(
     targets: &[impl Weighted],
     client: u64,
+    equal: bool,
     usable: &impl Fn(usize) -> bool,
     now: Instant,
     passive: &PassiveSettings,
 ) -> Option<usize> {
-    let equal = targets.windows(2).all(|pair| pair[0].weight() == pair[1].weight());
     let score = |i: usize| -> f64 {
         let h = mix(client ^ targets[i].name_hash());
         if equal {

@@ -204,11 +204,12 @@ impl TargetHealth {
 
     /// Records one active probe.
     pub fn record_probe(&self, passed: bool, active: &ActiveSettings, target: &str, why: &str) {
-        let same = self.last_probe_passed.swap(passed, Ordering::Relaxed) == passed;
-        let streak = if same { self.probe_streak.fetch_add(1, Ordering::Relaxed) + 1 } else { 1 };
-        if !same {
+        let streak = if self.last_probe_passed.swap(passed, Ordering::Relaxed) == passed {
+            self.probe_streak.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
             self.probe_streak.store(1, Ordering::Relaxed);
-        }
+            1
+        };
         let up = self.active_up.load(Ordering::Relaxed);
         if passed && streak >= active.healthy {
             if !up {

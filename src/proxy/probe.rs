@@ -13,6 +13,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use http::{Request, header};
 
+use super::balance::Weighted as _;
 use super::body::RequestBody;
 use super::upstream::UpstreamPool;
 

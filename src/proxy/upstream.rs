@@ -45,10 +45,6 @@ impl Target {
         &self.pool
     }
 
-    pub fn health(&self) -> &TargetHealth {
-        &self.health
-    }
-
     pub fn label(&self) -> &str {
         &self.label
     }
