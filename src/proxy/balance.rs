@@ -115,7 +115,7 @@ impl Balancer {
     ) -> Option<Pick> {
         let usable = |i: usize| !tried.contains(&i) && targets[i].weight() > 0;
         let chosen = match self.policy {
-            Policy::RoundRobin => self.round_robin(targets, &usable, now, passive),
+            Policy::RoundRobin => self.round_robin(targets, &usable, !tried.is_empty(), now, passive),
             Policy::LeastOutstanding => self.least_outstanding(targets, &usable, now, passive),
             Policy::ClientHash => {
                 client_hash(targets, affinity.hash(), self.equal_weights, &usable, now, passive)
@@ -136,6 +136,7 @@ impl Balancer {
         &self,
         targets: &[impl Weighted],
         usable: &impl Fn(usize) -> bool,
+        retry: bool,
         now: Instant,
         passive: &PassiveSettings,
     ) -> Option<usize> {
@@ -143,7 +144,10 @@ impl Balancer {
         if len == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry does not take a turn: if it did, with two targets a failing
+        // one would get every request's first attempt (turn 2n), not half.
+        let start =
+            if retry { self.next.load(Ordering::Relaxed) } else { self.next.fetch_add(1, Ordering::Relaxed) };
         (0..len)
             .map(|step| self.schedule[start.wrapping_add(step) % len])
             .find(|&i| usable(i) && targets[i].health().claim(now, passive))
@@ -367,6 +371,25 @@ mod tests {
         assert_eq!(counts[1] + counts[2], 400);
         let retry = balancer.pick(&set.candidates(), nobody(), &[1], Instant::now(), &passive).unwrap();
         assert_eq!(retry, Pick { index: 2, panic: false }, "a retry never goes back to a tried target");
+    }
+
+    #[test]
+    fn a_retry_takes_no_turn_so_a_failing_target_keeps_its_share_of_first_attempts() {
+        let set = Set::new("balance-rr-retry", &[1, 1]);
+        let balancer = Balancer::new(Policy::RoundRobin, &set.weights);
+        let passive = PassiveSettings { failures: 0, ..PassiveSettings::default() };
+        let mut first_attempts = [0; 2];
+        for _ in 0..10 {
+            let first = balancer.pick(&set.candidates(), nobody(), &[], Instant::now(), &passive).unwrap();
+            first_attempts[first.index] += 1;
+            if first.index == 0 {
+                // Target 0 always fails: the request is retried on 1.
+                let retry =
+                    balancer.pick(&set.candidates(), nobody(), &[0], Instant::now(), &passive).unwrap();
+                assert_eq!(retry.index, 1);
+            }
+        }
+        assert_eq!(first_attempts, [5, 5]);
     }
 
     #[test]
