@@ -151,6 +151,10 @@ pub struct ConnPool {
     /// One permit per connection allowed open; each connection task holds one.
     permits: Arc<Semaphore>,
     max_connections: usize,
+    /// Requests waiting for a permit. While there are any, a connection
+    /// coming back is closed rather than pooled: pooled, it would keep its
+    /// permit and the waiter would time out beside an idle connection.
+    waiting_for_permit: std::sync::atomic::AtomicUsize,
     /// How long a response body may pause between frames.
     body_idle_timeout: Duration,
     /// `Some` for `https://` targets.
@@ -239,6 +243,7 @@ impl ConnPool {
             per_worker,
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            waiting_for_permit: std::sync::atomic::AtomicUsize::new(0),
             body_idle_timeout: limits.body_idle_timeout,
             tls,
             h2,
@@ -479,10 +484,15 @@ impl ConnPool {
             Err(_) => {
                 // Full: an idle connection (on any worker) is worth less than
                 // a request waiting; closing one frees its permit shortly.
+                // Counted before the eviction: a connection put back in
+                // between is either evicted here or closed by `put_back`.
+                self.waiting_for_permit.fetch_add(1, Ordering::SeqCst);
                 self.evict_one_idle();
-                match tokio::time::timeout(self.connect_timeout, Arc::clone(&self.permits).acquire_owned())
-                    .await
-                {
+                let waited =
+                    tokio::time::timeout(self.connect_timeout, Arc::clone(&self.permits).acquire_owned())
+                        .await;
+                self.waiting_for_permit.fetch_sub(1, Ordering::SeqCst);
+                match waited {
                     Ok(Ok(permit)) => Ok(permit),
                     // The semaphore is never closed; treat it as full if it were.
                     Err(_) | Ok(Err(_)) => Err(SendError::Busy(self.authority.clone(), self.max_connections)),
@@ -549,8 +559,16 @@ impl ConnPool {
             return;
         }
         let mut idle = self.idle_list().lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < self.max_idle {
+        // Read under the lock the waiter's eviction also takes: a waiter
+        // counted after this read finds the connection in the list.
+        let wanted = self.waiting_for_permit.load(Ordering::SeqCst) > 0;
+        if idle.len() < self.max_idle && !wanted {
             idle.push(Idle { sender, since: Instant::now() });
+        } else {
+            // Dropped after the lock: the connection ends, and its permit
+            // goes to the waiter.
+            drop(idle);
+            drop(sender);
         }
     }
 }
