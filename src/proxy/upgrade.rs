@@ -80,6 +80,9 @@ pub struct Tunnel {
     pub(super) idle_timeout: Duration,
     /// The upstream connection's `max_connections` permit, for the tunnel's life.
     pub(super) permit: tokio::sync::OwnedSemaphorePermit,
+    /// The tunnel counts as a request outstanding on its target for its
+    /// life: `max_requests` caps tunnels too, and `least_outstanding` sees them.
+    pub(super) in_flight: super::health::InFlight,
 }
 
 /// How a tunnel went, for usage and the access log.
@@ -121,7 +124,7 @@ impl Tunnel {
     /// Copies bytes both ways until both directions end, one fails, or
     /// nothing moves for the idle timeout; then closes both connections.
     pub async fn run(self) -> TunnelEnd {
-        let Self { client, upstream, idle_timeout, permit } = self;
+        let Self { client, upstream, idle_timeout, permit, in_flight } = self;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
             Err(error) => {
@@ -149,7 +152,7 @@ impl Tunnel {
         // peers see their sockets closed, not a WebSocket close frame: the
         // gateway does not speak the protocol inside).
         drop((client, upstream));
-        drop(permit);
+        drop((permit, in_flight));
         TunnelEnd {
             bytes_in: moved.from_client.load(Ordering::Relaxed),
             bytes_out: moved.from_upstream.load(Ordering::Relaxed),

@@ -219,14 +219,7 @@ impl UpstreamPool {
         {
             return Err(GatewayError::BodyTooLarge { limit: max });
         }
-        // Circuit breaking: past `max_requests` in flight, nothing is sent.
-        if self.outstanding() >= self.max_requests {
-            crate::metrics::upstream_overloaded(&self.name, "max_requests");
-            return Err(GatewayError::UpstreamOverloaded {
-                upstream: self.name.clone(),
-                limit: "max_requests",
-            });
-        }
+        self.check_breaker()?;
 
         let (mut parts, body) = request.into_parts();
         // Origin-form URI, as an HTTP/1.1 server expects; upstreams are
@@ -326,14 +319,7 @@ impl UpstreamPool {
                 None => GatewayError::UpstreamTimeout { upstream: self.name.clone(), after: self.timeout },
             };
             drop(in_flight);
-            // The client's own fault, or our own caps: not the target's.
-            let targets_fault = matches!(
-                failed,
-                GatewayError::UpstreamUnreachable { .. }
-                    | GatewayError::UpstreamTimeout { .. }
-                    | GatewayError::UpstreamTls { .. }
-                    | GatewayError::UpstreamBadResponse { .. }
-            );
+            let targets_fault = is_targets_fault(&failed);
             let at = Instant::now();
             if targets_fault {
                 target.health.record(Outcome::Failure, at, &self.passive, &target.label);
@@ -349,6 +335,15 @@ impl UpstreamPool {
     /// The request for one more attempt, if the request may have one now:
     /// a replayable request, attempts and untried targets left, time left,
     /// and a token in the budget (taken here).
+    /// Circuit breaking: past `max_requests` in flight, nothing is sent.
+    fn check_breaker(&self) -> Result<(), GatewayError> {
+        if self.outstanding() < self.max_requests {
+            return Ok(());
+        }
+        crate::metrics::upstream_overloaded(&self.name, "max_requests");
+        Err(GatewayError::UpstreamOverloaded { upstream: self.name.clone(), limit: "max_requests" })
+    }
+
     fn next_attempt(
         &self,
         replay: Option<&Replay>,
@@ -387,6 +382,7 @@ impl UpstreamPool {
         affinity: Affinity<'_>,
         client: hyper::upgrade::OnUpgrade,
     ) -> Result<(Response<PooledBody>, Option<upgrade::Tunnel>), GatewayError> {
+        self.check_breaker()?;
         let Some(pick) = self.balancer.pick(&self.targets, affinity, &[], sent, &self.passive) else {
             return Err(GatewayError::Internal(format!("upstream {} has no targets", self.name)));
         };
@@ -398,6 +394,7 @@ impl UpstreamPool {
             request.headers_mut().insert(header::HOST, host.clone());
         }
         *request.version_mut() = Version::HTTP_11;
+        let in_flight = target.health.start_request();
         let exchange = target.pool.send_upgrade(request);
         let (mut response, permit) = match tokio::time::timeout_at(sent + self.timeout, exchange).await {
             Err(_) => {
@@ -409,29 +406,34 @@ impl UpstreamPool {
             }
             Ok(Err(error)) => {
                 let failed = self.send_failure(error, &target.pool);
-                if matches!(
-                    failed,
-                    GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTls { .. }
-                ) {
+                if is_targets_fault(&failed) {
                     target.health.record(Outcome::Failure, Instant::now(), &self.passive, &target.label);
                 }
                 return Err(failed);
             }
             Ok(Ok(answered)) => answered,
         };
-        target.health.record(Outcome::Success, sent, &self.passive, &target.label);
+        let bad = response.status().is_server_error() && self.passive.count_5xx;
+        let verdict = if bad { Outcome::Failure } else { Outcome::Success };
+        target.health.record(verdict, Instant::now(), &self.passive, &target.label);
         if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             if let Err(reason) = check_framing(&response) {
                 return Err(GatewayError::UpstreamBadResponse { upstream: self.name.clone(), reason });
             }
             let idle = target.pool.body_idle_timeout();
             let lease = pool::Lease::dedicated(&target.pool, Some(permit));
-            let mut response = response.map(|body| PooledBody::new(body, lease, idle, None));
+            let mut response = response.map(|body| PooledBody::new(body, lease, idle, Some(in_flight)));
             remove_hop_by_hop(response.headers_mut());
             return Ok((response, None));
         }
         let upstream = hyper::upgrade::on(&mut response);
-        let tunnel = upgrade::Tunnel { client, upstream, idle_timeout: self.websocket_idle_timeout, permit };
+        let tunnel = upgrade::Tunnel {
+            client,
+            upstream,
+            idle_timeout: self.websocket_idle_timeout,
+            permit,
+            in_flight,
+        };
         // The upstream's own `Upgrade` value and its `Sec-WebSocket-*`
         // answer go back; the rest of its hop-by-hop headers do not.
         let protocol = response.headers().get(header::UPGRADE).cloned();
@@ -479,6 +481,20 @@ impl UpstreamPool {
             error => GatewayError::UpstreamUnreachable { upstream, cause: error_chain(&error) },
         }
     }
+}
+
+/// Whether a failed attempt counts against the target's passive health.
+/// The client's own fault (its body) and keygate's own caps (`max_connections`,
+/// `max_pending`) are not the target's; the same rule for requests and for
+/// WebSocket handshakes.
+fn is_targets_fault(failed: &GatewayError) -> bool {
+    matches!(
+        failed,
+        GatewayError::UpstreamUnreachable { .. }
+            | GatewayError::UpstreamTimeout { .. }
+            | GatewayError::UpstreamTls { .. }
+            | GatewayError::UpstreamBadResponse { .. }
+    )
 }
 
 /// The answer to a request whose own body failed.
