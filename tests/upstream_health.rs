@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::gateway::{TestGateway, get};
+use common::gateway::{Answer, TestGateway, get, http1_client, send};
 use common::upstream::{Upstream, full};
-use common::wait::eventually;
+use common::wait::{eventually, within};
 use http::Response;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -228,6 +228,10 @@ async fn above_max_requests_the_breaker_answers_503_with_retry_after() {
     );
 }
 
+async fn get_answer(url: String) -> Answer {
+    get(&url).await
+}
+
 async fn get_owned(url: String) -> http::StatusCode {
     get(&url).await.status
 }
@@ -270,4 +274,212 @@ async fn a_reload_keeps_an_ejected_target_ejected() {
         Some(failed_before),
         "no request went to the ejected target after the reload"
     );
+}
+
+/// An upstream that answers its index, for the balancing tests.
+async fn numbered(index: usize) -> Upstream {
+    Upstream::start(move |_req| async move { Response::new(full(index.to_string())) }).await
+}
+
+async fn key_for(gateway: &TestGateway, client: &str) -> String {
+    let now = jiff::Timestamp::now();
+    let changes = keygate::meta::MetaChanges::from_query("scopes=read", now).unwrap();
+    let issued = keygate::ops::issue(&*gateway.gateway.store, "kg_", client, changes, now).await.unwrap();
+    issued.key.expose().to_owned()
+}
+
+/// Which target (its index) each client's requests went to, asserting that
+/// every one of a client's `rounds` requests went to the same target.
+async fn placement(gateway: &TestGateway, keys: &[(String, String)], rounds: usize) -> Vec<String> {
+    let client = http1_client();
+    let mut placed = Vec::new();
+    for (name, key) in keys {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..rounds {
+            let request = http::Request::get(gateway.url("/orders"))
+                .header("x-api-key", key)
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let answer = send(&client, request).await;
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            seen.insert(answer.text());
+        }
+        assert_eq!(seen.len(), 1, "client {name} stays on one target: {seen:?}");
+        placed.extend(seen);
+    }
+    placed
+}
+
+fn keyed_config(targets: &[String], extra: &str) -> String {
+    config(targets, extra).replace("public = true", "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_hash_is_sticky_agreed_by_every_instance_and_a_removal_moves_only_the_removed_targets_clients()
+{
+    let upstreams = [numbered(0).await, numbered(1).await, numbered(2).await];
+    let urls: Vec<String> = upstreams.iter().map(Upstream::url).collect();
+    let text = keyed_config(&urls, "balance = \"client_hash\"");
+    let first = TestGateway::start(&text).await;
+    let second = TestGateway::start(&text).await;
+    let clients: Vec<String> = (0..30).map(|i| format!("client-{i}")).collect();
+    let mut keys = (Vec::new(), Vec::new());
+    for client in &clients {
+        keys.0.push((client.clone(), key_for(&first, client).await));
+        keys.1.push((client.clone(), key_for(&second, client).await));
+    }
+
+    let on_first = placement(&first, &keys.0, 4).await;
+    let on_second = placement(&second, &keys.1, 4).await;
+    assert_eq!(on_first, on_second, "two gateways send each client to the same target");
+    for target in ["0", "1", "2"] {
+        let share = on_first.iter().filter(|t| *t == target).count();
+        assert!((4..=18).contains(&share), "target {target} has {share} of 30 clients: {on_first:?}");
+    }
+
+    // Target 2 leaves the set: its clients move, nobody else does.
+    let config = keygate::config::Config::from_toml(
+        &keyed_config(&urls[..2], "balance = \"client_hash\""),
+        first.dir.path(),
+    )
+    .unwrap();
+    first.gateway.reload(config);
+    let after = placement(&first, &keys.0, 2).await;
+    for (i, (before, now)) in on_first.iter().zip(&after).enumerate() {
+        if before == "2" {
+            assert_ne!(now, "2", "client {i} left the removed target");
+        } else {
+            assert_eq!(before, now, "client {i} was not on the removed target and stays put");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_can_require_a_healthy_target_in_every_upstream() {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut target = Killable::start(any, Arc::new(AtomicUsize::new(0))).await;
+    let health =
+        r#"health = { path = "/healthz", interval = "50ms", timeout = "50ms", healthy = 1, unhealthy = 1 }"#;
+    let mut text = config(&[target.url()], health);
+    text.push_str(&common::admin::admin_section());
+    text.push_str("readyz_requires_healthy_upstreams = true\n");
+    let (_gateway, admin) = common::admin::start(&text).await;
+    let ready = || async { admin.call_as(None, http::Method::GET, "/readyz", None).await };
+    assert_eq!(ready().await.status, 200, "{}", ready().await.text());
+
+    target.kill().await;
+    eventually(Duration::from_secs(10), "readyz says 503 once the only target fails its checks", || async {
+        ready().await.status == 503
+    })
+    .await;
+    let answer = ready().await;
+    assert_eq!(answer.json()["error"], "not_ready", "{}", answer.text());
+
+    let _back = Killable::start(target.addr, Arc::clone(&target.served)).await;
+    eventually(Duration::from_secs(10), "readyz says 200 once the target passes again", || async {
+        ready().await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_max_pending_a_request_waiting_for_a_connection_gets_503() {
+    let (upstream, arrived, release) = Upstream::gated().await;
+    let extra = "max_connections = 1\nmax_pending = 1";
+    let gateway = TestGateway::start(&config(&[upstream.url()], extra)).await;
+    let url = gateway.url("/held");
+    let holder = tokio::spawn(get_owned(url.clone()));
+    arrived.notified().await;
+
+    // The one connection is taken: one of the next two waits for it (the
+    // one pending connection allowed) and the other is refused at once.
+    let waiting: Vec<_> = (0..2).map(|_| tokio::spawn(get_answer(url.clone()))).collect();
+    let mut waiting = futures_util::future::select_all(waiting);
+    let (refused, _, rest) = within(10, "one of the two is refused", &mut waiting).await;
+    let refused = refused.unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.json()["error"], "upstream_overloaded");
+
+    release.add_permits(2);
+    assert_eq!(holder.await.unwrap(), 200);
+    for request in rest {
+        assert_eq!(request.await.unwrap().status, 200, "the waiting request gets the connection");
+    }
+    assert_eq!(
+        metric("keygate_upstream_overloaded_total{upstream=\"api\",limit=\"max_pending\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_attempt_ends_at_try_timeout_and_is_retried_within_the_overall_timeout() {
+    let hung_hits = Arc::new(AtomicUsize::new(0));
+    let hits = Arc::clone(&hung_hits);
+    let hung = Upstream::start(move |_req| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        async {
+            std::future::pending::<()>().await;
+            Response::new(full("never"))
+        }
+    })
+    .await;
+    let live = numbered(1).await;
+    let extra = "retries = 1\ntry_timeout = \"200ms\"\npassive = { failures = 100 }";
+    let gateway = TestGateway::start(&config(&[hung.url(), live.url()], extra)).await;
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        let answer = get(&gateway.url("/slow")).await;
+        assert_eq!((answer.status, answer.text()), (http::StatusCode::OK, "1".to_owned()));
+    }
+    assert_eq!(
+        hung_hits.load(Ordering::SeqCst),
+        2,
+        "round robin sent half the first attempts to the hung target"
+    );
+    // Far under `timeout = "5s"`: each hung attempt was cut at its own deadline.
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_within_retry_buffer_is_replayed_whole_and_a_bigger_one_is_not_retried() {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&refusals);
+    // Reads the whole body, then answers 503: a retryable answer.
+    let busy = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let counted = Arc::clone(&counted);
+        async move {
+            use http_body_util::BodyExt as _;
+            let _ = req.into_body().collect().await;
+            counted.fetch_add(1, Ordering::SeqCst);
+            Response::builder().status(503).body(full("busy")).unwrap()
+        }
+    })
+    .await;
+    let mirror = Upstream::mirror().await;
+    let extra = "retries = 1\nretry_buffer = \"8KiB\"\npassive = { failures = 100 }";
+    let gateway = TestGateway::start(&config(&[busy.url(), mirror.url()], extra)).await;
+    let client = http1_client();
+    let put = |size: usize| {
+        http::Request::put(gateway.url("/doc"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; size])))
+            .unwrap()
+    };
+
+    for _ in 0..4 {
+        let answer = send(&client, put(6 * 1024)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json()["body"].as_str().map(str::len), Some(6 * 1024), "the whole body, again");
+    }
+    let replayed = refusals.load(Ordering::SeqCst);
+    assert_eq!(replayed, 2, "half the first attempts met the busy target and were replayed");
+
+    // Over retry_buffer the body streams, so a 503 reaches the client as is.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(send(&client, put(32 * 1024)).await.status.as_u16());
+    }
+    let busy_answers = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(busy_answers, 2, "not retried: {statuses:?}");
+    assert_eq!(refusals.load(Ordering::SeqCst), replayed + 2);
 }

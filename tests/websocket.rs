@@ -288,3 +288,33 @@ async fn an_open_tunnel_keeps_its_connection_counted_against_max_connections() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_open_tunnel_counts_against_the_upstreams_max_requests() {
+    let echo = echo_server().await;
+    let gateway = TestGateway::start(&config(&echo.url, "max_requests = 1")).await;
+    let key = issue(&gateway, "scope=chat").await;
+    let mut socket = connect(&gateway, Some(&key)).await.unwrap();
+    round_trip(&mut socket, "holding the one request allowed").await;
+
+    match connect(&gateway, Some(&key)).await {
+        Err(WsError::Http(refused)) => {
+            assert_eq!(refused.status(), 503);
+            assert_eq!(refused.headers()["retry-after"], "1");
+        }
+        other => panic!("a second tunnel must be refused by the breaker: {other:?}"),
+    }
+
+    socket.close(None).await.unwrap();
+    drop(socket);
+    common::wait::within(5, "a tunnel is allowed again once the first closed", async {
+        loop {
+            if let Ok(mut socket) = connect(&gateway, Some(&key)).await {
+                round_trip(&mut socket, "after the first closed").await;
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
