@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -139,7 +139,10 @@ pub async fn handle(
         started,
     };
     match (tunnel, tunnel_log) {
-        (Some(tunnel), Some(log)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+        // A tunnel exists only once the upstream switched protocols, and
+        // this response is the client's side of that: its `101`, or over
+        // HTTP/2 the `200` opening the stream.
+        (Some(tunnel), Some(log)) => {
             tokio::spawn(run_tunnel(tunnel, meter, log, trail.tunnel_hold.take()));
             response.map(MeteredBody::unmetered)
         }
@@ -188,6 +191,8 @@ async fn serve(
     trail: &mut Trail,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
+    // A WebSocket over HTTP/2 is checked as the GET it stands for.
+    proxy::upgrade::extended_connect_as_get(&mut request);
 
     // 1. Route: one host, one canonical path; decide and forward on those.
     let edge = &live.config.server.edge;

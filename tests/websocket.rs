@@ -318,3 +318,77 @@ async fn an_open_tunnel_counts_against_the_upstreams_max_requests() {
     })
     .await;
 }
+
+type H2Socket = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Opens a WebSocket over HTTP/2 (RFC 8441 extended CONNECT) to `/chat`:
+/// the answer's status, and the socket when the gateway opened the stream.
+async fn connect_h2(gateway: &TestGateway, key: Option<&str>) -> (http::StatusCode, Option<H2Socket>) {
+    let tcp = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let empty = || http_body_util::Empty::<bytes::Bytes>::new();
+    // One ordinary exchange first: the server's SETTINGS (with
+    // ENABLE_CONNECT_PROTOCOL) have arrived once it is answered.
+    let warm = http::Request::get(format!("http://{}/chat", gateway.addr)).body(empty()).unwrap();
+    sender.send_request(warm).await.unwrap();
+
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}/chat", gateway.addr))
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"));
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let mut response = sender.send_request(request.body(empty()).unwrap()).await.unwrap();
+    let status = response.status();
+    if status != 200 {
+        return (status, None);
+    }
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    (status, Some(socket))
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_extended_connect_round_trips_with_a_key_and_is_refused_without() {
+    let echo = echo_server().await;
+    let gateway = TestGateway::start(&config(&echo.url, "")).await;
+    let key = issue(&gateway, "scope=chat").await;
+
+    let (status, socket) = connect_h2(&gateway, Some(&key)).await;
+    assert_eq!(status, 200, "RFC 8441: the stream opens with a 200");
+    let mut socket = socket.unwrap();
+    // Messages for three times the connection's HTTP idle timeout (200 ms):
+    // the open stream keeps the HTTP/2 connection from being closed as idle.
+    let busy = tokio::time::Instant::now();
+    while busy.elapsed() < Duration::from_millis(600) {
+        socket.send(Message::text("over h2")).await.unwrap();
+        let echoed =
+            tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("echo within 5 s");
+        assert_eq!(echoed.unwrap().unwrap(), Message::text("over h2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    socket.close(None).await.unwrap();
+    common::wait::within(5, "the upstream sees the tunnel closed", async {
+        while echo.closed.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    assert_eq!(connect_h2(&gateway, None).await.0, 401, "no key, no stream");
+    let reader = issue(&gateway, "scope=read").await;
+    assert_eq!(connect_h2(&gateway, Some(&reader)).await.0, 403, "a key without the scope, no stream");
+}

@@ -1,6 +1,15 @@
 //! WebSocket through the gateway: the HTTP/1.1 `Upgrade: websocket`
 //! handshake forwarded on a connection of its own, then a byte tunnel.
 //!
+//! Clients on HTTP/2 open WebSockets with an extended CONNECT (RFC 8441:
+//! `:method CONNECT`, `:protocol websocket`; the listener advertises
+//! `SETTINGS_ENABLE_CONNECT_PROTOCOL`). The handler treats one as the GET
+//! it stands for, so key, scope and limit checks see the same request as on
+//! HTTP/1.1; upstream it becomes an ordinary HTTP/1.1 handshake (with a
+//! `Sec-WebSocket-Key` of the gateway's, since RFC 8441 drops it), and the
+//! upstream's `101` becomes the `200` that opens the client's stream. The
+//! tunnel between the two is the same as for HTTP/1.1.
+//!
 //! The handler decides *whether* (only after key, scope and limits passed);
 //! this module knows what a WebSocket handshake is, forwards it with the
 //! `Upgrade`/`Connection` headers every other request loses, and once the
@@ -29,14 +38,87 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// upgrade`, `Upgrade: websocket` and the `Sec-WebSocket-Key` and `-Version`
 /// headers. Anything else is an ordinary request (its hop-by-hop headers,
 /// `Upgrade` among them, removed).
+///
+/// Over HTTP/2: an extended CONNECT already read as a GET by
+/// [`extended_connect_as_get`], with its `Sec-WebSocket-Version`.
 pub fn is_websocket<B>(request: &Request<B>) -> bool {
     let headers = request.headers();
+    if request.version() == Version::HTTP_2 {
+        return request.method() == Method::GET
+            && is_websocket_protocol(request)
+            && headers.contains_key(header::SEC_WEBSOCKET_VERSION);
+    }
     request.method() == Method::GET
         && request.version() == Version::HTTP_11
         && has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket")
         && headers.contains_key(header::SEC_WEBSOCKET_KEY)
         && headers.contains_key(header::SEC_WEBSOCKET_VERSION)
+}
+
+fn is_websocket_protocol<B>(request: &Request<B>) -> bool {
+    request
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §4) is the GET
+/// handshake of HTTP/1.1 in another form (§5): read it as that GET, so
+/// that routes' methods, the scope rule and the limits treat both alike.
+/// Any other request is left as it is.
+pub fn extended_connect_as_get<B>(request: &mut Request<B>) {
+    if request.version() == Version::HTTP_2
+        && request.method() == Method::CONNECT
+        && is_websocket_protocol(request)
+    {
+        *request.method_mut() = Method::GET;
+    }
+}
+
+/// Makes a handshake that arrived over HTTP/2 an HTTP/1.1 one for the
+/// upstream: RFC 8441 carries no `Sec-WebSocket-Key`, and the upstream
+/// needs one (it answers with its hash, which only this hop checks).
+fn as_http1_handshake<B>(request: &mut Request<B>) {
+    request.extensions_mut().remove::<hyper::ext::Protocol>();
+    if !request.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+        let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, nonce);
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            request.headers_mut().insert(header::SEC_WEBSOCKET_KEY, key);
+        }
+    }
+}
+
+/// What the client is answered when the upstream switched protocols: the
+/// `101` itself on HTTP/1.1; on HTTP/2 a `200` that opens the stream,
+/// without the headers HTTP/2 forbids or RFC 8441 drops.
+pub(super) fn answer_for_client<B>(response: &mut http::Response<B>, over_http2: bool) {
+    let protocol = response.headers().get(header::UPGRADE).cloned();
+    super::remove_hop_by_hop(response.headers_mut());
+    if over_http2 {
+        *response.status_mut() = http::StatusCode::OK;
+        response.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+        return;
+    }
+    // The upstream's own `Upgrade` value and its `Sec-WebSocket-*` answer
+    // go back; the rest of its hop-by-hop headers do not.
+    restore_upgrade_headers(response.headers_mut());
+    if let Some(protocol) = protocol {
+        response.headers_mut().insert(header::UPGRADE, protocol);
+    }
+}
+
+/// Prepares a handshake's request for the upstream: an HTTP/1.1 GET with
+/// `Upgrade`, whichever HTTP the client spoke. Returns whether the client
+/// spoke HTTP/2.
+pub(super) fn for_upstream<B>(request: &mut Request<B>) -> bool {
+    let over_http2 = request.version() == Version::HTTP_2;
+    if over_http2 {
+        as_http1_handshake(request);
+    }
+    *request.version_mut() = Version::HTTP_11;
+    over_http2
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitively).

@@ -393,7 +393,7 @@ impl UpstreamPool {
         if let Some(host) = target.pool.host() {
             request.headers_mut().insert(header::HOST, host.clone());
         }
-        *request.version_mut() = Version::HTTP_11;
+        let over_http2 = upgrade::for_upstream(&mut request);
         let in_flight = target.health.start_request();
         let exchange = target.pool.send_upgrade(request);
         let (mut response, permit) = match tokio::time::timeout_at(sent + self.timeout, exchange).await {
@@ -434,14 +434,7 @@ impl UpstreamPool {
             permit,
             in_flight,
         };
-        // The upstream's own `Upgrade` value and its `Sec-WebSocket-*`
-        // answer go back; the rest of its hop-by-hop headers do not.
-        let protocol = response.headers().get(header::UPGRADE).cloned();
-        remove_hop_by_hop(response.headers_mut());
-        upgrade::restore_upgrade_headers(response.headers_mut());
-        if let Some(protocol) = protocol {
-            response.headers_mut().insert(header::UPGRADE, protocol);
-        }
+        upgrade::answer_for_client(&mut response, over_http2);
         let idle = target.pool.body_idle_timeout();
         let lease = pool::Lease::dedicated(&target.pool, None);
         Ok((response.map(|body| PooledBody::new(body, lease, idle, None)), Some(tunnel)))

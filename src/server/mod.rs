@@ -83,6 +83,8 @@ impl Protocols {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(edge.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(edge.http2_max_concurrent_streams)
+            // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs.
+            .enable_connect_protocol()
             .keep_alive_interval(edge.http2_keepalive_interval)
             .keep_alive_timeout(edge.http2_keepalive_timeout)
             // hyper's defaults, written out: rapid-reset (CVE-2023-44487) and
@@ -278,7 +280,10 @@ impl Connection {
             let guard = requests.request();
             // Only a request asking for an upgrade pays for this (one allocation):
             // its tunnel, if there is one, keeps the connection counted.
-            if request.headers().contains_key(http::header::UPGRADE) {
+            // (An HTTP/2 WebSocket is a CONNECT: RFC 8441.)
+            if request.headers().contains_key(http::header::UPGRADE)
+                || request.method() == http::Method::CONNECT
+            {
                 let hold = proxy::upgrade::ConnectionHold::new(requests.tunnel());
                 request.extensions_mut().insert(hold);
             }
