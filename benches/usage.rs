@@ -22,6 +22,7 @@ fn event(at: Timestamp) -> UsageEvent<'static> {
         bytes_out: 4096,
         credits: 0,
         upstream_latency: Some(Duration::from_micros(1800)),
+        tunnel: None,
         at,
     }
 }

@@ -49,12 +49,13 @@ impl Meter {
     /// Records an upgraded request (WebSocket) once its tunnel has closed:
     /// one request, with the tunnel's bytes each way and its whole duration.
     pub fn finish_tunnel(self, bytes_in: u64, bytes_out: u64) {
-        self.finish(bytes_in, bytes_out);
+        let life = self.started.elapsed();
+        self.finish(bytes_in, bytes_out, Some(life));
     }
 
     /// `tunnel_in`: bytes read from the client after an upgrade, on top of
     /// the request body's.
-    fn finish(self, tunnel_in: u64, bytes_out: u64) {
+    fn finish(self, tunnel_in: u64, bytes_out: u64, tunnel: Option<std::time::Duration>) {
         let route = self.route.as_deref().map_or(crate::metrics::NO_ROUTE, |r| r.path.as_str());
         crate::metrics::record_request(route, self.status, self.started.elapsed());
         if let Some(recorder) = &self.recorder {
@@ -71,6 +72,7 @@ impl Meter {
                 bytes_out,
                 credits: self.credits,
                 upstream_latency: self.upstream_latency,
+                tunnel,
                 at: jiff::Timestamp::now(),
             });
         }
@@ -112,7 +114,7 @@ impl MeteredBody {
 
     fn finish(&mut self) {
         if let Some(meter) = self.meter.take() {
-            meter.finish(0, self.bytes_out);
+            meter.finish(0, self.bytes_out, None);
         }
     }
 }

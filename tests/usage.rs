@@ -28,6 +28,7 @@ fn event(client: &str, at: Timestamp) -> UsageEvent<'_> {
         bytes_out: 10,
         credits: 0,
         upstream_latency: Some(Duration::from_micros(100)),
+        tunnel: None,
         at,
     }
 }
@@ -442,6 +443,7 @@ async fn query_reads_buckets_clients_keys_and_routes() {
         status: 401,
         refusal: Some(usage::Refusal::Unauthorized),
         upstream_latency: None,
+        tunnel: None,
         ..event("x", now)
     });
     flusher.flush_now().await.unwrap();

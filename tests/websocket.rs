@@ -216,6 +216,7 @@ async fn a_tunnel_is_one_request_in_usage_with_its_bytes_both_ways() {
 
     let mut socket = connect(&gateway, Some(&key)).await.unwrap();
     let payload = "x".repeat(1000);
+    let opened = std::time::Instant::now();
     for _ in 0..3 {
         round_trip(&mut socket, &payload).await;
     }
@@ -225,6 +226,7 @@ async fn a_tunnel_is_one_request_in_usage_with_its_bytes_both_ways() {
     socket.close(None).await.unwrap();
     drop(socket);
 
+    let lived = opened.elapsed();
     let mut total = keygate::usage::Counts::default();
     common::wait::within(10, "the tunnel recorded once closed", async {
         while total.requests < 1 {
@@ -240,6 +242,9 @@ async fn a_tunnel_is_one_request_in_usage_with_its_bytes_both_ways() {
     // masked: 8 bytes of header each), plus the close frames.
     assert!((3000..3100).contains(&total.bytes_in), "bytes in: {}", total.bytes_in);
     assert!((3000..3100).contains(&total.bytes_out), "bytes out: {}", total.bytes_out);
+    // Its life, handshake to close: at least what the test saw of it.
+    assert!(total.tunnel_us >= lived.as_micros() as u64, "{} us, lived {lived:?}", total.tunnel_us);
+    assert!(total.tunnel_us < 10_000_000, "{} us", total.tunnel_us);
 }
 
 #[tokio::test]

@@ -52,15 +52,17 @@ pub struct UsageEvent<'a> {
     pub credits: u64,
     /// Time to the upstream's response head; `None` when no upstream answered.
     pub upstream_latency: Option<Duration>,
+    /// For a WebSocket tunnel, its life from the handshake to the close.
+    pub tunnel: Option<Duration>,
     /// When the request happened (picks the minute bucket).
     pub at: Timestamp,
 }
 
 /// One series' counters and the second of its latest event, kept compact:
 /// with very many active keys a gateway holds hundreds of thousands of
-/// these between flushes. The ten counts are `u32` (a series is one minute
+/// these between flushes. The eleven counts are `u32` (a series is one minute
 /// of one key and route; four billion requests in it are out of reach, and
-/// they saturate rather than wrap), the three sums `u64`.
+/// they saturate rather than wrap), the five sums `u64`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Series {
     requests: u32,
@@ -72,6 +74,7 @@ pub struct Series {
     bytes_in: u64,
     bytes_out: u64,
     upstream_latency_us: u64,
+    tunnel_us: u64,
     /// Usage credits spent.
     credits: u64,
     /// Seconds past the series' minute of its latest event (0 to 59).
@@ -99,6 +102,7 @@ impl Series {
             bytes_in: counts.bytes_in,
             bytes_out: counts.bytes_out,
             upstream_latency_us: counts.upstream_latency_us,
+            tunnel_us: counts.tunnel_us,
             last_second: last_second.min(59),
         }
     }
@@ -124,6 +128,7 @@ impl Series {
             bytes_out: self.bytes_out,
             upstream_requests: u64::from(self.upstream_requests),
             upstream_latency_us: self.upstream_latency_us,
+            tunnel_us: self.tunnel_us,
         }
     }
 
@@ -151,6 +156,7 @@ impl Series {
         self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
         self.credits = self.credits.saturating_add(other.credits);
         self.upstream_latency_us = self.upstream_latency_us.saturating_add(other.upstream_latency_us);
+        self.tunnel_us = self.tunnel_us.saturating_add(other.tunnel_us);
         self.last_second = self.last_second.max(other.last_second);
     }
 
@@ -179,6 +185,10 @@ impl Series {
             one(&mut self.upstream_requests);
             let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
             self.upstream_latency_us = self.upstream_latency_us.saturating_add(micros);
+        }
+        if let Some(tunnel) = event.tunnel {
+            let micros = u64::try_from(tunnel.as_micros()).unwrap_or(u64::MAX);
+            self.tunnel_us = self.tunnel_us.saturating_add(micros);
         }
         self.last_second = self.last_second.max(second);
     }
@@ -454,6 +464,7 @@ mod tests {
             bytes_out: 100,
             credits: 0,
             upstream_latency: Some(Duration::from_micros(250)),
+            tunnel: None,
             at: "2026-11-24T12:00:30Z".parse().unwrap(),
         }
     }
@@ -466,6 +477,7 @@ mod tests {
         let refused = UsageEvent {
             refusal: Some(Refusal::RateLimited),
             upstream_latency: None,
+            tunnel: None,
             at: "2026-11-24T12:00:59Z".parse().unwrap(),
             ..event("acme", 429)
         };
@@ -512,9 +524,10 @@ mod tests {
 
     #[test]
     fn keys_and_series_are_compact() {
-        // Map entries of 112 bytes plus one small allocation per series
-        // (104 before the credits counters: a refusal count and credits spent).
-        assert_eq!(std::mem::size_of::<SeriesKey>() + std::mem::size_of::<Series>(), 112);
+        // Map entries of 120 bytes plus one small allocation per series
+        // (104 before the credits counters: a refusal count and credits
+        // spent; 112 before the tunnels' summed life).
+        assert_eq!(std::mem::size_of::<SeriesKey>() + std::mem::size_of::<Series>(), 120);
         let key = SeriesKey::new("acme", "k1", "/api:v2", 60);
         assert_eq!((key.client(), key.key_id(), key.route(), key.minute), ("acme", "k1", "/api:v2", 60));
         let empty = SeriesKey::new("", "", "", 0);
@@ -535,6 +548,7 @@ mod tests {
             bytes_out: u64::MAX,
             upstream_requests: 5,
             upstream_latency_us: 1 << 40,
+            tunnel_us: 90_000_000,
             ..Counts::default()
         };
         let series = Series::from_counts(&counts, 12);

@@ -160,11 +160,14 @@ pub struct Counts {
     pub upstream_requests: u64,
     /// Summed upstream latency in microseconds.
     pub upstream_latency_us: u64,
+    /// Summed life of WebSocket tunnels (from the handshake to the close),
+    /// in microseconds; each tunnel is also one of `requests`.
+    pub tunnel_us: u64,
 }
 
 impl Counts {
     /// The counters with their Redis field names, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 15] {
+    pub fn fields(&self) -> [(&'static str, u64); 16] {
         [
             ("requests", self.requests),
             ("status_2xx", self.status_2xx),
@@ -181,6 +184,7 @@ impl Counts {
             ("bytes_out", self.bytes_out),
             ("upstream_requests", self.upstream_requests),
             ("upstream_latency_us", self.upstream_latency_us),
+            ("tunnel_us", self.tunnel_us),
         ]
     }
 
@@ -203,6 +207,7 @@ impl Counts {
             "bytes_out" => &mut self.bytes_out,
             "upstream_requests" => &mut self.upstream_requests,
             "upstream_latency_us" => &mut self.upstream_latency_us,
+            "tunnel_us" => &mut self.tunnel_us,
             _ => return false,
         };
         *slot = slot.saturating_add(value);
@@ -228,6 +233,7 @@ impl Counts {
             bytes_out,
             upstream_requests,
             upstream_latency_us,
+            tunnel_us,
         } = *other;
         let add = |slot: &mut u64, value: u64| *slot = slot.saturating_add(value);
         add(&mut self.requests, requests);
@@ -245,6 +251,7 @@ impl Counts {
         add(&mut self.bytes_out, bytes_out);
         add(&mut self.upstream_requests, upstream_requests);
         add(&mut self.upstream_latency_us, upstream_latency_us);
+        add(&mut self.tunnel_us, tunnel_us);
     }
 
     /// How many counters are not zero: the `HINCRBY`s one dimension of
