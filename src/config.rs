@@ -64,6 +64,13 @@ pub struct TokensConfig {
     pub leeway: Duration,
     /// Verified access tokens kept in process (by hash, until `exp`).
     pub cache_capacity: u64,
+    /// The token endpoint hands the refresh token out as a secure cookie
+    /// instead of in the JSON body, and reads it back (`refresh::cookie`).
+    pub refresh_cookie: bool,
+    /// The cookie's `Path`: the token endpoint's unless set; `/` makes it a
+    /// `__Host-` cookie (sent to every path of the host, stripped before
+    /// any upstream).
+    pub refresh_cookie_path: String,
 }
 
 impl Default for TokensConfig {
@@ -78,6 +85,8 @@ impl Default for TokensConfig {
             audience: None,
             leeway: Duration::from_secs(30),
             cache_capacity: 100_000,
+            refresh_cookie: false,
+            refresh_cookie_path: "/oauth/token".to_owned(),
         }
     }
 }
@@ -568,6 +577,8 @@ struct RawTokens {
     audience: Option<String>,
     leeway: Option<String>,
     cache_capacity: Option<u64>,
+    refresh_cookie: Option<bool>,
+    refresh_cookie_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1204,9 +1215,12 @@ impl RawConfig {
 /// stops the gateway before it binds; the message never quotes the key).
 fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfig {
     let d = TokensConfig::default();
+    let path = raw.path.unwrap_or(d.path);
     let tokens = TokensConfig {
         enabled: raw.enabled.unwrap_or(d.enabled),
-        path: raw.path.unwrap_or(d.path),
+        refresh_cookie: raw.refresh_cookie.unwrap_or(d.refresh_cookie),
+        refresh_cookie_path: raw.refresh_cookie_path.unwrap_or_else(|| path.clone()),
+        path,
         access_ttl: p.duration("tokens.access_ttl", raw.access_ttl.as_deref(), d.access_ttl),
         refresh_ttl: p.duration("tokens.refresh_ttl", raw.refresh_ttl.as_deref(), d.refresh_ttl),
         signing_key: raw.signing_key.map(|file| base.join(file)),
@@ -1227,6 +1241,22 @@ fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfi
     }
     if tokens.issuer.is_empty() {
         p.push("tokens.issuer", "must not be empty");
+    }
+    // RFC 6265 §5.1.4: a browser sends the cookie only to paths under its own.
+    let cookie_path = tokens.refresh_cookie_path.as_str();
+    let covered = tokens.path == cookie_path
+        || tokens
+            .path
+            .strip_prefix(cookie_path)
+            .is_some_and(|rest| cookie_path.ends_with('/') || rest.starts_with('/'));
+    let cookie_safe = cookie_path.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+    if !cookie_path.starts_with('/') || !cookie_safe {
+        p.push("tokens.refresh_cookie_path", format!("`{cookie_path}` must be a path starting with `/`"));
+    } else if !covered {
+        p.push(
+            "tokens.refresh_cookie_path",
+            format!("`{cookie_path}` does not cover `tokens.path` (`{}`): browsers would not send the cookie there", tokens.path),
+        );
     }
     if let Some(file) = &tokens.signing_key
         && let Err(why) = crate::pem::ed25519_key(file)
