@@ -23,6 +23,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use common::gateway::{Answer, TestGateway, http1_client, send};
 use common::redis::RedisServer;
+use common::upstream::Upstream;
 use http::{Request, StatusCode, header};
 use http_body_util::Full;
 use jiff::Timestamp;
@@ -30,6 +31,7 @@ use keygate::key::KeyId;
 use keygate::meta::MetaChanges;
 use keygate::ops;
 use keygate::store::SharedStore;
+use reqwest::cookie::{CookieStore as _, Jar};
 
 const PREFIX: &str = "kg_";
 
@@ -442,4 +444,140 @@ async fn malformed_and_unknown_refresh_tokens_are_refused_and_spend_the_failure_
     assert!(statuses[refused..].iter().all(|s| *s == StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
     let answer = refresh(&gw, &good.refresh).await;
     assert_eq!(answer.json()["error"], "too_many_auth_failures", "the budget is the address's");
+}
+
+// === The browser cookie ===
+
+/// A browser-like client: a real cookie jar (reqwest's), shared so the
+/// test can look into it.
+fn browser() -> (reqwest::Client, Arc<Jar>) {
+    let jar = Arc::new(Jar::default());
+    let client = reqwest::Client::builder().cookie_provider(Arc::clone(&jar)).build().unwrap();
+    (client, jar)
+}
+
+async fn post_form(client: &reqwest::Client, url: &str, form: &'static str) -> reqwest::Response {
+    client
+        .post(url)
+        .header(header::CONTENT_TYPE.as_str(), "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn json(answer: reqwest::Response) -> serde_json::Value {
+    serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap()
+}
+
+fn jar_cookie(jar: &Jar, url: &str, name: &str) -> Option<String> {
+    let cookies = jar.cookies(&url.parse().unwrap())?;
+    cookies
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find_map(|pair| pair.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')).map(str::to_owned))
+}
+
+#[tokio::test]
+async fn the_refresh_cookie_rides_a_real_cookie_jar_and_never_reaches_an_upstream() {
+    let upstream = Upstream::mirror().await;
+    let tokens = "refresh_cookie = true\nrefresh_cookie_path = \"/\"\n";
+    let gw = start(&config(&Store::File, "", tokens, Some(&upstream.url()))).await;
+    let (key, _) = issue(&gw.gateway.store, "acme", &["read"]).await;
+    let (browser, jar) = browser();
+    let endpoint = gw.url("/oauth/token");
+
+    let answer = browser
+        .post(&endpoint)
+        .basic_auth("acme", Some(&key))
+        .header(header::CONTENT_TYPE.as_str(), "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let set_cookie = answer.headers()[header::SET_COOKIE.as_str()].to_str().unwrap().to_owned();
+    let body: serde_json::Value = json(answer).await;
+    assert!(body.get("refresh_token").is_none(), "scripts never see it: {body}");
+    let first = jar_cookie(&jar, &endpoint, "__Host-keygate-refresh").expect("the jar took the cookie");
+    assert!(first.starts_with("kgr_acme."), "{first}");
+    for attribute in ["Path=/;", "Secure", "HttpOnly", "SameSite=Strict", "Max-Age=2592000"] {
+        assert!(set_cookie.contains(attribute), "{attribute} missing: {set_cookie}");
+    }
+    assert!(!set_cookie.contains("Domain"), "__Host- cookies have no Domain: {set_cookie}");
+
+    // Sent along to an API route, with the page's own cookie: the
+    // upstream gets that one and the identity, never the refresh token.
+    let api = gw.url("/api/orders");
+    jar.add_cookie_str("theme=dark", &api.parse().unwrap());
+    let access = body["access_token"].as_str().unwrap();
+    let answer = browser.get(&api).bearer_auth(access).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let seen: serde_json::Value = json(answer).await;
+    assert_eq!(seen["headers"]["x-keygate-client"], "acme");
+    assert_eq!(seen["headers"]["cookie"], "theme=dark", "{seen}");
+    assert!(!seen.to_string().contains(&first), "the upstream saw the refresh token: {seen}");
+
+    // Refresh from the cookie alone (no form field, no credentials).
+    let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = json(answer).await;
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    let second = jar_cookie(&jar, &endpoint, "__Host-keygate-refresh").unwrap();
+    assert_ne!(second, first, "the jar holds the successor");
+    let answer = browser.get(&api).bearer_auth(body["access_token"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
+    assert_eq!(answer.status(), 200, "and again with the successor");
+
+    // The first cookie, replayed by whoever copied it, ends the family,
+    // the browser's current cookie with it.
+    let answer = refresh(&gw, &first).await;
+    assert_invalid_grant(&answer, "a replayed cookie");
+    let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
+    assert_eq!(answer.status(), 400);
+    let body: serde_json::Value = json(answer).await;
+    assert_eq!(body["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn on_the_token_path_the_cookie_is_secure_prefixed_and_stays_off_other_paths() {
+    let upstream = Upstream::mirror().await;
+    let redis = Store::redis();
+    let gw = start(&config(&redis, "", "refresh_cookie = true\n", Some(&upstream.url()))).await;
+    let (key, _) = issue(&gw.gateway.store, "acme", &["read"]).await;
+    let (browser, jar) = browser();
+    let endpoint = gw.url("/oauth/token");
+
+    let answer = browser
+        .post(&endpoint)
+        .bearer_auth(&key)
+        .header(header::CONTENT_TYPE.as_str(), "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let set_cookie = answer.headers()[header::SET_COOKIE.as_str()].to_str().unwrap().to_owned();
+    assert!(set_cookie.starts_with("__Secure-keygate-refresh=kgr_acme."), "{set_cookie}");
+    assert!(set_cookie.contains("Path=/oauth/token;"), "{set_cookie}");
+    let token = jar_cookie(&jar, &endpoint, "__Secure-keygate-refresh").expect("in the jar");
+    assert_eq!(jar_cookie(&jar, &gw.url("/api/orders"), "__Secure-keygate-refresh"), None, "path-bound");
+
+    // Even sent by hand to a route, it goes no further.
+    let access = json(answer).await["access_token"].as_str().unwrap().to_owned();
+    let answer = reqwest::Client::new()
+        .get(gw.url("/api/orders"))
+        .bearer_auth(&access)
+        .header(header::COOKIE.as_str(), format!("a=1; __Secure-keygate-refresh={token}"))
+        .send()
+        .await
+        .unwrap();
+    let seen: serde_json::Value = json(answer).await;
+    assert_eq!(seen["headers"]["cookie"], "a=1", "{seen}");
+
+    let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
+    assert_eq!(answer.status(), 200);
+    assert_ne!(jar_cookie(&jar, &endpoint, "__Secure-keygate-refresh").unwrap(), token);
 }
