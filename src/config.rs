@@ -1250,7 +1250,9 @@ fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfi
             .strip_prefix(cookie_path)
             .is_some_and(|rest| cookie_path.ends_with('/') || rest.starts_with('/'));
     let cookie_safe = cookie_path.bytes().all(|b| b.is_ascii_graphic() && b != b';');
-    if !cookie_path.starts_with('/') || !cookie_safe {
+    if !tokens.path.starts_with('/') {
+        // Refused above; the cookie path defaults to it and adds nothing.
+    } else if !cookie_path.starts_with('/') || !cookie_safe {
         p.push("tokens.refresh_cookie_path", format!("`{cookie_path}` must be a path starting with `/`"));
     } else if !covered {
         p.push(
@@ -2288,6 +2290,25 @@ mod tests {
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["tokens.path", "tokens.access_ttl", "tokens.signing_key"], "{found:?}");
         assert!(found[2].message.contains("/etc/keygate/nope.pem"), "{found:?}");
+
+        // The refresh cookie's path must cover the endpoint's, or browsers
+        // would never send it there.
+        let tokens =
+            |extra: &str| format!("{MINIMAL}[tokens]\nenabled = true\npath = \"/oauth/token\"\n{extra}");
+        for covering in ["/", "/oauth", "/oauth/", "/oauth/token"] {
+            let text = tokens(&format!("refresh_cookie_path = \"{covering}\"\n"));
+            let config =
+                Config::from_toml(&text, Path::new(".")).unwrap_or_else(|e| panic!("{covering}: {e:?}"));
+            assert_eq!(config.tokens.refresh_cookie_path, covering);
+        }
+        for (bad, says) in
+            [("/oauth/tok", "does not cover"), ("/other", "does not cover"), ("oauth", "starting with")]
+        {
+            let found = problems(&tokens(&format!("refresh_cookie_path = \"{bad}\"\n")));
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert_eq!(found[0].field, "tokens.refresh_cookie_path");
+            assert!(found[0].message.contains(says), "{bad}: {found:?}");
+        }
 
         let found = problems(&format!("{MINIMAL}auth = [\"key\", \"jwt\"]\n"));
         assert_eq!(found.len(), 1, "{found:?}");

@@ -52,7 +52,7 @@ pub fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
 /// cookie (in order) and dropping a `Cookie` header left empty.
 pub fn strip(headers: &mut HeaderMap) {
     let ours = |pair: &str| pair.trim().split_once('=').is_some_and(|(n, _)| NAMES.contains(&n.trim()));
-    let carries = |v: &HeaderValue| v.to_str().map_or(false, |text| text.split(';').any(ours));
+    let carries = |v: &HeaderValue| v.to_str().is_ok_and(|text| text.split(';').any(ours));
     if !headers.get_all(header::COOKIE).iter().any(carries) {
         return;
     }
