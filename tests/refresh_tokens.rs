@@ -183,9 +183,17 @@ async fn keygate(gw: &TestGateway, args: &[&str]) {
 // === The round trip ===
 
 #[tokio::test]
-async fn key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log() {
+async fn key_to_access_token_to_expiry_to_refresh_file_store() {
+    key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log(Store::File).await;
+}
+
+#[tokio::test]
+async fn key_to_access_token_to_expiry_to_refresh_redis_store() {
+    key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log(Store::redis()).await;
+}
+
+async fn key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log(store: Store) {
     let logs = common::logs::capture();
-    let store = Store::File;
     let gw = start(&config(&store, "", "access_ttl = \"1s\"\nleeway = \"0s\"\n", None)).await;
     let (key, id) = issue(&gw.gateway.store, "acme", &["read"]).await;
 
@@ -223,9 +231,24 @@ async fn key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_lo
         assert!(!logs.text().contains(secret), "a refresh token is in the logs:\n{}", logs.text());
     }
     assert!(!logs.lines_with("its family is revoked").is_empty(), "the replay is logged:\n{}", logs.text());
-    // What is stored is a hash: the folder holds no clear token.
-    let stored = std::fs::read_to_string(gw.dir.path().join("keys/.refresh/acme.toml")).unwrap();
-    assert!(!stored.contains(first.refresh.split_once('.').unwrap().1), "{stored}");
+    // What is stored is a hash: the store holds no clear token.
+    let secret = first.refresh.split_once('.').unwrap().1;
+    let stored = match &store {
+        Store::File => std::fs::read_to_string(gw.dir.path().join("keys/.refresh/acme.toml")).unwrap(),
+        Store::Redis(redis) => {
+            let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+            let names: Vec<String> = redis::cmd("KEYS").arg("kg:{acme}:refresh:*").query(&mut conn).unwrap();
+            assert_eq!(names.len(), 2, "{names:?}");
+            let mut all = String::new();
+            for name in names {
+                let values: Vec<String> = redis::cmd("HVALS").arg(&name).query(&mut conn).unwrap();
+                all.push_str(&values.join(" "));
+            }
+            all
+        }
+    };
+    assert!(stored.contains("acme."), "the records are there: {stored}");
+    assert!(!stored.contains(secret), "{stored}");
 }
 
 // === Rotation and reuse ===
