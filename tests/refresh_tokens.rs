@@ -311,6 +311,51 @@ async fn concurrent_uses_yield_exactly_one_success_redis_store() {
     concurrent_uses_of_one_refresh_token_yield_exactly_one_success(Store::redis()).await;
 }
 
+/// Two gateways sharing one store (one folder, one Redis), each asked to
+/// use the same refresh token at the same moment: one pair in all.
+async fn two_gateways_racing_on_one_refresh_token_yield_one_pair(store: Store) {
+    let a = Arc::new(start(&config(&store, "", "", None)).await);
+    let text = config(&store, "", "", None);
+    // B on A's folder: its `keys` resolves against A's directory.
+    let b_dir = tempfile::tempdir().unwrap();
+    let text = match &store {
+        Store::File => {
+            text.replace("dir = \"keys\"", &format!("dir = \"{}\"", a.dir.path().join("keys").display()))
+        }
+        Store::Redis(_) => text,
+    };
+    let b = Arc::new(TestGateway::start_in(&text, b_dir).await);
+    let (key, _) = issue(&a.gateway.store, "acme", &["read"]).await;
+    let granted_at_a = grant(&a, "acme", &key).await.refresh;
+    let answer = refresh(&b, &granted_at_a).await;
+    assert_eq!(answer.status, StatusCode::OK, "B sees A's tokens: {}", answer.text());
+    for round in 0..5 {
+        let token = grant(&a, "acme", &key).await.refresh;
+        let uses = [&a, &b, &a, &b].map(|gw| {
+            let (gw, token) = (Arc::clone(gw), token.clone());
+            tokio::spawn(async move { refresh(&gw, &token).await.status })
+        });
+        let statuses: Vec<StatusCode> =
+            futures_util::future::join_all(uses).await.into_iter().map(Result::unwrap).collect();
+        let won = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        assert_eq!(won, 1, "round {round}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::BAD_REQUEST),
+            "{statuses:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_racing_yield_one_pair_file_store() {
+    two_gateways_racing_on_one_refresh_token_yield_one_pair(Store::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_racing_yield_one_pair_redis_store() {
+    two_gateways_racing_on_one_refresh_token_yield_one_pair(Store::redis()).await;
+}
+
 // === The key behind the tokens ===
 
 async fn revoking_the_key_with_the_cli_ends_its_refresh_tokens(store: Store) {
