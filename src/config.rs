@@ -64,6 +64,13 @@ pub struct TokensConfig {
     pub leeway: Duration,
     /// Verified access tokens kept in process (by hash, until `exp`).
     pub cache_capacity: u64,
+    /// The token endpoint hands the refresh token out as a secure cookie
+    /// instead of in the JSON body, and reads it back (`refresh::cookie`).
+    pub refresh_cookie: bool,
+    /// The cookie's `Path`: the token endpoint's unless set; `/` makes it a
+    /// `__Host-` cookie (sent to every path of the host, stripped before
+    /// any upstream).
+    pub refresh_cookie_path: String,
 }
 
 impl Default for TokensConfig {
@@ -78,6 +85,8 @@ impl Default for TokensConfig {
             audience: None,
             leeway: Duration::from_secs(30),
             cache_capacity: 100_000,
+            refresh_cookie: false,
+            refresh_cookie_path: "/oauth/token".to_owned(),
         }
     }
 }
@@ -568,6 +577,8 @@ struct RawTokens {
     audience: Option<String>,
     leeway: Option<String>,
     cache_capacity: Option<u64>,
+    refresh_cookie: Option<bool>,
+    refresh_cookie_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1204,9 +1215,12 @@ impl RawConfig {
 /// stops the gateway before it binds; the message never quotes the key).
 fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfig {
     let d = TokensConfig::default();
+    let path = raw.path.unwrap_or(d.path);
     let tokens = TokensConfig {
         enabled: raw.enabled.unwrap_or(d.enabled),
-        path: raw.path.unwrap_or(d.path),
+        refresh_cookie: raw.refresh_cookie.unwrap_or(d.refresh_cookie),
+        refresh_cookie_path: raw.refresh_cookie_path.unwrap_or_else(|| path.clone()),
+        path,
         access_ttl: p.duration("tokens.access_ttl", raw.access_ttl.as_deref(), d.access_ttl),
         refresh_ttl: p.duration("tokens.refresh_ttl", raw.refresh_ttl.as_deref(), d.refresh_ttl),
         signing_key: raw.signing_key.map(|file| base.join(file)),
@@ -1227,6 +1241,24 @@ fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfi
     }
     if tokens.issuer.is_empty() {
         p.push("tokens.issuer", "must not be empty");
+    }
+    // RFC 6265 §5.1.4: a browser sends the cookie only to paths under its own.
+    let cookie_path = tokens.refresh_cookie_path.as_str();
+    let covered = tokens.path == cookie_path
+        || tokens
+            .path
+            .strip_prefix(cookie_path)
+            .is_some_and(|rest| cookie_path.ends_with('/') || rest.starts_with('/'));
+    let cookie_safe = cookie_path.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+    if !tokens.path.starts_with('/') {
+        // Refused above; the cookie path defaults to it and adds nothing.
+    } else if !cookie_path.starts_with('/') || !cookie_safe {
+        p.push("tokens.refresh_cookie_path", format!("`{cookie_path}` must be a path starting with `/`"));
+    } else if !covered {
+        p.push(
+            "tokens.refresh_cookie_path",
+            format!("`{cookie_path}` does not cover `tokens.path` (`{}`): browsers would not send the cookie there", tokens.path),
+        );
     }
     if let Some(file) = &tokens.signing_key
         && let Err(why) = crate::pem::ed25519_key(file)
@@ -2258,6 +2290,25 @@ mod tests {
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["tokens.path", "tokens.access_ttl", "tokens.signing_key"], "{found:?}");
         assert!(found[2].message.contains("/etc/keygate/nope.pem"), "{found:?}");
+
+        // The refresh cookie's path must cover the endpoint's, or browsers
+        // would never send it there.
+        let tokens =
+            |extra: &str| format!("{MINIMAL}[tokens]\nenabled = true\npath = \"/oauth/token\"\n{extra}");
+        for covering in ["/", "/oauth", "/oauth/", "/oauth/token"] {
+            let text = tokens(&format!("refresh_cookie_path = \"{covering}\"\n"));
+            let config =
+                Config::from_toml(&text, Path::new(".")).unwrap_or_else(|e| panic!("{covering}: {e:?}"));
+            assert_eq!(config.tokens.refresh_cookie_path, covering);
+        }
+        for (bad, says) in
+            [("/oauth/tok", "does not cover"), ("/other", "does not cover"), ("oauth", "starting with")]
+        {
+            let found = problems(&tokens(&format!("refresh_cookie_path = \"{bad}\"\n")));
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert_eq!(found[0].field, "tokens.refresh_cookie_path");
+            assert!(found[0].message.contains(says), "{bad}: {found:?}");
+        }
 
         let found = problems(&format!("{MINIMAL}auth = [\"key\", \"jwt\"]\n"));
         assert_eq!(found.len(), 1, "{found:?}");

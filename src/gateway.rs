@@ -63,6 +63,9 @@ pub struct Gateway {
     /// verified-token cache. Built at start (a reload keeps the keys, so
     /// tokens issued before it stay valid); `None` when off.
     pub tokens: Option<Arc<crate::auth::jwt::TokenVerifier>>,
+    /// Where refresh tokens live (beside the keys: the store's Redis or its
+    /// folder); `None` when tokens are off.
+    pub refresh: Option<crate::refresh::SharedRefreshStore>,
 }
 
 impl Gateway {
@@ -77,6 +80,7 @@ impl Gateway {
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         let connections = ConnectionLimits::new(&config.server.edge);
         let tokens = crate::auth::jwt::TokenVerifier::for_config(&config.tokens).map(Arc::new);
+        let refresh = tokens.as_ref().and_then(|_| crate::refresh::for_store(&*store, &config.store));
         Arc::new(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)),
             verifier,
@@ -86,6 +90,7 @@ impl Gateway {
             connections,
             tls: std::sync::OnceLock::new(),
             tokens,
+            refresh,
         })
     }
 

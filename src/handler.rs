@@ -330,6 +330,11 @@ async fn serve(
     if token_presented {
         credential::strip_jwt_bearers(request.headers_mut(), &keys.prefix);
     }
+    // The refresh-token cookie is the token endpoint's alone, whatever
+    // path a browser sent it to (`refresh::cookie`).
+    if gateway.tokens.is_some() {
+        crate::refresh::cookie::strip(request.headers_mut());
+    }
     // The scopes were checked against this method and path; no header may
     // make the upstream run another.
     if edge.strip_override_headers {

@@ -29,6 +29,7 @@
 //! - [`credential`]: finding the key in a request and stripping it.
 //! - [`auth`]: verification through the in-process cache, invalidations.
 //! - [`tokens`]: the token endpoint and JWKS (access tokens, `auth::jwt`).
+//! - [`refresh`]: refresh tokens: rotation, reuse detection, their stores and cookie.
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
@@ -64,6 +65,7 @@ pub mod path;
 pub mod pem;
 pub mod proxy;
 pub mod redis_target;
+pub mod refresh;
 pub mod reload;
 pub mod route;
 pub mod sanitize;

@@ -3,11 +3,16 @@
 //!
 //! `POST <[tokens] path>` with `grant_type=client_credentials` (§4.4)
 //! trades an API key, sent as HTTP Basic `client_id:key` (§2.3.1) or as a
-//! bearer token, for an access token (see `auth::jwt`). The key is verified
+//! bearer token, for an access token (see `auth::jwt`) and a refresh token. The key is verified
 //! exactly as on a route (so refusals count toward the source's
 //! failed-authentication budget), its rate limit applies to the endpoint,
 //! and `scope` may narrow its scopes, never widen them. Refusals are
 //! §5.2's (`GatewayError::TokenRequest`, mapped in `error.rs`).
+//!
+//! `grant_type=refresh_token` (§6) trades a refresh token for a new access
+//! token and the refresh token's successor (`refresh::grant`: rotation,
+//! reuse detection); for browsers the refresh token can travel in a secure
+//! cookie instead of the body (`refresh::cookie`).
 //!
 //! `GET /.well-known/jwks.json` publishes the public signing keys, so
 //! upstreams can verify the tokens themselves.
@@ -25,6 +30,7 @@ use crate::credential;
 use crate::error::{GatewayError, OAuthError, Refusal, json_response};
 use crate::gateway::Gateway;
 use crate::proxy::CountedBody;
+use crate::refresh::{RefreshToken, cookie, grant};
 
 /// Where the JWKS document is served.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -42,46 +48,153 @@ pub async fn token_endpoint(
     client_ip: IpAddr,
     started: Instant,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
-    let oauth = |e| Refusal::from(GatewayError::TokenRequest(e));
     if request.method() != Method::POST {
         return Err(oauth(OAuthError::InvalidRequest));
     }
-    let presented = presented_key(request.headers()).ok_or_else(|| oauth(OAuthError::InvalidClient))?;
-    let (_, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let form = match tokio::time::timeout(FORM_TIMEOUT, Limited::new(body, MAX_FORM_BYTES).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(_)) | Err(_) => return Err(oauth(OAuthError::InvalidRequest)),
     };
     let form = Form::parse(&form).ok_or_else(|| oauth(OAuthError::InvalidRequest))?;
+    let request = TokenRequest { gateway, tokens, headers: &parts.headers, form: &form, client_ip, started };
     match form.grant_type.as_deref() {
-        Some("client_credentials") => {}
-        Some(_) => return Err(oauth(OAuthError::UnsupportedGrantType)),
-        None => return Err(oauth(OAuthError::InvalidRequest)),
+        Some("client_credentials") => request.client_credentials().await,
+        Some("refresh_token") if gateway.refresh.is_some() => request.refresh().await,
+        Some(_) => Err(oauth(OAuthError::UnsupportedGrantType)),
+        None => Err(oauth(OAuthError::InvalidRequest)),
+    }
+}
+
+fn oauth(error: OAuthError) -> Refusal {
+    Refusal::from(GatewayError::TokenRequest(error))
+}
+
+/// One token request, read.
+struct TokenRequest<'a> {
+    gateway: &'a Gateway,
+    tokens: &'a TokenVerifier,
+    headers: &'a http::HeaderMap,
+    form: &'a Form,
+    client_ip: IpAddr,
+    started: Instant,
+}
+
+impl TokenRequest<'_> {
+    /// §4.4: the key, verified as on a route, for a new pair (a new
+    /// refresh-token family).
+    async fn client_credentials(&self) -> Result<Response<Full<Bytes>>, Refusal> {
+        let presented = presented_key(self.headers).ok_or_else(|| oauth(OAuthError::InvalidClient))?;
+        let caller = self.authenticate(&presented).await?;
+        // Only keys mint tokens: a key's limits are what its tokens spend.
+        let Some(key) = caller.key() else { return Err(oauth(OAuthError::InvalidClient)) };
+        let limits = &self.gateway.live.load().config.limits;
+        let subject = [crate::limit::Subject::key(key)];
+        self.gateway.limits.admit(&subject, std::num::NonZeroU32::MIN, limits).await?;
+        let scopes = narrow_scopes(caller.scopes(), self.form.scope.as_deref())
+            .map_err(|_| oauth(OAuthError::InvalidScope))?;
+        let now = unix_now();
+        let config = &self.gateway.live.load().config.tokens;
+        let refresh = match self.gateway.refresh.as_deref() {
+            Some(store) => Some(grant::start_family(store, key, &scopes, config.refresh_ttl, now).await?),
+            None => None,
+        };
+        Ok(self.answer(key, &scopes, refresh.as_ref(), now))
     }
 
-    let caller = match gateway.verifier.verify(&presented, client_ip, started).await {
-        Ok(caller) => caller,
-        Err(GatewayError::KeyRejected(_)) => return Err(oauth(OAuthError::InvalidClient)),
-        Err(other) => return Err(other.into()),
-    };
-    // Only keys mint tokens: a key's limits are what its tokens spend.
-    let Some(key) = caller.key() else { return Err(oauth(OAuthError::InvalidClient)) };
-    let limits = &gateway.live.load().config.limits;
-    let subject = [crate::limit::Subject::key(key)];
-    gateway.limits.admit(&subject, std::num::NonZeroU32::MIN, limits).await?;
-    let scopes =
-        narrow_scopes(caller.scopes(), form.scope.as_deref()).map_err(|_| oauth(OAuthError::InvalidScope))?;
+    /// §6: the refresh token (form, else the cookie) for its successor and
+    /// a new access token (`refresh::grant`).
+    async fn refresh(&self) -> Result<Response<Full<Bytes>>, Refusal> {
+        let Some(store) = self.gateway.refresh.as_deref() else {
+            return Err(oauth(OAuthError::UnsupportedGrantType));
+        };
+        let live = self.gateway.live.load();
+        let config = &live.config.tokens;
+        let presented = match &self.form.refresh_token {
+            Some(token) => token.clone(),
+            None if config.refresh_cookie => {
+                let mut found = cookie::values(self.headers, &cookie::name(&config.refresh_cookie_path));
+                found.dedup();
+                match found.as_slice() {
+                    [one] => (*one).to_owned(),
+                    _ => return Err(oauth(OAuthError::InvalidRequest)),
+                }
+            }
+            None => return Err(oauth(OAuthError::InvalidRequest)),
+        };
+        // The refresh token alone is the credential (public clients); a
+        // client that authenticates as well must be the token's.
+        if self.headers.contains_key(header::AUTHORIZATION) {
+            let key = presented_key(self.headers).ok_or_else(|| oauth(OAuthError::InvalidClient))?;
+            let caller = self.authenticate(&key).await?;
+            let token_client = RefreshToken::parse(&presented).map(|t| t.client().to_owned());
+            if token_client.is_some_and(|client| caller.key().is_none_or(|k| k.client() != client)) {
+                return Err(oauth(OAuthError::InvalidClient));
+            }
+        }
+        let now = unix_now();
+        let requested = self.form.scope.as_deref();
+        let refreshed = grant::refresh(
+            self.gateway,
+            store,
+            &presented,
+            requested,
+            self.client_ip,
+            config.refresh_ttl,
+            now,
+        )
+        .await?;
+        let Some(key) = refreshed.caller.key() else { return Err(oauth(OAuthError::InvalidGrant)) };
+        Ok(self.answer(key, &refreshed.scopes, Some(&refreshed.token), now))
+    }
 
-    let now = u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0);
-    let keys = tokens.keys();
-    let (token, claims) = keys.issue(key.client(), key.id.as_str(), &scopes, now);
-    let body = serde_json::json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": claims.exp - claims.iat,
-        "scope": claims.scope,
-    });
-    Ok(no_store(json_response(StatusCode::OK, body.to_string())))
+    /// The key, verified as on a route (refusals spend the source's
+    /// failed-authentication budget): `invalid_client` if it is not good.
+    async fn authenticate(&self, presented: &str) -> Result<std::sync::Arc<crate::auth::Caller>, Refusal> {
+        match self.gateway.verifier.verify(presented, self.client_ip, self.started).await {
+            Ok(caller) => Ok(caller),
+            Err(GatewayError::KeyRejected(_)) => Err(oauth(OAuthError::InvalidClient)),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// §5.1: a new access token for `key` with `scopes`, and the refresh
+    /// token in the body or, for browsers, in its cookie.
+    fn answer(
+        &self,
+        key: &crate::store::KeyRecord,
+        scopes: &[String],
+        refresh: Option<&RefreshToken>,
+        now: u64,
+    ) -> Response<Full<Bytes>> {
+        let live = self.gateway.live.load();
+        let config = &live.config.tokens;
+        let (token, claims) = self.tokens.keys().issue(key.client(), key.id.as_str(), scopes, now);
+        let mut body = serde_json::json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": claims.exp - claims.iat,
+            "scope": claims.scope,
+        });
+        let mut set_cookie = None;
+        if let Some(refresh) = refresh {
+            if config.refresh_cookie {
+                let path = &config.refresh_cookie_path;
+                set_cookie = cookie::set(refresh.expose(), path, config.refresh_ttl.as_secs());
+            } else {
+                body["refresh_token"] = refresh.expose().into();
+            }
+        }
+        let mut response = no_store(json_response(StatusCode::OK, body.to_string()));
+        if let Some(value) = set_cookie {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
+        response
+    }
+}
+
+fn unix_now() -> u64 {
+    u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0)
 }
 
 /// `GET /.well-known/jwks.json`.
@@ -123,6 +236,7 @@ fn presented_key(headers: &http::HeaderMap) -> Option<String> {
 struct Form {
     grant_type: Option<String>,
     scope: Option<String>,
+    refresh_token: Option<String>,
 }
 
 impl Form {
@@ -140,6 +254,7 @@ impl Form {
             let field = match name {
                 "grant_type" => &mut form.grant_type,
                 "scope" => &mut form.scope,
+                "refresh_token" => &mut form.refresh_token,
                 _ => continue,
             };
             if field.replace(value).is_some() {

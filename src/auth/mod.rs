@@ -73,6 +73,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 mod cert;
 pub mod jwt;
+mod refresh;
 mod token;
 
 use crate::client::ClientRecord;
@@ -384,13 +385,13 @@ impl Verifier {
     /// by the cache, not by the attacker, so it goes on as usual. A
     /// misbehaving client behind the same address (an office NAT, a shared
     /// egress) thus does not lock out its neighbours' working keys.
-    pub(crate) async fn within_failure_budget(
+    pub(crate) async fn within_failure_budget<T>(
         &self,
         source: IpAddr,
         known: impl FnOnce() -> bool,
         rejected: impl Fn(&GatewayError) -> bool,
-        verify: impl std::future::Future<Output = Result<Arc<Caller>, GatewayError>>,
-    ) -> Result<Arc<Caller>, GatewayError> {
+        verify: impl std::future::Future<Output = Result<T, GatewayError>>,
+    ) -> Result<T, GatewayError> {
         let admission = match &self.failures {
             Some(failures) => failures.admit(source),
             None => Admission::Free,
