@@ -100,6 +100,12 @@ pub enum GatewayError {
     /// The client paused mid-body longer than the route's `upload_idle_timeout`.
     #[error("request body stalled for {after:?}")]
     RequestBodyTimeout { after: Duration },
+    /// `CONNECT` (other than a WebSocket's extended CONNECT) or `TRACE`:
+    /// a gateway in front of APIs opens no tunnels to arbitrary hosts and
+    /// echoes no requests (TRACE would show the upstream's view of the
+    /// request, identity headers included).
+    #[error("method {0} is not served")]
+    MethodNotAllowed(http::Method),
     /// A `tls_only` route asked over cleartext HTTP (`tls_redirect = false`).
     #[error("this route is served over HTTPS only")]
     TlsRequired,
@@ -204,6 +210,7 @@ impl GatewayError {
             }
             Self::RequestBodyTimeout { .. } => "the request body stopped arriving".to_owned(),
             Self::TlsRequired => "this route is served over HTTPS only".to_owned(),
+            Self::MethodNotAllowed(method) => format!("{method} is not served by this gateway"),
             Self::RedirectToHttps { .. } => "this route is served over HTTPS; follow the Location".to_owned(),
             Self::Internal(_) => "internal gateway error".to_owned(),
         };
@@ -240,6 +247,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::RequestBodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::TlsRequired => (StatusCode::FORBIDDEN, "tls_required"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::RedirectToHttps { .. } => (StatusCode::PERMANENT_REDIRECT, "tls_required"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -291,6 +299,14 @@ impl GatewayError {
                         HeaderValue::from_static("Basic realm=\"keygate\""),
                     );
                 }
+            }
+            // RFC 9110 §15.5.6: a 405 lists the methods that are served
+            // (which of them a route takes is the upstream's to say).
+            Self::MethodNotAllowed(_) => {
+                headers.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
             }
             Self::MissingScope(scope) => {
                 if let Ok(v) = HeaderValue::from_str(&format!(

@@ -191,8 +191,12 @@ async fn serve(
     trail: &mut Trail,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let live = gateway.live.load_full();
-    // A WebSocket over HTTP/2 is checked as the GET it stands for.
+    // A WebSocket over HTTP/2 is checked as the GET it stands for; any
+    // other CONNECT, and TRACE, are not served at all.
     proxy::upgrade::extended_connect_as_get(&mut request);
+    if matches!(*request.method(), http::Method::CONNECT | http::Method::TRACE) {
+        return Err(GatewayError::MethodNotAllowed(request.method().clone()).into());
+    }
 
     // 1. Route: one host, one canonical path; decide and forward on those.
     let edge = &live.config.server.edge;

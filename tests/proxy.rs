@@ -311,3 +311,28 @@ async fn empty_responses_give_their_connection_back_to_the_pool() {
     }
     assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn connect_and_trace_are_refused_with_405_and_never_reach_the_upstream() {
+    let upstream = Upstream::mirror().await;
+    let gateway = TestGateway::start(&proxy_config(&upstream.url())).await;
+    for head in [
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+        "CONNECT /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "TRACE /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = common::raw::exchange(gateway.addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{head:?} -> {answer}");
+        assert!(answer.to_ascii_lowercase().contains("\r\nallow: get, head"), "{answer}");
+        assert!(answer.contains("\"method_not_allowed\""), "{answer}");
+    }
+    for method in [Method::CONNECT, Method::TRACE] {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(gateway.url("/api/x"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&http2_client(), request).await.status, 405, "{method} over HTTP/2");
+    }
+    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing went upstream");
+}
