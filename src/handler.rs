@@ -36,6 +36,9 @@ struct Trail {
     forwarded: bool,
     route: Option<Arc<RouteConfig>>,
     caller: Option<Arc<Caller>>,
+    /// The caller came with an access token (its key's record stands
+    /// behind it): the access log says `jwt`, not `key`.
+    via_token: bool,
     upstream_latency: Option<std::time::Duration>,
     /// Usage credits spent at admission (kept when the upstream then fails:
     /// credits pay for admission, as Unkey's do).
@@ -114,7 +117,11 @@ pub async fn handle(
         upstream = trail.target(),
         client = trail.caller.as_ref().map_or("-", |c| c.client()),
         key_id = trail.caller.as_ref().and_then(|c| c.key_id()).unwrap_or("-"),
-        credential = trail.caller.as_ref().map_or("-", |c| c.kind().as_str()),
+        credential = match (&trail.caller, trail.via_token) {
+            (None, _) => "-",
+            (Some(_), true) => crate::config::CredentialKind::Jwt.as_str(),
+            (Some(caller), false) => caller.kind().as_str(),
+        },
         duration_us = started.elapsed().as_micros() as u64,
         peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
     );
@@ -290,6 +297,7 @@ async fn serve(
             (credential::Presented::Missing, None) => return Err(GatewayError::MissingCertificate.into()),
         };
         trail.caller = Some(Arc::clone(&record));
+        trail.via_token = token_presented;
 
         // 4. Scope: the caller (key, or certificate's client) must cover
         // this route and method.

@@ -85,6 +85,7 @@ async fn with_bearer(gw: &TestGateway, method: http::Method, path: &str, token: 
 
 #[tokio::test]
 async fn a_key_trades_for_a_token_that_opens_jwt_routes_in_the_keys_name() {
+    let logs = common::logs::capture();
     let gw = TestGateway::start(&config("", "")).await;
     let (key, id) = issue(&gw.gateway.store, "acme", &["read"]).await;
 
@@ -103,6 +104,9 @@ async fn a_key_trades_for_a_token_that_opens_jwt_routes_in_the_keys_name() {
     assert_eq!(seen["x-keygate-client"], "acme");
     assert_eq!(seen["x-keygate-key-id"], id.as_str());
     assert!(seen.get("authorization").is_none(), "the token is not forwarded: {seen}");
+    let access = logs.lines_with("path=\"/orders\"");
+    assert_eq!(access.len(), 1, "{access:?}");
+    assert!(access[0].contains("credential=\"jwt\""), "the access log names the token: {}", access[0]);
 
     // The JWKS publishes the key the token is signed with.
     let header: serde_json::Value =
