@@ -183,10 +183,77 @@ async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
     );
     // Each 503 costs a store call's deadline (2 s), so a few per gateway at most.
     assert!(unavailable <= 30, "{unavailable} answers 503");
+    assert!(window < Duration::from_secs(10), "outage window {window:?}");
 
     // A key issued after the failover, in the promoted slot, works everywhere.
     let fresh = issue(&store(&gateways[1]), "fail").await;
     for gateway in &gateways {
         assert_eq!(status(&http, gateway, &fresh).await, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() {
+    let mut sentinel = common::cluster::RedisSentinel::start();
+    let sentinels =
+        sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
+    let toml = format!(
+        "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{}\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        common::cluster::SENTINEL_MASTER
+    );
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(TestGateway::start(&toml).await);
+    }
+    let http = http1_client();
+    let cached = issue(&store(&gateways[0]), "sen").await;
+    let uncached = issue(&store(&gateways[1]), "sen").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &cached).await, 200);
+    }
+
+    let killed_at = Instant::now();
+    sentinel.kill_primary();
+    let mut unavailable = 0u32;
+    let mut served_uncached = [false; 3];
+    while !served_uncached.iter().all(|s| *s) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            assert_eq!(status(&http, gateway, &cached).await, 200, "a cached key is served throughout");
+            if !served_uncached[at] {
+                match status(&http, gateway, &uncached).await {
+                    200 => served_uncached[at] = true,
+                    503 => unavailable += 1,
+                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
+                }
+            }
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "the uncached key never came back");
+    }
+    let window = killed_at.elapsed();
+    sentinel.wait_for_failover();
+    println!(
+        "sentinel failover: uncached key served again on all 3 gateways {window:?} after the kill ({unavailable} answers 503 meanwhile)"
+    );
+    // A dead primary refuses at once, so the 503s come fast and their number
+    // follows the polling rate; what bounds the outage is its window.
+    assert!(window < Duration::from_secs(10), "outage window {window:?}");
+    assert!(unavailable > 0 || window < Duration::from_secs(1), "an outage this long produced no 503");
+
+    // Writes go to the new primary, and their announcements reach every
+    // gateway's (re)subscription.
+    let (fresh, id) = issue_with_id(&store(&gateways[2]), "sen").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &fresh).await, 200);
+    }
+    keygate::ops::revoke(&*store(&gateways[0]), &RevokeTarget::Id(id), "kg_").await.unwrap();
+    let started = Instant::now();
+    for gateway in &mut gateways {
+        while status(&http, gateway, &fresh).await != 401 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "revocation after the failover never arrived"
+            );
+        }
     }
 }
