@@ -1680,14 +1680,14 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             let tls = RedisTls { ca: path(raw.tls_ca), cert: path(raw.tls_cert), key: path(raw.tls_key) };
             // The checks every connection makes (URL, `#insecure`, TLS
             // files), made now so that `check` and `serve` refuse them first.
-            if p.0.iter().all(|problem| problem.field != field && problem.field != "store.master") {
-                if let Err(error) = crate::redis_target::check(&endpoint, &tls) {
-                    let name = match error.field {
-                        crate::redis_target::Field::Url => field,
-                        other => other.config_name(),
-                    };
-                    p.push(name, error.message);
-                }
+            if p.0.iter().all(|problem| problem.field != field && problem.field != "store.master")
+                && let Err(error) = crate::redis_target::check(&endpoint, &tls)
+            {
+                let name = match error.field {
+                    crate::redis_target::Field::Url => field,
+                    other => other.config_name(),
+                };
+                p.push(name, error.message);
             }
             StoreConfig::Redis { endpoint, prefix, tls }
         }

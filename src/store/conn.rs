@@ -76,7 +76,7 @@ impl RedisConn {
     /// Connects to a cluster through any of `seeds` (`redis://host:port`).
     /// `deadline` bounds each command, redirects and retries included.
     pub async fn cluster(seeds: &[String], deadline: Duration) -> RedisResult<Self> {
-        let conn = ClusterConn::new(cluster_client(seeds, None, deadline, deadline)?);
+        let conn = ClusterConn::new(Arc::new(cluster_client(seeds, None, deadline, deadline)?));
         conn.get().await?;
         Ok(Self::Cluster(conn))
     }
@@ -180,12 +180,13 @@ impl ConnectionLike for RedisConn {
 /// next use after making it failed), shared by every clone.
 #[derive(Clone)]
 pub struct ClusterConn {
-    client: ClusterClient,
+    /// Shared: the client is large, and every clone makes the same connection.
+    client: Arc<ClusterClient>,
     conn: Arc<OnceCell<ClusterConnection>>,
 }
 
 impl ClusterConn {
-    fn new(client: ClusterClient) -> Self {
+    fn new(client: Arc<ClusterClient>) -> Self {
         Self { client, conn: Arc::new(OnceCell::new()) }
     }
 
@@ -265,7 +266,7 @@ pub enum RedisTarget {
     /// The cluster client, and one client per seed node for connections
     /// that must go to one node (pub/sub).
     Cluster {
-        client: ClusterClient,
+        client: Arc<ClusterClient>,
         nodes: Vec<redis::Client>,
     },
     /// The sentinels, asked for the primary at each (re)connection.
@@ -311,7 +312,7 @@ impl RedisTarget {
                             message: crate::redis_target::scrub(&seeds[0], format!("cluster seeds: {e}")),
                         }
                     })?;
-                Ok(Self::Cluster { client, nodes })
+                Ok(Self::Cluster { client: Arc::new(client), nodes })
             }
             Endpoint::Sentinel { sentinels, master } => {
                 crate::redis_target::check(endpoint, tls)?;
