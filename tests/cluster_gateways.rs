@@ -257,3 +257,40 @@ async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_is_exact_under_concurrent_clients_on_all_three_gateways() {
+    let cluster = RedisCluster::start();
+    let gateways = Arc::new(gateways(&cluster).await);
+    let changes = MetaChanges::from_query("scope=read&quota=300/day", Timestamp::now()).unwrap();
+    let issued =
+        keygate::ops::issue(&*store(&gateways[0]), "kg_", "quota", changes, Timestamp::now()).await.unwrap();
+    let key = Arc::new(issued.key.expose().to_owned());
+
+    // Two concurrent clients per gateway, 100 requests each: twice the quota.
+    let mut tasks = Vec::new();
+    for at in 0..6 {
+        let (gateways, key) = (Arc::clone(&gateways), Arc::clone(&key));
+        tasks.push(tokio::spawn(async move {
+            let http = http1_client();
+            let (mut admitted, mut refused) = (0u32, 0u32);
+            for _ in 0..100 {
+                match status(&http, &gateways[at % 3], &key).await {
+                    200 => admitted += 1,
+                    429 => refused += 1,
+                    other => panic!("answered {other}"),
+                }
+            }
+            (admitted, refused)
+        }));
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    for task in tasks {
+        let (a, r) = task.await.unwrap();
+        admitted += a;
+        refused += r;
+    }
+    println!("quota 300 on 3 gateways, 600 concurrent requests: {admitted} admitted, {refused} refused");
+    assert_eq!(admitted, 300, "exactly the quota is admitted across the three");
+    assert_eq!(refused, 300);
+}
