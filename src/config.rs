@@ -18,9 +18,9 @@ use crate::upstream_tls::{TlsFiles, UpstreamTls};
 use http::{HeaderName, Uri};
 use serde::Deserialize;
 
-pub use crate::redis_target::RedisTls;
 /// A Redis URL with any password replaced, for messages and logs.
 pub use crate::redis_target::redact_url;
+pub use crate::redis_target::{Endpoint, RedisTls};
 
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
@@ -317,9 +317,12 @@ pub enum StoreConfig {
     /// The embedded store: TOML files in a folder, relative paths resolved
     /// against the config file's folder.
     File { dir: PathBuf },
-    /// Redis (single node): `url` like `redis://127.0.0.1:6379/0` (or
-    /// `rediss://` for TLS, with `tls`), every Redis key under `prefix`.
-    Redis { url: String, prefix: String, tls: RedisTls },
+    /// Redis: one node (`kind = "redis"`, `url` like
+    /// `redis://127.0.0.1:6379/0`, or `rediss://` for TLS, with `tls`), a
+    /// cluster (`kind = "redis-cluster"`, `nodes`) or a Sentinel-managed
+    /// primary (`kind = "redis-sentinel"`, `sentinels`, `master`); every
+    /// Redis key under `prefix`.
+    Redis { endpoint: Endpoint, prefix: String, tls: RedisTls },
 }
 
 #[derive(Debug, Clone)]
@@ -666,6 +669,9 @@ struct RawCertFiles {
 struct RawStore {
     kind: Option<String>,
     url: Option<String>,
+    nodes: Option<Vec<String>>,
+    sentinels: Option<Vec<String>>,
+    master: Option<String>,
     dir: Option<String>,
     prefix: Option<String>,
     tls_ca: Option<String>,
@@ -900,13 +906,26 @@ impl Config {
     /// over a file store it is the default `kg:`. The message of a URL that
     /// does not parse names no password.
     pub fn use_redis(&mut self, url: &str) -> Result<(), String> {
-        check_redis_url(url)?;
+        self.use_redis_nodes(std::slice::from_ref(&url.to_owned()))
+    }
+
+    /// [`Config::use_redis`] for one URL or several: several are the seed
+    /// nodes of a Redis Cluster (`--redis` repeated, `KEYGATE_REDIS_NODES`).
+    pub fn use_redis_nodes(&mut self, urls: &[String]) -> Result<(), String> {
+        for url in urls {
+            check_redis_url(url)?;
+        }
+        let endpoint = match urls {
+            [] => return Err("no Redis URL given".to_owned()),
+            [url] => Endpoint::Node(url.clone()),
+            seeds => Endpoint::Cluster(seeds.to_vec()),
+        };
         // The config's TLS files stay with the store they were written for.
         let (prefix, tls) = match &self.store {
             StoreConfig::Redis { prefix, tls, .. } => (prefix.clone(), tls.clone()),
             StoreConfig::File { .. } => ("kg:".to_owned(), RedisTls::default()),
         };
-        self.store = StoreConfig::Redis { url: url.to_owned(), prefix, tls };
+        self.store = StoreConfig::Redis { endpoint, prefix, tls };
         Ok(())
     }
 
@@ -1611,11 +1630,32 @@ fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
 }
 
 fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
-    match raw.kind.as_deref().unwrap_or("file") {
-        "file" => {
-            if raw.url.is_some() {
-                p.push("store.url", "`url` belongs to kind = \"redis\"; the file store uses `dir`");
+    let kind = raw.kind.as_deref().unwrap_or("file");
+    // Each field belongs to some kinds; named, so a misplaced one is a clear error.
+    let belongs: [(&str, bool, &[&str]); 4] = [
+        ("url", raw.url.is_some(), &["redis"]),
+        ("nodes", raw.nodes.is_some(), &["redis-cluster"]),
+        ("sentinels", raw.sentinels.is_some(), &["redis-sentinel"]),
+        ("master", raw.master.is_some(), &["redis-sentinel"]),
+    ];
+    if ["file", "redis", "redis-cluster", "redis-sentinel"].contains(&kind) {
+        for (field, set, kinds) in belongs {
+            if set && !kinds.contains(&kind) {
+                let uses = match kind {
+                    "file" => "the file store uses `dir`",
+                    "redis" => "a single Redis uses `url`",
+                    "redis-cluster" => "a cluster uses `nodes`",
+                    _ => "Sentinel uses `sentinels` and `master`",
+                };
+                p.push(
+                    format!("store.{field}"),
+                    format!("`{field}` belongs to kind = \"{}\"; {uses}", kinds[0]),
+                );
             }
+        }
+    }
+    match kind {
+        "file" => {
             for (field, set) in
                 [("tls_ca", &raw.tls_ca), ("tls_cert", &raw.tls_cert), ("tls_key", &raw.tls_key)]
             {
@@ -1629,14 +1669,36 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             let dir = PathBuf::from(raw.dir.unwrap_or_else(|| "keys".to_owned()));
             StoreConfig::File { dir: if dir.is_absolute() { dir } else { base.join(dir) } }
         }
-        "redis" => {
+        "redis" | "redis-cluster" | "redis-sentinel" => {
             if raw.dir.is_some() {
                 p.push("store.dir", "`dir` belongs to kind = \"file\"; the Redis store uses `url`");
             }
-            let url = raw.url.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-            if let Err(why) = check_redis_url(&url) {
-                p.push("store.url", why);
-            }
+            let (endpoint, field) = match kind {
+                "redis" => {
+                    let url = raw.url.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+                    if let Err(why) = check_redis_url(&url) {
+                        p.push("store.url", why);
+                    }
+                    (Endpoint::Node(url), "store.url")
+                }
+                "redis-cluster" => {
+                    let nodes = raw.nodes.unwrap_or_default();
+                    redis_urls(p, "store.nodes", "seed nodes of the cluster", &nodes);
+                    (Endpoint::Cluster(nodes), "store.nodes")
+                }
+                _ => {
+                    let sentinels = raw.sentinels.unwrap_or_default();
+                    redis_urls(p, "store.sentinels", "the sentinels to ask for the primary", &sentinels);
+                    let master = raw.master.unwrap_or_default();
+                    if master.is_empty() || master.contains(char::is_whitespace) {
+                        p.push(
+                            "store.master",
+                            "the name the sentinels monitor the primary as, e.g. \"mymaster\"",
+                        );
+                    }
+                    (Endpoint::Sentinel { sentinels, master }, "store.sentinels")
+                }
+            };
             let prefix = raw.prefix.unwrap_or_else(|| "kg:".to_owned());
             if prefix.contains(['{', '}', ' ']) {
                 p.push("store.prefix", "may not contain braces (reserved for cluster hash tags) or spaces");
@@ -1650,16 +1712,40 @@ fn validate_store(p: &mut Problems, raw: RawStore, base: &Path) -> StoreConfig {
             let tls = RedisTls { ca: path(raw.tls_ca), cert: path(raw.tls_cert), key: path(raw.tls_key) };
             // The checks every connection makes (URL, `#insecure`, TLS
             // files), made now so that `check` and `serve` refuse them first.
-            if p.0.iter().all(|problem| problem.field != "store.url")
-                && let Err(error) = crate::redis_target::client(&url, &tls)
+            if p.0.iter().all(|problem| problem.field != field && problem.field != "store.master")
+                && let Err(error) = crate::redis_target::check(&endpoint, &tls)
             {
-                p.push(error.field.config_name(), error.message);
+                let name = match error.field {
+                    crate::redis_target::Field::Url => field,
+                    other => other.config_name(),
+                };
+                p.push(name, error.message);
             }
-            StoreConfig::Redis { url, prefix, tls }
+            StoreConfig::Redis { endpoint, prefix, tls }
         }
         other => {
-            p.push("store.kind", format!("`{other}` is not a store kind; use \"file\" or \"redis\""));
+            p.push(
+                "store.kind",
+                format!(
+                    "`{other}` is not a store kind; use \"file\", \"redis\", \"redis-cluster\" or \"redis-sentinel\""
+                ),
+            );
             StoreConfig::File { dir: base.join("keys") }
+        }
+    }
+}
+
+/// Checks a list of Redis URLs (`nodes`, `sentinels`): at least one, each
+/// usable, none twice.
+fn redis_urls(p: &mut Problems, field: &str, what: &str, urls: &[String]) {
+    if urls.is_empty() {
+        p.push(field, format!("needs at least one redis:// URL: {what}"));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if let Err(why) = check_redis_url(url) {
+            p.push(field, why);
+        } else if urls[..i].contains(url) {
+            p.push(field, format!("`{}` is listed twice", redact_url(url)));
         }
     }
 }
@@ -2436,6 +2522,64 @@ mod tests {
         let found = problems(&format!("[store]\ntls_ca = \"ca.pem\"\n{MINIMAL}"));
         assert_eq!(found[0].field, "store.tls_ca", "{found:?}");
         assert!(found[0].message.contains("kind = \"redis\""), "{found:?}");
+    }
+
+    #[test]
+    fn cluster_and_sentinel_stores_name_their_fields() {
+        let text = format!(
+            "[store]\nkind = \"redis-cluster\"\nnodes = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n\
+             prefix = \"app:\"\n{MINIMAL}"
+        );
+        let config = Config::from_toml(&text, Path::new("/etc/keygate")).unwrap();
+        let nodes = vec!["redis://127.0.0.1:7000".to_owned(), "redis://127.0.0.1:7001".to_owned()];
+        assert_eq!(
+            config.store,
+            StoreConfig::Redis {
+                endpoint: Endpoint::Cluster(nodes),
+                prefix: "app:".into(),
+                tls: RedisTls::default()
+            }
+        );
+
+        let text = format!(
+            "[store]\nkind = \"redis-sentinel\"\nsentinels = [\"redis://127.0.0.1:26379\"]\nmaster = \"mymaster\"\n{MINIMAL}"
+        );
+        let config = Config::from_toml(&text, Path::new("/etc/keygate")).unwrap();
+        assert!(matches!(
+            &config.store,
+            StoreConfig::Redis { endpoint: Endpoint::Sentinel { master, .. }, .. } if master == "mymaster"
+        ));
+
+        let store = |lines: &str| format!("[store]\n{lines}\n{MINIMAL}");
+        let found = problems(&store("kind = \"redis-cluster\""));
+        assert_eq!(found[0].field, "store.nodes", "{found:?}");
+        assert!(found[0].message.contains("at least one"), "{found:?}");
+        let found = problems(&store("kind = \"redis-cluster\"\nnodes = [\"http://:hunter2@x\"]"));
+        assert_eq!((found[0].field.as_str(), found[0].line), ("store.nodes", Some(3)), "{found:?}");
+        assert!(!found[0].message.contains("hunter2"), "{found:?}");
+        let found = problems(&store("kind = \"redis-cluster\"\nurl = \"redis://127.0.0.1:7000\""));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.field == "store.url" && p.message.contains("`url` belongs to kind = \"redis\"")),
+            "{found:?}"
+        );
+        let found = problems(&store("kind = \"redis-sentinel\"\nsentinels = [\"redis://127.0.0.1:26379\"]"));
+        assert_eq!(found[0].field, "store.master", "{found:?}");
+        let found = problems(&store(
+            "kind = \"redis-sentinel\"\nsentinels = [\"redis://127.0.0.1:26379\"]\nmaster = \"m\"\ntls_ca = \"ca.pem\"",
+        ));
+        assert!(
+            found.iter().any(|p| p.field == "store.tls_ca" && p.message.contains("Sentinel")),
+            "{found:?}"
+        );
+        let found = problems(&store("kind = \"redis\"\nnodes = [\"redis://127.0.0.1:7000\"]"));
+        assert!(
+            found.iter().any(|p| p.field == "store.nodes" && p.message.contains("redis-cluster")),
+            "{found:?}"
+        );
+        let found = problems(&store("kind = \"cluster\""));
+        assert!(found[0].message.contains("redis-cluster"), "{found:?}");
     }
 
     fn load_admin(text: &str, env: &[(&str, &str)]) -> (Option<AdminConfig>, Vec<ConfigProblem>) {

@@ -107,7 +107,7 @@ impl Gateway {
             max_series: usage.max_buffered_series,
             ..FlushConfig::default()
         };
-        let conn = match crate::usage::connect_client(redis.client) {
+        let conn = match crate::usage::connect_target(&redis.target) {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::warn!(%error, "usage writes share the store's Redis connection");

@@ -69,6 +69,40 @@ impl RedisTls {
     }
 }
 
+/// Which Redis a deployment names (`[store] kind`): one node, a Redis
+/// Cluster found from seed nodes, or a primary found through Sentinel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `kind = "redis"`: `url`.
+    Node(String),
+    /// `kind = "redis-cluster"`: `nodes`, any of which can tell the rest.
+    Cluster(Vec<String>),
+    /// `kind = "redis-sentinel"`: `sentinels` to ask where the primary
+    /// named `master` is.
+    Sentinel { sentinels: Vec<String>, master: String },
+}
+
+impl Endpoint {
+    /// Every URL named (node, seeds or sentinels).
+    pub fn urls(&self) -> &[String] {
+        match self {
+            Endpoint::Node(url) => std::slice::from_ref(url),
+            Endpoint::Cluster(nodes) => nodes,
+            Endpoint::Sentinel { sentinels, .. } => sentinels,
+        }
+    }
+
+    /// The endpoint for messages and `keygate check`, passwords redacted.
+    pub fn describe(&self) -> String {
+        let urls = self.urls().iter().map(|url| redact_url(url)).collect::<Vec<_>>().join(", ");
+        match self {
+            Endpoint::Node(_) => format!("redis {urls}"),
+            Endpoint::Cluster(_) => format!("redis cluster {urls}"),
+            Endpoint::Sentinel { master, .. } => format!("redis sentinel master {master} via {urls}"),
+        }
+    }
+}
+
 /// The setting a [`TargetError`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
@@ -156,6 +190,39 @@ pub fn client(url: &str, tls: &RedisTls) -> Result<redis::Client, TargetError> {
         ));
     }
 
+    match certificates(tls)? {
+        None => redis::Client::open(info).map_err(|e| url_error(url, &e)),
+        Some(certs) => redis::Client::build_with_tls(info, certs).map_err(|e| url_error(url, &e)),
+    }
+}
+
+/// The checks [`client`] makes, for every URL of `endpoint`; connects to
+/// nothing. TLS through Sentinel is refused (not supported yet).
+pub fn check(endpoint: &Endpoint, tls: &RedisTls) -> Result<(), TargetError> {
+    if let Endpoint::Sentinel { .. } = endpoint
+        && let Some(field) = first_set(tls)
+    {
+        return Err(TargetError::new(
+            field,
+            "TLS to Redis through Sentinel is not supported yet; use kind = \"redis\" or \"redis-cluster\" \
+             for rediss://",
+        ));
+    }
+    if endpoint.urls().is_empty() {
+        return Err(TargetError::new(Field::Url, "no Redis URL given"));
+    }
+    for url in endpoint.urls() {
+        client(url, tls)?;
+    }
+    Ok(())
+}
+
+/// The CA and client certificate of `tls`, read and checked; `None` when
+/// neither is named (a `rediss://` Redis is then checked against the
+/// system's roots, which must load). For a [`client`] and for a cluster's
+/// client, which takes them once for every node.
+pub fn certificates(tls: &RedisTls) -> Result<Option<TlsCertificates>, TargetError> {
+    install_crypto_provider();
     let root_cert = match &tls.ca {
         Some(path) => Some(read_ca(path)?),
         None => {
@@ -178,10 +245,9 @@ pub fn client(url: &str, tls: &RedisTls) -> Result<redis::Client, TargetError> {
         (Some(cert), Some(key)) => Some(read_client_identity(cert, key)?),
     };
     if root_cert.is_none() && client_tls.is_none() {
-        return redis::Client::open(info).map_err(|e| url_error(url, &e));
+        return Ok(None);
     }
-    redis::Client::build_with_tls(info, TlsCertificates { client_tls, root_cert })
-        .map_err(|e| url_error(url, &e))
+    Ok(Some(TlsCertificates { client_tls, root_cert }))
 }
 
 /// What a failed connection means, for the messages operators read: the

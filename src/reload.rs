@@ -35,7 +35,8 @@ pub struct Reloader {
     lock: Mutex<()>,
     /// `--redis`/`KEYGATE_REDIS_URL` as `serve` started with it: applied
     /// to every reload too, so a reload reads the store the same way.
-    store_override: Option<String>,
+    /// `--redis` URLs (several: a cluster's seeds); empty: none.
+    store_override: Vec<String>,
 }
 
 /// What a successful reload installed.
@@ -51,14 +52,14 @@ pub struct Reloaded {
 
 impl Reloader {
     pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Arc<Self> {
-        Self::with_store_override(path, gateway, None)
+        Self::with_store_override(path, gateway, Vec::new())
     }
 
     /// A reloader for a gateway started with `--redis URL` (or the variable).
     pub fn with_store_override(
         path: PathBuf,
         gateway: Arc<Gateway>,
-        store_override: Option<String>,
+        store_override: Vec<String>,
     ) -> Arc<Self> {
         Arc::new(Self { path, gateway, lock: Mutex::new(()), store_override })
     }
@@ -80,10 +81,11 @@ impl Reloader {
     /// than a blocking-pool round trip.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let loaded = Config::load(&self.path).and_then(|mut config| match &self.store_override {
+        let loaded = Config::load(&self.path).and_then(|mut config| match self.store_override.as_slice() {
+            [] => Ok(config),
             // Checked when serve started; a failure here cannot happen, but
             // is refused like any invalid file if it does.
-            Some(url) => config.use_redis(url).map(|()| config).map_err(|why| ConfigError::Invalid {
+            urls => config.use_redis_nodes(urls).map(|()| config).map_err(|why| ConfigError::Invalid {
                 path: self.path.clone(),
                 problems: vec![crate::config::ConfigProblem {
                     field: "store.url".into(),
@@ -91,7 +93,6 @@ impl Reloader {
                     message: why,
                 }],
             }),
-            None => Ok(config),
         });
         let config = match loaded {
             Ok(config) => config,

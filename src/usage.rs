@@ -40,7 +40,7 @@ pub mod writes;
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::store::conn::{ConnTimeouts, RedisConn, RedisTarget};
 
 pub use audit::{AuditAction, AuditEntry, AuditRecord, append_audit, read_audit};
 pub use flusher::{FlushConfig, FlushReport, FlushStats, UsageFlusher, UsageThread};
@@ -66,27 +66,35 @@ pub enum UsageError {
 /// An auto-reconnecting Redis connection for usage and audit, created
 /// without connecting: the first command connects, so a gateway can start
 /// (and count) while Redis is down. Must run inside a tokio runtime.
-pub fn connect(url: &str) -> Result<ConnectionManager, UsageError> {
+pub fn connect(url: &str) -> Result<RedisConn, UsageError> {
     connect_tls(url, &crate::redis_target::RedisTls::default())
 }
 
 /// [`connect`] to a `rediss://` Redis with TLS files (`[store] tls_ca`, ...).
-pub fn connect_tls(url: &str, tls: &crate::redis_target::RedisTls) -> Result<ConnectionManager, UsageError> {
-    // The one constructor of Redis clients; its errors never repeat the
-    // URL's password.
-    let client = crate::redis_target::client(url, tls).map_err(|e| UsageError::Invalid(e.to_string()))?;
-    connect_client(client)
+pub fn connect_tls(url: &str, tls: &crate::redis_target::RedisTls) -> Result<RedisConn, UsageError> {
+    connect_endpoint(&crate::redis_target::Endpoint::Node(url.to_owned()), tls)
 }
 
-/// [`connect`] from a client (e.g. the store's, for a connection of usage's
+/// [`connect`] to any topology: one node, a cluster, a Sentinel primary.
+pub fn connect_endpoint(
+    endpoint: &crate::redis_target::Endpoint,
+    tls: &crate::redis_target::RedisTls,
+) -> Result<RedisConn, UsageError> {
+    // Through the one constructor of Redis clients; its errors never repeat
+    // the URL's password.
+    let target = RedisTarget::new(endpoint, tls, TIMEOUTS).map_err(|e| UsageError::Invalid(e.to_string()))?;
+    connect_target(&target)
+}
+
+/// [`connect`] from a target (e.g. the store's, for a connection of usage's
 /// own beside the store's).
-pub fn connect_client(client: redis::Client) -> Result<ConnectionManager, UsageError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config)
+pub fn connect_target(target: &RedisTarget) -> Result<RedisConn, UsageError> {
+    target
+        .connect_lazy(TIMEOUTS)
         .map_err(|e| UsageError::Redis(format!("cannot set up a connection ({:?})", e.kind())))
 }
+
+/// Usage's deadlines: writes are off the request path and retried, so a
+/// slow answer may take longer than a key lookup's.
+const TIMEOUTS: ConnTimeouts =
+    ConnTimeouts { connect: Duration::from_secs(1), response: Duration::from_secs(2), retries: 1 };

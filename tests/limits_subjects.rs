@@ -39,7 +39,7 @@ async fn connection(redis: &RedisServer) -> ConnectionManager {
 async fn instances(redis: &RedisServer, n: usize, mode: LimitMode) -> Vec<Arc<Limits>> {
     let mut all = Vec::new();
     for _ in 0..n {
-        all.push(Arc::new(Limits::new(&config(mode), Some((connection(redis).await, "kg:")))));
+        all.push(Arc::new(Limits::new(&config(mode), Some((connection(redis).await.into(), "kg:")))));
     }
     all
 }

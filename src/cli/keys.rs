@@ -20,8 +20,6 @@ use clap::{Args, Subcommand};
 use jiff::Timestamp;
 use serde::Serialize;
 
-use redis::aio::ConnectionManager;
-
 use super::table::{self, printable};
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
 use crate::limit::credits::Credits;
@@ -70,7 +68,7 @@ pub struct AuditArgs {
 /// Redis: the audit trail and `last_used`. `None` with the file store.
 #[derive(Clone)]
 pub struct RedisExtras {
-    pub conn: ConnectionManager,
+    pub conn: crate::store::conn::RedisConn,
     /// The store's Redis key prefix (`kg:`), not the key-string prefix.
     pub prefix: String,
     /// Who the audit trail names, e.g. `cli:alice`.

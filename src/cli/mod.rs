@@ -24,9 +24,9 @@ use clap::{Parser, Subcommand};
 
 use self::exit::Exit;
 use crate::admin::{self, Admin};
-use crate::config::{Config, ConfigError, Purpose, StoreConfig, redact_url};
+use crate::config::{Config, ConfigError, Purpose, StoreConfig};
 use crate::gateway::Gateway;
-use crate::redis_target::RedisTls;
+use crate::redis_target::{Endpoint, RedisTls};
 use crate::reload::{self, Reloader};
 use crate::server;
 use crate::store::{self, SharedStore};
@@ -77,11 +77,31 @@ pub struct ConfigArg {
 }
 
 /// `--redis URL`, or `KEYGATE_REDIS_URL`: replaces the config's `[store]`.
+/// Repeated, or `--redis-nodes` / `KEYGATE_REDIS_NODES` (comma-separated):
+/// a cluster's seed nodes.
 #[derive(Debug, clap::Args)]
 pub struct RedisArg {
-    /// Use this Redis as the store instead of the config's [store].
+    /// Use this Redis as the store instead of the config's [store]; repeat
+    /// it to name the seed nodes of a Redis Cluster.
     #[arg(long = "redis", env = "KEYGATE_REDIS_URL", value_name = "URL", hide_env_values = true)]
-    pub redis: Option<String>,
+    pub redis: Vec<String>,
+    /// The seed nodes of a Redis Cluster, comma-separated (instead of --redis).
+    #[arg(
+        long = "redis-nodes",
+        env = "KEYGATE_REDIS_NODES",
+        value_name = "URLS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        conflicts_with = "redis"
+    )]
+    pub redis_nodes: Vec<String>,
+}
+
+impl RedisArg {
+    /// The URLs given, however they were given; empty: none.
+    pub fn urls(&self) -> &[String] {
+        if self.redis.is_empty() { &self.redis_nodes } else { &self.redis }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,7 +139,18 @@ pub struct StoreArgs {
         value_name = "URL",
         hide_env_values = true
     )]
-    pub redis: Option<String>,
+    pub redis: Vec<String>,
+    /// The seed nodes of a Redis Cluster, comma-separated (instead of --redis).
+    #[arg(
+        long = "redis-nodes",
+        env = "KEYGATE_REDIS_NODES",
+        global = true,
+        value_name = "URLS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        conflicts_with = "redis"
+    )]
+    pub redis_nodes: Vec<String>,
     /// CA certificates (PEM) a rediss:// Redis must be signed by, instead of
     /// the config's store.tls_ca (without either: the system's roots).
     #[arg(long = "redis-ca", env = "KEYGATE_REDIS_CA", global = true, value_name = "FILE")]
@@ -130,6 +161,13 @@ pub struct StoreArgs {
     /// Private key (PEM) of --redis-cert, instead of store.tls_key.
     #[arg(long = "redis-key", env = "KEYGATE_REDIS_KEY", global = true, value_name = "FILE")]
     pub redis_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The URLs given, however they were given; empty: none.
+    pub fn urls(&self) -> &[String] {
+        if self.redis.is_empty() { &self.redis_nodes } else { &self.redis }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -194,7 +232,7 @@ pub fn main() -> ExitCode {
 fn check(args: &CheckArgs) -> ExitCode {
     let purpose = if args.env { Purpose::Serve } else { Purpose::Inspect };
     let path = &args.config.config;
-    let config = match load(path, purpose, args.store.redis.as_deref()) {
+    let config = match load(path, purpose, args.store.urls()) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -257,10 +295,10 @@ fn describe_listeners(config: &Config) -> Vec<String> {
 
 /// Loads `path` for `purpose` and applies `--redis`/`KEYGATE_REDIS_URL`;
 /// either failing is a usage error (exit 2), reported here.
-fn load(path: &Path, purpose: Purpose, redis: Option<&str>) -> Result<Config, ExitCode> {
+fn load(path: &Path, purpose: Purpose, redis: &[String]) -> Result<Config, ExitCode> {
     let mut config = Config::load_for(path, purpose).map_err(|error| invalid_config(&error))?;
-    if let Some(url) = redis {
-        config.use_redis(url).map_err(|why| {
+    if !redis.is_empty() {
+        config.use_redis_nodes(redis).map_err(|why| {
             eprintln!("error: --redis / KEYGATE_REDIS_URL: {why}");
             ExitCode::from(Exit::Usage)
         })?;
@@ -273,14 +311,14 @@ fn load(path: &Path, purpose: Purpose, redis: Option<&str>) -> Result<Config, Ex
 fn describe_store(store: &StoreConfig) -> String {
     match store {
         StoreConfig::File { dir } => format!("file {}", dir.display()),
-        StoreConfig::Redis { url, prefix, .. } => format!("redis {} prefix {prefix}", redact_url(url)),
+        StoreConfig::Redis { endpoint, prefix, .. } => format!("{} prefix {prefix}", endpoint.describe()),
     }
 }
 
 /// The Redis that usage and the audit trail live in.
 #[derive(Debug)]
 pub struct RedisTarget {
-    pub url: String,
+    pub endpoint: Endpoint,
     pub tls: RedisTls,
     /// The store's Redis key prefix (`kg:`).
     pub prefix: String,
@@ -291,8 +329,8 @@ pub struct RedisTarget {
 /// overrides have been applied. `None` for the file store.
 pub fn redis_target(config: &Config) -> Option<RedisTarget> {
     match &config.store {
-        StoreConfig::Redis { url, prefix, tls } => {
-            Some(RedisTarget { url: url.clone(), tls: tls.clone(), prefix: prefix.clone() })
+        StoreConfig::Redis { endpoint, prefix, tls } => {
+            Some(RedisTarget { endpoint: endpoint.clone(), tls: tls.clone(), prefix: prefix.clone() })
         }
         StoreConfig::File { .. } => None,
     }
@@ -306,15 +344,21 @@ pub fn redis_target(config: &Config) -> Option<RedisTarget> {
 /// before anything connects.
 fn with_store_overrides(mut config: Config, args: &StoreArgs) -> Result<Config, String> {
     let tls_given = args.redis_ca.is_some() || args.redis_cert.is_some() || args.redis_key.is_some();
-    if args.redis.is_none() && !tls_given {
+    let given = args.urls();
+    if given.is_empty() && !tls_given {
         return Ok(config);
     }
-    let (url, prefix, mut tls) = match (&config.store, &args.redis) {
-        (StoreConfig::Redis { url, prefix, tls }, redis) => {
-            (redis.clone().unwrap_or_else(|| url.clone()), prefix.clone(), tls.clone())
+    let given = match given {
+        [] => None,
+        [url] => Some(Endpoint::Node(url.clone())),
+        seeds => Some(Endpoint::Cluster(seeds.to_vec())),
+    };
+    let (endpoint, prefix, mut tls) = match (&config.store, given) {
+        (StoreConfig::Redis { endpoint, prefix, tls }, given) => {
+            (given.unwrap_or_else(|| endpoint.clone()), prefix.clone(), tls.clone())
         }
-        (StoreConfig::File { .. }, Some(url)) => {
-            (url.clone(), store::redis::DEFAULT_PREFIX.to_owned(), RedisTls::default())
+        (StoreConfig::File { .. }, Some(endpoint)) => {
+            (endpoint, store::redis::DEFAULT_PREFIX.to_owned(), RedisTls::default())
         }
         (StoreConfig::File { .. }, None) => {
             return Err("--redis-ca, --redis-cert and --redis-key (KEYGATE_REDIS_CA, KEYGATE_REDIS_CERT, \
@@ -330,10 +374,10 @@ fn with_store_overrides(mut config: Config, args: &StoreArgs) -> Result<Config, 
             file.clone_from(given);
         }
     }
-    if let Err(error) = crate::redis_target::client(&url, &tls) {
+    if let Err(error) = crate::redis_target::check(&endpoint, &tls) {
         return Err(format!("{} or {}: {}", error.field.flag(), error.field.config_name(), error.message));
     }
-    config.store = StoreConfig::Redis { url, prefix, tls };
+    config.store = StoreConfig::Redis { endpoint, prefix, tls };
     Ok(config)
 }
 
@@ -342,7 +386,7 @@ fn with_store_overrides(mut config: Config, args: &StoreArgs) -> Result<Config, 
 /// client, so the same TLS set-up). Lazy: connects on first use.
 fn key_redis_extras(store: &SharedStore) -> Option<keys::RedisExtras> {
     let redis = store.redis()?;
-    match crate::usage::connect_client(redis.client) {
+    match crate::usage::connect_target(&redis.target) {
         Ok(conn) => {
             Some(keys::RedisExtras { conn, prefix: redis.prefix, actor: crate::usage::audit::cli_actor() })
         }
@@ -374,16 +418,16 @@ fn store_config(args: &StoreArgs) -> Result<Config, ExitCode> {
 
 /// [`store_config`] before the TLS overrides.
 fn file_store_config(args: &StoreArgs) -> Result<Config, ExitCode> {
-    let redis = args.redis.as_deref();
+    let redis = args.urls();
     match &args.config {
         Some(path) => load(path, Purpose::Inspect, redis),
-        None if Path::new("gateway.toml").exists() || redis.is_none() => {
+        None if Path::new("gateway.toml").exists() || redis.is_empty() => {
             load(Path::new("gateway.toml"), Purpose::Inspect, redis)
         }
         None => {
             let mut config = Config::defaults();
-            if let Some(url) = redis {
-                config.use_redis(url).map_err(|why| {
+            if !redis.is_empty() {
+                config.use_redis_nodes(redis).map_err(|why| {
                     eprintln!("error: --redis / KEYGATE_REDIS_URL: {why}");
                     ExitCode::from(Exit::Usage)
                 })?;
@@ -412,7 +456,7 @@ fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 
 fn serve(args: &ServeArgs) -> ExitCode {
     let path = args.config.config.as_path();
-    let redis = args.store.redis.as_deref();
+    let redis = args.store.urls();
     // Validate before anything else: an invalid config never binds a port.
     let config = match load(path, Purpose::Serve, redis) {
         Ok(config) => config,
@@ -423,9 +467,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // version, the file, and the store (where it came from, its URL with
     // any password replaced).
     let store_from = match redis {
-        None => "config",
-        Some(url) if std::env::var("KEYGATE_REDIS_URL").is_ok_and(|env| env == url) => "KEYGATE_REDIS_URL",
-        Some(_) => "--redis",
+        [] => "config",
+        [url] if std::env::var("KEYGATE_REDIS_URL").is_ok_and(|env| env == *url) => "KEYGATE_REDIS_URL",
+        _ if !args.store.redis_nodes.is_empty() => "KEYGATE_REDIS_NODES",
+        _ => "--redis",
     };
     let store = describe_store(&config.store);
     tracing::info!(
@@ -528,8 +573,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         };
         let gateway = Gateway::new(config, store);
         let _ = gateway.tls.set(tls_edge);
-        let reloader =
-            Reloader::with_store_override(path.to_owned(), Arc::clone(&gateway), redis.map(str::to_owned));
+        let reloader = Reloader::with_store_override(path.to_owned(), Arc::clone(&gateway), redis.to_vec());
         // Certificate files changing on disk reload the certificates (only).
         let _certificate_watch = reload::watch_certificates(&reloader);
 

@@ -51,7 +51,7 @@ pub async fn run(args: UsageArgs, config: &Config) -> ExitCode {
         }
     };
     let query = UsageQuery { client: args.client, since, until: now, by: args.by };
-    let report = match usage::connect_tls(&target.url, &target.tls) {
+    let report = match usage::connect_endpoint(&target.endpoint, &target.tls) {
         Ok(mut conn) => usage::query(&mut conn, &target.prefix, &query).await,
         Err(error) => Err(error),
     };

@@ -218,7 +218,7 @@ pub struct Credits {
 #[derive(Clone)]
 enum Authority {
     Redis {
-        conn: redis::aio::ConnectionManager,
+        conn: crate::store::conn::RedisConn,
         prefix: String,
     },
     Folder(PathBuf),
@@ -228,8 +228,8 @@ enum Authority {
 
 impl Credits {
     /// Counts in the store's Redis, under the store's prefix.
-    pub fn redis(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
-        Self { authority: Authority::Redis { conn, prefix: prefix.to_owned() } }
+    pub fn redis(conn: impl Into<crate::store::conn::RedisConn>, prefix: &str) -> Self {
+        Self { authority: Authority::Redis { conn: conn.into(), prefix: prefix.to_owned() } }
     }
 
     /// Counts in `<key folder>/.credits/`.

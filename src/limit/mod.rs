@@ -247,7 +247,7 @@ impl Limits {
     /// Limits on this instance. `redis` is the store's Redis connection when
     /// the store is Redis: quotas are then counted there (exact across
     /// instances), and in shared mode rate limits too.
-    pub fn new(config: &LimitsConfig, redis: Option<(redis::aio::ConnectionManager, &str)>) -> Self {
+    pub fn new(config: &LimitsConfig, redis: Option<(crate::store::conn::RedisConn, &str)>) -> Self {
         let max_keys = config.max_tracked_keys;
         let (rates, authority): (Rates, Arc<dyn QuotaAuthority>) = match redis {
             Some((ref conn, prefix)) => {

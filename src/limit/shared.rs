@@ -23,13 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::sync::Cache;
-use redis::aio::ConnectionManager;
 
 use super::outage::Outage;
 use super::quota::{Lease, LeaseError, QuotaAuthority, ROLLING_BUCKETS, Rolling, Window};
 use super::rate::{Allowed, RateSubject, RatesDecision};
 use super::{MAX_SUBJECTS, SubjectKind, lock};
 use crate::meta::Rate;
+use crate::store::conn::RedisConn;
 
 /// Redis key names for limits, all in the client's hash-tag slot:
 /// a key's `<prefix>{<client>}:quota:<kid>:<window>` and
@@ -73,13 +73,13 @@ fn slot_and_name(kind: SubjectKind, id: &str) -> (&str, &str) {
 
 /// Quota leases from Redis: exact across every instance sharing it.
 pub struct RedisQuotaAuthority {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: LimitKeys,
 }
 
 impl RedisQuotaAuthority {
-    pub fn new(conn: ConnectionManager, keys: LimitKeys) -> Self {
-        Self { conn, keys }
+    pub fn new(conn: impl Into<RedisConn>, keys: LimitKeys) -> Self {
+        Self { conn: conn.into(), keys }
     }
 }
 
@@ -319,7 +319,7 @@ enum Local {
 /// call: at worst it leases a slice of its own, or is refused by Redis when
 /// the bucket is truly empty, never admitted beyond the bucket.)
 pub struct SharedRates {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: LimitKeys,
     /// One map per [`SubjectKind`], like the local limiters.
     slices: [Cache<String, Arc<Mutex<Slice>>>; SubjectKind::COUNT],
@@ -333,12 +333,17 @@ pub struct SharedRates {
 }
 
 impl SharedRates {
-    pub fn new(conn: ConnectionManager, keys: LimitKeys, lease_fraction: f64, lease_ttl: Duration) -> Self {
+    pub fn new(
+        conn: impl Into<RedisConn>,
+        keys: LimitKeys,
+        lease_fraction: f64,
+        lease_ttl: Duration,
+    ) -> Self {
         Self::with_clock(conn, keys, lease_fraction, lease_ttl, Arc::new(SystemMicros))
     }
 
     pub fn with_clock(
-        conn: ConnectionManager,
+        conn: impl Into<RedisConn>,
         keys: LimitKeys,
         lease_fraction: f64,
         lease_ttl: Duration,
@@ -347,7 +352,7 @@ impl SharedRates {
         let cache =
             || Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(600)).build();
         Self {
-            conn,
+            conn: conn.into(),
             keys,
             slices: [cache(), cache()],
             clock,

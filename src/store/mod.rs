@@ -16,6 +16,7 @@
 pub mod conn;
 pub mod file;
 pub mod redis;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -207,15 +208,16 @@ pub trait KeyStore: Send + Sync + 'static {
     }
 }
 
-/// A multiplexed, auto-reconnecting connection to the store's Redis, and
-/// the prefix every Redis key of this deployment starts with.
+/// A multiplexed, auto-reconnecting connection to the store's Redis (one
+/// node, a cluster or a Sentinel-managed primary), and the prefix every
+/// Redis key of this deployment starts with.
 #[derive(Clone)]
 pub struct RedisHandle {
-    pub conn: ::redis::aio::ConnectionManager,
-    /// The same Redis, for a part that needs a connection of its own (its
-    /// connection info may hold a password: never log it). Built by
-    /// [`crate::redis_target::client`], so it carries the store's TLS set-up.
-    pub client: ::redis::Client,
+    pub conn: conn::RedisConn,
+    /// The same Redis, for a part that needs a connection of its own. Built
+    /// through [`crate::redis_target::client`], so it carries the store's
+    /// TLS set-up; its clients may hold a password: never log them.
+    pub target: conn::RedisTarget,
     pub prefix: String,
 }
 
@@ -229,13 +231,13 @@ pub type SharedStore = Arc<dyn KeyStore>;
 pub async fn open_for_serving(config: &crate::config::StoreConfig) -> Result<SharedStore, StoreError> {
     use crate::config::StoreConfig;
     match config {
-        StoreConfig::Redis { url, prefix, tls } => {
+        StoreConfig::Redis { endpoint, prefix, tls } => {
             let options = redis::RedisStoreOptions {
                 connect_lazily_if_down: true,
                 tls: tls.clone(),
                 ..Default::default()
             };
-            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options).await?))
+            Ok(Arc::new(redis::RedisStore::connect_endpoint(endpoint, prefix, options).await?))
         }
         StoreConfig::File { .. } => open(config, None).await,
     }
@@ -249,19 +251,21 @@ pub async fn open(
     redis_url: Option<&str>,
 ) -> Result<SharedStore, StoreError> {
     use crate::config::StoreConfig;
+    use crate::redis_target::Endpoint;
     let options = |tls: &crate::redis_target::RedisTls| redis::RedisStoreOptions {
         tls: tls.clone(),
         ..Default::default()
     };
     match (config, redis_url) {
-        (StoreConfig::Redis { prefix, tls, .. }, Some(url)) => {
-            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options(tls)).await?))
-        }
+        (StoreConfig::Redis { prefix, tls, .. }, Some(url)) => Ok(Arc::new(
+            redis::RedisStore::connect_endpoint(&Endpoint::Node(url.to_owned()), prefix, options(tls))
+                .await?,
+        )),
         (StoreConfig::File { .. }, Some(url)) => {
             Ok(Arc::new(redis::RedisStore::connect(url, redis::DEFAULT_PREFIX).await?))
         }
-        (StoreConfig::Redis { url, prefix, tls }, None) => {
-            Ok(Arc::new(redis::RedisStore::connect_with(url, prefix, options(tls)).await?))
+        (StoreConfig::Redis { endpoint, prefix, tls }, None) => {
+            Ok(Arc::new(redis::RedisStore::connect_endpoint(endpoint, prefix, options(tls)).await?))
         }
         (StoreConfig::File { dir }, None) => {
             // A newcomer who deleted `keys/` gets an empty store, not an error.

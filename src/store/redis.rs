@@ -44,14 +44,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use jiff::Timestamp;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{broadcast, oneshot};
 
+use super::conn::{ConnTimeouts, RedisConn, RedisTarget};
 use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{CreditGrant, KeyMeta, KeyStatus};
-use crate::redis_target::RedisTls;
+use crate::redis_target::{Endpoint, RedisTls};
 
 /// How many invalidations a slow subscriber may fall behind before it sees
 /// `RecvError::Lagged` (which it must treat like [`Invalidation::All`]).
@@ -114,11 +114,12 @@ impl Default for RedisStoreOptions {
 ///
 /// Dropping the store stops its pub/sub task.
 pub struct RedisStore {
-    /// Auto-reconnecting multiplexed connection for every command.
-    conn: ConnectionManager,
+    /// Auto-reconnecting multiplexed connection for every command (one
+    /// node, a cluster or a Sentinel-managed primary).
+    conn: RedisConn,
     /// For parts that need a connection of their own (usage writes, whose
     /// pipelines must not hold up key lookups on `conn`).
-    client: redis::Client,
+    target: RedisTarget,
     names: KeyNames,
     options: RedisStoreOptions,
     /// `host:port` (or socket path): what error messages name. Never the URL,
@@ -155,40 +156,50 @@ impl RedisStore {
         prefix: &str,
         options: RedisStoreOptions,
     ) -> Result<RedisStore, StoreError> {
-        let redactor = Redactor::from_url(url);
+        Self::connect_endpoint(&Endpoint::Node(url.to_owned()), prefix, options).await
+    }
+
+    /// [`Self::connect_with`] for any topology: one node, a cluster (seed
+    /// nodes) or a primary found through Sentinel.
+    pub async fn connect_endpoint(
+        endpoint: &Endpoint,
+        prefix: &str,
+        options: RedisStoreOptions,
+    ) -> Result<RedisStore, StoreError> {
+        let redactor = Redactor::from_urls(endpoint.urls());
+        let timeouts = ConnTimeouts {
+            connect: options.connect_timeout,
+            response: options.response_timeout,
+            retries: options.reconnect_retries,
+        };
         // The one constructor every Redis connection goes through (URL,
         // `rediss://` and its TLS files, `#insecure` refused).
-        let client = crate::redis_target::client(url, &options.tls)
+        let target = RedisTarget::new(endpoint, &options.tls, timeouts)
             .map_err(|e| StoreError::Unavailable(redactor.scrub(format!("invalid Redis target: {e}"))))?;
-        let addr = client.get_connection_info().addr().to_string();
+        let addr = target.addr();
 
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(options.reconnect_retries)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(options.connect_timeout);
         let unavailable =
             |why: String| StoreError::Unavailable(redactor.scrub(format!("redis at {addr}: {why}")));
-        let connected = match tokio::time::timeout(
-            options.call_timeout,
-            ConnectionManager::new_with_config(client.clone(), config.clone()),
-        )
-        .await
-        {
+        let connected = match tokio::time::timeout(options.call_timeout, target.connect(timeouts)).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(unavailable(format!("cannot connect: {}", crate::redis_target::explain(&e)))),
-            Err(_) => Err(unavailable(format!(
-                "cannot connect: {}",
-                crate::redis_target::no_answer(&client, options.call_timeout)
-            ))),
+            Err(_) => Err(unavailable(match &target {
+                RedisTarget::Single(client) => {
+                    format!(
+                        "cannot connect: {}",
+                        crate::redis_target::no_answer(client, options.call_timeout)
+                    )
+                }
+                _ => format!("cannot connect: no answer within {:?}", options.call_timeout),
+            })),
         };
         let conn = match connected {
             Ok(conn) => conn,
             Err(error) if options.connect_lazily_if_down => {
-                // The manager reconnects on the next command after an I/O
+                // The connection is made again on the next command after an
                 // error, so the first call once Redis is up succeeds.
-                let lazy = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                let lazy = target
+                    .connect_lazy(timeouts)
                     .map_err(|e| unavailable(format!("cannot set up a connection: {e}")))?;
                 tracing::warn!(
                     %error,
@@ -205,7 +216,7 @@ impl RedisStore {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = Subscriber {
-            client: client.clone(),
+            target: target.clone(),
             channel: names.channel(),
             tx: invalidations.clone(),
             options: options.clone(),
@@ -222,7 +233,7 @@ impl RedisStore {
 
         Ok(RedisStore {
             conn,
-            client,
+            target,
             names,
             options,
             addr,
@@ -582,7 +593,7 @@ impl KeyStore for RedisStore {
     fn redis(&self) -> Option<super::RedisHandle> {
         Some(super::RedisHandle {
             conn: self.conn.clone(),
-            client: self.client.clone(),
+            target: self.target.clone(),
             prefix: self.names.prefix.clone(),
         })
     }
@@ -907,7 +918,7 @@ impl Fields<'_> {
 
 /// The background task feeding [`RedisStore::subscribe`]'s receivers.
 struct Subscriber {
-    client: redis::Client,
+    target: RedisTarget,
     channel: String,
     tx: broadcast::Sender<Invalidation>,
     options: RedisStoreOptions,
@@ -921,11 +932,13 @@ impl Subscriber {
     async fn run(self, mut stop: oneshot::Receiver<()>, ready: oneshot::Sender<()>) {
         let mut ready = Some(ready);
         let mut delay = self.options.resubscribe_min_delay;
+        let mut attempt = 0;
         loop {
             let (subscribed, why) = tokio::select! {
                 _ = &mut stop => return,
-                ended = self.session(&mut ready) => ended,
+                ended = self.session(attempt, &mut ready) => ended,
             };
+            attempt += 1;
             if subscribed {
                 delay = self.options.resubscribe_min_delay;
             }
@@ -945,13 +958,23 @@ impl Subscriber {
 
     /// One connection's life. Returns whether it got as far as subscribing,
     /// and why it ended.
-    async fn session(&self, ready: &mut Option<oneshot::Sender<()>>) -> (bool, String) {
-        let connect = tokio::time::timeout(self.options.connect_timeout, self.client.get_async_pubsub());
+    /// `attempt` counts the sessions before this one: on a cluster each
+    /// picks the next node, so a dead node is not tried forever.
+    async fn session(&self, attempt: usize, ready: &mut Option<oneshot::Sender<()>>) -> (bool, String) {
+        let find = tokio::time::timeout(self.options.connect_timeout, self.target.pubsub_client(attempt));
+        let client = match find.await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return (false, format!("cannot find a node: {}", crate::redis_target::explain(&e)));
+            }
+            Err(_) => return (false, "cannot find a node: no answer in time".to_owned()),
+        };
+        let connect = tokio::time::timeout(self.options.connect_timeout, client.get_async_pubsub());
         let pubsub = match connect.await {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(e)) => return (false, format!("cannot connect: {}", crate::redis_target::explain(&e))),
             Err(_) => {
-                let why = crate::redis_target::no_answer(&self.client, self.options.connect_timeout);
+                let why = crate::redis_target::no_answer(&client, self.options.connect_timeout);
                 return (false, format!("cannot connect: {why}"));
             }
         };
@@ -1040,6 +1063,14 @@ impl Redactor {
     /// `?pass=...` query (the redis crate's Unix-socket form).
     fn from_url(url: &str) -> Self {
         Self { password: crate::redis_target::password(url).map(str::to_owned) }
+    }
+
+    /// The first password among `urls` (a cluster's seeds share one).
+    fn from_urls(urls: &[String]) -> Self {
+        urls.iter()
+            .map(|url| Self::from_url(url))
+            .find(|r| r.password.is_some())
+            .unwrap_or(Self { password: None })
     }
 
     /// `text` with every occurrence of the password (raw and percent-decoded)

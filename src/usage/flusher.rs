@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::store::conn::RedisConn;
 
 use super::UsageError;
 use super::recorder::{Batch, Series, SeriesKey, UsageRecorder};
@@ -149,7 +149,7 @@ pub struct UsageFlusher {
     /// Auto-reconnecting; may be created lazily (see [`super::connect`]), so
     /// a gateway starts and counts while Redis is still down. Its own
     /// connection, not the store's: key lookups must not queue behind it.
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: UsageKeys,
     config: FlushConfig,
     /// Counters not yet accepted by Redis.
@@ -181,13 +181,13 @@ impl UsageFlusher {
     /// prefix, `kg:` by default). Start it with [`spawn`](Self::spawn).
     pub fn new(
         recorder: Arc<UsageRecorder>,
-        conn: ConnectionManager,
+        conn: impl Into<RedisConn>,
         prefix: &str,
         config: FlushConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             recorder,
-            conn,
+            conn: conn.into(),
             keys: UsageKeys::new(prefix),
             config,
             pending: tokio::sync::Mutex::new(Pending::default()),

@@ -1,0 +1,296 @@
+//! Three in-process gateways on one real 3-primary + 3-replica Redis Cluster
+//! (see `common/cluster.rs`), configured with `[store] kind = "redis-cluster"`:
+//! a key issued through one works on all, a revocation reaches all within
+//! 100 ms (p99 over 100), usage totals add up exactly across the three with
+//! clients on many slots, and a primary's death needs no restart.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::cluster::RedisCluster;
+use common::gateway::{TestClient, TestGateway, http1_client, send};
+use http::Request;
+use http_body_util::Full;
+use jiff::Timestamp;
+use keygate::meta::MetaChanges;
+use keygate::ops::RevokeTarget;
+use keygate::store::SharedStore;
+use keygate::store::conn::RedisConn;
+
+fn config(cluster: &RedisCluster) -> String {
+    let nodes = cluster.urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[store]\nkind = \"redis-cluster\"\nnodes = [{nodes}]\n\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n"
+    )
+}
+
+async fn gateways(cluster: &RedisCluster) -> Vec<TestGateway> {
+    let toml = config(cluster);
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        all.push(TestGateway::start(&toml).await);
+    }
+    all
+}
+
+fn store(gateway: &TestGateway) -> SharedStore {
+    Arc::clone(&gateway.gateway.store)
+}
+
+async fn issue(store: &SharedStore, client: &str) -> String {
+    issue_with_id(store, client).await.0
+}
+
+async fn issue_with_id(store: &SharedStore, client: &str) -> (String, keygate::key::KeyId) {
+    let changes = MetaChanges::from_query("scope=read", Timestamp::now()).unwrap();
+    let issued = keygate::ops::issue(&**store, "kg_", client, changes, Timestamp::now()).await.unwrap();
+    (issued.key.expose().to_owned(), issued.record.id)
+}
+
+async fn status(client: &TestClient, gateway: &TestGateway, key: &str) -> u16 {
+    let request =
+        Request::get(gateway.url("/orders")).header("x-api-key", key).body(Full::<Bytes>::default()).unwrap();
+    send(client, request).await.status.as_u16()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[at]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_issued_through_one_works_on_all_and_its_revocation_reaches_all_within_100ms() {
+    let cluster = RedisCluster::start();
+    let gateways = gateways(&cluster).await;
+    let http = http1_client();
+
+    let mut latencies = Vec::new();
+    for i in 0..100 {
+        // A client per key: the keys land on every primary's slots.
+        let client = format!("rev{i}");
+        let (key, id) = issue_with_id(&store(&gateways[i % 3]), &client).await;
+        for gateway in &gateways {
+            assert_eq!(status(&http, gateway, &key).await, 200, "key {i} works on every gateway");
+        }
+        let started = Instant::now();
+        keygate::ops::revoke(&*store(&gateways[(i + 1) % 3]), &RevokeTarget::Id(id), "kg_").await.unwrap();
+        let mut refused = [false; 3];
+        while !refused.iter().all(|r| *r) {
+            for (at, gateway) in gateways.iter().enumerate() {
+                if !refused[at] {
+                    refused[at] = status(&http, gateway, &key).await == 401;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "revocation {i} never reached all: {refused:?}"
+            );
+        }
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+    println!("revocation reaching all 3 gateways on the cluster: p50 {p50:?}, p99 {p99:?} (n = 100)");
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_totals_across_three_gateways_are_exact_after_shutdown() {
+    let cluster = RedisCluster::start();
+    let mut gateways = gateways(&cluster).await;
+    let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
+    let http = http1_client();
+
+    // 48 clients (their hash tags spread over the three primaries); client i
+    // sends 1 + i % 7 requests through each gateway.
+    let clients: Vec<String> = (0..48).map(|i| format!("use{i}")).collect();
+    let mut keys = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        keys.push(issue(&store(&gateways[i % 3]), client).await);
+    }
+    let primaries: std::collections::HashSet<usize> =
+        clients.iter().map(|c| cluster.primary_index_of(&format!("kg:{{{c}}}:keys"))).collect();
+    assert_eq!(primaries.len(), 3, "the clients span every primary");
+    for (i, key) in keys.iter().enumerate() {
+        for gateway in &gateways {
+            for _ in 0..1 + i % 7 {
+                assert_eq!(status(&http, gateway, key).await, 200);
+            }
+        }
+    }
+    for gateway in &mut gateways {
+        gateway.begin_shutdown().await.unwrap();
+    }
+    for flusher in &flushers {
+        flusher.flush_now().await.unwrap();
+        assert_eq!(flusher.dropped_events(), 0);
+    }
+
+    let mut conn = RedisConn::cluster(&cluster.urls(), Duration::from_secs(2)).await.unwrap();
+    let now = Timestamp::now();
+    for (i, client) in clients.iter().enumerate() {
+        let query = keygate::usage::UsageQuery {
+            client: Some(client.clone()),
+            since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
+            until: now,
+            by: keygate::usage::Granularity::Day,
+        };
+        let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+        assert_eq!(report.totals.requests, 3 * (1 + i as u64 % 7), "client {client}");
+        assert_eq!(report.totals.status_2xx, 3 * (1 + i as u64 % 7), "client {client}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
+    let mut cluster = RedisCluster::start();
+    let gateways = gateways(&cluster).await;
+    let http = http1_client();
+
+    // Two keys of one client, so in the slot that will lose its primary:
+    // one used (cached on every gateway) before the kill, one never.
+    let cached = issue(&store(&gateways[0]), "fail").await;
+    let uncached = issue(&store(&gateways[0]), "fail").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &cached).await, 200);
+    }
+
+    let killed_at = Instant::now();
+    cluster.kill_primary_of("kg:{fail}:keys");
+    let mut unavailable = 0u32;
+    let mut served_uncached = [false; 3];
+    while !served_uncached.iter().all(|s| *s) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            assert_eq!(status(&http, gateway, &cached).await, 200, "a cached key is served throughout");
+            if !served_uncached[at] {
+                match status(&http, gateway, &uncached).await {
+                    200 => served_uncached[at] = true,
+                    503 => unavailable += 1,
+                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
+                }
+            }
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(20), "the uncached key never came back");
+    }
+    let window = killed_at.elapsed();
+    let promoted = cluster.wait_for_promotion();
+    println!(
+        "cluster failover: uncached key served again on all 3 gateways {window:?} after the kill \
+         ({unavailable} answers 503 meanwhile; promotion seen by the harness after {promoted:?})"
+    );
+    // Each 503 costs a store call's deadline (2 s), so a few per gateway at most.
+    assert!(unavailable <= 30, "{unavailable} answers 503");
+    assert!(window < Duration::from_secs(10), "outage window {window:?}");
+
+    // A key issued after the failover, in the promoted slot, works everywhere.
+    let fresh = issue(&store(&gateways[1]), "fail").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &fresh).await, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() {
+    let mut sentinel = common::cluster::RedisSentinel::start();
+    let sentinels =
+        sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
+    let toml = format!(
+        "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{}\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        common::cluster::SENTINEL_MASTER
+    );
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(TestGateway::start(&toml).await);
+    }
+    let http = http1_client();
+    let cached = issue(&store(&gateways[0]), "sen").await;
+    let uncached = issue(&store(&gateways[1]), "sen").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &cached).await, 200);
+    }
+
+    let killed_at = Instant::now();
+    sentinel.kill_primary();
+    let mut unavailable = 0u32;
+    let mut served_uncached = [false; 3];
+    while !served_uncached.iter().all(|s| *s) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            assert_eq!(status(&http, gateway, &cached).await, 200, "a cached key is served throughout");
+            if !served_uncached[at] {
+                match status(&http, gateway, &uncached).await {
+                    200 => served_uncached[at] = true,
+                    503 => unavailable += 1,
+                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
+                }
+            }
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "the uncached key never came back");
+    }
+    let window = killed_at.elapsed();
+    sentinel.wait_for_failover();
+    println!(
+        "sentinel failover: uncached key served again on all 3 gateways {window:?} after the kill ({unavailable} answers 503 meanwhile)"
+    );
+    // A dead primary refuses at once, so the 503s come fast and their number
+    // follows the polling rate; what bounds the outage is its window.
+    assert!(window < Duration::from_secs(10), "outage window {window:?}");
+    assert!(unavailable > 0 || window < Duration::from_secs(1), "an outage this long produced no 503");
+
+    // Writes go to the new primary, and their announcements reach every
+    // gateway's (re)subscription.
+    let (fresh, id) = issue_with_id(&store(&gateways[2]), "sen").await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &fresh).await, 200);
+    }
+    keygate::ops::revoke(&*store(&gateways[0]), &RevokeTarget::Id(id), "kg_").await.unwrap();
+    let started = Instant::now();
+    for gateway in &mut gateways {
+        while status(&http, gateway, &fresh).await != 401 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "revocation after the failover never arrived"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_is_exact_under_concurrent_clients_on_all_three_gateways() {
+    let cluster = RedisCluster::start();
+    let gateways = Arc::new(gateways(&cluster).await);
+    let changes = MetaChanges::from_query("scope=read&quota=300/day", Timestamp::now()).unwrap();
+    let issued =
+        keygate::ops::issue(&*store(&gateways[0]), "kg_", "quota", changes, Timestamp::now()).await.unwrap();
+    let key = Arc::new(issued.key.expose().to_owned());
+
+    // Two concurrent clients per gateway, 100 requests each: twice the quota.
+    let mut tasks = Vec::new();
+    for at in 0..6 {
+        let (gateways, key) = (Arc::clone(&gateways), Arc::clone(&key));
+        tasks.push(tokio::spawn(async move {
+            let http = http1_client();
+            let (mut admitted, mut refused) = (0u32, 0u32);
+            for _ in 0..100 {
+                match status(&http, &gateways[at % 3], &key).await {
+                    200 => admitted += 1,
+                    429 => refused += 1,
+                    other => panic!("answered {other}"),
+                }
+            }
+            (admitted, refused)
+        }));
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    for task in tasks {
+        let (a, r) = task.await.unwrap();
+        admitted += a;
+        refused += r;
+    }
+    println!("quota 300 on 3 gateways, 600 concurrent requests: {admitted} admitted, {refused} refused");
+    assert_eq!(admitted, 300, "exactly the quota is admitted across the three");
+    assert_eq!(refused, 300);
+}
