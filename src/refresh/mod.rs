@@ -219,10 +219,7 @@ pub fn for_store(
     config: &crate::config::StoreConfig,
 ) -> Option<SharedRefreshStore> {
     match (store.redis(), config) {
-        (Some(handle), _) => Some(Arc::new(redis::RedisRefreshStore::new(
-            crate::store::conn::RedisConn::from(handle.conn),
-            &handle.prefix,
-        ))),
+        (Some(handle), _) => Some(Arc::new(redis::RedisRefreshStore::new(handle.conn, &handle.prefix))),
         (None, crate::config::StoreConfig::File { dir }) => Some(Arc::new(file::FileRefreshStore::new(dir))),
         (None, crate::config::StoreConfig::Redis { .. }) => None,
     }
