@@ -52,11 +52,18 @@ impl Node {
     /// the node's dir and passed as the config file when given (sentinels
     /// need a writable one).
     fn start(args: &[String], config: Option<&str>, sentinel: bool) -> Self {
+        Self::start_with(|| args.to_vec(), config, sentinel)
+    }
+
+    /// As [`Node::start`], with the arguments made afresh for each attempt:
+    /// a port in them (a cluster bus port) taken meanwhile by another test
+    /// is then chosen again, not retried five times.
+    fn start_with(args: impl Fn() -> Vec<String>, config: Option<&str>, sentinel: bool) -> Self {
         let mut failures = Vec::new();
         for _ in 0..5 {
             let dir = tempfile::Builder::new().prefix("keygate-cluster-").tempdir().expect("temp dir");
             let port = free_port();
-            match spawn(port, dir.path(), args, config, sentinel) {
+            match spawn(port, dir.path(), &args(), config, sentinel) {
                 Ok(child) => return Self { port, dir, child: Some(child) },
                 Err(why) => failures.push(format!("port {port}: {why}")),
             }
@@ -140,23 +147,26 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<Node> = (0..6)
             .map(|_| {
-                let bus = free_port().to_string();
-                let args = [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-port",
-                    &bus,
-                    // Replicas sync at once: a replica that never synced
-                    // cannot be promoted.
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ]
-                .map(String::from);
-                Node::start(&args, None, false)
+                let args = || {
+                    let bus = free_port().to_string();
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-port",
+                        &bus,
+                        // Replicas sync at once: a replica that never synced
+                        // cannot be promoted.
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                };
+                Node::start_with(args, None, false)
             })
             .collect();
         let cli = std::env::var_os("REDIS_CLI_BIN").unwrap_or_else(|| "redis-cli".into());
