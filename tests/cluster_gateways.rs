@@ -294,3 +294,43 @@ async fn a_quota_is_exact_under_concurrent_clients_on_all_three_gateways() {
     assert_eq!(admitted, 300, "exactly the quota is admitted across the three");
     assert_eq!(refused, 300);
 }
+
+/// The CLI reaches a cluster by `--redis` repeated and by
+/// `KEYGATE_REDIS_NODES`: a key it issues is the one the gateways verify,
+/// and a revocation through it refuses the key on a running gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_the_cluster_by_repeated_redis_flags_and_by_keygate_redis_nodes() {
+    let cluster = RedisCluster::start();
+    let urls = cluster.urls();
+    let gateway = TestGateway::start(&config(&cluster)).await;
+    let cli = || std::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+
+    let mut issue = cli();
+    issue.args(["keys", "issue", "--client", "cli-on-cluster", "--scopes", "read"]);
+    for url in &urls[..3] {
+        issue.args(["--redis", url]);
+    }
+    let issued = issue.output().unwrap();
+    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
+    let key = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    let client = http1_client();
+    assert_eq!(status(&client, &gateway, &key).await, 200, "the CLI's key works on the gateway");
+
+    let listed = cli()
+        .args(["keys", "list", "--client", "cli-on-cluster", "--json"])
+        .env("KEYGATE_REDIS_NODES", urls.join(","))
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let id = listed[0]["id"].as_str().expect("one key listed").to_owned();
+
+    let revoked =
+        cli().args(["keys", "revoke", &id]).env("KEYGATE_REDIS_NODES", urls.join(",")).output().unwrap();
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&client, &gateway, &key).await != 401 {
+        assert!(Instant::now() < deadline, "the CLI's revocation reaches the gateway");
+        tokio::task::yield_now().await;
+    }
+}
