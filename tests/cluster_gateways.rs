@@ -56,6 +56,36 @@ async fn status(client: &TestClient, gateway: &TestGateway, key: &str) -> u16 {
     send(client, request).await.status.as_u16()
 }
 
+/// Polls every gateway through a failover that started at `killed_at`:
+/// the cached key must answer 200 throughout; the uncached key 503 (counted)
+/// until it answers 200 on all three, never anything else. Returns the
+/// outage window and the 503s; fails after `give_up`.
+async fn ride_out_failover(
+    http: &TestClient,
+    gateways: &[TestGateway],
+    cached: &str,
+    uncached: &str,
+    killed_at: Instant,
+    give_up: Duration,
+) -> (Duration, u32) {
+    let mut unavailable = 0u32;
+    let mut served_uncached = vec![false; gateways.len()];
+    while !served_uncached.iter().all(|s| *s) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            assert_eq!(status(http, gateway, cached).await, 200, "a cached key is served throughout");
+            if !served_uncached[at] {
+                match status(http, gateway, uncached).await {
+                    200 => served_uncached[at] = true,
+                    503 => unavailable += 1,
+                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
+                }
+            }
+        }
+        assert!(killed_at.elapsed() < give_up, "the uncached key never came back");
+    }
+    (killed_at.elapsed(), unavailable)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at]
@@ -160,22 +190,8 @@ async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
 
     let killed_at = Instant::now();
     cluster.kill_primary_of("kg:{fail}:keys");
-    let mut unavailable = 0u32;
-    let mut served_uncached = [false; 3];
-    while !served_uncached.iter().all(|s| *s) {
-        for (at, gateway) in gateways.iter().enumerate() {
-            assert_eq!(status(&http, gateway, &cached).await, 200, "a cached key is served throughout");
-            if !served_uncached[at] {
-                match status(&http, gateway, &uncached).await {
-                    200 => served_uncached[at] = true,
-                    503 => unavailable += 1,
-                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
-                }
-            }
-        }
-        assert!(killed_at.elapsed() < Duration::from_secs(20), "the uncached key never came back");
-    }
-    let window = killed_at.elapsed();
+    let (window, unavailable) =
+        ride_out_failover(&http, &gateways, &cached, &uncached, killed_at, Duration::from_secs(20)).await;
     let promoted = cluster.wait_for_promotion();
     println!(
         "cluster failover: uncached key served again on all 3 gateways {window:?} after the kill \
@@ -215,22 +231,8 @@ async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() 
 
     let killed_at = Instant::now();
     sentinel.kill_primary();
-    let mut unavailable = 0u32;
-    let mut served_uncached = [false; 3];
-    while !served_uncached.iter().all(|s| *s) {
-        for (at, gateway) in gateways.iter().enumerate() {
-            assert_eq!(status(&http, gateway, &cached).await, 200, "a cached key is served throughout");
-            if !served_uncached[at] {
-                match status(&http, gateway, &uncached).await {
-                    200 => served_uncached[at] = true,
-                    503 => unavailable += 1,
-                    other => panic!("uncached key answered {other} during the failover (never a 401)"),
-                }
-            }
-        }
-        assert!(killed_at.elapsed() < Duration::from_secs(30), "the uncached key never came back");
-    }
-    let window = killed_at.elapsed();
+    let (window, unavailable) =
+        ride_out_failover(&http, &gateways, &cached, &uncached, killed_at, Duration::from_secs(30)).await;
     sentinel.wait_for_failover();
     println!(
         "sentinel failover: uncached key served again on all 3 gateways {window:?} after the kill ({unavailable} answers 503 meanwhile)"

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use common::gateway::{Answer, TestGateway, http1_client, send};
+use common::gateway::{Answer, TestGateway, http1_client, send, with_bearer};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
 use http::{Request, StatusCode, header};
@@ -137,16 +137,6 @@ async fn refresh(gw: &TestGateway, token: &str) -> Answer {
 fn assert_invalid_grant(answer: &Answer, why: &str) {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{why}: {}", answer.text());
     assert_eq!(answer.json()["error"], "invalid_grant", "{why}");
-}
-
-async fn with_bearer(gw: &TestGateway, method: http::Method, path: &str, token: &str) -> Answer {
-    let request = Request::builder()
-        .method(method)
-        .uri(gw.url(path))
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::default())
-        .unwrap();
-    send(&http1_client(), request).await
 }
 
 /// Polls `check` every 20 ms until it holds, for `deadline` at most.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
-use common::gateway::{Answer, TestGateway, get, http1_client, send};
+use common::gateway::{Answer, TestGateway, get, http1_client, send, with_bearer};
 use common::redis::RedisServer;
 use common::wait::eventually;
 use http::{Request, StatusCode, header};
@@ -71,16 +71,6 @@ async fn access_token(gw: &TestGateway, client: &str, key: &str, form: &str) -> 
     let answer = token_request(gw, client, key, form).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     answer.json()["access_token"].as_str().expect("access_token").to_owned()
-}
-
-async fn with_bearer(gw: &TestGateway, method: http::Method, path: &str, token: &str) -> Answer {
-    let request = Request::builder()
-        .method(method)
-        .uri(gw.url(path))
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::default())
-        .unwrap();
-    send(&http1_client(), request).await
 }
 
 #[tokio::test]

@@ -111,7 +111,11 @@ fn refused(result: Result<Socket, WsError>) -> (u16, String) {
     }
 }
 
-async fn round_trip(socket: &mut Socket, text: &str) {
+/// Sends `text` and expects it echoed, over either kind of socket.
+async fn round_trip<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     socket.send(Message::text(text)).await.unwrap();
     let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("echo within 5 s");
     assert_eq!(echoed.unwrap().unwrap(), Message::text(text));
@@ -379,10 +383,7 @@ async fn a_websocket_over_http2_extended_connect_round_trips_with_a_key_and_is_r
     // the open stream keeps the HTTP/2 connection from being closed as idle.
     let busy = tokio::time::Instant::now();
     while busy.elapsed() < Duration::from_millis(600) {
-        socket.send(Message::text("over h2")).await.unwrap();
-        let echoed =
-            tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("echo within 5 s");
-        assert_eq!(echoed.unwrap().unwrap(), Message::text("over h2"));
+        round_trip(&mut socket, "over h2").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     socket.close(None).await.unwrap();

@@ -183,6 +183,17 @@ pub async fn send(client: &TestClient, request: Request<Full<Bytes>>) -> Answer 
     Answer { status: parts.status, headers: parts.headers, body }
 }
 
+/// `method path` with `Authorization: Bearer <token>` (an access token, or a key).
+pub async fn with_bearer(gw: &TestGateway, method: http::Method, path: &str, token: &str) -> Answer {
+    let request = Request::builder()
+        .method(method)
+        .uri(gw.url(path))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::default())
+        .unwrap();
+    send(&http1_client(), request).await
+}
+
 pub async fn get(url: &str) -> Answer {
     send(&http1_client(), Request::get(url).body(Full::default()).unwrap()).await
 }
