@@ -190,8 +190,9 @@ pub struct UsageConfig {
     pub enabled: bool,
     /// Time between flushes to Redis.
     pub flush_interval: Duration,
-    /// The most distinct series buffered while Redis is unreachable; past
-    /// it, new events are dropped and counted.
+    /// The most series (a client, key or route in a minute, hour or day
+    /// bucket) held in memory: the open buckets, and what Redis has not
+    /// acknowledged. Past it, events of new series are dropped and counted.
     pub max_buffered_series: usize,
 }
 
@@ -1170,7 +1171,7 @@ impl RawConfig {
                 self.usage.flush_interval.as_deref(),
                 Duration::from_secs(1),
             ),
-            max_buffered_series: self.usage.max_buffered_series.unwrap_or(100_000),
+            max_buffered_series: self.usage.max_buffered_series.unwrap_or(1_000_000),
         };
         if usage.flush_interval.is_zero() {
             p.push("usage.flush_interval", "must be above zero");

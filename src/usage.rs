@@ -4,15 +4,19 @@
 //! handler --record()--> UsageRecorder (sharded, in memory)
 //!                           | drain every second
 //!                           v
-//!                       UsageFlusher --one MULTI/HINCRBY.../EXEC per client--> Redis <-- query(), dashboards
+//!                       UsageFlusher -> Ledger (this gateway's totals per client and bucket)
+//!                           | one HSET per client and bucket: when it ends, at rollups, within a freshness budget
+//!                           v
+//!                         Redis <-- query(), dashboards (add up each gateway's fields)
 //! ```
 //!
 //! - [`recorder`]: [`UsageRecorder::record`], the only part on the request
 //!   path: no Redis call, no lock shared across cores.
-//! - [`flusher`]: [`UsageFlusher`], the writer with its bounded retry
-//!   buffer, final flush and counters for `/metrics`.
-//! - [`writes`]: the Redis commands of a flush: one transaction per client,
-//!   bounded transactions and round trips.
+//! - [`ledger`]: the gateway's running totals, why they are totals, and
+//!   the writer names that keep gateways' totals apart.
+//! - [`flusher`]: [`UsageFlusher`], what is written when (and so how fresh
+//!   Redis is), the final flush and counters for `/metrics`.
+//! - [`writes`]: the Redis commands of a flush, bounded round trips.
 //! - [`schema`]: the Redis layout (key names, buckets, fields, retention),
 //!   documented for dashboards in `docs/redis-schema.md` ("Usage").
 //! - [`query`]: [`query()`] for `keygate usage` and the admin API;
@@ -33,6 +37,7 @@
 
 pub mod audit;
 pub mod flusher;
+pub mod ledger;
 pub mod query;
 pub mod recorder;
 pub mod schema;

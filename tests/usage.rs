@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::redis::RedisServer;
 use common::relay::Relay;
 use jiff::Timestamp;
+use keygate::usage::schema::without_writer;
 use keygate::usage::{
     self, FlushConfig, Granularity, Limits, UsageEvent, UsageFlusher, UsageQuery, UsageRecorder,
 };
@@ -70,18 +71,25 @@ fn bucket(client: &str, by: Granularity, at: Timestamp) -> String {
     format!("{PREFIX}{{{client}}}:usage:{by}:{}", by.label(by.bucket_start(at.as_second())))
 }
 
+/// A usage counter as readers see it: every gateway's field of that name
+/// added up (`requests`, `requests@<writer>`, ...).
 fn hget(redis: &RedisServer, key: &str, field: &str) -> u64 {
-    redis.query::<Option<u64>>(redis::cmd("HGET").arg(key).arg(field)).unwrap_or(0)
+    let all: Vec<(String, u64)> = redis.query(redis::cmd("HGETALL").arg(key));
+    sum_field(&all, field)
 }
 
-/// `HGET`s in one pipeline on one connection (missing fields read as 0).
+fn sum_field(all: &[(String, u64)], field: &str) -> u64 {
+    all.iter().filter(|(name, _)| without_writer(name) == field).map(|(_, value)| value).sum()
+}
+
+/// [`hget`]s in one pipeline on one connection (missing fields read as 0).
 fn hgets(redis: &RedisServer, fields: &[(String, &str)]) -> Vec<u64> {
     let mut pipe = redis::pipe();
-    for (key, field) in fields {
-        pipe.cmd("HGET").arg(key).arg(*field);
+    for (key, _) in fields {
+        pipe.cmd("HGETALL").arg(key);
     }
-    let values: Vec<Option<u64>> = pipe.query(&mut redis.connection()).unwrap();
-    values.into_iter().map(|v| v.unwrap_or(0)).collect()
+    let hashes: Vec<Vec<(String, u64)>> = pipe.query(&mut redis.connection()).unwrap();
+    hashes.iter().zip(fields).map(|(all, (_, field))| sum_field(all, field)).collect()
 }
 
 /// Every client's day requests and top-clients score, in `clients` order.
@@ -127,11 +135,14 @@ async fn concurrent_events_reach_redis_exactly_once() {
     record_concurrently(&recorder, &["acme", "globex", "initech"], 4, 1000, now).await;
     let report = flusher.flush_now().await.unwrap();
     assert_eq!(
-        (report.transactions, report.round_trips),
-        (3, 2),
-        "a transaction per client; top-clients apart"
+        (report.buckets, report.round_trips),
+        (9, 1),
+        "a write per client and bucket, all in one round trip"
     );
-    assert_eq!(flusher.flush_now().await.unwrap().series, 0, "nothing left");
+    let report = flusher.flush_now().await.unwrap();
+    assert_eq!((report.commands, report.round_trips), (0, 0), "nothing left");
+    let version: u32 = redis.query(redis::cmd("GET").arg("kg:usage:schema"));
+    assert_eq!(version, usage::schema::SCHEMA_VERSION);
 
     for client in ["acme", "globex", "initech"] {
         for by in Granularity::ALL {
@@ -144,6 +155,8 @@ async fn concurrent_events_reach_redis_exactly_once() {
             assert_eq!(hget(&redis, &key, "key:k1:requests"), 8000, "{key}");
             assert_eq!(hget(&redis, &key, "route:/api:requests"), 8000, "{key}");
             assert_eq!(hget(&redis, &key, "status_5xx"), 0, "zero counters are not written");
+            let fields: Vec<(String, u64)> = redis.query(redis::cmd("HGETALL").arg(&key));
+            assert!(fields.iter().all(|(name, _)| name.contains('@')), "one writer's totals: {fields:?}");
             let ttl: i64 = redis.query(redis::cmd("TTL").arg(&key));
             let keep = by.seconds() + FlushConfig::default().retention.of(by).as_secs() as i64;
             assert!(ttl > 0 && ttl <= keep, "{key} TTL {ttl}");
@@ -168,10 +181,11 @@ async fn concurrent_events_reach_redis_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_flush_of_many_clients_is_one_transaction_per_client_and_exact() {
+async fn a_flush_of_many_clients_is_one_hset_per_client_and_bucket_and_exact() {
     let redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
-    let flusher = flusher(&redis, &recorder, FlushConfig::default());
+    let limits = Limits { round_trip_fields: 2_000 };
+    let flusher = flusher(&redis, &recorder, FlushConfig { limits, ..FlushConfig::default() });
     let now = Timestamp::now();
     // 500 clients, 1 to 7 requests each over two keys.
     let clients: Vec<String> = (0..500).map(|i| format!("client-{i:03}")).collect();
@@ -185,11 +199,13 @@ async fn a_flush_of_many_clients_is_one_transaction_per_client_and_exact() {
 
     redis.reset_stats();
     let report = flusher.flush_now().await.unwrap();
-    assert_eq!((report.series, report.transactions), (500 + 428, 500), "{report:?}");
+    assert_eq!(report.buckets, 1500, "{report:?}");
     assert!(report.round_trips > 2, "the flush is spread over round trips: {report:?}");
-    // One EXEC per client and one for the day's top-clients set: no
-    // transaction holds Redis for the whole flush.
-    assert_eq!((redis.command_count("multi"), redis.command_count("exec")), (501, 501));
+    // Per client: 3 buckets (HSET + EXPIREAT), last_used, the top-clients
+    // score; and the day set's expiry and the schema version once per trip.
+    assert_eq!(redis.command_count("hset"), 1500 + 500);
+    assert_eq!(redis.command_count("zincrby"), 500);
+    assert_eq!(redis.command_count("hincrby") + redis.command_count("multi"), 0);
 
     for (i, (day, top)) in day_and_top(&redis, &clients, now).into_iter().enumerate() {
         assert_eq!((day, top), (expected(i), expected(i)), "{}", clients[i]);
@@ -210,41 +226,154 @@ async fn a_flush_of_many_clients_is_one_transaction_per_client_and_exact() {
     }
 }
 
+/// Issue 18's usage-at-scale case: 10 000 distinct keys (1 000 clients of 10
+/// keys), each used a few times, then ten times as much. Redis's work follows
+/// clients and buckets, not keys or requests, and the totals are exact.
 #[tokio::test]
-async fn a_client_too_large_for_one_transaction_is_split_and_exact() {
+async fn ten_thousand_keys_cost_a_few_commands_per_client_whatever_the_requests() {
     let redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
-    // A series here costs 55 increments (6 counters x 3 dimensions x 3
-    // buckets, and last_used): two do not fit in 100.
-    let limits = Limits { transaction_increments: 100, round_trip_increments: 400 };
-    let flusher = flusher(&redis, &recorder, FlushConfig { limits, ..FlushConfig::default() });
+    let flusher = flusher(&redis, &recorder, FlushConfig::default());
     let now = Timestamp::now();
-    let keys: Vec<String> = (0..50).map(|i| format!("big.k{i:02}")).collect();
-    for key in &keys {
-        for _ in 0..3 {
-            recorder.record(&UsageEvent { client: Some("big"), key_id: Some(key), ..event("big", now) });
+    let clients: Vec<String> = (0..1000).map(|i| format!("c{i:04}")).collect();
+    let keys: Vec<Vec<String>> =
+        clients.iter().map(|c| (0..10).map(|k| format!("{c}.k{k}")).collect()).collect();
+    let record = |times: usize| {
+        for (client, keys) in clients.iter().zip(&keys) {
+            for key in keys {
+                for _ in 0..times {
+                    recorder.record(&UsageEvent {
+                        client: Some(client),
+                        key_id: Some(key),
+                        ..event(client, now)
+                    });
+                }
+            }
         }
-    }
+    };
 
-    let report = flusher.flush_now().await.unwrap();
-    assert_eq!((report.series, report.transactions), (50, 50), "{report:?}");
-    for by in Granularity::ALL {
-        assert_eq!(hget(&redis, &bucket("big", by, now), "requests"), 150, "{by}");
-        assert_eq!(hget(&redis, &bucket("big", by, now), "key:k49:requests"), 3, "{by}");
+    let total_commands = |redis: &RedisServer| -> u64 {
+        let info: String = redis.query(redis::cmd("INFO").arg("commandstats"));
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info"))
+            .filter(|line| !line.starts_with("cmdstat_config"))
+            .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    redis.reset_stats();
+    record(3); // 30 000 requests
+    flusher.flush_now().await.unwrap();
+    let first = total_commands(&redis);
+    // 3 x (HSET + EXPIREAT) + last_used + ZINCRBY per client, plus a few.
+    assert!(first <= 1000 * 8 + 50, "{first} commands for 1000 clients");
+
+    redis.reset_stats();
+    record(30); // 300 000 more
+    flusher.flush_now().await.unwrap();
+    let second = total_commands(&redis);
+    assert!(second <= 1000 * 5 + 50, "{second} commands: no expiries again, and no more for more requests");
+    println!("10k keys: {first} commands for 30k requests, {second} for 300k");
+
+    for (i, (day, top)) in day_and_top(&redis, &clients, now).into_iter().enumerate() {
+        assert_eq!((day, top), (330, 330), "{}", clients[i]);
     }
-    assert_eq!(day_and_top(&redis, &["big".to_owned()], now), [(150, 150)]);
+    let key_fields: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Minute, now), "key:k9:requests")).collect();
+    assert!(hgets(&redis, &key_fields).iter().all(|n| *n == 33));
 }
 
-/// The one way to count twice: Redis ran a round trip's transactions but
-/// the connection died before their replies arrived, so they are retried.
+/// A tick writes every client of a minute that has ended (so a finished
+/// minute is complete), and of the open buckets only what the freshness
+/// budget allows; the final flush writes the rest.
+#[tokio::test]
+async fn a_tick_writes_ended_minutes_whole_and_open_buckets_within_the_budget() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    let config = FlushConfig {
+        fresh_commands: 10,
+        fresh_per_mille: 0,
+        rollup_interval: Duration::from_secs(3_600),
+        ..FlushConfig::default()
+    };
+    let flusher = flusher(&redis, &recorder, config);
+    let now = Timestamp::now();
+    let before = now - jiff::SignedDuration::from_mins(5);
+    let clients: Vec<String> = (0..100).map(|i| format!("c{i:03}")).collect();
+    for client in &clients {
+        recorder.record(&event(client, before));
+        recorder.record(&event(client, before));
+        recorder.record(&event(client, now));
+    }
+
+    let report = flusher.flush_tick().await.unwrap();
+    let ended: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Minute, before), "requests")).collect();
+    assert_eq!(hgets(&redis, &ended), vec![2; 100], "the ended minute is complete");
+    let open: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Minute, now), "requests")).collect();
+    let fresh = hgets(&redis, &open).iter().filter(|n| **n > 0).count();
+    assert!(fresh <= 10, "{fresh} open minutes written on a budget of 10 commands ({report:?})");
+
+    flusher.flush_now().await.unwrap();
+    assert_eq!(hgets(&redis, &open), vec![1; 100]);
+    let days: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Day, now), "requests")).collect();
+    let expected_day = if Granularity::Day.bucket_start(before.as_second())
+        == Granularity::Day.bucket_start(now.as_second())
+    {
+        3
+    } else {
+        1
+    };
+    assert_eq!(hgets(&redis, &days), vec![expected_day; 100]);
+}
+
+/// Totals are written under the writer's name, so a minute written and
+/// dropped from memory that gets a late request adds a field of its own
+/// rather than overwriting the first; two gateways' totals add up alike.
+#[tokio::test]
+async fn late_events_and_other_gateways_add_to_a_written_bucket_instead_of_overwriting_it() {
+    let redis = RedisServer::start();
+    let recorder = Arc::new(UsageRecorder::new());
+    let flusher_a = flusher(&redis, &recorder, FlushConfig::default());
+    let other = Arc::new(UsageRecorder::new());
+    let flusher_b = flusher(&redis, &other, FlushConfig::default());
+    let past = Timestamp::now() - jiff::SignedDuration::from_mins(10);
+    let key = bucket("acme", Granularity::Minute, past);
+
+    for _ in 0..5 {
+        recorder.record(&event("acme", past));
+    }
+    flusher_a.flush_tick().await.unwrap(); // ended: written, then dropped
+    assert_eq!(hget(&redis, &key, "requests"), 5);
+    recorder.record(&event("acme", past));
+    flusher_a.flush_now().await.unwrap();
+    for _ in 0..7 {
+        other.record(&event("acme", past));
+    }
+    flusher_b.flush_now().await.unwrap();
+
+    assert_eq!(hget(&redis, &key, "requests"), 13);
+    let all: Vec<(String, u64)> = redis.query(redis::cmd("HGETALL").arg(&key));
+    let writers: std::collections::BTreeSet<&str> =
+        all.iter().filter_map(|(name, _)| name.strip_prefix("requests@")).collect();
+    assert_eq!(writers.len(), 3, "two generations of one gateway and another gateway: {all:?}");
+    let mut conn = usage::connect(&redis.url()).unwrap();
+    let query =
+        UsageQuery { client: Some("acme".to_owned()), since: past, until: past, by: Granularity::Minute };
+    let report = usage::query(&mut conn, PREFIX, &query).await.unwrap();
+    assert_eq!(report.totals.requests, 13, "{report:?}");
+}
+
+/// A connection that dies mid-flush, after Redis ran some writes but before
+/// their replies arrived: everything is written again, and since the
+/// hashes hold totals, nothing counts twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_trip_at_most() {
+async fn a_connection_lost_mid_flush_loses_nothing_and_counts_nothing_twice() {
     let mut redis = RedisServer::start();
     let relay = Relay::start(redis.port()).await;
     let recorder = Arc::new(UsageRecorder::new());
-    // Each client below is one transaction of 55 increments: 10 clients per
-    // round trip (9 fill 495 of the 500, the 10th passes it).
-    let limits = Limits { transaction_increments: 2_048, round_trip_increments: 500 };
+    let limits = Limits { round_trip_fields: 500 };
     let conn = usage::connect(&relay.url()).unwrap();
     let flusher = UsageFlusher::new(
         Arc::clone(&recorder),
@@ -260,11 +389,14 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
         }
     }
 
-    // About 1 KiB of replies per client: the cut falls in the third round trip.
-    relay.cut_replies_after(25_000);
+    // About 10 bytes of replies per bucket (`:18`, `:1`): the cut falls
+    // among the minute buckets, a few round trips in.
+    relay.cut_replies_after(1_500);
     assert!(flusher.flush_now().await.is_err(), "the cut fails the flush");
     assert_eq!(relay.cuts(), 1);
-    let written = day_and_top(&redis, &clients, now).iter().filter(|(day, _)| *day > 0).count();
+    let minutes: Vec<(String, &str)> =
+        clients.iter().map(|c| (bucket(c, Granularity::Minute, now), "requests")).collect();
+    let written = hgets(&redis, &minutes).iter().filter(|n| **n > 0).count();
     assert!((10..200).contains(&written), "the cut came mid-flush: {written} clients written");
 
     // Redis restarts (its data saved) while the gateway is cut off.
@@ -272,10 +404,9 @@ async fn a_connection_lost_mid_flush_loses_nothing_and_double_counts_one_round_t
     redis.restart();
     flush_until_ok(&flusher).await;
 
+    assert_eq!(hgets(&redis, &minutes), vec![10; 200], "every minute exact");
     let counts = day_and_top(&redis, &clients, now);
-    assert!(counts.iter().all(|(day, top)| [10, 20].contains(day) && [10, 20].contains(top)), "{counts:?}");
-    let doubled = counts.iter().filter(|(day, _)| *day == 20).count();
-    assert!(doubled <= 10, "at most the round trip in flight counts twice: {doubled} clients did");
+    assert!(counts.iter().all(|c| *c == (10, 10)), "{counts:?}");
     assert_eq!(flusher.stats().dropped_events, 0);
 }
 
@@ -354,7 +485,8 @@ async fn a_redis_outage_loses_nothing() {
     record_concurrently(&recorder, &["acme", "globex"], 4, 500, now).await;
     assert!(flusher.flush_now().await.is_err(), "Redis is still down");
     let stats = flusher.stats();
-    assert!(stats.flush_errors >= 2 && stats.pending_series == 2, "{stats:?}");
+    // 2 clients x (total, key, route) x (minute, hour, day), held whole.
+    assert!(stats.flush_errors >= 2 && stats.tracked_series == 18, "{stats:?}");
 
     redis.restart();
     record_concurrently(&recorder, &["acme", "globex"], 4, 500, now).await;
@@ -365,14 +497,15 @@ async fn a_redis_outage_loses_nothing() {
         assert_eq!(hget(&redis, &bucket(client, Granularity::Day, now), "bytes_out"), 80_000);
     }
     let stats = flusher.stats();
-    assert_eq!((stats.dropped_events, stats.pending_series), (0, 0), "{stats:?}");
+    assert_eq!((stats.dropped_events, stats.tracked_series), (0, 18), "{stats:?}");
 }
 
 #[tokio::test]
 async fn a_full_buffer_drops_and_counts() {
     let mut redis = RedisServer::start();
     let recorder = Arc::new(UsageRecorder::new());
-    let flusher = flusher(&redis, &recorder, FlushConfig { max_series: 5, ..FlushConfig::default() });
+    // Room for acme's total, key and 5 routes in its minute, hour and day.
+    let flusher = flusher(&redis, &recorder, FlushConfig { max_series: 21, ..FlushConfig::default() });
     let now = Timestamp::now();
     redis.stop();
 

@@ -1,40 +1,46 @@
 //! The Redis side of recording: [`UsageFlusher`] drains the recorder every
-//! interval and writes the counters, one `MULTI`/`EXEC` transaction per
-//! client (see [`super::writes`]).
+//! interval into this gateway's running totals ([`super::ledger`]) and
+//! writes them ([`super::writes`]): one `HSET` per client and bucket.
 //!
-//! Reliability:
-//! - Drained counters move into a *pending* buffer first and leave it only
-//!   when Redis has applied their transaction. A transaction that did not
-//!   run stays pending and is merged with newer counters and retried on the
-//!   next flush, so a Redis outage loses nothing until the buffer holds
-//!   [`FlushConfig::max_series`] distinct series; past that, events of new
-//!   series are dropped and counted ([`FlushStats::dropped_events`], plus a
-//!   warning).
-//! - A client's transaction is applied whole or not at all, so retrying one
-//!   that Redis refused, or that never reached it, cannot count twice. The
-//!   exception: transactions in flight when the connection drops may have
-//!   run before their replies were lost. They are retried, so they count
-//!   twice; that is at most one round trip of writes per lost connection
-//!   (about [`Limits::round_trip_increments`] increments).
-//! - The daily top-clients sets are written after the clients' hashes, from
-//!   the requests of the transactions that were applied, in transactions of
-//!   their own (they are global keys, in another Cluster slot) and retried
-//!   on their own: a client may appear there a flush after its hashes.
-//! - [`UsageFlusher::flush_now`] is the final flush on shutdown; the thread
-//!   from [`UsageFlusher::spawn`] calls it itself when its shutdown future
-//!   completes.
+//! What is written when, so that Redis's work follows traffic and time, not
+//! the number of active keys times the flush rate:
+//! - **A bucket that has ended** (plus [`FlushConfig::close_grace`], for the
+//!   requests still being counted) is written whole, every client of it,
+//!   then dropped from memory: minute buckets are complete in Redis within
+//!   `close_grace` + one interval (3 s by default) of the minute's end, hour
+//!   and day buckets likewise.
+//! - **Open hour and day buckets, `last_used` and the top-clients sets** are
+//!   written every [`FlushConfig::rollup_interval`] (1 minute).
+//! - **Freshness**: on each tick, clients with unwritten counts get their
+//!   open minute, hour and day, `last_used` and top-clients entry written,
+//!   oldest first, within a budget of commands:
+//!   [`FlushConfig::fresh_commands`] or [`FlushConfig::fresh_per_mille`] of
+//!   the tick's requests, whichever is more. A gateway whose active clients
+//!   fit the budget (the default covers about 30 a second) shows every
+//!   count within one interval; one with many more shows them at the
+//!   rollups and closes, and its writes stay near 2 commands per active
+//!   client and minute.
+//! - **On shutdown** ([`UsageFlusher::flush_now`]) everything is written.
+//!
+//! Reliability: the totals stay in memory until Redis acknowledged them, and
+//! writing a total again is harmless, so a failed or lost write is simply
+//! repeated on the next tick: an outage loses nothing until the ledger holds
+//! [`FlushConfig::max_series`] series (then new series are dropped and
+//! counted), and nothing is counted twice (but in the top-clients sets, see
+//! [`super::writes`]).
 //!
 //! CPU: a big flush is seconds of work for the gateway too (building the
-//! commands, reading hundreds of thousands of replies). It runs on a thread
-//! of its own (`keygate-usage`, with a single-threaded runtime), never on
-//! the control runtime whose single thread drives the store's connection:
-//! key lookups there would wait for it. It writes on a connection of its
-//! own, so no lookup queues behind its commands either.
+//! commands, reading the replies). It runs on a thread of its own
+//! (`keygate-usage`, with a single-threaded runtime), never on the control
+//! runtime whose single thread drives the store's connection: key lookups
+//! there would wait for it. It writes on a connection of its own, so no
+//! lookup queues behind its commands either.
 //!
-//! Flushes are serialised by an async mutex around the pending buffer, held
-//! across the Redis calls on purpose: a second flush must not write the same
-//! counters, and the request path never touches this lock.
+//! Flushes are serialised by an async mutex around the ledger, held across
+//! the Redis calls on purpose (what a write sends must be what it marks
+//! written); the request path never touches this lock.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,34 +49,50 @@ use std::time::{Duration, Instant};
 use crate::store::conn::RedisConn;
 
 use super::UsageError;
-use super::recorder::{Batch, Series, SeriesKey, UsageRecorder};
-use super::schema::{Retention, UsageKeys};
-use super::writes::{Limits, Outcome, TopCounts, Trip, add_to_top};
+use super::ledger::{BucketId, Ledger};
+use super::recorder::UsageRecorder;
+use super::schema::{Granularity, Retention, UsageKeys};
+use super::writes::{Item, Limits, Outcome, Trip};
 
 /// How the flusher runs. The defaults suit one gateway in front of a busy API.
 #[derive(Debug, Clone)]
 pub struct FlushConfig {
     /// Time between flushes.
     pub interval: Duration,
-    /// The most distinct series (client, key, route, minute) kept while
-    /// Redis is unreachable (about 150 bytes each).
+    /// The most series (a client, key or route total in one minute, hour or
+    /// day bucket) kept in memory, about 130 bytes each: the open hour and
+    /// day buckets, and whatever Redis has not acknowledged.
     pub max_series: usize,
-    /// The size of transactions and round trips.
+    /// The size of round trips.
     pub limits: Limits,
     /// How long buckets live in Redis.
     pub retention: Retention,
     /// Limit on one round trip.
     pub call_timeout: Duration,
+    /// How long after its end a bucket is written as final: requests that
+    /// ended in it are still being recorded for a moment.
+    pub close_grace: Duration,
+    /// How often open hour and day buckets, `last_used` and the top-clients
+    /// sets are written even when the freshness budget did not reach them.
+    pub rollup_interval: Duration,
+    /// Freshness writes per tick, in commands, at least...
+    pub fresh_commands: usize,
+    /// ...or this many per thousand requests of the tick, if more.
+    pub fresh_per_mille: u64,
 }
 
 impl Default for FlushConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(1),
-            max_series: 100_000,
+            max_series: 1_000_000,
             limits: Limits::default(),
             retention: Retention::default(),
             call_timeout: Duration::from_secs(5),
+            close_grace: Duration::from_secs(2),
+            rollup_interval: Duration::from_secs(300),
+            fresh_commands: 200,
+            fresh_per_mille: 5,
         }
     }
 }
@@ -78,31 +100,40 @@ impl Default for FlushConfig {
 /// Counters for `/metrics`. A snapshot; see [`UsageFlusher::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
-    /// Client transactions Redis applied.
-    pub flushed_transactions: u64,
+    /// Client buckets Redis acknowledged.
+    pub written_buckets: u64,
     /// Flushes that failed (their counts kept for a retry, unless Redis
     /// refused their content).
     pub flush_errors: u64,
-    /// Requests whose counts were thrown away: the buffer was full, or
-    /// Redis refused a transaction (e.g. `WRONGTYPE` on a hand-edited key).
+    /// Requests whose counts were thrown away: the ledger was full, or
+    /// Redis refused a bucket (e.g. `WRONGTYPE` on a hand-edited key).
     pub dropped_events: u64,
-    /// Series waiting for Redis after a failed flush (0 when healthy).
-    pub pending_series: u64,
+    /// Series held in memory (open buckets and unwritten ones).
+    pub tracked_series: u64,
     /// Time since the last successful flush (or since the flusher started).
     pub last_flush_lag: Duration,
 }
 
-/// What one [`UsageFlusher::flush_now`] did.
+/// What one flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushReport {
-    /// Series written to Redis.
-    pub series: usize,
-    /// Client transactions applied (the top-clients sets' not included).
-    pub transactions: usize,
-    /// Pipelines sent, top-clients sets included.
+    /// Client buckets written (one `HSET` each).
+    pub buckets: usize,
+    /// Commands sent, every kind.
+    pub commands: usize,
+    /// Pipelines sent.
     pub round_trips: usize,
     /// Summed round-trip time: how long the flush kept Redis busy, about.
     pub redis_time: Duration,
+}
+
+/// Which writes a flush makes (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Ended buckets, the rollup when due, freshness within the budget.
+    Tick,
+    /// Everything unwritten.
+    All,
 }
 
 /// The flusher's thread, from [`UsageFlusher::spawn`]. Dropping it leaves
@@ -133,16 +164,6 @@ impl UsageThread {
     }
 }
 
-/// What waits for Redis.
-#[derive(Debug, Default)]
-struct Pending {
-    /// Drained series not yet applied.
-    series: Batch,
-    /// Requests per day and client of applied series, not yet in the
-    /// top-clients sets.
-    top: TopCounts,
-}
-
 /// Drains a [`UsageRecorder`] into Redis. Share it behind an `Arc`.
 pub struct UsageFlusher {
     recorder: Arc<UsageRecorder>,
@@ -152,15 +173,15 @@ pub struct UsageFlusher {
     conn: RedisConn,
     keys: UsageKeys,
     config: FlushConfig,
-    /// Counters not yet accepted by Redis.
-    pending: tokio::sync::Mutex<Pending>,
+    /// The totals, with when the last rollup was written.
+    ledger: tokio::sync::Mutex<(Ledger, Instant, bool)>,
     /// For the lag: `Instant`s are not atomic, milliseconds since `created` are.
     created: Instant,
     last_success_ms: AtomicU64,
-    flushed_transactions: AtomicU64,
+    written_buckets: AtomicU64,
     flush_errors: AtomicU64,
     dropped_events: AtomicU64,
-    pending_series: AtomicU64,
+    tracked_series: AtomicU64,
     /// Whether the last flush failed: warn once per outage, not per tick.
     failing: AtomicBool,
 }
@@ -185,18 +206,20 @@ impl UsageFlusher {
         prefix: &str,
         config: FlushConfig,
     ) -> Arc<Self> {
+        let ledger = Ledger::new(config.max_series);
         Arc::new(Self {
             recorder,
             conn: conn.into(),
             keys: UsageKeys::new(prefix),
             config,
-            pending: tokio::sync::Mutex::new(Pending::default()),
+            // The schema version is written with the first flush.
+            ledger: tokio::sync::Mutex::new((ledger, Instant::now(), false)),
             created: Instant::now(),
             last_success_ms: AtomicU64::new(0),
-            flushed_transactions: AtomicU64::new(0),
+            written_buckets: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             dropped_events: AtomicU64::new(0),
-            pending_series: AtomicU64::new(0),
+            tracked_series: AtomicU64::new(0),
             failing: AtomicBool::new(false),
         })
     }
@@ -231,40 +254,72 @@ impl UsageFlusher {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {
                     // Failures are counted and logged inside; the counts stay pending.
-                    let _ = self.flush_now().await;
+                    let _ = self.flush_tick().await;
                 }
             }
         }
         if let Err(error) = self.flush_now().await {
             tracing::error!(
                 %error,
-                pending_series = self.pending_series.load(Ordering::Relaxed),
+                tracked_series = self.tracked_series.load(Ordering::Relaxed),
                 "final usage flush failed; unflushed usage is lost"
             );
         }
     }
 
-    /// Drains the recorder and writes everything pending now. On failure the
-    /// counters that were not written stay pending for the next call.
+    /// Drains the recorder and writes everything unwritten now: the final
+    /// flush, and what tests call to see their counts in Redis. On failure
+    /// what was not written stays for the next call.
     pub async fn flush_now(&self) -> Result<FlushReport, UsageError> {
-        let mut pending = self.pending.lock().await;
-        let dropped = merge_bounded(&mut pending.series, self.recorder.drain(), self.config.max_series);
+        self.flush(Scope::All).await
+    }
+
+    /// One tick's flush, as the spawned thread makes every interval: ended
+    /// buckets, the rollup when due, freshness within the budget.
+    pub async fn flush_tick(&self) -> Result<FlushReport, UsageError> {
+        self.flush(Scope::Tick).await
+    }
+
+    async fn flush(&self, scope: Scope) -> Result<FlushReport, UsageError> {
+        let mut guard = self.ledger.lock().await;
+        let (ledger, last_rollup, schema_written) = &mut *guard;
+        let drained = self.recorder.drain();
+        let requests: u64 = drained.values().map(|series| series.requests()).sum();
+        let dropped = ledger.add(drained);
         if dropped > 0 {
             self.drop_events(dropped);
             tracing::warn!(
                 dropped_events = dropped,
                 max_series = self.config.max_series,
-                "usage buffer full while Redis is unreachable: dropped events"
+                "usage ledger full (Redis unreachable, or more active series than [usage] max_buffered_series): dropped events"
             );
         }
 
+        let now = jiff::Timestamp::now().as_second();
+        let grace = i64::try_from(self.config.close_grace.as_secs()).unwrap_or(i64::MAX / 4);
+        let closed = ledger.closed(now, grace);
+        let rollup = scope == Scope::All || last_rollup.elapsed() >= self.config.rollup_interval;
+        let plan = plan(ledger, scope, &closed, rollup, self.fresh_budget(requests), now, grace);
+
         let mut report = FlushReport::default();
-        let mut written = self.write_series(&mut pending, &mut report).await;
-        if written.is_ok() {
-            written = self.write_top(&mut pending.top, &mut report).await;
+        let mut written = Ok(());
+        if !*schema_written && !plan.is_empty() {
+            let mut trip = Trip::new();
+            trip.push_schema(&self.keys);
+            written = self.send(ledger, trip, &mut report).await;
+            *schema_written = written.is_ok();
         }
-        self.pending_series.store(pending.series.len() as u64, Ordering::Relaxed);
-        drop(pending);
+        if written.is_ok() {
+            written = self.write(ledger, plan, &mut report).await;
+        }
+        if written.is_ok() && rollup {
+            *last_rollup = Instant::now();
+        }
+        for bucket in closed {
+            ledger.drop_if_written(bucket);
+        }
+        self.tracked_series.store(ledger.series() as u64, Ordering::Relaxed);
+        drop(guard);
 
         if let Err(error) = written {
             self.flush_errors.fetch_add(1, Ordering::Relaxed);
@@ -280,8 +335,8 @@ impl UsageFlusher {
             tracing::info!("usage flushes succeed again");
         }
         tracing::debug!(
-            series = report.series,
-            transactions = report.transactions,
+            buckets = report.buckets,
+            commands = report.commands,
             round_trips = report.round_trips,
             redis_ms = report.redis_time.as_secs_f64() * 1e3,
             "usage flushed"
@@ -289,13 +344,19 @@ impl UsageFlusher {
         Ok(report)
     }
 
+    /// The freshness writes a tick may make, in commands.
+    fn fresh_budget(&self, requests: u64) -> usize {
+        let share = requests.saturating_mul(self.config.fresh_per_mille) / 1_000;
+        self.config.fresh_commands.max(usize::try_from(share).unwrap_or(usize::MAX))
+    }
+
     pub fn stats(&self) -> FlushStats {
         let lag_ms = self.elapsed_ms().saturating_sub(self.last_success_ms.load(Ordering::Relaxed));
         FlushStats {
-            flushed_transactions: self.flushed_transactions.load(Ordering::Relaxed),
+            written_buckets: self.written_buckets.load(Ordering::Relaxed),
             flush_errors: self.flush_errors.load(Ordering::Relaxed),
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
-            pending_series: self.pending_series.load(Ordering::Relaxed),
+            tracked_series: self.tracked_series.load(Ordering::Relaxed),
             last_flush_lag: Duration::from_millis(lag_ms),
         }
     }
@@ -304,92 +365,98 @@ impl UsageFlusher {
         self.dropped_events.load(Ordering::Relaxed)
     }
 
-    /// Writes the pending series, client by client, one round trip at a
-    /// time. Stops at the first round trip that failed or that has a
-    /// transaction Redis did not run; what was not applied stays pending.
-    async fn write_series(&self, pending: &mut Pending, report: &mut FlushReport) -> Result<(), String> {
-        // Sorted by client, so each client's series are side by side.
-        let mut all: Vec<(SeriesKey, Series)> = std::mem::take(&mut pending.series).into_iter().collect();
-        all.sort_unstable_by(|a, b| a.0.client().cmp(b.0.client()));
-        let mut source = all.into_iter().peekable();
-
+    /// Writes what `plan` names, one round trip at a time; stops at the
+    /// first round trip that failed. What was not written stays unwritten
+    /// in the ledger (buckets stay dirty; `last_used` and top-clients
+    /// entries are put back).
+    async fn write(&self, ledger: &mut Ledger, plan: Plan, report: &mut FlushReport) -> Result<(), String> {
+        let mut buckets = plan.buckets.into_iter().peekable();
+        let mut clients = plan.clients.into_iter().peekable();
         let mut failure = None;
-        while failure.is_none() && source.peek().is_some() {
-            let trip = Trip::series(&mut source, &self.keys, &self.config.retention, self.config.limits);
-            let replies = match self.round_trip(trip.pipeline(), report).await {
-                Ok(replies) => replies,
-                Err(error) => {
-                    // Unknown which transactions ran: all are retried.
-                    for run in trip.payloads() {
-                        put_back(&mut pending.series, run);
-                    }
-                    failure = Some(error);
-                    break;
-                }
-            };
-            for (run, outcome) in trip.outcomes(replies) {
-                match outcome {
-                    Outcome::Applied => {
-                        report.series += run.len();
-                        report.transactions += 1;
-                        self.flushed_transactions.fetch_add(1, Ordering::Relaxed);
-                        add_to_top(&mut pending.top, &run);
-                    }
-                    Outcome::Refused(error) => {
-                        // Retrying would fail the same way, and write the
-                        // counters that did go in a second time.
-                        let lost: u64 = run.iter().map(|(_, s)| s.requests()).sum();
-                        self.drop_events(lost);
-                        tracing::error!(
-                            dropped_events = lost,
-                            %error,
-                            "Redis refused part of a usage transaction (a usage key holds another type?); dropped it"
+        while buckets.peek().is_some() || clients.peek().is_some() {
+            let mut trip = Trip::new();
+            while trip.fields() < self.config.limits.round_trip_fields {
+                if let Some((bucket, client)) = buckets.next() {
+                    if let Some(totals) = ledger.totals(bucket, &client).filter(|t| t.dirty) {
+                        let writer = ledger.writer(totals.generation);
+                        trip.push_bucket(
+                            &self.keys,
+                            &self.config.retention,
+                            (bucket, &client),
+                            totals,
+                            &writer,
                         );
                     }
-                    Outcome::NotRun(error) => {
-                        put_back(&mut pending.series, run);
-                        failure.get_or_insert(error);
+                } else if let Some(client) = clients.next() {
+                    if let Some(used) = ledger.last_used.remove(&client) {
+                        trip.push_last_used(&self.keys, client.clone(), used);
                     }
+                    let days: Vec<i64> =
+                        ledger.top.keys().filter(|(_, c)| *c == client).map(|(d, _)| *d).collect();
+                    for day in days {
+                        if let Some(requests) = ledger.top.remove(&(day, client.clone())) {
+                            trip.push_top(&self.keys, &self.config.retention, day, client.clone(), requests);
+                        }
+                    }
+                } else {
+                    break;
                 }
+            }
+            if trip.is_empty() {
+                continue;
+            }
+            if let Err(error) = self.send(ledger, trip, report).await {
+                failure = Some(error);
+                break;
             }
             tokio::task::yield_now().await;
         }
-        put_back(&mut pending.series, source);
         failure.map_or(Ok(()), Err)
     }
 
-    /// Writes the top-clients counts of applied transactions.
-    async fn write_top(&self, top: &mut TopCounts, report: &mut FlushReport) -> Result<(), String> {
-        while !top.is_empty() {
-            let trip = Trip::top(top, &self.keys, &self.config.retention, self.config.limits);
-            let replies = match self.round_trip(trip.pipeline(), report).await {
-                Ok(replies) => replies,
-                Err(error) => {
-                    for run in trip.payloads() {
-                        put_back_top(top, run);
-                    }
-                    return Err(error);
+    /// Sends one trip and records what became of each of its items.
+    async fn send(&self, ledger: &mut Ledger, trip: Trip, report: &mut FlushReport) -> Result<(), String> {
+        report.commands += trip.commands();
+        let replies = match self.round_trip(trip.pipeline(), report).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                // Unknown what ran: written again (harmless for totals).
+                for item in trip.items() {
+                    put_back(ledger, item);
                 }
-            };
-            let mut failure = None;
-            for (run, outcome) in trip.outcomes(replies) {
-                match outcome {
-                    Outcome::Applied => {}
-                    Outcome::Refused(error) => {
-                        tracing::error!(%error, "Redis refused a top-clients update; the daily sets miss some requests");
-                    }
-                    Outcome::NotRun(error) => {
-                        put_back_top(top, run);
-                        failure.get_or_insert(error);
-                    }
-                }
-            }
-            if let Some(error) = failure {
                 return Err(error);
             }
-            tokio::task::yield_now().await;
+        };
+        let mut failure = None;
+        for (item, outcome, expires) in trip.outcomes(replies) {
+            match outcome {
+                Outcome::Applied => {
+                    if let Item::Bucket { bucket, client } = &item {
+                        ledger.mark_written(*bucket, client, expires);
+                        report.buckets += 1;
+                        self.written_buckets.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Outcome::Refused(error) => {
+                    // Retrying would fail the same way.
+                    let lost = match &item {
+                        Item::Bucket { bucket, client } => ledger.forget(*bucket, client),
+                        _ => 0,
+                    };
+                    self.drop_events(lost);
+                    tracing::error!(
+                        dropped_events = lost,
+                        %error,
+                        "Redis refused a usage write (a usage key holds another type?); dropped it"
+                    );
+                }
+                Outcome::NotRun(error) => {
+                    put_back(ledger, item);
+                    failure.get_or_insert(error);
+                }
+            }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Sends one pipeline under the call timeout; its time counts as Redis
@@ -425,90 +492,100 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Merges `from` into `into` without letting `into` exceed `max_series`;
-/// returns the number of requests dropped.
-fn merge_bounded(into: &mut Batch, mut from: Batch, max_series: usize) -> u64 {
-    if into.is_empty() {
-        // The usual case (nothing failed): take the drained map whole rather
-        // than rehash every series into a second one.
-        std::mem::swap(into, &mut from);
-        if into.len() <= max_series {
-            return 0;
+/// What one flush writes: client buckets first (ended buckets first of
+/// all), then clients' `last_used` and top-clients entries.
+#[derive(Debug, Default)]
+struct Plan {
+    buckets: Vec<(BucketId, Box<str>)>,
+    clients: Vec<Box<str>>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.buckets.is_empty() && self.clients.is_empty()
+    }
+}
+
+/// Chooses a flush's writes (see the module doc for the rules).
+fn plan(
+    ledger: &mut Ledger,
+    scope: Scope,
+    closed: &[BucketId],
+    rollup: bool,
+    mut budget: usize,
+    now: i64,
+    grace: i64,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut planned: HashSet<(BucketId, Box<str>)> = HashSet::new();
+    let mut push = |plan: &mut Plan, bucket: BucketId, client: Box<str>| {
+        if planned.insert((bucket, client.clone())) {
+            plan.buckets.push((bucket, client));
         }
-        // More than the bound in one go: keep `max_series` of them.
-        let over = into.len() - max_series;
-        let dropped: Vec<SeriesKey> = into.keys().take(over).cloned().collect();
-        return dropped.iter().filter_map(|key| into.remove(key)).map(|series| series.requests()).sum();
+    };
+    if scope == Scope::All {
+        let every: Vec<BucketId> = ledger.buckets.keys().copied().collect();
+        for bucket in every {
+            for client in ledger.dirty_clients(bucket) {
+                push(&mut plan, bucket, client);
+            }
+        }
+        plan.clients = ledger.all_dirty_clients();
+        return plan;
     }
-    let mut dropped = 0;
-    for (key, series) in from {
-        if let Some(existing) = into.get_mut(&key) {
-            existing.merge(&series);
-        } else if into.len() < max_series {
-            into.insert(key, series);
-        } else {
-            dropped += series.requests();
+    for bucket in closed {
+        for client in ledger.dirty_clients(*bucket) {
+            push(&mut plan, *bucket, client);
         }
     }
-    dropped
+    let open: Vec<BucketId> = Granularity::ALL
+        .into_iter()
+        .flat_map(|granularity| ledger.open_of(granularity, now, grace))
+        .collect();
+    let mut clients: HashSet<Box<str>> = HashSet::new();
+    if rollup {
+        for bucket in open.iter().filter(|(granularity, _)| *granularity != Granularity::Minute) {
+            for client in ledger.dirty_clients(*bucket) {
+                push(&mut plan, *bucket, client);
+            }
+        }
+        clients.extend(ledger.all_dirty_clients());
+    }
+    // Freshness: a client's open buckets, last use and top-clients entry,
+    // about 2 commands each, oldest unwritten client first.
+    // A client already written by a rollup or a close costs nothing here.
+    while budget > 0 {
+        let Some(client) = ledger.next_fresh() else { break };
+        for bucket in &open {
+            let Some(totals) = ledger.totals(*bucket, &client).filter(|t| t.dirty) else { continue };
+            let commands = if totals.expiry_set { 1 } else { 2 };
+            push(&mut plan, *bucket, client.clone());
+            budget = budget.saturating_sub(commands);
+        }
+        let others = usize::from(ledger.last_used.contains_key(&client))
+            + ledger.top.keys().filter(|(_, c)| *c == client).count();
+        budget = budget.saturating_sub(others);
+        clients.insert(client);
+    }
+    plan.clients = clients.into_iter().collect();
+    plan
 }
 
-/// Returns series that were not applied to the pending buffer.
-fn put_back(pending: &mut Batch, series: impl IntoIterator<Item = (SeriesKey, Series)>) {
-    for (key, series) in series {
-        pending.entry(key).or_default().merge(&series);
-    }
-}
-
-/// Returns top-clients counts that were not applied.
-fn put_back_top(top: &mut TopCounts, run: impl IntoIterator<Item = ((i64, Box<str>), u64)>) {
-    for (key, requests) in run {
-        let slot = top.entry(key).or_default();
-        *slot = slot.saturating_add(requests);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn series(client: &str, minute: i64, requests: u64) -> (SeriesKey, Series) {
-        let counts = crate::usage::Counts { requests, ..Default::default() };
-        (SeriesKey::new(client, "k1", "/api", minute), Series::from_counts(&counts, 5))
-    }
-
-    #[test]
-    fn the_bound_drops_new_series_only() {
-        let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
-        let dropped =
-            merge_bounded(&mut pending, [series("a", 0, 2), series("b", 0, 7)].into_iter().collect(), 1);
-        assert_eq!(dropped, 7);
-        assert_eq!(pending.values().next().unwrap().requests(), 7);
-    }
-
-    #[test]
-    fn an_empty_buffer_takes_the_drained_series_up_to_the_bound() {
-        let mut pending = Batch::default();
-        assert_eq!(
-            merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into_iter().collect(), 2),
-            0
-        );
-        assert_eq!(pending.len(), 2);
-        let mut pending = Batch::default();
-        let dropped =
-            merge_bounded(&mut pending, [series("a", 0, 5), series("b", 0, 7)].into_iter().collect(), 1);
-        assert_eq!(pending.len(), 1);
-        assert_eq!(dropped + pending.values().map(Series::requests).sum::<u64>(), 12);
-    }
-
-    #[test]
-    fn put_back_merges_with_newer_counts() {
-        let mut pending: Batch = [series("a", 0, 5)].into_iter().collect();
-        put_back(&mut pending, [series("a", 0, 2), series("b", 0, 1)]);
-        assert_eq!(pending.len(), 2);
-        assert_eq!(pending[&series("a", 0, 0).0].requests(), 7);
-        let mut top = TopCounts::new();
-        put_back_top(&mut top, [((0, "a".into()), 2), ((0, "a".into()), 3)]);
-        assert_eq!(top[&(0, "a".into())], 5);
+/// Returns what a write that did not happen took out of the ledger.
+fn put_back(ledger: &mut Ledger, item: Item) {
+    match item {
+        // A bucket stays in the ledger, still dirty: nothing to return.
+        Item::Bucket { .. } | Item::Schema => {}
+        Item::LastUsed { client, used } => {
+            let known = ledger.last_used.entry(client).or_default();
+            for (kid, at) in used {
+                let latest = known.entry(kid).or_insert(at);
+                *latest = (*latest).max(at);
+            }
+        }
+        Item::Top { day, client, requests } => {
+            let pending = ledger.top.entry((day, client)).or_default();
+            *pending = pending.saturating_add(requests);
+        }
     }
 }

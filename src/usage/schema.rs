@@ -10,6 +10,13 @@
 //! | `kg:usage:top:<YYYYMMDD>`                  | zset   | clients scored by requests that day    |
 //! | `kg:{<client>}:last_used`                  | hash   | `<kid>` -> Unix seconds of last use    |
 //! | `kg:audit`                                 | stream | key operations (see [`super::audit`])  |
+//! | `kg:usage:schema`                          | string | the layout's version, [`SCHEMA_VERSION`] |
+//!
+//! Since schema 2 a bucket's fields are written by each gateway under its
+//! own name, `<field>@<writer>`, holding that gateway's running total (see
+//! [`super::ledger`]); readers add the writers up ([`parse_field`] drops the
+//! suffix, so adding every field of a name does it). Fields without a
+//! suffix are schema 1's (counts added with `HINCRBY`) and add in the same way.
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,6 +29,10 @@ use serde::{Deserialize, Serialize};
 /// The pseudo-client that requests without a (valid) client are counted
 /// under. Client IDs are `[A-Za-z0-9-]`, so `_` cannot collide with one.
 pub const ANONYMOUS: &str = "_anonymous";
+
+/// The usage layout's version, written to `kg:usage:schema`. 2: bucket
+/// fields carry their writer (`requests@<writer>`), totals per writer.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The size of a time bucket. Buckets are aligned on UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -305,6 +316,7 @@ pub fn write_field(name: &mut String, dimension: &Dimension<'_>, metric: &str) {
 /// Splits a field name into its dimension and metric. The metric is after
 /// the last `:` (routes may contain `:`, metrics never do).
 pub fn parse_field(name: &str) -> (Dimension<'_>, &str) {
+    let name = without_writer(name);
     match name.rsplit_once(':') {
         None => (Dimension::Total, name),
         Some((dimension, metric)) => match dimension.split_once(':') {
@@ -312,6 +324,17 @@ pub fn parse_field(name: &str) -> (Dimension<'_>, &str) {
             Some(("route", route)) => (Dimension::Route(route), metric),
             _ => (Dimension::Total, name),
         },
+    }
+}
+
+/// A field name without its writer (`requests@Xy3k9Q.0` -> `requests`).
+/// Counter names never hold `@` and writers never hold `:`, so the writer is
+/// what follows the last `@` when no `:` follows it; a route prefix holding
+/// `@` (`route:/a@b:requests`) is left whole.
+pub fn without_writer(name: &str) -> &str {
+    match name.rsplit_once('@') {
+        Some((field, writer)) if !writer.contains(':') => field,
+        _ => name,
     }
 }
 
@@ -351,6 +374,11 @@ impl UsageKeys {
         format!("{}{{{client}}}:last_used", self.prefix)
     }
 
+    /// `kg:usage:schema`
+    pub fn schema_version(&self) -> String {
+        format!("{}usage:schema", self.prefix)
+    }
+
     /// `kg:audit`
     pub fn audit(&self) -> String {
         format!("{}audit", self.prefix)
@@ -385,6 +413,14 @@ mod tests {
         for dimension in [Dimension::Total, Dimension::Key("k7Qm2x"), Dimension::Route("/api/v1:x")] {
             let name = field(&dimension, "bytes_in");
             assert_eq!(parse_field(&name), (dimension, "bytes_in"), "{name}");
+        }
+        for (written, read) in [
+            ("requests@Xy3k9Q.0", (Dimension::Total, "requests")),
+            ("key:k1:bytes_in@Xy3k9Q.12", (Dimension::Key("k1"), "bytes_in")),
+            ("route:/a@b:requests@W.1", (Dimension::Route("/a@b"), "requests")),
+            ("route:/a@b:requests", (Dimension::Route("/a@b"), "requests")),
+        ] {
+            assert_eq!(parse_field(written), read, "{written}");
         }
         let mut reused = String::from("leftover");
         write_field(&mut reused, &Dimension::Route("/a"), "requests");
