@@ -190,6 +190,9 @@ pub struct UsageConfig {
     pub enabled: bool,
     /// Time between flushes to Redis.
     pub flush_interval: Duration,
+    /// How often open hour and day buckets are written when the freshness
+    /// budget does not reach them (see `usage::flusher`).
+    pub rollup_interval: Duration,
     /// The most series (a client, key or route in a minute, hour or day
     /// bucket) held in memory: the open buckets, and what Redis has not
     /// acknowledged. Past it, events of new series are dropped and counted.
@@ -596,6 +599,7 @@ struct RawClientCerts {
 struct RawUsage {
     enabled: Option<bool>,
     flush_interval: Option<String>,
+    rollup_interval: Option<String>,
     max_buffered_series: Option<usize>,
 }
 
@@ -1171,10 +1175,19 @@ impl RawConfig {
                 self.usage.flush_interval.as_deref(),
                 Duration::from_secs(1),
             ),
+            rollup_interval: p.duration(
+                "usage.rollup_interval",
+                self.usage.rollup_interval.as_deref(),
+                Duration::from_secs(300),
+            ),
             max_buffered_series: self.usage.max_buffered_series.unwrap_or(1_000_000),
         };
-        if usage.flush_interval.is_zero() {
-            p.push("usage.flush_interval", "must be above zero");
+        for (field, interval) in
+            [("usage.flush_interval", usage.flush_interval), ("usage.rollup_interval", usage.rollup_interval)]
+        {
+            if interval.is_zero() {
+                p.push(field, "must be above zero");
+            }
         }
 
         let log = LogConfig {
@@ -2362,6 +2375,23 @@ mod tests {
         assert_eq!(config.store, StoreConfig::File { dir: "/etc/keygate/keys".into() });
         assert_eq!(config.keys.header, "x-api-key");
         assert_eq!(config.routes[0].target, RouteTarget::Echo);
+    }
+
+    #[test]
+    fn usage_intervals_default_and_are_checked() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(
+            (config.usage.flush_interval, config.usage.rollup_interval, config.usage.max_buffered_series),
+            (Duration::from_secs(1), Duration::from_secs(300), 1_000_000)
+        );
+        let config =
+            Config::from_toml(&format!("{MINIMAL}[usage]\nrollup_interval = \"1m\"\n"), Path::new("."))
+                .unwrap();
+        assert_eq!(config.usage.rollup_interval, Duration::from_secs(60));
+        let found =
+            problems(&format!("{MINIMAL}[usage]\nflush_interval = \"0s\"\nrollup_interval = \"soon\"\n"));
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["usage.rollup_interval", "usage.flush_interval"], "{found:?}");
     }
 
     #[test]

@@ -104,6 +104,7 @@ impl Gateway {
         let usage = &self.live.load().config.usage;
         let config = FlushConfig {
             interval: usage.flush_interval,
+            rollup_interval: usage.rollup_interval,
             max_series: usage.max_buffered_series,
             ..FlushConfig::default()
         };

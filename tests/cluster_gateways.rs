@@ -174,6 +174,149 @@ async fn usage_totals_across_three_gateways_are_exact_after_shutdown() {
     }
 }
 
+/// Usage counted across a primary's death: each gateway keeps its totals
+/// until Redis acknowledged them, retries through the election, and writes
+/// totals (not increments), so the days add up exactly even for the slot
+/// whose primary died, whether or not its last writes reached the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_stays_exact_when_a_primary_is_killed_mid_run() {
+    let mut cluster = RedisCluster::start();
+    let gateways = gateways(&cluster).await;
+    let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
+    let http = http1_client();
+    let clients: Vec<String> = (0..24).map(|i| format!("kill{i}")).collect();
+    let mut keys = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        keys.push(issue(&store(&gateways[i % 3]), client).await);
+    }
+    let send_round = |round: usize| {
+        let (http, gateways, keys) = (&http, &gateways, &keys);
+        async move {
+            for key in keys {
+                for gateway in gateways {
+                    for _ in 0..round {
+                        assert_eq!(
+                            status(http, gateway, key).await,
+                            200,
+                            "cached keys are served throughout"
+                        );
+                    }
+                }
+            }
+        }
+    };
+
+    send_round(2).await;
+    for flusher in &flushers {
+        flusher.flush_now().await.unwrap();
+    }
+    let victim = cluster.kill_primary_of(&format!("kg:{{{}}}:keys", clients[0]));
+    // Counted while the slot has no primary: the flushes fail, the counts wait.
+    send_round(1).await;
+    let mut failed = 0;
+    for flusher in &flushers {
+        failed += usize::from(flusher.flush_now().await.is_err());
+    }
+    cluster.wait_for_promotion();
+    send_round(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for flusher in &flushers {
+        while flusher.flush_now().await.is_err() {
+            assert!(Instant::now() < deadline, "usage never flushed after the failover");
+        }
+        assert_eq!(flusher.dropped_events(), 0);
+    }
+    println!(
+        "usage across a failover: primary {victim} killed, {failed} of 3 flushes failed during the election"
+    );
+
+    let mut conn = RedisConn::cluster(&cluster.urls(), Duration::from_secs(2)).await.unwrap();
+    let now = Timestamp::now();
+    for client in &clients {
+        let query = keygate::usage::UsageQuery {
+            client: Some(client.clone()),
+            since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
+            until: now,
+            by: keygate::usage::Granularity::Day,
+        };
+        let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+        assert_eq!(report.totals.requests, 3 * 4, "client {client}: 4 requests through each gateway");
+    }
+}
+
+/// Commands Redis ran per proxied request, with 1, 2 and 3 gateways on the
+/// cluster, all keys cached: the lookups stay at zero, and usage writes are
+/// a few per client, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_commands_per_request_stay_near_zero_with_one_two_and_three_gateways() {
+    let cluster = RedisCluster::start();
+    let gateways = gateways(&cluster).await;
+    let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
+    let http = http1_client();
+    let mut keys = Vec::new();
+    for i in 0..30 {
+        keys.push(issue(&store(&gateways[0]), &format!("cmd{}", i % 10)).await);
+    }
+    for gateway in &gateways {
+        for key in &keys {
+            assert_eq!(status(&http, gateway, key).await, 200); // cached from here on
+        }
+    }
+    for flusher in &flushers {
+        flusher.flush_now().await.unwrap();
+    }
+
+    // Commands clients sent to the primaries, but the harness's own and the
+    // cluster client's topology reads.
+    let sent = |cluster: &RedisCluster| -> (u64, u64) {
+        let mut lookups = 0;
+        let mut all = 0;
+        for node in cluster.primaries() {
+            for line in node.info("commandstats").lines() {
+                let Some((name, stats)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':'))
+                else {
+                    continue;
+                };
+                if ["info", "config|resetstat", "cluster|slots", "cluster|nodes", "cluster|shards", "ping"]
+                    .contains(&name)
+                {
+                    continue;
+                }
+                let calls: u64 = stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                all += calls;
+                if ["hgetall", "get", "hmget", "evalsha", "eval"].contains(&name) {
+                    lookups += calls;
+                }
+            }
+        }
+        (lookups, all)
+    };
+    const REQUESTS: usize = 1_500;
+    for n in 1..=3 {
+        cluster.reset_stats();
+        for i in 0..REQUESTS {
+            assert_eq!(status(&http, &gateways[i % n], &keys[i % keys.len()]).await, 200);
+        }
+        for flusher in &flushers[..n] {
+            flusher.flush_now().await.unwrap();
+        }
+        let (lookups, all) = sent(&cluster);
+        let per_request = all as f64 / REQUESTS as f64;
+        println!(
+            "{n} gateway(s) on the cluster, {REQUESTS} requests on 30 cached keys of 10 clients: \
+             {lookups} lookups, {all} Redis commands in all with each gateway's usage flush \
+             ({per_request:.3} per request)"
+        );
+        assert_eq!(lookups, 0, "cached keys need no lookup");
+        // Per gateway and client: 3 buckets, last_used, the top-clients score.
+        assert!(all <= (n * 10 * 5 + 10) as u64, "{all} commands with {n} gateway(s)");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
     let mut cluster = RedisCluster::start();

@@ -16,8 +16,8 @@
 # its key cache (wrk until every hot key missed once), then runs ROUNDS x
 # `wrk -t1 -c32 -d10s --latency`. Printed per measurement: req/s and p99 of
 # each round, keygate's peak RSS, CPU of keygate's threads and Redis, and the
-# usage writes Redis saw (INFO commandstats: MULTI/EXEC/HINCRBY calls and
-# time). Needs redis-server, redis-cli, nginx, wrk, curl, python3.
+# usage writes Redis saw (INFO commandstats: calls and time of the write
+# commands, and all commands per 1000 requests). Needs redis-server, redis-cli, nginx, wrk, curl, python3.
 set -euo pipefail
 
 COUNT=1000000 HOT=100000 PAIRS=2 ROUNDS=6 BIN="" BASELINE="" KEEP=0
@@ -134,8 +134,14 @@ measure() { # measure off|on LABEL [BINARY]
     echo "  keygate peak RSS ${hwm} MiB; Redis CPU $(awk -v a="$r0" -v b="$r1" 'BEGIN { printf "%.1f", b - a }') s"
     paste "$out/threads0" "$out/threads1" |
         awk '{ c[$1] += ($4 - $2) / 1e6 } END { for (k in c) if (c[k] > 0) printf "  thread %s: %.0f ms CPU\n", k, c[k] }'
-    grep -E 'cmdstat_(multi|exec|hincrby|hgetall):' "$out/commandstats" |
+    grep -E 'cmdstat_(multi|exec|hincrby|hset|expireat|zincrby|hgetall|evalsha):' "$out/commandstats" |
         sed -E 's/cmdstat_([a-z]+):calls=([0-9]+),usec=([0-9]+),usec_per_call=([0-9.]+).*/  redis \1: \2 calls, \3 us in all, \4 us each/' || true
+    # Every command Redis ran during the rounds (those of scripts included,
+    # as INFO counts them), but this script's own INFO and CONFIG calls.
+    local commands requests
+    commands=$(awk -F'[:=,]' '/^cmdstat_/ && $1 !~ /^cmdstat_(info|config)/ { n += $3 } END { print n + 0 }' "$out/commandstats")
+    requests=$(cat "$out"/wrk-*.txt | awk '/requests in/ { n += $1 } END { print n + 0 }')
+    echo "  redis commands: $commands for $requests requests, $(awk -v c="$commands" -v r="$requests" 'BEGIN { printf "%.1f", r ? c * 1000 / r : 0 }') per 1000"
 }
 
 for ((pair = 1; pair <= PAIRS; pair++)); do
