@@ -351,6 +351,74 @@ async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
     }
 }
 
+/// The gateways listen for invalidations on one node (the first seed);
+/// when that node dies they subscribe through the next, and a revocation
+/// still reaches every gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
+    let mut cluster = RedisCluster::start();
+    let gateways = gateways(&cluster).await;
+    let http = http1_client();
+    // A client whose slot the first seed serves: killing that primary kills
+    // the node every gateway is subscribed on.
+    let on_first = (0..200)
+        .map(|i| format!("sub{i}"))
+        .find(|c| cluster.primary_index_of(&format!("kg:{{{c}}}:keys")) == 0)
+        .expect("some client hashes to the first node");
+    let elsewhere = (0..200)
+        .map(|i| format!("other{i}"))
+        .find(|c| cluster.primary_index_of(&format!("kg:{{{c}}}:keys")) != 0)
+        .expect("some client hashes elsewhere");
+    let (key, id) = issue_with_id(&store(&gateways[0]), &elsewhere).await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &key).await, 200);
+    }
+
+    let killed_at = Instant::now();
+    assert_eq!(cluster.kill_primary_of(&format!("kg:{{{on_first}}}:keys")), 0);
+    cluster.wait_for_promotion();
+    let promoted = killed_at.elapsed();
+    // Revoked through a store whose slot is alive; every gateway must hear it.
+    let revoked_at = Instant::now();
+    keygate::ops::revoke(&*store(&gateways[1]), &RevokeTarget::Id(id), "kg_").await.unwrap();
+    let mut refused = [false; 3];
+    while !refused.iter().all(|r| *r) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            if !refused[at] {
+                refused[at] = status(&http, gateway, &key).await == 401;
+            }
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(15),
+            "the revocation never reached all: {refused:?}"
+        );
+    }
+    let first = revoked_at.elapsed();
+    // Each gateway has now either heard that revocation or re-subscribed
+    // (which drops its cache); either way it listens again, so a second
+    // revocation must arrive by pub/sub, quickly.
+    let (key, id) = issue_with_id(&store(&gateways[2]), &elsewhere).await;
+    for gateway in &gateways {
+        assert_eq!(status(&http, gateway, &key).await, 200);
+    }
+    let revoked_at = Instant::now();
+    keygate::ops::revoke(&*store(&gateways[0]), &RevokeTarget::Id(id), "kg_").await.unwrap();
+    let mut refused = [false; 3];
+    while !refused.iter().all(|r| *r) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            if !refused[at] {
+                refused[at] = status(&http, gateway, &key).await == 401;
+            }
+        }
+        assert!(revoked_at.elapsed() < Duration::from_secs(1), "pub/sub is not back: {refused:?}");
+    }
+    println!(
+        "subscribed node killed: promotion after {promoted:?}; revocations then reached all 3 gateways \
+         in {first:?} and {:?}",
+        revoked_at.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() {
     let mut sentinel = common::cluster::RedisSentinel::start();
