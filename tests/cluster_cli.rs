@@ -1,5 +1,6 @@
-//! The CLI on a real 3-primary + 3-replica Redis Cluster (see
-//! `common/cluster.rs`), beside an in-process gateway on it. A test binary
+//! The CLI on a real 3-primary + 3-replica Redis Cluster and on a real
+//! Sentinel setup (see `common/cluster.rs`), beside an in-process gateway on
+//! it: keys, quotas, usage and the audit stream on both. A test binary
 //! of its own: `cluster_gateways` already runs five clusters at once, and
 //! its failover timings are what extra load on two cores would blur.
 
@@ -64,4 +65,64 @@ async fn the_cli_reaches_the_cluster_by_repeated_redis_flags_and_by_keygate_redi
         assert!(Instant::now() < deadline, "the CLI's revocation reaches the gateway");
         tokio::task::yield_now().await;
     }
+}
+
+/// Keys, quotas, usage and the audit stream through the CLI and a gateway
+/// on one topology, given as the `[store]` section of a config file: a key
+/// issued with a quota of 5 a day admits 5 of 7 requests, `keygate usage`
+/// reads the 7 (2 refused for quota) back, `keygate keys audit` the issue.
+async fn keys_quotas_usage_and_audit_work_on(toml: &str, client: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, toml).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(args)
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key =
+        cli(&["keys", "issue", "--client", client, "--scopes", "read", "--quota", "5/day"]).trim().to_owned();
+
+    let gateway = TestGateway::start(toml).await;
+    let http = http1_client();
+    let mut answers = Vec::new();
+    for _ in 0..7 {
+        answers.push(status(&http, &gateway, &key).await);
+    }
+    assert_eq!(answers, [200, 200, 200, 200, 200, 429, 429], "the quota holds");
+    let flusher = gateway.gateway.usage_flusher().expect("usage is on");
+    flusher.flush_now().await.unwrap();
+
+    let usage: serde_json::Value =
+        serde_json::from_str(&cli(&["usage", "--client", client, "--by", "day", "--json"])).unwrap();
+    assert_eq!(usage["totals"]["requests"], 7, "{usage}");
+    assert_eq!(usage["totals"]["refused_429_quota"], 2, "{usage}");
+    let audit: serde_json::Value =
+        serde_json::from_str(&cli(&["keys", "audit", "--client", client, "--json"])).unwrap();
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["issue"], "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_quotas_usage_and_the_audit_stream_work_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    keys_quotas_usage_and_audit_work_on(&config(&cluster), "all-on-cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_quotas_usage_and_the_audit_stream_work_through_sentinel() {
+    let sentinel = common::cluster::RedisSentinel::start();
+    let sentinels =
+        sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
+    let toml = format!(
+        "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{}\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+        common::cluster::SENTINEL_MASTER
+    );
+    keys_quotas_usage_and_audit_work_on(&toml, "all-on-sentinel").await;
 }
