@@ -40,7 +40,7 @@
 //! the Redis calls on purpose (what a write sends must be what it marks
 //! written); the request path never touches this lock.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use crate::store::conn::RedisConn;
 
 use super::UsageError;
-use super::ledger::{BucketId, Ledger};
+use super::ledger::{BucketId, Ledger, note_last_used};
 use super::recorder::UsageRecorder;
 use super::schema::{Granularity, Retention, UsageKeys};
 use super::writes::{Item, Limits, Outcome, Trip};
@@ -391,12 +391,8 @@ impl UsageFlusher {
                     if let Some(used) = ledger.last_used.remove(&client) {
                         trip.push_last_used(&self.keys, client.clone(), used);
                     }
-                    let days: Vec<i64> =
-                        ledger.top.keys().filter(|(_, c)| *c == client).map(|(d, _)| *d).collect();
-                    for day in days {
-                        if let Some(requests) = ledger.top.remove(&(day, client.clone())) {
-                            trip.push_top(&self.keys, &self.config.retention, day, client.clone(), requests);
-                        }
+                    for (day, requests) in ledger.top.remove(&client).unwrap_or_default() {
+                        trip.push_top(&self.keys, &self.config.retention, day, client.clone(), requests);
                     }
                 } else {
                     break;
@@ -563,7 +559,7 @@ fn plan(
             budget = budget.saturating_sub(commands);
         }
         let others = usize::from(ledger.last_used.contains_key(&client))
-            + ledger.top.keys().filter(|(_, c)| *c == client).count();
+            + ledger.top.get(&client).map_or(0, BTreeMap::len);
         budget = budget.saturating_sub(others);
         clients.insert(client);
     }
@@ -577,14 +573,12 @@ fn put_back(ledger: &mut Ledger, item: Item) {
         // A bucket stays in the ledger, still dirty: nothing to return.
         Item::Bucket { .. } | Item::Schema => {}
         Item::LastUsed { client, used } => {
-            let known = ledger.last_used.entry(client).or_default();
             for (kid, at) in used {
-                let latest = known.entry(kid).or_insert(at);
-                *latest = (*latest).max(at);
+                note_last_used(&mut ledger.last_used, &client, &kid, at);
             }
         }
         Item::Top { day, client, requests } => {
-            let pending = ledger.top.entry((day, client)).or_default();
+            let pending = ledger.top.entry(client).or_default().entry(day).or_default();
             *pending = pending.saturating_add(requests);
         }
     }

@@ -63,8 +63,8 @@ pub struct Ledger {
     pub(super) buckets: BTreeMap<BucketId, HashMap<Box<str>, ClientTotals>>,
     /// Latest use per client and kid, not yet written.
     pub(super) last_used: HashMap<Box<str>, HashMap<Box<str>, i64>>,
-    /// Requests per day and client not yet added to the top-clients sets.
-    pub(super) top: BTreeMap<(i64, Box<str>), u64>,
+    /// Requests per client and day not yet added to the top-clients sets.
+    pub(super) top: HashMap<Box<str>, BTreeMap<i64, u64>>,
     /// Clients with something unwritten, oldest first: the order in which
     /// the freshness writes visit them.
     fresh_queue: VecDeque<Box<str>>,
@@ -97,7 +97,7 @@ impl Ledger {
             generation: 0,
             buckets: BTreeMap::new(),
             last_used: HashMap::new(),
-            top: BTreeMap::new(),
+            top: HashMap::new(),
             fresh_queue: VecDeque::new(),
             queued: HashSet::new(),
             series: 0,
@@ -130,13 +130,14 @@ impl Ledger {
                 self.add_to(bucket, client, &key, &series);
             }
             if client != ANONYMOUS && !key.key_id().is_empty() {
-                let at = series.last_at(key.minute);
-                let latest =
-                    self.last_used.entry(client.into()).or_default().entry(key.key_id().into()).or_insert(at);
-                *latest = (*latest).max(at);
+                note_last_used(&mut self.last_used, client, key.key_id(), series.last_at(key.minute));
             }
             let day = Granularity::Day.bucket_start(key.minute);
-            let requests = self.top.entry((day, client.into())).or_default();
+            let days = match self.top.get_mut(client) {
+                Some(days) => days,
+                None => self.top.entry(client.into()).or_default(),
+            };
+            let requests = days.entry(day).or_default();
             *requests = requests.saturating_add(series.requests());
             self.enqueue(client);
         }
@@ -146,10 +147,15 @@ impl Ledger {
     fn add_to(&mut self, bucket: BucketId, client: &str, key: &SeriesKey, series: &Series) {
         let generation = self.generation;
         let clients = self.buckets.entry(bucket).or_default();
-        let totals = clients.entry(client.into()).or_insert_with(|| {
-            self.series += 1;
-            ClientTotals { generation, ..ClientTotals::default() }
-        });
+        // Looked up by `&str` first: an entry (and its key's allocation) is
+        // made once per client and bucket, not per drained series.
+        let totals = match clients.get_mut(client) {
+            Some(totals) => totals,
+            None => {
+                self.series += 1;
+                clients.entry(client.into()).or_insert(ClientTotals { generation, ..ClientTotals::default() })
+            }
+        };
         totals.total.merge(series);
         if !key.key_id().is_empty() {
             merge_named(&mut totals.keys, key.key_id(), series, &mut self.series);
@@ -212,7 +218,7 @@ impl Ledger {
             clients.extend(totals.iter().filter(|(_, t)| t.dirty).map(|(c, _)| c.clone()));
         }
         clients.extend(self.last_used.keys().cloned());
-        clients.extend(self.top.keys().map(|(_, c)| c.clone()));
+        clients.extend(self.top.keys().cloned());
         clients.into_iter().collect()
     }
 
@@ -268,6 +274,26 @@ impl Ledger {
     }
 }
 
+/// Keeps the latest use of `kid`, allocating only for a client or key not
+/// seen since the last write (this runs for every drained series).
+pub(super) fn note_last_used(
+    last_used: &mut HashMap<Box<str>, HashMap<Box<str>, i64>>,
+    client: &str,
+    kid: &str,
+    at: i64,
+) {
+    let kids = match last_used.get_mut(client) {
+        Some(kids) => kids,
+        None => last_used.entry(client.into()).or_default(),
+    };
+    match kids.get_mut(kid) {
+        Some(latest) => *latest = (*latest).max(at),
+        None => {
+            kids.insert(kid.into(), at);
+        }
+    }
+}
+
 fn merge_named(map: &mut HashMap<Box<str>, Series>, name: &str, series: &Series, count: &mut usize) {
     match map.get_mut(name) {
         Some(found) => found.merge(series),
@@ -314,7 +340,7 @@ mod tests {
         // Minutes: 2 x (total, key, route); hour and day: total, 2 keys, route.
         assert_eq!(ledger.series(), 6 + 4 + 4);
         assert_eq!(ledger.last_used["acme"]["k2"], DAY + 127);
-        assert_eq!(ledger.top[&(DAY, "acme".into())], 5);
+        assert_eq!(ledger.top["acme"][&DAY], 5);
     }
 
     #[test]
