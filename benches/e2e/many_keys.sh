@@ -126,11 +126,22 @@ measure() { # measure off|on LABEL [BINARY]
     local hwm
     hwm=$(awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$kg/status")
     rcli info commandstats >"$out/commandstats"
+    # What the gateway counted (its request metric and usage see the same
+    # requests), to compare with what Redis holds after the final flush.
+    local counted
+    counted=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk '/^keygate_requests_total\{/ { n += $2 } END { printf "%d", n }')
     kill -TERM "$kg"
     wait "$kg" 2>/dev/null || true
+    local in_redis="-"
+    if [[ $mode == on ]]; then
+        in_redis=$("$bin" usage -c "$WORK/on.toml" --since 2h --by day --json |
+            python3 -c 'import json, sys; print(json.load(sys.stdin)["totals"]["requests"])')
+    fi
     stop_redis
     echo "$2: usage $mode ($bin)"
     echo "  req/s / p99 per 10 s round:$rounds"
+    echo "  requests the gateway counted: $counted; in Redis after shutdown: $in_redis"
     echo "  keygate peak RSS ${hwm} MiB; Redis CPU $(awk -v a="$r0" -v b="$r1" 'BEGIN { printf "%.1f", b - a }') s"
     paste "$out/threads0" "$out/threads1" |
         awk '{ c[$1] += ($4 - $2) / 1e6 } END { for (k in c) if (c[k] > 0) printf "  thread %s: %.0f ms CPU\n", k, c[k] }'
