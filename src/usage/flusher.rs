@@ -10,16 +10,16 @@
 //!   `close_grace` + one interval (3 s by default) of the minute's end, hour
 //!   and day buckets likewise.
 //! - **Open hour and day buckets, `last_used` and the top-clients sets** are
-//!   written every [`FlushConfig::rollup_interval`] (1 minute).
+//!   written every [`FlushConfig::rollup_interval`] (5 minutes).
 //! - **Freshness**: on each tick, clients with unwritten counts get their
 //!   open minute, hour and day, `last_used` and top-clients entry written,
 //!   oldest first, within a budget of commands:
 //!   [`FlushConfig::fresh_commands`] or [`FlushConfig::fresh_per_mille`] of
-//!   the tick's requests, whichever is more. A gateway whose active clients
-//!   fit the budget (the default covers about 30 a second) shows every
-//!   count within one interval; one with many more shows them at the
-//!   rollups and closes, and its writes stay near 2 commands per active
-//!   client and minute.
+//!   the tick's requests, whichever is more (50, or 2 per 1000). A gateway
+//!   whose active clients fit the budget (about 8 a second, or one per 3 000
+//!   requests) shows every count within one interval; one with many more
+//!   shows them at the rollups and ends, and its writes stay near 3
+//!   commands per active client and minute.
 //! - **On shutdown** ([`UsageFlusher::flush_now`]) everything is written.
 //!
 //! Reliability: the totals stay in memory until Redis acknowledged them, and
@@ -91,8 +91,8 @@ impl Default for FlushConfig {
             call_timeout: Duration::from_secs(5),
             close_grace: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(300),
-            fresh_commands: 200,
-            fresh_per_mille: 5,
+            fresh_commands: 50,
+            fresh_per_mille: 2,
         }
     }
 }
