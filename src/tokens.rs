@@ -110,24 +110,46 @@ impl TokenRequest<'_> {
         };
         let live = self.gateway.live.load();
         let config = &live.config.tokens;
-        let presented = match &self.form.refresh_token {
-            Some(token) => token.clone(),
+        let (presented, from_cookie) = match &self.form.refresh_token {
+            Some(token) => (token.clone(), false),
             None if config.refresh_cookie => {
                 let mut found = cookie::values(self.headers, &cookie::name(&config.refresh_cookie_path));
                 found.dedup();
                 match found.as_slice() {
-                    [one] => (*one).to_owned(),
+                    [one] => ((*one).to_owned(), true),
                     _ => return Err(oauth(OAuthError::InvalidRequest)),
                 }
             }
             None => return Err(oauth(OAuthError::InvalidRequest)),
         };
+        self.refresh_with(store, &presented).await.map_err(|mut refusal| {
+            // A dead token in the cookie would be presented on every page
+            // load: tell the browser to drop it.
+            let dead = matches!(refusal.error, GatewayError::TokenRequest(OAuthError::InvalidGrant));
+            if from_cookie
+                && dead
+                && let Some(clear) = cookie::clear(&config.refresh_cookie_path)
+            {
+                refusal.headers.insert(header::SET_COOKIE, clear);
+            }
+            refusal
+        })
+    }
+
+    /// [`refresh`](Self::refresh) once the token is found.
+    async fn refresh_with(
+        &self,
+        store: &dyn crate::refresh::RefreshStore,
+        presented: &str,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let live = self.gateway.live.load();
+        let config = &live.config.tokens;
         // The refresh token alone is the credential (public clients); a
         // client that authenticates as well must be the token's.
         if self.headers.contains_key(header::AUTHORIZATION) {
             let key = presented_key(self.headers).ok_or_else(|| oauth(OAuthError::InvalidClient))?;
             let caller = self.authenticate(&key).await?;
-            let token_client = RefreshToken::parse(&presented).map(|t| t.client().to_owned());
+            let token_client = RefreshToken::parse(presented).map(|t| t.client().to_owned());
             if token_client.is_some_and(|client| caller.key().is_none_or(|k| k.client() != client)) {
                 return Err(oauth(OAuthError::InvalidClient));
             }
@@ -137,7 +159,7 @@ impl TokenRequest<'_> {
         let refreshed = grant::refresh(
             self.gateway,
             store,
-            &presented,
+            presented,
             requested,
             self.client_ip,
             config.refresh_ttl,

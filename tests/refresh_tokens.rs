@@ -593,10 +593,19 @@ async fn the_refresh_cookie_rides_a_real_cookie_jar_and_never_reaches_an_upstrea
     // the browser's current cookie with it.
     let answer = refresh(&gw, &first).await;
     assert_invalid_grant(&answer, "a replayed cookie");
+    assert!(answer.headers.get(header::SET_COOKIE).is_none(), "a token from a form sets no cookie");
     let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
     assert_eq!(answer.status(), 400);
+    let cleared = answer.headers()[header::SET_COOKIE.as_str()].to_str().unwrap().to_owned();
     let body: serde_json::Value = json(answer).await;
     assert_eq!(body["error"], "invalid_grant");
+    // The refused cookie is deleted, so the browser stops sending it.
+    assert!(cleared.starts_with("__Host-keygate-refresh=;") && cleared.contains("Max-Age=0"), "{cleared}");
+    assert!(cleared.contains("Path=/;"), "the same path, or the browser keeps it: {cleared}");
+    assert_eq!(jar_cookie(&jar, &endpoint, "__Host-keygate-refresh"), None, "the jar dropped it");
+    let answer = post_form(&browser, &endpoint, "grant_type=refresh_token").await;
+    assert_eq!(answer.status(), 400);
+    assert_eq!(json(answer).await["error"], "invalid_request", "no token left to present");
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //! never to a script. Its name carries the strongest prefix the path
 //! allows: `__Host-` requires `Path=/` (RFC 6265bis §4.1.3.2), so on any
 //! other path it is `__Secure-`. The endpoint reads it back on
-//! `grant_type=refresh_token` when the form has no `refresh_token`.
+//! `grant_type=refresh_token` when the form has no `refresh_token`, and
+//! deletes it ([`clear`]) when that refresh is refused as `invalid_grant`.
 //!
 //! The cookie is the gateway's: [`strip`] removes it from every request
 //! before it goes upstream, whatever the path it was (mis)sent to.
@@ -31,6 +32,15 @@ const NAMES: [&str; 2] = ["__Host-keygate-refresh", "__Secure-keygate-refresh"];
 pub fn set(token: &str, path: &str, max_age: u64) -> Option<HeaderValue> {
     let text =
         format!("{}={token}; Path={path}; Max-Age={max_age}; Secure; HttpOnly; SameSite=Strict", name(path));
+    HeaderValue::from_str(&text).ok()
+}
+
+/// `Set-Cookie` that deletes the cookie on `path` (RFC 6265bis §5.7: the
+/// same name and path, expired): sent when a refresh from the cookie is
+/// refused as `invalid_grant`, so a browser stops presenting a dead token
+/// on every page load.
+pub fn clear(path: &str) -> Option<HeaderValue> {
+    let text = format!("{}=; Path={path}; Max-Age=0; Secure; HttpOnly; SameSite=Strict", name(path));
     HeaderValue::from_str(&text).ok()
 }
 
@@ -87,6 +97,15 @@ mod tests {
             set,
             "__Secure-keygate-refresh=kgr_acme.abc; Path=/oauth/token; Max-Age=60; Secure; HttpOnly; SameSite=Strict"
         );
+    }
+
+    #[test]
+    fn clearing_names_the_same_cookie_and_path() {
+        assert_eq!(
+            clear("/").expect("value"),
+            "__Host-keygate-refresh=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Strict"
+        );
+        assert!(clear("/oauth/token").unwrap().to_str().unwrap().starts_with("__Secure-keygate-refresh=;"));
     }
 
     #[test]
