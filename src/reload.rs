@@ -304,6 +304,8 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("limits.idle_eviction", old.limits.idle_eviction != new.limits.idle_eviction),
         ("limits.max_tracked_keys", old.limits.max_tracked_keys != new.limits.max_tracked_keys),
         ("admin.listen", old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen)),
+        // Each issuer's key set and its refresh task are built at start.
+        ("jwt.issuer", old.jwt_issuers != new.jwt_issuers),
     ]
     .into_iter()
     .filter_map(|(field, changed)| changed.then_some(field))
