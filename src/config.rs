@@ -52,6 +52,9 @@ pub struct IssuerConfig {
     /// The `iss` claim, matched exactly; also how routes name the issuer.
     pub iss: String,
     pub jwks: crate::jwks::JwksSource,
+    /// The CA certificates (PEM) an `https://` JWKS server is verified
+    /// against; `None`: the operating system's roots.
+    pub ca: Option<PathBuf>,
     /// The token's `aud` must name one of these; empty only with
     /// `audience_optional = true` (no audience check at all).
     pub audience: Vec<String>,
@@ -624,6 +627,7 @@ struct RawJwt {
 struct RawIssuer {
     iss: Option<String>,
     jwks: Option<String>,
+    ca: Option<String>,
     audience: Option<OneOrMany>,
     audience_optional: Option<bool>,
     algorithms: Option<Vec<String>>,
@@ -1437,6 +1441,7 @@ fn validate_issuers(
                 None
             }
         };
+        let ca = raw.ca.map(|file| base.join(file));
         let mut algorithms = Vec::new();
         for name in raw
             .algorithms
@@ -1533,19 +1538,24 @@ fn validate_issuers(
                 }
             }
             Some(source) if source.is_https() => {
-                let files = crate::upstream_tls::TlsFiles::default();
+                let files = crate::upstream_tls::TlsFiles { ca: ca.clone(), ..Default::default() };
                 if let Err(e) =
                     crate::upstream_tls::client_config(&files, crate::upstream_tls::Protocol::Http1)
                 {
-                    p.push(format!("{at}.jwks"), e.message);
+                    let field = if ca.is_some() { "ca" } else { "jwks" };
+                    p.push(format!("{at}.{field}"), e.message);
                 }
             }
             _ => {}
+        }
+        if ca.is_some() && !jwks.as_ref().is_some_and(crate::jwks::JwksSource::is_https) {
+            p.push(format!("{at}.ca"), "only means something with an https:// `jwks`");
         }
         if let Some(jwks) = jwks {
             issuers.push(IssuerConfig {
                 iss,
                 jwks,
+                ca,
                 audience,
                 algorithms,
                 client_claim,

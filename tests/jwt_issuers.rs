@@ -393,6 +393,65 @@ async fn a_jwks_file_is_read_at_start() {
     );
 }
 
+/// A JWKS served over HTTPS (HTTP/1.1) with a certificate from `ca`,
+/// counting fetches.
+async fn https_jwks(ca: &common::pki::TestCa, document: Value) -> (String, Arc<AtomicUsize>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let server = ca.issue_server("idp", &["127.0.0.1"]);
+    let options = common::tls_upstream::TlsOptions { alpn: vec![b"http/1.1"], client_ca: None };
+    let config = common::tls_upstream::server_config(&server, &options);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/jwks", listener.local_addr().unwrap());
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&fetches);
+    let body = document.to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (acceptor, counted, body) = (acceptor.clone(), Arc::clone(&counted), body.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |_request| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, fetches)
+}
+
+#[tokio::test]
+async fn an_https_jwks_is_verified_against_the_issuers_ca_and_a_failing_fetch_says_why() {
+    let logs = common::logs::capture();
+    let key = IdpKey::es256("tls");
+    let ca = common::pki::TestCa::new("idp");
+    let (url, fetches) = https_jwks(&ca, jwks(&[&key])).await;
+    let ca_line = format!("ca = \"{}\"", ca.ca_pem().display());
+    let gw = TestGateway::start(&config(&url, &ca_line)).await;
+    create_client(&gw, "acme", "").await;
+    let answer = call(&gw, &key.sign(&claims("acme"))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+
+    // Without `ca` the system's roots do not know the test CA: no keys, the
+    // old (none) kept, one line saying why, and tokens refused.
+    let gw = TestGateway::start(&config(&url, "")).await;
+    create_client(&gw, "acme", "").await;
+    assert_invalid_token(&call(&gw, &key.sign(&claims("acme"))).await, "no keys");
+    let failed = logs.lines_with("JWKS fetch failed");
+    assert!(!failed.is_empty(), "{}", logs.text());
+    assert!(
+        failed.iter().all(|line| line.contains("issuer=https://idp.test") && line.contains("TLS")),
+        "{failed:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_rotated_kid_is_accepted_after_one_refetch_and_a_removed_key_ends_its_tokens() {
     let old = IdpKey::es256("2026-01");

@@ -320,7 +320,7 @@ impl Issuers {
             let tls = match config.jwks.is_https() {
                 false => None,
                 true => {
-                    let files = crate::upstream_tls::TlsFiles::default();
+                    let files = crate::upstream_tls::TlsFiles { ca: config.ca.clone(), ..Default::default() };
                     match crate::upstream_tls::client_config(&files, crate::upstream_tls::Protocol::Http1) {
                         Ok(tls) => Some(tls),
                         // `keygate check` built it; the fetches will say why they fail.
