@@ -533,3 +533,22 @@ async fn refused_tokens_spend_the_addresss_failure_budget() {
     // A token the cache knows is not made up: it still passes.
     assert_eq!(call(&gw, &good).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn revoking_the_client_ends_its_verified_tokens_at_once() {
+    let key = IdpKey::es256("k1");
+    let idp = JwksServer::start(jwks(&[&key])).await;
+    let gw = TestGateway::start(&config(&idp.url(), "")).await;
+    create_client(&gw, "acme", "").await;
+    let token = key.sign(&claims("acme"));
+    assert_eq!(call(&gw, &token).await.status, StatusCode::OK, "verified and cached");
+
+    ops::clients::revoke(&*gw.gateway.store, "acme", Timestamp::now()).await.unwrap();
+    common::wait::eventually(
+        std::time::Duration::from_secs(5),
+        "the revocation reaches the gateway",
+        || async { call(&gw, &token).await.status == StatusCode::UNAUTHORIZED },
+    )
+    .await;
+    assert_invalid_token(&call(&gw, &token).await, "a revoked client's cached token");
+}

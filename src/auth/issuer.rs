@@ -369,6 +369,15 @@ impl Issuers {
         issuers
     }
 
+    /// Fetches every issuer's JWKS now, one after the other (without
+    /// [`Self::start`]'s tasks: benches, tests, tools).
+    pub async fn load_now(&self) {
+        for issuer in self.by_iss.values() {
+            let held = issuer.keys.lock().await;
+            issuer.fetch(&held, &self.cache, "asked").await;
+        }
+    }
+
     pub fn issuer(&self, iss: &str) -> Option<&Arc<Issuer>> {
         self.by_iss.get(iss)
     }
@@ -462,4 +471,149 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use ring::signature::KeyPair as _;
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Idp {
+        encoding: EncodingKey,
+        _dir: tempfile::TempDir,
+        issuers: Arc<Issuers>,
+    }
+
+    /// An issuer `https://idp` with one Ed25519 key `k1` in a JWKS file.
+    async fn idp(edit: impl FnOnce(&mut IssuerConfig)) -> Idp {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("jwks.json");
+        let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": x}]});
+        std::fs::write(&file, jwks.to_string()).expect("write");
+        let mut config = IssuerConfig {
+            iss: "https://idp".to_owned(),
+            jwks: crate::jwks::JwksSource::File(file),
+            ca: None,
+            audience: vec!["api".to_owned()],
+            algorithms: crate::config::DEFAULT_ISSUER_ALGORITHMS.to_vec(),
+            client_claim: "sub".to_owned(),
+            scope_claim: "scope".to_owned(),
+            leeway: Duration::from_secs(30),
+            refresh: Duration::from_secs(600),
+            refetch_interval: Duration::from_secs(30),
+        };
+        edit(&mut config);
+        let issuers = Issuers::new(&[config], 100);
+        issuers.load_now().await;
+        Idp { encoding: EncodingKey::from_ed_der(pkcs8.as_ref()), _dir: dir, issuers }
+    }
+
+    impl Idp {
+        fn sign(&self, claims: serde_json::Value) -> String {
+            let mut header = Header::new(Algorithm::EdDSA);
+            header.kid = Some("k1".to_owned());
+            jsonwebtoken::encode(&header, &claims, &self.encoding).expect("signs")
+        }
+
+        async fn verify(&self, token: &str, now: u64) -> Result<Arc<ExternalClaims>, IssuerError> {
+            self.issuers.verify(token, |_| true, now).await
+        }
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({"iss": "https://idp", "aud": "api", "sub": "acme", "scope": "read", "exp": NOW + 60})
+    }
+
+    #[test]
+    fn the_issuer_is_peeked_from_the_payload_without_trusting_it() {
+        let payload = URL_SAFE_NO_PAD.encode(r#"{"iss":"https://idp","sub":"x"}"#);
+        assert_eq!(peek_issuer(&format!("e30.{payload}.sig")).as_deref(), Some("https://idp"));
+        assert_eq!(peek_issuer("e30.bm90IGpzb24.sig"), None);
+        assert_eq!(peek_issuer(&format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(r#"{"iss":7}"#))), None);
+        assert_eq!(peek_issuer("no-dots"), None);
+        let huge = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{}"}}"#, "a".repeat(MAX_PAYLOAD)));
+        assert_eq!(peek_issuer(&format!("e30.{huge}.sig")), None, "too large to be decoded");
+    }
+
+    #[tokio::test]
+    async fn exp_and_nbf_hold_with_leeway_cached_or_not() {
+        let idp = idp(|_| {}).await;
+        let token = idp.sign(claims());
+        assert_eq!(idp.verify(&token, NOW + 89).await.map(|c| c.exp), Ok(NOW + 60), "within leeway");
+        assert_eq!(idp.verify(&token, NOW + 90).await.unwrap_err(), IssuerError::Expired, "cached, expired");
+        let fresh =
+            idp.sign(json!({"exp": NOW + 60, "jti": 2, "iss": "https://idp", "aud": "api", "sub": "acme"}));
+        assert_eq!(idp.verify(&fresh, NOW + 90).await.unwrap_err(), IssuerError::Expired, "uncached");
+        let mut early = claims();
+        early["nbf"] = json!(NOW + 31);
+        assert_eq!(idp.verify(&idp.sign(early.clone()), NOW).await.unwrap_err(), IssuerError::NotYetValid);
+        early["nbf"] = json!(NOW + 30);
+        assert!(idp.verify(&idp.sign(early), NOW).await.is_ok());
+        let mut fraction = claims();
+        fraction["exp"] = json!(NOW as f64 + 60.5);
+        assert_eq!(idp.verify(&idp.sign(fraction), NOW).await.map(|c| c.exp), Ok(NOW + 60));
+        let mut text_exp = claims();
+        text_exp["exp"] = json!("tomorrow");
+        assert_eq!(idp.verify(&idp.sign(text_exp), NOW).await.unwrap_err(), IssuerError::NoExpiry);
+    }
+
+    #[tokio::test]
+    async fn scopes_come_as_a_string_or_an_array_and_only_as_scope_tokens() {
+        let idp = idp(|config| config.scope_claim = "scp".to_owned()).await;
+        let mut c = claims();
+        c["scp"] = json!(["read", "orders:write", "read", "bad scope", "q\"uote", ""]);
+        assert_eq!(idp.verify(&idp.sign(c), NOW).await.expect("valid").scopes, ["read", "orders:write"]);
+        let mut c = claims();
+        c["scp"] = json!(" read  write ");
+        assert_eq!(idp.verify(&idp.sign(c), NOW).await.expect("valid").scopes, ["read", "write"]);
+        // The default claim is not read once another is configured.
+        assert!(idp.verify(&idp.sign(claims()), NOW).await.expect("valid").scopes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_client_comes_from_the_configured_claim_and_must_be_a_client_id() {
+        let idp = idp(|config| config.client_claim = "azp".to_owned()).await;
+        let mut c = claims();
+        c["azp"] = json!("shop-1");
+        assert_eq!(idp.verify(&idp.sign(c), NOW).await.expect("valid").client, "shop-1");
+        assert_eq!(idp.verify(&idp.sign(claims()), NOW).await.unwrap_err(), IssuerError::NoClient);
+        let mut c = claims();
+        c["azp"] = json!("user@example.com");
+        assert_eq!(idp.verify(&idp.sign(c), NOW).await.unwrap_err(), IssuerError::BadClient);
+    }
+
+    #[tokio::test]
+    async fn audience_optional_accepts_any_aud_and_a_list_needs_one_of_ours() {
+        let any = idp(|config| config.audience.clear()).await;
+        let mut c = claims();
+        c["aud"] = json!("whatever");
+        assert!(any.verify(&any.sign(c), NOW).await.is_ok());
+        let listed = idp(|config| config.audience = vec!["a".to_owned(), "b".to_owned()]).await;
+        let mut c = claims();
+        c["aud"] = json!(["x", "b"]);
+        assert!(listed.verify(&listed.sign(c), NOW).await.is_ok());
+        let mut c = claims();
+        c["aud"] = json!(["x", "y"]);
+        assert_eq!(listed.verify(&listed.sign(c), NOW).await.unwrap_err(), IssuerError::Audience);
+    }
+
+    #[tokio::test]
+    async fn trust_is_checked_on_cache_hits_too_and_a_token_without_kid_is_refused() {
+        let idp = idp(|_| {}).await;
+        let token = idp.sign(claims());
+        assert!(idp.verify(&token, NOW).await.is_ok());
+        assert!(idp.issuers.is_cached(&token));
+        assert_eq!(idp.issuers.verify(&token, |_| false, NOW).await.unwrap_err(), IssuerError::Untrusted);
+        let kidless =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims(), &idp.encoding).expect("signs");
+        assert_eq!(idp.verify(&kidless, NOW).await.unwrap_err(), IssuerError::NoKid);
+    }
 }
