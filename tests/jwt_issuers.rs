@@ -439,11 +439,16 @@ async fn an_https_jwks_is_verified_against_the_issuers_ca_and_a_failing_fetch_sa
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
 
-    // Without `ca` the system's roots do not know the test CA: no keys, the
-    // old (none) kept, one line saying why, and tokens refused.
+    // Without `ca` the system's roots do not know the test CA: no keys ever
+    // loaded, one line saying why per fetch, and the issuer's tokens get
+    // 503 (the gateway cannot tell good from bad), not 401.
     let gw = TestGateway::start(&config(&url, "")).await;
     create_client(&gw, "acme", "").await;
-    assert_invalid_token(&call(&gw, &key.sign(&claims("acme"))).await, "no keys");
+    let answer = call(&gw, &key.sign(&claims("acme"))).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "jwks_unavailable");
+    assert_eq!(answer.headers[header::RETRY_AFTER], "30");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "the handshakes failed: nothing more was served");
     let failed = logs.lines_with("JWKS fetch failed");
     assert!(!failed.is_empty(), "{}", logs.text());
     assert!(

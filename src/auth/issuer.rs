@@ -93,6 +93,10 @@ pub enum IssuerError {
     NoClient,
     #[error("client claim is not a client ID")]
     BadClient,
+    /// The issuer has no keys at all: no fetch of its JWKS has succeeded
+    /// yet. Not the token's fault (503, see `GatewayError::JwksUnavailable`).
+    #[error("no JWKS keys loaded")]
+    KeysUnavailable,
 }
 
 impl IssuerError {
@@ -112,6 +116,7 @@ impl IssuerError {
             Self::NotYetValid => "not yet valid",
             Self::NoClient => "no client claim",
             Self::BadClient => "client claim is not a client ID",
+            Self::KeysUnavailable => "no JWKS keys loaded",
         }
     }
 }
@@ -154,7 +159,7 @@ impl Issuer {
             return Ok(key);
         }
         if !self.keys.refetch_due() {
-            return Err(IssuerError::UnknownKid);
+            return Err(self.unknown_kid());
         }
         // Behind a fetch under way (the first one at start, or another
         // request's refetch), whose answer may hold this kid.
@@ -163,10 +168,18 @@ impl Issuer {
             return Ok(key);
         }
         if !self.keys.claim_refetch(&held) {
-            return Err(IssuerError::UnknownKid);
+            return Err(self.unknown_kid());
         }
         self.fetch(&held, cache, "a token's kid is not in the JWKS").await;
-        self.keys.get(kid).ok_or(IssuerError::UnknownKid)
+        self.keys.get(kid).ok_or_else(|| self.unknown_kid())
+    }
+
+    /// Why a `kid` was not found: not in the keys, or no keys at all.
+    fn unknown_kid(&self) -> IssuerError {
+        match self.keys.current().is_empty() {
+            true => IssuerError::KeysUnavailable,
+            false => IssuerError::UnknownKid,
+        }
     }
 
     /// Fetches the JWKS (under the fetch lock) and applies it: cached

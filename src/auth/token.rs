@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::issuer::Issuers;
+use super::issuer::{IssuerError, Issuers};
 use super::jwt::{AccessClaims, TokenVerifier};
 use super::{Caller, check_usable};
 use crate::config::RouteConfig;
@@ -97,10 +97,18 @@ impl super::Verifier {
     ) -> Result<Arc<Caller>, GatewayError> {
         let now = Timestamp::now();
         let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
-        let claims = issuers
-            .verify(presented, |iss| route.trusts_issuer(iss), now_secs)
-            .await
-            .map_err(|e| GatewayError::TokenRejected(e.reason()))?;
+        let verified = issuers.verify(presented, |iss| route.trusts_issuer(iss), now_secs).await;
+        let claims = verified.map_err(|e| match e {
+            // Not the token's fault: its issuer's keys never loaded.
+            IssuerError::KeysUnavailable => {
+                let issuer = super::issuer::peek_issuer(presented).unwrap_or_default();
+                let retry_after = issuers
+                    .issuer(&issuer)
+                    .map_or(std::time::Duration::from_secs(30), |known| known.config().refetch_interval);
+                GatewayError::JwksUnavailable { issuer, retry_after }
+            }
+            e => GatewayError::TokenRejected(e.reason()),
+        })?;
         let Some(client) = self.client_caller(&claims.client, std::time::Instant::now()).await? else {
             return Err(GatewayError::TokenRejected("no such client"));
         };
