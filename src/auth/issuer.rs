@@ -187,7 +187,9 @@ impl Issuer {
     /// already loaded and logs one line.
     async fn fetch(&self, held: &tokio::sync::OwnedMutexGuard<()>, cache: &TokenCache, why: &'static str) {
         let before = self.keys.current();
-        match self.keys.fetch(held).await {
+        let fetched = self.keys.fetch(held).await;
+        crate::metrics::jwks_fetched(&self.iss, fetched.as_ref().ok().map(|(keys, _)| keys.len()));
+        match fetched {
             Ok((keys, skipped)) => {
                 let changed = keys.len() != before.len() || keys.kids().any(|kid| before.get(kid).is_none());
                 if changed {
