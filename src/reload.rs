@@ -376,5 +376,15 @@ mod tests {
         let two = listeners("127.0.0.1:2");
         assert!(restart_needed(&two, &listeners("127.0.0.1:2")).is_empty());
         assert_eq!(restart_needed(&two, &listeners("127.0.0.1:3")), ["server.listener"]);
+        // Issuers' key sets and refresh tasks are built at start; a route's
+        // `issuers` is read per request and reloads.
+        let issuer = |audience: &str| {
+            config(&format!(
+                "[[jwt.issuer]]\niss = \"https://idp\"\njwks = \"https://idp/jwks\"\naudience = \"{audience}\"\n\
+                 [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\nauth = [\"jwt\"]\n"
+            ))
+        };
+        assert!(restart_needed(&issuer("a"), &issuer("a")).is_empty());
+        assert_eq!(restart_needed(&issuer("a"), &issuer("b")), ["jwt.issuer"]);
     }
 }
