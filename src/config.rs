@@ -1581,6 +1581,8 @@ fn check_route_issuers(
     if tokens.enabled {
         known.push(&tokens.issuer);
     }
+    known.sort_unstable();
+    known.dedup();
     for (i, route) in routes.iter().enumerate() {
         for name in route.issuers.iter().flatten() {
             if !known.contains(&name.as_str()) {
