@@ -557,3 +557,28 @@ async fn revoking_the_client_ends_its_verified_tokens_at_once() {
     .await;
     assert_invalid_token(&call(&gw, &token).await, "a revoked client's cached token");
 }
+
+#[tokio::test]
+async fn usage_of_an_issuers_tokens_is_counted_for_their_client_in_redis() {
+    let redis = common::redis::RedisServer::start();
+    let key = IdpKey::es256("k1");
+    let idp = JwksServer::start(jwks(&[&key])).await;
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"{}\"\n", redis.url());
+    let gw = TestGateway::start(&format!("{store}{}", config(&idp.url(), ""))).await;
+    create_client(&gw, "acme", "").await;
+    let token = key.sign(&claims("acme"));
+    for _ in 0..4 {
+        assert_eq!(call(&gw, &token).await.status, StatusCode::OK);
+    }
+    let mut write_only = claims("acme");
+    write_only["scope"] = json!("write");
+    assert_eq!(call(&gw, &key.sign(&write_only)).await.status, StatusCode::FORBIDDEN);
+    let flusher = gw.gateway.usage_flusher().expect("usage on Redis");
+    // Usage is recorded when each response body ends; every body was read.
+    flusher.flush_now().await.unwrap();
+
+    let report = redis.usage_report("acme").await;
+    assert_eq!(report.totals.requests, 5, "{report:?}");
+    assert_eq!(report.totals.status_2xx, 4, "{report:?}");
+    assert!(serde_json::to_value(&report).unwrap().to_string().contains("/api"), "per route");
+}
