@@ -39,7 +39,42 @@ pub struct Config {
     pub client_certs: ClientCertsConfig,
     /// Access and refresh tokens (`[tokens]`, issue 20).
     pub tokens: TokensConfig,
+    /// External identity providers whose JWTs `auth = ["jwt"]` routes
+    /// accept (`[[jwt.issuer]]`, see `auth::issuer`).
+    pub jwt_issuers: Vec<IssuerConfig>,
 }
+
+/// `[[jwt.issuer]]`: an external identity provider. Its tokens are
+/// verified with the keys of its JWKS and name a client whose record must
+/// exist (see `auth::issuer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    /// The `iss` claim, matched exactly; also how routes name the issuer.
+    pub iss: String,
+    pub jwks: crate::jwks::JwksSource,
+    /// The CA certificates (PEM) an `https://` JWKS server is verified
+    /// against; `None`: the operating system's roots.
+    pub ca: Option<PathBuf>,
+    /// The token's `aud` must name one of these; empty only with
+    /// `audience_optional = true` (no audience check at all).
+    pub audience: Vec<String>,
+    /// Signature algorithms accepted (asymmetric only).
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// The claim holding the client ID (`sub` by default).
+    pub client_claim: String,
+    /// The claim holding the scopes: a space-separated string or an array.
+    pub scope_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// How often the JWKS is fetched again in the background.
+    pub refresh: Duration,
+    /// The least time between two fetches caused by tokens with an unknown `kid`.
+    pub refetch_interval: Duration,
+}
+
+/// The algorithms an issuer accepts unless it says otherwise.
+pub const DEFAULT_ISSUER_ALGORITHMS: [jsonwebtoken::Algorithm; 3] =
+    [jsonwebtoken::Algorithm::RS256, jsonwebtoken::Algorithm::ES256, jsonwebtoken::Algorithm::EdDSA];
 
 /// `[tokens]`: the token endpoint and the access tokens (JWTs) it signs,
 /// verified on routes with `auth = ["key", "jwt"]` (see `auth::jwt`).
@@ -390,6 +425,16 @@ pub struct RouteConfig {
     /// Methods whose failed attempts may be retried on another target
     /// (`retry_methods`; the idempotent ones by default).
     pub retry_methods: crate::proxy::retry::RetryMethods,
+    /// The `iss` of the token issuers this route trusts (`issuers`): among
+    /// `[tokens] issuer` and the `[[jwt.issuer]]` ones. `None`: all of them.
+    pub issuers: Option<Vec<String>>,
+}
+
+impl RouteConfig {
+    /// Whether this route accepts tokens from issuer `iss`.
+    pub fn trusts_issuer(&self, iss: &str) -> bool {
+        self.issuers.as_ref().is_none_or(|trusted| trusted.iter().any(|t| t == iss))
+    }
 }
 
 /// A route's answer to requests over cleartext HTTP (`tls_only`,
@@ -570,6 +615,61 @@ pub struct RawConfig {
     client_certs: RawClientCerts,
     #[serde(default)]
     tokens: RawTokens,
+    #[serde(default)]
+    jwt: RawJwt,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    #[serde(default, rename = "issuer")]
+    issuers: Vec<RawIssuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    iss: Option<String>,
+    jwks: Option<String>,
+    ca: Option<String>,
+    audience: Option<OneOrMany>,
+    audience_optional: Option<bool>,
+    algorithms: Option<Vec<String>>,
+    client_claim: Option<String>,
+    scope_claim: Option<String>,
+    leeway: Option<String>,
+    refresh: Option<String>,
+    refetch_interval: Option<String>,
+}
+
+/// A string or a list of strings (`audience = "api"` or `["api", "web"]`).
+#[derive(Debug, Default)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element::<String>()? {
+                    all.push(one);
+                }
+                Ok(OneOrMany(all))
+            }
+        }
+        // A sequence is asked for (the TOML parser hands a string to
+        // `visit_str` all the same): the config's field walk in
+        // tests/config_fields.rs can trace a sequence, not "anything".
+        d.deserialize_seq(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -719,6 +819,7 @@ struct RawRoute {
     #[serde(default)]
     allow_query_key: bool,
     auth: Option<Vec<String>>,
+    issuers: Option<Vec<String>>,
     cost: Option<u32>,
     max_body: Option<String>,
     upload_idle_timeout: Option<String>,
@@ -889,6 +990,7 @@ impl Config {
                 method_scopes: BTreeMap::new(),
                 allow_query_key: false,
                 auth: None,
+                issuers: None,
                 cost: None,
                 max_body: None,
                 upload_idle_timeout: None,
@@ -1217,11 +1319,19 @@ impl RawConfig {
         };
 
         let tokens = validate_tokens(&mut p, self.tokens, base);
+        // An issuer written but refused has its own problem already.
+        let any_issuer = !self.jwt.issuers.is_empty();
+        let jwt_issuers = validate_issuers(&mut p, self.jwt.issuers, &tokens, base);
         if !tokens.enabled
+            && !any_issuer
             && let Some(i) = routes.iter().position(|r| r.auth.accepts(CredentialKind::Jwt))
         {
-            p.push(format!("route[{i}].auth"), "\"jwt\" needs [tokens] enabled = true");
+            p.push(
+                format!("route[{i}].auth"),
+                "\"jwt\" needs [tokens] enabled = true (keygate's own tokens) or a [[jwt.issuer]]",
+            );
         }
+        check_route_issuers(&mut p, &routes, &tokens, &jwt_issuers);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -1236,6 +1346,7 @@ impl RawConfig {
                 admin,
                 client_certs,
                 tokens,
+                jwt_issuers,
             })
         } else {
             Err(p.0)
@@ -1299,6 +1410,206 @@ fn validate_tokens(p: &mut Problems, raw: RawTokens, base: &Path) -> TokensConfi
         p.push("tokens.signing_key", why);
     }
     tokens
+}
+
+/// `[[jwt.issuer]]`: each field checked, its JWKS file read now (a URL is
+/// not fetched by `keygate check`: the gateway fetches it when it starts).
+fn validate_issuers(
+    p: &mut Problems,
+    raw: Vec<RawIssuer>,
+    tokens: &TokensConfig,
+    base: &Path,
+) -> Vec<IssuerConfig> {
+    use jsonwebtoken::Algorithm;
+    let mut issuers: Vec<IssuerConfig> = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let at = format!("jwt.issuer[{i}]");
+        let iss = match raw.iss {
+            Some(iss) if !iss.is_empty() => iss,
+            Some(_) => {
+                p.push(format!("{at}.iss"), "must not be empty");
+                String::new()
+            }
+            None => {
+                p.push(&at, "needs `iss`: the issuer's `iss` claim, matched exactly");
+                String::new()
+            }
+        };
+        if !iss.is_empty() && issuers.iter().any(|other| other.iss == iss) {
+            p.push(format!("{at}.iss"), format!("`{iss}` is already another [[jwt.issuer]]'s"));
+        }
+        if tokens.enabled && iss == tokens.issuer {
+            p.push(
+                format!("{at}.iss"),
+                format!("`{iss}` is keygate's own `[tokens] issuer`: a token could not be told whose it is"),
+            );
+        }
+        let jwks = match raw.jwks.as_deref().map(|text| crate::jwks::JwksSource::parse(text, base)) {
+            Some(Ok(source)) => Some(source),
+            Some(Err(why)) => {
+                p.push(format!("{at}.jwks"), why);
+                None
+            }
+            None => {
+                p.push(&at, "needs `jwks`: the URL (https:// or http://) or file of the issuer's keys");
+                None
+            }
+        };
+        let ca = raw.ca.map(|file| base.join(file));
+        let mut algorithms = Vec::new();
+        for name in raw
+            .algorithms
+            .unwrap_or_else(|| DEFAULT_ISSUER_ALGORITHMS.iter().map(|alg| format!("{alg:?}")).collect())
+        {
+            match name.parse::<Algorithm>() {
+                Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => p.push(
+                    format!("{at}.algorithms"),
+                    format!(
+                        "`{name}` is HMAC, a shared secret: a JWKS publishes public keys, and HMAC keyed \
+                         with a published key would let anyone sign tokens; use RS256, ES256 or EdDSA"
+                    ),
+                ),
+                Ok(alg) if !algorithms.contains(&alg) => algorithms.push(alg),
+                Ok(_) => {}
+                Err(_) => p.push(
+                    format!("{at}.algorithms"),
+                    format!(
+                        "`{name}` is not a signature algorithm keygate verifies; known: RS256, RS384, \
+                         RS512, PS256, PS384, PS512, ES256, ES384, EdDSA (`none` is never accepted)"
+                    ),
+                ),
+            }
+        }
+        if algorithms.is_empty() {
+            p.push(format!("{at}.algorithms"), "name at least one algorithm, e.g. [\"RS256\"]");
+        }
+        let audience = raw.audience.map(|a| a.0);
+        let audience = match (audience, raw.audience_optional.unwrap_or(false)) {
+            (Some(list), false) if list.is_empty() || list.iter().any(String::is_empty) => {
+                p.push(format!("{at}.audience"), "name the `aud` value(s) this gateway's tokens carry");
+                Vec::new()
+            }
+            (Some(list), false) => list,
+            (Some(_), true) => {
+                p.push(
+                    format!("{at}.audience_optional"),
+                    "`audience` is set: tokens must name it; drop one of the two",
+                );
+                Vec::new()
+            }
+            (None, true) => Vec::new(),
+            (None, false) => {
+                p.push(
+                    &at,
+                    "needs `audience`: the `aud` this API's tokens carry (a string or a list); \
+                     `audience_optional = true` accepts tokens whatever their audience",
+                );
+                Vec::new()
+            }
+        };
+        let claim = |p: &mut Problems, field: &str, value: Option<String>, default: &str| {
+            let value = value.unwrap_or_else(|| default.to_owned());
+            if value.is_empty() {
+                p.push(format!("{at}.{field}"), "must name a claim");
+            }
+            value
+        };
+        let client_claim = claim(p, "client_claim", raw.client_claim, "sub");
+        let scope_claim = claim(p, "scope_claim", raw.scope_claim, "scope");
+        let leeway = p.duration(&format!("{at}.leeway"), raw.leeway.as_deref(), tokens.leeway);
+        let refresh =
+            p.duration(&format!("{at}.refresh"), raw.refresh.as_deref(), Duration::from_secs(10 * 60));
+        let refetch_interval = p.duration(
+            &format!("{at}.refetch_interval"),
+            raw.refetch_interval.as_deref(),
+            Duration::from_secs(30),
+        );
+        if refresh < Duration::from_secs(1) {
+            p.push(format!("{at}.refresh"), "must be at least 1s");
+        }
+        if refetch_interval < Duration::from_secs(1) {
+            p.push(
+                format!("{at}.refetch_interval"),
+                "must be at least 1s: it bounds the fetches tokens with made-up kids can cause",
+            );
+        }
+        match &jwks {
+            Some(source @ crate::jwks::JwksSource::File(path)) if !algorithms.is_empty() => {
+                let read = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+                let parsed = read.and_then(|bytes| crate::jwks::parse(&bytes, &algorithms));
+                match parsed {
+                    Ok(parsed) if parsed.keys.is_empty() => p.push(
+                        format!("{at}.jwks"),
+                        format!(
+                            "{} has no usable key ({} skipped: each needs a kid, and a kind and alg \
+                             among `algorithms`)",
+                            source.describe(),
+                            parsed.skipped
+                        ),
+                    ),
+                    Ok(_) => {}
+                    Err(why) => p.push(format!("{at}.jwks"), format!("{}: {why}", path.display())),
+                }
+            }
+            Some(source) if source.is_https() => {
+                let files = crate::upstream_tls::TlsFiles { ca: ca.clone(), ..Default::default() };
+                if let Err(e) =
+                    crate::upstream_tls::client_config(&files, crate::upstream_tls::Protocol::Http1)
+                {
+                    let field = if ca.is_some() { "ca" } else { "jwks" };
+                    p.push(format!("{at}.{field}"), e.message);
+                }
+            }
+            _ => {}
+        }
+        if ca.is_some() && !jwks.as_ref().is_some_and(crate::jwks::JwksSource::is_https) {
+            p.push(format!("{at}.ca"), "only means something with an https:// `jwks`");
+        }
+        if let Some(jwks) = jwks {
+            issuers.push(IssuerConfig {
+                iss,
+                jwks,
+                ca,
+                audience,
+                algorithms,
+                client_claim,
+                scope_claim,
+                leeway,
+                refresh,
+                refetch_interval,
+            });
+        }
+    }
+    issuers
+}
+
+/// A route's `issuers` must each be `[tokens] issuer` (with tokens on) or
+/// a `[[jwt.issuer]]`'s `iss`.
+fn check_route_issuers(
+    p: &mut Problems,
+    routes: &[RouteConfig],
+    tokens: &TokensConfig,
+    issuers: &[IssuerConfig],
+) {
+    let mut known: Vec<&str> = issuers.iter().map(|i| i.iss.as_str()).collect();
+    if tokens.enabled {
+        known.push(&tokens.issuer);
+    }
+    known.sort_unstable();
+    known.dedup();
+    for (i, route) in routes.iter().enumerate() {
+        for name in route.issuers.iter().flatten() {
+            if !known.contains(&name.as_str()) {
+                p.push(
+                    format!("route[{i}].issuers"),
+                    format!(
+                        "`{name}` is neither a [[jwt.issuer]]'s `iss` nor (with [tokens] enabled) `[tokens] issuer`; known: {}",
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Reads one environment variable (the process's, or a test's table).
@@ -2298,6 +2609,20 @@ fn validate_route(
         },
         plain,
         retry_methods: validate_retry_methods(p, at, raw.retry_methods.as_deref()),
+        issuers: match raw.issuers {
+            Some(_) if !auth.accepts(CredentialKind::Jwt) => {
+                p.push(format!("{at}.issuers"), "names token issuers, but `auth` does not include \"jwt\"");
+                None
+            }
+            Some(list) if list.is_empty() => {
+                p.push(
+                    format!("{at}.issuers"),
+                    "name at least one issuer, or leave it out to trust them all",
+                );
+                None
+            }
+            issuers => issuers,
+        },
     }
 }
 
@@ -2431,6 +2756,165 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].field, "route[0].auth");
         assert!(found[0].message.contains("[tokens] enabled"), "{found:?}");
+    }
+
+    /// A JWKS file with one Ed25519 key, in a temporary folder.
+    fn jwks_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]});
+        std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+        dir
+    }
+
+    fn issuer_problems(dir: &Path, issuer: &str) -> Vec<ConfigProblem> {
+        let text = format!("{MINIMAL}auth = [\"jwt\"]\n[[jwt.issuer]]\n{issuer}");
+        match Config::from_toml(&text, dir) {
+            Err(TextError::Invalid(problems)) => problems,
+            Err(TextError::Syntax(message)) => panic!("syntax: {message}"),
+            Ok(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_issuer_gets_documented_defaults_and_opens_jwt_routes_without_tokens() {
+        let dir = jwks_dir();
+        let text = format!(
+            "{MINIMAL}auth = [\"jwt\"]\n[[jwt.issuer]]\niss = \"https://idp.example\"\njwks = \"jwks.json\"\naudience = \"api\"\n"
+        );
+        let config = Config::from_toml(&text, dir.path()).expect("valid");
+        let issuer = &config.jwt_issuers[0];
+        assert_eq!(issuer.iss, "https://idp.example");
+        assert_eq!(issuer.jwks, crate::jwks::JwksSource::File(dir.path().join("jwks.json")));
+        assert_eq!(issuer.audience, ["api"]);
+        assert_eq!(issuer.algorithms, DEFAULT_ISSUER_ALGORITHMS);
+        assert_eq!((issuer.client_claim.as_str(), issuer.scope_claim.as_str()), ("sub", "scope"));
+        assert_eq!(issuer.leeway, config.tokens.leeway);
+        assert_eq!(issuer.refresh, Duration::from_secs(600));
+        assert_eq!(issuer.refetch_interval, Duration::from_secs(30));
+        assert!(!config.tokens.enabled);
+        assert_eq!(config.routes[0].issuers, None, "all issuers by default");
+
+        let list = "iss = \"i\"\njwks = \"https://idp.example/keys\"\naudience = [\"a\", \"b\"]\nalgorithms = [\"PS256\"]\n";
+        let config =
+            Config::from_toml(&format!("{MINIMAL}[[jwt.issuer]]\n{list}"), dir.path()).expect("valid");
+        assert_eq!(config.jwt_issuers[0].audience, ["a", "b"]);
+        assert_eq!(config.jwt_issuers[0].algorithms, [jsonwebtoken::Algorithm::PS256]);
+    }
+
+    #[test]
+    fn hmac_and_unknown_algorithms_are_refused_with_the_reason() {
+        let dir = jwks_dir();
+        let found = issuer_problems(
+            dir.path(),
+            "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"api\"\nalgorithms = [\"HS256\", \"none\"]\n",
+        );
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["jwt.issuer[0].algorithms"; 3], "{found:?}");
+        assert!(found[0].message.contains("HMAC"), "{found:?}");
+        assert!(found[1].message.contains("`none` is never accepted"), "{found:?}");
+        assert!(found[2].message.contains("at least one"), "{found:?}");
+        assert_eq!(found[0].line, Some(9), "the line of `algorithms`");
+    }
+
+    #[test]
+    fn audience_is_required_unless_explicitly_optional_and_never_both() {
+        let dir = jwks_dir();
+        let base = "iss = \"i\"\njwks = \"jwks.json\"\n";
+        let found = issuer_problems(dir.path(), base);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].message.contains("needs `audience`"), "{found:?}");
+        assert!(issuer_problems(dir.path(), &format!("{base}audience_optional = true\n")).is_empty());
+        let both =
+            issuer_problems(dir.path(), &format!("{base}audience = \"a\"\naudience_optional = true\n"));
+        assert_eq!(both[0].field, "jwt.issuer[0].audience_optional", "{both:?}");
+        let empty = issuer_problems(dir.path(), &format!("{base}audience = []\n"));
+        assert_eq!(empty[0].field, "jwt.issuer[0].audience", "{empty:?}");
+    }
+
+    #[test]
+    fn every_issuer_field_is_checked_naming_it() {
+        let dir = jwks_dir();
+        std::fs::write(
+            dir.path().join("hmac.json"),
+            r#"{"keys": [{"kty": "oct", "kid": "s", "k": "c2VjcmV0"}]}"#,
+        )
+        .unwrap();
+        let cases = [
+            ("jwks = \"jwks.json\"\naudience = \"a\"\n", "jwt.issuer[0]", "needs `iss`"),
+            ("iss = \"\"\njwks = \"jwks.json\"\naudience = \"a\"\n", "jwt.issuer[0].iss", "empty"),
+            ("iss = \"i\"\naudience = \"a\"\n", "jwt.issuer[0]", "needs `jwks`"),
+            ("iss = \"i\"\njwks = \"ftp://x/k\"\naudience = \"a\"\n", "jwt.issuer[0].jwks", "https://"),
+            ("iss = \"i\"\njwks = \"missing.json\"\naudience = \"a\"\n", "jwt.issuer[0].jwks", "cannot read"),
+            ("iss = \"i\"\njwks = \"hmac.json\"\naudience = \"a\"\n", "jwt.issuer[0].jwks", "no usable key"),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\nalgorithms = [\"RS256\"]\n",
+                "jwt.issuer[0].jwks",
+                "no usable key",
+            ),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\nclient_claim = \"\"\n",
+                "jwt.issuer[0].client_claim",
+                "claim",
+            ),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\nleeway = \"soon\"\n",
+                "jwt.issuer[0].leeway",
+                "duration",
+            ),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\nrefresh = \"0s\"\n",
+                "jwt.issuer[0].refresh",
+                "1s",
+            ),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\nrefetch_interval = \"100ms\"\n",
+                "jwt.issuer[0].refetch_interval",
+                "made-up kids",
+            ),
+            (
+                "iss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\n[[jwt.issuer]]\niss = \"i\"\njwks = \"jwks.json\"\naudience = \"a\"\n",
+                "jwt.issuer[1].iss",
+                "already",
+            ),
+        ];
+        for (issuer, field, says) in cases {
+            let found = issuer_problems(dir.path(), issuer);
+            assert_eq!(found.len(), 1, "{issuer}: {found:?}");
+            assert_eq!(found[0].field, field, "{issuer}: {found:?}");
+            assert!(found[0].message.contains(says), "{issuer}: {found:?}");
+        }
+        // keygate's own issuer name cannot be an external one's too.
+        let text = format!(
+            "{MINIMAL}[tokens]\nenabled = true\n[[jwt.issuer]]\niss = \"keygate\"\njwks = \"jwks.json\"\naudience = \"a\"\n"
+        );
+        let Err(TextError::Invalid(found)) = Config::from_toml(&text, dir.path()) else { panic!("refused") };
+        assert_eq!(found[0].field, "jwt.issuer[0].iss", "{found:?}");
+    }
+
+    #[test]
+    fn a_route_names_only_issuers_that_exist_and_only_with_jwt() {
+        let dir = jwks_dir();
+        let issuer = "[[jwt.issuer]]\niss = \"https://idp\"\njwks = \"jwks.json\"\naudience = \"a\"\n";
+        let route = |extra: &str| format!("{MINIMAL}{extra}\n[tokens]\nenabled = true\n{issuer}");
+        let config = Config::from_toml(&route("auth = [\"jwt\"]\nissuers = [\"https://idp\"]"), dir.path())
+            .expect("valid");
+        assert!(config.routes[0].trusts_issuer("https://idp"));
+        assert!(!config.routes[0].trusts_issuer("keygate"));
+        Config::from_toml(&route("auth = [\"jwt\"]\nissuers = [\"keygate\"]"), dir.path())
+            .expect("own issuer");
+        for (extra, says) in [
+            ("auth = [\"jwt\"]\nissuers = [\"https://other\"]", "neither"),
+            ("auth = [\"key\"]\nissuers = [\"https://idp\"]", "does not include"),
+            ("auth = [\"jwt\"]\nissuers = []", "at least one"),
+        ] {
+            let Err(TextError::Invalid(found)) = Config::from_toml(&route(extra), dir.path()) else {
+                panic!("{extra}: refused")
+            };
+            assert_eq!(found.len(), 1, "{extra}: {found:?}");
+            assert_eq!(found[0].field, "route[0].issuers", "{extra}: {found:?}");
+            assert!(found[0].message.contains(says), "{extra}: {found:?}");
+        }
     }
 
     #[test]

@@ -68,6 +68,14 @@ pub enum GatewayError {
     /// the operator's data is, and a 5xx is what gets logged and alerted on.
     #[error("unreadable key record: {0}")]
     CorruptRecord(String),
+    /// An external issuer's JWKS has never been fetched successfully (its
+    /// identity provider is down or unreachable since the gateway
+    /// started): its tokens cannot be checked either way. A 503, not a
+    /// 401: the token may be fine, and a client told "invalid" would throw
+    /// it away and log in again, onto an identity provider already in
+    /// trouble. Not logged per request: each failed fetch is, once.
+    #[error("no signing keys of issuer {issuer} are loaded")]
+    JwksUnavailable { issuer: String, retry_after: Duration },
     #[error("upstream {upstream} unreachable: {cause}")]
     UpstreamUnreachable { upstream: String, cause: String },
     #[error("upstream {upstream} did not answer within {after:?}")]
@@ -193,6 +201,9 @@ impl GatewayError {
                 "too many failed authentications from this address; retry later".to_owned()
             }
             Self::LookupsThrottled { .. } => "the key store is busy; retry later".to_owned(),
+            Self::JwksUnavailable { .. } => {
+                "the token issuer's signing keys are unavailable; retry later".to_owned()
+            }
             Self::CorruptRecord(_) => {
                 "this API key's record cannot be read; retry later or contact the operator".to_owned()
             }
@@ -237,6 +248,7 @@ impl GatewayError {
             Self::TooManyAuthFailures { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures"),
             Self::LookupsThrottled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_busy"),
             Self::CorruptRecord(_) => (StatusCode::SERVICE_UNAVAILABLE, "key_record_unreadable"),
+            Self::JwksUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "jwks_unavailable"),
             Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::UpstreamBadResponse { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
@@ -256,7 +268,8 @@ impl GatewayError {
     /// Builds the JSON response, with the headers the status calls for.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let answer = self.answer();
-        if answer.status.is_server_error() && !matches!(self, Self::LookupsThrottled { .. }) {
+        let logged_elsewhere = matches!(self, Self::LookupsThrottled { .. } | Self::JwksUnavailable { .. });
+        if answer.status.is_server_error() && !logged_elsewhere {
             tracing::error!(status = answer.status.as_u16(), cause = %self, "request failed");
         } else {
             tracing::debug!(status = answer.status.as_u16(), reason = %self, "request refused");
@@ -319,6 +332,7 @@ impl GatewayError {
             | Self::QuotaExceeded { retry_after }
             | Self::TooManyAuthFailures { retry_after }
             | Self::LookupsThrottled { retry_after }
+            | Self::JwksUnavailable { retry_after, .. }
             | Self::CreditsExhausted { retry_after: Some(retry_after), .. } => {
                 // Round up: retrying after a truncated value would be refused again.
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
@@ -639,6 +653,20 @@ mod tests {
         assert_eq!(status, 503);
         assert_eq!(body["error"], "store_busy");
         assert_eq!(headers[header::RETRY_AFTER], "3");
+    }
+
+    #[tokio::test]
+    async fn an_issuer_without_keys_is_503_with_retry_after_and_no_challenge() {
+        let error = GatewayError::JwksUnavailable {
+            issuer: "https://idp.internal".into(),
+            retry_after: Duration::from_secs(30),
+        };
+        let (status, headers, body) = answer(error).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "jwks_unavailable");
+        assert_eq!(headers[header::RETRY_AFTER], "30");
+        assert!(!headers.contains_key(header::WWW_AUTHENTICATE), "the token is not judged");
+        assert!(!body.to_string().contains("idp.internal"));
     }
 
     #[tokio::test]

@@ -63,6 +63,10 @@ pub struct Gateway {
     /// verified-token cache. Built at start (a reload keeps the keys, so
     /// tokens issued before it stay valid); `None` when off.
     pub tokens: Option<Arc<crate::auth::jwt::TokenVerifier>>,
+    /// External token issuers (`[[jwt.issuer]]`): their JWKS keys, kept
+    /// fresh by one background task each, and the verified-token cache.
+    /// Built at start (a change needs a restart); `None` when none are set.
+    pub issuers: Option<Arc<crate::auth::issuer::Issuers>>,
     /// Where refresh tokens live (beside the keys: the store's Redis or its
     /// folder); `None` when tokens are off.
     pub refresh: Option<crate::refresh::SharedRefreshStore>,
@@ -81,6 +85,8 @@ impl Gateway {
         let connections = ConnectionLimits::new(&config.server.edge);
         let tokens = crate::auth::jwt::TokenVerifier::for_config(&config.tokens).map(Arc::new);
         let refresh = tokens.as_ref().and_then(|_| crate::refresh::for_store(&*store, &config.store));
+        let issuers = (!config.jwt_issuers.is_empty())
+            .then(|| crate::auth::issuer::Issuers::start(&config.jwt_issuers, config.tokens.cache_capacity));
         Arc::new(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)),
             verifier,
@@ -90,6 +96,7 @@ impl Gateway {
             connections,
             tls: std::sync::OnceLock::new(),
             tokens,
+            issuers,
             refresh,
         })
     }

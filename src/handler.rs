@@ -278,10 +278,10 @@ async fn serve(
             (credential::Presented::Key(token), _)
                 if takes_tokens && (!takes_keys || jwt::looks_like_jwt(&token, &keys.prefix)) =>
             {
-                let tokens =
-                    gateway.tokens.as_deref().ok_or(GatewayError::TokenRejected("tokens are off"))?;
+                // keygate's own access token, or an external issuer's.
                 token_presented = true;
-                gateway.verifier.verify_token(tokens, &token, client_ip).await?
+                let (tokens, issuers) = (gateway.tokens.as_deref(), gateway.issuers.as_deref());
+                gateway.verifier.verify_jwt(tokens, issuers, route, &token, client_ip).await?
             }
             (credential::Presented::Key(key), _) => gateway.verifier.verify(&key, client_ip, started).await?,
             (credential::Presented::Ambiguous, _) => {

@@ -29,6 +29,7 @@
 //! - [`credential`]: finding the key in a request and stripping it.
 //! - [`auth`]: verification through the in-process cache, invalidations.
 //! - [`tokens`]: the token endpoint and JWKS (access tokens, `auth::jwt`).
+//! - [`jwks`]: external issuers' JWKS documents: fetched or read, parsed into keys by `kid`.
 //! - [`refresh`]: refresh tokens: rotation, reuse detection, their stores and cookie.
 //! - [`scope`]: does the key's scope cover the route and method.
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
@@ -55,6 +56,7 @@ pub mod echo;
 pub mod error;
 pub mod gateway;
 pub mod handler;
+pub mod jwks;
 pub mod key;
 pub mod limit;
 pub mod meta;

@@ -102,6 +102,19 @@ struct HandshakeLabels {
     reason: &'static str,
 }
 
+/// One JWKS fetch of an external token issuer: its `iss` (from the
+/// config, so bounded) and how it went (`ok`, `failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JwksFetchLabels {
+    issuer: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
+}
+
 /// One upstream target: the upstream's name and the target's `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TargetLabels {
@@ -180,6 +193,8 @@ pub struct Metrics {
     upstream_retries_refused: Family<UpstreamLabels, Counter>,
     upstream_panics: Family<UpstreamLabels, Counter>,
     upstream_overloaded: Family<OverloadLabels, Counter>,
+    jwks_fetches: Family<JwksFetchLabels, Counter>,
+    jwks_keys: Family<IssuerLabels, Gauge>,
     /// Each certificate's expiry (Unix seconds) by the id of the listener
     /// that loaded it (two listeners, or two gateways in one test process,
     /// may share an address label such as `127.0.0.1:0`); replaced per
@@ -365,8 +380,24 @@ impl Metrics {
              (max_requests, max_pending)",
             upstream_overloaded.clone(),
         );
+        let jwks_fetches = Family::<JwksFetchLabels, Counter>::default();
+        registry.register(
+            "jwks_fetches",
+            "Fetches of an external token issuer's JWKS ([[jwt.issuer]]), scheduled or for an unknown \
+             kid, by issuer and outcome (ok, failed: the keys already loaded are kept)",
+            jwks_fetches.clone(),
+        );
+        let jwks_keys = Family::<IssuerLabels, Gauge>::default();
+        registry.register(
+            "jwks_keys",
+            "Usable keys loaded from an external token issuer's JWKS (0: its tokens get 503 \
+             jwks_unavailable)",
+            jwks_keys.clone(),
+        );
         Self {
             registry,
+            jwks_fetches,
+            jwks_keys,
             target_healthy,
             target_outstanding,
             target_ejections,
@@ -546,6 +577,16 @@ impl Metrics {
             .inc();
     }
 
+    /// One JWKS fetch of `issuer` and, if it succeeded, how many keys it holds now.
+    pub fn jwks_fetched(&self, issuer: &str, keys: Option<usize>) {
+        let outcome = if keys.is_some() { "ok" } else { "failed" };
+        self.jwks_fetches.get_or_create(&JwksFetchLabels { issuer: issuer.to_owned(), outcome }).inc();
+        let gauge = self.jwks_keys.get_or_create(&IssuerLabels { issuer: issuer.to_owned() });
+        if let Some(keys) = keys {
+            gauge.set(i64::try_from(keys).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The OpenMetrics text exposition (Prometheus scrapes it as is).
     pub fn render(&self) -> String {
         {
@@ -666,6 +707,10 @@ pub fn tls_certificates(id: u64, listener: &str, certs: &[crate::tls::certs::Loa
 }
 
 /// The process-wide metrics as Prometheus text.
+pub fn jwks_fetched(issuer: &str, keys: Option<usize>) {
+    METRICS.jwks_fetched(issuer, keys);
+}
+
 pub fn render() -> String {
     METRICS.render()
 }
@@ -718,6 +763,29 @@ mod tests {
         let text = metrics.render();
         assert!(!text.contains("a.pem"), "a replaced certificate disappears: {text}");
         assert!(text.contains("c.pem") && text.contains("b.pem"), "{text}");
+    }
+
+    #[test]
+    fn jwks_fetches_are_counted_by_issuer_and_outcome_with_the_keys_loaded() {
+        let metrics = Metrics::new();
+        metrics.jwks_fetched("https://idp", None);
+        let text = metrics.render();
+        assert!(
+            text.contains("keygate_jwks_fetches_total{issuer=\"https://idp\",outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("keygate_jwks_keys{issuer=\"https://idp\"} 0"), "never loaded: {text}");
+        metrics.jwks_fetched("https://idp", Some(2));
+        metrics.jwks_fetched("https://idp", None);
+        let text = metrics.render();
+        assert!(
+            text.contains("keygate_jwks_fetches_total{issuer=\"https://idp\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keygate_jwks_keys{issuer=\"https://idp\"} 2"),
+            "a failure keeps the keys: {text}"
+        );
     }
 
     #[test]

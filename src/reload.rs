@@ -304,6 +304,8 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("limits.idle_eviction", old.limits.idle_eviction != new.limits.idle_eviction),
         ("limits.max_tracked_keys", old.limits.max_tracked_keys != new.limits.max_tracked_keys),
         ("admin.listen", old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen)),
+        // Each issuer's key set and its refresh task are built at start.
+        ("jwt.issuer", old.jwt_issuers != new.jwt_issuers),
     ]
     .into_iter()
     .filter_map(|(field, changed)| changed.then_some(field))
@@ -374,5 +376,15 @@ mod tests {
         let two = listeners("127.0.0.1:2");
         assert!(restart_needed(&two, &listeners("127.0.0.1:2")).is_empty());
         assert_eq!(restart_needed(&two, &listeners("127.0.0.1:3")), ["server.listener"]);
+        // Issuers' key sets and refresh tasks are built at start; a route's
+        // `issuers` is read per request and reloads.
+        let issuer = |audience: &str| {
+            config(&format!(
+                "[[jwt.issuer]]\niss = \"https://idp\"\njwks = \"https://idp/jwks\"\naudience = \"{audience}\"\n\
+                 [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\nauth = [\"jwt\"]\n"
+            ))
+        };
+        assert!(restart_needed(&issuer("a"), &issuer("a")).is_empty());
+        assert_eq!(restart_needed(&issuer("a"), &issuer("b")), ["jwt.issuer"]);
     }
 }

@@ -69,6 +69,7 @@ mod tests {
             body: crate::config::BodyLimits::default(),
             plain: crate::config::PlainHttp::default(),
             retry_methods: Default::default(),
+            issuers: None,
         }
     }
 

@@ -67,7 +67,11 @@ impl Verifier {
 
     /// A client's record as a certificate caller, through the client cache
     /// (`None`: the store has no record of it).
-    async fn client_caller(&self, id: &str, arrived: Instant) -> Result<Option<Arc<Caller>>, GatewayError> {
+    pub(super) async fn client_caller(
+        &self,
+        id: &str,
+        arrived: Instant,
+    ) -> Result<Option<Arc<Caller>>, GatewayError> {
         let store_version = self.store_version().await?;
         let epoch = self.epoch.load(Ordering::Acquire);
         let cached = self.clients.get(id);

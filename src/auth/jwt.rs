@@ -218,6 +218,11 @@ impl TokenKeys {
         &self.current.kid
     }
 
+    /// The `iss` of the tokens these keys sign (`[tokens] issuer`).
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// How long an access token lives.
     pub fn access_ttl(&self) -> Duration {
         self.access_ttl

@@ -55,6 +55,13 @@
 //! [`Invalidation::All`] or a file-store version change. Certificates come
 //! from the operator's client CA, not from guesses, so their refusals do not
 //! count against the source's failed-authentication budget.
+//!
+//! A JWT from an external issuer (`[[jwt.issuer]]`, [`Credential::Issued`],
+//! checked by `issuer.rs`, see [`Verifier::verify_jwt`]) names a client
+//! the same way: its record, through the same client cache, must exist
+//! and be active, and supplies limits, quota, credits and usage; the
+//! token's scope claim is what the route is checked against. Its refusals
+//! count against the source's budget like a key's.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
@@ -72,6 +79,7 @@ use moka::sync::Cache;
 use tokio::sync::broadcast::error::RecvError;
 
 mod cert;
+pub mod issuer;
 pub mod jwt;
 mod refresh;
 mod token;
@@ -115,6 +123,10 @@ pub enum Credential {
     // An access token (issue 20) becomes `Key` of its source key's record
     // with the token's scopes (see `token.rs`): the key supplies limits,
     // quota and usage exactly as when presented itself.
+    /// A JWT from an external issuer (`[[jwt.issuer]]`): the client it
+    /// names is the caller, by its record (limits, quota, credits, status,
+    /// usage), with the token's scopes.
+    Issued { client: Arc<ClientRecord>, issuer: Arc<str>, scopes: Vec<String> },
 }
 
 impl Caller {
@@ -131,11 +143,23 @@ impl Caller {
         Self { identity, client: Some(Arc::clone(&client)), credential: Credential::ClientCert { client } }
     }
 
+    /// An external token's caller: its client, by its record, with the
+    /// token's scopes.
+    fn for_issued(client: Arc<ClientRecord>, claims: &issuer::ExternalClaims) -> Self {
+        let identity = Identity::for_client(&client.id, &claims.scopes);
+        let credential = Credential::Issued {
+            client: Arc::clone(&client),
+            issuer: Arc::clone(&claims.issuer),
+            scopes: claims.scopes.clone(),
+        };
+        Self { identity, client: Some(client), credential }
+    }
+
     /// The client this caller is or belongs to.
     pub fn client(&self) -> &str {
         match &self.credential {
             Credential::Key(record) => record.client(),
-            Credential::ClientCert { client } => &client.id,
+            Credential::ClientCert { client } | Credential::Issued { client, .. } => &client.id,
         }
     }
 
@@ -143,7 +167,7 @@ impl Caller {
     pub fn key(&self) -> Option<&KeyRecord> {
         match &self.credential {
             Credential::Key(record) => Some(record),
-            Credential::ClientCert { .. } => None,
+            Credential::ClientCert { .. } | Credential::Issued { .. } => None,
         }
     }
 
@@ -158,6 +182,7 @@ impl Caller {
         match &self.credential {
             Credential::Key(record) => &record.meta.scopes,
             Credential::ClientCert { client } => &client.meta.scopes,
+            Credential::Issued { scopes, .. } => scopes,
         }
     }
 
@@ -166,6 +191,7 @@ impl Caller {
         match &self.credential {
             Credential::Key(_) => CredentialKind::Key,
             Credential::ClientCert { .. } => CredentialKind::Cert,
+            Credential::Issued { .. } => CredentialKind::Jwt,
         }
     }
 }

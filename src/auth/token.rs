@@ -1,6 +1,8 @@
 //! Access tokens as a route credential: a JWT (checked by `jwt.rs`)
 //! becomes the [`Caller`] of the key it was issued for, with the token's
-//! scopes.
+//! scopes; a JWT of an external issuer (checked by `issuer.rs`) becomes
+//! the caller of the client it names, by the client's record (see
+//! [`super::Verifier::verify_jwt`], which tells the two apart).
 //!
 //! The key is found by the ID in the token's `kid` claim, once per
 //! `cache_ttl` (the `token_keys` cache), not per request; the store's
@@ -16,8 +18,10 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
+use super::issuer::{IssuerError, Issuers};
 use super::jwt::{AccessClaims, TokenVerifier};
 use super::{Caller, check_usable};
+use crate::config::RouteConfig;
 use crate::error::GatewayError;
 use crate::key::KeyId;
 use crate::store::Found;
@@ -37,6 +41,83 @@ impl super::Verifier {
         let rejected = |error: &GatewayError| matches!(error, GatewayError::TokenRejected(_));
         let verifying = self.verify_token_unbudgeted(tokens, presented);
         self.within_failure_budget(source, || tokens.is_cached(presented), rejected, verifying).await
+    }
+
+    /// Verifies a bearer JWT on `route` from `source`: keygate's own
+    /// access token (`tokens`) or an external issuer's (`issuers`), those
+    /// the route trusts (`issuers = [...]`). Which one is told by the
+    /// token: keygate's own when its cache knows it or its `iss` is
+    /// `[tokens] issuer`, else an external issuer's by its `iss`. Either
+    /// way under the source's failed-authentication budget.
+    pub async fn verify_jwt(
+        &self,
+        tokens: Option<&TokenVerifier>,
+        issuers: Option<&Issuers>,
+        route: &RouteConfig,
+        presented: &str,
+        source: IpAddr,
+    ) -> Result<Arc<Caller>, GatewayError> {
+        let own = tokens.filter(|tokens| route.trusts_issuer(tokens.keys().issuer()));
+        let Some(issuers) = issuers else {
+            return match own {
+                Some(tokens) => self.verify_token(tokens, presented, source).await,
+                // Tokens are off, or keygate's own are not trusted here:
+                // refused (and counted) like any token that fails.
+                None => {
+                    let refused =
+                        async { Err(GatewayError::TokenRejected("issuer not trusted on this route")) };
+                    let rejected = |error: &GatewayError| matches!(error, GatewayError::TokenRejected(_));
+                    self.within_failure_budget(source, || false, rejected, refused).await
+                }
+            };
+        };
+        let is_own = |token: &str| {
+            own.is_some_and(|tokens| {
+                tokens.is_cached(token)
+                    || super::issuer::peek_issuer(token).as_deref() == Some(tokens.keys().issuer())
+            })
+        };
+        if let Some(tokens) = own
+            && is_own(presented)
+        {
+            return self.verify_token(tokens, presented, source).await;
+        }
+        let rejected = |error: &GatewayError| matches!(error, GatewayError::TokenRejected(_));
+        let verifying = self.verify_issued(issuers, route, presented);
+        self.within_failure_budget(source, || issuers.is_cached(presented), rejected, verifying).await
+    }
+
+    /// An external token (see `issuer.rs`), then its client's record
+    /// (through the client cache): it must exist and be active.
+    async fn verify_issued(
+        &self,
+        issuers: &Issuers,
+        route: &RouteConfig,
+        presented: &str,
+    ) -> Result<Arc<Caller>, GatewayError> {
+        let now = Timestamp::now();
+        let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
+        let verified = issuers.verify(presented, |iss| route.trusts_issuer(iss), now_secs).await;
+        let claims = verified.map_err(|e| match e {
+            // Not the token's fault: its issuer's keys never loaded.
+            IssuerError::KeysUnavailable => {
+                let issuer = super::issuer::peek_issuer(presented).unwrap_or_default();
+                let retry_after = issuers
+                    .issuer(&issuer)
+                    .map_or(std::time::Duration::from_secs(30), |known| known.config().refetch_interval);
+                GatewayError::JwksUnavailable { issuer, retry_after }
+            }
+            e => GatewayError::TokenRejected(e.reason()),
+        })?;
+        let Some(client) = self.client_caller(&claims.client, std::time::Instant::now()).await? else {
+            return Err(GatewayError::TokenRejected("no such client"));
+        };
+        check_usable(&client, || now).map_err(|r| GatewayError::TokenRejected(r.reason()))?;
+        let Some(record) = client.client.clone() else {
+            // A client caller always has its record (`Caller::for_client`).
+            return Err(GatewayError::TokenRejected("no such client"));
+        };
+        Ok(Arc::new(Caller::for_issued(record, &claims)))
     }
 
     async fn verify_token_unbudgeted(

@@ -65,7 +65,7 @@ fn chain(path: &Path) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_file_iter(path).expect("certificate file").map(|c| c.expect("certificate")).collect()
 }
 
-fn server_config(server: &Issued, options: &TlsOptions) -> rustls::ServerConfig {
+pub fn server_config(server: &Issued, options: &TlsOptions) -> rustls::ServerConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
