@@ -81,15 +81,42 @@ impl Meter {
 
 /// The gateway's refusals as usage counts them.
 pub fn refusal_of(error: &GatewayError) -> Option<usage::Refusal> {
+    use crate::error::OAuthError;
+    // Every variant named, so a new way to refuse a credential cannot be
+    // left out of `refused_401` by a wildcard (an access token's refusal
+    // once was).
     match error {
-        GatewayError::MissingKey | GatewayError::MissingCertificate | GatewayError::KeyRejected(_) => {
-            Some(usage::Refusal::Unauthorized)
-        }
+        GatewayError::MissingKey
+        | GatewayError::MissingCertificate
+        | GatewayError::KeyRejected(_)
+        | GatewayError::TokenRejected(_)
+        | GatewayError::TokenRequest(OAuthError::InvalidClient) => Some(usage::Refusal::Unauthorized),
         GatewayError::MissingScope(_) => Some(usage::Refusal::Forbidden),
         GatewayError::RateLimited { .. } => Some(usage::Refusal::RateLimited),
         GatewayError::QuotaExceeded { .. } => Some(usage::Refusal::QuotaExceeded),
         GatewayError::CreditsExhausted { .. } => Some(usage::Refusal::CreditsExhausted),
-        _ => None,
+        GatewayError::NoRoute
+        | GatewayError::BadPath(_)
+        | GatewayError::BadHost(_)
+        | GatewayError::TokenRequest(_)
+        | GatewayError::StoreUnavailable(_)
+        | GatewayError::TooManyAuthFailures { .. }
+        | GatewayError::LookupsThrottled { .. }
+        | GatewayError::CorruptRecord(_)
+        | GatewayError::JwksUnavailable { .. }
+        | GatewayError::UpstreamUnreachable { .. }
+        | GatewayError::UpstreamTimeout { .. }
+        | GatewayError::UpstreamBadResponse { .. }
+        | GatewayError::UpstreamTls { .. }
+        | GatewayError::UpstreamBusy { .. }
+        | GatewayError::UpstreamOverloaded { .. }
+        | GatewayError::BadRequestBody(_)
+        | GatewayError::BodyTooLarge { .. }
+        | GatewayError::RequestBodyTimeout { .. }
+        | GatewayError::MethodNotAllowed(_)
+        | GatewayError::TlsRequired
+        | GatewayError::RedirectToHttps { .. }
+        | GatewayError::Internal(_) => None,
     }
 }
 

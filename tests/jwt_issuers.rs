@@ -573,6 +573,13 @@ async fn usage_of_an_issuers_tokens_is_counted_for_their_client_in_redis() {
     let mut write_only = claims("acme");
     write_only["scope"] = json!("write");
     assert_eq!(call(&gw, &key.sign(&write_only)).await.status, StatusCode::FORBIDDEN);
+    // Refused tokens are refusals in usage too, under the anonymous client
+    // (a token that did not verify names no client).
+    let mut expired = claims("acme");
+    expired["exp"] = json!(1_000_000_000);
+    for _ in 0..2 {
+        assert_eq!(call(&gw, &key.sign(&expired)).await.status, StatusCode::UNAUTHORIZED);
+    }
     let flusher = gw.gateway.usage_flusher().expect("usage on Redis");
     // Usage is recorded when each response body ends; every body was read.
     flusher.flush_now().await.unwrap();
@@ -580,5 +587,8 @@ async fn usage_of_an_issuers_tokens_is_counted_for_their_client_in_redis() {
     let report = redis.usage_report("acme").await;
     assert_eq!(report.totals.requests, 5, "{report:?}");
     assert_eq!(report.totals.status_2xx, 4, "{report:?}");
+    assert_eq!(report.totals.refused_403, 1, "{report:?}");
     assert!(serde_json::to_value(&report).unwrap().to_string().contains("/api"), "per route");
+    let refused = redis.usage_report(keygate::usage::ANONYMOUS).await;
+    assert_eq!((refused.totals.requests, refused.totals.refused_401), (2, 2), "{refused:?}");
 }
