@@ -20,6 +20,11 @@ use keygate::ops::RevokeTarget;
 use keygate::store::SharedStore;
 use keygate::store::conn::RedisConn;
 
+/// At most this many of the file's tests run a cluster (6 redis-servers,
+/// 3 gateways) at once: eight at once on two cores slowed replication and
+/// elections enough to blur what the failover tests measure.
+static CLUSTERS_AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+
 fn config(cluster: &RedisCluster) -> String {
     let nodes = cluster.urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
     format!(
@@ -93,6 +98,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_issued_through_one_works_on_all_and_its_revocation_reaches_all_within_100ms() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let http = http1_client();
@@ -129,6 +135,7 @@ async fn a_key_issued_through_one_works_on_all_and_its_revocation_reaches_all_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_totals_across_three_gateways_are_exact_after_shutdown() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let cluster = RedisCluster::start();
     let mut gateways = gateways(&cluster).await;
     let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
@@ -180,6 +187,7 @@ async fn usage_totals_across_three_gateways_are_exact_after_shutdown() {
 /// whose primary died, whether or not its last writes reached the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_stays_exact_when_a_primary_is_killed_mid_run() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let mut cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
@@ -249,6 +257,7 @@ async fn usage_stays_exact_when_a_primary_is_killed_mid_run() {
 /// a few per client, not per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_commands_per_request_stay_near_zero_with_one_two_and_three_gateways() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let flushers: Vec<_> = gateways.iter().map(|g| g.gateway.usage_flusher().expect("usage is on")).collect();
@@ -319,6 +328,7 @@ async fn redis_commands_per_request_stay_near_zero_with_one_two_and_three_gatewa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let mut cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let http = http1_client();
@@ -330,6 +340,9 @@ async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
     for gateway in &gateways {
         assert_eq!(status(&http, gateway, &cached).await, 200);
     }
+    // Both keys on the replica too: an unreplicated key is lost by the
+    // failover (Redis replicates asynchronously) and would rightly be 401.
+    cluster.wait_replicated();
 
     let killed_at = Instant::now();
     cluster.kill_primary_of("kg:{fail}:keys");
@@ -356,6 +369,7 @@ async fn a_primary_dies_and_the_gateways_keep_serving_without_restart() {
 /// still reaches every gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let mut cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let http = http1_client();
@@ -421,6 +435,7 @@ async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let mut sentinel = common::cluster::RedisSentinel::start();
     let sentinels =
         sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
@@ -440,6 +455,7 @@ async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() 
         assert_eq!(status(&http, gateway, &cached).await, 200);
     }
 
+    sentinel.wait_replicated();
     let killed_at = Instant::now();
     sentinel.kill_primary();
     let (window, unavailable) =
@@ -473,6 +489,7 @@ async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_is_exact_under_concurrent_clients_on_all_three_gateways() {
+    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let cluster = RedisCluster::start();
     let gateways = Arc::new(gateways(&cluster).await);
     let changes = MetaChanges::from_query("scope=read&quota=300/day", Timestamp::now()).unwrap();

@@ -109,6 +109,26 @@ impl Node {
         self.query(redis::cmd("INFO").arg(section)).unwrap_or_default()
     }
 
+    /// For a primary: every replica has acknowledged everything written so
+    /// far (its `offset` has reached `master_repl_offset`). Replication is
+    /// asynchronous: a write the primary answered may still be missing on
+    /// the replica that a failover promotes, and then it is lost, as it
+    /// would be in production. Tests that kill a primary wait on this first
+    /// when they need their writes to survive.
+    pub fn replicated(&self) -> bool {
+        let info = self.info("replication");
+        let field = |name: &str| info.lines().find_map(|l| l.trim().strip_prefix(name)).map(str::to_owned);
+        let Some(written) = field("master_repl_offset:").and_then(|v| v.parse::<u64>().ok()) else {
+            return false;
+        };
+        let acked: Vec<u64> = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("offset="))
+            .filter_map(|l| l.split(',').find_map(|kv| kv.strip_prefix("offset="))?.parse().ok())
+            .collect();
+        !acked.is_empty() && acked.iter().all(|offset| *offset >= written)
+    }
+
     /// `role:master` / `role:slave` from `INFO replication`.
     pub fn is_primary(&self) -> bool {
         self.is_running() && self.info("replication").lines().any(|l| l.trim() == "role:master")
@@ -255,6 +275,14 @@ impl RedisCluster {
         }
     }
 
+    /// Waits until every running primary's replicas acknowledged all its
+    /// writes (see [`Node::replicated`]).
+    pub fn wait_replicated(&self) {
+        self.wait_until("every replica caught up with its primary", |c| {
+            c.nodes.iter().filter(|n| n.is_primary()).all(Node::replicated)
+        });
+    }
+
     /// Every running replica has finished its sync (`master_link_status:up`).
     fn replicas_in_sync(&self) -> bool {
         self.nodes
@@ -346,6 +374,12 @@ impl RedisSentinel {
     /// SIGKILLs the current primary.
     pub fn kill_primary(&mut self) {
         self.primary.kill();
+    }
+
+    /// Waits until the replica acknowledged all the primary's writes (see
+    /// [`Node::replicated`]).
+    pub fn wait_replicated(&self) {
+        self.wait_until("the replica caught up with the primary", |s| s.primary.replicated());
     }
 
     /// Waits until every running sentinel names the replica as the primary
