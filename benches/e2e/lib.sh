@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by run.sh, anatomy.sh and many_keys.sh (sourced, not run): the temp dir and
 # server processes cleaned up on exit, free loopback ports, config templates and
 # nginx from them, a private redis-server, CPU time read from /proc, load tool
@@ -44,6 +45,7 @@ render() {
         -e "s|@WORKERS@|${WORKERS:-}|g" \
         -e "s|@NGINX_PORT@|${NGINX_PORT:-}|g" -e "s|@NGINX_H2_PORT@|${NGINX_H2_PORT:-}|g" \
         -e "s|@HAPROXY_PORT@|${HAPROXY_PORT:-}|g" -e "s|@HAPROXY_H2_PORT@|${HAPROXY_H2_PORT:-}|g" \
+        -e "s|@OPENRESTY_PORT@|${OPENRESTY_PORT:-}|g" -e "s|@CADDY_PORT@|${CADDY_PORT:-}|g" \
         "$1" >"$2"
 }
 
@@ -122,4 +124,5 @@ parse() {
 # median: of the numbers on stdin, one a line ("n/a" if none).
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # median_of "VALUES": of a space-separated list, "n/a" entries left out.
+# shellcheck disable=SC2086 # splits the list on purpose
 median_of() { printf '%s\n' $1 | grep -v n/a | median; }

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end comparison on loopback: the upstream directly, keygate, nginx and
 # HAProxy (each configured to the closest equivalent of keygate's key check and
-# per-key limit) in front of the same nginx `return 200` upstream.
+# per-key limit), and two same-work peers, the OpenResty engine of Kong/APISIX
+# (nginx + Lua doing key-auth + local rate limiting + a usage counter) and
+# Caddy (the Go engine class of Tyk/Traefik/KrakenD), all in front of the same
+# nginx `return 200` upstream. The peers run the HTTP/1.1 workloads (not h2);
+# a peer whose Debian packages cannot be installed is skipped and says so.
 #
 #   benches/e2e/run.sh            # full run, about 25 minutes (15 + the TLS run's 10)
 #   benches/e2e/run.sh --quick    # short runs, about 7 minutes
@@ -12,7 +16,8 @@
 # options, keygate, nginx and HAProxy terminating TLS on one certificate).
 # Environment: WORKERS=N runs every proxy with N workers/threads (default 1).
 #
-# Runs alternate (direct, keygate, nginx, haproxy, then again: 3 rounds) and
+# Runs alternate (direct, keygate, nginx, haproxy, openresty, caddy, then
+# again: 3 rounds) and
 # the tables give medians. Results are printed and written to
 # bench-results/e2e-<date>.md. Installs what is missing from Debian packages
 # (apt-get) and oha from crates.io; builds keygate in release mode.
@@ -26,7 +31,7 @@ for arg in "$@"; do
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -39,7 +44,8 @@ if ((QUICK)); then DUR=2 LAT_DUR=3 WARM=1; else DUR=8 LAT_DUR=10 WARM=2; fi
 ROUNDS=3
 CONNS=32      # client connections for every workload
 NKEYS=1000    # keys for the round-robin workload
-TARGETS=(direct keygate nginx haproxy)
+TARGETS=(direct keygate nginx haproxy) # the peers join once installed
+PEERS=(openresty caddy)
 WORKLOADS=(get post h2 keys1000 close)
 declare -A WORKLOAD_NAME=(
     [get]="small GET, keep-alive (wrk -t1 -c$CONNS)"
@@ -72,6 +78,7 @@ install_tools() {
         "${sudo[@]}" apt-get update
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
     fi
+    install_peers
     # Fixed-rate latency: there is no wrk2 in Debian; oha's -q rate with
     # --latency-correction avoids coordinated omission.
     if ! command -v oha >/dev/null; then
@@ -86,7 +93,44 @@ install_tools() {
         fi
     fi
 }
+
+# The same-work peers: each is measured if its Debian packages are there (or
+# install here), and skipped with the reason in PEER_SKIP otherwise, never fatal.
+# resty.core comes from Debian's lua-resty-core (bookworm has it), which the
+# lua module of Debian's nginx requires at start.
+LUA_MODULE=/usr/share/nginx/modules/ngx_http_lua_module.so
+RESTY_CORE=/usr/share/lua/5.1/resty/core.lua
+declare -A PEER_SKIP=()
+peer_missing() {
+    case $1 in
+        openresty) [[ -f $LUA_MODULE && -f $RESTY_CORE ]] || echo "libnginx-mod-http-lua lua-resty-core" ;;
+        caddy) command -v caddy >/dev/null || echo caddy ;;
+    esac
+}
+install_peers() {
+    local p pkgs
+    for p in "${PEERS[@]}"; do
+        pkgs=$(peer_missing "$p")
+        [[ -z $pkgs ]] && continue
+        if ((INSTALL)); then
+            log "installing $pkgs (for the $p peer)"
+            local sudo=()
+            (($(id -u) == 0)) || sudo=(sudo)
+            # shellcheck disable=SC2086 # the package list splits on purpose
+            { "${sudo[@]}" apt-get update && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs; } >&2 ||
+                log "warning: apt-get install $pkgs failed"
+            pkgs=$(peer_missing "$p")
+        fi
+        if [[ -n $pkgs ]]; then
+            PEER_SKIP[$p]="skipped: $pkgs not installed$( ((INSTALL)) || echo ' (--no-install)')"
+            log "warning: the $p peer is ${PEER_SKIP[$p]}"
+        fi
+    done
+}
 install_tools
+for p in "${PEERS[@]}"; do
+    [[ -n ${PEER_SKIP[$p]:-} ]] || TARGETS+=("$p")
+done
 
 if ((BUILD)); then
     log "building keygate (cargo build --release)"
@@ -100,7 +144,7 @@ KEYGATE="$ROOT/target/release/keygate"
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port, render, run_redis, cpu_ticks
 WORK=$(mktemp -d /tmp/keygate-e2e.XXXXXX)
-for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT; do
+for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT NGINX_PORT NGINX_H2_PORT HAPROXY_PORT HAPROXY_H2_PORT OPENRESTY_PORT CADDY_PORT; do
     free_port "$v"
 done
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -147,6 +191,8 @@ seq -f 'bench-%04g' 2 "$NKEYS" | xargs -P 4 -I{} bash -c 'issue {}' >>"$WORK/key
 (($(grep -c '^kg_' "$WORK/keys.txt") == NKEYS)) || die "could not issue $NKEYS keys (see $WORK/issue.log)"
 awk '{ printf "\"%s\" \"bench-%04d\";\n", $1, NR }' "$WORK/keys.txt" >"$WORK/keys.nginx-map"
 awk '{ printf "%s bench-%04d\n", $1, NR }' "$WORK/keys.txt" >"$WORK/keys.haproxy-map"
+# Caddy's map entries; the OpenResty peer reads keys.txt itself (line N: bench-NNNN).
+awk '{ printf "\t\t%s bench-%04d\n", $1, NR }' "$WORK/keys.txt" >"$WORK/keys.caddy-map"
 
 "$KEYGATE" serve -c "$WORK/gateway.toml" >"$WORK/keygate.log" 2>&1 &
 PIDS+=($!)
@@ -162,9 +208,27 @@ PIDS+=($!)
 HAPROXY_PID=$!
 wait_http "http://127.0.0.1:$HAPROXY_PORT/"
 
-declare -A PORT=([direct]=$UP_PORT [keygate]=$KG_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+declare -A PORT=([direct]=$UP_PORT [keygate]=$KG_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT
+    [openresty]=$OPENRESTY_PORT [caddy]=$CADDY_PORT)
 declare -A H2PORT=([direct]=$UP_H2_PORT [keygate]=$KG_PORT [nginx]=$NGINX_H2_PORT [haproxy]=$HAPROXY_H2_PORT)
 declare -A PID=([direct]=$UP_PID [keygate]=$KG_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+
+if [[ -z ${PEER_SKIP[openresty]:-} ]]; then
+    render "$HERE/openresty-keyauth.lua" "$WORK/openresty-keyauth.lua"
+    start_nginx proxy-openresty.conf proxy-openresty "http://127.0.0.1:$OPENRESTY_PORT/"
+    PID[openresty]=$!
+fi
+if [[ -z ${PEER_SKIP[caddy]:-} ]]; then
+    render "$HERE/Caddyfile" "$WORK/Caddyfile"
+    XDG_CONFIG_HOME="$WORK/caddy-config" XDG_DATA_HOME="$WORK/caddy-data" GOMAXPROCS=$WORKERS \
+        caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 &
+    PIDS+=($!)
+    PID[caddy]=$!
+    wait_http "http://127.0.0.1:$CADDY_PORT/"
+fi
+
+# serves WORKLOAD TARGET: whether TARGET runs WORKLOAD (the peers: HTTP/1.1 only).
+serves() { [[ $1 != h2 || -n ${H2PORT[$2]:-} ]]; }
 
 # Every path must answer as expected before anything is measured: a fast 401
 # or 404 would look like a fast proxy.
@@ -181,13 +245,15 @@ for t in "${TARGETS[@]}"; do
     expect 200 "$t GET with key" -H "x-api-key: $KEY" "$url"
     expect 200 "$t POST 16 KiB" -H "x-api-key: $KEY" --data-binary "@$WORK/body" "$url"
     expect 200 "$t GET with key #$NKEYS" -H "x-api-key: $(tail -1 "$WORK/keys.txt")" "$url"
-    expect 200 "$t HTTP/2" --http2-prior-knowledge -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench"
+    if serves h2 "$t"; then
+        expect 200 "$t HTTP/2" --http2-prior-knowledge -H "x-api-key: $KEY" "http://127.0.0.1:${H2PORT[$t]}/bench"
+    fi
     if [[ $t != direct ]]; then
         expect 401 "$t GET without key" "$url"
         expect 401 "$t GET with a wrong key" -H "x-api-key: $(wrong_key "$KEY")" "$url"
     fi
 done
-log "all targets answer 200 with a key and 401 without"
+log "all targets (${TARGETS[*]}) answer 200 with a key and 401 without"
 
 # === 3. Measuring ===
 
@@ -222,11 +288,15 @@ for t in "${TARGETS[@]}"; do
     for w in get keys1000; do run_load "$w" "$t" "$WARM" "$WORK/warm.out"; done
 done
 
-total_runs=$((${#WORKLOADS[@]} * ROUNDS * ${#TARGETS[@]}))
+total_runs=0
+for w in "${WORKLOADS[@]}"; do
+    for t in "${TARGETS[@]}"; do if serves "$w" "$t"; then total_runs=$((total_runs + ROUNDS)); fi; done
+done
 n=0
 for w in "${WORKLOADS[@]}"; do
     for ((r = 1; r <= ROUNDS; r++)); do
         for t in "${TARGETS[@]}"; do
+            serves "$w" "$t" || continue
             n=$((n + 1))
             out="$WORK/$w-$t-$r.out"
             if [[ $w == get && $t == keygate ]]; then commandstats >"$WORK/redis-before"; fi
@@ -263,6 +333,7 @@ done
 declare -A P50=() P99=() P999=()
 LAT_RATE=""
 if ((LATENCY_TOOL)); then
+    # shellcheck disable=SC2086 # the rounds' rates, one a line
     LAT_RATE=$(printf '%s\n' ${RATES[get,nginx]} | median | awk '{ printf "%d", $1 / 2 }')
     for ((r = 1; r <= ROUNDS; r++)); do
         for t in "${TARGETS[@]}"; do
@@ -291,27 +362,58 @@ for t in "${TARGETS[@]}"; do RSS[$t]=$(rss_kib "${PID[$t]}"); done
 # === 4. Report ===
 
 # range "VALUES": lowest-highest, to show how far the rounds spread.
+# shellcheck disable=SC2086 # splits the list on purpose
 range() { printf '%s\n' $1 | grep -v n/a | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR == 0) print "n/a"; else print lo "-" hi }'; }
+# The peers' lines in the report.
+declare -A PEER_DOC=(
+    [openresty]="nginx + lua-nginx-module $WORKERS worker(s) (proxy-openresty.conf, openresty-keyauth.lua): access_by_lua does Kong's key-auth + rate-limiting (local policy) per request: key looked up (in clear) in a lua_shared_dict loaded at start -> 401, per-key per-second counter in a shared dict (429 over 1e9/s), usage counter, key header cleared, X-Consumer-ID set; upstream keepalive. A lower bound for Kong/APISIX (no router, plugin runner or PDK)"
+    [caddy]="GOMAXPROCS=$WORKERS (Caddyfile): \`map\` of x-api-key -> client id (every issued key), \`vars\` matcher -> 401, key header removed, X-Consumer-ID set, reverse_proxy keep-alive; no rate limit or usage counter (none in Debian's caddy): a lower bound for a Go gateway"
+)
+peer_versions() {
+    [[ -z ${PEER_SKIP[openresty]:-} ]] && printf ', lua-nginx-module %s + lua-resty-core %s' \
+        "$(dpkg-query -W -f '${Version}' libnginx-mod-http-lua 2>/dev/null || echo '?')" \
+        "$(dpkg-query -W -f '${Version}' lua-resty-core 2>/dev/null || echo '?')"
+    [[ -z ${PEER_SKIP[caddy]:-} ]] && printf ', Caddy %s' "$(caddy version 2>/dev/null | awk '{ print $1 }')"
+    return 0
+}
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 report() {
     local w t
     echo "# keygate end-to-end benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    echo "- command: \`benches/e2e/run.sh$( ((QUICK)) && echo ' --quick')\`; keygate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
-    echo "- machine: $(nproc) cores, $(uname -sr); $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print "wrk " $2 }'), $(h2load --version | awk '{ print $2 }'), $(redis-server --version | awk '{ print $3 }' | tr -d 'v=' | sed 's/^/redis /')"
-    echo "- each run ${DUR}s, $CONNS connections, $ROUNDS rounds alternating direct, keygate, nginx, haproxy; medians shown"
+    echo "- command: \`benches/e2e/run.sh$( ((QUICK)) && echo ' --quick')$( ((TLS)) || echo ' --no-tls')\`; keygate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "- machine: $(nproc) cores, $(uname -sr); $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print "wrk " $2 }'), $(h2load --version | awk '{ print $2 }'), $(redis-server --version | awk '{ print $3 }' | tr -d 'v=' | sed 's/^/redis /')$(peer_versions)"
+    echo "- each run ${DUR}s, $CONNS connections, $ROUNDS rounds alternating ${TARGETS[*]}; medians shown"
     echo "- keygate: Redis store, key verified (cached after the first request), route requires scope read-write, per-key rate limit (1e9/s), usage tracking $USAGE; $KG_WORKERS worker thread(s) (\`[server] workers\`); access log off"
     echo "- nginx: $WORKERS worker(s); key map -> 401, limit_req per key, upstream keepalive. HAProxy: nbthread $WORKERS; key map -> 401, stick-table http_req_rate per key, http-reuse always. Both strip the key and send the client id upstream"
+    local p
+    for p in "${PEERS[@]}"; do
+        if [[ -n ${PEER_SKIP[$p]:-} ]]; then
+            echo "- $p peer: ${PEER_SKIP[$p]}"
+        else
+            echo "- $p peer: ${PEER_DOC[$p]}"
+        fi
+    done
     echo "- upstream: nginx 1 worker, \`return 200 \"ok\"\`; \"direct\" is the client against it"
     echo
     echo "## Throughput (req/s, median of $ROUNDS) and CPU per request (µs, the server process the client talks to)"
     echo
-    echo "| workload | direct | keygate | nginx | haproxy | keygate/direct | keygate/nginx | keygate/haproxy |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    local others=() head="| workload |" rule="|---|"
+    for t in "${TARGETS[@]}"; do
+        head+=" $t |" rule+="---:|"
+        [[ $t == keygate ]] || others+=("$t")
+    done
+    for t in "${others[@]}"; do head+=" keygate/$t |" rule+="---:|"; done
+    echo "$head"
+    echo "$rule"
     for w in "${WORKLOADS[@]}"; do
         local -A m=()
-        local cells=""
+        local cells="" ratios=""
         for t in "${TARGETS[@]}"; do
+            if ! serves "$w" "$t"; then
+                m[$t]=n/a cells+=" - |"
+                continue
+            fi
             m[$t]=$(median_of "${RATES[$w,$t]:-}")
             local c u
             c=$(median_of "${CPUS[$w,$t]:-}")
@@ -320,16 +422,17 @@ report() {
             if ((${BAD[$w,$t]:-0} > 0)); then flag=" (${BAD[$w,$t]} bad!)"; fi
             cells+=" ${m[$t]} / ${c} µs (${u} user)$flag |"
         done
-        echo "| ${WORKLOAD_NAME[$w]} |$cells $(fmt_ratio "${m[keygate]}" "${m[direct]}") | $(fmt_ratio "${m[keygate]}" "${m[nginx]}") | $(fmt_ratio "${m[keygate]}" "${m[haproxy]}") |"
+        for t in "${others[@]}"; do ratios+=" $(fmt_ratio "${m[keygate]}" "${m[$t]}") |"; done
+        echo "| ${WORKLOAD_NAME[$w]} |$cells$ratios"
     done
     echo
-    echo "Cells: req/s / CPU µs per request (of which user space; the rest is the kernel's). \"bad\" counts non-2xx answers and socket errors over all rounds."
+    echo "Cells: req/s / CPU µs per request (of which user space; the rest is the kernel's). \"bad\" counts non-2xx answers and socket errors over all rounds. \"-\": not run (the peers run HTTP/1.1 only). Ratios are of req/s."
     echo
     echo "Every round's req/s, to judge the noise:"
     echo
     for w in "${WORKLOADS[@]}"; do
         local line="- $w:"
-        for t in "${TARGETS[@]}"; do line+=" $t ${RATES[$w,$t]% };"; done
+        for t in "${TARGETS[@]}"; do serves "$w" "$t" && line+=" $t ${RATES[$w,$t]% };"; done
         echo "${line%;}"
     done
     echo
@@ -353,9 +456,14 @@ report() {
     echo
     echo "## Memory after the run (VmRSS, process and children)"
     echo
-    echo "| direct (upstream) | keygate | nginx | haproxy |"
-    echo "|---:|---:|---:|---:|"
-    echo "| $((RSS[direct] / 1024)) MiB | $((RSS[keygate] / 1024)) MiB | $((RSS[nginx] / 1024)) MiB | $((RSS[haproxy] / 1024)) MiB |"
+    local mhead="| direct (upstream) |" mrule="|---:|" mcells="| $((RSS[direct] / 1024)) MiB |"
+    for t in "${others[@]}"; do
+        [[ $t == direct ]] && continue
+        mhead+=" $t |" mrule+="---:|" mcells+=" $((RSS[$t] / 1024)) MiB |"
+    done
+    echo "| keygate |${mhead#|}"
+    echo "|---:|${mrule#|}"
+    echo "| $((RSS[keygate] / 1024)) MiB |${mcells#|}"
     echo
     echo "## Redis traffic during keygate's small-GET runs (INFO commandstats)"
     echo
