@@ -117,12 +117,6 @@ async fn keys_quotas_usage_and_the_audit_stream_work_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_quotas_usage_and_the_audit_stream_work_through_sentinel() {
     let sentinel = common::cluster::RedisSentinel::start();
-    let sentinels =
-        sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
-    let toml = format!(
-        "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{}\"\n\n\
-         [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
-        common::cluster::SENTINEL_MASTER
-    );
+    let toml = format!("{}\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n", sentinel.store_toml());
     keys_quotas_usage_and_audit_work_on(&toml, "all-on-sentinel").await;
 }

@@ -91,6 +91,29 @@ async fn ride_out_failover(
     (killed_at.elapsed(), unavailable)
 }
 
+/// Revokes key `id` through `through` and polls every gateway until all
+/// refuse `key` (401); returns how long that took. Fails after `give_up`.
+async fn revoke_until_all_refuse(
+    http: &TestClient,
+    gateways: &[TestGateway],
+    through: &TestGateway,
+    (key, id): (&str, keygate::key::KeyId),
+    give_up: Duration,
+) -> Duration {
+    let started = Instant::now();
+    keygate::ops::revoke(&*store(through), &RevokeTarget::Id(id), "kg_").await.unwrap();
+    let mut refused = vec![false; gateways.len()];
+    while !refused.iter().all(|r| *r) {
+        for (at, gateway) in gateways.iter().enumerate() {
+            if !refused[at] {
+                refused[at] = status(http, gateway, key).await == 401;
+            }
+        }
+        assert!(started.elapsed() < give_up, "the revocation of {key:.12}... never reached all: {refused:?}");
+    }
+    started.elapsed()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at]
@@ -111,21 +134,10 @@ async fn a_key_issued_through_one_works_on_all_and_its_revocation_reaches_all_wi
         for gateway in &gateways {
             assert_eq!(status(&http, gateway, &key).await, 200, "key {i} works on every gateway");
         }
-        let started = Instant::now();
-        keygate::ops::revoke(&*store(&gateways[(i + 1) % 3]), &RevokeTarget::Id(id), "kg_").await.unwrap();
-        let mut refused = [false; 3];
-        while !refused.iter().all(|r| *r) {
-            for (at, gateway) in gateways.iter().enumerate() {
-                if !refused[at] {
-                    refused[at] = status(&http, gateway, &key).await == 401;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "revocation {i} never reached all: {refused:?}"
-            );
-        }
-        latencies.push(started.elapsed());
+        let through = &gateways[(i + 1) % 3];
+        latencies.push(
+            revoke_until_all_refuse(&http, &gateways, through, (&key, id), Duration::from_secs(5)).await,
+        );
     }
     latencies.sort();
     let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
@@ -393,21 +405,8 @@ async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
     cluster.wait_for_promotion();
     let promoted = killed_at.elapsed();
     // Revoked through a store whose slot is alive; every gateway must hear it.
-    let revoked_at = Instant::now();
-    keygate::ops::revoke(&*store(&gateways[1]), &RevokeTarget::Id(id), "kg_").await.unwrap();
-    let mut refused = [false; 3];
-    while !refused.iter().all(|r| *r) {
-        for (at, gateway) in gateways.iter().enumerate() {
-            if !refused[at] {
-                refused[at] = status(&http, gateway, &key).await == 401;
-            }
-        }
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(15),
-            "the revocation never reached all: {refused:?}"
-        );
-    }
-    let first = revoked_at.elapsed();
+    let first =
+        revoke_until_all_refuse(&http, &gateways, &gateways[1], (&key, id), Duration::from_secs(15)).await;
     // Each gateway has now either heard that revocation or re-subscribed
     // (which drops its cache); either way it listens again, so a second
     // revocation must arrive by pub/sub, quickly.
@@ -415,21 +414,11 @@ async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
     for gateway in &gateways {
         assert_eq!(status(&http, gateway, &key).await, 200);
     }
-    let revoked_at = Instant::now();
-    keygate::ops::revoke(&*store(&gateways[0]), &RevokeTarget::Id(id), "kg_").await.unwrap();
-    let mut refused = [false; 3];
-    while !refused.iter().all(|r| *r) {
-        for (at, gateway) in gateways.iter().enumerate() {
-            if !refused[at] {
-                refused[at] = status(&http, gateway, &key).await == 401;
-            }
-        }
-        assert!(revoked_at.elapsed() < Duration::from_secs(1), "pub/sub is not back: {refused:?}");
-    }
+    let second =
+        revoke_until_all_refuse(&http, &gateways, &gateways[0], (&key, id), Duration::from_secs(1)).await;
     println!(
         "subscribed node killed: promotion after {promoted:?}; revocations then reached all 3 gateways \
-         in {first:?} and {:?}",
-        revoked_at.elapsed()
+         in {first:?} and {second:?}"
     );
 }
 
@@ -437,13 +426,7 @@ async fn revocations_reach_all_after_the_node_they_listen_on_dies() {
 async fn a_sentinel_failover_needs_no_restart_and_revocations_still_reach_all() {
     let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
     let mut sentinel = common::cluster::RedisSentinel::start();
-    let sentinels =
-        sentinel.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
-    let toml = format!(
-        "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{}\"\n\n\
-         [[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
-        common::cluster::SENTINEL_MASTER
-    );
+    let toml = format!("{}\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n", sentinel.store_toml());
     let mut gateways = Vec::new();
     for _ in 0..3 {
         gateways.push(TestGateway::start(&toml).await);

@@ -376,6 +376,15 @@ impl RedisSentinel {
         self.primary.kill();
     }
 
+    /// The `[store]` section of a gateway config on this setup.
+    pub fn store_toml(&self) -> String {
+        let sentinels =
+            self.sentinel_urls().iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", ");
+        format!(
+            "[store]\nkind = \"redis-sentinel\"\nsentinels = [{sentinels}]\nmaster = \"{SENTINEL_MASTER}\"\n"
+        )
+    }
+
     /// Waits until the replica acknowledged all the primary's writes (see
     /// [`Node::replicated`]).
     pub fn wait_replicated(&self) {
