@@ -114,6 +114,19 @@ async fn revoke_until_all_refuse(
     started.elapsed()
 }
 
+/// `client`'s usage of today (the last 2 hours, by day), read from the
+/// cluster as `keygate usage` reads it.
+async fn day_usage(conn: &mut RedisConn, client: &str) -> keygate::usage::UsageReport {
+    let now = Timestamp::now();
+    let query = keygate::usage::UsageQuery {
+        client: Some(client.to_owned()),
+        since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
+        until: now,
+        by: keygate::usage::Granularity::Day,
+    };
+    keygate::usage::query(conn, "kg:", &query).await.unwrap()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at]
@@ -179,15 +192,8 @@ async fn usage_totals_across_three_gateways_are_exact_after_shutdown() {
     }
 
     let mut conn = RedisConn::cluster(&cluster.urls(), Duration::from_secs(2)).await.unwrap();
-    let now = Timestamp::now();
     for (i, client) in clients.iter().enumerate() {
-        let query = keygate::usage::UsageQuery {
-            client: Some(client.clone()),
-            since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
-            until: now,
-            by: keygate::usage::Granularity::Day,
-        };
-        let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+        let report = day_usage(&mut conn, client).await;
         assert_eq!(report.totals.requests, 3 * (1 + i as u64 % 7), "client {client}");
         assert_eq!(report.totals.status_2xx, 3 * (1 + i as u64 % 7), "client {client}");
     }
@@ -251,15 +257,8 @@ async fn usage_stays_exact_when_a_primary_is_killed_mid_run() {
     );
 
     let mut conn = RedisConn::cluster(&cluster.urls(), Duration::from_secs(2)).await.unwrap();
-    let now = Timestamp::now();
     for client in &clients {
-        let query = keygate::usage::UsageQuery {
-            client: Some(client.clone()),
-            since: now.checked_sub(jiff::SignedDuration::from_hours(2)).unwrap(),
-            until: now,
-            by: keygate::usage::Granularity::Day,
-        };
-        let report = keygate::usage::query(&mut conn, "kg:", &query).await.unwrap();
+        let report = day_usage(&mut conn, client).await;
         assert_eq!(report.totals.requests, 3 * 4, "client {client}: 4 requests through each gateway");
     }
 }
