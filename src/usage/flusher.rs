@@ -164,6 +164,16 @@ impl UsageThread {
     }
 }
 
+/// What the flusher keeps between flushes, under its one lock.
+struct FlushState {
+    ledger: Ledger,
+    /// When the open hours and days were last written whole.
+    last_rollup: Instant,
+    /// Whether `kg:usage:schema` has been written (with the first flush
+    /// that writes anything).
+    schema_written: bool,
+}
+
 /// Drains a [`UsageRecorder`] into Redis. Share it behind an `Arc`.
 pub struct UsageFlusher {
     recorder: Arc<UsageRecorder>,
@@ -173,8 +183,8 @@ pub struct UsageFlusher {
     conn: RedisConn,
     keys: UsageKeys,
     config: FlushConfig,
-    /// The totals, with when the last rollup was written.
-    ledger: tokio::sync::Mutex<(Ledger, Instant, bool)>,
+    /// The totals and the flushes' own bookkeeping.
+    state: tokio::sync::Mutex<FlushState>,
     /// For the lag: `Instant`s are not atomic, milliseconds since `created` are.
     created: Instant,
     last_success_ms: AtomicU64,
@@ -206,14 +216,17 @@ impl UsageFlusher {
         prefix: &str,
         config: FlushConfig,
     ) -> Arc<Self> {
-        let ledger = Ledger::new(config.max_series);
+        let state = FlushState {
+            ledger: Ledger::new(config.max_series),
+            last_rollup: Instant::now(),
+            schema_written: false,
+        };
         Arc::new(Self {
             recorder,
             conn: conn.into(),
             keys: UsageKeys::new(prefix),
             config,
-            // The schema version is written with the first flush.
-            ledger: tokio::sync::Mutex::new((ledger, Instant::now(), false)),
+            state: tokio::sync::Mutex::new(state),
             created: Instant::now(),
             last_success_ms: AtomicU64::new(0),
             written_buckets: AtomicU64::new(0),
@@ -281,8 +294,8 @@ impl UsageFlusher {
     }
 
     async fn flush(&self, scope: Scope) -> Result<FlushReport, UsageError> {
-        let mut guard = self.ledger.lock().await;
-        let (ledger, last_rollup, schema_written) = &mut *guard;
+        let mut guard = self.state.lock().await;
+        let FlushState { ledger, last_rollup, schema_written } = &mut *guard;
         let drained = self.recorder.drain();
         let requests: u64 = drained.values().map(|series| series.requests()).sum();
         let dropped = ledger.add(drained);

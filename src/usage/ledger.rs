@@ -265,13 +265,6 @@ impl Ledger {
         self.series -= totals.series();
         totals.total.requests()
     }
-
-    /// Whether anything waits to be written.
-    pub fn is_clean(&self) -> bool {
-        self.last_used.is_empty()
-            && self.top.is_empty()
-            && self.buckets.values().all(|clients| clients.values().all(|t| !t.dirty))
-    }
 }
 
 /// Keeps the latest use of `kid`, allocating only for a client or key not
