@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by run.sh, anatomy.sh and many_keys.sh (sourced, not run): the temp dir and
+# Shared by run.sh, anatomy.sh, many_keys.sh and tokens.sh (sourced, not run): the temp dir and
 # server processes cleaned up on exit, free loopback ports, config templates and
 # nginx from them, a private redis-server, CPU time read from /proc, load tool
 # output parsed, medians.
@@ -18,6 +18,24 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# require_tools TOOL...: stops with the first one that is not on PATH.
+require_tools() {
+    local tool
+    for tool in "$@"; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+}
+
+# keygate_binary [PATH]: PATH if given, else target/release/keygate under
+# $ROOT (built if missing); stops if there is none.
+keygate_binary() {
+    local bin=${1:-}
+    if [[ -z $bin ]]; then
+        bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/keygate"
+        [[ -x $bin ]] || (cd "$ROOT" && cargo build --release --quiet >&2)
+    fi
+    [[ -x $bin ]] || die "$bin not found"
+    echo "$bin"
+}
 
 # free_port VAR: a loopback port nothing uses, never 6379, never handed out twice.
 # Below the kernel's ephemeral range, so no client's outgoing connection can

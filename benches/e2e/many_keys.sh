@@ -41,17 +41,11 @@ ROOT=$(cd "$HERE/../.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
 log() { printf '[many-keys %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-for tool in redis-server redis-cli nginx wrk curl python3; do
-    command -v $tool >/dev/null || die "$tool is not installed"
-done
-if [[ -z $BIN ]]; then
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/keygate"
-    [[ -x $BIN ]] || (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $BIN ]] || die "$BIN not found"
-
 # shellcheck source=lib.sh
-source "$HERE/lib.sh"   # cleanup on exit (PIDS, WORK), free_port, start_nginx
+source "$HERE/lib.sh" # cleanup on exit (PIDS, WORK), free_port, start_nginx, require_tools, keygate_binary
+require_tools redis-server redis-cli nginx wrk curl python3
+BIN=$(keygate_binary "$BIN")
+
 WORK=$(mktemp -d /tmp/keygate-many-keys.XXXXXX)
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT ADMIN_PORT; do free_port "$v"; done
 USER_LINE=""

@@ -34,17 +34,11 @@ ROOT=$(cd "$HERE/../.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
 log() { printf '[tokens %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-for tool in redis-server redis-cli nginx wrk curl python3; do
-    command -v $tool >/dev/null || die "$tool is not installed"
-done
-if [[ -z $BIN ]]; then
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/keygate"
-    [[ -x $BIN ]] || (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $BIN ]] || die "$BIN not found"
-
 # shellcheck source=lib.sh
-source "$HERE/lib.sh" # cleanup on exit (PIDS, WORK), free_port, render, run_redis, cpu_ticks
+source "$HERE/lib.sh" # cleanup on exit (PIDS, WORK), free_port, render, run_redis, cpu_ticks, require_tools, keygate_binary
+require_tools redis-server redis-cli nginx wrk curl python3
+BIN=$(keygate_binary "$BIN")
+
 WORK=$(mktemp -d /tmp/keygate-tokens.XXXXXX)
 for v in UP_PORT UP_H2_PORT REDIS_PORT KG_PORT; do free_port "$v"; done
 KG_WORKERS=1
