@@ -59,9 +59,10 @@ pub struct Gateway {
     /// Reloads swap their certificates; `tls_only` routes redirect to the
     /// first one's port.
     pub tls: std::sync::OnceLock<crate::tls::TlsEdge>,
-    /// Access tokens (`[tokens] enabled`): their signing keys and the
-    /// verified-token cache. Built at start (a reload keeps the keys, so
-    /// tokens issued before it stay valid); `None` when off.
+    /// Access tokens (`[tokens] enabled`): their signing keys (a key file,
+    /// or the store's ring, followed) and the verified-token cache. Built
+    /// at start (a reload keeps them, so tokens issued before it stay
+    /// valid); `None` when off.
     pub tokens: Option<Arc<crate::auth::jwt::TokenVerifier>>,
     /// External token issuers (`[[jwt.issuer]]`): their JWKS keys, kept
     /// fresh by one background task each, and the verified-token cache.
@@ -74,8 +75,15 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway on an open store and starts following the store's
-    /// invalidations. Must run inside a tokio runtime.
+    /// invalidations (and its signing key ring, with `[tokens]`). Must run
+    /// inside a tokio runtime.
     pub fn new(config: Config, store: SharedStore) -> Arc<Self> {
+        Self::with_clock(config, store, crate::clock::Clock::System)
+    }
+
+    /// [`Gateway::new`], access tokens issued and checked by `clock` (tests
+    /// pass tokio's, to advance it).
+    pub fn with_clock(config: Config, store: SharedStore, clock: crate::clock::Clock) -> Arc<Self> {
         let verifier = Verifier::new(Arc::clone(&store), &config.keys);
         verifier.spawn_invalidation_listener();
         let redis = store.redis();
@@ -83,7 +91,10 @@ impl Gateway {
             .with_credits(Credits::for_store(&*store, &config.store));
         let usage = (redis.is_some() && config.usage.enabled).then(|| Arc::new(UsageRecorder::new()));
         let connections = ConnectionLimits::new(&config.server.edge);
-        let tokens = crate::auth::jwt::TokenVerifier::for_config(&config.tokens).map(Arc::new);
+        let tokens = crate::auth::jwt::TokenVerifier::for_config(&config.tokens, clock).map(Arc::new);
+        if let (Some(tokens), Some(ring)) = (&tokens, crate::signing::for_store(&*store, &config.store)) {
+            tokens.follow_ring(ring);
+        }
         let refresh = tokens.as_ref().and_then(|_| crate::refresh::for_store(&*store, &config.store));
         let issuers = (!config.jwt_issuers.is_empty())
             .then(|| crate::auth::issuer::Issuers::start(&config.jwt_issuers, config.tokens.cache_capacity));

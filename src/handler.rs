@@ -225,7 +225,7 @@ async fn serve(
         }
         if path == tokens::JWKS_PATH {
             trail.path = Some(path);
-            return Ok(tokens::jwks(tokens).map(Either::Right));
+            return Ok(tokens::jwks(tokens)?.map(Either::Right));
         }
     }
     let host = sanitize::request_host(request.headers(), request.uri()).map_err(GatewayError::from)?;

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 
-use crate::auth::jwt::{TokenVerifier, narrow_scopes};
+use crate::auth::jwt::{TokenKeys, TokenVerifier, narrow_scopes};
 use crate::credential;
 use crate::error::{GatewayError, OAuthError, Refusal, json_response};
 use crate::gateway::Gateway;
@@ -57,7 +57,13 @@ pub async fn token_endpoint(
         Ok(Err(_)) | Err(_) => return Err(oauth(OAuthError::InvalidRequest)),
     };
     let form = Form::parse(&form).ok_or_else(|| oauth(OAuthError::InvalidRequest))?;
-    let request = TokenRequest { gateway, tokens, headers: &parts.headers, form: &form, client_ip, started };
+    // Taken before anything is spent or rotated, so a refresh token is
+    // never used up for an answer that cannot be signed.
+    let keys = tokens.keys().ok_or_else(|| {
+        Refusal::from(GatewayError::StoreUnavailable("signing keys not loaded yet".to_owned()))
+    })?;
+    let request =
+        TokenRequest { gateway, tokens, keys, headers: &parts.headers, form: &form, client_ip, started };
     match form.grant_type.as_deref() {
         Some("client_credentials") => request.client_credentials().await,
         Some("refresh_token") if gateway.refresh.is_some() => request.refresh().await,
@@ -74,6 +80,8 @@ fn oauth(error: OAuthError) -> Refusal {
 struct TokenRequest<'a> {
     gateway: &'a Gateway,
     tokens: &'a TokenVerifier,
+    /// The signing keys of the moment.
+    keys: std::sync::Arc<TokenKeys>,
     headers: &'a http::HeaderMap,
     form: &'a Form,
     client_ip: IpAddr,
@@ -93,7 +101,7 @@ impl TokenRequest<'_> {
         self.gateway.limits.admit(&subject, std::num::NonZeroU32::MIN, limits).await?;
         let scopes = narrow_scopes(caller.scopes(), self.form.scope.as_deref())
             .map_err(|_| oauth(OAuthError::InvalidScope))?;
-        let now = unix_now();
+        let now = self.tokens.clock().unix_now();
         let config = &self.gateway.live.load().config.tokens;
         let refresh = match self.gateway.refresh.as_deref() {
             Some(store) => Some(grant::start_family(store, key, &scopes, config.refresh_ttl, now).await?),
@@ -154,7 +162,7 @@ impl TokenRequest<'_> {
                 return Err(oauth(OAuthError::InvalidClient));
             }
         }
-        let now = unix_now();
+        let now = self.tokens.clock().unix_now();
         let requested = self.form.scope.as_deref();
         let refreshed = grant::refresh(
             self.gateway,
@@ -191,7 +199,7 @@ impl TokenRequest<'_> {
     ) -> Response<Full<Bytes>> {
         let live = self.gateway.live.load();
         let config = &live.config.tokens;
-        let (token, claims) = self.tokens.keys().issue(key.client(), key.id.as_str(), scopes, now);
+        let (token, claims) = self.keys.issue(key.client(), key.id.as_str(), scopes, now);
         let mut body = serde_json::json!({
             "access_token": token,
             "token_type": "Bearer",
@@ -215,16 +223,20 @@ impl TokenRequest<'_> {
     }
 }
 
-fn unix_now() -> u64 {
-    u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0)
-}
-
 /// `GET /.well-known/jwks.json`.
-pub fn jwks(tokens: &TokenVerifier) -> Response<Full<Bytes>> {
-    let mut response = json_response(StatusCode::OK, tokens.keys().jwks().to_string());
-    // Public, and changes only with a key rotation: caches may keep it a while.
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
-    response
+pub fn jwks(tokens: &TokenVerifier) -> Result<Response<Full<Bytes>>, GatewayError> {
+    let keys = tokens
+        .keys()
+        .ok_or_else(|| GatewayError::StoreUnavailable("signing keys not loaded yet".to_owned()))?;
+    let mut response = json_response(StatusCode::OK, keys.jwks(tokens.clock().unix_now()).to_string());
+    // Public, and changes only with a rotation, which publishes a key two
+    // `key_refresh` before it signs: a cache that keeps the document one
+    // `key_refresh` knows every key before it signs.
+    let max_age = format!("public, max-age={}", tokens.key_refresh().as_secs().max(1));
+    if let Ok(value) = HeaderValue::from_str(&max_age) {
+        response.headers_mut().insert(header::CACHE_CONTROL, value);
+    }
+    Ok(response)
 }
 
 /// RFC 6749 §5.1: token responses must not be cached.

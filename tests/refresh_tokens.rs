@@ -7,16 +7,17 @@
 //! jar (reqwest's) that an upstream never sees. Each store rule is run on
 //! the file store and on a real `redis-server` from `tests/common`.
 //!
-//! Access tokens expire by the wall clock: the gateway stamps and checks
-//! `exp` with `jiff::Timestamp::now()` (JWT times are Unix seconds), which
-//! tokio's paused clock does not move. So the expiry test uses a 1 s
-//! `access_ttl` with no leeway and polls, with a deadline, until the token
-//! is refused.
+//! Access tokens expire by the gateway's token clock (JWT times are Unix
+//! seconds). The round trip runs twice: on the file store with tokio's
+//! clock, paused and advanced past the default 15 minute `access_ttl` and
+//! its leeway (`keygate::clock::Clock::Tokio`); and on each store with the
+//! system clock, a 1 s `access_ttl`, no leeway, polling with a deadline
+//! until the token is refused.
 
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use common::gateway::{Answer, TestGateway, http1_client, send, with_bearer};
 use common::redis::RedisServer;
 use common::upstream::Upstream;
+use common::wait::poll_until;
 use http::{Request, StatusCode, header};
 use http_body_util::Full;
 use jiff::Timestamp;
@@ -139,19 +141,6 @@ fn assert_invalid_grant(answer: &Answer, why: &str) {
     assert_eq!(answer.json()["error"], "invalid_grant", "{why}");
 }
 
-/// Polls `check` every 20 ms until it holds, for `deadline` at most.
-async fn poll_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Runs `keygate ARGS -c <gateway's config>` to its end.
 async fn keygate(gw: &TestGateway, args: &[&str]) {
     let config = gw.dir.path().join("gateway.toml");
@@ -180,6 +169,52 @@ async fn key_to_access_token_to_expiry_to_refresh_file_store() {
 #[tokio::test]
 async fn key_to_access_token_to_expiry_to_refresh_redis_store() {
     key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log(Store::redis()).await;
+}
+
+/// An access token's payload, decoded (not verified).
+fn claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    serde_json::from_slice(&json).expect("JSON claims")
+}
+
+/// The default lifetimes, on tokio's paused clock: a token good one second
+/// before `exp + leeway` is refused at it, and the refresh token still
+/// gets a new pair then.
+#[tokio::test]
+async fn an_access_token_expires_at_exp_plus_leeway_on_a_paused_clock_and_refresh_renews_it() {
+    let toml = config(&Store::File, "", "key_refresh = \"1h\"\n", None);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let config = keygate::config::Config::from_toml(&toml, dir.path()).expect("config");
+    let (access_ttl, leeway) = (config.tokens.access_ttl, config.tokens.leeway);
+    assert_eq!((access_ttl, leeway), (Duration::from_secs(15 * 60), Duration::from_secs(30)), "the defaults");
+    let store = keygate::store::open(&config.store, None).await.expect("store");
+    let gw = TestGateway::start_with_clock(config, store, dir, keygate::clock::Clock::tokio()).await;
+    let (key, id) = issue(&gw.gateway.store, "acme", &["read"]).await;
+
+    tokio::time::pause();
+    let first = grant(&gw, "acme", &key).await;
+    let issued = claims(&first.access);
+    let lifetime = issued["exp"].as_u64().unwrap() - issued["iat"].as_u64().unwrap();
+    assert_eq!(lifetime, access_ttl.as_secs());
+    assert_eq!(with_bearer(&gw, http::Method::GET, "/x", &first.access).await.status, StatusCode::OK);
+
+    // One second short of `exp + leeway`: still good (from the cache).
+    tokio::time::advance(access_ttl + leeway - Duration::from_secs(1)).await;
+    let answer = with_bearer(&gw, http::Method::GET, "/x", &first.access).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let expired = with_bearer(&gw, http::Method::GET, "/x", &first.access).await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED, "{}", expired.text());
+    assert_eq!(expired.json()["error"], "invalid_token");
+
+    let second = pair(&refresh(&gw, &first.refresh).await);
+    let renewed = claims(&second.access);
+    assert!(renewed["iat"].as_u64() > issued["exp"].as_u64(), "issued on the advanced clock: {renewed}");
+    let answer = with_bearer(&gw, http::Method::GET, "/x", &second.access).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["headers"]["x-keygate-key-id"], id.as_str(), "in the same key's name");
 }
 
 async fn key_to_access_token_to_expiry_to_refresh_and_no_refresh_token_in_any_log(store: Store) {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use super::issuer::{IssuerError, Issuers};
-use super::jwt::{AccessClaims, TokenVerifier};
+use super::jwt::{AccessClaims, TokenError, TokenVerifier};
 use super::{Caller, check_usable};
 use crate::config::RouteConfig;
 use crate::error::GatewayError;
@@ -57,7 +57,7 @@ impl super::Verifier {
         presented: &str,
         source: IpAddr,
     ) -> Result<Arc<Caller>, GatewayError> {
-        let own = tokens.filter(|tokens| route.trusts_issuer(tokens.keys().issuer()));
+        let own = tokens.filter(|tokens| route.trusts_issuer(tokens.issuer()));
         let Some(issuers) = issuers else {
             return match own {
                 Some(tokens) => self.verify_token(tokens, presented, source).await,
@@ -74,7 +74,7 @@ impl super::Verifier {
         let is_own = |token: &str| {
             own.is_some_and(|tokens| {
                 tokens.is_cached(token)
-                    || super::issuer::peek_issuer(token).as_deref() == Some(tokens.keys().issuer())
+                    || super::issuer::peek_issuer(token).as_deref() == Some(tokens.issuer())
             })
         };
         if let Some(tokens) = own
@@ -125,10 +125,13 @@ impl super::Verifier {
         tokens: &TokenVerifier,
         presented: &str,
     ) -> Result<Arc<Caller>, GatewayError> {
-        let now = Timestamp::now();
+        let now = tokens.clock().timestamp();
         let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
-        let claims =
-            tokens.verify(presented, now_secs).map_err(|e| GatewayError::TokenRejected(e.reason()))?;
+        let claims = tokens.verify(presented, now_secs).map_err(|e| match e {
+            // Not the token's fault, and not counted against its source.
+            TokenError::KeysNotLoaded => GatewayError::StoreUnavailable(e.reason().to_owned()),
+            e => GatewayError::TokenRejected(e.reason()),
+        })?;
         let caller = self.token_key(&claims).await?;
         check_usable(&caller, || now).map_err(|r| GatewayError::TokenRejected(r.reason()))?;
         Ok(narrowed(caller, &claims))

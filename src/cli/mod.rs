@@ -13,6 +13,7 @@ pub mod clients;
 pub mod exit;
 pub mod keys;
 mod table;
+pub mod tokens;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -67,6 +68,14 @@ pub enum Command {
     },
     /// Print usage (requests, status classes, refusals, bytes, latency) read from Redis.
     Usage(usage::UsageArgs),
+    /// List and rotate the keys access tokens are signed with (the ring in
+    /// the store, shared by every gateway).
+    Tokens {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: tokens::TokensCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -223,6 +232,22 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             block_on(usage::run(args, &config))
+        }
+        Command::Tokens { store, command } => {
+            let config = match store_config(&store) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            block_on(async move {
+                let opened = match open_store(&config).await {
+                    Ok(opened) => opened,
+                    Err(code) => return code,
+                };
+                let Some(ring) = crate::signing::for_store(&*opened, &config.store) else {
+                    return invalid_usage("this store keeps no signing keys");
+                };
+                tokens::run(command, &*ring, &config.tokens).await
+            })
         }
     }
 }
@@ -572,6 +597,13 @@ fn serve(args: &ServeArgs) -> ExitCode {
             None => None,
         };
         let gateway = Gateway::new(config, store);
+        // The store's signing key ring is read (or made) in the background;
+        // serving before it is there would answer tokens with 503.
+        if let Some(tokens) = &gateway.tokens
+            && !tokens.wait_loaded(std::time::Duration::from_secs(10)).await
+        {
+            tracing::warn!("serving before the signing keys are read: tokens get 503 until they are");
+        }
         let _ = gateway.tls.set(tls_edge);
         let reloader = Reloader::with_store_override(path.to_owned(), Arc::clone(&gateway), redis.to_vec());
         // Certificate files changing on disk reload the certificates (only).

@@ -20,7 +20,7 @@
 //! key store's loader and watcher never look at it.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -148,17 +148,9 @@ fn with_locked_file<T>(
         file.token.retain(|_, r| r.expires_at > now);
         let text = toml::to_string(&file)
             .map_err(|e| StoreError::Corrupt { what: what.clone(), why: e.to_string() })?;
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        let written = (|| {
-            let mut out = std::fs::File::create(&tmp)?;
-            out.write_all(text.as_bytes())?;
-            out.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(unavailable("writing", e));
-        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        crate::store::file::write_file_atomically(dir, name, text.as_bytes(), 0o666)
+            .map_err(|e| unavailable("writing", e))?;
     }
     // Unlocked when `lock` is closed, here.
     Ok(answer)

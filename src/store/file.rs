@@ -910,11 +910,25 @@ fn load_dir(dir: &Path) -> std::io::Result<(Index, Vec<SkippedFile>)> {
 /// renamed over the target, then the folder flushed so the rename survives a
 /// crash.
 fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    write_file_atomically(dir, name, contents, 0o666)
+}
+
+/// [`write_atomically`] for every file kept beside the keys (refresh
+/// tokens, the signing key ring), the new file created with `mode` (less
+/// the umask): `0o600` for one only its owner may read.
+pub(crate) fn write_file_atomically(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     // Hidden, so loads and the watcher ignore it; the pid keeps two processes
     // (a gateway and the CLI) from sharing one.
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::rename(&tmp, dir.join(name))

@@ -50,10 +50,21 @@ impl TestGateway {
     }
 
     pub async fn start_with(config: Config, store: SharedStore, dir: tempfile::TempDir) -> TestGateway {
+        Self::start_with_clock(config, store, dir, keygate::clock::Clock::System).await
+    }
+
+    /// [`Self::start_with`], access tokens issued and checked by `clock`.
+    pub async fn start_with_clock(
+        config: Config,
+        store: SharedStore,
+        dir: tempfile::TempDir,
+        clock: keygate::clock::Clock,
+    ) -> TestGateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let drain = config.server.drain_timeout;
-        let gateway = Gateway::new(config, store);
+        let gateway = Gateway::with_clock(config, store, clock);
+        wait_signing_keys(&gateway).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve(
             listener,
@@ -78,6 +89,7 @@ impl TestGateway {
         let store = keygate::store::open(&config.store, None).await.expect("test store opens");
         let drain = config.server.drain_timeout;
         let gateway = Gateway::new(config.clone(), store);
+        wait_signing_keys(&gateway).await;
         let mut edge = keygate::tls::TlsEdge::default();
         let mut serving = Vec::new();
         let mut listeners = Vec::new();
@@ -131,6 +143,14 @@ impl TestGateway {
             let _ = stop.send(());
         }
         self.task.take().expect("shutdown started twice")
+    }
+}
+
+/// As `keygate serve` does: the store's signing keys are read before the
+/// gateway serves (with `[tokens]`).
+async fn wait_signing_keys(gateway: &Gateway) {
+    if let Some(tokens) = &gateway.tokens {
+        assert!(tokens.wait_loaded(Duration::from_secs(10)).await, "the signing keys load");
     }
 }
 

@@ -44,3 +44,18 @@ where
         tokio::task::yield_now().await;
     }
 }
+
+/// Polls `check` every 20 ms until it holds, for `deadline` at most. For
+/// conditions that take seconds (a token's expiry, a key rotation's
+/// publish delay), where [`eventually`]'s spinning would only burn CPU.
+pub async fn poll_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < deadline, "not within {deadline:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
