@@ -64,6 +64,22 @@ impl IdpKey {
         }
     }
 
+    /// The test-only RSA key of `common::rsa_fixture` (RS256: what most
+    /// identity providers sign with).
+    fn rs256(kid: &str) -> IdpKey {
+        use base64::engine::general_purpose::STANDARD;
+        let der = STANDARD.decode(common::rsa_fixture::PKCS1_DER_BASE64).unwrap();
+        let n = common::rsa_fixture::MODULUS_BASE64URL;
+        let jwk = json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": n, "e": "AQAB"});
+        IdpKey {
+            kid: kid.to_owned(),
+            alg: Algorithm::RS256,
+            encoding: EncodingKey::from_rsa_der(&der),
+            jwk,
+            public: URL_SAFE_NO_PAD.decode(n).unwrap(),
+        }
+    }
+
     /// A fresh Ed25519 key (EdDSA).
     fn ed25519(kid: &str) -> IdpKey {
         let rng = ring::rand::SystemRandom::new();
@@ -311,6 +327,34 @@ async fn forged_expired_misaddressed_and_unknown_client_tokens_are_401_invalid_t
     assert_eq!(call(&gw, &with(&|c| c["exp"] = json!(now() - 1))).await.status, StatusCode::OK);
     // None of those refetched the JWKS: their kid was known.
     assert_eq!(idp.fetches(), 1);
+}
+
+#[tokio::test]
+async fn an_rs256_issuer_is_accepted_and_its_confusions_are_refused() {
+    let key = IdpKey::rs256("rsa-1");
+    let idp = JwksServer::start(jwks(&[&key])).await;
+    let gw = TestGateway::start(&config(&idp.url(), "")).await;
+    create_client(&gw, "acme", "").await;
+    let good = key.sign(&claims("acme"));
+    let answer = call(&gw, &good).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["headers"]["x-keygate-client"], "acme");
+
+    // HS256 keyed with the RSA modulus, under the RSA key's kid.
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("rsa-1".to_owned());
+    let confused =
+        jsonwebtoken::encode(&hs, &claims("acme"), &EncodingKey::from_secret(&key.public)).unwrap();
+    assert_invalid_token(&call(&gw, &confused).await, "HS256 with the RSA public key");
+    let none = with_header(&good, json!({"alg": "none", "kid": "rsa-1"}));
+    assert_invalid_token(&call(&gw, &format!("{}.", none.rsplit_once('.').unwrap().0)).await, "alg none");
+    // PS256 is RSA too, but not what this key is published for.
+    let ps = with_header(&good, json!({"alg": "PS256", "kid": "rsa-1"}));
+    assert_invalid_token(&call(&gw, &ps).await, "PS256 header on an RS256 signature");
+    let mut widened = claims("acme");
+    widened["scope"] = json!("read write admin");
+    assert_invalid_token(&call(&gw, &with_payload(&good, widened)).await, "tampered payload");
+    assert_eq!(call(&gw, &good).await.status, StatusCode::OK, "the good token still is");
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ pub mod pki;
 pub mod raw;
 pub mod redis;
 pub mod relay;
+pub mod rsa_fixture;
 pub mod tls;
 pub mod tls_upstream;
 pub mod upstream;
