@@ -13,7 +13,9 @@
 # Options: --quick, --no-install (use what is on PATH), --no-build (use the
 # existing target/release/keygate), --keep (keep the temp dir with the logs),
 # --no-tls (skip the TLS workloads: tls.sh, run at the end with the same
-# options, keygate, nginx and HAProxy terminating TLS on one certificate).
+# options, keygate, nginx and HAProxy terminating TLS on one certificate),
+# --no-tokens (skip the access-token row: tokens.sh, run last, keygate with
+# one reused JWT against keygate with the key it came from).
 # Environment: WORKERS=N runs every proxy with N workers/threads (default 1).
 #
 # Runs alternate (direct, keygate, nginx, haproxy, openresty, caddy, then
@@ -23,15 +25,16 @@
 # (apt-get) and oha from crates.io; builds keygate in release mode.
 set -euo pipefail
 
-QUICK=0 INSTALL=1 BUILD=1 KEEP=0 TLS=1
+QUICK=0 INSTALL=1 BUILD=1 KEEP=0 TLS=1 TOKENS=1
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
         --no-tls) TLS=0 ;;
+        --no-tokens) TOKENS=0 ;;
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -492,4 +495,16 @@ if ((TLS)); then
     PIDS=() WORK=""
     log "TLS workloads: benches/e2e/tls.sh ${tls_args[*]}"
     "$HERE/tls.sh" "${tls_args[@]}"
+fi
+
+# === 6. Access tokens (their own script; the build is reused) ===
+
+if ((TOKENS)); then
+    tokens_args=(--bin "$ROOT/target/release/keygate")
+    ((QUICK)) && tokens_args+=(--rounds 3 --seconds 2)
+    ((KEEP)) && tokens_args+=(--keep)
+    cleanup
+    PIDS=() WORK=""
+    log "access tokens: benches/e2e/tokens.sh ${tokens_args[*]}"
+    "$HERE/tokens.sh" "${tokens_args[@]}"
 fi
