@@ -161,6 +161,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    /// `ok` or `refused` (the running config stayed).
+    result: &'static str,
+}
+
 /// Every metric the gateway exports, registered in its own registry.
 pub struct Metrics {
     registry: Registry,
@@ -195,6 +201,9 @@ pub struct Metrics {
     upstream_overloaded: Family<OverloadLabels, Counter>,
     jwks_fetches: Family<JwksFetchLabels, Counter>,
     jwks_keys: Family<IssuerLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+    usage_flush_failures: Counter,
+    pubsub_subscribed: Gauge,
     /// Each certificate's expiry (Unix seconds) by the id of the listener
     /// that loaded it (two listeners, or two gateways in one test process,
     /// may share an address label such as `127.0.0.1:0`); replaced per
@@ -394,8 +403,31 @@ impl Metrics {
              jwks_unavailable)",
             jwks_keys.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload) by result: ok, or refused (invalid file; the \
+             running config stayed)",
+            reloads.clone(),
+        );
+        let usage_flush_failures = Counter::default();
+        registry.register(
+            "usage_flush_failures",
+            "Usage flushes to Redis that failed (the counts are kept and retried)",
+            usage_flush_failures.clone(),
+        );
+        let pubsub_subscribed = Gauge::default();
+        registry.register(
+            "store_pubsub_subscribed",
+            "1 while the store's invalidation subscription (Redis pub/sub) is up, 0 while it is \
+             being re-established (invalidations may be late); 0 with the file store",
+            pubsub_subscribed.clone(),
+        );
         Self {
             registry,
+            reloads,
+            usage_flush_failures,
+            pubsub_subscribed,
             jwks_fetches,
             jwks_keys,
             target_healthy,
@@ -587,7 +619,21 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics text exposition (Prometheus scrapes it as is).
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    pub fn usage_flush_failed(&self) {
+        self.usage_flush_failures.inc();
+    }
+
+    pub fn pubsub_subscribed(&self, up: bool) {
+        self.pubsub_subscribed.set(i64::from(up));
+    }
+
+    /// The OpenMetrics text exposition (Prometheus scrapes it as is),
+    /// without the process metrics ([`render`] adds them).
     pub fn render(&self) -> String {
         {
             let now = jiff::Timestamp::now().as_second();
@@ -712,7 +758,83 @@ pub fn jwks_fetched(issuer: &str, keys: Option<usize>) {
 }
 
 pub fn render() -> String {
-    METRICS.render()
+    render_as(Exposition::OpenMetrics)
+}
+
+/// `/metrics` in the format the scraper asked for, with the process
+/// metrics (`process_*`, as every Prometheus client library names them).
+pub fn render_as(format: Exposition) -> String {
+    let mut text = METRICS.render();
+    let process = crate::process_metrics::render();
+    // Before OpenMetrics' closing `# EOF`.
+    match text.strip_suffix("# EOF\n") {
+        Some(body) => text = format!("{body}{process}# EOF\n"),
+        None => text.push_str(&process),
+    }
+    match format {
+        Exposition::OpenMetrics => text,
+        Exposition::Prometheus004 => crate::exposition::to_text_004(&text),
+    }
+}
+
+/// A config reload ended: installed (`ok`) or refused.
+pub fn config_reload(ok: bool) {
+    METRICS.config_reload(ok);
+}
+
+/// A usage flush to Redis failed.
+pub fn usage_flush_failed() {
+    METRICS.usage_flush_failed();
+}
+
+/// The invalidation subscription came up (`true`) or went down.
+pub fn pubsub_subscribed(up: bool) {
+    METRICS.pubsub_subscribed(up);
+}
+
+/// The two exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`): the default.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), for
+    /// scrapers that ask for it (older Prometheus, many agents).
+    Prometheus004,
+}
+
+impl Exposition {
+    /// The format an `Accept` header asks for: text 0.0.4 when it prefers
+    /// `text/plain` to OpenMetrics (by `q`), OpenMetrics otherwise (no
+    /// header, `*/*`, or OpenMetrics preferred, as Prometheus sends).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let mut q = 1.0_f32;
+            let mut version = None;
+            for param in parts {
+                match param.split_once('=').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim())) {
+                    Some((k, v)) if k == "q" => q = v.parse().unwrap_or(0.0),
+                    Some((k, v)) if k == "version" => version = Some(v.to_owned()),
+                    _ => {}
+                }
+            }
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" if version.as_deref().is_none_or(|v| v == "0.0.4") => text = text.max(q),
+                _ => {}
+            }
+        }
+        if text > openmetrics { Self::Prometheus004 } else { Self::OpenMetrics }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => CONTENT_TYPE,
+            Self::Prometheus004 => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
 }
 
 /// The handles of one upstream target's series (see [`TargetSeries`]).

@@ -80,6 +80,12 @@ impl Reloader {
     /// `serve` does at start), and keeping the lock free of awaits is simpler
     /// than a blocking-pool round trip.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let outcome = self.reload_serialised();
+        crate::metrics::config_reload(outcome.is_ok());
+        outcome
+    }
+
+    fn reload_serialised(&self) -> Result<Reloaded, ConfigError> {
         let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         let loaded = Config::load(&self.path).and_then(|mut config| match self.store_override.as_slice() {
             [] => Ok(config),

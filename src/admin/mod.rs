@@ -260,7 +260,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         return match endpoint {
             Endpoint::Healthz => Ok(json_ok(serde_json::json!({ "status": "ok" }))),
             Endpoint::Readyz => readyz(&admin.gateway).await,
-            _ => Ok(metrics_page()),
+            _ => Ok(metrics_page(&parts.headers)),
         };
     }
     let actor = authorize(&admin.gateway, &parts.headers)?;
@@ -396,11 +396,14 @@ fn reload(admin: &Admin, actor: &str) -> Result<Response<Full<Bytes>>, AdminErro
     })))
 }
 
-fn metrics_page() -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render())));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+/// `/metrics` in the format the scraper's `Accept` asks for (OpenMetrics
+/// unless it prefers the 0.0.4 text format).
+fn metrics_page(headers: &HeaderMap) -> Response<Full<Bytes>> {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Exposition::negotiate(accept);
+    let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render_as(format))));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    response.headers_mut().insert(header::VARY, HeaderValue::from_static("accept"));
     response
 }
 

@@ -938,6 +938,7 @@ impl Subscriber {
                 _ = &mut stop => return,
                 ended = self.session(attempt, &mut ready) => ended,
             };
+            crate::metrics::pubsub_subscribed(false);
             attempt += 1;
             if subscribed {
                 delay = self.options.resubscribe_min_delay;
@@ -985,6 +986,7 @@ impl Subscriber {
             Err(_) => return (false, "SUBSCRIBE timed out".to_owned()),
         }
         tracing::debug!(redis = %self.addr, channel = %self.channel, "subscribed to invalidations");
+        crate::metrics::pubsub_subscribed(true);
         // Whatever was published before this point (while disconnected, or
         // before the first subscription) was missed.
         let _ = self.tx.send(Invalidation::All);

@@ -336,6 +336,7 @@ impl UsageFlusher {
 
         if let Err(error) = written {
             self.flush_errors.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::usage_flush_failed();
             if !self.failing.swap(true, Ordering::Relaxed) {
                 tracing::warn!(%error, "usage flush failed; keeping counts and retrying");
             }
