@@ -61,13 +61,12 @@ fn lint_text_004(text: &str) -> Result<(), String> {
             let sample = line.split(['{', ' ']).next().unwrap_or("");
             let family = typed
                 .keys()
-                .filter(|name| {
+                .find(|name| {
                     sample == name.as_str()
                         || ["_bucket", "_sum", "_count"]
                             .iter()
                             .any(|s| sample.strip_prefix(name.as_str()) == Some(*s))
                 })
-                .next()
                 .ok_or(format!("sample {sample} has no TYPE before it"))?;
             if !helped.contains(family) {
                 return Err(format!("{family} has no HELP"));
