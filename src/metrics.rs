@@ -144,6 +144,8 @@ pub struct TargetSeries {
     pub outstanding: Gauge,
     pub ejections: Counter,
     pub failures: Counter,
+    pub requests: Counter,
+    pub duration: Histogram,
 }
 
 /// One upstream's handles, held by its pool.
@@ -195,6 +197,8 @@ pub struct Metrics {
     target_outstanding: Family<TargetLabels, Gauge>,
     target_ejections: Family<TargetLabels, Counter>,
     target_failures: Family<TargetLabels, Counter>,
+    target_requests: Family<TargetLabels, Counter>,
+    target_duration: HistogramFamily<TargetLabels>,
     upstream_retries: Family<UpstreamLabels, Counter>,
     upstream_retries_refused: Family<UpstreamLabels, Counter>,
     upstream_panics: Family<UpstreamLabels, Counter>,
@@ -356,6 +360,20 @@ impl Metrics {
             "Times an upstream target was ejected by passive health (consecutive failures)",
             target_ejections.clone(),
         );
+        let target_requests = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "upstream_target_requests",
+            "Requests sent to an upstream target (retries included), by upstream and target",
+            target_requests.clone(),
+        );
+        let target_duration: HistogramFamily<TargetLabels> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "upstream_target_duration_seconds",
+            "Time from sending a request to an upstream target until its response body ended (or \
+             the exchange failed), by upstream and target",
+            target_duration.clone(),
+        );
         let target_failures = Family::<TargetLabels, Counter>::default();
         registry.register(
             "upstream_target_failures",
@@ -434,6 +452,8 @@ impl Metrics {
             target_outstanding,
             target_ejections,
             target_failures,
+            target_requests,
+            target_duration,
             upstream_retries,
             upstream_retries_refused,
             upstream_panics,
@@ -582,6 +602,8 @@ impl Metrics {
             outstanding: self.target_outstanding.get_or_create_owned(&labels),
             ejections: self.target_ejections.get_or_create_owned(&labels),
             failures: self.target_failures.get_or_create_owned(&labels),
+            requests: self.target_requests.get_or_create_owned(&labels),
+            duration: self.target_duration.get_or_create_owned(&labels),
             labels,
         }
     }
@@ -592,6 +614,8 @@ impl Metrics {
         self.target_outstanding.remove(&series.labels);
         self.target_ejections.remove(&series.labels);
         self.target_failures.remove(&series.labels);
+        self.target_requests.remove(&series.labels);
+        self.target_duration.remove(&series.labels);
     }
 
     pub fn upstream_series(&self, upstream: &str) -> UpstreamSeries {

@@ -260,7 +260,8 @@ impl TargetHealth {
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         self.series.outstanding.inc();
-        InFlight { health: Arc::clone(self) }
+        self.series.requests.inc();
+        InFlight { health: Arc::clone(self), started: Instant::now() }
     }
 }
 
@@ -278,12 +279,15 @@ fn millis_of(duration: Duration) -> u64 {
 /// it fails): dropped, it stops counting.
 pub struct InFlight {
     health: Arc<TargetHealth>,
+    /// For the target's duration histogram, observed when this drops.
+    started: Instant,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.health.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.health.series.outstanding.dec();
+        self.health.series.duration.observe(self.started.elapsed().as_secs_f64());
     }
 }
 
