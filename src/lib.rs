@@ -39,6 +39,7 @@
 //! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
 //! - [`cli`]: the `keygate` command.
+//! - [`build_info`]: the version and the git commit this binary was built from.
 //! - [`worker`]: which worker thread runs the current code (picks its pools).
 #![forbid(unsafe_code)]
 // A panic on the request path costs a request; outside tests, say why a
@@ -47,6 +48,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod build_info;
 pub mod cli;
 pub mod client;
 pub mod client_cert;

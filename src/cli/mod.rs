@@ -2,6 +2,10 @@
 //! store options) lives here; each group of subcommands has its own file.
 //!
 //! Everything a script may capture goes to stdout; messages go to stderr.
+//!
+//! The config file: `-c`/`--config`, or `KEYGATE_CONFIG` when the flag is
+//! not given (a systemd unit or a container sets the variable once for every
+//! command run there); the flag wins over the variable.
 //! Exit codes are one table for every command: see [`exit`].
 //!
 //! The store: every command that touches it (`serve` included) reads the
@@ -34,7 +38,7 @@ use crate::store::{self, SharedStore};
 #[derive(Debug, Parser)]
 #[command(
     name = "keygate",
-    version,
+    version = crate::build_info::LONG_VERSION,
     about = "An API-key gateway: verifies, scopes, rate-limits and meters API keys.",
     after_help = "Exit codes: 0 done, 1 failed while running (store unreachable, ...), \
                   2 usage or config error, 3 key not found."
@@ -72,7 +76,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
     /// Path to the config file.
-    #[arg(short = 'c', long = "config", default_value = "gateway.toml")]
+    #[arg(short = 'c', long = "config", env = "KEYGATE_CONFIG", default_value = "gateway.toml")]
     pub config: PathBuf,
 }
 
@@ -129,7 +133,7 @@ pub struct CheckArgs {
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
     /// Path to the config file (its [store] and [keys] sections are used).
-    #[arg(short = 'c', long = "config", global = true)]
+    #[arg(short = 'c', long = "config", env = "KEYGATE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Use this Redis instead of the config's store.
     #[arg(
@@ -464,7 +468,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     crate::telemetry::init(&config.log);
     // What this process runs, in one line an operator can check: the
-    // version, the file, and the store (where it came from, its URL with
+    // version and commit, the file, and the store (where it came from, its URL with
     // any password replaced).
     let store_from = match redis {
         [] => "config",
@@ -474,7 +478,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let store = describe_store(&config.store);
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = crate::build_info::VERSION,
+        commit = crate::build_info::COMMIT,
         config = %path.display(),
         store = store.as_str(),
         store_from,

@@ -28,6 +28,7 @@ impl Served {
             .arg(config)
             .env("RUST_LOG", log)
             .env_remove("KEYGATE_REDIS_URL")
+            .env_remove("KEYGATE_CONFIG")
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
         for (name, value) in env {
