@@ -38,6 +38,7 @@
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
+//! - [`systemd`]: `sd_notify` to the service manager: ready, reloading, stopping, watchdog.
 //! - [`cli`]: the `keygate` command.
 //! - [`build_info`]: the version and the git commit this binary was built from.
 //! - [`worker`]: which worker thread runs the current code (picks its pools).
@@ -76,6 +77,7 @@ pub mod sanitize;
 pub mod scope;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

@@ -6,7 +6,8 @@
 //! live. Requests in flight keep the `Live` they loaded, and open connections
 //! are untouched: each new request on them loads the new one.
 //!
-//! Triggers: SIGHUP ([`on_sighup`]) and `POST /admin/reload`. Some settings
+//! Triggers: SIGHUP ([`on_sighup`]) and `POST /admin/reload`; either tells
+//! the service manager (`RELOADING=1`, then `READY=1`). Some settings
 //! are read once at start (listen addresses, the store, the key cache, the
 //! log format); a reload that changes them applies the rest and says which
 //! ones need a restart.
@@ -79,8 +80,24 @@ impl Reloader {
     /// Synchronous on purpose: the file is small and local (the same read
     /// `serve` does at start), and keeping the lock free of awaits is simpler
     /// than a blocking-pool round trip.
+    ///
+    /// The service manager is told (see [`crate::systemd`]): reloading
+    /// while it runs, then ready again, with why when it was refused.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: two racing reloads give RELOADING, READY twice,
+        // never two RELOADING in a row.
+        crate::systemd::reloading();
+        let outcome = self.install();
+        match &outcome {
+            Ok(reloaded) => crate::systemd::reloaded(reloaded.routes, reloaded.upstreams),
+            Err(error) => crate::systemd::reload_refused(error),
+        }
+        outcome
+    }
+
+    /// [`Reloader::reload`]'s work, with the lock held.
+    fn install(&self) -> Result<Reloaded, ConfigError> {
         let loaded = Config::load(&self.path).and_then(|mut config| match self.store_override.as_slice() {
             [] => Ok(config),
             // Checked when serve started; a failure here cannot happen, but

@@ -599,22 +599,41 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .map(|listener| tokio::spawn(admin::serve(listener, Admin::new(reloader), on(&stopped))));
 
         let worker_gateway = Arc::clone(&gateway);
+        let worker_count = listeners.len();
+        let (runtimes_tx, mut runtimes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watchdog_stop = on(&stopped);
         let mut serving = tokio::task::spawn_blocking(move || {
-            server::run_workers(listeners, &worker_gateway, stopped, drain_timeout)
+            server::run_workers(listeners, &worker_gateway, stopped, drain_timeout, runtimes_tx)
         });
+        // Ready for systemd once every worker's runtime runs: the sockets
+        // are bound and listening since `bind_workers`, so a connection
+        // made from now on is queued and answered. The channel closes early
+        // only if a worker failed to start (then `serving` ends with why).
+        let mut runtimes = Vec::with_capacity(worker_count);
+        while runtimes.len() < worker_count
+            && let Some(runtime) = runtimes_rx.recv().await
+        {
+            runtimes.push(runtime);
+        }
+        if runtimes.len() == worker_count {
+            crate::systemd::ready();
+        }
+        let watchdog = crate::systemd::spawn_watchdog(runtimes, watchdog_stop);
         let outcome = tokio::select! {
             () = server::shutdown_signal() => {
+                crate::systemd::stopping();
                 let _ = stop.send(true);
                 (&mut serving).await
             }
             // Workers only end on their own if something broke.
             ended = &mut serving => {
+                crate::systemd::stopping();
                 let _ = stop.send(true);
                 ended
             }
         };
         let _ = drained.send(true);
-        for task in [Some(sighup), admin].into_iter().flatten() {
+        for task in [Some(sighup), admin, watchdog].into_iter().flatten() {
             if let Err(error) = task.await {
                 tracing::error!(%error, "a background task ended abnormally");
             }

@@ -411,21 +411,30 @@ pub fn per_worker(bound: Vec<(Vec<std::net::TcpListener>, Transport)>) -> Vec<Wo
 /// runtime serving every listener of its group (so the thread count stays
 /// `server.workers` however many listeners there are, and a worker's
 /// upstream pools serve all of them), until `shutdown` turns true; returns
-/// how each worker drained (timed out if any of its listeners did).
+/// how each worker drained (timed out if any of its listeners did). Each
+/// worker sends its runtime's handle to `runtimes` once it runs (start-up
+/// waits for them before telling systemd it is ready, and the watchdog
+/// probes them).
 pub fn run_workers(
     workers: Vec<WorkerListeners>,
     gateway: &Arc<Gateway>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     drain_timeout: Duration,
+    runtimes: tokio::sync::mpsc::UnboundedSender<tokio::runtime::Handle>,
 ) -> std::io::Result<Vec<Drained>> {
     let mut threads = Vec::new();
     for (index, listeners) in workers.into_iter().enumerate() {
         let gateway = Arc::clone(gateway);
         let shutdown = shutdown.clone();
+        let runtimes = runtimes.clone();
         let thread =
             std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
                 crate::worker::set_worker_index(index);
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                // Dropped once sent: the channel closes when every worker
+                // has sent its handle or failed before it.
+                let _ = runtimes.send(runtime.handle().clone());
+                drop(runtimes);
                 runtime.block_on(async move {
                     let mut serving = Vec::with_capacity(listeners.len());
                     for (listener, transport) in listeners {
@@ -450,6 +459,7 @@ pub fn run_workers(
             })?;
         threads.push(thread);
     }
+    drop(runtimes);
     threads
         .into_iter()
         .map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("worker thread panicked"))))

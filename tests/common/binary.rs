@@ -29,6 +29,11 @@ impl Served {
             .env("RUST_LOG", log)
             .env_remove("KEYGATE_REDIS_URL")
             .env_remove("KEYGATE_CONFIG")
+            // Only a test that binds its own NOTIFY_SOCKET gets notifications
+            // (tests/systemd_notify.rs), never a service manager running the tests.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
         for (name, value) in env {
