@@ -31,6 +31,28 @@ fn shipped_gateway_toml_is_valid() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The config the Debian package installs as /etc/keygate/gateway.toml
+/// passes `check`, and its file store is inside the one folder the unit
+/// lets the service write (`ReadWritePaths=` under `ProtectSystem=strict`).
+#[test]
+fn packaged_gateway_toml_is_valid_and_its_store_is_writable_under_the_unit() {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist");
+    let config =
+        Config::load(&dist.join("gateway.toml")).unwrap_or_else(|e| panic!("dist/gateway.toml: {e}"));
+    assert!(config.routes.iter().any(|r| r.target == keygate::config::RouteTarget::Echo));
+    let keygate::config::StoreConfig::File { dir } = &config.store else { panic!("not the file store") };
+    let unit = std::fs::read_to_string(dist.join("keygate.service")).unwrap();
+    let setting = |name: &str| -> Vec<&str> {
+        unit.lines().filter_map(|line| line.strip_prefix(name)?.strip_prefix('=')).collect()
+    };
+    let writable = setting("ReadWritePaths");
+    assert!(writable.iter().any(|w| dir.starts_with(w)), "{} not under {writable:?}", dir.display());
+    assert_eq!(setting("Environment"), ["KEYGATE_CONFIG=/etc/keygate/gateway.toml"]);
+    assert_eq!(setting("Type"), ["notify"]);
+    let out = keygate().args(["check", "-c"]).arg(dist.join("gateway.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn check_names_the_field_and_line_of_an_invalid_config() {
     let dir = tempfile::tempdir().unwrap();
