@@ -54,7 +54,8 @@ async fn ready_after_the_port_answers_reloading_then_ready_around_reloads_and_st
     let manager = Manager::bind(dir.path());
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config(&["/old"])).unwrap();
-    let mut served = Served::start(&path, &[("NOTIFY_SOCKET", manager.path.to_str().unwrap())]);
+    // Started as the unit starts it: `keygate serve`, the file named by KEYGATE_CONFIG.
+    let mut served = Served::start_from_env(&path, &[("NOTIFY_SOCKET", manager.path.to_str().unwrap())]);
 
     // The first thing the gateway says is READY, and when it says it the
     // port answers (the address is logged before).
@@ -64,6 +65,8 @@ async fn ready_after_the_port_answers_reloading_then_ready_around_reloads_and_st
     let addr = served.gateway_address();
     let admin = served.address("admin API listening");
     assert_eq!(get(&format!("http://{addr}/old")).await.status, 200);
+    let started = served.wait_for_line("keygate starting");
+    assert!(started.contains(&format!("config={}", path.display())), "{started}");
 
     // SIGHUP: RELOADING (with the monotonic clock systemd 253+ requires), then READY.
     std::fs::write(&path, config(&["/old", "/new"])).unwrap();
@@ -140,5 +143,5 @@ async fn without_notify_socket_nothing_is_sent_and_the_gateway_serves() {
     assert_eq!(status.code(), Some(0), "{log}");
     let mut buffer = [0; 64];
     assert!(manager.socket.try_recv(&mut buffer).is_err(), "nothing was sent");
-    assert!(!log.contains("watchdog"), "no watchdog without NOTIFY_SOCKET: {log}");
+    assert!(!log.contains("service manager watchdog"), "no watchdog without NOTIFY_SOCKET: {log}");
 }
