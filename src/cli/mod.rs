@@ -2,11 +2,11 @@
 //! store options) lives here; each group of subcommands has its own file.
 //!
 //! Everything a script may capture goes to stdout; messages go to stderr.
+//! Exit codes are one table for every command: see [`exit`].
 //!
 //! The config file: `-c`/`--config`, or `KEYGATE_CONFIG` when the flag is
 //! not given (a systemd unit or a container sets the variable once for every
 //! command run there); the flag wins over the variable.
-//! Exit codes are one table for every command: see [`exit`].
 //!
 //! The store: every command that touches it (`serve` included) reads the
 //! config file's `[store]`, and `--redis URL` or `KEYGATE_REDIS_URL`
@@ -468,8 +468,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     crate::telemetry::init(&config.log);
     // What this process runs, in one line an operator can check: the
-    // version and commit, the file, and the store (where it came from, its URL with
-    // any password replaced).
+    // version and commit, the file, and the store (where it came from, its
+    // URL with any password replaced).
     let store_from = match redis {
         [] => "config",
         [url] if std::env::var("KEYGATE_REDIS_URL").is_ok_and(|env| env == *url) => "KEYGATE_REDIS_URL",
