@@ -89,6 +89,12 @@ if command -v systemd-analyze >/dev/null; then
     verify=$(systemd-analyze verify /lib/systemd/system/keygate.service 2>&1) ||
         fail "systemd-analyze verify: $verify"
     [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
+    # The sandbox, scored offline (0 = fully sandboxed, 10 = none); 1.5 when
+    # written. Over 2.0 means a hardening line was lost: fail.
+    echo "== deb: systemd-analyze security keygate.service"
+    security=$(systemd-analyze security --offline=yes --threshold=20 /lib/systemd/system/keygate.service 2>&1) ||
+        fail "systemd-analyze security: exposure above 2.0: $(echo "$security" | grep -E '✗|Overall')"
+    echo "$security" | grep Overall
 else
     echo "== deb: systemd-analyze not installed; the unit was not verified" >&2
 fi
