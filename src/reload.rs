@@ -330,36 +330,47 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Reloads on every SIGHUP until `shutdown` completes.
-pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: impl Future<Output = ()>) {
+///
+/// The handler is installed by this call, not when the future is first
+/// polled: `serve` calls it before telling systemd it is ready, and a SIGHUP
+/// (`systemctl reload`) arriving before a handler exists would kill the
+/// process, SIGHUP's default action. Must be called within a Tokio runtime.
+pub fn on_sighup(
+    reloader: Arc<Reloader>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API only");
-                return;
-            }
-        };
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                received = hangups.recv() => {
-                    if received.is_none() {
-                        return;
-                    }
-                    tracing::info!(path = %reloader.path().display(), "received SIGHUP: reloading the config");
-                    // The outcome is logged inside; the old config stays on error.
-                    let _logged = reloader.reload();
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hangups = match hangups {
+                Ok(hangups) => hangups,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API only");
+                    return;
                 }
-                () = &mut shutdown => return,
+            };
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    received = hangups.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
+                        tracing::info!(path = %reloader.path().display(), "received SIGHUP: reloading the config");
+                        // The outcome is logged inside; the old config stays on error.
+                        let _logged = reloader.reload();
+                    }
+                    () = &mut shutdown => return,
+                }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = reloader;
-        shutdown.await;
+        #[cfg(not(unix))]
+        {
+            let _ = reloader;
+            shutdown.await;
+        }
     }
 }
 

@@ -118,14 +118,14 @@ async fn watchdog_pings_come_at_half_the_interval_systemd_asks_for() {
     );
     let first = manager.next("READY=1").await;
     assert_eq!(value(&first, "READY"), Some("1"), "{first:?}");
-    let started = std::time::Instant::now();
     for n in 0..3 {
         let ping = manager.next(&format!("watchdog ping {n}")).await;
         assert_eq!(ping, ["WATCHDOG=1"]);
     }
-    // Three pings: the first at once, then two intervals of 200 ms.
-    assert!(started.elapsed() >= std::time::Duration::from_millis(350), "{:?}", started.elapsed());
-    assert!(served.wait_for_line("service manager watchdog: pinging").contains("workers=2"));
+    // The interval from the gateway's own line, not from arrival times (a
+    // loaded test machine delays the receiver, not the pings).
+    let line = served.wait_for_line("service manager watchdog: pinging");
+    assert!(line.contains("every=200ms") && line.contains("workers=2"), "{line}");
 }
 
 #[tokio::test]
@@ -144,4 +144,24 @@ async fn without_notify_socket_nothing_is_sent_and_the_gateway_serves() {
     let mut buffer = [0; 64];
     assert!(manager.socket.try_recv(&mut buffer).is_err(), "nothing was sent");
     assert!(!log.contains("service manager watchdog"), "no watchdog without NOTIFY_SOCKET: {log}");
+}
+
+/// SIGHUP's and SIGTERM's default action is to kill the process: their
+/// handlers must exist by the time READY is sent, since systemd may reload
+/// or stop a unit the moment it is ready.
+#[tokio::test]
+async fn a_reload_and_a_stop_sent_the_moment_ready_arrives_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::bind(dir.path());
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config(&["/"])).unwrap();
+    let served = Served::start(&path, &[("NOTIFY_SOCKET", manager.path.to_str().unwrap())]);
+    assert_eq!(value(&manager.next("READY=1").await, "READY"), Some("1"));
+    served.signal("HUP");
+    assert_eq!(value(&manager.next("RELOADING=1").await, "RELOADING"), Some("1"));
+    assert_eq!(value(&manager.next("READY=1 after the reload").await, "READY"), Some("1"));
+    served.signal("TERM");
+    assert_eq!(value(&manager.next("STOPPING=1").await, "STOPPING"), Some("1"));
+    let (status, log) = tokio::task::spawn_blocking(move || served.wait_exit()).await.unwrap();
+    assert_eq!(status.code(), Some(0), "drained, not killed by the signal: {log}");
 }

@@ -594,7 +594,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         };
         let (drained, drained_rx) = tokio::sync::watch::channel(false);
         let usage = gateway.usage_flusher().map(|flusher| flusher.spawn(on(&drained_rx)));
+        // Both signal handlers are installed here, before READY below.
         let sighup = tokio::spawn(reload::on_sighup(Arc::clone(&reloader), on(&stopped)));
+        let shutdown = server::shutdown_signal();
         let admin = admin_listener
             .map(|listener| tokio::spawn(admin::serve(listener, Admin::new(reloader), on(&stopped))));
 
@@ -620,7 +622,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
         let watchdog = crate::systemd::spawn_watchdog(runtimes, watchdog_stop);
         let outcome = tokio::select! {
-            () = server::shutdown_signal() => {
+            () = shutdown => {
                 crate::systemd::stopping();
                 let _ = stop.send(true);
                 (&mut serving).await
