@@ -38,7 +38,9 @@
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
+//! - [`systemd`]: `sd_notify` to the service manager: ready, reloading, stopping, watchdog.
 //! - [`cli`]: the `keygate` command.
+//! - [`build_info`]: the version and the git commit this binary was built from.
 //! - [`worker`]: which worker thread runs the current code (picks its pools).
 #![forbid(unsafe_code)]
 // A panic on the request path costs a request; outside tests, say why a
@@ -47,6 +49,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod build_info;
 pub mod cli;
 pub mod client;
 pub mod client_cert;
@@ -78,6 +81,7 @@ pub mod scope;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

@@ -122,6 +122,13 @@ struct TargetLabels {
     target: String,
 }
 
+/// What the process runs (`build_info`): one series, always 1.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
@@ -440,6 +447,21 @@ impl Metrics {
             "1 while the store's invalidation subscription (Redis pub/sub) is up, 0 while it is \
              being re-established (invalidations may be late); 0 with the file store",
             pubsub_subscribed.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        // One series for the process's life: a dashboard joins on it to show
+        // which version and commit each instance runs (as Prometheus's own
+        // `prometheus_build_info` does).
+        build_info
+            .get_or_create(&BuildLabels {
+                version: crate::build_info::VERSION,
+                commit: crate::build_info::COMMIT,
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; its labels are the keygate version and the git commit it was built from",
+            build_info,
         );
         Self {
             registry,
@@ -1000,6 +1022,20 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing `{expected}` in\n{text}");
         }
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_commit_with_help() {
+        let text = Metrics::new().render();
+        let series = format!(
+            "keygate_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        );
+        assert!(text.contains(&series), "missing `{series}` in\n{text}");
+        assert!(text.contains("# HELP keygate_build_info Always 1;"), "{text}");
+        assert!(text.contains("# TYPE keygate_build_info gauge"), "{text}");
+        assert!(!crate::build_info::COMMIT.is_empty());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! live. Requests in flight keep the `Live` they loaded, and open connections
 //! are untouched: each new request on them loads the new one.
 //!
-//! Triggers: SIGHUP ([`on_sighup`]) and `POST /admin/reload`. Some settings
+//! Triggers: SIGHUP ([`on_sighup`]) and `POST /admin/reload`; either tells
+//! the service manager (`RELOADING=1`, then `READY=1`). Some settings
 //! are read once at start (listen addresses, the store, the key cache, the
 //! log format); a reload that changes them applies the rest and says which
 //! ones need a restart.
@@ -79,6 +80,9 @@ impl Reloader {
     /// Synchronous on purpose: the file is small and local (the same read
     /// `serve` does at start), and keeping the lock free of awaits is simpler
     /// than a blocking-pool round trip.
+    ///
+    /// The service manager is told (see [`crate::systemd`]): reloading
+    /// while it runs, then ready again, with why when it was refused.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let outcome = self.reload_serialised();
         crate::metrics::config_reload(outcome.is_ok());
@@ -87,6 +91,19 @@ impl Reloader {
 
     fn reload_serialised(&self) -> Result<Reloaded, ConfigError> {
         let _serialised = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: two racing reloads give RELOADING, READY twice,
+        // never two RELOADING in a row.
+        crate::systemd::reloading();
+        let outcome = self.install();
+        match &outcome {
+            Ok(reloaded) => crate::systemd::reloaded(reloaded.routes, reloaded.upstreams),
+            Err(error) => crate::systemd::reload_refused(error),
+        }
+        outcome
+    }
+
+    /// [`Reloader::reload`]'s work, with the lock held.
+    fn install(&self) -> Result<Reloaded, ConfigError> {
         let loaded = Config::load(&self.path).and_then(|mut config| match self.store_override.as_slice() {
             [] => Ok(config),
             // Checked when serve started; a failure here cannot happen, but
@@ -319,36 +336,47 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Reloads on every SIGHUP until `shutdown` completes.
-pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: impl Future<Output = ()>) {
+///
+/// The handler is installed by this call, not when the future is first
+/// polled: `serve` calls it before telling systemd it is ready, and a SIGHUP
+/// (`systemctl reload`) arriving before a handler exists would kill the
+/// process, SIGHUP's default action. Must be called within a Tokio runtime.
+pub fn on_sighup(
+    reloader: Arc<Reloader>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API only");
-                return;
-            }
-        };
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                received = hangups.recv() => {
-                    if received.is_none() {
-                        return;
-                    }
-                    tracing::info!(path = %reloader.path().display(), "received SIGHUP: reloading the config");
-                    // The outcome is logged inside; the old config stays on error.
-                    let _logged = reloader.reload();
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hangups = match hangups {
+                Ok(hangups) => hangups,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API only");
+                    return;
                 }
-                () = &mut shutdown => return,
+            };
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    received = hangups.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
+                        tracing::info!(path = %reloader.path().display(), "received SIGHUP: reloading the config");
+                        // The outcome is logged inside; the old config stays on error.
+                        let _logged = reloader.reload();
+                    }
+                    () = &mut shutdown => return,
+                }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = reloader;
-        shutdown.await;
+        #[cfg(not(unix))]
+        {
+            let _ = reloader;
+            shutdown.await;
+        }
     }
 }
 

@@ -9,8 +9,11 @@ use std::process::Command;
 use common::binary::Served;
 use keygate::config::Config;
 
+/// The binary, with no `KEYGATE_CONFIG` from the environment running the tests.
 fn keygate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keygate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command.env_remove("KEYGATE_CONFIG");
+    command
 }
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
@@ -25,6 +28,28 @@ fn shipped_gateway_toml_is_valid() {
     let config = Config::load(&shipped).unwrap_or_else(|e| panic!("shipped gateway.toml: {e}"));
     assert!(config.routes.iter().any(|r| r.target == keygate::config::RouteTarget::Echo));
     let out = keygate().args(["check", "-c"]).arg(&shipped).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The config the Debian package installs as /etc/keygate/gateway.toml
+/// passes `check`, and its file store is inside the one folder the unit
+/// lets the service write (`ReadWritePaths=` under `ProtectSystem=strict`).
+#[test]
+fn packaged_gateway_toml_is_valid_and_its_store_is_writable_under_the_unit() {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist");
+    let config =
+        Config::load(&dist.join("gateway.toml")).unwrap_or_else(|e| panic!("dist/gateway.toml: {e}"));
+    assert!(config.routes.iter().any(|r| r.target == keygate::config::RouteTarget::Echo));
+    let keygate::config::StoreConfig::File { dir } = &config.store else { panic!("not the file store") };
+    let unit = std::fs::read_to_string(dist.join("keygate.service")).unwrap();
+    let setting = |name: &str| -> Vec<&str> {
+        unit.lines().filter_map(|line| line.strip_prefix(name)?.strip_prefix('=')).collect()
+    };
+    let writable = setting("ReadWritePaths");
+    assert!(writable.iter().any(|w| dir.starts_with(w)), "{} not under {writable:?}", dir.display());
+    assert_eq!(setting("Environment"), ["KEYGATE_CONFIG=/etc/keygate/gateway.toml"]);
+    assert_eq!(setting("Type"), ["notify"]);
+    let out = keygate().args(["check", "-c"]).arg(dist.join("gateway.toml")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -71,6 +96,71 @@ fn missing_config_file_is_a_clear_error() {
     let out = keygate().args(["check", "-c", "/nonexistent/gateway.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/gateway.toml"));
+}
+
+#[test]
+fn keygate_config_names_the_config_when_no_flag_does_and_the_flag_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let good = write_config(
+        dir.path(),
+        "[store]\nkind = \"file\"\ndir = \"keys\"\n\n[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n",
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\ncolour = \"blue\"\n").unwrap();
+
+    let out = keygate().arg("check").env("KEYGATE_CONFIG", &good).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.starts_with(&format!("{}: OK", good.display())), "{stderr}");
+    let out = keygate().arg("check").env("KEYGATE_CONFIG", &bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "the variable's file is the one checked");
+    let out = keygate().args(["check", "-c"]).arg(&good).env("KEYGATE_CONFIG", &bad).output().unwrap();
+    assert!(out.status.success(), "-c wins: {}", String::from_utf8_lossy(&out.stderr));
+
+    // A store command writes to the store of the variable's config (the
+    // test's cwd has a gateway.toml of its own, with another keys/).
+    let out = keygate()
+        .args(["keys", "issue", "--client", "env-demo"])
+        .env("KEYGATE_CONFIG", &good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: Vec<_> = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("env-demo."))
+        .collect();
+    assert_eq!(written.len(), 1, "the key landed in the variable's keys/: {written:?}");
+    let out = keygate().args(["keys", "list", "--json"]).env("KEYGATE_CONFIG", &good).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("env-demo"));
+    let out = keygate().args(["usage"]).env("KEYGATE_CONFIG", &bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("colour"), "usage read the variable's (bad) file: {stderr}");
+}
+
+#[test]
+fn version_prints_the_version_and_the_commit_built_from() {
+    let out = keygate().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // What build.rs had: the override, else git's HEAD, else `unknown`.
+    let commit = match option_env!("KEYGATE_BUILD_COMMIT") {
+        Some(given) if !given.trim().is_empty() => given.trim().to_owned(),
+        _ => Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |out| String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+            ),
+    };
+    assert_eq!(stdout, format!("keygate {} (commit {commit})\n", env!("CARGO_PKG_VERSION")));
 }
 
 #[tokio::test]

@@ -4,6 +4,10 @@
 //! Everything a script may capture goes to stdout; messages go to stderr.
 //! Exit codes are one table for every command: see [`exit`].
 //!
+//! The config file: `-c`/`--config`, or `KEYGATE_CONFIG` when the flag is
+//! not given (a systemd unit or a container sets the variable once for every
+//! command run there); the flag wins over the variable.
+//!
 //! The store: every command that touches it (`serve` included) reads the
 //! config file's `[store]`, and `--redis URL` or `KEYGATE_REDIS_URL`
 //! replaces it (the flag winning over the variable). Only `serve` and
@@ -35,7 +39,7 @@ use crate::store::{self, SharedStore};
 #[derive(Debug, Parser)]
 #[command(
     name = "keygate",
-    version,
+    version = crate::build_info::LONG_VERSION,
     about = "An API-key gateway: verifies, scopes, rate-limits and meters API keys.",
     after_help = "Exit codes: 0 done, 1 failed while running (store unreachable, ...), \
                   2 usage or config error, 3 key not found."
@@ -81,7 +85,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
     /// Path to the config file.
-    #[arg(short = 'c', long = "config", default_value = "gateway.toml")]
+    #[arg(short = 'c', long = "config", env = "KEYGATE_CONFIG", default_value = "gateway.toml")]
     pub config: PathBuf,
 }
 
@@ -138,7 +142,7 @@ pub struct CheckArgs {
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
     /// Path to the config file (its [store] and [keys] sections are used).
-    #[arg(short = 'c', long = "config", global = true)]
+    #[arg(short = 'c', long = "config", env = "KEYGATE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Use this Redis instead of the config's store.
     #[arg(
@@ -489,8 +493,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     crate::telemetry::init(&config.log);
     // What this process runs, in one line an operator can check: the
-    // version, the file, and the store (where it came from, its URL with
-    // any password replaced).
+    // version and commit, the file, and the store (where it came from, its
+    // URL with any password replaced).
     let store_from = match redis {
         [] => "config",
         [url] if std::env::var("KEYGATE_REDIS_URL").is_ok_and(|env| env == *url) => "KEYGATE_REDIS_URL",
@@ -499,7 +503,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let store = describe_store(&config.store);
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = crate::build_info::VERSION,
+        commit = crate::build_info::COMMIT,
         config = %path.display(),
         store = store.as_str(),
         store_from,
@@ -621,27 +626,48 @@ fn serve(args: &ServeArgs) -> ExitCode {
         };
         let (drained, drained_rx) = tokio::sync::watch::channel(false);
         let usage = gateway.usage_flusher().map(|flusher| flusher.spawn(on(&drained_rx)));
+        // Both signal handlers are installed here, before READY below.
         let sighup = tokio::spawn(reload::on_sighup(Arc::clone(&reloader), on(&stopped)));
+        let shutdown = server::shutdown_signal();
         let admin = admin_listener
             .map(|listener| tokio::spawn(admin::serve(listener, Admin::new(reloader), on(&stopped))));
 
         let worker_gateway = Arc::clone(&gateway);
+        let worker_count = listeners.len();
+        let (runtimes_tx, mut runtimes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watchdog_stop = on(&stopped);
         let mut serving = tokio::task::spawn_blocking(move || {
-            server::run_workers(listeners, &worker_gateway, stopped, drain_timeout)
+            server::run_workers(listeners, &worker_gateway, stopped, drain_timeout, runtimes_tx)
         });
+        // Ready for systemd once every worker's runtime runs: the sockets
+        // are bound and listening since `bind_workers`, so a connection
+        // made from now on is queued and answered. The channel closes early
+        // only if a worker failed to start (then `serving` ends with why).
+        let mut runtimes = Vec::with_capacity(worker_count);
+        while runtimes.len() < worker_count
+            && let Some(runtime) = runtimes_rx.recv().await
+        {
+            runtimes.push(runtime);
+        }
+        if runtimes.len() == worker_count {
+            crate::systemd::ready();
+        }
+        let watchdog = crate::systemd::spawn_watchdog(runtimes, watchdog_stop);
         let outcome = tokio::select! {
-            () = server::shutdown_signal() => {
+            () = shutdown => {
+                crate::systemd::stopping();
                 let _ = stop.send(true);
                 (&mut serving).await
             }
             // Workers only end on their own if something broke.
             ended = &mut serving => {
+                crate::systemd::stopping();
                 let _ = stop.send(true);
                 ended
             }
         };
         let _ = drained.send(true);
-        for task in [Some(sighup), admin].into_iter().flatten() {
+        for task in [Some(sighup), admin, watchdog].into_iter().flatten() {
             if let Err(error) = task.await {
                 tracing::error!(%error, "a background task ended abnormally");
             }

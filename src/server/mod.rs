@@ -411,21 +411,30 @@ pub fn per_worker(bound: Vec<(Vec<std::net::TcpListener>, Transport)>) -> Vec<Wo
 /// runtime serving every listener of its group (so the thread count stays
 /// `server.workers` however many listeners there are, and a worker's
 /// upstream pools serve all of them), until `shutdown` turns true; returns
-/// how each worker drained (timed out if any of its listeners did).
+/// how each worker drained (timed out if any of its listeners did). Each
+/// worker sends its runtime's handle to `runtimes` once it runs (start-up
+/// waits for them before telling systemd it is ready, and the watchdog
+/// probes them).
 pub fn run_workers(
     workers: Vec<WorkerListeners>,
     gateway: &Arc<Gateway>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     drain_timeout: Duration,
+    runtimes: tokio::sync::mpsc::UnboundedSender<tokio::runtime::Handle>,
 ) -> std::io::Result<Vec<Drained>> {
     let mut threads = Vec::new();
     for (index, listeners) in workers.into_iter().enumerate() {
         let gateway = Arc::clone(gateway);
         let shutdown = shutdown.clone();
+        let runtimes = runtimes.clone();
         let thread =
             std::thread::Builder::new().name(format!("keygate-worker-{index}")).spawn(move || {
                 crate::worker::set_worker_index(index);
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                // Dropped once sent: the channel closes when every worker
+                // has sent its handle or failed before it.
+                let _ = runtimes.send(runtime.handle().clone());
+                drop(runtimes);
                 runtime.block_on(async move {
                     let mut serving = Vec::with_capacity(listeners.len());
                     for (listener, transport) in listeners {
@@ -450,6 +459,7 @@ pub fn run_workers(
             })?;
         threads.push(thread);
     }
+    drop(runtimes);
     threads
         .into_iter()
         .map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("worker thread panicked"))))
@@ -457,29 +467,46 @@ pub fn run_workers(
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+///
+/// The handlers are installed by this call, not when the future is first
+/// polled: `serve` calls it before telling systemd it is ready, so a SIGTERM
+/// right after READY drains gracefully instead of killing the process (the
+/// signal's default action). Must be called within a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| {
+            let installed = signal(kind);
+            async move {
+                match installed {
+                    Ok(mut signal) => {
+                        signal.recv().await;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for {name}");
+                        std::future::pending::<()>().await;
+                    }
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+        };
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            tokio::select! {
+                () = interrupt => tracing::info!("received SIGINT"),
+                () = terminate => tracing::info!("received SIGTERM"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                tracing::error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
+            tracing::info!("received SIGINT");
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received SIGINT"),
-        () = terminate => tracing::info!("received SIGTERM"),
     }
 }

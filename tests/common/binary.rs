@@ -23,11 +23,30 @@ impl Served {
 
     pub fn start_logging(config: &Path, log: &str, env: &[(&str, &str)]) -> Served {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        command.args(["serve", "-c"]).arg(config);
+        Self::spawn(command, log, env)
+    }
+
+    /// `keygate serve` with no `-c`: the config named by `KEYGATE_CONFIG`,
+    /// as the systemd unit runs it.
+    pub fn start_from_env(config: &Path, env: &[(&str, &str)]) -> Served {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        command.arg("serve");
+        let config = config.to_str().unwrap();
+        let env: Vec<(&str, &str)> = env.iter().copied().chain([("KEYGATE_CONFIG", config)]).collect();
+        Self::spawn(command, "info", &env)
+    }
+
+    fn spawn(mut command: Command, log: &str, env: &[(&str, &str)]) -> Served {
         command
-            .args(["serve", "-c"])
-            .arg(config)
             .env("RUST_LOG", log)
             .env_remove("KEYGATE_REDIS_URL")
+            .env_remove("KEYGATE_CONFIG")
+            // Only a test that binds its own NOTIFY_SOCKET gets notifications
+            // (tests/systemd_notify.rs), never a service manager running the tests.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
         for (name, value) in env {
