@@ -349,6 +349,9 @@ pub struct EdgeConfig {
     /// Remove headers that make frameworks reinterpret the method or path
     /// (`X-HTTP-Method-Override`, `X-Original-URL`, ...).
     pub strip_override_headers: bool,
+    /// The request ID's header (`request_id`): read from the client when
+    /// sane, sent upstream, returned on every response.
+    pub request_id_header: HeaderName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -519,9 +522,16 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable wins when set.
+    /// A `RUST_LOG`-style filter for the diagnostic log (stderr); the
+    /// `RUST_LOG` variable wins when set.
     pub filter: String,
     pub format: LogFormat,
+    /// `access`: where access lines go (`access_log`); `None` is `"off"`.
+    /// Built here but started by its first line, so `keygate check` opens
+    /// nothing; a reload builds a new one, which reopens the file.
+    pub access: Option<std::sync::Arc<crate::access_log::Sink>>,
+    /// `access_format`: defaults to `format`.
+    pub access_format: LogFormat,
 }
 
 /// `[admin]`: the admin API, `/metrics` and health checks on their own listener.
@@ -741,6 +751,7 @@ struct RawServer {
     trusted_proxies: Option<Vec<String>>,
     strict_paths: Option<bool>,
     strip_override_headers: Option<bool>,
+    request_id_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -885,6 +896,8 @@ struct RawActiveHealth {
 struct RawLog {
     filter: Option<String>,
     format: Option<LogFormat>,
+    access: Option<String>,
+    access_format: Option<LogFormat>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1292,9 +1305,12 @@ impl RawConfig {
             }
         }
 
+        let format = self.log.format.unwrap_or(LogFormat::Text);
         let log = LogConfig {
             filter: self.log.filter.unwrap_or_else(|| "info".to_owned()),
-            format: self.log.format.unwrap_or(LogFormat::Text),
+            format,
+            access: validate_access_log(&mut p, self.log.access.as_deref(), base),
+            access_format: self.log.access_format.unwrap_or(format),
         };
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.filter) {
             p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
@@ -1883,6 +1899,38 @@ fn validate_listener_tls(
 
 /// The `[server]` deadlines and limits. Zero is refused where it would mean
 /// "no limit" by accident: every state keeps a deadline.
+/// `[log] access`: `"stdout"` (the default), `"off"`, or a file, relative
+/// to the config's folder, whose folder must exist.
+fn validate_access_log(
+    p: &mut Problems,
+    access: Option<&str>,
+    base: &Path,
+) -> Option<std::sync::Arc<crate::access_log::Sink>> {
+    use crate::access_log::{Destination, Sink};
+    let destination = match access.unwrap_or("stdout") {
+        "off" => return None,
+        "stdout" => Destination::Stdout,
+        "" => {
+            p.push("log.access", "must be \"stdout\", \"off\" or a file path");
+            return None;
+        }
+        path => {
+            let path = base.join(path);
+            let folder = path.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !folder.is_dir() {
+                p.push("log.access", format!("folder {} does not exist", folder.display()));
+                return None;
+            }
+            if path.is_dir() {
+                p.push("log.access", format!("{} is a folder, not a file", path.display()));
+                return None;
+            }
+            Destination::File(path)
+        }
+    };
+    Some(std::sync::Arc::new(Sink::new(destination)))
+}
+
 fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
     let mut deadline = |field: &str, value: &Option<String>, default: u64| {
         let at = format!("server.{field}");
@@ -1951,6 +1999,11 @@ fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
         trusted_proxies,
         strict_paths: raw.strict_paths.unwrap_or(true),
         strip_override_headers: raw.strip_override_headers.unwrap_or(true),
+        request_id_header: p.header(
+            "server.request_id_header",
+            raw.request_id_header.as_deref(),
+            crate::request_id::DEFAULT_HEADER,
+        ),
     }
 }
 
