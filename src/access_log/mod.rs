@@ -30,7 +30,9 @@ pub use sink::{Destination, Sink};
 /// rename or remove one. Absent values are `null` in JSON and `-` in text.
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {
-    /// When the line was written (the response's end), RFC 3339, UTC.
+    /// When the line was written (the response's end), RFC 3339 in UTC
+    /// with microseconds: `2026-12-03T07:22:58.123456Z`.
+    #[serde(serialize_with = "serialize_timestamp")]
     pub timestamp: jiff::Timestamp,
     pub request_id: &'a str,
     pub method: &'a str,
@@ -71,6 +73,37 @@ pub struct Entry<'a> {
 thread_local! {
     /// The line being formatted; keeps its capacity between requests.
     static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The last second formatted (`2026-12-03T07:22:58`), and which it is:
+    /// the date and time are printed once a second, not once a line.
+    static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+}
+
+/// A timestamp as the access log prints it, through the per-second cache.
+struct Rfc3339Micros(jiff::Timestamp);
+
+impl std::fmt::Display for Rfc3339Micros {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (second, micros) = (self.0.as_second(), self.0.subsec_microsecond());
+        SECOND.with(|cache| {
+            let Ok(mut cache) = cache.try_borrow_mut() else {
+                return write!(f, "{}", self.0);
+            };
+            if cache.0 != second {
+                cache.1.clear();
+                let whole = jiff::Timestamp::from_second(second).unwrap_or(self.0);
+                // `Display` of a whole second ends in `Z`; the micros go first.
+                std::fmt::write(&mut cache.1, format_args!("{whole}"))?;
+                cache.1.pop();
+                cache.0 = second;
+            }
+            f.write_str(&cache.1)?;
+            write!(f, ".{micros:06}Z")
+        })
+    }
+}
+
+fn serialize_timestamp<S: serde::Serializer>(at: &jiff::Timestamp, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&Rfc3339Micros(*at))
 }
 
 /// Formats `entry` in `format` and queues it on `sink`.
@@ -114,7 +147,13 @@ fn text_into(buffer: &mut Vec<u8>, e: &Entry<'_>) {
             None => write!(buffer, " {key}=-"),
         };
     }
-    let _ = write!(buffer, "{} access request_id={:?} method={}", e.timestamp, e.request_id, e.method);
+    let _ = write!(
+        buffer,
+        "{} access request_id={:?} method={}",
+        Rfc3339Micros(e.timestamp),
+        e.request_id,
+        e.method
+    );
     text(buffer, "path", Some(e.path));
     text(buffer, "query", e.query);
     let _ = write!(buffer, " status={}", e.status);
@@ -242,6 +281,20 @@ mod tests {
             "peer": "10.0.0.7", "user_agent": "curl/8.5 \"quoted\"\nnext", "tunnel_end": null,
         });
         assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn timestamps_print_in_utc_with_microseconds_across_seconds() {
+        for (at, printed) in [
+            ("2026-12-03T07:22:58.123456789Z", "2026-12-03T07:22:58.123456Z"),
+            ("2026-12-03T07:22:58.5Z", "2026-12-03T07:22:58.500000Z"),
+            ("2026-12-03T07:22:59Z", "2026-12-03T07:22:59.000000Z"),
+            ("2026-12-31T23:59:59.999999Z", "2026-12-31T23:59:59.999999Z"),
+            ("2027-01-01T00:00:00.000001Z", "2027-01-01T00:00:00.000001Z"),
+        ] {
+            let at: jiff::Timestamp = at.parse().unwrap();
+            assert_eq!(Rfc3339Micros(at).to_string(), printed);
+        }
     }
 
     #[test]

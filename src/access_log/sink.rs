@@ -64,6 +64,8 @@ struct Shared {
     flushed: Condvar,
     /// Lines dropped (buffer full, or the destination failed).
     dropped: AtomicU64,
+    /// Bytes of unwritten lines held at most.
+    capacity: usize,
 }
 
 #[derive(Default)]
@@ -143,6 +145,7 @@ impl Sink {
             wake: Condvar::new(),
             flushed: Condvar::new(),
             dropped: AtomicU64::new(0),
+            capacity: self.capacity,
         });
         {
             let mut started = lock(&STARTED);
@@ -230,9 +233,13 @@ fn run_writer(shared: &Shared, destination: &Destination) {
                 state = shared.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
             }
             state.writer_asleep = false;
-            let urgent = state.closed || state.flush_asked != state.flush_done;
+            // Past half full (a burst, or lines that came while the last
+            // batch was written), a flush asked for, or closing: no linger.
+            let urgent = state.closed
+                || state.flush_asked != state.flush_done
+                || state.lines.len() >= shared.capacity / 2;
             if !urgent {
-                // Writers past half the buffer, a flush or the close cut this short.
+                // Writers crossing half the buffer, a flush or the close cut this short.
                 state = shared.wake.wait_timeout(state, LINGER).unwrap_or_else(PoisonError::into_inner).0;
             }
             std::mem::swap(&mut state.lines, &mut batch);
