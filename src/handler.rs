@@ -106,7 +106,9 @@ pub async fn handle(
         Err(refused) if trail.grpc => refused.into_grpc_response().map(Either::Right),
         Err(refused) => refused.into_response_for(request_id.to_str().ok()).map(Either::Right),
     };
-    response.headers_mut().insert(id_header.clone(), request_id.clone());
+    // An upstream that answers with its own value keeps it (its headers
+    // come back unchanged); every other answer carries the request's.
+    response.headers_mut().entry(id_header).or_insert_with(|| request_id.clone());
 
     // 8. Usage, metrics and the access line: when the response body ends,
     // or for an upgraded request when its tunnel closes.

@@ -3,8 +3,9 @@
 //!
 //! The ID travels upstream in the configured header (`[server]
 //! request_id_header`, default `x-request-id`), comes back on every
-//! response, and is in the access log line and in every error body the
-//! gateway writes, so one string finds a request everywhere.
+//! response (unless the upstream answered with a value of its own), and is
+//! in the access log line and in every error body the gateway writes, so
+//! one string finds a request everywhere.
 //!
 //! An incoming ID is kept whoever sent it, as nginx, Envoy and Kong do by
 //! default: it is not a credential and grants nothing, and keeping it is
