@@ -1254,6 +1254,7 @@ impl RawConfig {
 
         let store = validate_store(&mut p, self.store, base);
         let keys = validate_keys(&mut p, self.keys);
+        check_request_id_header(&mut p, &server.edge.request_id_header, &keys);
 
         let mut upstreams = BTreeMap::new();
         for (name, raw) in self.upstreams {
@@ -1899,6 +1900,36 @@ fn validate_listener_tls(
 
 /// The `[server]` deadlines and limits. Zero is refused where it would mean
 /// "no limit" by accident: every state keeps a deadline.
+/// `[server] request_id_header` is read from clients, sent upstream and
+/// logged: it may not be a header that carries a credential (a key sent in
+/// it would be kept as the ID and logged), that the gateway sets itself,
+/// or that is hop-by-hop.
+fn check_request_id_header(p: &mut Problems, name: &HeaderName, keys: &KeysConfig) {
+    use http::header;
+    let taken = [
+        &keys.header,
+        &keys.client_header,
+        &keys.key_id_header,
+        &keys.scopes_header,
+        &header::AUTHORIZATION,
+        &header::PROXY_AUTHORIZATION,
+        &header::COOKIE,
+        &header::SET_COOKIE,
+        &header::HOST,
+        &header::CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::CONTENT_LENGTH,
+        &header::CONTENT_TYPE,
+    ];
+    let forwarded = name.as_str().starts_with("x-forwarded-") || name.as_str() == "forwarded";
+    if forwarded || taken.contains(&name) {
+        p.push("server.request_id_header", format!("`{name}` carries credentials or is the gateway's own"));
+    }
+}
+
 /// `[log] access`: `"stdout"` (the default), `"off"`, or a file, relative
 /// to the config's folder, whose folder must exist.
 fn validate_access_log(
@@ -2744,6 +2775,35 @@ mod tests {
     #[test]
     fn built_in_defaults_validate() {
         assert_eq!(Config::defaults().keys.prefix, "kg_");
+    }
+
+    #[test]
+    fn the_request_id_header_and_access_log_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let route = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
+        let problems = |text: &str| match Config::from_toml(&format!("{text}{route}"), dir.path()) {
+            Ok(_) => vec![],
+            Err(TextError::Invalid(problems)) => problems.into_iter().map(|p| p.field).collect(),
+            Err(other) => panic!("{other:?}"),
+        };
+        for taken in ["x-api-key", "authorization", "cookie", "x-forwarded-for", "x-keygate-client"] {
+            let text = format!("[server]\nrequest_id_header = \"{taken}\"\n");
+            assert_eq!(problems(&text), ["server.request_id_header"], "{taken}");
+        }
+        assert_eq!(problems("[server]\nrequest_id_header = \"x-correlation-id\"\n"), Vec::<String>::new());
+        assert_eq!(problems("[log]\naccess = \"nowhere/access.log\"\n"), ["log.access"]);
+        assert_eq!(problems("[log]\naccess = \".\"\n"), ["log.access"], "a folder");
+        let on = format!("[log]\naccess = \"access.log\"\nformat = \"json\"\n{route}");
+        let config = Config::from_toml(&on, dir.path()).unwrap();
+        let sink = config.log.access.expect("on");
+        assert_eq!(sink.destination(), &crate::access_log::Destination::File(dir.path().join("access.log")));
+        assert_eq!(config.log.access_format, LogFormat::Json, "follows `format`");
+        assert!(!dir.path().join("access.log").exists(), "nothing opened before the first line");
+        let off = Config::from_toml(&format!("[log]\naccess = \"off\"\n{route}"), dir.path()).unwrap();
+        assert!(off.log.access.is_none());
+        let default = Config::from_toml(route, dir.path()).unwrap();
+        assert_eq!(default.log.access.unwrap().destination(), &crate::access_log::Destination::Stdout);
+        assert_eq!(default.server.edge.request_id_header, "x-request-id");
     }
 
     #[test]
