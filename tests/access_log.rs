@@ -386,3 +386,21 @@ async fn no_key_token_or_refresh_token_reaches_the_access_or_diagnostic_log() {
     }
     assert!(diagnostic_log.contains("request refused"), "the diagnostic log was captured: {diagnostic_log}");
 }
+
+/// A reload builds a new sink, which opens its file anew: moving the log
+/// away and reloading is how it is rotated.
+#[tokio::test]
+async fn a_reload_reopens_the_access_log_so_a_moved_file_is_rotated() {
+    let (gw, log, upstream) = start().await;
+    call("GET", &gw.url("/echo/before"), &[("x-request-id", "before-1")], "").await;
+    log.line_of("before-1").await;
+    let rotated = log.path.with_extension("log.1");
+    std::fs::rename(&log.path, &rotated).unwrap();
+
+    let config = keygate::config::Config::from_toml(&config(&log, &upstream), gw.dir.path()).unwrap();
+    gw.gateway.reload(config);
+    call("GET", &gw.url("/echo/after"), &[("x-request-id", "after-1")], "").await;
+    assert_eq!(log.line_of("after-1").await["path"], "/echo/after");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("before-1") && !old.contains("after-1"), "{old}");
+}
