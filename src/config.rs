@@ -355,6 +355,9 @@ pub struct EdgeConfig {
     /// Remove headers that make frameworks reinterpret the method or path
     /// (`X-HTTP-Method-Override`, `X-Original-URL`, ...).
     pub strip_override_headers: bool,
+    /// The request ID's header (`request_id`): read from the client when
+    /// sane, sent upstream, returned on every response.
+    pub request_id_header: HeaderName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -525,9 +528,16 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable wins when set.
+    /// A `RUST_LOG`-style filter for the diagnostic log (stderr); the
+    /// `RUST_LOG` variable wins when set.
     pub filter: String,
     pub format: LogFormat,
+    /// `access`: where access lines go (`access_log`); `None` is `"off"`.
+    /// Built here but started by its first line, so `keygate check` opens
+    /// nothing; a reload builds a new one, which reopens the file.
+    pub access: Option<std::sync::Arc<crate::access_log::Sink>>,
+    /// `access_format`: defaults to `format`.
+    pub access_format: LogFormat,
 }
 
 /// `[admin]`: the admin API, `/metrics` and health checks on their own listener.
@@ -748,6 +758,7 @@ struct RawServer {
     trusted_proxies: Option<Vec<String>>,
     strict_paths: Option<bool>,
     strip_override_headers: Option<bool>,
+    request_id_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -892,6 +903,8 @@ struct RawActiveHealth {
 struct RawLog {
     filter: Option<String>,
     format: Option<LogFormat>,
+    access: Option<String>,
+    access_format: Option<LogFormat>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1248,6 +1261,7 @@ impl RawConfig {
 
         let store = validate_store(&mut p, self.store, base);
         let keys = validate_keys(&mut p, self.keys);
+        check_request_id_header(&mut p, &server.edge.request_id_header, &keys);
 
         let mut upstreams = BTreeMap::new();
         for (name, raw) in self.upstreams {
@@ -1299,9 +1313,12 @@ impl RawConfig {
             }
         }
 
+        let format = self.log.format.unwrap_or(LogFormat::Text);
         let log = LogConfig {
             filter: self.log.filter.unwrap_or_else(|| "info".to_owned()),
-            format: self.log.format.unwrap_or(LogFormat::Text),
+            format,
+            access: validate_access_log(&mut p, self.log.access.as_deref(), base),
+            access_format: self.log.access_format.unwrap_or(format),
         };
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.filter) {
             p.push("log.filter", format!("`{}` is not a valid filter: {e}", log.filter));
@@ -1893,6 +1910,68 @@ fn validate_listener_tls(
 
 /// The `[server]` deadlines and limits. Zero is refused where it would mean
 /// "no limit" by accident: every state keeps a deadline.
+/// `[server] request_id_header` is read from clients, sent upstream and
+/// logged: it may not be a header that carries a credential (a key sent in
+/// it would be kept as the ID and logged), that the gateway sets itself,
+/// or that is hop-by-hop.
+fn check_request_id_header(p: &mut Problems, name: &HeaderName, keys: &KeysConfig) {
+    use http::header;
+    let taken = [
+        &keys.header,
+        &keys.client_header,
+        &keys.key_id_header,
+        &keys.scopes_header,
+        &header::AUTHORIZATION,
+        &header::PROXY_AUTHORIZATION,
+        &header::COOKIE,
+        &header::SET_COOKIE,
+        &header::HOST,
+        &header::CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::CONTENT_LENGTH,
+        &header::CONTENT_TYPE,
+    ];
+    let forwarded = name.as_str().starts_with("x-forwarded-") || name.as_str() == "forwarded";
+    if forwarded || taken.contains(&name) {
+        p.push("server.request_id_header", format!("`{name}` carries credentials or is the gateway's own"));
+    }
+}
+
+/// `[log] access`: `"stdout"` (the default), `"off"`, or a file, relative
+/// to the config's folder, whose folder must exist.
+fn validate_access_log(
+    p: &mut Problems,
+    access: Option<&str>,
+    base: &Path,
+) -> Option<std::sync::Arc<crate::access_log::Sink>> {
+    use crate::access_log::{Destination, Sink};
+    let destination = match access.unwrap_or("stdout") {
+        "off" => return None,
+        "stdout" => Destination::Stdout,
+        "" => {
+            p.push("log.access", "must be \"stdout\", \"off\" or a file path");
+            return None;
+        }
+        path => {
+            let path = base.join(path);
+            let folder = path.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !folder.is_dir() {
+                p.push("log.access", format!("folder {} does not exist", folder.display()));
+                return None;
+            }
+            if path.is_dir() {
+                p.push("log.access", format!("{} is a folder, not a file", path.display()));
+                return None;
+            }
+            Destination::File(path)
+        }
+    };
+    Some(std::sync::Arc::new(Sink::new(destination)))
+}
+
 fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
     let mut deadline = |field: &str, value: &Option<String>, default: u64| {
         let at = format!("server.{field}");
@@ -1961,6 +2040,11 @@ fn validate_edge(p: &mut Problems, raw: &RawServer) -> EdgeConfig {
         trusted_proxies,
         strict_paths: raw.strict_paths.unwrap_or(true),
         strip_override_headers: raw.strip_override_headers.unwrap_or(true),
+        request_id_header: p.header(
+            "server.request_id_header",
+            raw.request_id_header.as_deref(),
+            crate::request_id::DEFAULT_HEADER,
+        ),
     }
 }
 
@@ -2701,6 +2785,35 @@ mod tests {
     #[test]
     fn built_in_defaults_validate() {
         assert_eq!(Config::defaults().keys.prefix, "kg_");
+    }
+
+    #[test]
+    fn the_request_id_header_and_access_log_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let route = "[[route]]\npath = \"/\"\nupstream = \"builtin:echo\"\n";
+        let problems = |text: &str| match Config::from_toml(&format!("{text}{route}"), dir.path()) {
+            Ok(_) => vec![],
+            Err(TextError::Invalid(problems)) => problems.into_iter().map(|p| p.field).collect(),
+            Err(other) => panic!("{other:?}"),
+        };
+        for taken in ["x-api-key", "authorization", "cookie", "x-forwarded-for", "x-keygate-client"] {
+            let text = format!("[server]\nrequest_id_header = \"{taken}\"\n");
+            assert_eq!(problems(&text), ["server.request_id_header"], "{taken}");
+        }
+        assert_eq!(problems("[server]\nrequest_id_header = \"x-correlation-id\"\n"), Vec::<String>::new());
+        assert_eq!(problems("[log]\naccess = \"nowhere/access.log\"\n"), ["log.access"]);
+        assert_eq!(problems("[log]\naccess = \".\"\n"), ["log.access"], "a folder");
+        let on = format!("[log]\naccess = \"access.log\"\nformat = \"json\"\n{route}");
+        let config = Config::from_toml(&on, dir.path()).unwrap();
+        let sink = config.log.access.expect("on");
+        assert_eq!(sink.destination(), &crate::access_log::Destination::File(dir.path().join("access.log")));
+        assert_eq!(config.log.access_format, LogFormat::Json, "follows `format`");
+        assert!(!dir.path().join("access.log").exists(), "nothing opened before the first line");
+        let off = Config::from_toml(&format!("[log]\naccess = \"off\"\n{route}"), dir.path()).unwrap();
+        assert!(off.log.access.is_none());
+        let default = Config::from_toml(route, dir.path()).unwrap();
+        assert_eq!(default.log.access.unwrap().destination(), &crate::access_log::Destination::Stdout);
+        assert_eq!(default.server.edge.request_id_header, "x-request-id");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The one place that maps errors to responses.
 //!
-//! Every answer the gateway gives itself is JSON `{"error": CODE, "message": TEXT}`.
+//! Every answer the gateway gives itself is JSON `{"error": CODE, "message": TEXT}`,
+//! plus `"request_id"` when it answers a request (see `request_id`).
 //! The match in [`GatewayError::status_and_code`] is exhaustive on purpose: a
 //! new variant does not compile until someone decides its status. Client
 //! errors are not logged as errors; each 5xx is logged once with its cause,
@@ -267,6 +268,12 @@ impl GatewayError {
 
     /// Builds the JSON response, with the headers the status calls for.
     pub fn into_response(self) -> Response<Full<Bytes>> {
+        self.into_response_for(None)
+    }
+
+    /// [`Self::into_response`] for the request `request_id`, which the
+    /// body names (`"request_id"`) so a client can quote it.
+    pub fn into_response_for(self, request_id: Option<&str>) -> Response<Full<Bytes>> {
         let answer = self.answer();
         let logged_elsewhere = matches!(self, Self::LookupsThrottled { .. } | Self::JwksUnavailable { .. });
         if answer.status.is_server_error() && !logged_elsewhere {
@@ -274,15 +281,18 @@ impl GatewayError {
         } else {
             tracing::debug!(status = answer.status.as_u16(), reason = %self, "request refused");
         }
-        let body = match &self {
+        let mut body = match &self {
             // RFC 6749 §5.2 names the text `error_description`; `message`
             // stays for the contract's clients.
             Self::TokenRequest(_) => serde_json::json!({
                 "error": answer.code, "error_description": answer.message, "message": answer.message,
             }),
             _ => serde_json::json!({ "error": answer.code, "message": answer.message }),
+        };
+        if let (Some(id), Some(fields)) = (request_id, body.as_object_mut()) {
+            fields.insert("request_id".to_owned(), id.into());
         }
-        .to_string();
+        let body = body.to_string();
         let mut response = json_response(answer.status, body);
         let headers = response.headers_mut();
         match &self {
@@ -372,7 +382,12 @@ impl From<GatewayError> for Refusal {
 
 impl Refusal {
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut response = self.error.into_response();
+        self.into_response_for(None)
+    }
+
+    /// The JSON refusal of request `request_id` (named in the body).
+    pub fn into_response_for(self, request_id: Option<&str>) -> Response<Full<Bytes>> {
+        let mut response = self.error.into_response_for(request_id);
         response.headers_mut().extend(self.headers);
         response
     }
@@ -382,7 +397,8 @@ impl Refusal {
     /// response (HTTP 200, headers and no body) whose `grpc-status` is what
     /// the HTTP status means to gRPC and whose `grpc-message` is the JSON
     /// answer's message, percent-encoded. `Retry-After`, the `RateLimit`
-    /// headers and the challenge stay, as metadata a client may read.
+    /// headers and the challenge stay, as metadata a client may read; so
+    /// does the request ID header, which the handler sets on every answer.
     pub fn into_grpc_response(self) -> Response<Full<Bytes>> {
         let message = self.error.answer().message;
         let mut response = self.into_response();
@@ -526,6 +542,21 @@ mod tests {
             let challenge = headers.get(header::WWW_AUTHENTICATE);
             assert_eq!(challenge.is_some(), error == OAuthError::InvalidClient, "{error:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_error_body_names_the_request_id_when_there_is_one() {
+        let response = Refusal::from(GatewayError::NoRoute).into_response_for(Some("req-1"));
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "error": "no_route", "message": "no route matches this request", "request_id": "req-1",
+            })
+        );
+        let (_, _, body) = answer(GatewayError::NoRoute).await;
+        assert!(body.get("request_id").is_none(), "{body}");
     }
 
     #[tokio::test]

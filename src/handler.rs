@@ -4,9 +4,10 @@
 //! route -> credential (key or client certificate) -> verify -> scope -> limit -> proxy -> usage
 //! ```
 //!
-//! [`handle`] turns every outcome into a response (errors through
-//! [`GatewayError::into_response`], the one mapping) and writes one access-log
-//! line. [`serve`] holds the steps; each step lives in its own module.
+//! [`handle`] gives the request its ID, turns every outcome into a response
+//! (errors through [`GatewayError::into_response`], the one mapping) and
+//! hands the last phase (`meter`: usage, metrics, the access line) what it
+//! needs. [`serve`] holds the steps; each step lives in its own module.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -22,9 +23,9 @@ use crate::auth::Caller;
 use crate::auth::jwt;
 use crate::config::{CredentialKind, PlainHttp, RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
-use crate::{credential, echo, limit, path, proxy, route, sanitize, scope, tokens};
+use crate::{credential, echo, limit, path, proxy, request_id, route, sanitize, scope, tokens};
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
@@ -56,20 +57,6 @@ struct Trail {
     tunnel_hold: Option<proxy::upgrade::ConnectionHold>,
 }
 
-impl Trail {
-    /// The upstream the request went to, `builtin:echo`, or `-` (refused
-    /// before, or no route).
-    fn target(&self) -> &str {
-        match &self.route {
-            Some(route) if self.forwarded => match &route.target {
-                RouteTarget::Upstream(name) => name,
-                RouteTarget::Echo => "builtin:echo",
-            },
-            _ => "-",
-        }
-    }
-}
-
 /// Serves one request and never fails: every error, and even a panic inside
 /// a step, becomes a response.
 pub async fn handle(
@@ -78,62 +65,69 @@ pub async fn handle(
     peer: proxy::Peer,
 ) -> Response<MeteredBody> {
     let started = Instant::now();
+    // One config for the whole request, from the request ID to the log line.
+    let live = gateway.live.load_full();
+    // 0. Request ID: the client's when sane, else a new one; it goes
+    // upstream, back on the response, in the error body and the log line.
+    let id_header = &live.config.server.edge.request_id_header;
+    let request_id = request_id::for_request(request.headers(), id_header);
     let method = request.method().clone();
     // The body's bytes as read from the client, whatever it declared
     // (a chunked upload declares nothing): counted as they pass.
     let (parts, body) = request.into_parts();
+    // What the access line needs of the request as sent (reference counts).
+    let sent = live
+        .config
+        .log
+        .access
+        .is_some()
+        .then(|| (parts.uri.clone(), parts.headers.get(header::USER_AGENT).cloned()));
     let (body, bytes_in) = proxy::CountedBody::new(body);
     let request = Request::from_parts(parts, body);
     let mut trail = Trail { grpc: crate::error::is_grpc(request.headers()), ..Trail::default() };
 
-    let outcome = AssertUnwindSafe(serve(&gateway, request, &peer, started, &mut trail)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(serve(&gateway, &live, request, &peer, started, &mut trail, &request_id))
+        .catch_unwind()
+        .await;
     let mut refusal = None;
-    let response = match outcome {
-        Ok(Ok(response)) => response,
+    let refused = match outcome {
+        Ok(Ok(response)) => Ok(response),
         Ok(Err(refused)) => {
             refusal = meter::refusal_of(&refused.error);
             if let Some(kind) = refusal.and_then(metrics_refusal) {
                 crate::metrics::refused(kind);
             }
-            match trail.grpc {
-                true => refused.into_grpc_response().map(Either::Right),
-                false => refused.into_response().map(Either::Right),
-            }
+            Err(refused)
         }
-        Err(_panic) => {
-            let refused = Refusal::from(GatewayError::Internal("request handler panicked".into()));
-            match trail.grpc {
-                true => refused.into_grpc_response().map(Either::Right),
-                false => refused.into_response().map(Either::Right),
-            }
-        }
+        Err(_panic) => Err(Refusal::from(GatewayError::Internal("request handler panicked".into()))),
     };
+    let mut response = match refused {
+        Ok(response) => response,
+        Err(refused) if trail.grpc => refused.into_grpc_response().map(Either::Right),
+        Err(refused) => refused.into_response_for(request_id.to_str().ok()).map(Either::Right),
+    };
+    // An upstream that answers with its own value keeps it (its headers
+    // come back unchanged); every other answer carries the request's.
+    response.headers_mut().entry(id_header).or_insert_with(|| request_id.clone());
 
-    tracing::info!(
-        target: "keygate::access",
-        %method,
-        path = trail.path.as_deref().unwrap_or("-"),
-        status = response.status().as_u16(),
-        upstream = trail.target(),
-        client = trail.caller.as_ref().map_or("-", |c| c.client()),
-        key_id = trail.caller.as_ref().and_then(|c| c.key_id()).unwrap_or("-"),
-        credential = match (&trail.caller, trail.via_token) {
-            (None, _) => "-",
-            (Some(_), true) => crate::config::CredentialKind::Jwt.as_str(),
-            (Some(caller), false) => caller.kind().as_str(),
+    // 8. Usage, metrics and the access line: when the response body ends,
+    // or for an upgraded request when its tunnel closes.
+    let access = sent.map(|(uri, user_agent)| meter::Access {
+        config: Arc::clone(&live.config),
+        request_id,
+        method,
+        path: trail.path.take(),
+        uri,
+        user_agent,
+        peer: trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
+        forwarded: trail.forwarded,
+        target: match response.body() {
+            Either::Left(upstream) => Some(upstream.target().clone()),
+            Either::Right(_) => None,
         },
-        duration_us = started.elapsed().as_micros() as u64,
-        peer = %trail.client_ip.unwrap_or_else(|| peer.addr.ip()),
-    );
-
-    // 8. Usage and metrics: recorded when the response body ends, or for
-    // an upgraded request when its tunnel closes.
-    let tunnel = trail.tunnel.take();
-    let tunnel_log = tunnel.as_ref().map(|_| TunnelLog {
-        path: trail.path.take().unwrap_or_default(),
-        upstream: trail.target().to_owned(),
-        client: trail.caller.as_ref().map_or("-", |c| c.client()).to_owned(),
+        via_token: trail.via_token,
     });
+    let tunnel = trail.tunnel.take();
     let meter = Meter {
         recorder: gateway.usage.clone(),
         route: trail.route,
@@ -144,60 +138,42 @@ pub async fn handle(
         credits: trail.credits,
         upstream_latency: trail.upstream_latency,
         started,
+        access,
     };
-    match (tunnel, tunnel_log) {
+    match tunnel {
         // A tunnel exists only once the upstream switched protocols, and
         // this response is the client's side of that: its `101`, or over
         // HTTP/2 the `200` opening the stream.
-        (Some(tunnel), Some(log)) => {
-            tokio::spawn(run_tunnel(tunnel, meter, log, trail.tunnel_hold.take()));
+        Some(tunnel) => {
+            tokio::spawn(run_tunnel(tunnel, meter, trail.tunnel_hold.take()));
             response.map(MeteredBody::unmetered)
         }
-        _ => response.map(|body| MeteredBody::new(body, meter)),
+        None => response.map(|body| MeteredBody::new(body, meter)),
     }
 }
 
-/// What the tunnel's closing access-log line names.
-struct TunnelLog {
-    path: String,
-    upstream: String,
-    client: String,
-}
-
 /// Runs an upgraded connection's tunnel to its end, then meters the request
-/// (one request, the bytes both ways, its whole duration) and writes a
-/// second access-log line for it.
+/// (one request, the bytes both ways, its whole duration) and writes its
+/// access line.
 async fn run_tunnel(
     tunnel: proxy::upgrade::Tunnel,
     meter: Meter,
-    log: TunnelLog,
     hold: Option<proxy::upgrade::ConnectionHold>,
 ) {
-    let started = meter.started;
     let end = tunnel.run().await;
-    tracing::info!(
-        target: "keygate::access",
-        event = "tunnel_closed",
-        path = log.path,
-        upstream = log.upstream,
-        client = log.client,
-        bytes_in = end.bytes_in,
-        bytes_out = end.bytes_out,
-        ended = end.reason.as_str(),
-        duration_us = started.elapsed().as_micros() as u64,
-    );
-    meter.finish_tunnel(end.bytes_in, end.bytes_out);
+    meter.finish_tunnel(end.bytes_in, end.bytes_out, end.reason.as_str());
     drop(hold);
 }
 
 async fn serve(
     gateway: &Gateway,
+    live: &Live,
     mut request: Request<proxy::CountedBody>,
     peer: &proxy::Peer,
     started: Instant,
     trail: &mut Trail,
+    request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, Refusal> {
-    let live = gateway.live.load_full();
     // A WebSocket over HTTP/2 is checked as the GET it stands for; any
     // other CONNECT, and TRACE, are not served at all.
     proxy::upgrade::extended_connect_as_get(&mut request);
@@ -392,6 +368,9 @@ async fn serve(
         None => headers.remove(header::HOST),
     };
     proxy::set_identity(headers, keys, caller.as_ref().map(|(caller, _)| &caller.identity));
+    // Set after the hop-by-hop removal: a client naming it in `Connection`
+    // cannot keep it from the upstream.
+    headers.insert(edge.request_id_header.clone(), request_id.clone());
 
     let mut response = match &route.target {
         RouteTarget::Echo => {
@@ -478,10 +457,6 @@ fn metrics_refusal(refusal: crate::usage::Refusal) -> Option<crate::metrics::Ref
 mod tests {
     use super::*;
 
-    fn route(target: RouteTarget) -> Arc<RouteConfig> {
-        Arc::new(RouteConfig { target, ..crate::config::Config::defaults().routes[0].clone() })
-    }
-
     #[test]
     fn cleartext_on_a_tls_only_route_is_redirected_to_the_tls_port_or_refused() {
         let uri: Uri = "/v1/orders?page=2".parse().unwrap();
@@ -500,17 +475,5 @@ mod tests {
             let refusal = plain_refusal(plain, host, port, &uri);
             assert!(matches!(refusal, GatewayError::TlsRequired), "{plain:?} {host:?} {port:?}: {refusal:?}");
         }
-    }
-
-    #[test]
-    fn the_access_log_names_the_target_only_once_the_request_reached_it() {
-        let to_orders = route(RouteTarget::Upstream("orders".into()));
-        let refused = Trail { route: Some(Arc::clone(&to_orders)), ..Trail::default() };
-        assert_eq!(refused.target(), "-");
-        let forwarded = Trail { route: Some(to_orders), forwarded: true, ..Trail::default() };
-        assert_eq!(forwarded.target(), "orders");
-        let echoed = Trail { route: Some(route(RouteTarget::Echo)), forwarded: true, ..Trail::default() };
-        assert_eq!(echoed.target(), "builtin:echo");
-        assert_eq!(Trail::default().target(), "-", "no route");
     }
 }

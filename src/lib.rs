@@ -24,6 +24,8 @@
 //! - [`proxy`]: the upstream client pools and header rewriting.
 //! - [`echo`]: the built-in echo upstream.
 //! - [`meter`]: the last phase: usage and metrics once the response has ended.
+//! - [`access_log`]: the access log line, written by the last phase, and its non-blocking sink.
+//! - [`request_id`]: the request's ID, kept from the client or made here.
 //! - [`error`]: the one place mapping errors to responses.
 //! - [`config`]: `gateway.toml`, parsed and validated into typed values.
 //! - [`credential`]: finding the key in a request and stripping it.
@@ -47,6 +49,7 @@
 // value is there instead of unwrapping it.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod build_info;
@@ -75,6 +78,7 @@ pub mod proxy;
 pub mod redis_target;
 pub mod refresh;
 pub mod reload;
+pub mod request_id;
 pub mod route;
 pub mod sanitize;
 pub mod scope;

@@ -3,8 +3,11 @@
 //! Like pingora's logging phase, this runs after the response, off the path
 //! that decides it: the response body is wrapped in a [`MeteredBody`] that
 //! counts the bytes it streams and, when it ends (or the client goes away),
-//! records usage and metrics exactly once. Recording touches only in-memory
-//! shards; the usage flusher writes to Redis later, in batches.
+//! records usage and metrics exactly once, and writes the access line
+//! (`access_log`), which only then knows `bytes_out` and the whole duration.
+//! Recording touches only in-memory shards (the usage flusher writes to
+//! Redis later, in batches) and the access line only a buffer (its writer
+//! thread does the I/O).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,8 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::access_log::{self, Entry};
 use crate::auth::Caller;
-use crate::config::RouteConfig;
+use crate::config::{Config, CredentialKind, RouteConfig, RouteTarget};
 use crate::error::GatewayError;
 use crate::usage::{self, UsageEvent, UsageRecorder};
 
@@ -43,21 +47,54 @@ pub struct Meter {
     pub credits: u64,
     pub upstream_latency: Option<Duration>,
     pub started: Instant,
+    /// What the access line names besides the above; `None` when the
+    /// access log is off (`[log] access = "off"`).
+    pub access: Option<Access>,
+}
+
+/// The request's facts only the access line needs, gathered by the handler.
+/// Every field is moved or reference-counted, not copied.
+pub struct Access {
+    /// The config the request ran on: its `[log]` sink and format, and the
+    /// key prefix and query parameter that redaction looks for.
+    pub config: Arc<Config>,
+    pub request_id: http::HeaderValue,
+    pub method: http::Method,
+    /// The canonical path; `None` when the request was refused before it
+    /// had one (the URI's path is logged then).
+    pub path: Option<String>,
+    /// The URI as the client sent it, for its query.
+    pub uri: http::Uri,
+    pub user_agent: Option<http::HeaderValue>,
+    /// The client's address (behind trusted proxies, the forwarded one).
+    pub peer: std::net::IpAddr,
+    /// The request reached its route's target (upstream or echo).
+    pub forwarded: bool,
+    /// The upstream target that answered.
+    pub target: Option<http::uri::Authority>,
+    /// The caller came with an access token: the line says `jwt`.
+    pub via_token: bool,
 }
 
 impl Meter {
     /// Records an upgraded request (WebSocket) once its tunnel has closed:
-    /// one request, with the tunnel's bytes each way and its whole duration.
-    pub fn finish_tunnel(self, bytes_in: u64, bytes_out: u64) {
+    /// one request, with the tunnel's bytes each way and its whole duration;
+    /// `ended` says how it closed.
+    pub fn finish_tunnel(self, bytes_in: u64, bytes_out: u64, ended: &str) {
         let life = self.started.elapsed();
-        self.finish(bytes_in, bytes_out, Some(life));
+        self.finish(bytes_in, bytes_out, Some((life, ended)));
     }
 
     /// `tunnel_in`: bytes read from the client after an upgrade, on top of
     /// the request body's.
-    fn finish(self, tunnel_in: u64, bytes_out: u64, tunnel: Option<std::time::Duration>) {
+    fn finish(self, tunnel_in: u64, bytes_out: u64, tunnel: Option<(Duration, &str)>) {
         let route = self.route.as_deref().map_or(crate::metrics::NO_ROUTE, |r| r.path.as_str());
-        crate::metrics::record_request(route, self.status, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        crate::metrics::record_request(route, self.status, elapsed);
+        let bytes_in = self.bytes_in.as_ref().map_or(0, |read| read.load(Ordering::Relaxed)) + tunnel_in;
+        if let Some(access) = &self.access {
+            self.log(access, bytes_in, bytes_out, elapsed, tunnel.map(|(_, ended)| ended));
+        }
         if let Some(recorder) = &self.recorder {
             let caller = self.caller.as_deref();
             recorder.record(&UsageEvent {
@@ -68,14 +105,59 @@ impl Meter {
                 route,
                 status: self.status,
                 refusal: self.refusal,
-                bytes_in: self.bytes_in.as_ref().map_or(0, |read| read.load(Ordering::Relaxed)) + tunnel_in,
+                bytes_in,
                 bytes_out,
                 credits: self.credits,
                 upstream_latency: self.upstream_latency,
-                tunnel,
+                tunnel: tunnel.map(|(life, _)| life),
                 at: jiff::Timestamp::now(),
             });
         }
+    }
+
+    /// Writes the request's access line.
+    fn log(
+        &self,
+        access: &Access,
+        bytes_in: u64,
+        bytes_out: u64,
+        elapsed: Duration,
+        tunnel_end: Option<&str>,
+    ) {
+        let Some(sink) = access.config.log.access.as_deref() else { return };
+        let caller = self.caller.as_deref();
+        let route = self.route.as_deref();
+        let query = access.uri.query().map(|query| access_log::redact_query(query, &access.config.keys));
+        let upstream = route.filter(|_| access.forwarded).map(|route| match &route.target {
+            RouteTarget::Upstream(name) => name.as_str(),
+            RouteTarget::Echo => crate::config::ECHO_TARGET,
+        });
+        let entry = Entry {
+            timestamp: jiff::Timestamp::now(),
+            // A kept ID is visible ASCII, a made one hex: always a str.
+            request_id: access.request_id.to_str().unwrap_or("-"),
+            method: access.method.as_str(),
+            path: access.path.as_deref().unwrap_or_else(|| access.uri.path()),
+            query: query.as_deref(),
+            status: self.status,
+            route: route.map(|route| route.path.as_str()),
+            upstream,
+            target: access.target.as_ref().map(http::uri::Authority::as_str),
+            client: caller.map(Caller::client),
+            key_id: caller.and_then(Caller::key_id),
+            credential: caller.map(|caller| match access.via_token {
+                true => CredentialKind::Jwt.as_str(),
+                false => caller.kind().as_str(),
+            }),
+            bytes_in,
+            bytes_out,
+            duration_us: elapsed.as_micros() as u64,
+            upstream_us: self.upstream_latency.map(|latency| latency.as_micros() as u64),
+            peer: access.peer,
+            user_agent: access.user_agent.as_ref().and_then(|agent| agent.to_str().ok()),
+            tunnel_end,
+        };
+        access_log::write(sink, access.config.log.access_format, &entry);
     }
 }
 

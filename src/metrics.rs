@@ -188,6 +188,7 @@ pub struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     usage_flush_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     usage_dropped: Counter,
+    access_log_dropped: Counter,
     connections_refused: Family<EdgeLabels, Counter>,
     connections_expired: Family<EdgeLabels, Counter>,
     connections_open: Gauge,
@@ -286,6 +287,12 @@ impl Metrics {
             "usage_dropped",
             "Usage records dropped because the buffer for an unreachable Redis was full",
             usage_dropped.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the writer was behind (buffer full) or the destination failed",
+            access_log_dropped.clone(),
         );
         let connections_refused = Family::<EdgeLabels, Counter>::default();
         registry.register(
@@ -499,6 +506,7 @@ impl Metrics {
             refusals,
             usage_flush_lag,
             usage_dropped,
+            access_log_dropped,
             routes: RwLock::new(HashMap::default()),
         }
     }
@@ -601,6 +609,10 @@ impl Metrics {
 
     pub fn usage_dropped(&self, n: u64) {
         self.usage_dropped.inc_by(n);
+    }
+
+    pub fn access_log_dropped(&self, n: u64) {
+        self.access_log_dropped.inc_by(n);
     }
 
     pub fn tls_handshake_failed(&self, reason: &'static str) {
@@ -785,6 +797,11 @@ pub fn usage_flush_lag(lag: Duration) {
 /// `n` usage records dropped (buffer full while Redis was unreachable).
 pub fn usage_dropped(n: u64) {
     METRICS.usage_dropped(n);
+}
+
+/// `n` access log lines dropped (the writer behind, or its file failing).
+pub fn access_log_dropped(n: u64) {
+    METRICS.access_log_dropped(n);
 }
 
 /// A TLS handshake failed for `reason` (`tls::HandshakeFailure::as_str`).

@@ -1,7 +1,9 @@
-//! Logging setup: tracing with a `RUST_LOG`-style filter, text or JSON lines.
+//! Logging setup: the diagnostic log, tracing on stderr with a
+//! `RUST_LOG`-style filter, text or JSON lines.
 //!
 //! `RUST_LOG` wins over `[log] filter` so an operator can turn up detail
-//! without editing the config. Access lines use the target `keygate::access`.
+//! without editing the config. The access log is not here: it has its own
+//! destination and writer (`access_log`), and no filter can drop its lines.
 //! The filter sits behind a reload layer so a config reload can change it
 //! ([`set_filter`]); the format (text or JSON) is fixed at start.
 

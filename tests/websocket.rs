@@ -140,6 +140,32 @@ async fn an_echo_round_trips_through_the_gateway_with_a_key() {
     .await;
 }
 
+/// One access line per tunnel, written when it closes: status 101, the
+/// tunnel's bytes, how it ended, the whole duration.
+#[tokio::test]
+async fn a_tunnel_writes_its_access_line_when_it_closes() {
+    let echo = echo_server().await;
+    let log = common::access::AccessLog::new();
+    let gateway = TestGateway::start(&format!("{}{}", log.toml("json"), config(&echo.url, ""))).await;
+    let key = issue(&gateway, "scope=chat").await;
+
+    let mut socket = connect(&gateway, Some(&key)).await.unwrap();
+    round_trip(&mut socket, "hello through keygate").await;
+    assert!(log.entries().is_empty(), "no line while the tunnel is open: {}", log.text());
+    socket.close(None).await.unwrap();
+    drop(socket);
+
+    let line = log.wait_for("for the tunnel", |line| line["path"] == "/chat").await;
+    assert_eq!(line["status"], 101);
+    assert_eq!(line["tunnel_end"], "closed", "{line}");
+    assert_eq!((line["upstream"].as_str(), line["client"].as_str()), (Some("chat"), Some("acme")));
+    assert_eq!(line["target"], echo.url.trim_start_matches("http://"), "{line}");
+    // A text frame of 21 bytes each way, plus the framing and the close.
+    assert!(line["bytes_in"].as_u64().unwrap() > 21 && line["bytes_out"].as_u64().unwrap() > 21, "{line}");
+    assert!(line["request_id"].as_str().is_some_and(|id| id.len() == 32), "{line}");
+    assert_eq!(log.entries().len(), 1, "one line per tunnel: {}", log.text());
+}
+
 #[tokio::test]
 async fn a_handshake_without_a_key_gets_the_json_401_and_no_upgrade() {
     let echo = echo_server().await;

@@ -427,6 +427,7 @@ flush_interval = "1s"
 
 [log]
 filter = "warn"
+access = "off"
 
 [[route]]
 path = "/a"

@@ -58,8 +58,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers the gateway may add to a request on its way upstream: the three
-/// `X-Forwarded-*`, the three identity headers and the upstream's `Host`.
-pub const ADDED_REQUEST_HEADERS: usize = 7;
+/// `X-Forwarded-*`, the three identity headers, the request ID and the
+/// upstream's `Host`.
+pub const ADDED_REQUEST_HEADERS: usize = 8;
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

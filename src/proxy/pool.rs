@@ -684,17 +684,26 @@ pub struct PooledBody {
     moved: bool,
     /// The request counts as outstanding on its target until the body ends.
     in_flight: Option<InFlight>,
+    /// The target that answered (its `host:port`), for the access log;
+    /// a reference count, not a copy.
+    target: Authority,
 }
 
 impl PooledBody {
     pub fn new(body: Incoming, lease: Lease, idle_timeout: Duration, in_flight: Option<InFlight>) -> Self {
+        let target = lease.pool.authority().clone();
         let mut pooled =
-            Self { body, lease: Some(lease), idle_timeout, stall: None, moved: false, in_flight };
+            Self { body, lease: Some(lease), idle_timeout, stall: None, moved: false, in_flight, target };
         // An empty body (204, 304, HEAD) is already at its end.
         if pooled.body.is_end_stream() {
             pooled.release();
         }
         pooled
+    }
+
+    /// The target (`host:port`) this body comes from.
+    pub fn target(&self) -> &Authority {
+        &self.target
     }
 
     fn release(&mut self) {

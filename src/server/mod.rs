@@ -460,11 +460,19 @@ pub fn run_workers(
         threads.push(thread);
     }
     drop(runtimes);
-    threads
+    let drained = threads
         .into_iter()
         .map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("worker thread panicked"))))
-        .collect()
+        .collect();
+    // Every request has ended: its access line is in a sink's buffer, and
+    // gets written before the process goes on to exit.
+    crate::access_log::sink::flush_all(ACCESS_LOG_FLUSH);
+    drained
 }
+
+/// How long the final access log flush may take (a disk that slow loses
+/// the last lines rather than holding up the exit).
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(5);
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
 ///

@@ -60,6 +60,7 @@ impl TestGateway {
         dir: tempfile::TempDir,
         clock: keygate::clock::Clock,
     ) -> TestGateway {
+        let config = quiet(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let drain = config.server.drain_timeout;
@@ -88,6 +89,7 @@ impl TestGateway {
         };
         let store = keygate::store::open(&config.store, None).await.expect("test store opens");
         let drain = config.server.drain_timeout;
+        let config = quiet(config);
         let gateway = Gateway::new(config.clone(), store);
         wait_signing_keys(&gateway).await;
         let mut edge = keygate::tls::TlsEdge::default();
@@ -160,6 +162,17 @@ impl Drop for TestGateway {
             task.abort();
         }
     }
+}
+
+/// The access log goes to stdout by default, which the test harness does
+/// not capture (the writer is a thread of its own): in tests it is off
+/// unless it goes to a file, as in the tests that read it.
+fn quiet(mut config: Config) -> Config {
+    let destination = config.log.access.as_deref().map(keygate::access_log::Sink::destination);
+    if destination == Some(&keygate::access_log::Destination::Stdout) {
+        config.log.access = None;
+    }
+    config
 }
 
 /// What a test usually wants from a response.

@@ -2,6 +2,7 @@
 //! servers, the real gateway in process, and HTTP clients, all on loopback.
 #![allow(dead_code)]
 
+pub mod access;
 pub mod admin;
 pub mod binary;
 pub mod cluster;
