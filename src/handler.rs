@@ -65,6 +65,7 @@ pub async fn handle(
     peer: proxy::Peer,
 ) -> Response<MeteredBody> {
     let started = Instant::now();
+    let in_flight = crate::metrics::request_started();
     // One config for the whole request, from the request ID to the log line.
     let live = gateway.live.load_full();
     // 0. Request ID: the client's when sane, else a new one; it goes
@@ -139,6 +140,7 @@ pub async fn handle(
         upstream_latency: trail.upstream_latency,
         started,
         access,
+        in_flight,
     };
     match tunnel {
         // A tunnel exists only once the upstream switched protocols, and

@@ -50,6 +50,9 @@ pub struct Meter {
     /// What the access line names besides the above; `None` when the
     /// access log is off (`[log] access = "off"`).
     pub access: Option<Access>,
+    /// Counts the request in `keygate_requests_in_flight` until the meter
+    /// is dropped: when the response body has ended, or its tunnel closed.
+    pub in_flight: crate::metrics::InFlightRequest,
 }
 
 /// The request's facts only the access line needs, gathered by the handler.

@@ -192,6 +192,7 @@ pub struct Metrics {
     connections_refused: Family<EdgeLabels, Counter>,
     connections_expired: Family<EdgeLabels, Counter>,
     connections_open: Gauge,
+    requests_in_flight: Gauge,
     auth_failures: Counter,
     auth_failures_refused: Counter,
     store_lookups_throttled: Counter,
@@ -311,6 +312,13 @@ impl Metrics {
             "connections_open",
             "Client connections open on the public listener, all workers together",
             connections_open.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests on the public listener from their arrival until their response body ended \
+             (or their WebSocket tunnel closed), all workers together",
+            requests_in_flight.clone(),
         );
         let auth_failures = Counter::default();
         registry.register(
@@ -493,6 +501,7 @@ impl Metrics {
             connections_refused,
             connections_expired,
             connections_open,
+            requests_in_flight,
             auth_failures,
             auth_failures_refused,
             store_lookups_throttled,
@@ -838,6 +847,22 @@ pub fn render_as(format: Exposition) -> String {
         Exposition::OpenMetrics => text,
         Exposition::Prometheus004 => crate::exposition::to_text_004(&text),
     }
+}
+
+/// Counts a request in flight until it is dropped ([`request_started`]).
+#[derive(Debug)]
+pub struct InFlightRequest(());
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        METRICS.requests_in_flight.dec();
+    }
+}
+
+/// A request arrived: in flight until the answer dropped is.
+pub fn request_started() -> InFlightRequest {
+    METRICS.requests_in_flight.inc();
+    InFlightRequest(())
 }
 
 /// A config reload ended: installed (`ok`) or refused.

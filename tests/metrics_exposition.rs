@@ -157,3 +157,32 @@ async fn reloads_count_by_result_and_the_subscription_shows_while_it_is_up() {
     assert_eq!(value(&after, "keygate_store_pubsub_subscribed"), Some(1.0), "subscribed to Redis: {after}");
     assert!(value(&after, "keygate_usage_flush_failures_total").is_some(), "{after}");
 }
+
+#[tokio::test]
+async fn a_request_is_in_flight_from_its_arrival_until_its_answer_ends() {
+    let (upstream, arrived, release) = common::upstream::Upstream::gated().await;
+    let toml = format!(
+        "[upstream.slow]\ntargets = [\"{}\"]\n\n[[route]]\npath = \"/slow\"\nupstream = \"slow\"\npublic = true\n{}",
+        upstream.url(),
+        admin_section()
+    );
+    let (gateway, admin) = common::admin::start(&toml).await;
+    let in_flight = |text: &str| value(text, "keygate_requests_in_flight");
+    let idle = in_flight(&scrape(&admin, None).await.text()).expect("the gauge is there");
+
+    let url = gateway.url("/slow");
+    let held = tokio::spawn(async move {
+        send(&http1_client(), Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+    });
+    arrived.notified().await;
+    let during = in_flight(&scrape(&admin, None).await.text()).expect("gauge");
+    assert_eq!(during, idle + 1.0, "the held request is in flight");
+    release.add_permits(1);
+    let answer = held.await.unwrap();
+    assert_eq!(answer.text(), "finished");
+    // The body ended with the answer read: the meter is dropped right after.
+    common::wait::poll_until(std::time::Duration::from_secs(5), "the request leaves the gauge", || async {
+        in_flight(&scrape(&admin, None).await.text()) == Some(idle)
+    })
+    .await;
+}
