@@ -3,7 +3,7 @@
 //! Every call goes through [`crate::ops::clients`], and records come back
 //! in the CLI's `--json` shape ([`ClientView`]). Metadata fields are the
 //! key calls' (one definition in `admin::request`, parsed by the same code):
-//! `scopes`, `rate`, `burst`, `quota`, `label`, `uses`, `refill`, `meta`;
+//! `scopes`, `rate`, `burst`, `quota`, `label`, `uses`, `refill`;
 //! absent leaves a field unchanged, `null` clears it. The key-only expiry is
 //! not among them, so it is refused as an unknown field, named.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -71,7 +71,7 @@ pub async fn list(call: Call, Query(NoQuery {}): Query<NoQuery>) -> Result<Respo
 /// (`credits.remaining`, from the credit authority).
 #[utoipa::path(
     get, path = "/admin/clients/{id}", operation_id = "show_client", tag = "clients",
-    params(("id" = String, Path, description = "The client ID")),
+    params(("id" = String, Path, description = "The client ID", pattern = "^[A-Za-z0-9-]{1,64}$")),
     responses(
         (status = 200, description = "The record with its keys", body = ClientView),
         (status = 400, description = "The ID is malformed", body = ErrorBody),
@@ -91,7 +91,7 @@ pub async fn show(call: Call, Id(id): Id) -> Result<Response, AdminError> {
 /// Change a client's metadata; absent fields stay, `null` clears.
 #[utoipa::path(
     patch, path = "/admin/clients/{id}", operation_id = "update_client", tag = "clients",
-    params(("id" = String, Path, description = "The client ID")),
+    params(("id" = String, Path, description = "The client ID", pattern = "^[A-Za-z0-9-]{1,64}$")),
     request_body = ClientChanges,
     responses(
         (status = 200, description = "The updated record", body = ClientView),
@@ -116,7 +116,7 @@ pub async fn update(
 /// (`already_revoked` tells).
 #[utoipa::path(
     post, path = "/admin/clients/{id}/revoke", operation_id = "revoke_client", tag = "clients",
-    params(("id" = String, Path, description = "The client ID")),
+    params(("id" = String, Path, description = "The client ID", pattern = "^[A-Za-z0-9-]{1,64}$")),
     responses(
         (status = 200, description = "The revoked record", body = RevokedClient),
         (status = 400, description = "The ID is malformed", body = ErrorBody),

@@ -88,7 +88,7 @@ pub async fn list(call: Call, Query(query): Query<ListKeysQuery>) -> Result<Resp
 /// Show one key, with its remaining credits if it has credits.
 #[utoipa::path(
     get, path = "/admin/keys/{id}", operation_id = "show_key", tag = "keys",
-    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`")),
+    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`", pattern = r"^[A-Za-z0-9-]{1,64}\.[A-Za-z0-9]{8}$")),
     responses(
         (status = 200, description = "The record", body = RecordView),
         (status = 400, description = "The ID is malformed", body = ErrorBody),
@@ -108,7 +108,7 @@ pub async fn show(call: Call, Id(id): Id) -> Result<Response, AdminError> {
 /// Change a key's metadata; absent fields stay, `null` clears.
 #[utoipa::path(
     patch, path = "/admin/keys/{id}", operation_id = "update_key", tag = "keys",
-    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`")),
+    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`", pattern = r"^[A-Za-z0-9-]{1,64}\.[A-Za-z0-9]{8}$")),
     request_body = KeyChanges,
     responses(
         (status = 200, description = "The updated record", body = RecordView),
@@ -133,7 +133,7 @@ pub async fn update(
 /// Revoke a key; idempotent (`already_revoked` tells).
 #[utoipa::path(
     post, path = "/admin/keys/{id}/revoke", operation_id = "revoke_key", tag = "keys",
-    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`")),
+    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`", pattern = r"^[A-Za-z0-9-]{1,64}\.[A-Za-z0-9]{8}$")),
     responses(
         (status = 200, description = "The revoked record", body = RevokedKey),
         (status = 400, description = "The ID is malformed", body = ErrorBody),
@@ -156,8 +156,8 @@ pub async fn revoke(call: Call, Id(id): Id) -> Result<Response, AdminError> {
 /// expiry unless `expires` gives one. The body is optional.
 #[utoipa::path(
     post, path = "/admin/keys/{id}/rotate", operation_id = "rotate_key", tag = "keys",
-    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`")),
-    request_body(content = Option<RotateRequest>, description = "Optional"),
+    params(("id" = String, Path, description = "The key ID, `CLIENT.KID`", pattern = r"^[A-Za-z0-9-]{1,64}\.[A-Za-z0-9]{8}$")),
+    request_body(content = Option<RotateRequest>, description = "Optional; `null` is no body"),
     responses(
         (status = 201, description = "The new key, with its clear `key` (shown once)", body = RotatedKey),
         (status = 400, description = "A field is invalid or the body is not JSON", body = ErrorBody),
@@ -170,10 +170,10 @@ pub async fn revoke(call: Call, Id(id): Id) -> Result<Response, AdminError> {
 pub async fn rotate(
     call: Call,
     Id(id): Id,
-    body: Option<Json<RotateRequest>>,
+    body: Option<Json<Option<RotateRequest>>>,
 ) -> Result<Response, AdminError> {
     let id = key_id(&id)?;
-    let body = body.map(|Json(body)| body).unwrap_or_default();
+    let body = body.and_then(|Json(body)| body).unwrap_or_default();
     let grace = match body.grace {
         None => DEFAULT_GRACE,
         Some(text) => humantime::parse_duration(&text)

@@ -4,7 +4,7 @@
 //! `Json` and described by utoipa from the same definition, so the document
 //! says exactly what the handler accepts: every field listed, nothing else
 //! (`additionalProperties: false`), no `allOf` to make it unsatisfiable.
-//! Metadata fields mirror the CLI flags: absent leaves a field unchanged,
+//! Metadata fields mirror the CLI flags (not `--meta`, see [`MetaInput::changes`]): absent leaves a field unchanged,
 //! `null` clears it (`scopes` cannot be cleared). Their values are parsed by
 //! the CLI's parsers afterwards ([`MetaInput::changes`]), so an error names
 //! the field as the caller spelled it.
@@ -17,34 +17,57 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::AdminError;
 use crate::meta::{self, MetaChanges, Quota, Rate};
 
-/// A value given as a string or as a whole number (`"5"` or `5`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum TextOrNumber {
-    Text(String),
-    Number(u64),
-}
+// The `pattern`s in this file (and on the `id` path parameters) describe
+// what the CLI's parsers accept, or a subset where their grammar is wider
+// (e.g. `30s` periods, RFC 3339 expiry times), so that a value the document
+// allows is a value the call accepts: rates `COUNT/(s|min|h|day)`, quotas
+// and refills `COUNT/(day|month)`, expiries a duration from now or `never`.
 
-impl TextOrNumber {
-    fn into_text(self) -> String {
-        match self {
-            Self::Text(text) => text,
-            Self::Number(n) => n.to_string(),
-        }
-    }
-}
+/// One scope: letters, digits and `: . _ -`, at most 128.
+const SCOPE: &str = "[A-Za-z0-9:._-]{1,128}";
 
 /// Scopes as an array (`["read", "orders:write"]`) or one string (`"read,orders:write"`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Scopes {
     List(Vec<String>),
     Text(String),
 }
 
+/// [`Scopes`]' schema: utoipa's derive cannot put a pattern on the items.
+fn scopes_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    let one = || ObjectBuilder::new().schema_type(Type::String).pattern(Some(format!("^{SCOPE}$")));
+    let one_of = OneOfBuilder::new()
+        .item(ArrayBuilder::new().items(one()).min_items(Some(1)))
+        .item(ObjectBuilder::new().schema_type(Type::String).pattern(Some(format!("^{SCOPE}(,{SCOPE})*$"))))
+        .description(Some("Scopes the key grants (`read`, `write`, `read-write`, or a route's named scopes)"))
+        .build();
+    Schema::OneOf(one_of)
+}
+
 /// Present-and-null (`Some(None)`, clear) told apart from absent (`None`, keep).
 fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// A field that may be absent but not `null` (`scopes` cannot be cleared).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A whole number, `null` clearing it: JSON Schema's `integer` counts `5.0`
+/// as one, so the body may too.
+fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(Some(None)) };
+    let whole = number.as_u64().or_else(|| {
+        // Exact for what the fields take (at most 10^15, below 2^53).
+        number.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e15).map(|f| f as u64)
+    });
+    whole
+        .map(|n| Some(Some(n)))
+        .ok_or_else(|| D::Error::custom(format!("`{number}` is not a whole number of 0 or more")))
 }
 
 /// Declares a request body with the metadata fields, plus its own ones;
@@ -63,38 +86,33 @@ macro_rules! meta_body {
         pub struct $name {
             $($(#[$fattr])* pub $field: $ty,)*
             /// Scopes the key grants (`read`, `write`, `read-write`, or a route's named scopes).
-            #[serde(default)]
-            #[schema(nullable = false)]
+            #[serde(default, deserialize_with = "present")]
+            #[schema(schema_with = scopes_schema)]
             pub scopes: Option<Scopes>,
             /// Requests per period, e.g. `"100/s"` or `"6000/min"`; `null` removes the limit.
             #[serde(default, deserialize_with = "nullable")]
-            #[schema(value_type = Option<String>, example = "100/s")]
+            #[schema(value_type = Option<String>, example = "100/s", pattern = "^[1-9][0-9]{0,8}/(s|min|h|day)$")]
             pub rate: Option<Option<String>>,
             /// Requests allowed at once above the rate (needs a rate); `null` removes it.
-            #[serde(default, deserialize_with = "nullable")]
-            #[schema(value_type = Option<TextOrNumber>)]
-            pub burst: Option<Option<TextOrNumber>>,
+            #[serde(default, deserialize_with = "whole")]
+            #[schema(value_type = Option<u64>, minimum = 1, maximum = 4_294_967_295_u64)]
+            pub burst: Option<Option<u64>>,
             /// Requests per calendar period, e.g. `"100000/month"`; `null` removes it.
             #[serde(default, deserialize_with = "nullable")]
-            #[schema(value_type = Option<String>, example = "100000/month")]
+            #[schema(value_type = Option<String>, example = "100000/month", pattern = "^[1-9][0-9]{0,11}/(day|month)$")]
             pub quota: Option<Option<String>>,
             /// A free-form label; `null` or `""` removes it.
             #[serde(default, deserialize_with = "nullable")]
             #[schema(value_type = Option<String>)]
             pub label: Option<Option<String>>,
             /// Usage credits granted (a new grant: the count restarts); `null` removes credits.
-            #[serde(default, deserialize_with = "nullable")]
-            #[schema(value_type = Option<TextOrNumber>)]
-            pub uses: Option<Option<TextOrNumber>>,
+            #[serde(default, deserialize_with = "whole")]
+            #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_000_u64)]
+            pub uses: Option<Option<u64>>,
             /// Credits given back per period, e.g. `"1000/day"`; `null` removes the refill.
             #[serde(default, deserialize_with = "nullable")]
-            #[schema(value_type = Option<String>, example = "1000/day")]
+            #[schema(value_type = Option<String>, example = "1000/day", pattern = "^[1-9][0-9]{0,11}/(day|month)$")]
             pub refill: Option<Option<String>>,
-            /// The CLI's `--meta` query syntax (`"scope=read&rate_limit=100"`), applied
-            /// first; explicit fields win over it.
-            #[serde(default)]
-            #[schema(nullable = false)]
-            pub meta: Option<String>,
         }
 
         impl $name {
@@ -111,7 +129,6 @@ macro_rules! meta_body {
                     label: self.label.take(),
                     uses: self.uses.take(),
                     refill: self.refill.take(),
-                    meta: self.meta.take(),
                     $($take: self.$take.take(),)*
                     ..MetaInput::default()
                 }
@@ -125,16 +142,16 @@ meta_body! {
     #[schema(example = json!({"client": "acme", "scopes": ["read"], "rate": "100/s"}))]
     IssueRequest {
         /// The client ID (`A-Z a-z 0-9 -`, 1 to 64 characters), as in the key.
-        #[schema(pattern = r"^[A-Za-z0-9-]{1,64}$", example = "acme")]
+        #[schema(pattern = "^[A-Za-z0-9-]{1,64}$", example = "acme")]
         client: String,
         /// When the key stops working: a duration from now (`"30d"`), an RFC 3339
         /// time, or `"never"`/`null` for no expiry.
         #[serde(default, deserialize_with = "nullable")]
-        #[schema(value_type = Option<String>, example = "30d")]
+        #[schema(value_type = Option<String>, example = "30d", pattern = "^([1-9][0-9]{0,3}(m|h|d)|never)$")]
         expires: Option<Option<String>>,
         /// The same as `expires` (give one of the two).
         #[serde(default, deserialize_with = "nullable")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^([1-9][0-9]{0,3}(m|h|d)|never)$")]
         expires_at: Option<Option<String>>,
     }
     take: [expires, expires_at]
@@ -147,11 +164,11 @@ meta_body! {
         /// When the key stops working: a duration from now (`"30d"`), an RFC 3339
         /// time, or `"never"`/`null` for no expiry.
         #[serde(default, deserialize_with = "nullable")]
-        #[schema(value_type = Option<String>, example = "30d")]
+        #[schema(value_type = Option<String>, example = "30d", pattern = "^([1-9][0-9]{0,3}(m|h|d)|never)$")]
         expires: Option<Option<String>>,
         /// The same as `expires` (give one of the two).
         #[serde(default, deserialize_with = "nullable")]
-        #[schema(value_type = Option<String>)]
+        #[schema(value_type = Option<String>, pattern = "^([1-9][0-9]{0,3}(m|h|d)|never)$")]
         expires_at: Option<Option<String>>,
     }
     take: [expires, expires_at]
@@ -163,7 +180,7 @@ meta_body! {
     #[schema(example = json!({"id": "acme", "quota": "100000/month"}))]
     CreateClientRequest {
         /// The client ID (`A-Z a-z 0-9 -`, 1 to 64 characters), as in its keys.
-        #[schema(pattern = r"^[A-Za-z0-9-]{1,64}$", example = "acme")]
+        #[schema(pattern = "^[A-Za-z0-9-]{1,64}$", example = "acme")]
         id: String,
     }
     take: []
@@ -181,13 +198,13 @@ meta_body! {
 #[schema(example = json!({"grace": "24h", "expires": "30d"}))]
 pub struct RotateRequest {
     /// How long the old key keeps working, e.g. `"24h"` (the default).
-    #[serde(default)]
-    #[schema(nullable = false, example = "24h")]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, example = "24h", pattern = "^[1-9][0-9]{0,3}(m|h|d)$")]
     pub grace: Option<String>,
     /// The new key's expiry: a duration from now, an RFC 3339 time, or
     /// `"never"`/`null` (the default: none).
     #[serde(default)]
-    #[schema(example = "30d")]
+    #[schema(example = "30d", pattern = "^([1-9][0-9]{0,3}(m|h|d)|never)$")]
     pub expires: Option<String>,
 }
 
@@ -217,10 +234,39 @@ pub struct UsageQuery {
     pub client: Option<String>,
     /// Start of the report: a duration back from now (`"1h"`, `"7d"`) or an
     /// RFC 3339 time; default `1h`.
-    #[param(example = "1h")]
+    #[param(example = "1h", pattern = "^[1-9][0-9]?(m|h)$")]
     pub since: Option<String>,
     /// Bucket size; default `hour`.
     pub by: Option<crate::usage::Granularity>,
+}
+
+/// Adds to the document's body schemas the rules between their fields that
+/// [`MetaInput::changes`] and the ops enforce and utoipa's derive cannot
+/// state: each body is refused when it fits one of the listed shapes. Rules
+/// that depend on the stored record (a PATCH giving `burst` to a key without
+/// a rate) cannot be stated in a schema at all.
+pub fn cross_field_rules(schemas: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::json;
+    let both_expiries = json!({ "required": ["expires", "expires_at"] });
+    let refill_without_credits = json!({
+        "required": ["uses", "refill"],
+        "properties": { "uses": { "type": "null" }, "refill": { "type": "string" } },
+    });
+    let burst_without_rate = json!({
+        "required": ["burst"],
+        "properties": { "burst": { "type": "integer" } },
+        "not": { "required": ["rate"], "properties": { "rate": { "type": "string" } } },
+    });
+    for (schema, refused) in [
+        ("IssueRequest", vec![&both_expiries, &refill_without_credits, &burst_without_rate]),
+        ("KeyChanges", vec![&both_expiries, &refill_without_credits]),
+        ("CreateClientRequest", vec![&refill_without_credits, &burst_without_rate]),
+        ("ClientChanges", vec![&refill_without_credits]),
+    ] {
+        if let Some(serde_json::Value::Object(schema)) = schemas.get_mut(schema) {
+            schema.insert("not".to_owned(), json!({ "anyOf": refused }));
+        }
+    }
 }
 
 /// The metadata fields of any body, before parsing.
@@ -228,24 +274,21 @@ pub struct UsageQuery {
 pub struct MetaInput {
     scopes: Option<Scopes>,
     rate: Option<Option<String>>,
-    burst: Option<Option<TextOrNumber>>,
+    burst: Option<Option<u64>>,
     quota: Option<Option<String>>,
     label: Option<Option<String>>,
-    uses: Option<Option<TextOrNumber>>,
+    uses: Option<Option<u64>>,
     refill: Option<Option<String>>,
-    meta: Option<String>,
     expires: Option<Option<String>>,
     expires_at: Option<Option<String>>,
 }
 
 impl MetaInput {
-    /// Metadata changes, as `MetaFlags::changes` makes them for the CLI:
-    /// `meta` (the query syntax) first, explicit fields on top.
+    /// Metadata changes, as `MetaFlags::changes` makes them from the CLI's
+    /// flags. The CLI's `--meta` query syntax has no field here: it is a
+    /// second grammar inside a string, which no schema can describe, for
+    /// what the typed fields already say.
     pub fn changes(self, now: Timestamp) -> Result<MetaChanges, AdminError> {
-        let base = match &self.meta {
-            Some(query) => MetaChanges::from_query(query, now).map_err(|e| meta_error("meta", e))?,
-            None => MetaChanges::default(),
-        };
         let mut explicit = MetaChanges::default();
         if let Some(scopes) = self.scopes {
             let text = match scopes {
@@ -269,12 +312,13 @@ impl MetaInput {
             (None, Some(at)) => Some(expiry("expires_at", at, now)?),
             (None, None) => None,
         };
-        Ok(base.merge(explicit))
+        Ok(explicit)
     }
 }
 
-fn text(value: Option<Option<TextOrNumber>>) -> Option<Option<String>> {
-    value.map(|v| v.map(TextOrNumber::into_text))
+/// A number field, for the parser the CLI gives its flag's text to.
+fn text<N: ToString>(value: Option<Option<N>>) -> Option<Option<String>> {
+    value.map(|v| v.map(|n| n.to_string()))
 }
 
 /// A field that `null` clears, parsed when present.
@@ -298,11 +342,9 @@ fn expiry(field: &str, value: Option<String>, now: Timestamp) -> Result<Option<T
     }
 }
 
-/// A metadata parse error, reported against the field the caller used (the
-/// parser's own name for `meta`, whose sub-fields it names).
+/// A metadata parse error, reported against the field the caller used.
 pub fn meta_error(field: &str, error: meta::MetaError) -> AdminError {
-    let field = if field == "meta" { format!("meta.{}", error.field) } else { field.to_owned() };
-    AdminError::Invalid { field, reason: format!("`{}`: {}", error.value, error.why) }
+    AdminError::Invalid { field: field.to_owned(), reason: format!("`{}`: {}", error.value, error.why) }
 }
 
 #[cfg(test)]
@@ -338,11 +380,12 @@ mod tests {
     }
 
     #[test]
-    fn null_clears_absent_keeps_and_explicit_fields_win_over_meta() {
-        let c = parse(r#"{"meta":"rate_limit=5&label=x","rate":null,"expires":"never"}"#).unwrap();
+    fn null_clears_and_absent_keeps() {
+        let c = parse(r#"{"rate":null,"label":"","expires":"never","burst":5.0}"#).unwrap();
         assert_eq!(c.rate, Some(None));
-        assert_eq!(c.label, Some(Some("x".to_owned())));
+        assert_eq!(c.label, Some(None), "an empty label removes it");
         assert_eq!(c.expires_at, Some(None));
+        assert_eq!(c.burst.unwrap().unwrap().get(), 5, "5.0 is a whole number");
         assert_eq!(c.quota, None, "absent: unchanged");
     }
 
@@ -350,13 +393,21 @@ mod tests {
     fn errors_name_the_field() {
         assert_eq!(field(parse(r#"{"rate":"fast"}"#)), "rate");
         assert_eq!(field(parse(r#"{"burst":0}"#)), "burst");
-        assert_eq!(field(parse(r#"{"meta":"quota=lots"}"#)), "meta.quota");
         assert_eq!(field(parse(r#"{"expires":"1h","expires_at":"2h"}"#)), "expires_at");
     }
 
     #[test]
     fn unknown_fields_are_refused_by_the_type() {
         assert!(serde_json::from_str::<KeyChanges>(r#"{"colour":"blue"}"#).is_err());
+        assert!(
+            serde_json::from_str::<KeyChanges>(r#"{"meta":"rate_limit=5"}"#).is_err(),
+            "no --meta syntax"
+        );
+        assert!(
+            serde_json::from_str::<KeyChanges>(r#"{"scopes":null}"#).is_err(),
+            "scopes cannot be cleared"
+        );
+        assert!(serde_json::from_str::<KeyChanges>(r#"{"burst":1.5}"#).is_err());
         assert!(serde_json::from_str::<ClientChanges>(r#"{"expires":"1h"}"#).is_err(), "keys only");
     }
 }

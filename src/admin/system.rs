@@ -157,6 +157,9 @@ pub async fn usage(
     let since = since_flag(query.since.as_deref().unwrap_or("1h"))
         .and_then(|s| s.resolve(now))
         .map_err(invalid_in("since"))?;
+    if since >= now {
+        return Err(invalid("since", "must be in the past (e.g. 1h, or an RFC 3339 time)"));
+    }
     let redis =
         admin.gateway.store.redis().ok_or(AdminError::NotImplemented(
             "usage is kept in Redis; this gateway runs on the file store",
