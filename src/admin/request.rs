@@ -4,8 +4,9 @@
 //! `Json` and described by utoipa from the same definition, so the document
 //! says exactly what the handler accepts: every field listed, nothing else
 //! (`additionalProperties: false`), no `allOf` to make it unsatisfiable.
-//! Metadata fields mirror the CLI flags (not `--meta`, see [`MetaInput::changes`]): absent leaves a field unchanged,
-//! `null` clears it (`scopes` cannot be cleared). Their values are parsed by
+//! Metadata fields mirror the CLI flags (not `--meta`, see
+//! [`MetaInput::changes`]): absent leaves a field unchanged, `null` clears it
+//! (`scopes` cannot be cleared). Their values are parsed by
 //! the CLI's parsers afterwards ([`MetaInput::changes`]), so an error names
 //! the field as the caller spelled it.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
