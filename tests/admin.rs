@@ -100,7 +100,70 @@ async fn unknown_admin_paths_say_401_without_the_token_and_404_with_it() {
     assert_eq!((known.status, known.json()["error"].clone()), (StatusCode::NOT_FOUND, "no_route".into()));
     let method = admin.call(Method::DELETE, "/admin/keys/acme.k1", None).await;
     assert_eq!(method.status, 405);
-    assert_eq!(method.headers["allow"], "GET, PATCH");
+    assert_eq!(method.json()["error"], "method_not_allowed");
+    assert_eq!(method.headers["allow"], "GET, HEAD, PATCH");
+    let anonymous = admin.call_as(None, Method::DELETE, "/admin/keys/acme.k1", None).await;
+    assert_eq!(anonymous.status, 401, "no method discovery without the token either");
+    let probe = admin.call_as(None, Method::POST, "/healthz", None).await;
+    assert_eq!(probe.status, 401, "only GET and HEAD of a probe are open");
+}
+
+/// Regression (issue 19): schemathesis found a PATCH whose body was not JSON
+/// answered 200, and axum's own refusals would be plain text; every refusal
+/// is the contract's JSON error.
+#[tokio::test]
+async fn bodies_and_queries_that_do_not_fit_get_the_contracts_json_errors() {
+    let (_gateway, admin) = admin::start(&config("")).await;
+    let id = admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"acme"}"#)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/admin/keys/{id}");
+    for body in ["not json", "", "[1]", "{\"label\":"] {
+        let answer = admin.call(Method::PATCH, &path, Some(body)).await;
+        assert_eq!(answer.status, 400, "{body:?}: {}", answer.text());
+        assert!(
+            ["bad_json", "invalid_field"].contains(&answer.json()["error"].as_str().unwrap()),
+            "{body:?}"
+        );
+    }
+    let untyped = Request::patch(admin.url(&path))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(bytes::Bytes::from_static(b"{\"label\":\"x\"}")))
+        .unwrap();
+    let answer = send(&http1_client(), untyped).await;
+    assert_eq!(answer.status, 415);
+    assert_eq!(answer.json()["error"], "unsupported_media_type");
+
+    for (body, field) in [
+        (r#"{"client":5}"#, "client"),
+        (r#"{"client":"c","scopes":[1]}"#, "scopes"),
+        (r#"{"client":"c","burst":-1}"#, "burst"),
+        (r#"{"client":"c","label":{}}"#, "label"),
+    ] {
+        let answer = admin.call(Method::POST, "/admin/keys", Some(body)).await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.text());
+        assert_eq!(
+            (answer.json()["error"].as_str(), answer.json()["field"].as_str()),
+            (Some("invalid_field"), Some(field)),
+            "{body}"
+        );
+    }
+    let client_expiry =
+        admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"acme","expires":"1d"}"#)).await;
+    assert_eq!(
+        (client_expiry.status.as_u16(), client_expiry.json()["field"].clone()),
+        (400, "expires".into())
+    );
+
+    let clients = admin.call(Method::GET, "/admin/clients?page=2", None).await;
+    assert_eq!((clients.status.as_u16(), clients.json()["field"].clone()), (400, "page".into()));
+    // `?client=` (empty) is no filter.
+    let all = admin.call(Method::GET, "/admin/keys?client=", None).await;
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert_eq!(all.json().as_array().unwrap().len(), 1);
+    let usage = admin.call(Method::GET, "/admin/usage?client=&since=1h", None).await;
+    assert_eq!(usage.status, 501, "the file store keeps no usage: {}", usage.text());
 }
 
 #[tokio::test]

@@ -458,7 +458,8 @@ async fn the_admin_api_creates_lists_shows_updates_and_revokes_clients() {
     for (body, field) in [
         (r#"{"id":"b","scopes":["a b"]}"#, "scopes"),
         (r#"{"id":"b","expires":"30d"}"#, "expires"),
-        (r#"{"id":"b","meta":"scope=read&expires=1d"}"#, "expires"),
+        // The CLI's `--meta` syntax is no field of the admin API (issue 19).
+        (r#"{"id":"b","meta":"scope=read"}"#, "meta"),
         (r#"{"id":"b.c"}"#, "client"),
         (r#"{"quota":"5/day"}"#, "id"),
     ] {

@@ -4,11 +4,18 @@
 //! TEXT}`, plus `field` when one input is at fault and `problems` for a
 //! refused config. As in [`crate::error`], 5xx causes are logged once and
 //! never sent; no message carries a secret (the token is never echoed).
+//!
+//! axum's own rejections (a body that is not JSON or lacks the JSON content
+//! type, a field of the wrong type, an unknown or missing field, a bad query
+//! string or path) come here too, through the `From` impls below, so no
+//! caller ever sees axum's plain-text defaults.
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::Full;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::response::IntoResponse;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 use crate::config::ConfigError;
 use crate::ops::OpsError;
@@ -34,6 +41,9 @@ pub enum AdminError {
     BodyTooLarge { limit: usize },
     #[error("request body is not valid JSON: {0}")]
     BadJson(String),
+    /// A body sent without `Content-Type: application/json`.
+    #[error("request body is not declared as JSON")]
+    NotJson,
     /// One input is wrong; `field` names it as the request spelled it.
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -96,6 +106,7 @@ impl AdminError {
             Self::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::BadJson(_) => (StatusCode::BAD_REQUEST, "bad_json"),
+            Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             Self::KeyNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::KeyNotUsable(_) => (StatusCode::CONFLICT, "key_not_usable"),
@@ -120,6 +131,7 @@ impl AdminError {
             Self::MethodNotAllowed { allow } => format!("this endpoint answers {allow}"),
             Self::BodyTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
             Self::BadJson(why) => format!("the request body is not a valid JSON object: {why}"),
+            Self::NotJson => "send the body as JSON, with `Content-Type: application/json`".to_owned(),
             Self::Invalid { field, reason } => format!("invalid {field}: {reason}"),
             Self::KeyNotFound(message)
             | Self::KeyNotUsable(message)
@@ -133,7 +145,12 @@ impl AdminError {
         }
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    /// The status this error answers (for the OpenAPI document's tests too).
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    pub fn into_http(self) -> axum::response::Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(status = status.as_u16(), cause = %self, "admin call failed");
@@ -152,7 +169,8 @@ impl AdminError {
             }
             _ => {}
         }
-        let mut response = crate::error::json_response(status, Value::Object(body).to_string());
+        let mut response =
+            crate::error::json_response(status, Value::Object(body).to_string()).map(axum::body::Body::new);
         let headers = response.headers_mut();
         match &self {
             Self::MissingToken | Self::WrongToken | Self::Disabled => {
@@ -170,6 +188,119 @@ impl AdminError {
         }
         response
     }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> axum::response::Response {
+        self.into_http()
+    }
+}
+
+// === axum's rejections ===
+
+impl From<JsonRejection> for AdminError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => Self::NotJson,
+            JsonRejection::JsonDataError(error) => {
+                match find::<serde_path_to_error::Error<serde_json::Error>>(&error) {
+                    Some(error) => data_error(&error.path().to_string(), &error.inner().to_string()),
+                    None => Self::BadJson(error.body_text()),
+                }
+            }
+            JsonRejection::JsonSyntaxError(error) => match find::<serde_json::Error>(&error) {
+                Some(inner) => Self::BadJson(inner.to_string()),
+                None => Self::BadJson(error.body_text()),
+            },
+            JsonRejection::BytesRejection(error) => {
+                if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Self::BodyTooLarge { limit: super::MAX_BODY }
+                } else {
+                    Self::BadJson(format!("reading the body failed: {}", error.body_text()))
+                }
+            }
+            // `JsonRejection` is non-exhaustive; a variant added by a later
+            // axum is still a client's body we could not read.
+            other => Self::BadJson(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for AdminError {
+    fn from(rejection: QueryRejection) -> Self {
+        match find::<serde_path_to_error::Error<serde::de::value::Error>>(&rejection) {
+            Some(error) => data_error(&error.path().to_string(), &error.inner().to_string()),
+            None => Self::Invalid { field: "query".to_owned(), reason: rejection.body_text() },
+        }
+    }
+}
+
+impl From<PathRejection> for AdminError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::Invalid { field: "id".to_owned(), reason: rejection.body_text() }
+    }
+}
+
+/// A value that did not fit its type: the field is the error's path, or for
+/// a missing or unknown field (reported at the object itself) the name
+/// serde quotes in its message.
+fn data_error(path: &str, message: &str) -> AdminError {
+    let quoted = || message.split('`').nth(1).map(str::to_owned);
+    let field = match path {
+        "." | "" if message.starts_with("missing field") || message.starts_with("unknown field") => quoted(),
+        "." | "" => None,
+        // `scopes[0]` is a fault in `scopes`.
+        path => Some(path.split(['[', '.']).next().unwrap_or(path).to_owned()),
+    };
+    // serde's own wording, without its list of expected fields for an unknown one.
+    let reason = match message.split_once(", expected") {
+        Some((head, _)) if message.starts_with("unknown field") => head.to_owned(),
+        _ => message.to_owned(),
+    };
+    match field {
+        Some(field) => AdminError::Invalid { field, reason },
+        None => AdminError::BadJson(reason),
+    }
+}
+
+/// The first error of type `T` in `error`'s source chain.
+fn find<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// The body of every admin error, as documented in the OpenAPI document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable code, e.g. `invalid_field`, `not_found`, `invalid_token`.
+    pub error: String,
+    /// What went wrong, for a person; never a secret.
+    pub message: String,
+    /// The input at fault, as the request spelled it (`invalid_field` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub field: Option<String>,
+    /// A refused config's problems (`invalid_config` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub problems: Option<Vec<Problem>>,
+}
+
+/// One problem of a refused config: `field` and `line` for a validation
+/// problem, `message` alone for a read or syntax error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
 }
 
 /// A refused config as a list: `{field, line, message}` for each validation
@@ -192,7 +323,7 @@ mod tests {
     use crate::key::KeyId;
 
     async fn answer(error: AdminError) -> (StatusCode, http::HeaderMap, Value) {
-        let (parts, body) = error.into_response().into_parts();
+        let (parts, body) = error.into_http().into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap())
     }

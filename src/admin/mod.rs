@@ -1,4 +1,5 @@
-//! The admin listener: the keys and clients API, config reload, `/metrics` and health checks.
+//! The admin listener: the keys and clients API, config reload, `/metrics`,
+//! health checks, and the API's OpenAPI document.
 //!
 //! It runs on its own listener (`[admin] listen`, off by default) with its own
 //! router, so nothing here is reachable through the public listener: the
@@ -9,45 +10,63 @@
 //!   and Prometheus scrapes; they reveal no key material, only counts by route.
 //!   The admin port must therefore stay on a private interface (the default
 //!   example binds loopback).
-//! - Everything under `/admin/` needs `Authorization: Bearer <token>`, checked
-//!   in constant time ([`crate::config::AdminToken::matches`]). The token is
-//!   read from the running config on every call, so a reload can change it.
-//!   An unknown path under a wrong token answers 401, not 404: callers without
-//!   the token learn nothing about the routes.
+//! - Everything else, `/admin/openapi.json` included, needs `Authorization:
+//!   Bearer <token>`, checked in constant time
+//!   ([`crate::config::AdminToken::matches`]) before routing: an unknown path
+//!   under a wrong token answers 401, not 404, so callers without the token
+//!   learn nothing about the routes. The token is read from the running
+//!   config on every call, so a reload can change it. The document is no
+//!   secret (`docs/admin-openapi.json` holds the same), but serving it behind
+//!   the token keeps the rule one line long: only the probes are open.
 //!
-//! [`ROUTES`] is the router: dispatch walks it, and the OpenAPI test compares
-//! it with `docs/admin-openapi.json`.
+//! The router is axum's, built by utoipa-axum from the handlers: each
+//! handler's `#[utoipa::path]` gives its method and path to the router and
+//! its entry to the document in the same `routes!` call ([`router`],
+//! [`openapi`]), so what is served and what is documented cannot differ.
+//! Errors, axum's own rejections included, are [`AdminError`]s.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod clients;
 pub mod error;
+pub mod extract;
 pub mod keys;
+pub mod request;
+pub mod system;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request as AxumRequest, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderMap, Method, Request, StatusCode, header};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use self::error::AdminError;
+use self::extract::Actor;
 use crate::gateway::Gateway;
 use crate::reload::Reloader;
 use crate::server::watchdog::{self, Activity, Deadlines, Ended, Tracked, Watched};
 
 /// Largest request body accepted; key calls are a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
-/// How long `/readyz` waits for the store's ping.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long admin calls in flight may finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The paths served without the token (for `GET` and `HEAD`).
+const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 /// What the admin endpoints act on.
 pub struct Admin {
@@ -57,108 +76,256 @@ pub struct Admin {
     /// prefix until a restart (a reload only warns), so keys issued here use
     /// it too, or they would not verify.
     prefix: String,
+    /// `GET /admin/openapi.json`'s body, rendered once: it depends on the
+    /// code only.
+    openapi_json: Bytes,
 }
 
 impl Admin {
     pub fn new(reloader: Arc<Reloader>) -> Arc<Self> {
         let gateway = Arc::clone(reloader.gateway());
         let prefix = gateway.live.load().config.keys.prefix.clone();
-        Arc::new(Self { gateway, reloader, prefix })
+        let openapi_json = Bytes::from(openapi_json());
+        Arc::new(Self { gateway, reloader, prefix, openapi_json })
     }
 }
 
-// === Routes ===
+// === Routes and document ===
 
-/// What an admin route does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Healthz,
-    Readyz,
-    Metrics,
-    Reload,
-    Usage,
-    IssueKey,
-    ListKeys,
-    ShowKey,
-    UpdateKey,
-    RevokeKey,
-    RotateKey,
-    CreateClient,
-    ListClients,
-    ShowClient,
-    UpdateClient,
-    RevokeClient,
+/// Every operation, registered in the router and in the document at once.
+fn operations() -> (Router<Arc<Admin>>, OpenApi) {
+    OpenApiRouter::with_openapi(base_document())
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::readyz))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::reload))
+        .routes(routes!(system::usage))
+        .routes(routes!(system::openapi))
+        .routes(routes!(keys::issue, keys::list))
+        .routes(routes!(keys::show, keys::update))
+        .routes(routes!(keys::revoke))
+        .routes(routes!(keys::rotate))
+        .routes(routes!(clients::create, clients::list))
+        .routes(routes!(clients::show, clients::update))
+        .routes(routes!(clients::revoke))
+        .split_for_parts()
 }
 
-impl Endpoint {
-    /// Probes and scrapes: no token.
-    fn is_open(self) -> bool {
-        matches!(self, Self::Healthz | Self::Readyz | Self::Metrics)
-    }
+/// The admin API's router, ready to serve.
+pub fn router(admin: Arc<Admin>) -> Router {
+    let (routes, _) = operations();
+    let routes = routes.fallback(no_route).with_state(Arc::clone(&admin));
+    // Layers on the routes themselves would run inside each path's method
+    // router, before it adds `Allow`; around the whole router they see the
+    // finished answer.
+    Router::new()
+        .fallback_service(routes)
+        // axum answers a known path with another method by an empty 405;
+        // the contract wants the JSON error body (and keeps axum's `Allow`).
+        .layer(middleware::map_response(method_not_allowed))
+        // Outermost: the token is checked before routing, so unknown paths
+        // and methods are refused alike without it.
+        .layer(middleware::from_fn_with_state(Arc::clone(&admin), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
-/// One admin route: method and path template (`{id}` matches one segment).
-#[derive(Debug, Clone, Copy)]
-pub struct Route {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub endpoint: Endpoint,
+/// The OpenAPI 3.1 document generated from the handlers.
+pub fn openapi() -> OpenApi {
+    let mut doc = operations().1;
+    shared_answers(&mut doc);
+    links(&mut doc);
+    doc
 }
 
-const fn route(method: &'static str, path: &'static str, endpoint: Endpoint) -> Route {
-    Route { method, path, endpoint }
-}
-
-/// Every route the admin listener serves; the router is this table.
-pub const ROUTES: &[Route] = &[
-    route("GET", "/healthz", Endpoint::Healthz),
-    route("GET", "/readyz", Endpoint::Readyz),
-    route("GET", "/metrics", Endpoint::Metrics),
-    route("POST", "/admin/reload", Endpoint::Reload),
-    route("GET", "/admin/usage", Endpoint::Usage),
-    route("POST", "/admin/keys", Endpoint::IssueKey),
-    route("GET", "/admin/keys", Endpoint::ListKeys),
-    route("GET", "/admin/keys/{id}", Endpoint::ShowKey),
-    route("PATCH", "/admin/keys/{id}", Endpoint::UpdateKey),
-    route("POST", "/admin/keys/{id}/revoke", Endpoint::RevokeKey),
-    route("POST", "/admin/keys/{id}/rotate", Endpoint::RotateKey),
-    route("POST", "/admin/clients", Endpoint::CreateClient),
-    route("GET", "/admin/clients", Endpoint::ListClients),
-    route("GET", "/admin/clients/{id}", Endpoint::ShowClient),
-    route("PATCH", "/admin/clients/{id}", Endpoint::UpdateClient),
-    route("POST", "/admin/clients/{id}/revoke", Endpoint::RevokeClient),
-];
-
-/// The route for `method` and `path`, with the `{id}` segment if any.
-/// `Err(None)`: no such path; `Err(Some(allow))`: the path exists for other methods.
-fn resolve<'p>(method: &Method, path: &'p str) -> Result<(Endpoint, Option<&'p str>), Option<String>> {
-    let mut allow = Vec::new();
-    for route in ROUTES {
-        let Some(id) = matches_template(route.path, path) else { continue };
-        if route.method == method.as_str() {
-            return Ok((route.endpoint, id));
-        }
-        allow.push(route.method);
-    }
-    if allow.is_empty() { Err(None) } else { Err(Some(allow.join(", "))) }
-}
-
-/// `Some(id)` if `path` fits `template` (`id` is the `{id}` segment, if any).
-fn matches_template<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
-    let mut id = None;
-    let mut segments = path.split('/');
-    for part in template.split('/') {
-        let segment = segments.next()?;
-        if part == "{id}" {
-            if segment.is_empty() {
-                return None;
+/// Adds the answers every call of a kind can give, in one place rather than
+/// on each handler: 401 for every call behind the token, 500 and 503 for
+/// those that read the store.
+fn shared_answers(doc: &mut OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let store =
+            path.starts_with("/admin/keys") || path.starts_with("/admin/clients") || path == "/admin/usage";
+        for operation in [&mut item.get, &mut item.post, &mut item.patch].into_iter().flatten() {
+            let responses = &mut operation.responses.responses;
+            if !OPEN_PATHS.contains(&path.as_str()) {
+                let missing = error("No token, a wrong token, or the admin API is off in the running config");
+                responses.insert("401".to_owned(), missing.into());
             }
-            id = Some(segment);
-        } else if part != segment {
-            return None;
+            if store {
+                responses.insert("500".to_owned(), error("The store holds a record it cannot read").into());
+                responses.insert("503".to_owned(), error("The store is unavailable; retry later").into());
+            }
         }
     }
-    segments.next().is_none().then_some(id)
+}
+
+/// OpenAPI links from the answers that create a key or a client to the
+/// calls on it, with the new record's `id`: the path a client (and
+/// schemathesis' stateful tests) follows, issue -> show -> update -> rotate
+/// -> revoke.
+fn links(doc: &mut OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::link::LinkBuilder;
+    let key_calls = ["show_key", "update_key", "rotate_key", "revoke_key"];
+    let client_calls = ["show_client", "update_client", "revoke_client"];
+    // Each creating call is a POST answering 201 with the record.
+    for (path, targets) in [
+        ("/admin/keys", &key_calls[..]),
+        ("/admin/keys/{id}/rotate", &key_calls[..]),
+        ("/admin/clients", &client_calls[..]),
+    ] {
+        let operation = doc.paths.paths.get_mut(path).and_then(|item| item.post.as_mut());
+        let Some(RefOr::T(response)) = operation.and_then(|o| o.responses.responses.get_mut("201")) else {
+            continue;
+        };
+        for target in targets {
+            let link = LinkBuilder::new()
+                .operation_id(*target)
+                .parameter("id", "$response.body#/id")
+                .description(format!("`{target}` on the record this call created"))
+                .build();
+            response.links.insert((*target).to_owned(), link.into());
+        }
+    }
+}
+
+/// The document as served and as written to `docs/admin-openapi.json`.
+pub fn openapi_json() -> String {
+    // Serialising a document of plain strings and maps cannot fail; an
+    // empty document would fail the test that compares it with the file.
+    let mut doc = serde_json::to_value(openapi()).unwrap_or_default();
+    camel_case_links(&mut doc);
+    if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(|s| s.as_object_mut()) {
+        request::cross_field_rules(schemas);
+    }
+    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// utoipa 5.5 serialises a Link Object's fields in snake case
+/// (`operation_id`); OpenAPI spells them `operationId`, `operationRef` and
+/// `requestBody`, and tools ignore the others.
+fn camel_case_links(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else { return };
+    let responses = paths
+        .values_mut()
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|operation| operation.get_mut("responses").and_then(|r| r.as_object_mut()))
+        .flat_map(|responses| responses.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else { continue };
+        for link in links.values_mut().filter_map(|link| link.as_object_mut()) {
+            for (snake, camel) in [
+                ("operation_id", "operationId"),
+                ("operation_ref", "operationRef"),
+                ("request_body", "requestBody"),
+            ] {
+                if let Some(value) = link.remove(snake) {
+                    link.insert(camel.to_owned(), value);
+                }
+            }
+        }
+    }
+}
+
+/// What the handlers do not say: title, security, shared error answers,
+/// and the links schemathesis and clients follow from a new key.
+fn base_document() -> OpenApi {
+    use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApiBuilder};
+    let bearer = SecurityScheme::Http(
+        HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("The `[admin]` token (`token` or `token_env`)"))
+            .build(),
+    );
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("keygate admin API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Generated from the handlers (src/admin/); `KEYGATE_BLESS=1 cargo test --test \
+                     admin_openapi` rewrites docs/admin-openapi.json. Errors are \
+                     `{\"error\": CODE, \"message\": TEXT}`.",
+                ))
+                .build(),
+        )
+        .components(Some(ComponentsBuilder::new().security_scheme("bearer", bearer).build()))
+        .security(Some([utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            std::iter::empty::<String>(),
+        )]))
+        .build()
+}
+
+/// Any path no handler serves (the token was already checked).
+async fn no_route() -> AdminError {
+    AdminError::NoRoute
+}
+
+/// axum's bare 405 as the contract's JSON error, `Allow` kept.
+async fn method_not_allowed(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let allow = response
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(|allow| allow.split(',').map(str::trim).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    AdminError::MethodNotAllowed { allow }.into_response()
+}
+
+/// The token check in front of every call but the probes; passes who acts
+/// to the handlers as an [`Actor`], and logs each call's answer.
+async fn authorize(State(admin): State<Arc<Admin>>, mut request: AxumRequest, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let open = OPEN_PATHS.contains(&path.as_str()) && matches!(method, Method::GET | Method::HEAD);
+    let response = if open {
+        next.run(request).await
+    } else {
+        match check_token(&admin.gateway, request.headers()) {
+            Ok(actor) => {
+                request.extensions_mut().insert(Actor(actor));
+                next.run(request).await
+            }
+            Err(error) => error.into_response(),
+        }
+    };
+    tracing::debug!(target: "keygate::admin", %method, %path, status = response.status().as_u16());
+    response
+}
+
+/// Checks the bearer token against the running config's; returns the token's
+/// name for the audit log.
+fn check_token(gateway: &Gateway, headers: &HeaderMap) -> Result<String, AdminError> {
+    let live = gateway.live.load();
+    let admin = live.config.admin.as_ref().ok_or(AdminError::Disabled)?;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::credential::bearer_token)
+        .ok_or(AdminError::MissingToken)?;
+    if admin.token.matches(presented.as_bytes()) {
+        Ok(admin.token_name.clone())
+    } else {
+        Err(AdminError::WrongToken)
+    }
 }
 
 // === Serving ===
@@ -187,6 +354,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
         .keep_alive_interval(edge.http2_keepalive_interval)
         .keep_alive_timeout(edge.http2_keepalive_timeout);
     let builder = Arc::new(builder);
+    let router = router(Arc::clone(&admin));
     // As in `server::serve`: every connection holds a receiver, and the drain
     // is over once all are dropped.
     let (draining, _) = watch::channel(false);
@@ -204,14 +372,16 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
             },
             () = &mut shutdown => break,
         };
-        let admin = Arc::clone(&admin);
         let activity = Arc::new(Activity::default());
         let requests = Arc::clone(&activity);
-        let service = service_fn(move |request| {
-            let admin = Arc::clone(&admin);
+        // The Router answers every request (its errors are answers too); the
+        // watchdog counts each in flight until its body is done.
+        let router = TowerToHyperService::new(router.clone());
+        let service = service_fn(move |request: Request<Incoming>| {
             let guard = requests.request();
+            let answer = router.call(request);
             async move {
-                let response = handle(&admin, request).await;
+                let response = answer.await?;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -234,204 +404,5 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
     draining.send_replace(true);
     if tokio::time::timeout(DRAIN_TIMEOUT, draining.closed()).await.is_err() {
         tracing::warn!("admin calls still in flight after the drain timeout");
-    }
-}
-
-/// Answers one admin request; never fails.
-pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = match dispatch(admin, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    };
-    tracing::debug!(target: "keygate::admin", %method, %path, status = response.status().as_u16());
-    response
-}
-
-async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, AdminError> {
-    let (parts, body) = request.into_parts();
-    let resolved = resolve(&parts.method, parts.uri.path());
-
-    // Open endpoints first; everything else, unknown paths included, needs the token.
-    if let Ok((endpoint, _)) = resolved
-        && endpoint.is_open()
-    {
-        return match endpoint {
-            Endpoint::Healthz => Ok(json_ok(serde_json::json!({ "status": "ok" }))),
-            Endpoint::Readyz => readyz(&admin.gateway).await,
-            _ => Ok(metrics_page(&parts.headers)),
-        };
-    }
-    let actor = authorize(&admin.gateway, &parts.headers)?;
-    let (endpoint, id) = resolved.map_err(|allow| match allow {
-        Some(allow) => AdminError::MethodNotAllowed { allow },
-        None => AdminError::NoRoute,
-    })?;
-    let body = read_body(body, &parts.headers).await?;
-
-    let call = keys::KeyCall {
-        store: &*admin.gateway.store,
-        prefix: &admin.prefix,
-        actor: &actor,
-        now: jiff::Timestamp::now(),
-        credits: admin.gateway.limits.credits(),
-    };
-    let id = id.unwrap_or_default();
-    match endpoint {
-        Endpoint::IssueKey => keys::issue(&call, &body).await,
-        Endpoint::ListKeys => keys::list(&call, parts.uri.query()).await,
-        Endpoint::ShowKey => keys::show(&call, id).await,
-        Endpoint::UpdateKey => keys::update(&call, id, &body).await,
-        Endpoint::RevokeKey => keys::revoke(&call, id).await,
-        Endpoint::RotateKey => keys::rotate(&call, id, &body).await,
-        Endpoint::CreateClient => clients::create(&call, &body).await,
-        Endpoint::ListClients => clients::list(&call, parts.uri.query()).await,
-        Endpoint::ShowClient => clients::show(&call, id).await,
-        Endpoint::UpdateClient => clients::update(&call, id, &body).await,
-        Endpoint::RevokeClient => clients::revoke(&call, id).await,
-        Endpoint::Reload => reload(admin, &actor),
-        Endpoint::Usage => usage(admin, parts.uri.query()).await,
-        Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics => {
-            Err(AdminError::Internal("open endpoint reached the authorised dispatch".to_owned()))
-        }
-    }
-}
-
-/// `GET /admin/usage?client=ID&since=1h&by=hour`: the same report as
-/// `keygate usage --json`, read from the store's Redis.
-async fn usage(admin: &Admin, query: Option<&str>) -> Result<Response<Full<Bytes>>, AdminError> {
-    use crate::usage::query::{client_flag, since_flag};
-    let invalid = |field: &str, reason: String| AdminError::Invalid { field: field.to_owned(), reason };
-    let (mut client, mut since, mut by) = (None, "1h".to_owned(), crate::usage::Granularity::Hour);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned();
-        match name {
-            "client" => client = Some(client_flag(&value).map_err(|why| invalid("client", why))?),
-            "since" => since = value,
-            "by" => by = value.parse().map_err(|_| invalid("by", "expected minute, hour or day".into()))?,
-            other => return Err(invalid(other, "unknown parameter; known: client, since, by".into())),
-        }
-    }
-    let now = jiff::Timestamp::now();
-    let since = since_flag(&since).and_then(|s| s.resolve(now)).map_err(|why| invalid("since", why))?;
-    let redis =
-        admin.gateway.store.redis().ok_or(AdminError::NotImplemented(
-            "usage is kept in Redis; this gateway runs on the file store",
-        ))?;
-    let query = crate::usage::UsageQuery { client, since, until: now, by };
-    match crate::usage::query(&mut redis.conn.clone(), &redis.prefix, &query).await {
-        Ok(report) => {
-            Ok(json_ok(serde_json::to_value(report).map_err(|e| AdminError::Internal(e.to_string()))?))
-        }
-        Err(crate::usage::UsageError::Invalid(why)) => Err(invalid("since", why)),
-        Err(error) => Err(AdminError::StoreUnavailable(error.to_string())),
-    }
-}
-
-/// Checks the bearer token against the running config's; returns the token's
-/// name for the audit log.
-fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<String, AdminError> {
-    let live = gateway.live.load();
-    let admin = live.config.admin.as_ref().ok_or(AdminError::Disabled)?;
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(crate::credential::bearer_token)
-        .ok_or(AdminError::MissingToken)?;
-    if admin.token.matches(presented.as_bytes()) {
-        Ok(admin.token_name.clone())
-    } else {
-        Err(AdminError::WrongToken)
-    }
-}
-
-/// The whole body, refused past [`MAX_BODY`] (by `Content-Length` at once,
-/// or while reading a body without one).
-async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, AdminError> {
-    let too_large = AdminError::BodyTooLarge { limit: MAX_BODY };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY as u64) {
-        return Err(too_large);
-    }
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large),
-        Err(error) => Err(AdminError::BadJson(format!("reading the body failed: {error}"))),
-    }
-}
-
-/// 200 when the store answers a ping in time and a config is live; else 503.
-async fn readyz(gateway: &Gateway) -> Result<Response<Full<Bytes>>, AdminError> {
-    match tokio::time::timeout(READY_TIMEOUT, gateway.store.ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(AdminError::NotReady(error.to_string())),
-        Err(_) => return Err(AdminError::NotReady(format!("no ping answer within {READY_TIMEOUT:?}"))),
-    }
-    let live = gateway.live.load();
-    if live.config.admin.as_ref().is_some_and(|admin| admin.readyz_requires_healthy_upstreams) {
-        let down = live.upstreams.without_healthy_target();
-        if !down.is_empty() {
-            return Err(AdminError::NotReady(format!("no healthy target in upstream {}", down.join(", "))));
-        }
-    }
-    Ok(json_ok(serde_json::json!({
-        "status": "ready",
-        "store": "ok",
-        "routes": live.config.routes.len(),
-    })))
-}
-
-fn reload(admin: &Admin, actor: &str) -> Result<Response<Full<Bytes>>, AdminError> {
-    tracing::info!(target: "keygate::audit", actor, via = "admin-api", op = "reload", "config reload requested");
-    let reloaded = admin.reloader.reload().map_err(AdminError::InvalidConfig)?;
-    Ok(json_ok(serde_json::json!({
-        "status": "reloaded",
-        "routes": reloaded.routes,
-        "upstreams": reloaded.upstreams,
-        "certificates": reloaded.certificates,
-        "restart_needed": reloaded.restart_needed,
-    })))
-}
-
-/// `/metrics` in the format the scraper's `Accept` asks for (OpenMetrics
-/// unless it prefers the 0.0.4 text format).
-fn metrics_page(headers: &HeaderMap) -> Response<Full<Bytes>> {
-    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let format = crate::metrics::Exposition::negotiate(accept);
-    let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render_as(format))));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
-    response.headers_mut().insert(header::VARY, HeaderValue::from_static("accept"));
-    response
-}
-
-fn json_ok(value: serde_json::Value) -> Response<Full<Bytes>> {
-    crate::error::json_response(StatusCode::OK, value.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_route_resolves_to_itself() {
-        for route in ROUTES {
-            let path = route.path.replace("{id}", "acme.k1");
-            let method: Method = route.method.parse().unwrap();
-            let (endpoint, id) = resolve(&method, &path).unwrap();
-            assert_eq!(endpoint, route.endpoint, "{} {}", route.method, route.path);
-            assert_eq!(id.is_some(), route.path.contains("{id}"));
-        }
-    }
-
-    #[test]
-    fn unknown_paths_and_methods_are_told_apart() {
-        assert_eq!(resolve(&Method::GET, "/admin/nope"), Err(None));
-        assert_eq!(resolve(&Method::GET, "/admin/keys/"), Err(None), "an empty id is no id");
-        assert_eq!(resolve(&Method::GET, "/admin/keys/a.b/c"), Err(None));
-        assert_eq!(resolve(&Method::DELETE, "/admin/keys/a.b"), Err(Some("GET, PATCH".to_owned())));
-        assert_eq!(resolve(&Method::GET, "/admin/reload"), Err(Some("POST".to_owned())));
     }
 }

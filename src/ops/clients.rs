@@ -131,32 +131,45 @@ fn check_meta(meta: &ClientMeta) -> Result<(), OpsError> {
 /// A client as printed by `clients ... --json` and answered by the admin
 /// API. Absent optional fields print as `null`, so scripts see a fixed set
 /// of fields; `keys` is there only where the keys were asked for (`show`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClientView<'a> {
+    #[schema(value_type = String)]
     pub id: &'a str,
     /// Scopes of the client's certificate callers; `[]`: none.
+    #[schema(value_type = Vec<String>)]
     pub scopes: &'a [String],
+    #[schema(value_type = Option<String>, example = "100/s")]
     pub rate: Option<Rate>,
+    #[schema(value_type = Option<u32>, minimum = 1)]
     pub burst: Option<NonZeroU32>,
+    #[schema(value_type = Option<String>, example = "100000/month")]
     pub quota: Option<Quota>,
+    #[schema(value_type = Option<String>)]
     pub label: Option<&'a str>,
     /// Usage credits shared by the client's keys, `null` without; in
     /// `show`, with what is left ([`ClientView::credits_remaining`]).
     pub credits: Option<CreditsView>,
     pub status: KeyStatus,
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: Timestamp,
+    /// The client's keys (`show` only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub keys: Option<Vec<ClientKeyView<'a>>>,
 }
 
 /// One key in a client's view: enough to pick it out, never its hash.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClientKeyView<'a> {
+    #[schema(value_type = String)]
     pub id: &'a KeyId,
     /// The key's own status; a revoked client refuses its keys whatever this says.
     pub status: KeyStatus,
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Timestamp>,
+    #[schema(value_type = Option<String>)]
     pub label: Option<&'a str>,
 }
 

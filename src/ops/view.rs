@@ -1,12 +1,15 @@
 //! The JSON views of key and client records: what `--json` prints and the
 //! admin API answers, so both surfaces show one shape. Views never hold a
 //! secret hash; a key view holds the clear key only right after
-//! `issue`/`rotate`.
+//! `issue`/`rotate`. They derive `ToSchema` so that the admin API's OpenAPI
+//! document describes the very structs it serialises (foreign field types
+//! are described by what they serialise as: a string, a number).
 
 use std::num::NonZeroU32;
 
 use jiff::Timestamp;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::client::ClientRecord;
 use crate::key::{KeyId, SecretString};
@@ -17,27 +20,43 @@ use crate::store::KeyRecord;
 /// A record as printed by `--json` and answered by the admin API. Never holds
 /// the secret hash; holds the key only right after `issue`/`rotate`. Absent
 /// optional fields print as `null` so scripts see a fixed set of fields.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct RecordView<'a> {
+    /// The clear key: only in the answers of issue and rotate, shown once.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, nullable = false)]
     key: Option<&'a str>,
+    /// `CLIENT.KID`.
+    #[schema(value_type = String, example = "acme.3kT9xQ2m")]
     id: &'a KeyId,
+    #[schema(value_type = String)]
     client: &'a str,
+    #[schema(value_type = Vec<String>)]
     scopes: &'a [String],
+    #[schema(value_type = Option<String>, example = "100/s")]
     rate: Option<Rate>,
+    #[schema(value_type = Option<u32>, minimum = 1)]
     burst: Option<NonZeroU32>,
+    #[schema(value_type = Option<String>, example = "100000/month")]
     quota: Option<Quota>,
+    #[schema(value_type = Option<String>, format = DateTime)]
     expires_at: Option<Timestamp>,
+    #[schema(value_type = Option<String>)]
     label: Option<&'a str>,
     status: KeyStatus,
     /// `active`, `rotating` (old key in its grace period), `expired` or `revoked`.
+    #[schema(value_type = String, pattern = "^(active|rotating|expired|revoked)$")]
     state: &'static str,
+    #[schema(value_type = String, format = DateTime)]
     created_at: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
     rotated_at: Option<Timestamp>,
     /// The key ID whose quota, rate and credit counters this key spends
     /// (itself unless it came from a rotation).
+    #[schema(value_type = String)]
     counts_as: &'a KeyId,
     /// Approximate time of the last request with this key (Redis store only).
+    #[schema(value_type = Option<String>, format = DateTime)]
     last_used: Option<Timestamp>,
     /// Usage credits, `null` for a key without.
     credits: Option<CreditsView>,
@@ -45,12 +64,16 @@ pub struct RecordView<'a> {
 
 /// A key's credits: what was granted, the refill, and (in `show`) what is
 /// left, read from the credit authority (`null` if it could not be asked).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CreditsView {
     uses: u64,
+    #[schema(value_type = Option<String>, example = "1000/day")]
     refill: Option<meta::Refill>,
+    #[schema(value_type = String, format = DateTime)]
     granted_at: Timestamp,
+    /// The count left (`show` only); `null` when the authority could not say.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     remaining: Option<Option<u64>>,
 }
 

@@ -77,10 +77,12 @@ pub struct UsageQuery {
 /// Usage in a time range: totals, then per client (with per key, per route
 /// and per bucket breakdowns). Serialised as the `--json` output and the
 /// admin API's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UsageReport {
     /// Start of the first bucket read (`since`, rounded down to a bucket).
+    #[schema(value_type = String, format = DateTime)]
     pub since: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
     pub until: Timestamp,
     pub by: Granularity,
     /// Every client's counts added up.
@@ -89,7 +91,7 @@ pub struct UsageReport {
     pub clients: Vec<ClientUsage>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ClientUsage {
     pub client: String,
     pub totals: Counts,
@@ -101,9 +103,10 @@ pub struct ClientUsage {
     pub buckets: Vec<BucketUsage>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BucketUsage {
     /// The bucket's start (UTC).
+    #[schema(value_type = String, format = DateTime)]
     pub start: Timestamp,
     #[serde(flatten)]
     pub counts: Counts,

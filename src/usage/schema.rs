@@ -35,7 +35,9 @@ pub const ANONYMOUS: &str = "_anonymous";
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// The size of a time bucket. Buckets are aligned on UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     Minute,
@@ -143,7 +145,7 @@ impl Retention {
 
 /// The counters kept per client, key and route in every bucket. Also the
 /// counters the usage report prints: one struct, one list of field names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     /// Every request counted: proxied, answered by the gateway, or refused.
     pub requests: u64,
