@@ -123,14 +123,7 @@ fn with_locked_file<T>(
         StoreError::Unavailable(format!("refresh tokens {what}: {doing}: {e}"))
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| unavailable("creating its folder", e))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.with_extension("lock"))
-        .map_err(|e| unavailable("opening its lock", e))?;
-    lock.lock().map_err(|e| unavailable("locking", e))?;
+    let _lock = crate::store::file::lock_beside(path).map_err(|(doing, e)| unavailable(doing, e))?;
 
     let mut text = String::new();
     let mut file = match std::fs::File::open(path) {
@@ -152,7 +145,7 @@ fn with_locked_file<T>(
         crate::store::file::write_file_atomically(dir, name, text.as_bytes(), 0o666)
             .map_err(|e| unavailable("writing", e))?;
     }
-    // Unlocked when `lock` is closed, here.
+    // Unlocked when `_lock` is closed, here.
     Ok(answer)
 }
 

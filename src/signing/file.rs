@@ -47,14 +47,7 @@ fn with_locked_ring<T>(
         RingError::Store(StoreError::Unavailable(format!("signing keys {what}: {doing}: {e}")))
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| unavailable("creating its folder", e))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.with_extension("lock"))
-        .map_err(|e| unavailable("opening its lock", e))?;
-    lock.lock().map_err(|e| unavailable("locking", e))?;
+    let _lock = crate::store::file::lock_beside(path).map_err(|(doing, e)| unavailable(doing, e))?;
 
     let stored = match std::fs::read_to_string(path) {
         Ok(text) => Some(Ring::from_json(&text).map_err(|e| match e {
@@ -70,7 +63,7 @@ fn with_locked_ring<T>(
         crate::store::file::write_file_atomically(dir, name, ring.to_json().as_bytes(), 0o600)
             .map_err(|e| unavailable("writing", e))?;
     }
-    // Unlocked when `lock` is closed, here.
+    // Unlocked when `_lock` is closed, here.
     Ok(answer)
 }
 

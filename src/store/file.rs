@@ -905,6 +905,24 @@ fn load_dir(dir: &Path) -> std::io::Result<(Index, Vec<SkippedFile>)> {
     Ok((index, skipped))
 }
 
+/// Creates `path`'s folder and takes an exclusive lock (flock) on
+/// `<path>.lock`, held by every process sharing the folder (gateways and
+/// the CLI), for the files kept beside the keys (refresh tokens, the
+/// signing key ring). Unlocked when the returned file is closed. Err: what
+/// failed, and why.
+pub(crate) fn lock_beside(path: &Path) -> Result<std::fs::File, (&'static str, std::io::Error)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ("creating its folder", e))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.with_extension("lock"))
+        .map_err(|e| ("opening its lock", e))?;
+    lock.lock().map_err(|e| ("locking", e))?;
+    Ok(lock)
+}
+
 /// Writes `dir/name` so that readers see the old file or the new one, never
 /// a mix: a temporary in the same folder (same file system), flushed to disk,
 /// renamed over the target, then the folder flushed so the rename survives a
