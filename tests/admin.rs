@@ -362,6 +362,15 @@ async fn usage_answers_the_same_report_as_the_cli() {
     let answer = usage().await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.json()["totals"]["requests"], 3);
+    // The key records say when the key was last used, as `keys list` does.
+    let id = issued.json()["id"].as_str().unwrap().to_owned();
+    let listed = admin.call(Method::GET, "/admin/keys?client=acme", None).await.json();
+    let shown = admin.call(Method::GET, &format!("/admin/keys/{id}"), None).await.json();
+    for record in [&listed[0], &shown] {
+        let last_used: jiff::Timestamp =
+            record["last_used"].as_str().expect("last_used is set").parse().unwrap();
+        assert!(jiff::Timestamp::now().duration_since(last_used) < jiff::SignedDuration::from_mins(5));
+    }
     let bad = admin.call(Method::GET, "/admin/usage?by=fortnight", None).await;
     assert_eq!((bad.status, bad.json()["field"].clone()), (StatusCode::BAD_REQUEST, "by".into()));
 }

@@ -7,6 +7,7 @@
 //! the code it describes.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
@@ -81,7 +82,11 @@ pub async fn list(call: Call, Query(query): Query<ListKeysQuery>) -> Result<Resp
     // `?client=` (empty) is no filter, as if absent.
     let client = query.client.filter(|c| !c.is_empty());
     let records = ops::list(call.store(), client.as_deref()).await?;
-    let views: Vec<RecordView<'_>> = records.iter().map(|r| RecordView::new(r, None, call.now)).collect();
+    let used = last_used(&call, &records).await;
+    let views: Vec<RecordView<'_>> = records
+        .iter()
+        .map(|r| RecordView::new(r, None, call.now).last_used(used.get(&r.id).copied()))
+        .collect();
     Ok(json(StatusCode::OK, &views))
 }
 
@@ -97,7 +102,8 @@ pub async fn list(call: Call, Query(query): Query<ListKeysQuery>) -> Result<Resp
 )]
 pub async fn show(call: Call, Id(id): Id) -> Result<Response, AdminError> {
     let record = ops::show(call.store(), &key_id(&id)?).await?;
-    let view = RecordView::new(&record, None, call.now);
+    let used = last_used(&call, std::slice::from_ref(&record)).await.get(&record.id).copied();
+    let view = RecordView::new(&record, None, call.now).last_used(used);
     let view = match remaining_credits(call.credits(), &record).await {
         Some(remaining) => view.credits_remaining(remaining),
         None => view,
@@ -193,6 +199,17 @@ pub async fn rotate(
 }
 
 // === Helpers ===
+
+/// When each of `records` was last used, as `keys list/show` print it (Redis
+/// store only; empty on the file store or when Redis cannot say).
+async fn last_used(call: &Call, records: &[crate::store::KeyRecord]) -> HashMap<KeyId, jiff::Timestamp> {
+    match call.store().redis() {
+        Some(redis) => {
+            crate::usage::query::last_used_of(&mut redis.conn.clone(), &redis.prefix, records).await
+        }
+        None => HashMap::new(),
+    }
+}
 
 fn key_id(id: &str) -> Result<KeyId, AdminError> {
     id.parse().map_err(|reason| invalid("id", reason))

@@ -517,28 +517,15 @@ fn quoted(text: &str) -> String {
     format!("{:?}", text)
 }
 
-/// `last_used` of `records`, when the store is Redis (one `HGETALL` per
-/// client). Best effort: unknown if Redis cannot say.
+/// `last_used` of `records`, when the store is Redis.
 async fn last_used_of(
     redis: Option<&RedisExtras>,
     records: &[KeyRecord],
 ) -> std::collections::HashMap<KeyId, Timestamp> {
-    let mut found = std::collections::HashMap::new();
-    let Some(redis) = redis else { return found };
-    let clients: std::collections::BTreeSet<&str> = records.iter().map(KeyRecord::client).collect();
-    for client in clients {
-        let Ok(kids) =
-            usage::query::last_used_by_client(&mut redis.conn.clone(), &redis.prefix, client).await
-        else {
-            continue;
-        };
-        for record in records.iter().filter(|r| r.client() == client) {
-            if let Some(at) = kids.get(record.id.kid()) {
-                found.insert(record.id.clone(), *at);
-            }
-        }
+    match redis {
+        Some(redis) => usage::query::last_used_of(&mut redis.conn.clone(), &redis.prefix, records).await,
+        None => std::collections::HashMap::new(),
     }
-    found
 }
 
 fn print_audit(records: &[AuditRecord], out: &mut impl Write) -> io::Result<()> {

@@ -1,5 +1,5 @@
 //! Reading usage back: [`query`] (for `keygate usage` and the admin API) and
-//! [`last_used`] (for `keys list/show`).
+//! [`last_used`] / [`last_used_of`] (for `keys list/show`, CLI and admin API).
 //!
 //! A query reads the buckets of one granularity between `since` and `until`.
 //! Without a client it finds the clients from the daily top-clients sets of
@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::UsageError;
 use super::schema::{ANONYMOUS, Counts, Dimension, Granularity, UsageKeys, parse_field, valid_client};
 use crate::key::KeyId;
+use crate::store::KeyRecord;
 
 /// `--since`, kept relative until the command's `now` is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,16 +221,40 @@ pub async fn last_used(
     Ok(secs.and_then(|s| Timestamp::from_second(s).ok()))
 }
 
-/// Every key's `last_used` of one client, by kid (one `HGETALL`).
-pub async fn last_used_by_client(
+/// `last_used` of `records` by key ID, for `keys list/show` and the admin
+/// API's key records: one `HGETALL` per client, in one pipeline. Best
+/// effort: an empty map if Redis cannot say (a listing does not fail for it).
+pub async fn last_used_of(
     conn: &mut impl redis::aio::ConnectionLike,
     prefix: &str,
-    client: &str,
-) -> Result<HashMap<String, Timestamp>, UsageError> {
-    let key = UsageKeys::new(prefix).last_used(client);
-    let raw: HashMap<String, i64> =
-        redis::cmd("HGETALL").arg(key).query_async(conn).await.map_err(redis_error)?;
-    Ok(raw.into_iter().filter_map(|(kid, s)| Some((kid, Timestamp::from_second(s).ok()?))).collect())
+    records: &[KeyRecord],
+) -> HashMap<KeyId, Timestamp> {
+    let keys = UsageKeys::new(prefix);
+    let clients: Vec<&str> =
+        records.iter().map(KeyRecord::client).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut found = HashMap::new();
+    if clients.is_empty() {
+        return found;
+    }
+    let mut pipe = redis::pipe();
+    for client in &clients {
+        pipe.cmd("HGETALL").arg(keys.last_used(client));
+    }
+    let hashes: Vec<HashMap<String, i64>> = match pipe.query_async(conn).await {
+        Ok(hashes) => hashes,
+        Err(error) => {
+            tracing::debug!(error = %crate::redis_target::explain(&error), "last_used not read");
+            return found;
+        }
+    };
+    let by_client: HashMap<&str, HashMap<String, i64>> = clients.into_iter().zip(hashes).collect();
+    for record in records {
+        let secs = by_client.get(record.client()).and_then(|kids| kids.get(record.id.kid()));
+        if let Some(at) = secs.and_then(|&s| Timestamp::from_second(s).ok()) {
+            found.insert(record.id.clone(), at);
+        }
+    }
+    found
 }
 
 fn timestamp(secs: i64) -> Timestamp {
