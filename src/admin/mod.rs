@@ -10,6 +10,9 @@
 //!   and Prometheus scrapes; they reveal no key material, only counts by route.
 //!   The admin port must therefore stay on a private interface (the default
 //!   example binds loopback).
+//! - `/dashboard` and its two assets need no token either: they are static
+//!   files holding no data (see [`dashboard`]); the page asks for the token
+//!   and sends it on each admin call it makes.
 //! - Everything else, `/admin/openapi.json` included, needs `Authorization:
 //!   Bearer <token>`, checked in constant time
 //!   ([`crate::config::AdminToken::matches`]) before routing: an unknown path
@@ -17,7 +20,7 @@
 //!   learn nothing about the routes. The token is read from the running
 //!   config on every call, so a reload can change it. The document is no
 //!   secret (`docs/admin-openapi.json` holds the same), but serving it behind
-//!   the token keeps the rule one line long: only the probes are open.
+//!   the token keeps the rule short: only the probes and the static page are open.
 //!
 //! The router is axum's, built by utoipa-axum from the handlers: each
 //! handler's `#[utoipa::path]` gives its method and path to the router and
@@ -27,6 +30,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod clients;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod keys;
@@ -65,8 +69,11 @@ use crate::server::watchdog::{self, Activity, Deadlines, Ended, Tracked, Watched
 pub const MAX_BODY: usize = 64 * 1024;
 /// How long admin calls in flight may finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The paths served without the token (for `GET` and `HEAD`).
-const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+/// The paths served without the token (for `GET` and `HEAD`): the probes,
+/// and the dashboard's files, which hold no data (the page logs in itself;
+/// a browser loading it cannot add the bearer header to that first request).
+const OPEN_PATHS: &[&str] =
+    &["/healthz", "/readyz", "/metrics", dashboard::PATHS[0], dashboard::PATHS[1], dashboard::PATHS[2]];
 
 /// What the admin endpoints act on.
 pub struct Admin {
@@ -101,6 +108,9 @@ fn operations() -> (Router<Arc<Admin>>, OpenApi) {
         .routes(routes!(system::reload))
         .routes(routes!(system::usage))
         .routes(routes!(system::openapi))
+        .routes(routes!(dashboard::page))
+        .routes(routes!(dashboard::script))
+        .routes(routes!(dashboard::style))
         .routes(routes!(keys::issue, keys::list))
         .routes(routes!(keys::show, keys::update))
         .routes(routes!(keys::revoke))
