@@ -30,6 +30,7 @@ pub mod clients;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod page;
 pub mod request;
 pub mod system;
 
