@@ -39,6 +39,8 @@ const ALPHA_OK: u64 = 12;
 const BETA_CALLS: u64 = 4;
 const BAD_KEY_CALLS: u64 = 5;
 const UPSTREAM_BODY: &str = "hello from the upstream";
+/// Keys of a client without usage: more than one page (100) of the keys list.
+const GAMMA_KEYS: usize = 130;
 
 // === chromedriver and the browser ===
 
@@ -261,6 +263,12 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     let (alpha_id, alpha) =
         issue(&admin, r#"{"client":"alpha","scopes":["read"],"label":"alpha web"}"#).await;
     let (_, beta) = issue(&admin, r#"{"client":"beta","scopes":["read"],"rate":"1/h","burst":1}"#).await;
+    // More keys than one page of `GET /admin/keys` holds: the page follows the cursor.
+    let created = admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"gamma"}"#)).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    for _ in 0..GAMMA_KEYS {
+        issue(&admin, r#"{"client":"gamma","scopes":["read"]}"#).await;
+    }
 
     assert!(calls(&gateway, &alpha, ALPHA_OK).await.iter().all(|s| *s == 200));
     let beta_statuses = calls(&gateway, &beta, BETA_CALLS).await;
@@ -364,6 +372,13 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     let record = browser.find(Locator::Css("#client-record")).await.unwrap().text().await.unwrap();
     assert!(record.contains("1000/day"), "the client's quota: {record}");
     assert_token_only_in_session_storage(&browser).await;
+    click(&browser, "#back").await;
+    wait_ready(&browser, "overview", "hour").await;
+    click(&browser, "#clients-table button[data-client=gamma]").await;
+    wait_until(&browser, "gamma's keys", "document.querySelector('main').dataset.client === 'gamma'").await;
+    wait_ready(&browser, "client", "hour").await;
+    let keys = js(&browser, "document.querySelectorAll('#keys-table tr[data-key]').length").await;
+    assert_eq!(keys, GAMMA_KEYS, "every page of gamma's keys");
     click(&browser, "#back").await;
     wait_ready(&browser, "overview", "hour").await;
 

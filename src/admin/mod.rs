@@ -34,6 +34,7 @@ pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod page;
 pub mod request;
 pub mod system;
 

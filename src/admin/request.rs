@@ -217,13 +217,26 @@ pub struct ListKeysQuery {
     /// Only this client's keys; empty or absent: every key.
     #[param(pattern = r"^[A-Za-z0-9-]{0,64}$")]
     pub client: Option<String>,
+    /// Records per page, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`; empty or absent: the first page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
+    pub cursor: Option<String>,
 }
 
-/// `GET /admin/clients` query: none is accepted.
+/// `GET /admin/clients` query.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct NoQuery {}
+pub struct ListClientsQuery {
+    /// Records per page, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`; empty or absent: the first page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
+    pub cursor: Option<String>,
+}
 
 /// `GET /admin/usage` query.
 #[derive(Debug, Default, Deserialize, IntoParams)]

@@ -19,6 +19,8 @@ const RANGES = {
 const STEP_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
 // Clients drawn as their own series; the rest are added up as "other".
 const CLIENT_SERIES = 5;
+// Records asked for per page of a list (the admin API's default page size).
+const PAGE_LIMIT = 100;
 // A bound on pages followed for one list, against a cursor that never ends.
 const MAX_PAGES = 10000;
 
@@ -87,9 +89,9 @@ async function listAll(path) {
   const items = [];
   let cursor = null;
   for (let page = 0; page < MAX_PAGES; page++) {
-    const body = await api(cursor === null ? path : withParam(path, "cursor", cursor));
-    // Until the paginated lists land, the calls answer a bare array.
-    if (Array.isArray(body)) return body;
+    let url = withParam(path, "limit", PAGE_LIMIT);
+    if (cursor !== null) url = withParam(url, "cursor", cursor);
+    const body = await api(url);
     items.push(...body.items);
     if (body.next_cursor === null || body.next_cursor === undefined) return items;
     cursor = body.next_cursor;
