@@ -571,7 +571,6 @@ function canvas(figure) {
   const height = 220;
   svg.replaceChildren();
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("preserveAspectRatio", "none");
   const plot = { x: 56, y: 10, w: width - 56 - 10, h: height - 10 - 26 };
   return { svg, width, height, plot };
 }
@@ -635,7 +634,7 @@ function count(n) {
   if (n >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + "M";
   if (n >= 1e4) return (n / 1e3).toFixed(n >= 1e5 ? 0 : 1) + "k";
   // Axis ticks halve the top of the scale: 0.5 must not print as 1.
-  if (!Number.isInteger(n) && n < 10) return n.toFixed(1);
+  if (!Number.isInteger(n) && n < 100) return n.toFixed(1);
   return Math.round(n).toLocaleString("en-US");
 }
 
