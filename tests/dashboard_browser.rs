@@ -313,6 +313,7 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
         assert_eq!(chart_sum(&browser, "#chart-refusals", "401").await, BAD_KEY_CALLS);
         assert_eq!(chart_sum(&browser, "#chart-refusals", "429_rate").await, BETA_CALLS - 1);
         assert_eq!(chart_sum(&browser, "#chart-refusals", "403").await, 0);
+        assert_eq!(chart_sum(&browser, "#chart-routes", "/api").await, all, "every request matched /api");
         let bytes_out = report["totals"]["bytes_out"].as_u64().unwrap();
         assert!(bytes_out >= (ALPHA_OK + 1) * UPSTREAM_BODY.len() as u64, "{bytes_out}");
         assert_eq!(chart_sum(&browser, "#chart-bytes", "bytes_out").await, bytes_out);

@@ -598,6 +598,8 @@ async fn query_reads_buckets_clients_keys_and_routes() {
     assert_eq!(acme.buckets.len(), 2, "two hours with usage");
     assert_eq!(acme.keys["acme.k1"].requests, 6);
     assert_eq!(acme.routes["/api"].bytes_out, 60);
+    let per_bucket: Vec<u64> = acme.buckets.iter().map(|b| b.route_requests["/api"]).collect();
+    assert_eq!(per_bucket, [1, 5], "a route's requests by bucket, oldest first");
     assert_eq!(report.clients[2].totals.status_5xx, 1);
 
     let since = now - jiff::SignedDuration::from_mins(30);

@@ -167,7 +167,11 @@ mod tests {
                 totals: counts,
                 keys: Default::default(),
                 routes: Default::default(),
-                buckets: vec![usage::query::BucketUsage { start, counts }],
+                buckets: vec![usage::query::BucketUsage {
+                    start,
+                    counts,
+                    route_requests: Default::default(),
+                }],
             }],
         };
         let mut out = Vec::new();

@@ -111,6 +111,9 @@ pub struct BucketUsage {
     pub start: Timestamp,
     #[serde(flatten)]
     pub counts: Counts,
+    /// Requests in this bucket by route path prefix, for charts over time
+    /// (the client's `routes` has every counter, for the whole range).
+    pub route_requests: BTreeMap<String, u64>,
 }
 
 /// Reads usage from Redis (see `docs/redis-schema.md`, "Usage"): one
@@ -188,6 +191,7 @@ fn client_usage(client: String, starts: &[i64], hashes: &[HashMap<String, u64>])
             continue;
         }
         let mut bucket = Counts::default();
+        let mut route_requests = BTreeMap::new();
         for (name, &value) in fields {
             match parse_field(name) {
                 (Dimension::Total, metric) => {
@@ -199,11 +203,14 @@ fn client_usage(client: String, starts: &[i64], hashes: &[HashMap<String, u64>])
                 }
                 (Dimension::Route(route), metric) => {
                     usage.routes.entry(route.to_owned()).or_default().add_field(metric, value);
+                    if metric == "requests" {
+                        *route_requests.entry(route.to_owned()).or_default() += value;
+                    }
                 }
             }
         }
         usage.totals.add(&bucket);
-        usage.buckets.push(BucketUsage { start: timestamp(start), counts: bucket });
+        usage.buckets.push(BucketUsage { start: timestamp(start), counts: bucket, route_requests });
     }
     usage
 }

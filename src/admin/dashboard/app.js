@@ -299,16 +299,31 @@ function drawUsage(report) {
     { name: "credits", label: "credits spent by admitted requests", cls: "s3", values: sum((b) => b.credits) },
   ], count);
 
+  // Routes over time, the busiest as their own series (as clients above).
   const routes = new Map();
   for (const c of clients) {
     for (const [route, counts] of Object.entries(c.routes)) {
       routes.set(route, (routes.get(route) || 0) + counts.requests);
     }
   }
-  const routeRows = [...routes.entries()]
-    .sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))
-    .map(([route, requests]) => ({ name: route, label: route, value: requests }));
-  hbarChart($("#chart-routes"), routeRows, count, null);
+  const ranked = [...routes.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).map(([r]) => r);
+  const named = ranked.slice(0, ranked.length > CLIENT_SERIES + 1 ? CLIENT_SERIES : ranked.length);
+  const perRoute = named.map((route, i) => ({
+    name: route,
+    label: `${route} (${count(routes.get(route))})`,
+    cls: "s" + i,
+    values: sum((b) => b.route_requests[route] || 0),
+  }));
+  const others = ranked.slice(named.length);
+  if (others.length > 0) {
+    perRoute.push({
+      name: "other",
+      label: `${others.length} other routes`,
+      cls: "s5",
+      values: sum((b) => others.reduce((n, route) => n + (b.route_requests[route] || 0), 0)),
+    });
+  }
+  barChart($("#chart-routes"), starts, by, perRoute, count);
 
   drawTiles(report.totals);
 }
