@@ -17,8 +17,8 @@ const RANGES = {
   month: { since: "30d", by: "day", title: "last 30 days, by day (UTC)" },
 };
 const STEP_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
-// Clients drawn as their own series; the rest are added up as "other".
-const CLIENT_SERIES = 5;
+// Clients (or routes) drawn as their own series; the rest are added up as "other".
+const SERIES = 5;
 // Records asked for per page of a list (the admin API's default page size).
 const PAGE_LIMIT = 100;
 // A bound on pages followed for one list, against a cursor that never ends.
@@ -250,22 +250,12 @@ function drawUsage(report) {
   const clients = report.clients;
   const sum = (pick) => seriesOf(clients, starts, by, pick);
 
-  const shown = clients.slice(0, clients.length > CLIENT_SERIES + 1 ? CLIENT_SERIES : clients.length);
-  const perClient = shown.map((c, i) => ({
-    name: c.client,
-    label: clientLabel(c.client),
-    cls: "s" + i,
-    values: seriesOf([c], starts, by, (b) => b.requests),
-  }));
-  const rest = clients.slice(shown.length);
-  if (rest.length > 0) {
-    perClient.push({
-      name: "other",
-      label: `${rest.length} other clients`,
-      cls: "s5",
-      values: seriesOf(rest, starts, by, (b) => b.requests),
-    });
-  }
+  const perClient = busiest(
+    clients.map((c) => c.client),
+    clientLabel,
+    (ids) => seriesOf(clients.filter((c) => ids.includes(c.client)), starts, by, (b) => b.requests),
+    "clients",
+  );
   barChart($("#chart-requests"), starts, by, perClient, count);
 
   barChart($("#chart-status"), starts, by, [
@@ -306,26 +296,32 @@ function drawUsage(report) {
       routes.set(route, (routes.get(route) || 0) + counts.requests);
     }
   }
-  const ranked = [...routes.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).map(([r]) => r);
-  const named = ranked.slice(0, ranked.length > CLIENT_SERIES + 1 ? CLIENT_SERIES : ranked.length);
-  const perRoute = named.map((route, i) => ({
-    name: route,
-    label: `${route} (${count(routes.get(route))})`,
-    cls: "s" + i,
-    values: sum((b) => b.route_requests[route] || 0),
-  }));
-  const others = ranked.slice(named.length);
-  if (others.length > 0) {
-    perRoute.push({
-      name: "other",
-      label: `${others.length} other routes`,
-      cls: "s5",
-      values: sum((b) => others.reduce((n, route) => n + (b.route_requests[route] || 0), 0)),
-    });
-  }
+  const perRoute = busiest(
+    [...routes.keys()].sort((a, b) => routes.get(b) - routes.get(a) || a.localeCompare(b)),
+    (route) => `${route} (${count(routes.get(route))})`,
+    (names) => sum((b) => names.reduce((n, route) => n + (b.route_requests[route] || 0), 0)),
+    "routes",
+  );
   barChart($("#chart-routes"), starts, by, perRoute, count);
 
   drawTiles(report.totals);
+}
+
+// Series for `names` (busiest first): the first few their own, the rest
+// added up as "other"; `valuesOf(names)` sums the values of some names.
+function busiest(names, labelOf, valuesOf, what) {
+  const own = names.length > SERIES + 1 ? SERIES : names.length;
+  const series = names.slice(0, own).map((name, i) => ({
+    name,
+    label: labelOf(name),
+    cls: "s" + i,
+    values: valuesOf([name]),
+  }));
+  const rest = names.slice(own);
+  if (rest.length > 0) {
+    series.push({ name: "other", label: `${rest.length} other ${what}`, cls: "s5", values: valuesOf(rest) });
+  }
+  return series;
 }
 
 function drawTiles(totals) {
