@@ -40,6 +40,8 @@ const ALPHA_OK: u64 = 12;
 const BETA_CALLS: u64 = 4;
 const BAD_KEY_CALLS: u64 = 5;
 const UPSTREAM_BODY: &str = "hello from the upstream";
+/// Clients with one request each, beside alpha, beta and the bad key's.
+const CROWD: u64 = 6;
 /// Keys of a client without usage: more than one page (100) of the keys list.
 const GAMMA_KEYS: usize = 130;
 
@@ -277,9 +279,14 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     assert!(beta_statuses[1..].iter().all(|s| *s == 429), "{beta_statuses:?}");
     let bad = format!("{}x", &alpha[..alpha.len() - 1]);
     assert!(calls(&gateway, &bad, BAD_KEY_CALLS).await.iter().all(|s| *s == 401));
+    // One request each from more clients than the charts draw as their own series.
+    for n in 1..=CROWD {
+        let (_, key) = issue(&admin, &format!(r#"{{"client":"crowd-{n}","scopes":["read"]}}"#)).await;
+        assert_eq!(calls(&gateway, &key, 1).await, [200]);
+    }
 
     // Wait until the flush has written every request, as the page will read it.
-    let all = ALPHA_OK + BETA_CALLS + BAD_KEY_CALLS;
+    let all = ALPHA_OK + BETA_CALLS + BAD_KEY_CALLS + CROWD;
     let flusher = gateway.gateway.usage_flusher().expect("a Redis store flushes usage");
     poll_until(Duration::from_secs(20), "the usage API shows every request", || async {
         flusher.flush_now().await.unwrap();
@@ -308,27 +315,32 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     assert_eq!(chart_sum(&browser, "#chart-requests", "alpha").await, ALPHA_OK);
     assert_eq!(chart_sum(&browser, "#chart-requests", "beta").await, BETA_CALLS);
     assert_eq!(chart_sum(&browser, "#chart-requests", "_anonymous").await, BAD_KEY_CALLS);
-    assert_eq!(chart_sum(&browser, "#chart-status", "2xx").await, ALPHA_OK + 1);
+    assert_eq!(chart_sum(&browser, "#chart-status", "2xx").await, ALPHA_OK + 1 + CROWD);
     assert_eq!(chart_sum(&browser, "#chart-status", "4xx").await, BETA_CALLS - 1 + BAD_KEY_CALLS);
     assert_eq!(chart_sum(&browser, "#chart-refusals", "401").await, BAD_KEY_CALLS);
     assert_eq!(chart_sum(&browser, "#chart-refusals", "429_rate").await, BETA_CALLS - 1);
     assert_eq!(chart_sum(&browser, "#chart-refusals", "403").await, 0);
     assert_eq!(chart_sum(&browser, "#chart-routes", "/api").await, all, "every request matched /api");
     let bytes_out = report["totals"]["bytes_out"].as_u64().unwrap();
-    assert!(bytes_out >= (ALPHA_OK + 1) * UPSTREAM_BODY.len() as u64, "{bytes_out}");
+    assert!(bytes_out >= (ALPHA_OK + 1 + CROWD) * UPSTREAM_BODY.len() as u64, "{bytes_out}");
     assert_eq!(chart_sum(&browser, "#chart-bytes", "bytes_out").await, bytes_out);
     assert_eq!(tile(&browser, "bytes_out").await, bytes_out);
     assert_eq!(js(&browser, "document.querySelector('#chart-requests').dataset.buckets").await, "61");
+    // Five clients are series of their own (the busiest), the other four one "other".
+    assert_eq!(chart_sum(&browser, "#chart-requests", "crowd-1").await, 1);
+    assert_eq!(chart_sum(&browser, "#chart-requests", "crowd-3").await, 0);
+    assert_eq!(chart_sum(&browser, "#chart-requests", "other").await, CROWD - 2);
     let top = js(
         &browser,
-        "[...document.querySelectorAll('#chart-top .row')].map(r => r.dataset.name + '=' + r.dataset.value)",
+        "[...document.querySelectorAll('#chart-top .row')].slice(0, 4).map(r => r.dataset.name + '=' + r.dataset.value)",
     );
     assert_eq!(
         top.await,
         json!([
             format!("alpha={ALPHA_OK}"),
             format!("_anonymous={BAD_KEY_CALLS}"),
-            format!("beta={BETA_CALLS}")
+            format!("beta={BETA_CALLS}"),
+            "crowd-1=1",
         ])
     );
     // A point a minute with upstream requests (one, or two if the calls straddled a minute).
