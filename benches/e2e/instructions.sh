@@ -82,5 +82,5 @@ for cred in key jwt; do
     dump=$(ls -t "$WORK"/callgrind.*.* | head -1)
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
     echo "$cred: $((total / N)) instructions per request ($total over $N)"
-    ((KEEP)) && log "$cred: callgrind_annotate $dump"
+    if ((KEEP)); then log "$cred: callgrind_annotate $dump"; fi
 done
