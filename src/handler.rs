@@ -285,26 +285,10 @@ async fn serve(
         // 5. Limits: the key's own, then its client's (shared by all of the
         // client's keys and certificates): quota, credits and rate, all or
         // nothing; refusals carry the headers.
-        let key = record.key().map(limit::Subject::key);
-        let client = record.client.as_deref().map(|client| {
-            let meta = &client.meta;
-            limit::Subject::client(&client.id, meta.rate, meta.burst, meta.quota)
-                .with_credits(meta.credits.as_ref())
-        });
-        let limits = &live.config.limits;
-        let (both, one);
-        let subjects: &[limit::Subject<'_>] = match (key, client) {
-            (Some(key), Some(client)) => {
-                both = [key, client];
-                &both
-            }
-            (Some(subject), None) | (None, Some(subject)) => {
-                one = [subject];
-                &one
-            }
-            (None, None) => &[],
-        };
-        let admission = gateway.limits.admit(subjects, route.cost, limits).await?;
+        let admission = gateway
+            .limits
+            .admit_caller(record.key(), record.client.as_deref(), route.cost, &live.config.limits)
+            .await?;
         if admission.credits.is_some() {
             trail.credits = u64::from(route.cost.get());
         }

@@ -17,7 +17,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::key::{self, KeyFormatError, KeyId, SecretString};
 use crate::meta::{KeyMeta, KeyStatus, MetaChanges, MetaError};
-use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::store::{KeyRecord, KeyStore, Page, StoreError};
 
 /// How many fresh kids `issue`/`rotate` try when the store says the ID is taken.
 /// A kid is 8 base62 characters (47 bits) per client, so a second attempt is
@@ -143,6 +143,20 @@ pub async fn list(store: &dyn KeyStore, client: Option<&str>) -> Result<Vec<KeyR
         key::validate_client_id(client).map_err(|e| OpsError::key_format("client", e))?;
     }
     Ok(store.list(client).await?)
+}
+
+/// One page of [`list`]: at most `limit` records whose ID sorts after
+/// `after`, in ID order (see [`KeyStore::list_page`]).
+pub async fn list_page(
+    store: &dyn KeyStore,
+    client: Option<&str>,
+    after: Option<&KeyId>,
+    limit: usize,
+) -> Result<Page<KeyRecord>, OpsError> {
+    if let Some(client) = client {
+        key::validate_client_id(client).map_err(|e| OpsError::key_format("client", e))?;
+    }
+    Ok(store.list_page(client, after, limit).await?)
 }
 
 /// The record with this ID.

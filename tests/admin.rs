@@ -161,7 +161,7 @@ async fn bodies_and_queries_that_do_not_fit_get_the_contracts_json_errors() {
     // `?client=` (empty) is no filter.
     let all = admin.call(Method::GET, "/admin/keys?client=", None).await;
     assert_eq!(all.status, 200, "{}", all.text());
-    assert_eq!(all.json().as_array().unwrap().len(), 1);
+    assert_eq!(all.json()["items"].as_array().unwrap().len(), 1);
     let usage = admin.call(Method::GET, "/admin/usage?client=&since=1h", None).await;
     assert_eq!(usage.status, 501, "the file store keeps no usage: {}", usage.text());
 }
@@ -217,10 +217,11 @@ async fn key_lifecycle(gateway: &TestGateway, admin: &TestAdmin) {
 
     admin.call(Method::POST, "/admin/keys", Some(r#"{"client":"other"}"#)).await;
     let all = admin.call(Method::GET, "/admin/keys", None).await.json();
-    assert_eq!(all.as_array().unwrap().len(), 2);
-    assert!(all.as_array().unwrap().iter().all(|r| r.get("key").is_none()), "list never shows keys");
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    assert_eq!(all["next_cursor"], Value::Null, "one page holds both");
+    assert!(all["items"].as_array().unwrap().iter().all(|r| r.get("key").is_none()), "list never shows keys");
     let mine = admin.call(Method::GET, "/admin/keys?client=acme", None).await.json();
-    assert_eq!(mine.as_array().unwrap().len(), 1);
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
 
     let shown = admin.call(Method::GET, &format!("/admin/keys/{id}"), None).await;
     assert_eq!((shown.status, shown.json()["label"].clone()), (StatusCode::OK, "ci".into()));
@@ -426,4 +427,84 @@ async fn a_key_issued_without_scopes_may_only_read() {
     let post = Request::post(gateway.url("/api/x")).header("x-api-key", key).body(Full::default()).unwrap();
     let answer = send(&http1_client(), post).await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text());
+}
+
+// === Pages ===
+
+/// Follows `next_cursor` from `first` to the end, issuing a key between
+/// pages; returns the IDs seen, in order.
+async fn walk(admin: &TestAdmin, first: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut path = first.to_owned();
+    for n in 0.. {
+        let page = admin.call(Method::GET, &path, None).await;
+        assert_eq!(page.status, 200, "{path}: {}", page.text());
+        let page = page.json();
+        seen.extend(page["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        let Some(cursor) = page["next_cursor"].as_str() else { break };
+        path = format!("{first}&cursor={cursor}");
+        // A client that sorts first, so its key lands before the cursor.
+        let body = format!(r#"{{"client":"a{n}"}}"#);
+        assert_eq!(admin.call(Method::POST, "/admin/keys", Some(&body)).await.status, 201);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn keys_and_clients_are_listed_a_page_at_a_time() {
+    let redis = RedisServer::start();
+    let (_gateway, admin) = admin::start(&config(&redis_store(&redis))).await;
+    let mut issued = Vec::new();
+    for client in ["m", "n", "o", "p", "q"] {
+        for _ in 0..2 {
+            let answer =
+                admin.call(Method::POST, "/admin/keys", Some(&format!(r#"{{"client":"{client}"}}"#))).await;
+            issued.push(answer.json()["id"].as_str().unwrap().to_owned());
+        }
+        let created =
+            admin.call(Method::POST, "/admin/clients", Some(&format!(r#"{{"id":"{client}"}}"#))).await;
+        assert_eq!(created.status, 201);
+    }
+    issued.sort();
+
+    let seen = walk(&admin, "/admin/keys?limit=3").await;
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "in ID order, never twice");
+    assert!(issued.iter().all(|id| seen.contains(id)), "{issued:?} all in {seen:?}");
+    let one = walk(&admin, "/admin/keys?client=o&limit=1").await;
+    assert_eq!(one, issued[4..6], "one client's keys, a page each");
+
+    let page = admin.call(Method::GET, "/admin/clients?limit=2", None).await.json();
+    assert_eq!(
+        page["items"].as_array().unwrap().iter().map(|c| c["id"].clone()).collect::<Vec<_>>(),
+        ["m", "n"]
+    );
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let next = admin.call(Method::GET, &format!("/admin/clients?limit=2&cursor={cursor}"), None).await.json();
+    assert_eq!(next["items"][0]["id"], "o");
+    let last = admin.call(Method::GET, "/admin/clients?limit=1000", None).await.json();
+    assert_eq!((last["items"].as_array().unwrap().len(), last["next_cursor"].clone()), (5, Value::Null));
+    let default = admin.call(Method::GET, "/admin/keys", None).await.json();
+    assert_eq!(default["next_cursor"], Value::Null, "100 a page by default");
+
+    // A key cursor is no client cursor, and the reverse.
+    let key_page = admin.call(Method::GET, "/admin/keys?limit=1", None).await.json();
+    let key_cursor = key_page["next_cursor"].as_str().unwrap().to_owned();
+    let client_cursor = cursor.to_owned();
+    for (path, field) in [
+        ("/admin/keys?limit=0".to_owned(), "limit"),
+        ("/admin/keys?limit=1001".to_owned(), "limit"),
+        ("/admin/keys?limit=ten".to_owned(), "limit"),
+        ("/admin/clients?limit=-1".to_owned(), "limit"),
+        ("/admin/keys?cursor=!!".to_owned(), "cursor"),
+        ("/admin/keys?cursor=_w".to_owned(), "cursor"),
+        (format!("/admin/keys?cursor={client_cursor}"), "cursor"),
+        (format!("/admin/clients?cursor={key_cursor}"), "cursor"),
+    ] {
+        let refused = admin.call(Method::GET, &path, None).await;
+        assert_eq!(refused.status, 400, "{path}: {}", refused.text());
+        assert_eq!(refused.json()["field"], field, "{path}: {}", refused.text());
+    }
 }

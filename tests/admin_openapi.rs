@@ -134,6 +134,7 @@ async fn the_document_is_served_behind_the_token_and_every_operation_answers() {
         let body = match (method.as_str(), template.as_str()) {
             ("POST", "/admin/keys") => Some(r#"{"client":"doc"}"#),
             ("POST", "/admin/clients") => Some(r#"{"id":"doc"}"#),
+            ("POST", "/admin/verify") => Some(r#"{"key":"kg_doc_not-a-key"}"#),
             ("PATCH", _) => Some(r#"{"label":"doc"}"#),
             _ => None,
         };

@@ -16,7 +16,8 @@ use utoipa::ToSchema;
 use super::error::{AdminError, ErrorBody};
 use super::extract::{Call, Id, Json, Query};
 use super::keys::json;
-use super::request::{ClientChanges, CreateClientRequest, NoQuery};
+use super::page::{self, Page};
+use super::request::{ClientChanges, CreateClientRequest, ListClientsQuery};
 use crate::ops::clients::{self as ops, ClientView};
 use crate::usage::{AuditAction, AuditEntry};
 
@@ -52,19 +53,22 @@ pub async fn create(call: Call, Json(mut body): Json<CreateClientRequest>) -> Re
     Ok(response)
 }
 
-/// Every client record, sorted by ID.
+/// Client records, a page at a time in ID order.
 #[utoipa::path(
     get, path = "/admin/clients", operation_id = "list_clients", tag = "clients",
-    params(NoQuery),
+    params(ListClientsQuery),
     responses(
-        (status = 200, description = "The records", body = Vec<ClientView>),
-        (status = 400, description = "A query parameter was given; this call takes none", body = ErrorBody),
+        (status = 200, description = "A page of records", body = Page<ClientView>),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
     )
 )]
-pub async fn list(call: Call, Query(NoQuery {}): Query<NoQuery>) -> Result<Response, AdminError> {
-    let records = ops::list(call.store()).await?;
-    let views: Vec<ClientView<'_>> = records.iter().map(ClientView::new).collect();
-    Ok(json(StatusCode::OK, &views))
+pub async fn list(call: Call, Query(query): Query<ListClientsQuery>) -> Result<Response, AdminError> {
+    let limit = page::limit(query.limit)?;
+    let valid = |id: &str| crate::key::validate_client_id(id).is_ok().then(|| id.to_owned());
+    let after = page::cursor(query.cursor.as_deref(), valid)?;
+    let records = ops::list_page(call.store(), after.as_deref(), limit).await?;
+    let view = Page::new(&records, ClientView::new, |r| r.id.as_str());
+    Ok(json(StatusCode::OK, &view))
 }
 
 /// The record, the client's keys and, if it has credits, the count left

@@ -82,6 +82,12 @@ impl Call {
         &self.admin.prefix
     }
 
+    /// The running gateway: its verifier, limits and usage recorder
+    /// (`POST /admin/verify` checks keys as the proxy does).
+    pub fn gateway(&self) -> &crate::gateway::Gateway {
+        &self.admin.gateway
+    }
+
     /// Where the keys' remaining credits are read (the gateway's authority).
     pub fn credits(&self) -> &Credits {
         self.admin.gateway.limits.credits()

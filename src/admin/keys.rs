@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use super::error::{AdminError, ErrorBody};
 use super::extract::{Call, Id, Json, Query};
+use super::page::{self, Page};
 use super::request::{IssueRequest, KeyChanges, ListKeysQuery, RotateRequest, meta_error};
 use crate::key::KeyId;
 use crate::meta;
@@ -68,21 +69,24 @@ pub async fn issue(call: Call, Json(mut body): Json<IssueRequest>) -> Result<Res
     Ok(response)
 }
 
-/// List keys (every key, or one client's), sorted by ID; never a clear key.
+/// List keys (every key, or one client's), a page at a time in ID order;
+/// never a clear key.
 #[utoipa::path(
     get, path = "/admin/keys", operation_id = "list_keys", tag = "keys",
     params(ListKeysQuery),
     responses(
-        (status = 200, description = "The records", body = Vec<RecordView>),
+        (status = 200, description = "A page of records", body = Page<RecordView>),
         (status = 400, description = "A query parameter is invalid", body = ErrorBody),
     )
 )]
 pub async fn list(call: Call, Query(query): Query<ListKeysQuery>) -> Result<Response, AdminError> {
     // `?client=` (empty) is no filter, as if absent.
     let client = query.client.filter(|c| !c.is_empty());
-    let records = ops::list(call.store(), client.as_deref()).await?;
-    let views: Vec<RecordView<'_>> = records.iter().map(|r| RecordView::new(r, None, call.now)).collect();
-    Ok(json(StatusCode::OK, &views))
+    let limit = page::limit(query.limit)?;
+    let after = page::cursor(query.cursor.as_deref(), |id| id.parse::<KeyId>().ok())?;
+    let records = ops::list_page(call.store(), client.as_deref(), after.as_ref(), limit).await?;
+    let view = Page::new(&records, |r| RecordView::new(r, None, call.now), |r| r.id.as_str());
+    Ok(json(StatusCode::OK, &view))
 }
 
 /// Show one key, with its remaining credits if it has credits.

@@ -1,4 +1,5 @@
-//! The admin listener: the keys and clients API, config reload, `/metrics`,
+//! The admin listener: the keys and clients API (lists paged, `page.rs`),
+//! key verification for backends (`verify.rs`), config reload, `/metrics`,
 //! health checks, and the API's OpenAPI document.
 //!
 //! It runs on its own listener (`[admin] listen`, off by default) with its own
@@ -30,8 +31,10 @@ pub mod clients;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod page;
 pub mod request;
 pub mod system;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,6 +111,7 @@ fn operations() -> (Router<Arc<Admin>>, OpenApi) {
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update))
         .routes(routes!(clients::revoke))
+        .routes(routes!(verify::verify))
         .split_for_parts()
 }
 
@@ -152,8 +156,10 @@ fn shared_answers(doc: &mut OpenApi) {
             .build()
     };
     for (path, item) in doc.paths.paths.iter_mut() {
-        let store =
-            path.starts_with("/admin/keys") || path.starts_with("/admin/clients") || path == "/admin/usage";
+        let store = path.starts_with("/admin/keys")
+            || path.starts_with("/admin/clients")
+            || path == "/admin/usage"
+            || path == "/admin/verify";
         for operation in [&mut item.get, &mut item.post, &mut item.patch].into_iter().flatten() {
             let responses = &mut operation.responses.responses;
             if !OPEN_PATHS.contains(&path.as_str()) {

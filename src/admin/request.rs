@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::AdminError;
+use crate::key::SecretString;
 use crate::meta::{self, MetaChanges, Quota, Rate};
 
 // The `pattern`s in this file (and on the `id` path parameters) describe
@@ -217,13 +218,65 @@ pub struct ListKeysQuery {
     /// Only this client's keys; empty or absent: every key.
     #[param(pattern = r"^[A-Za-z0-9-]{0,64}$")]
     pub client: Option<String>,
+    /// Records per page, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`; empty or absent: the first page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
+    pub cursor: Option<String>,
 }
 
-/// `GET /admin/clients` query: none is accepted.
+/// `GET /admin/clients` query.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct NoQuery {}
+pub struct ListClientsQuery {
+    /// Records per page, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The previous page's `next_cursor`; empty or absent: the first page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
+    pub cursor: Option<String>,
+}
+
+/// `POST /admin/verify` body: a key to check, and optionally the request
+/// it stands for.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The API key string as the end user presented it. Never logged nor
+    /// answered.
+    #[serde(deserialize_with = "secret")]
+    #[schema(value_type = String, min_length = 1, max_length = 512)]
+    pub key: SecretString,
+    /// A configured route, by its `path` (e.g. `"/api"`): its scopes are
+    /// checked and its `cost` is the default cost.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, example = "/api")]
+    pub route: Option<String>,
+    /// The method the scopes are checked for; default `GET`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, example = "GET", pattern = "^[A-Z]{1,16}$")]
+    pub method: Option<String>,
+    /// A request path: finds the route (as the proxy would) when `route` is
+    /// absent, and must fall under it when both are given.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, example = "/api/orders", pattern = "^/")]
+    pub path: Option<String>,
+    /// Units to spend; default the route's cost, or 1 without a route.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, minimum = 1, maximum = 1_000_000)]
+    pub cost: Option<u32>,
+    /// Spend rate limit, quota and credits (and record usage) as a proxied
+    /// request would; default `false`, a dry check that spends nothing.
+    #[serde(default)]
+    pub spend: bool,
+}
+
+/// The key string of a verify body, kept out of `Debug`.
+fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    String::deserialize(d).map(SecretString::new)
+}
 
 /// `GET /admin/usage` query.
 #[derive(Debug, Default, Deserialize, IntoParams)]

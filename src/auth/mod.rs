@@ -399,6 +399,18 @@ impl Verifier {
         self.within_failure_budget(source, || self.is_cached(presented), rejected, verifying).await
     }
 
+    /// Verifies a key on behalf of a trusted backend (`POST /admin/verify`):
+    /// as [`Self::verify`], cache and store alike, but outside any source's
+    /// failed-authentication budget. The caller holds the admin token and
+    /// asks for many end users at once; counting their bad keys against the
+    /// backend's address would lock every user of it out. The global cap
+    /// on store lookups still applies. Rejections are not counted in
+    /// `keygate_auth_failures_total` either: that counts the public
+    /// listener's keyed requests, each charged to a source's budget.
+    pub async fn verify_for_backend(&self, presented: &str) -> Result<Arc<Caller>, GatewayError> {
+        self.verify_key(presented, Instant::now()).await
+    }
+
     /// Runs `verify` (a key's or a token's verification) under `source`'s
     /// failed-authentication budget: a source over it is refused without
     /// verification, unless `known` (the credential is in the cache); a

@@ -50,6 +50,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use jiff::Timestamp;
 
+use crate::client::ClientRecord;
 use crate::config::{LimitMode, LimitsConfig};
 use crate::error::{GatewayError, Refusal};
 use crate::meta::{CreditGrant, Quota, Rate};
@@ -315,6 +316,37 @@ impl Limits {
             }
             Refusal { error, headers }
         })
+    }
+
+    /// [`Limits::admit`] for a verified caller's subjects: its key's own
+    /// limits (if a key was presented), then its client's record's (shared
+    /// by all of the client's keys and certificates). The proxy and
+    /// `POST /admin/verify` spend through this one call.
+    pub async fn admit_caller(
+        &self,
+        key: Option<&KeyRecord>,
+        client: Option<&ClientRecord>,
+        cost: NonZeroU32,
+        live: &LimitsConfig,
+    ) -> Result<Admission, Refusal> {
+        let key = key.map(Subject::key);
+        let client = client.map(|client| {
+            let meta = &client.meta;
+            Subject::client(&client.id, meta.rate, meta.burst, meta.quota).with_credits(meta.credits.as_ref())
+        });
+        let (both, one);
+        let subjects: &[Subject<'_>] = match (key, client) {
+            (Some(key), Some(client)) => {
+                both = [key, client];
+                &both
+            }
+            (Some(subject), None) | (None, Some(subject)) => {
+                one = [subject];
+                &one
+            }
+            (None, None) => &[],
+        };
+        self.admit(subjects, cost, live).await
     }
 
     async fn decide(

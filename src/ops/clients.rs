@@ -16,7 +16,7 @@ use super::view::CreditsView;
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{self, KeyId};
 use crate::meta::{KeyStatus, MetaChanges, Quota, Rate, whole_seconds};
-use crate::store::{KeyRecord, KeyStore};
+use crate::store::{KeyRecord, KeyStore, Page};
 
 /// A client's record and its keys, as `clients show` presents them.
 #[derive(Debug, Clone)]
@@ -58,6 +58,16 @@ pub async fn create(
 /// Every client record, sorted by ID.
 pub async fn list(store: &dyn KeyStore) -> Result<Vec<ClientRecord>, OpsError> {
     Ok(store.list_clients().await?)
+}
+
+/// One page of [`list`]: at most `limit` records whose ID sorts after
+/// `after` (see [`KeyStore::list_clients_page`]).
+pub async fn list_page(
+    store: &dyn KeyStore,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Page<ClientRecord>, OpsError> {
+    Ok(store.list_clients_page(after, limit).await?)
 }
 
 /// The client's record and its keys.

@@ -73,6 +73,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::num::NonZeroU32;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,7 +86,7 @@ use notify::Watcher;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast, mpsc};
 
-use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError, StoreVersion};
+use super::{Found, Invalidation, KeyRecord, KeyStore, Page, StoreError, StoreVersion};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{CreditGrant, KeyMeta, KeyStatus, Quota, Rate, Refill};
@@ -338,6 +339,24 @@ impl KeyStore for FileStore {
             .collect())
     }
 
+    /// From the loaded snapshot's ID index: starts at the cursor, reads
+    /// only the page.
+    async fn list_page(
+        &self,
+        client: Option<&str>,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Page<KeyRecord>, StoreError> {
+        let index = self.shared.index.load();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let records = index
+            .by_id
+            .range::<KeyId, _>((from, Bound::Unbounded))
+            .filter(|(id, _)| client.is_none_or(|c| id.client() == c))
+            .filter_map(|(_, hash)| index.by_hash.get(hash).cloned());
+        Ok(Page::of(records, limit))
+    }
+
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         check_id_is_a_file_name(&record.id)?;
         let _writer = self.shared.write_lock.lock().await;
@@ -383,6 +402,16 @@ impl KeyStore for FileStore {
 
     async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
         Ok(self.shared.index.load().clients.values().cloned().collect())
+    }
+
+    async fn list_clients_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<ClientRecord>, StoreError> {
+        let index = self.shared.index.load();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(Page::of(index.clients.range::<str, _>((from, Bound::Unbounded)).map(|(_, r)| r.clone()), limit))
     }
 
     async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError> {

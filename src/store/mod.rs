@@ -120,6 +120,25 @@ pub struct Found {
     pub client: Option<ClientRecord>,
 }
 
+/// One page of records in ID order, and whether more follow its last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Records sort after the last item: ask again from there.
+    pub more: bool,
+}
+
+impl<T> Page<T> {
+    /// The first `limit` of `sorted` (already in ID order and past the
+    /// cursor), noting whether any is left over.
+    pub fn of(sorted: impl IntoIterator<Item = T>, limit: usize) -> Self {
+        let mut sorted = sorted.into_iter();
+        let items: Vec<T> = sorted.by_ref().take(limit).collect();
+        let more = sorted.next().is_some();
+        Self { items, more }
+    }
+}
+
 /// The store interface shared by the gateway (verification) and the operators'
 /// CLI / admin API (issue, list, update, revoke, rotate).
 ///
@@ -137,6 +156,22 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// All records, or those of one client, sorted by ID.
     async fn list(&self, client: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// One page of [`KeyStore::list`]: the first `limit` records (of every
+    /// client, or of one) whose ID sorts after `after`, in ID order. A walk
+    /// that passes each page's last ID on never repeats a record and never
+    /// skips one that exists for the whole walk, whatever is added or
+    /// revoked between pages. The default filters [`KeyStore::list`];
+    /// stores override it to read less.
+    async fn list_page(
+        &self,
+        client: Option<&str>,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Page<KeyRecord>, StoreError> {
+        let records = self.list(client).await?;
+        Ok(Page::of(records.into_iter().filter(|r| after.is_none_or(|a| r.id > *a)), limit))
+    }
 
     /// Stores a new record. Fails with [`StoreError::AlreadyExists`] if the ID is taken.
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
@@ -165,6 +200,18 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Every client record, sorted by ID. (Clients with keys but no record
     /// are not listed.)
     async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError>;
+
+    /// One page of [`KeyStore::list_clients`]: the first `limit` records
+    /// whose ID sorts after `after`, with the same guarantees as
+    /// [`KeyStore::list_page`].
+    async fn list_clients_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<ClientRecord>, StoreError> {
+        let records = self.list_clients().await?;
+        Ok(Page::of(records.into_iter().filter(|r| after.is_none_or(|a| r.id.as_str() > a)), limit))
+    }
 
     /// Stores a new client record. Fails with [`StoreError::ClientExists`]
     /// if the client has one.

@@ -47,7 +47,7 @@ use jiff::Timestamp;
 use tokio::sync::{broadcast, oneshot};
 
 use super::conn::{ConnTimeouts, RedisConn, RedisTarget};
-use super::{Found, Invalidation, KeyRecord, KeyStore, StoreError};
+use super::{Found, Invalidation, KeyRecord, KeyStore, Page, StoreError};
 use crate::client::{ClientMeta, ClientRecord};
 use crate::key::{KeyId, SecretHash};
 use crate::meta::{CreditGrant, KeyMeta, KeyStatus};
@@ -297,42 +297,86 @@ impl RedisStore {
         decode(record_key, &fields).map(Some)
     }
 
-    /// Records of one client, sorted by ID: `SMEMBERS`, then one pipeline of
-    /// `GET`s of the id index, then one of `HGETALL`s.
-    async fn list_client(&self, client: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let set_key = self.names.client_keys(client);
-        let mut kids: Vec<String> = self
-            .run("SMEMBERS", &set_key, redis::cmd("SMEMBERS").arg(&set_key).query_async(&mut conn))
-            .await?;
-        if kids.is_empty() {
-            return Ok(Vec::new());
-        }
-        kids.sort();
-
-        let id_keys: Vec<String> = kids.iter().map(|kid| self.names.id(client, kid)).collect();
+    /// `command key` for each of `keys`, in one pipeline (one round trip;
+    /// in a cluster one pipeline per slot, concurrently); the replies in order.
+    async fn each<T: redis::FromRedisValue>(&self, command: &str, keys: &[String]) -> Result<T, StoreError> {
         let mut pipe = redis::pipe();
-        for id_key in &id_keys {
-            pipe.cmd("GET").arg(id_key);
+        for key in keys {
+            pipe.cmd(command).arg(key);
         }
-        let hashes: Vec<Option<String>> = self.run("GET", &set_key, pipe.query_async(&mut conn)).await?;
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut conn = self.conn.clone();
+        self.run_pipeline(command, &names, pipe.query_async(&mut conn)).await
+    }
 
-        let mut record_keys = Vec::with_capacity(kids.len());
-        for (id_key, hash) in id_keys.iter().zip(hashes) {
+    /// One page of key records in ID order (of every client, or of one), in
+    /// at most four pipelined round trips whatever the page size and the
+    /// number of clients: `SMEMBERS` of the client set (skipped for one
+    /// client), `SMEMBERS` of every candidate client's kid set, `GET` of the
+    /// page's `id` indexes, `HGETALL` of the page's records. IDs are sorted
+    /// here, so the layout needs no index of its own. In a cluster a round
+    /// trip is one pipeline per slot, sent concurrently ([`RedisConn`]).
+    async fn key_page(
+        &self,
+        client: Option<&str>,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Page<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut clients: Vec<String> = match client {
+            Some(client) => vec![client.to_owned()],
+            None => {
+                let clients_key = self.names.clients();
+                self.run(
+                    "SMEMBERS",
+                    &clients_key,
+                    redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn),
+                )
+                .await?
+            }
+        };
+        // Every ID of a client sorts below `<client>/` (`/` follows `.`, and
+        // kids are alphanumeric): clients wholly at or before the cursor are
+        // not read.
+        clients.retain(|c| valid_client(c) && after.is_none_or(|a| format!("{c}/").as_str() > a.as_str()));
+        if clients.is_empty() {
+            return Ok(Page::of(Vec::new(), limit));
+        }
+
+        let set_keys: Vec<String> = clients.iter().map(|c| self.names.client_keys(c)).collect();
+        let kid_sets: Vec<Vec<String>> = self.each("SMEMBERS", &set_keys).await?;
+        let mut ids = Vec::new();
+        for ((client, set_key), kids) in clients.iter().zip(&set_keys).zip(kid_sets) {
+            for kid in kids {
+                let id: KeyId = format!("{client}.{kid}").parse().map_err(|why| StoreError::Corrupt {
+                    what: format!("redis key `{set_key}`"),
+                    why: format!("member `{kid}`: {why}"),
+                })?;
+                if after.is_none_or(|a| id > *a) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        let page = Page::of(ids, limit);
+        if page.items.is_empty() {
+            return Ok(Page { items: Vec::new(), more: page.more });
+        }
+
+        let id_keys: Vec<String> = page.items.iter().map(|id| self.names.id(id.client(), id.kid())).collect();
+        let hashes: Vec<Option<String>> = self.each("GET", &id_keys).await?;
+
+        let mut record_keys = Vec::with_capacity(page.items.len());
+        for ((id, id_key), hash) in page.items.iter().zip(&id_keys).zip(hashes) {
             let hash = hash.ok_or_else(|| StoreError::Corrupt {
                 what: format!("redis key `{id_key}`"),
-                why: format!("missing, but its kid is listed in `{set_key}`"),
+                why: format!("missing, but its kid is listed in `{}`", self.names.client_keys(id.client())),
             })?;
-            record_keys.push(self.names.record_hex(client, &hash));
+            record_keys.push(self.names.record_hex(id.client(), &hash));
         }
-        let mut pipe = redis::pipe();
-        for record_key in &record_keys {
-            pipe.cmd("HGETALL").arg(record_key);
-        }
-        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
-            self.run("HGETALL", &set_key, pipe.query_async(&mut conn)).await?;
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.each("HGETALL", &record_keys).await?;
 
-        let mut records = Vec::with_capacity(kids.len());
+        let mut records = Vec::with_capacity(record_keys.len());
         for (record_key, fields) in record_keys.iter().zip(&all_fields) {
             if fields.is_empty() {
                 return Err(StoreError::Corrupt {
@@ -342,8 +386,43 @@ impl RedisStore {
             }
             records.push(decode(record_key, fields)?);
         }
-        records.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(records)
+        Ok(Page { items: records, more: page.more })
+    }
+
+    /// One page of client records in ID order, in at most three pipelined
+    /// round trips whatever the page size and the number of clients:
+    /// `SMEMBERS` of the client set, `EXISTS` of every candidate's record
+    /// (a listed client may have keys but no record), `HGETALL` of the
+    /// page's records.
+    async fn client_page(&self, after: Option<&str>, limit: usize) -> Result<Page<ClientRecord>, StoreError> {
+        let clients_key = self.names.clients();
+        let mut conn = self.conn.clone();
+        let mut clients: Vec<String> = self
+            .run("SMEMBERS", &clients_key, redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn))
+            .await?;
+        clients.retain(|c| valid_client(c) && after.is_none_or(|a| c.as_str() > a));
+        clients.sort();
+        if clients.is_empty() {
+            return Ok(Page::of(Vec::new(), limit));
+        }
+
+        let client_keys: Vec<String> = clients.iter().map(|c| self.names.client(c)).collect();
+        let exists: Vec<bool> = self.each("EXISTS", &client_keys).await?;
+        let page =
+            Page::of(clients.iter().zip(&client_keys).zip(exists).filter(|(_, e)| *e).map(|(c, _)| c), limit);
+        if page.items.is_empty() {
+            return Ok(Page { items: Vec::new(), more: page.more });
+        }
+
+        let page_keys: Vec<String> = page.items.iter().map(|(_, key)| (*key).clone()).collect();
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.each("HGETALL", &page_keys).await?;
+        let mut records = Vec::with_capacity(page.items.len());
+        for ((client, client_key), fields) in page.items.iter().zip(&all_fields) {
+            // Records are never deleted, so one that existed a moment ago is
+            // still there; `decode_client_checked` reads an empty hash as none.
+            records.extend(decode_client_checked(client_key, client, fields)?);
+        }
+        Ok(Page { items: records, more: page.more })
     }
 
     /// Runs the insert or update script for `record`; returns its status code.
@@ -458,25 +537,16 @@ impl KeyStore for RedisStore {
     }
 
     async fn list(&self, client: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        let clients = match client {
-            Some(client) => vec![client.to_owned()],
-            None => {
-                let clients_key = self.names.clients();
-                let mut conn = self.conn.clone();
-                self.run(
-                    "SMEMBERS",
-                    &clients_key,
-                    redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn),
-                )
-                .await?
-            }
-        };
-        let mut records = Vec::new();
-        for client in clients.iter().filter(|c| valid_client(c)) {
-            records.extend(self.list_client(client).await?);
-        }
-        records.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(records)
+        Ok(self.key_page(client, None, usize::MAX).await?.items)
+    }
+
+    async fn list_page(
+        &self,
+        client: Option<&str>,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Page<KeyRecord>, StoreError> {
+        self.key_page(client, after, limit).await
     }
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
@@ -540,30 +610,15 @@ impl KeyStore for RedisStore {
     }
 
     async fn list_clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
-        let clients_key = self.names.clients();
-        let mut conn = self.conn.clone();
-        let mut clients: Vec<String> = self
-            .run("SMEMBERS", &clients_key, redis::cmd("SMEMBERS").arg(&clients_key).query_async(&mut conn))
-            .await?;
-        clients.retain(|c| valid_client(c));
-        clients.sort();
-        if clients.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One pipeline for every client: two round trips in all, whatever
-        // the number of clients (paging is for later, see issue 19).
-        let client_keys: Vec<String> = clients.iter().map(|c| self.names.client(c)).collect();
-        let mut pipe = redis::pipe();
-        for client_key in &client_keys {
-            pipe.cmd("HGETALL").arg(client_key);
-        }
-        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
-            self.run("HGETALL", &clients_key, pipe.query_async(&mut conn)).await?;
-        let mut records = Vec::new();
-        for ((client, client_key), fields) in clients.iter().zip(&client_keys).zip(&all_fields) {
-            records.extend(decode_client_checked(client_key, client, fields)?);
-        }
-        Ok(records)
+        Ok(self.client_page(None, usize::MAX).await?.items)
+    }
+
+    async fn list_clients_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<ClientRecord>, StoreError> {
+        self.client_page(after, limit).await
     }
 
     async fn insert_client(&self, record: &ClientRecord) -> Result<(), StoreError> {

@@ -10,11 +10,14 @@
 //! assert_eq!(relay.cuts(), 1);
 //! ```
 //!
+//! It also counts round trips ([`Relay::round_trips`]): bursts of commands
+//! a client sent before Redis answered, so a pipeline counts once.
+//!
 //! The relay connects to Redis anew for every client connection, so it
 //! follows a Redis restarted on the same port.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +30,7 @@ pub struct Relay {
     /// Reply bytes that may still pass before the cut ([`NEVER`]: no cut).
     allowance: Arc<AtomicU64>,
     cuts: Arc<AtomicUsize>,
+    round_trips: Arc<AtomicUsize>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -38,14 +42,17 @@ impl Relay {
         let port = listener.local_addr().expect("relay address").port();
         let allowance = Arc::new(AtomicU64::new(NEVER));
         let cuts = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (Arc::clone(&allowance), Arc::clone(&cuts));
+        let round_trips = Arc::new(AtomicUsize::new(0));
+        let (a, c, r) = (Arc::clone(&allowance), Arc::clone(&cuts), Arc::clone(&round_trips));
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else { continue };
-                tokio::spawn(relay(client, server, Arc::clone(&a), Arc::clone(&c)));
+                let counters =
+                    Counters { allowance: Arc::clone(&a), cuts: Arc::clone(&c), round_trips: Arc::clone(&r) };
+                tokio::spawn(relay(client, server, counters));
             }
         });
-        Relay { port, allowance, cuts, accept }
+        Relay { port, allowance, cuts, round_trips, accept }
     }
 
     /// `redis://127.0.0.1:<relay port>/`.
@@ -63,6 +70,20 @@ impl Relay {
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
     }
+
+    /// Round trips since the last call (on every connection): a client's
+    /// bytes arriving after Redis last answered it start one. Exact while
+    /// one caller at a time talks and each burst fits Redis's reading of it
+    /// before its first reply (small pipelines).
+    pub fn round_trips(&self) -> usize {
+        self.round_trips.swap(0, Ordering::SeqCst)
+    }
+}
+
+struct Counters {
+    allowance: Arc<AtomicU64>,
+    cuts: Arc<AtomicUsize>,
+    round_trips: Arc<AtomicUsize>,
 }
 
 impl Drop for Relay {
@@ -71,11 +92,27 @@ impl Drop for Relay {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, allowance: Arc<AtomicU64>, cuts: Arc<AtomicUsize>) {
+async fn relay(client: TcpStream, server: TcpStream, counters: Counters) {
+    let Counters { allowance, cuts, round_trips } = counters;
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
+    // Set while the client's latest bytes have had no answer yet.
+    let asking = Arc::new(AtomicBool::new(false));
+    let asked = Arc::clone(&asking);
     let commands = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !asked.swap(true, Ordering::SeqCst) {
+                round_trips.fetch_add(1, Ordering::SeqCst);
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
     });
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -83,6 +120,7 @@ async fn relay(client: TcpStream, server: TcpStream, allowance: Arc<AtomicU64>, 
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        asking.store(false, Ordering::SeqCst);
         let left = allowance.load(Ordering::SeqCst);
         if left != NEVER && n as u64 > left {
             // The cut: part of this read reaches the client, then both
