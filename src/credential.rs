@@ -78,17 +78,20 @@ pub fn find<'a>(
 /// Removes every `Authorization: Bearer <JWT>` (after an access token was
 /// verified); other `Authorization` values are left to [`strip`].
 pub fn strip_jwt_bearers(headers: &mut HeaderMap, key_prefix: &str) {
-    let kept: Vec<HeaderValue> = headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .filter(|v| {
-            !v.to_str()
-                .ok()
-                .and_then(bearer_token)
-                .is_some_and(|token| crate::auth::jwt::looks_like_jwt(token, key_prefix))
-        })
-        .cloned()
-        .collect();
+    let is_jwt_bearer = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(bearer_token)
+            .is_some_and(|token| crate::auth::jwt::looks_like_jwt(token, key_prefix))
+    };
+    // The usual request (one `Authorization`, the token) allocates nothing.
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    if values.all(is_jwt_bearer) {
+        headers.remove(header::AUTHORIZATION);
+        return;
+    }
+    let kept: Vec<HeaderValue> =
+        headers.get_all(header::AUTHORIZATION).iter().filter(|v| !is_jwt_bearer(v)).cloned().collect();
     headers.remove(header::AUTHORIZATION);
     for value in kept {
         headers.append(header::AUTHORIZATION, value);
@@ -193,6 +196,38 @@ mod tests {
     fn basic(user: &str, password: &str) -> HeaderValue {
         let login = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         HeaderValue::from_str(&format!("Basic {login}")).unwrap()
+    }
+
+    #[test]
+    fn jwt_bearers_go_and_other_authorization_values_stay() {
+        let jwt = HeaderValue::from_static("Bearer aaa.bbb.ccc");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, jwt.clone());
+        strip_jwt_bearers(&mut headers, "kg_");
+        assert!(headers.get(header::AUTHORIZATION).is_none(), "the only value was the token");
+
+        // The upstream's own credentials beside the token (the slow path),
+        // in their order; a key-prefixed value is left to `strip`.
+        let mut headers = HeaderMap::new();
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer upstream-own"));
+        headers.append(header::AUTHORIZATION, jwt.clone());
+        headers.append(header::AUTHORIZATION, basic("user", "pw"));
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("bearer x.y.z"));
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer kg_a.b.c"));
+        strip_jwt_bearers(&mut headers, "kg_");
+        let left: Vec<_> = headers.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(
+            left,
+            [
+                &HeaderValue::from_static("Bearer upstream-own"),
+                &basic("user", "pw"),
+                &HeaderValue::from_static("Bearer kg_a.b.c")
+            ]
+        );
+
+        let mut headers = HeaderMap::new();
+        strip_jwt_bearers(&mut headers, "kg_");
+        assert!(headers.is_empty());
     }
 
     #[test]

@@ -237,6 +237,9 @@ async fn bad_bodies_get_400_naming_the_field_and_no_token_gets_401() {
     for (body, field) in [
         (json!({}), "key"),
         (json!({"key": 5}), "key"),
+        (json!({"key": ""}), "key"),
+        (json!({"key": "k".repeat(513)}), "key"),
+        (json!({"key": key, "method": "get"}), "method"),
         (json!({"key": key, "colour": "blue"}), "colour"),
         (json!({"key": key, "route": "/nowhere"}), "route"),
         (json!({"key": key, "route": "/api/x"}), "route"),

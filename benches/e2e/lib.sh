@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by run.sh, anatomy.sh, many_keys.sh and tokens.sh (sourced, not run): the temp dir and
+# Shared by run.sh, anatomy.sh, instructions.sh, many_keys.sh and tokens.sh (sourced, not run): the temp dir and
 # server processes cleaned up on exit, free loopback ports, config templates and
 # nginx from them, a private redis-server, CPU time read from /proc, load tool
 # output parsed, medians.

@@ -1,4 +1,5 @@
-//! The admin listener: the keys and clients API, config reload, `/metrics`,
+//! The admin listener: the keys and clients API (lists paged, `page.rs`),
+//! key verification for backends (`verify.rs`), config reload, `/metrics`,
 //! health checks, and the API's OpenAPI document.
 //!
 //! It runs on its own listener (`[admin] listen`, off by default) with its own

@@ -7,8 +7,7 @@
 //! Why on the admin listener, behind the admin token: a key checker open to
 //! anyone would be an oracle for guessing keys, without the proxy's
 //! per-source budget in front of it. The applications that verify keys are
-//! trusted backends, holding the admin token (a token of their own, by
-//! `token_name`, tells them apart in the audit log).
+//! trusted backends: they hold the admin token.
 //!
 //! The steps are the proxy's own, not copies (`handler.rs`): verification by
 //! [`Verifier::verify_for_backend`](crate::auth::Verifier::verify_for_backend)
@@ -23,8 +22,8 @@
 //!
 //! Failed verifications do not count against the caller's failed-
 //! authentication budget: the backend asks for many end users from one
-//! address, and one user's bad key must not lock the others out. They are
-//! counted in `/metrics` (`keygate_auth_failures_total`) as the proxy's are.
+//! address, and one user's bad key must not lock the others out. The global
+//! cap on store lookups for uncached keys still bounds what they cost.
 //!
 //! A refused key is an answer (200, `valid: false`), not an error; errors are
 //! a bad body (400 naming the field) and a store that cannot answer (503).
@@ -50,6 +49,8 @@ use crate::gateway::Live;
 use crate::limit::Admission;
 use crate::usage::{Refusal, UsageEvent};
 
+/// The longest key string accepted (keys are about 60 bytes).
+const MAX_KEY_LEN: usize = 512;
 /// The most units one call may spend (a route's `cost` is far below).
 const MAX_COST: u32 = 1_000_000;
 
@@ -142,10 +143,18 @@ impl<'a> Verdict<'a> {
 pub async fn verify(call: Call, Json(body): Json<VerifyRequest>) -> Result<Response, AdminError> {
     let gateway = call.gateway();
     let live = gateway.live.load_full();
+    // Bounded so that no key-sized string is hashed; the contents are the
+    // verifier's to judge (and never echoed).
+    if !(1..=MAX_KEY_LEN).contains(&body.key.expose().len()) {
+        return Err(invalid("key", format!("must be 1 to {MAX_KEY_LEN} bytes")));
+    }
     let method = match body.method.as_deref() {
         None => Method::GET,
-        Some(text) => Method::from_bytes(text.as_bytes())
-            .map_err(|_| invalid("method", format!("`{text}` is not an HTTP method")))?,
+        // Upper case as methods are sent (the proxy's scopes name them so).
+        Some(text) if (1..=16).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_uppercase()) => {
+            Method::from_bytes(text.as_bytes()).map_err(|_| invalid("method", "not an HTTP method"))?
+        }
+        Some(text) => return Err(invalid("method", format!("`{text}` is not an upper-case HTTP method"))),
     };
     let route = find_route(&live, body.route.as_deref(), body.path.as_deref())?;
     let cost = match body.cost {

@@ -3,8 +3,8 @@
 //!
 //! Verification is in steps, cheapest first, as for keygate's own tokens
 //! (`jwt.rs`), so a flood of forged tokens costs little:
-//! 1. the cache: a token verified before is found by the SHA-256 of its
-//!    text; only its `exp` (and the route's trust in its issuer) is checked
+//! 1. the cache: a token verified before is found by its text (compared
+//!    in full); only its `exp` (and the route's trust in its issuer) is checked
 //!    again. An entry lives until the token's `exp` plus leeway, and goes
 //!    as soon as a refresh finds its `kid` gone from the issuer's JWKS;
 //! 2. the header and the issuer: the payload's `iss` (read, not yet
@@ -36,7 +36,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Validation;
 use moka::sync::Cache;
-use sha2::{Digest, Sha256};
 
 use crate::config::IssuerConfig;
 use crate::jwks::{KeySet, VerifyingKey};
@@ -294,21 +293,19 @@ fn is_scope_token(scope: &str) -> bool {
         && scope.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
-fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 // === impl Issuers ===
 
-type TokenCache = Cache<[u8; 32], Arc<ExternalClaims>>;
+/// By token text, hashed with foldhash and compared in full, as keygate's
+/// own tokens are cached (`jwt.rs`, which says why not a digest).
+type TokenCache = Cache<Box<str>, Arc<ExternalClaims>, foldhash::fast::RandomState>;
 
 /// A cached token expires at its `exp` plus leeway (at most [`MAX_CACHED`]).
 struct UntilExp;
 
-impl moka::Expiry<[u8; 32], Arc<ExternalClaims>> for UntilExp {
+impl moka::Expiry<Box<str>, Arc<ExternalClaims>> for UntilExp {
     fn expire_after_create(
         &self,
-        _: &[u8; 32],
+        _: &Box<str>,
         claims: &Arc<ExternalClaims>,
         _: Instant,
     ) -> Option<Duration> {
@@ -321,7 +318,7 @@ impl moka::Expiry<[u8; 32], Arc<ExternalClaims>> for UntilExp {
 /// Every configured issuer, and the verified-token cache they share.
 pub struct Issuers {
     by_iss: HashMap<String, Arc<Issuer>>,
-    /// Verified tokens by SHA-256 of their text (step 1 of the module doc),
+    /// Verified tokens by their text (step 1 of the module doc),
     /// bounded by `[tokens] cache_capacity`.
     cache: TokenCache,
 }
@@ -365,7 +362,7 @@ impl Issuers {
             .max_capacity(cache_capacity)
             .expire_after(UntilExp)
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Arc::new(Self { by_iss, cache })
     }
 
@@ -399,7 +396,7 @@ impl Issuers {
 
     /// Whether `token` was verified before and is still cached; no check.
     pub fn is_cached(&self, token: &str) -> bool {
-        self.cache.contains_key(&token_hash(token))
+        self.cache.contains_key(token)
     }
 
     /// The claims of `token` if it is valid at `now` (Unix seconds) and
@@ -410,8 +407,7 @@ impl Issuers {
         trusts: impl Fn(&str) -> bool,
         now: u64,
     ) -> Result<Arc<ExternalClaims>, IssuerError> {
-        let hash = token_hash(token);
-        if let Some(claims) = self.cache.get(&hash) {
+        if let Some(claims) = self.cache.get(token) {
             if !trusts(&claims.issuer) {
                 return Err(IssuerError::Untrusted);
             }
@@ -453,7 +449,7 @@ impl Issuers {
             _ => IssuerError::Malformed,
         })?;
         let claims = Arc::new(issuer.check_claims(&kid, &data.claims, now)?);
-        self.cache.insert(hash, Arc::clone(&claims));
+        self.cache.insert(Box::from(token), Arc::clone(&claims));
         Ok(claims)
     }
 }

@@ -404,13 +404,11 @@ impl Verifier {
     /// failed-authentication budget. The caller holds the admin token and
     /// asks for many end users at once; counting their bad keys against the
     /// backend's address would lock every user of it out. The global cap
-    /// on store lookups still applies.
+    /// on store lookups still applies. Rejections are not counted in
+    /// `keygate_auth_failures_total` either: that counts the public
+    /// listener's keyed requests, each charged to a source's budget.
     pub async fn verify_for_backend(&self, presented: &str) -> Result<Arc<Caller>, GatewayError> {
-        let verified = self.verify_key(presented, Instant::now()).await;
-        if matches!(verified, Err(GatewayError::KeyRejected(_))) {
-            crate::metrics::auth_failure();
-        }
-        verified
+        self.verify_key(presented, Instant::now()).await
     }
 
     /// Runs `verify` (a key's or a token's verification) under `source`'s

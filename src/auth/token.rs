@@ -174,15 +174,16 @@ impl super::Verifier {
 
 /// The key's caller with the token's scopes, which are the key's or fewer
 /// (the token endpoint narrowed them); the key's own caller when equal, so
-/// the common case allocates nothing.
+/// the common case (a token with the key's scopes, reused) allocates
+/// nothing: this runs on every request that bears a token.
 fn narrowed(caller: Arc<Caller>, claims: &AccessClaims) -> Arc<Caller> {
-    let scopes = claims.scopes();
-    if caller.scopes() == scopes.as_slice() {
+    if caller.scopes().iter().map(String::as_str).eq(claims.scopes()) {
         return caller;
     }
     // Never wider than the key now, whatever the token says: a scope
     // removed from the key since the token was issued is gone.
-    let scopes: Vec<String> = scopes.into_iter().filter(|s| caller.scopes().contains(s)).collect();
+    let scopes: Vec<String> =
+        claims.scopes().filter(|s| caller.scopes().iter().any(|k| k == s)).map(str::to_owned).collect();
     let Some(key) = caller.key() else { return caller };
     let mut key = key.clone();
     key.meta.scopes = scopes;

@@ -297,6 +297,18 @@ impl RedisStore {
         decode(record_key, &fields).map(Some)
     }
 
+    /// `command key` for each of `keys`, in one pipeline (one round trip;
+    /// in a cluster one pipeline per slot, concurrently); the replies in order.
+    async fn each<T: redis::FromRedisValue>(&self, command: &str, keys: &[String]) -> Result<T, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd(command).arg(key);
+        }
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut conn = self.conn.clone();
+        self.run_pipeline(command, &names, pipe.query_async(&mut conn)).await
+    }
+
     /// One page of key records in ID order (of every client, or of one), in
     /// at most four pipelined round trips whatever the page size and the
     /// number of clients: `SMEMBERS` of the client set (skipped for one
@@ -332,12 +344,7 @@ impl RedisStore {
         }
 
         let set_keys: Vec<String> = clients.iter().map(|c| self.names.client_keys(c)).collect();
-        let mut pipe = redis::pipe();
-        for set_key in &set_keys {
-            pipe.cmd("SMEMBERS").arg(set_key);
-        }
-        let kid_sets: Vec<Vec<String>> =
-            self.run_pipeline("SMEMBERS", &as_strs(&set_keys), pipe.query_async(&mut conn)).await?;
+        let kid_sets: Vec<Vec<String>> = self.each("SMEMBERS", &set_keys).await?;
         let mut ids = Vec::new();
         for ((client, set_key), kids) in clients.iter().zip(&set_keys).zip(kid_sets) {
             for kid in kids {
@@ -357,12 +364,7 @@ impl RedisStore {
         }
 
         let id_keys: Vec<String> = page.items.iter().map(|id| self.names.id(id.client(), id.kid())).collect();
-        let mut pipe = redis::pipe();
-        for id_key in &id_keys {
-            pipe.cmd("GET").arg(id_key);
-        }
-        let hashes: Vec<Option<String>> =
-            self.run_pipeline("GET", &as_strs(&id_keys), pipe.query_async(&mut conn)).await?;
+        let hashes: Vec<Option<String>> = self.each("GET", &id_keys).await?;
 
         let mut record_keys = Vec::with_capacity(page.items.len());
         for ((id, id_key), hash) in page.items.iter().zip(&id_keys).zip(hashes) {
@@ -372,12 +374,7 @@ impl RedisStore {
             })?;
             record_keys.push(self.names.record_hex(id.client(), &hash));
         }
-        let mut pipe = redis::pipe();
-        for record_key in &record_keys {
-            pipe.cmd("HGETALL").arg(record_key);
-        }
-        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
-            self.run_pipeline("HGETALL", &as_strs(&record_keys), pipe.query_async(&mut conn)).await?;
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.each("HGETALL", &record_keys).await?;
 
         let mut records = Vec::with_capacity(record_keys.len());
         for (record_key, fields) in record_keys.iter().zip(&all_fields) {
@@ -410,25 +407,15 @@ impl RedisStore {
         }
 
         let client_keys: Vec<String> = clients.iter().map(|c| self.names.client(c)).collect();
-        let mut pipe = redis::pipe();
-        for client_key in &client_keys {
-            pipe.cmd("EXISTS").arg(client_key);
-        }
-        let exists: Vec<bool> =
-            self.run_pipeline("EXISTS", &as_strs(&client_keys), pipe.query_async(&mut conn)).await?;
+        let exists: Vec<bool> = self.each("EXISTS", &client_keys).await?;
         let page =
             Page::of(clients.iter().zip(&client_keys).zip(exists).filter(|(_, e)| *e).map(|(c, _)| c), limit);
         if page.items.is_empty() {
             return Ok(Page { items: Vec::new(), more: page.more });
         }
 
-        let mut pipe = redis::pipe();
-        for (_, client_key) in &page.items {
-            pipe.cmd("HGETALL").arg(*client_key);
-        }
-        let page_keys: Vec<&str> = page.items.iter().map(|(_, k)| k.as_str()).collect();
-        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> =
-            self.run_pipeline("HGETALL", &page_keys, pipe.query_async(&mut conn)).await?;
+        let page_keys: Vec<String> = page.items.iter().map(|(_, key)| (*key).clone()).collect();
+        let all_fields: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.each("HGETALL", &page_keys).await?;
         let mut records = Vec::with_capacity(page.items.len());
         for ((client, client_key), fields) in page.items.iter().zip(&all_fields) {
             // Records are never deleted, so one that existed a moment ago is
@@ -675,11 +662,6 @@ fn wrong_type_at(error: &redis::RedisError) -> Option<usize> {
     }
     let failed = error.clone().into_server_errors()?;
     failed.iter().find(|(_, e)| e.code() == "WRONGTYPE").map(|(index, _)| *index)
-}
-
-/// The key names of a pipeline, for [`RedisStore::run_pipeline`].
-fn as_strs(keys: &[String]) -> Vec<&str> {
-    keys.iter().map(String::as_str).collect()
 }
 
 /// Client IDs as the key format allows them: `[A-Za-z0-9-]{1,64}`.
