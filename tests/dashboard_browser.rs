@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::admin::{self, TOKEN, TestAdmin, admin_section};
 use common::gateway::{Answer, TestGateway, http1_client, send};
@@ -31,6 +31,8 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The dashboard's sessionStorage entry for the token.
 const TOKEN_KEY: &str = "keygate.admin-token";
+/// Ports tried if the chosen one is taken before chromedriver binds it.
+const START_ATTEMPTS: usize = 5;
 /// How long the page may take to show what a step waits for.
 const PAGE_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -66,6 +68,17 @@ impl Chromedriver {
                  (`apt-get install chromium chromium-driver`; .ci/run installs both)"
             );
         }
+        for _ in 0..START_ATTEMPTS {
+            if let Some(driver) = Self::start_on_a_free_port().await {
+                return driver;
+            }
+        }
+        panic!("chromedriver could not bind a free port in {START_ATTEMPTS} attempts");
+    }
+
+    /// `None` if chromedriver exited before it was ready (the port was taken
+    /// between our probe and its bind): the caller tries another port.
+    async fn start_on_a_free_port() -> Option<Chromedriver> {
         let dir = tempfile::Builder::new().prefix("keygate-chromium-").tempdir().unwrap();
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -80,17 +93,21 @@ impl Chromedriver {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
-        let driver = Chromedriver { child, url: format!("http://127.0.0.1:{port}"), dir };
+        let mut driver = Chromedriver { child, url: format!("http://127.0.0.1:{port}"), dir };
         let status = format!("{}/status", driver.url);
-        poll_until(Duration::from_secs(20), "chromedriver answers /status as ready", || async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
             let request = Request::get(&status).body(Full::default()).unwrap();
-            match tokio::time::timeout(Duration::from_secs(2), http1_client().request(request)).await {
-                Ok(Ok(response)) => response.status() == 200,
-                _ => false,
+            let answer = tokio::time::timeout(Duration::from_secs(2), http1_client().request(request)).await;
+            if matches!(answer, Ok(Ok(ref response)) if response.status() == 200) {
+                return Some(driver);
             }
-        })
-        .await;
-        driver
+            if driver.child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            assert!(Instant::now() < deadline, "chromedriver not ready within 20 s:\n{}", driver.log());
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, bounded by the deadline
+        }
     }
 
     /// A new headless Chromium session with a profile of its own.
@@ -277,7 +294,9 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     let beta_statuses = calls(&gateway, &beta, BETA_CALLS).await;
     assert_eq!(beta_statuses[0], 200);
     assert!(beta_statuses[1..].iter().all(|s| *s == 429), "{beta_statuses:?}");
-    let bad = format!("{}x", &alpha[..alpha.len() - 1]);
+    // alpha's key with its last character changed: a checksum that fails.
+    let (head, last) = alpha.split_at(alpha.len() - 1);
+    let bad = format!("{head}{}", if last == "x" { "y" } else { "x" });
     assert!(calls(&gateway, &bad, BAD_KEY_CALLS).await.iter().all(|s| *s == 401));
     // One request each from more clients than the charts draw as their own series.
     for n in 1..=CROWD {
