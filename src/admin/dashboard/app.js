@@ -175,7 +175,12 @@ function onLogin(event) {
 
 function clientFromHash() {
   const match = /^#client=(.+)$/.exec(location.hash);
-  return match ? decodeURIComponent(match[1]) : null;
+  if (!match) return null;
+  try {
+    return decodeURIComponent(match[1]);
+  } catch (_) {
+    return null; // a hand-edited hash that is not percent-encoding: the overview
+  }
 }
 
 function openClient(id) {
