@@ -283,6 +283,7 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     let (alpha_id, alpha) =
         issue(&admin, r#"{"client":"alpha","scopes":["read"],"label":"alpha web"}"#).await;
     let (_, beta) = issue(&admin, r#"{"client":"beta","scopes":["read"],"rate":"1/h","burst":1}"#).await;
+    let (credited_id, _) = issue(&admin, r#"{"client":"alpha","scopes":["read"],"uses":100}"#).await;
     // More keys than one page of `GET /admin/keys` holds: the page follows the cursor.
     let created = admin.call(Method::POST, "/admin/clients", Some(r#"{"id":"gamma"}"#)).await;
     assert_eq!(created.status, 201, "{}", created.text());
@@ -407,6 +408,14 @@ async fn the_dashboard_charts_the_usage_the_gateway_counted() {
     assert!(
         last_used <= jiff::Timestamp::now()
             && last_used > jiff::Timestamp::now() - jiff::SignedDuration::from_mins(5)
+    );
+    let credits = format!(
+        "document.querySelector(\"#keys-table tr[data-key='{credited_id}'] td:nth-child(6)\").textContent"
+    );
+    assert_eq!(
+        js(&browser, &credits).await,
+        "100 granted, 100 left",
+        "credits left, read from the key's record"
     );
     let record = browser.find(Locator::Css("#client-record")).await.unwrap().text().await.unwrap();
     assert!(record.contains("1000/day"), "the client's quota: {record}");

@@ -21,6 +21,8 @@ const STEP_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
 const SERIES = 5;
 // Records asked for per page of a list (the admin API's default page size).
 const PAGE_LIMIT = 100;
+// Keys of one client whose credits left are read (one call each).
+const MAX_CREDIT_LOOKUPS = 50;
 // A bound on pages followed for one list, against a cursor that never ends.
 const MAX_PAGES = 10000;
 
@@ -122,8 +124,14 @@ async function clientDetail(id) {
     if (error instanceof ApiError && error.status === 404) return null;
     throw error;
   });
-  const keys = listAll(withParam("/admin/keys", "client", id));
-  return { record: await record, keys: await keys };
+  const keys = await listAll(withParam("/admin/keys", "client", id));
+  // A list gives a key's credit grant; what is left is in the key's own record.
+  const credited = keys.filter((key) => key.credits).slice(0, MAX_CREDIT_LOOKUPS);
+  const shown = await Promise.all(credited.map((key) => api("/admin/keys/" + encodeURIComponent(key.id))));
+  shown.forEach((full, i) => {
+    credited[i].credits = full.credits;
+  });
+  return { record: await record, keys };
 }
 
 // The client records. Without usage (the file store) also the clients that
