@@ -15,19 +15,15 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::gateway::{Answer, TestGateway, http1_client, send};
-use common::upstream::{Upstream, closed_port_url};
+use common::upstream::{Upstream, closed_port_url, full};
 use common::wait::poll_until;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jiff::Timestamp;
 use keygate::meta::MetaChanges;
 use keygate::ops;
@@ -35,64 +31,43 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode as SpanStatus};
 use prost::Message as _;
-use tokio::net::TcpListener;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
 /// An OTLP/HTTP collector: keeps the body of every `POST /v1/traces`.
 struct Receiver {
-    addr: SocketAddr,
+    server: Upstream,
     bodies: Arc<Mutex<Vec<Bytes>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl Receiver {
     async fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let kept = Arc::clone(&bodies);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let kept = Arc::clone(&kept);
-                tokio::spawn(async move {
-                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let kept = Arc::clone(&kept);
-                        async move {
-                            let right = request.method() == http::Method::POST
-                                && request.uri().path() == "/v1/traces"
-                                && request.headers()["content-type"] == "application/x-protobuf";
-                            let body = request.into_body().collect().await.unwrap().to_bytes();
-                            let status = if right {
-                                kept.lock().unwrap().push(body);
-                                StatusCode::OK
-                            } else {
-                                StatusCode::NOT_FOUND
-                            };
-                            // An empty ExportTraceServiceResponse: all accepted.
-                            let answer = Response::builder()
-                                .status(status)
-                                .header("content-type", "application/x-protobuf")
-                                .body(Full::new(Bytes::new()))
-                                .unwrap();
-                            Ok::<_, Infallible>(answer)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let server = Upstream::start(move |request: Request<hyper::body::Incoming>| {
+            let kept = Arc::clone(&kept);
+            async move {
+                let right = request.method() == http::Method::POST
+                    && request.uri().path() == "/v1/traces"
+                    && request.headers()["content-type"] == "application/x-protobuf";
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let status = if right {
+                    kept.lock().unwrap().push(body);
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                // An empty ExportTraceServiceResponse: all accepted.
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/x-protobuf")
+                    .body(full(Bytes::new()))
+                    .unwrap()
             }
-        });
-        Receiver { addr, bodies, task }
+        })
+        .await;
+        Receiver { server, bodies }
     }
 
     /// Every span received so far.
@@ -154,7 +129,7 @@ fn config(upstream: &str, down: &str, receiver: Option<&Receiver>) -> String {
     let tracing = receiver.map_or_else(String::new, |r| {
         format!(
             "[tracing]\notlp_endpoint = \"http://{}\"\nservice_name = \"keygate-test\"\nsample_ratio = 1.0\n",
-            r.addr
+            r.server.addr
         )
     });
     format!(
