@@ -5,7 +5,8 @@
 //! identity headers) on a typical browser-sized header set; and the last
 //! phase's access line: the request ID, the query's redaction, the line
 //! formatted (JSON and text), and formatted and queued on a real sink (its
-//! writer thread writing to `/dev/null`).
+//! writer thread writing to `/dev/null`); and one whole request through the
+//! gateway in process (the echo route over loopback, optional phases off).
 
 use std::hint::black_box;
 
@@ -121,5 +122,52 @@ fn access_log_benches(c: &mut Criterion) {
     println!("access lines dropped while benchmarking: {}", sink.dropped());
 }
 
-criterion_group!(benches, request_benches, access_log_benches);
+/// One whole request through the real gateway in process: a keep-alive
+/// HTTP/1.1 connection on loopback to the built-in echo route, access log
+/// and `[tracing]` off. The request path's fixed cost with the optional
+/// phases off, so that adding one (tracing) can be checked to cost nothing
+/// while it is off.
+fn gateway_benches(c: &mut Criterion) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        panic!("no runtime")
+    };
+    let dir = std::env::temp_dir();
+    let toml = "[log]\naccess = \"off\"\n\n[[route]]\npath = \"/echo\"\nupstream = \"builtin:echo\"\npublic = true\n";
+    let Ok(config) = Config::from_toml(toml, &dir) else { panic!("bench config") };
+    let mut sender = runtime.block_on(async {
+        let Ok(store) = keygate::store::open(&config.store, None).await else { panic!("store") };
+        let gateway = keygate::gateway::Gateway::new(config, store);
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else { panic!("bind") };
+        let Ok(addr) = listener.local_addr() else { panic!("addr") };
+        tokio::spawn(keygate::server::serve(
+            listener,
+            gateway,
+            std::future::pending(),
+            std::time::Duration::from_secs(1),
+        ));
+        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { panic!("connect") };
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let Ok((sender, connection)) = hyper::client::conn::http1::handshake(io).await else { panic!("h1") };
+        tokio::spawn(connection);
+        sender
+    });
+    c.bench_function("request through the gateway (echo route, HTTP/1.1 keep-alive, tracing off)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let request = http::Request::get("/echo/bench")
+                    .header("host", "bench")
+                    .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new());
+                let Ok(request) = request else { panic!("request") };
+                let Ok(response) = sender.send_request(request).await else { panic!("sent") };
+                let Ok(body) = http_body_util::BodyExt::collect(response.into_body()).await else {
+                    panic!("body")
+                };
+                black_box(body.to_bytes().len())
+            })
+        })
+    });
+}
+
+criterion_group!(benches, request_benches, access_log_benches, gateway_benches);
 criterion_main!(benches);

@@ -42,6 +42,32 @@ pub struct Config {
     /// External identity providers whose JWTs `auth = ["jwt"]` routes
     /// accept (`[[jwt.issuer]]`, see `auth::issuer`).
     pub jwt_issuers: Vec<IssuerConfig>,
+    /// OpenTelemetry tracing (`[tracing]`); `None` (no `otlp_endpoint`)
+    /// keeps it off. Read at start: a change needs a restart.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: spans exported over OTLP/HTTP (see `otel`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector's base URL (`http://host:4318`); spans go to its
+    /// `/v1/traces`, as `OTEL_EXPORTER_OTLP_ENDPOINT` does.
+    pub otlp_endpoint: http::Uri,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// The share of new traces sampled, 0 to 1; a request that comes with
+    /// a `traceparent` follows its sampled flag instead.
+    pub sample_ratio: f64,
+    /// How long one export may take.
+    pub export_timeout: Duration,
+}
+
+impl TracingConfig {
+    /// Where spans are posted: the endpoint's path, then `/v1/traces`.
+    pub fn traces_url(&self) -> String {
+        let base = self.otlp_endpoint.to_string();
+        format!("{}{}", base.trim_end_matches('/'), crate::otel::TRACES_PATH)
+    }
 }
 
 /// `[[jwt.issuer]]`: an external identity provider. Its tokens are
@@ -633,6 +659,17 @@ pub struct RawConfig {
     tokens: RawTokens,
     #[serde(default)]
     jwt: RawJwt,
+    #[serde(default)]
+    tracing: RawTracing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
+    sample_ratio: Option<f64>,
+    export_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1356,6 +1393,7 @@ impl RawConfig {
             );
         }
         check_route_issuers(&mut p, &routes, &tokens, &jwt_issuers);
+        let tracing = validate_tracing(&mut p, self.tracing);
 
         if p.0.is_empty() {
             Ok(Config {
@@ -1371,11 +1409,57 @@ impl RawConfig {
                 client_certs,
                 tokens,
                 jwt_issuers,
+                tracing,
             })
         } else {
             Err(p.0)
         }
     }
+}
+
+/// `[tracing]`: off without `otlp_endpoint`; else an `http://` URL with a
+/// host, a ratio from 0 to 1, a non-empty service name and a timeout above
+/// zero.
+fn validate_tracing(p: &mut Problems, raw: RawTracing) -> Option<TracingConfig> {
+    let export_timeout =
+        p.duration("tracing.export_timeout", raw.export_timeout.as_deref(), Duration::from_secs(10));
+    if export_timeout.is_zero() {
+        p.push("tracing.export_timeout", "must be above zero");
+    }
+    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        p.push("tracing.sample_ratio", format!("{sample_ratio} is not between 0 and 1"));
+    }
+    let service_name = raw.service_name.unwrap_or_else(|| "keygate".to_owned());
+    if service_name.trim().is_empty() {
+        p.push("tracing.service_name", "must not be empty");
+    }
+    let text = raw.otlp_endpoint?;
+    let endpoint = match text.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()) => {
+            if uri.query().is_some() {
+                p.push("tracing.otlp_endpoint", format!("`{text}`: a collector's base URL takes no query"));
+            }
+            uri
+        }
+        Ok(uri) if uri.scheme_str() == Some("https") => {
+            p.push(
+                "tracing.otlp_endpoint",
+                format!(
+                    "`{text}`: https:// is not supported; send to a collector on http:// (a local agent)"
+                ),
+            );
+            return None;
+        }
+        _ => {
+            p.push(
+                "tracing.otlp_endpoint",
+                format!("`{text}` is not an http:// URL with a host, e.g. \"http://127.0.0.1:4318\""),
+            );
+            return None;
+        }
+    };
+    Some(TracingConfig { otlp_endpoint: endpoint, service_name, sample_ratio, export_timeout })
 }
 
 /// `[tokens]`: durations above zero, an absolute path, and a signing key
@@ -2840,6 +2924,40 @@ mod tests {
             problems(&format!("{MINIMAL}[usage]\nflush_interval = \"0s\"\nrollup_interval = \"soon\"\n"));
         let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["usage.rollup_interval", "usage.flush_interval"], "{found:?}");
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_fields_are_checked() {
+        let config = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(config.tracing, None);
+        let on = format!("{MINIMAL}[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n");
+        let tracing = Config::from_toml(&on, Path::new(".")).unwrap().tracing.expect("on");
+        assert_eq!(tracing.traces_url(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!((tracing.service_name.as_str(), tracing.sample_ratio), ("keygate", 1.0));
+        assert_eq!(tracing.export_timeout, Duration::from_secs(10));
+        let under = format!("{MINIMAL}[tracing]\notlp_endpoint = \"http://collector:4318/otlp/\"\n");
+        let tracing = Config::from_toml(&under, Path::new(".")).unwrap().tracing.unwrap();
+        assert_eq!(tracing.traces_url(), "http://collector:4318/otlp/v1/traces");
+
+        for (endpoint, wanted) in [
+            ("not a url", "is not an http:// URL"),
+            ("127.0.0.1:4318", "is not an http:// URL"),
+            ("ftp://collector/", "is not an http:// URL"),
+            ("https://collector:4318", "https:// is not supported"),
+            ("http://collector:4318/?a=b", "takes no query"),
+        ] {
+            let found = problems(&format!("{MINIMAL}[tracing]\notlp_endpoint = \"{endpoint}\"\n"));
+            assert_eq!(found.len(), 1, "{endpoint}: {found:?}");
+            assert_eq!(found[0].field, "tracing.otlp_endpoint", "{endpoint}");
+            assert!(found[0].message.contains(wanted), "{endpoint}: {found:?}");
+            assert!(found[0].line.is_some(), "the line is named: {found:?}");
+        }
+        let found = problems(&format!(
+            "{MINIMAL}[tracing]\notlp_endpoint = \"http://c:4318\"\nsample_ratio = 1.5\nservice_name = \" \"\nexport_timeout = \"0s\"\n"
+        ));
+        let mut fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["tracing.export_timeout", "tracing.sample_ratio", "tracing.service_name"]);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Gateway {
     /// Where refresh tokens live (beside the keys: the store's Redis or its
     /// folder); `None` when tokens are off.
     pub refresh: Option<crate::refresh::SharedRefreshStore>,
+    /// OpenTelemetry tracing (`[tracing]`): the span exporter and tracer.
+    /// Built at start (a change needs a restart); `None` when off, and then
+    /// the request path does no span work at all.
+    pub otel: Option<crate::otel::Tracing>,
 }
 
 impl Gateway {
@@ -98,6 +102,13 @@ impl Gateway {
         let refresh = tokens.as_ref().and_then(|_| crate::refresh::for_store(&*store, &config.store));
         let issuers = (!config.jwt_issuers.is_empty())
             .then(|| crate::auth::issuer::Issuers::start(&config.jwt_issuers, config.tokens.cache_capacity));
+        let otel = config.tracing.as_ref().and_then(|tracing| match crate::otel::Tracing::start(tracing) {
+            Ok(otel) => Some(otel),
+            Err(error) => {
+                tracing::error!(%error, "tracing is off");
+                None
+            }
+        });
         Arc::new(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)),
             verifier,
@@ -109,6 +120,7 @@ impl Gateway {
             tokens,
             issuers,
             refresh,
+            otel,
         })
     }
 

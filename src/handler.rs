@@ -25,7 +25,7 @@ use crate::config::{CredentialKind, PlainHttp, RouteConfig, RouteTarget};
 use crate::error::{GatewayError, Refusal};
 use crate::gateway::{Gateway, Live};
 use crate::meter::{self, Meter, MeteredBody, ResponseBody};
-use crate::{credential, echo, limit, path, proxy, request_id, route, sanitize, scope, tokens};
+use crate::{credential, echo, limit, otel, path, proxy, request_id, route, sanitize, scope, tokens};
 
 /// Facts about a request gathered along the way, for the access log and
 /// the metering phase.
@@ -55,6 +55,9 @@ struct Trail {
     tunnel: Option<proxy::upgrade::Tunnel>,
     /// The client connection's hold, kept by the tunnel while it runs.
     tunnel_hold: Option<proxy::upgrade::ConnectionHold>,
+    /// The request's span, with `[tracing]` on (`otel`); each step below
+    /// notes itself on it. Boxed: with tracing off it costs a null pointer.
+    span: Option<Box<otel::RequestSpan>>,
 }
 
 /// Serves one request and never fails: every error, and even a panic inside
@@ -73,6 +76,9 @@ pub async fn handle(
     let id_header = &live.config.server.edge.request_id_header;
     let request_id = request_id::for_request(request.headers(), id_header);
     let method = request.method().clone();
+    // 0a. Trace: with `[tracing]` on, the request's span, child of the
+    // incoming `traceparent` when valid.
+    let span = gateway.otel.as_ref().map(|otel| otel.request_span(&request));
     // The body's bytes as read from the client, whatever it declared
     // (a chunked upload declares nothing): counted as they pass.
     let (parts, body) = request.into_parts();
@@ -85,7 +91,7 @@ pub async fn handle(
         .then(|| (parts.uri.clone(), parts.headers.get(header::USER_AGENT).cloned()));
     let (body, bytes_in) = proxy::CountedBody::new(body);
     let request = Request::from_parts(parts, body);
-    let mut trail = Trail { grpc: crate::error::is_grpc(request.headers()), ..Trail::default() };
+    let mut trail = Trail { grpc: crate::error::is_grpc(request.headers()), span, ..Trail::default() };
 
     let outcome = AssertUnwindSafe(serve(&gateway, &live, request, &peer, started, &mut trail, &request_id))
         .catch_unwind()
@@ -110,6 +116,9 @@ pub async fn handle(
     // An upstream that answers with its own value keeps it (its headers
     // come back unchanged); every other answer carries the request's.
     response.headers_mut().entry(id_header).or_insert_with(|| request_id.clone());
+    if let Some(span) = &mut trail.span {
+        span.answered(response.status().as_u16(), request_id.to_str().unwrap_or_default());
+    }
 
     // 8. Usage, metrics and the access line: when the response body ends,
     // or for an upgraded request when its tunnel closes.
@@ -141,6 +150,7 @@ pub async fn handle(
         started,
         access,
         in_flight,
+        span: trail.span.take(),
     };
     match tunnel {
         // A tunnel exists only once the upstream switched protocols, and
@@ -225,6 +235,9 @@ async fn serve(
     }
     trail.path = Some(path);
     trail.route = Some(Arc::clone(&route));
+    if let Some(span) = &mut trail.span {
+        span.routed(&route.path, host.as_ref().and_then(|h| h.to_str().ok()).map(sanitize::route_name));
+    }
     let route = &route;
     let keys = &live.config.keys;
 
@@ -276,6 +289,9 @@ async fn serve(
         };
         trail.caller = Some(Arc::clone(&record));
         trail.via_token = token_presented;
+        if let Some(span) = &mut trail.span {
+            span.verified(record.client(), record.key_id());
+        }
 
         // 4. Scope: the caller (key, or certificate's client) must cover
         // this route and method.
@@ -291,6 +307,9 @@ async fn serve(
             .await?;
         if admission.credits.is_some() {
             trail.credits = u64::from(route.cost.get());
+        }
+        if let Some(span) = &mut trail.span {
+            span.event("admitted");
         }
 
         caller = Some((record, admission));
@@ -357,6 +376,12 @@ async fn serve(
     // Set after the hop-by-hop removal: a client naming it in `Connection`
     // cannot keep it from the upstream.
     headers.insert(edge.request_id_header.clone(), request_id.clone());
+    // With tracing on, upstream's parent is the gateway's span (the
+    // client's `traceparent` is replaced); off, it passes untouched.
+    if let (Some(otel), Some(span)) = (&gateway.otel, &mut trail.span) {
+        otel.inject(span, headers);
+        span.event("upstream.request");
+    }
 
     let mut response = match &route.target {
         RouteTarget::Echo => {
@@ -387,6 +412,9 @@ async fn serve(
                 },
             };
             trail.upstream_latency = Some(sent.elapsed());
+            if let Some(span) = &mut trail.span {
+                span.upstream_answered(sent.elapsed());
+            }
             response?.map(Either::Left)
         }
     };

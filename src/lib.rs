@@ -37,6 +37,7 @@
 //! - [`limit`]: per-key rate limits and quotas, and their headers.
 //! - [`ops`]: key operations shared by the CLI and the admin API.
 //! - [`usage`]: usage counted in memory, flushed to Redis; the audit trail.
+//! - [`otel`]: OpenTelemetry tracing: a span per request, exported over OTLP; W3C trace context.
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`admin`]: the admin listener: keys API, reload, `/metrics`, health checks.
 //! - [`reload`]: hot reload of the config file (SIGHUP, `POST /admin/reload`).
@@ -71,6 +72,7 @@ pub mod meta;
 pub mod meter;
 pub mod metrics;
 pub mod ops;
+pub mod otel;
 pub mod path;
 pub mod pem;
 pub mod process_metrics;

@@ -53,6 +53,9 @@ pub struct Meter {
     /// Counts the request in `keygate_requests_in_flight` until the meter
     /// is dropped: when the response body has ended, or its tunnel closed.
     pub in_flight: crate::metrics::InFlightRequest,
+    /// The request's span (`[tracing]` on): it ends, and is queued for
+    /// export, when the meter is dropped, so it covers the whole response.
+    pub span: Option<Box<crate::otel::RequestSpan>>,
 }
 
 /// The request's facts only the access line needs, gathered by the handler.

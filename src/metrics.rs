@@ -88,6 +88,40 @@ struct EdgeLabels {
     limit: &'static str,
 }
 
+/// An open connection's listener kind and the protocol it speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabels {
+    transport: &'static str,
+    protocol: &'static str,
+}
+
+/// What a client connection speaks, once its first bytes (plain) or ALPN
+/// (TLS) told: HTTP/1.1, HTTP/2, or after a `101` a WebSocket tunnel (a
+/// WebSocket over HTTP/2 is a stream of an `http2` connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionProtocol {
+    Http1,
+    Http2,
+    WebSocket,
+}
+
+impl ConnectionProtocol {
+    const ALL: [Self; 3] = [Self::Http1, Self::Http2, Self::WebSocket];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::WebSocket => "websocket",
+        }
+    }
+}
+
+/// The index of a (transport, protocol) pair in `Metrics::connections_by_protocol`.
+fn protocol_slot(tls: bool, protocol: ConnectionProtocol) -> usize {
+    usize::from(tls) * ConnectionProtocol::ALL.len() + protocol as usize
+}
+
 /// A TLS listener's certificate: the listener's configured address and the
 /// certificate file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -192,6 +226,9 @@ pub struct Metrics {
     connections_refused: Family<EdgeLabels, Counter>,
     connections_expired: Family<EdgeLabels, Counter>,
     connections_open: Gauge,
+    /// Every (transport, protocol) pair's gauge, made at start: a
+    /// connection changes one with an atomic add, no label lookup.
+    connections_by_protocol: [Gauge; 6],
     requests_in_flight: Gauge,
     auth_failures: Counter,
     auth_failures_refused: Counter,
@@ -313,6 +350,21 @@ impl Metrics {
             "Client connections open on the public listener, all workers together",
             connections_open.clone(),
         );
+        let by_protocol = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "connections_open_by_protocol",
+            "Client connections open on the public listener once their protocol is known, by \
+             transport (plain, tls) and protocol (http1, http2, websocket: an HTTP/1.1 connection \
+             upgraded to a WebSocket tunnel), all workers together",
+            by_protocol.clone(),
+        );
+        let connections_by_protocol = std::array::from_fn(|slot| {
+            let tls = slot >= ConnectionProtocol::ALL.len();
+            let protocol = ConnectionProtocol::ALL[slot % ConnectionProtocol::ALL.len()];
+            let labels =
+                ProtocolLabels { transport: if tls { "tls" } else { "plain" }, protocol: protocol.as_str() };
+            by_protocol.get_or_create(&labels).clone()
+        });
         let requests_in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
@@ -501,6 +553,7 @@ impl Metrics {
             connections_refused,
             connections_expired,
             connections_open,
+            connections_by_protocol,
             requests_in_flight,
             auth_failures,
             auth_failures_refused,
@@ -847,6 +900,36 @@ pub fn render_as(format: Exposition) -> String {
         Exposition::OpenMetrics => text,
         Exposition::Prometheus004 => crate::exposition::to_text_004(&text),
     }
+}
+
+/// Counts a connection under its protocol until dropped ([`connection_serving`]).
+#[derive(Debug)]
+pub struct ProtocolConnection {
+    slot: usize,
+}
+
+impl ProtocolConnection {
+    /// The connection now speaks `protocol` (an upgrade to a WebSocket).
+    pub fn switch(&mut self, tls: bool, protocol: ConnectionProtocol) {
+        let slot = protocol_slot(tls, protocol);
+        METRICS.connections_by_protocol[slot].inc();
+        METRICS.connections_by_protocol[self.slot].dec();
+        self.slot = slot;
+    }
+}
+
+impl Drop for ProtocolConnection {
+    fn drop(&mut self) {
+        METRICS.connections_by_protocol[self.slot].dec();
+    }
+}
+
+/// A connection (over TLS or not) speaks `protocol`: counted in
+/// `keygate_connections_open_by_protocol` until the returned value is dropped.
+pub fn connection_serving(tls: bool, protocol: ConnectionProtocol) -> ProtocolConnection {
+    let slot = protocol_slot(tls, protocol);
+    METRICS.connections_by_protocol[slot].inc();
+    ProtocolConnection { slot }
 }
 
 /// Counts a request in flight until it is dropped ([`request_started`]).

@@ -20,6 +20,7 @@
 //! add and no syscall; two gateways (or two runs of one) share a prefix
 //! with probability 2^-64 per pair. The shape is that of a W3C trace ID.
 
+use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,6 +40,25 @@ pub fn for_request(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
         (Some(value), None) if is_sane(value.as_bytes()) => value.clone(),
         _ => generate(),
     }
+}
+
+tokio::task_local! {
+    /// The ID of the request whose answer is being made, for error bodies
+    /// built where no request is at hand (the admin API's [`IntoResponse`]
+    /// errors, which axum turns into answers with nothing but the error).
+    ///
+    /// [`IntoResponse`]: axum::response::IntoResponse
+    static CURRENT: HeaderValue;
+}
+
+/// Runs `answer` as the answer to the request `id`: [`current`] names it.
+pub async fn scope<F: Future>(id: HeaderValue, answer: F) -> F::Output {
+    CURRENT.scope(id, answer).await
+}
+
+/// The ID of the request being answered, inside [`scope`].
+pub fn current() -> Option<String> {
+    CURRENT.try_with(|id| id.to_str().ok().map(str::to_owned)).ok().flatten()
 }
 
 /// 1 to [`MAX_LEN`] bytes of visible ASCII (`!` to `~`).

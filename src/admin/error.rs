@@ -160,6 +160,11 @@ impl AdminError {
         let mut body = Map::new();
         body.insert("error".into(), code.into());
         body.insert("message".into(), self.message().into());
+        // The call's ID, as on the public listener's answers (set around
+        // every call by `admin::request_id`).
+        if let Some(id) = crate::request_id::current() {
+            body.insert("request_id".into(), id.into());
+        }
         match &self {
             Self::Invalid { field, .. } => {
                 body.insert("field".into(), field.clone().into());
@@ -282,6 +287,12 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for a person; never a secret.
     pub message: String,
+    /// The call's ID, also in the `x-request-id` answer header (or the
+    /// configured `[server] request_id_header`): the client's when it sent
+    /// a sane one, else one made for the call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub request_id: Option<String>,
     /// The input at fault, as the request spelled it (`invalid_field` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]

@@ -141,6 +141,20 @@ pub fn router(admin: Arc<Admin>) -> Router {
         // and methods are refused alike without it.
         .layer(middleware::from_fn_with_state(Arc::clone(&admin), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Around everything: every answer, refusals of the token included,
+        // carries the call's ID.
+        .layer(middleware::from_fn_with_state(Arc::clone(&admin), request_id))
+}
+
+/// Gives the call its ID (the client's when sane, else a new one, as on the
+/// public listener): error bodies name it (`AdminError`), and the answer
+/// carries it in the configured header unless a handler set one.
+async fn request_id(State(admin): State<Arc<Admin>>, request: AxumRequest, next: Next) -> Response {
+    let header = admin.gateway.live.load().config.server.edge.request_id_header.clone();
+    let id = crate::request_id::for_request(request.headers(), &header);
+    let mut response = crate::request_id::scope(id.clone(), next.run(request)).await;
+    response.headers_mut().entry(header).or_insert(id);
+    response
 }
 
 /// The OpenAPI 3.1 document generated from the handlers.

@@ -276,7 +276,21 @@ fn check(args: &CheckArgs) -> ExitCode {
     for line in describe_listeners(&config) {
         eprintln!("{line}");
     }
+    eprintln!("{}", describe_tracing(config.tracing.as_ref()));
     ExitCode::SUCCESS
+}
+
+/// Where spans go, if anywhere (`[tracing]`).
+fn describe_tracing(tracing: Option<&crate::config::TracingConfig>) -> String {
+    match tracing {
+        None => "tracing: off".to_owned(),
+        Some(t) => format!(
+            "tracing: OTLP/HTTP to {} as service {:?}, sampling {} of new traces (parent-based)",
+            t.traces_url(),
+            t.service_name,
+            t.sample_ratio
+        ),
+    }
 }
 
 /// One line per listener and one per certificate: its names and expiry, so
@@ -676,6 +690,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
             && let Err(error) = usage.join().await
         {
             tracing::error!(%error, "usage flusher");
+        }
+        // Every request has ended, its span with it: the last spans go to
+        // the collector before the exit. Blocking (it waits for the export,
+        // at most the export timeout), so off the runtime's threads, whose
+        // task does the export.
+        if gateway.otel.is_some() {
+            let otel = Arc::clone(&gateway);
+            let flushed =
+                tokio::task::spawn_blocking(move || otel.otel.as_ref().map(|otel| otel.shutdown())).await;
+            if let Ok(Some(Err(error))) = flushed {
+                tracing::warn!(%error, "the last spans were not exported");
+            }
         }
         match outcome {
             Ok(Ok(_)) => {

@@ -271,7 +271,15 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Self { protocols, draining, gateway, peer, transport: _ } = self;
+        let Self { protocols, draining, gateway, peer, transport } = self;
+        let tls = matches!(transport, Transport::Tls(_));
+        let mut counted = crate::metrics::connection_serving(
+            tls,
+            match protocol {
+                Protocol::Http1 => crate::metrics::ConnectionProtocol::Http1,
+                Protocol::Http2 => crate::metrics::ConnectionProtocol::Http2,
+            },
+        );
         let activity = Arc::new(Activity::default());
         let requests = Arc::clone(&activity);
         let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
@@ -307,7 +315,11 @@ impl Connection {
                 let drain = draining.clone();
                 let ended = describe(watchdog::drive(connection, &activity, deadlines, draining).await);
                 // An upgraded connection is still this task's: its
-                // `max_connections` slot and the drain last until its tunnel closes.
+                // `max_connections` slot and the drain last until its tunnel
+                // closes, and it counts as a WebSocket meanwhile.
+                if activity.has_tunnels() {
+                    counted.switch(tls, crate::metrics::ConnectionProtocol::WebSocket);
+                }
                 activity.tunnels_closed().await;
                 drop(drain);
                 ended
@@ -321,6 +333,7 @@ impl Connection {
                 describe(Box::pin(watchdog::drive(connection, &activity, deadlines, draining)).await)
             }
         };
+        drop(counted);
         if let Some(ended) = ended {
             tracing::debug!(%peer, ended, "connection closed");
         }

@@ -75,6 +75,11 @@ impl Activity {
         TunnelGuard(Arc::clone(self))
     }
 
+    /// Whether a tunnel of this connection is open (its upgrade was taken).
+    pub fn has_tunnels(&self) -> bool {
+        self.tunnels.load(Ordering::Acquire) > 0
+    }
+
     /// Resolves once no tunnel of this connection is open.
     pub async fn tunnels_closed(&self) {
         loop {
