@@ -131,16 +131,10 @@ async fn until_all_refuse(
 /// an operator runs it: the real binary, its own connections. Returns when
 /// it has answered, and how long it ran.
 async fn revoke_with_cli(cluster: &RedisCluster, id: &keygate::key::KeyId) -> Duration {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
-    command
-        .args(["keys", "revoke", &id.to_string()])
-        .env("KEYGATE_REDIS_NODES", cluster.urls().join(","))
-        .env_remove("KEYGATE_REDIS_URL")
-        .env_remove("KEYGATE_CONFIG");
+    let (id, nodes) = (id.to_string(), cluster.urls().join(","));
     let started = Instant::now();
-    // Off the runtime's workers, which serve the gateways meanwhile.
-    let revoked = tokio::task::spawn_blocking(move || command.output()).await.unwrap().unwrap();
-    assert!(revoked.status.success(), "keys revoke: {}", String::from_utf8_lossy(&revoked.stderr));
+    let run = common::binary::run_cli(&["keys", "revoke", &id], &[("KEYGATE_REDIS_NODES", &nodes)]).await;
+    assert_eq!(run.code, 0, "keys revoke: {}", run.stderr);
     started.elapsed()
 }
 
@@ -168,7 +162,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// write and its announcement) is reported beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_issued_through_one_works_on_all_and_its_cli_revocation_reaches_all_within_100ms() {
-    let _cluster_slot = CLUSTERS_AT_ONCE.acquire().await.unwrap();
+    // Alone: what is timed is the announcement's way to the gateways, not
+    // how two cores share out among the file's failover tests (with them
+    // beside it, and a build, the p99 went from ~30-95 ms to 138 ms, all
+    // of it in the polling requests).
+    let _every_cluster_slot = CLUSTERS_AT_ONCE.acquire_many(3).await.unwrap();
     let cluster = RedisCluster::start();
     let gateways = gateways(&cluster).await;
     let http = http1_client();

@@ -141,22 +141,10 @@ fn assert_invalid_grant(answer: &Answer, why: &str) {
     assert_eq!(answer.json()["error"], "invalid_grant", "{why}");
 }
 
-/// Runs `keygate ARGS -c <gateway's config>` to its end.
+/// Runs `keygate ARGS -c <gateway's config>` to its end, which must be a success.
 async fn keygate(gw: &TestGateway, args: &[&str]) {
-    let config = gw.dir.path().join("gateway.toml");
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(&args)
-            .arg("-c")
-            .arg(&config)
-            .env_remove("KEYGATE_REDIS_URL")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "keygate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    })
-    .await
-    .unwrap();
+    let run = common::binary::run_cli_with_config(&gw.dir.path().join("gateway.toml"), args).await;
+    assert_eq!(run.code, 0, "keygate {args:?}: {}", run.stderr);
 }
 
 // === The round trip ===

@@ -92,21 +92,8 @@ async fn published(gw: &TestGateway) -> Vec<String> {
 
 /// `keygate ARGS -c CONFIG`: its exit code, stdout and stderr.
 async fn keygate(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let config = config.to_owned();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(&args)
-            .arg("-c")
-            .arg(&config)
-            .env_remove("KEYGATE_REDIS_URL")
-            .output()
-            .unwrap();
-        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-    })
-    .await
-    .unwrap()
+    let run = common::binary::run_cli_with_config(config, args).await;
+    (run.code, run.stdout, run.stderr)
 }
 
 // === One generated key for every gateway ===

@@ -119,3 +119,31 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// What one CLI run of the binary answered.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `keygate ARGS` (the binary, to its end) with `env` set and no
+/// `KEYGATE_REDIS_URL` or `KEYGATE_CONFIG` from the test's environment, off
+/// the runtime's workers (they may be serving a gateway meanwhile).
+pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command.args(args).env_remove("KEYGATE_REDIS_URL").env_remove("KEYGATE_CONFIG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    CliRun { code: out.status.code().unwrap_or(-1), stdout: text(&out.stdout), stderr: text(&out.stderr) }
+}
+
+/// [`run_cli`] of `keygate ARGS -c CONFIG`.
+pub async fn run_cli_with_config(config: &Path, args: &[&str]) -> CliRun {
+    let config = config.to_str().unwrap();
+    let args: Vec<&str> = args.iter().copied().chain(["-c", config]).collect();
+    run_cli(&args, &[]).await
+}
