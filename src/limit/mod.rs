@@ -604,16 +604,28 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
         (client_rate, admission.client.rate),
         (client_quota, admission.client.quota),
     ];
+    let shape = policies.map(|(_, state)| state.map(|p| (p.limit, p.window_secs)));
+    // The policy value changes only with the limits themselves: a worker
+    // keeps the last one it wrote and reuses it while the limits are the
+    // same (one key, or keys of one tier), which spares formatting it and
+    // allocating it per request.
+    let cached = LAST_POLICY.with_borrow(|last| {
+        last.as_ref().filter(|(last_shape, _)| *last_shape == shape).map(|(_, value)| value.clone())
+    });
     let policies = policies.iter().filter_map(|(name, state)| Some((*name, (*state)?)));
     let mut policy = ValueBuf::default();
     let mut state = ValueBuf::default();
     let mut tightest: Option<PolicyState> = None;
     for (name, p) in policies {
         if tightest.is_some() {
-            policy.push(b", ");
+            if cached.is_none() {
+                policy.push(b", ");
+            }
             state.push(b", ");
         }
-        structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
+        if cached.is_none() {
+            structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
+        }
         structured_item(&mut state, name, (b"r", p.remaining), (b"t", p.reset_secs));
         if tightest.is_none_or(|t| p.remaining < t.remaining) {
             tightest = Some(p);
@@ -621,7 +633,13 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
     }
     let Some(tightest) = tightest else { return };
     // Names and digits only: always valid header values.
-    if let Some(v) = policy.value() {
+    let policy = match cached {
+        Some(value) => Some(value),
+        None => policy.value().inspect(|value| {
+            LAST_POLICY.set(Some((shape, value.clone())));
+        }),
+    };
+    if let Some(v) = policy {
         headers.insert(RATELIMIT_POLICY, v);
     }
     if let Some(v) = state.value() {
@@ -632,6 +650,17 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
         headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(tightest.remaining));
         headers.insert(X_RATELIMIT_RESET, HeaderValue::from(tightest.reset_secs));
     }
+}
+
+/// Each policy's (limit, window) in `write_headers`' order; `None` where
+/// the admission has none.
+type PolicyShape = [Option<(u64, u64)>; 4];
+
+thread_local! {
+    /// The `RateLimit-Policy` value this thread (a worker) wrote last, and
+    /// the limits it describes.
+    static LAST_POLICY: std::cell::RefCell<Option<(PolicyShape, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A RateLimit header value written on the stack, so that the value itself
@@ -743,6 +772,34 @@ mod tests {
             passed += usize::from(limits.admit(&[key], one, &live).await.is_ok());
         }
         assert_eq!(passed, 3);
+    }
+
+    #[test]
+    fn the_reused_policy_value_follows_every_change_of_limits_on_the_same_thread() {
+        let rate = |limit, remaining| Some(PolicyState { limit, window_secs: 1, remaining, reset_secs: 1 });
+        let quota = Some(PolicyState { limit: 50, window_secs: 86400, remaining: 40, reset_secs: 9 });
+        let cases = [
+            (key_policies(rate(10, 9), None), "\"rate\";q=10;w=1", "\"rate\";r=9;t=1"),
+            (key_policies(rate(10, 8), None), "\"rate\";q=10;w=1", "\"rate\";r=8;t=1"),
+            (key_policies(rate(20, 8), None), "\"rate\";q=20;w=1", "\"rate\";r=8;t=1"),
+            (
+                key_policies(rate(20, 8), quota),
+                "\"rate\";q=20;w=1, \"quota\";q=50;w=86400",
+                "\"rate\";r=8;t=1, \"quota\";r=40;t=9",
+            ),
+            (key_policies(None, quota), "\"quota\";q=50;w=86400", "\"quota\";r=40;t=9"),
+            (key_policies(rate(10, 9), None), "\"rate\";q=10;w=1", "\"rate\";r=9;t=1"),
+        ];
+        for (admission, policy, state) in cases {
+            let mut headers = HeaderMap::new();
+            write_headers(&mut headers, &admission, false);
+            assert_eq!(headers["ratelimit-policy"], policy);
+            assert_eq!(headers["ratelimit"], state);
+        }
+        // No policy at all: no header, and the next one is still right.
+        let mut headers = HeaderMap::new();
+        write_headers(&mut headers, &Admission::default(), false);
+        assert!(headers.is_empty());
     }
 
     #[test]
