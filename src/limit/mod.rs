@@ -604,27 +604,12 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
         (client_rate, admission.client.rate),
         (client_quota, admission.client.quota),
     ];
-    let shape = policies.map(|(_, state)| state.map(|p| (p.limit, p.window_secs)));
-    // The policy value changes only with the limits themselves: a worker
-    // keeps the last one it wrote and reuses it while the limits are the
-    // same (one key, or keys of one tier), which spares formatting it and
-    // allocating it per request.
-    let cached = LAST_POLICY.with_borrow(|last| {
-        last.as_ref().filter(|(last_shape, _)| *last_shape == shape).map(|(_, value)| value.clone())
-    });
-    let policies = policies.iter().filter_map(|(name, state)| Some((*name, (*state)?)));
-    let mut policy = ValueBuf::default();
+    let present = || policies.iter().filter_map(|(name, state)| Some((*name, (*state)?)));
     let mut state = ValueBuf::default();
     let mut tightest: Option<PolicyState> = None;
-    for (name, p) in policies {
+    for (name, p) in present() {
         if tightest.is_some() {
-            if cached.is_none() {
-                policy.push(b", ");
-            }
             state.push(b", ");
-        }
-        if cached.is_none() {
-            structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
         }
         structured_item(&mut state, name, (b"r", p.remaining), (b"t", p.reset_secs));
         if tightest.is_none_or(|t| p.remaining < t.remaining) {
@@ -632,13 +617,27 @@ pub fn write_headers(headers: &mut HeaderMap, admission: &Admission, legacy: boo
         }
     }
     let Some(tightest) = tightest else { return };
+    // The policy value changes only with the limits themselves: a worker
+    // keeps the last one it wrote and reuses it while the limits are the
+    // same (one key, or keys of one tier), which spares formatting it and
+    // allocating it per request.
+    let shape = policies.map(|(_, state)| state.map(|p| (p.limit, p.window_secs)));
+    let policy = LAST_POLICY.with_borrow_mut(|last| match last {
+        Some((last_shape, value)) if *last_shape == shape => Some(value.clone()),
+        _ => {
+            let mut policy = ValueBuf::default();
+            for (at, (name, p)) in present().enumerate() {
+                if at > 0 {
+                    policy.push(b", ");
+                }
+                structured_item(&mut policy, name, (b"q", p.limit), (b"w", p.window_secs));
+            }
+            let value = policy.value();
+            *last = value.clone().map(|value| (shape, value));
+            value
+        }
+    });
     // Names and digits only: always valid header values.
-    let policy = match cached {
-        Some(value) => Some(value),
-        None => policy.value().inspect(|value| {
-            LAST_POLICY.set(Some((shape, value.clone())));
-        }),
-    };
     if let Some(v) = policy {
         headers.insert(RATELIMIT_POLICY, v);
     }
