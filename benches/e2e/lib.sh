@@ -2,7 +2,7 @@
 # Shared by run.sh, anatomy.sh, instructions.sh, many_keys.sh and tokens.sh (sourced, not run): the temp dir and
 # server processes cleaned up on exit, free loopback ports, config templates and
 # nginx from them, a private redis-server, CPU time read from /proc, load tool
-# output parsed, medians.
+# output parsed, medians, and the tokens-on gateway of tokens.sh and instructions.sh.
 #
 # The sourcing script sets KEEP (1: keep the temp dir) and defines log()
 # before sourcing; it then creates WORK and appends server PIDs to PIDS.
@@ -144,3 +144,28 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if
 # median_of "VALUES": of a space-separated list, "n/a" entries left out.
 # shellcheck disable=SC2086 # splits the list on purpose
 median_of() { printf '%s\n' $1 | grep -v n/a | median; }
+
+# token_gateway: renders $HERE/gateway.toml to $WORK/gateway.toml with
+# `[tokens]` on and the route taking `auth = ["key", "jwt"]`, checks it, and
+# issues the bench key into KEY (tokens.sh, instructions.sh).
+token_gateway() {
+    render "$HERE/gateway.toml" "$WORK/gateway.toml"
+    python3 - "$WORK/gateway.toml" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+text = text.replace('scopes = ["read-write"]', 'scopes = ["read-write"]\nauth = ["key", "jwt"]', 1)
+text += '\n[tokens]\nenabled = true\naccess_ttl = "1h"\n'
+open(path, "w").write(text)
+PY
+    "$BIN" check -c "$WORK/gateway.toml" >&2 || die "keygate check rejected $WORK/gateway.toml"
+    KEY=$("$BIN" keys -c "$WORK/gateway.toml" issue --client bench --scopes read-write --rate 1000000000/s)
+    [[ $KEY == kg_* ]] || die "keys issue printed no key"
+}
+
+# access_token: sets TOKEN to an access token the gateway on $KG_PORT trades for $KEY.
+access_token() {
+    TOKEN=$(curl -s -X POST -H "Authorization: Bearer $KEY" -d grant_type=client_credentials \
+        "http://127.0.0.1:$KG_PORT/oauth/token" | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
+    [[ $TOKEN == *.*.* ]] || die "the token endpoint gave no access token"
+}

@@ -47,27 +47,13 @@ USER_LINE=""
 run_redis
 start_nginx upstream-nginx.conf upstream "http://127.0.0.1:$UP_PORT/"
 
-render "$HERE/gateway.toml" "$WORK/gateway.toml"
-# The same gateway, tokens on, and the route taking either credential.
-python3 - "$WORK/gateway.toml" <<'EOF'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-text = text.replace('scopes = ["read-write"]', 'scopes = ["read-write"]\nauth = ["key", "jwt"]', 1)
-text += '\n[tokens]\nenabled = true\naccess_ttl = "1h"\n'
-open(path, "w").write(text)
-EOF
-"$BIN" check -c "$WORK/gateway.toml" >&2 || die "keygate check rejected $WORK/gateway.toml"
-KEY=$("$BIN" keys -c "$WORK/gateway.toml" issue --client bench --scopes read-write --rate 1000000000/s)
-[[ $KEY == kg_* ]] || die "keys issue printed no key"
+token_gateway # $WORK/gateway.toml with tokens on, and KEY
 "$BIN" serve -c "$WORK/gateway.toml" >"$WORK/keygate.log" 2>&1 &
 KG_PID=$!
 PIDS+=("$KG_PID")
 wait_http "http://127.0.0.1:$KG_PORT/"
 URL="http://127.0.0.1:$KG_PORT/bench"
-TOKEN=$(curl -s -X POST -H "Authorization: Bearer $KEY" -d grant_type=client_credentials \
-    "http://127.0.0.1:$KG_PORT/oauth/token" | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
-[[ $TOKEN == *.*.* ]] || die "the token endpoint gave no access token"
+access_token
 status() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 [[ $(status -H "x-api-key: $KEY" "$URL") == 200 ]] || die "GET with the key is not 200"
 [[ $(status -H "Authorization: Bearer $TOKEN" "$URL") == 200 ]] || die "GET with the token is not 200"
